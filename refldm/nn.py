@@ -1,0 +1,102 @@
+"""The smallest module system that lets a model's attribute names *be* its checkpoint keys.
+
+A model is a tree of `Module`s. A leaf tensor is declared as ``self.weight = Param(out, in)``; the
+loader (`refldm.weights`) walks the tree, finds ``conv_in.weight``, ``down_blocks.0.resnets.1.norm1.bias``
+and so on, checks each against the checkpoint, and replaces every `Param` with the loaded array. After
+loading, ``self.weight`` is a plain array of the active backend and ``forward`` reads it directly.
+
+Calling a module runs ``forward``; when a trace is being recorded (`refldm.trace`), the output is
+recorded under the module's key prefix. With no trace active this costs one attribute test per call.
+"""
+
+from __future__ import annotations
+
+from refldm import trace as _trace
+
+
+class Param:
+    """A placeholder for a checkpoint tensor of a known shape, replaced by the array on loading."""
+
+    __slots__ = ("shape",)
+
+    def __init__(self, *shape: int):
+        self.shape = tuple(int(s) for s in shape)
+
+    def __repr__(self):
+        return f"Param{self.shape}"
+
+
+class Module:
+    """Base class: attributes that are Modules, ModuleLists or Params form the checkpoint keys."""
+
+    _name = ""  # the key prefix, set by `assign_names` on the root
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __call__(self, *args, **kwargs):
+        out = self.forward(*args, **kwargs)
+        if _trace.recorder is not None:
+            _trace.recorder.record(self._name, out)
+        return out
+
+    def children(self):
+        """(attribute name, child module) pairs, in definition order."""
+        for key, value in vars(self).items():
+            if isinstance(value, Module):
+                yield key, value
+
+    def params(self, prefix: str = ""):
+        """(key, owner, attribute, value) for every leaf tensor below this module, value a Param or an array."""
+        for key, value in vars(self).items():
+            if key.startswith("_"):
+                continue
+            if isinstance(value, Module):
+                yield from value.params(f"{prefix}{key}.")
+            elif isinstance(value, Param) or _is_array(value):
+                yield f"{prefix}{key}", self, key, value
+
+    def assign_names(self, prefix: str = ""):
+        """Give every module below this one its checkpoint key prefix (done once, by the root)."""
+        self._name = prefix.rstrip(".")
+        for key, child in self.children():
+            child.assign_names(f"{prefix}{key}.")
+        return self
+
+    def state_dict(self):
+        """{checkpoint key: array} for every loaded tensor."""
+        return {key: value for key, _, _, value in self.params() if not isinstance(value, Param)}
+
+    def num_parameters(self) -> int:
+        """How many scalar weights the model has (counted from the declared shapes)."""
+        total = 0
+        for _, _, _, value in self.params():
+            n = 1
+            for s in value.shape:
+                n *= s
+            total += n
+        return total
+
+
+class ModuleList(Module):
+    """A numbered list of modules: its children are keyed "0", "1", ... as in PyTorch checkpoints."""
+
+    def __init__(self, modules=()):
+        for i, m in enumerate(modules):
+            setattr(self, str(i), m)
+
+    def __len__(self):
+        return sum(1 for _ in self.children())
+
+    def __iter__(self):
+        return (m for _, m in self.children())
+
+    def __getitem__(self, i):
+        return getattr(self, str(range(len(self))[i]))
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - a list is iterated, not called
+        raise TypeError("ModuleList is not callable; iterate over it")
+
+
+def _is_array(value) -> bool:
+    return hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, type)
