@@ -1,0 +1,5 @@
+import sys
+
+from refldm.cli import main
+
+sys.exit(main())

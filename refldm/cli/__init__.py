@@ -1,0 +1,52 @@
+"""The ``refldm`` command line: one subcommand module per topic, each with ``register(subparsers)``.
+
+Each module's ``register`` adds its subcommands and sets ``func`` on them; ``main`` parses and runs.
+User errors (a missing file, a bad shape, an unsupported config) print one line, ``refldm: error: ...``,
+and exit with status 2; they never print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# the subcommand modules, in the order their commands appear in --help
+_MODULES = ("refldm.cli.generate", "refldm.cli.vae", "refldm.cli.trace")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refldm", description="A NumPy reference implementation of "
+                                     "latent diffusion (Stable Diffusion).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+    except (ValueError, OSError, RuntimeError, KeyError) as e:
+        message = str(e) if not isinstance(e, KeyError) else f"missing {e}"
+        print(f"refldm: error: {message.splitlines()[0] if message else type(e).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("refldm: interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
