@@ -15,12 +15,15 @@ mixing host and device arrays, so CPU-only CI catches code that would break on a
 from __future__ import annotations
 
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 
 __all__ = [
     "use", "name", "xp", "array_namespace", "asarray", "to_numpy", "resolve_dtype", "erf",
-    "BackendError", "BACKENDS",
+    "is_host", "num_threads", "set_num_threads", "parallel_map", "single_threaded_blas",
+    "blas_threads_controllable", "BackendError", "BACKENDS",
 ]
 
 BACKENDS = ("numpy", "cupy", "fakegpu")
@@ -95,12 +98,13 @@ def xp():
 def array_namespace(*arrays):
     """The namespace the given arrays belong to; Python scalars and None are skipped.
 
-    Raises ValueError when arrays from two devices are mixed (host NumPy and GPU arrays).
+    Raises ValueError when arrays from two devices are mixed (host NumPy and GPU arrays). NumPy
+    scalars such as ``numpy.float32(2)`` count as scalars, as they do for CuPy; 0-d NumPy arrays do not.
     """
     found = None
     for a in arrays:
-        if a is None or isinstance(a, (int, float, bool, complex)):
-            continue
+        if a is None or isinstance(a, (int, float, bool, complex, numpy.generic)):
+            continue  # scalars (NumPy scalars too: CuPy accepts them beside its arrays) have no device
         mod = type(a).__module__.split(".")[0]
         if mod == "refldm":
             ns = _load("fakegpu")
@@ -148,19 +152,170 @@ def to_numpy(x):
     return numpy.asarray(x)
 
 
-def erf(x):
+def erf(x, out=None):
     """The error function erf(x) = 2/sqrt(pi) * integral_0^x exp(-t^2) dt, elementwise, on x's device.
 
     NumPy has no erf, so this is the one place that uses scipy.special (cupyx.scipy.special on a GPU).
+    `out`, if given, is an array of x's shape, dtype and device that receives the result.
     """
-    ns = array_namespace(x)
+    ns = array_namespace(x, out)
     if ns is numpy:
         from scipy.special import erf as _erf
-        return _erf(x)
-    if ns.__name__ == "cupy":  # pragma: no cover - needs a GPU
+    elif ns.__name__ == "cupy":  # pragma: no cover - needs a GPU
         from cupyx.scipy.special import erf as _erf
-        return _erf(x)
-    return ns.erf(x)
+    else:
+        _erf = ns.erf
+    return _erf(x) if out is None else _erf(x, out=out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host parallelism. NumPy's elementwise ufuncs run on one core; BLAS already uses them all. The ops
+# therefore cut their elementwise work into cache-sized blocks and hand the blocks to a small thread
+# pool (ufuncs and BLAS release the GIL while they run). On a GPU none of this applies: one kernel
+# covers the whole array.
+
+def is_host(ns) -> bool:
+    """True when namespace `ns` computes on the CPU with NumPy (where blocks and threads pay off)."""
+    return ns is numpy
+
+
+def _threads_from_env() -> int:
+    value = os.environ.get("REFLDM_NUM_THREADS", "").strip()
+    if value:
+        try:
+            n = int(value)
+        except ValueError:
+            raise BackendError(f"REFLDM_NUM_THREADS must be a positive integer, got {value!r}") from None
+        if n < 1:
+            raise BackendError(f"REFLDM_NUM_THREADS must be a positive integer, got {value!r}")
+        return n
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class _Pool:
+    threads = 1
+    executor = None
+    local = threading.local()  # .worker is True inside a pool thread
+
+
+_pool = _Pool()
+
+
+def num_threads() -> int:
+    """How many host threads the ops use for their elementwise blocks (REFLDM_NUM_THREADS, else the
+    number of CPUs this process may run on)."""
+    return _pool.threads
+
+
+def set_num_threads(n: int) -> None:
+    """Set the number of host threads the ops use (1 = everything on the calling thread)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"set_num_threads: expected a positive integer, got {n!r}")
+    if n != _pool.threads and _pool.executor is not None:
+        _pool.executor.shutdown(wait=True)
+        _pool.executor = None
+    _pool.threads = n
+
+
+def _mark_worker():
+    _pool.local.worker = True
+
+
+def parallel_map(fn, items) -> list:
+    """[fn(item) for item in items], spread over the host thread pool; the results keep their order.
+
+    While the pool runs, the host BLAS is held to one thread per call (`single_threaded_blas`): the
+    pool already gives every core a worker. Runs serially with one thread, with a single item, or
+    when called from inside a pool thread (so a nested call cannot deadlock). An exception in any
+    item is raised here.
+    """
+    items = list(items)
+    if _pool.threads == 1 or len(items) < 2 or getattr(_pool.local, "worker", False):
+        return [fn(item) for item in items]
+    if _pool.executor is None:
+        _pool.executor = ThreadPoolExecutor(_pool.threads, thread_name_prefix="refldm",
+                                            initializer=_mark_worker)
+    with single_threaded_blas():
+        return list(_pool.executor.map(fn, items))
+
+
+# A multi-threaded OpenBLAS call wakes its helper threads and waits for them at the end. For the many
+# small products of blocked attention that costs tens of microseconds per call on an idle machine, and
+# whole scheduler time slices on a busy one; inside the pool each worker should multiply on its own.
+# NumPy has no switch for this, so, like threadpoolctl, we call OpenBLAS's own setter, found among
+# the libraries this process has loaded (Linux). Where none is found, nothing is changed.
+_OPENBLAS_SYMBOLS = [  # (get, set) as exported by the scipy-openblas wheels NumPy ships and by plain builds
+    ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+    ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
+    ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+    ("openblas_get_num_threads", "openblas_set_num_threads"),
+]
+
+
+class _Blas:
+    controls = None  # [(get, set)] for each loaded OpenBLAS, found on first use
+    depth = 0        # how many single_threaded_blas() blocks are open
+    saved = []
+    lock = threading.Lock()
+
+
+def _openblas_controls():
+    if _Blas.controls is None:
+        found = []
+        try:
+            import ctypes
+            with open("/proc/self/maps") as maps:
+                paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower()
+                                and ".so" in line})
+            for path in paths:
+                lib = ctypes.CDLL(path)
+                for get, set_ in _OPENBLAS_SYMBOLS:
+                    if hasattr(lib, get) and hasattr(lib, set_):
+                        getter, setter = getattr(lib, get), getattr(lib, set_)
+                        getter.restype, setter.argtypes = ctypes.c_int, [ctypes.c_int]
+                        found.append((getter, setter))
+                        break
+        except (OSError, ValueError):  # not Linux, or an unreadable map: leave BLAS alone
+            found = []
+        _Blas.controls = found
+    return _Blas.controls
+
+
+def blas_threads_controllable() -> bool:
+    """True when `single_threaded_blas` can actually limit the host BLAS (a loaded OpenBLAS was found)."""
+    return bool(_openblas_controls())
+
+
+class single_threaded_blas:
+    """Context manager: host BLAS calls run on the calling thread only, until the block ends.
+
+    Nested and concurrent blocks are counted; the first one in saves and lowers the thread counts,
+    the last one out restores them. A no-op where no OpenBLAS is found.
+    """
+
+    def __enter__(self):
+        controls = _openblas_controls()
+        with _Blas.lock:
+            if _Blas.depth == 0 and controls:
+                _Blas.saved = [get() for get, _ in controls]
+                for _, set_ in controls:
+                    set_(1)
+            _Blas.depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        with _Blas.lock:
+            _Blas.depth -= 1
+            if _Blas.depth == 0:
+                for (_, set_), n in zip(_openblas_controls(), _Blas.saved):
+                    set_(n)
+        return False
+
+
+_pool.threads = _threads_from_env()
 
 
 _env = os.environ.get("REFLDM_BACKEND")

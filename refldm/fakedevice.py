@@ -143,10 +143,13 @@ def asarray(a, dtype=None):
 array = asarray
 
 
-def erf(x):
+def erf(x, out=None):
     """erf(x) elementwise, on the device (what cupyx.scipy.special.erf gives on a real GPU)."""
     from scipy.special import erf as _erf
-    return ndarray(_erf(_unwrap(x)))
+    if out is None:
+        return ndarray(_erf(_unwrap(x)))
+    _erf(_unwrap(x), out=_unwrap(out))
+    return out
 
 
 def __getattr__(name):

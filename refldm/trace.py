@@ -1,45 +1,513 @@
-"""Recording named intermediate activations (the cross-checking toolkit builds on this).
+"""Recording named intermediate activations, and trace files: the core of the cross-checking toolkit.
 
-``with refldm.trace.record() as t: model(x)`` collects every module output under its checkpoint key
-prefix, in execution order; ``t.activations`` is an ordered dict {name: numpy array}. With no
-recording active, `recorder` is None and `Module.__call__` does nothing extra.
+A *trace* is every module output of one forward pass, in execution order, each under the checkpoint
+key prefix of the module that produced it::
+
+    with refldm.trace.record() as t:
+        unet(sample, timestep, encoder_hidden_states)
+    t.activations   # {"conv_in": ..., "time_embedding.linear_1": ..., ..., "conv_out": ..., "<root>": ...}
+
+Names follow the checkpoint keys, hence diffusers' ``named_modules()``:
+``down_blocks.1.attentions.0.transformer_blocks.0.attn1`` is the output of the module whose weights are
+``down_blocks.1.attentions.0.transformer_blocks.0.attn1.*``. A module called several times in one
+recording (a UNet called once per sampler step) gets ``name``, ``name#2``, ``name#3``, ... in call
+order. The model's own output is recorded under ``<root>`` (its key prefix is empty).
+
+Outputs are recorded after ``forward`` returns, so the order is post-order: children before parents,
+exactly the order in which PyTorch forward hooks fire. That is what lets a trace from diffusers
+(``tools/trace_diffusers.py``) be compared name by name with one from refldm (`refldm.compare`).
+
+Tracing off costs nothing measurable: `recorder` is None and `refldm.nn.Module.__call__` does one
+``is not None`` test per module call.
+
+`trace_part` runs one part of a model folder (what ``refldm trace --part unet`` does);
+`trace_pipeline` runs the whole text-to-image pipeline and records, at every sampler step, the
+latents, the U-Net's noise prediction, the guided prediction and the scheduler's outputs.
+
+A trace file is a plain safetensors file, readable by any safetensors library without refldm::
+
+    tensors   {activation name: array}  plus {"input/<name>": array} for the inputs of the pass
+    metadata  "format": "refldm-trace/1", "order": JSON list of activation names in execution order,
+              "inputs": JSON list of input names, "dtype", "part", "config" (the model's config.json
+              as JSON), "producer" (what wrote it), and free-form extras.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
+import json
+
 recorder = None  # the active Recorder, or None
+
+FORMAT = "refldm-trace/1"
+INPUT_PREFIX = "input/"
+ROOT = "<root>"
+
+
+def main_array(value):
+    """The one array that stands for a module's output, or None if it has none.
+
+    An array is itself; a tuple stands for its first element (diffusers' and refldm's down blocks return
+    ``(hidden_states, skip_states)``, transformers' layers ``(hidden_states,)``); a list stands for its
+    last element (refldm's CLIP encoder returns the list of every layer's output, and its output is the
+    last one, as transformers' encoder's ``last_hidden_state``); an output object stands for its first
+    array field among ``last_hidden_state``, ``sample``, ``prev_sample``, ``mean`` (CLIP, UNet, scheduler
+    and VAE outputs).
+    """
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return value
+    if isinstance(value, tuple):
+        return main_array(value[0]) if value else None
+    if isinstance(value, list):
+        return main_array(value[-1]) if value else None
+    for field in ("last_hidden_state", "sample", "prev_sample", "mean"):
+        inner = getattr(value, field, None)
+        if hasattr(inner, "shape") and hasattr(inner, "dtype"):
+            return inner
+    return None
 
 
 class Recorder:
-    """Collects (name, array) pairs in execution order; a name seen again gets a ``#2`` suffix."""
+    """Collects (name, array) pairs in execution order; a name seen again gets a ``#2``, ``#3`` suffix.
 
-    def __init__(self):
+    `include`: optional glob patterns (``"down_blocks.*.resnets.*"``); only names matching one are kept
+    (the pattern sees the name without its ``#n`` suffix). `scope(prefix)` puts names recorded inside
+    it under ``prefix.`` (the whole-pipeline trace uses ``text_encoder``, ``steps.<i>.unet``, ``vae``).
+    """
+
+    def __init__(self, include=None):
         self.activations = {}
+        self.include = tuple(include) if include else None
+        self._counts = {}
+        self._scopes = []
+        self._previous = []  # the recorders active before each (possibly nested) `with`
 
     def record(self, name: str, value):
+        """Store a host copy of `value`'s main array (see `main_array`) under `name` (+ ``#n``)."""
+        array = main_array(value)
+        if array is None:
+            return
+        name = name or ROOT
+        if self._scopes:
+            name = self._scopes[-1] if name == ROOT else f"{self._scopes[-1]}.{name}"
+        if self.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return
         from refldm.backend import to_numpy
 
-        if isinstance(value, tuple):  # modules that return several arrays record the first
-            value = value[0]
-        if not hasattr(value, "shape"):
-            return
-        key, n = name or "<root>", 1
-        while key in self.activations:
-            n += 1
-            key = f"{name or '<root>'}#{n}"
-        self.activations[key] = to_numpy(value).copy()
+        n = self._counts.get(name, 0) + 1
+        self._counts[name] = n
+        self.activations[name if n == 1 else f"{name}#{n}"] = to_numpy(array).copy()
+
+    @contextlib.contextmanager
+    def scope(self, prefix: str):
+        """Record everything inside under ``prefix.<name>`` (nested scopes join with dots)."""
+        full = f"{self._scopes[-1]}.{prefix}" if self._scopes else prefix
+        self._scopes.append(full)
+        try:
+            yield self
+        finally:
+            self._scopes.pop()
 
     def __enter__(self):
         global recorder
-        self._previous, recorder = recorder, self
+        self._previous.append(recorder)
+        recorder = self
         return self
 
     def __exit__(self, *exc):
         global recorder
-        recorder = self._previous
+        recorder = self._previous.pop()
         return False
 
 
-def record() -> Recorder:
-    """Start recording activations: ``with record() as t: ...``."""
-    return Recorder()
+def record(include=None) -> Recorder:
+    """Start recording activations: ``with record() as t: model(x)``; then ``t.activations``."""
+    return Recorder(include)
+
+
+def note(name: str, value) -> None:
+    """Record a value that is not a module output (a sampler step's latents) when a trace is active."""
+    if recorder is not None:
+        recorder.record(name, value)
+
+
+@contextlib.contextmanager
+def scope(prefix: str):
+    """``with trace.scope("unet"):`` names what is recorded inside ``unet.<name>``; free when not tracing."""
+    if recorder is None:
+        yield None
+    else:
+        with recorder.scope(prefix) as r:
+            yield r
+
+
+def base_name(name: str) -> str:
+    """A trace name without its call-count suffix: ``"attn1#3"`` -> ``"attn1"``."""
+    return name.split("#", 1)[0]
+
+
+class Trace:
+    """A trace read back from a file: activations in execution order, inputs, and metadata."""
+
+    def __init__(self, activations: dict, inputs: dict | None = None, metadata: dict | None = None,
+                 path: str | None = None):
+        self.activations = dict(activations)
+        self.inputs = dict(inputs or {})
+        self.metadata = dict(metadata or {})
+        self.path = path
+
+    @property
+    def names(self) -> list:
+        return list(self.activations)
+
+    def config(self) -> dict:
+        """The model config stored with the trace ({} if none)."""
+        return json.loads(self.metadata.get("config") or "{}")
+
+    def __len__(self):
+        return len(self.activations)
+
+    def __repr__(self):
+        where = f" from {self.path}" if self.path else ""
+        return f"Trace({len(self.activations)} activations, inputs {sorted(self.inputs)}{where})"
+
+
+def save(path, activations, inputs=None, **metadata) -> None:
+    """Write a trace file (see the module docstring for the layout).
+
+    `activations`: {name: array} in execution order (a `Recorder` or `Trace` is accepted too);
+    `inputs`: {input name: array}; `metadata`: str values, or values stored as JSON (``config=dict``).
+    """
+    from refldm.weights import save_file
+
+    if isinstance(activations, (Recorder, Trace)):
+        activations = activations.activations
+    inputs = dict(inputs or {})
+    for name in activations:
+        if name.startswith(INPUT_PREFIX):
+            raise ValueError(f"{path}: activation name {name!r} clashes with the {INPUT_PREFIX!r} prefix of inputs")
+    tensors = dict(activations)
+    tensors.update({INPUT_PREFIX + k: v for k, v in inputs.items()})
+    meta = {"format": FORMAT, "order": json.dumps(list(activations)), "inputs": json.dumps(list(inputs))}
+    for key, value in metadata.items():
+        if value is not None:
+            meta[key] = value if isinstance(value, str) else json.dumps(value)
+    save_file(tensors, path, meta)
+
+
+def load(path) -> Trace:
+    """Read a trace file; a plain safetensors file without trace metadata loads with sorted names."""
+    from refldm.weights import load_file, read_header
+
+    _, metadata, _ = read_header(path)
+    tensors = load_file(path)
+    try:
+        order = json.loads(metadata.get("order", "null"))
+        input_names = json.loads(metadata.get("inputs", "[]"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: trace metadata 'order' or 'inputs' is not valid JSON ({e})") from None
+    inputs = {k: tensors.pop(INPUT_PREFIX + k) for k in input_names if INPUT_PREFIX + k in tensors}
+    for key in [k for k in tensors if k.startswith(INPUT_PREFIX)]:
+        inputs[key[len(INPUT_PREFIX):]] = tensors.pop(key)
+    if order is None:
+        order = sorted(tensors)
+    missing = [k for k in order if k not in tensors]
+    if missing:
+        raise ValueError(f"{path}: trace lists activation {missing[0]!r} in its order but holds no such tensor")
+    activations = {k: tensors[k] for k in order}
+    activations.update({k: v for k, v in tensors.items() if k not in activations})
+    return Trace(activations, inputs, metadata, path=str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tracing one part of a model folder on generated or given inputs (what ``refldm trace`` runs)
+
+# part -> (subfolder of a pipeline folder, names of the inputs, in call order)
+PARTS = {
+    "unet": ("unet", ("sample", "timestep", "encoder_hidden_states")),
+    "vae-encode": ("vae", ("images",)),
+    "vae-decode": ("vae", ("latents",)),
+    "text-encoder": ("text_encoder", ("input_ids",)),
+}
+
+
+def part_folder(folder, part: str) -> str:
+    """The model folder of `part`: `folder` itself, or its ``unet/``, ``vae/``, ``text_encoder/`` subfolder."""
+    import os
+
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
+    folder = os.fspath(folder)
+    sub = os.path.join(folder, PARTS[part][0])
+    if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(os.path.join(sub, "config.json")):
+        return sub
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: no such model folder")
+    return folder
+
+
+def make_inputs(part: str, config: dict, batch: int = 1, height: int | None = None, width: int | None = None,
+                seq_len: int | None = None, timestep: float = 500.0, seed: int = 0) -> dict:
+    """Random inputs for `part`, as float64 (input_ids int64) NumPy arrays, from NumPy's PCG64 at `seed`.
+
+    height, width: of the part's own input (latent size for unet and vae-decode, image size for
+    vae-encode); default: the config's sample_size (divided by the VAE's downscale factor for vae-decode).
+    The UNet gets sample ~ N(0, 1), encoder_hidden_states ~ N(0, 1) of seq_len (77) tokens and a
+    constant timestep; the VAE encoder images ~ U(-1, 1); the text encoder token ids ~ U{0, vocab - 1}.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+
+    def size(default):
+        if isinstance(default, (list, tuple)):
+            default = default[0]
+        h, w = height or default, width or default
+        if h < 1 or w < 1:
+            raise ValueError(f"height and width must be positive, got {h}x{w}")
+        return h, w
+
+    if part == "unet":
+        h, w = size(config.get("sample_size") or 64)
+        ctx = config.get("cross_attention_dim") or 768
+        ctx = ctx[0] if isinstance(ctx, (list, tuple)) else ctx
+        return {"sample": rng.standard_normal((batch, config.get("in_channels", 4), h, w)),
+                "timestep": np.full((batch,), float(timestep)),
+                "encoder_hidden_states": rng.standard_normal((batch, seq_len or 77, ctx))}
+    if part == "vae-encode":
+        h, w = size(config.get("sample_size") or 256)
+        return {"images": rng.uniform(-1.0, 1.0, (batch, config.get("in_channels", 3), h, w))}
+    if part == "vae-decode":
+        f = 2 ** (len(config.get("block_out_channels", [64])) - 1)
+        sample = config.get("sample_size") or 256
+        sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+        h, w = size(max(1, sample // f))
+        return {"latents": rng.standard_normal((batch, config.get("latent_channels", 4), h, w))}
+    if part == "text-encoder":
+        length = seq_len or config.get("max_position_embeddings", 77)
+        return {"input_ids": rng.integers(0, config.get("vocab_size", 49408), (batch, length), dtype=np.int64)}
+    raise ValueError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
+
+
+def load_part(folder, part: str, dtype="float32"):
+    """Load the refldm model that runs `part` from a model or pipeline folder."""
+    folder = part_folder(folder, part)
+    if part == "unet":
+        from refldm.models.unet import UNet2DConditionModel as cls
+    elif part.startswith("vae"):
+        from refldm.models.vae import AutoencoderKL as cls
+    else:
+        from refldm.models.clip import CLIPTextModel as cls
+    return cls.from_pretrained(folder, dtype=dtype)
+
+
+def run_part(model, part: str, inputs: dict, dtype="float32"):
+    """Run `part` of a refldm model on NumPy inputs (float arrays cast to `dtype`, put on the backend)."""
+    from refldm import backend
+
+    def arr(name, dt=dtype):
+        return backend.asarray(inputs[name], dtype=dt)
+
+    if part == "unet":
+        return model(arr("sample"), arr("timestep", "float64"), arr("encoder_hidden_states"))
+    if part == "vae-encode":
+        return model.encode(arr("images"))
+    if part == "vae-decode":
+        return model.decode(arr("latents"))
+    if part == "text-encoder":
+        return model(backend.asarray(inputs["input_ids"]))
+    raise ValueError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
+
+
+def trace_part(folder, part: str, dtype="float32", inputs: dict | None = None, include=None, model=None,
+               seed: int = 0, **shape) -> Trace:
+    """Trace one part of a model folder; returns a `Trace` ready for `save` or `refldm.compare.compare`.
+
+    inputs: {name: array} to use (e.g. another trace's ``.inputs``), else random ones from `make_inputs`
+    (seed, shape: batch, height, width, seq_len, timestep). model: an already loaded refldm model.
+    """
+    import numpy as np
+
+    from refldm import __version__, backend
+    from refldm.weights import read_config
+
+    config = read_config(part_folder(folder, part))
+    dt = backend.resolve_dtype(dtype)
+    if inputs is None:
+        inputs = make_inputs(part, config, seed=seed, **shape)
+    else:
+        wanted = PARTS[part][1]
+        missing = [k for k in wanted if k not in inputs]
+        if missing:
+            raise ValueError(f"the given inputs lack {missing[0]!r}, which part {part!r} needs "
+                             f"(it needs {', '.join(wanted)})")
+        inputs = {k: backend.to_numpy(inputs[k]) for k in wanted}
+    # store the inputs as the model sees them: float inputs in the model dtype (timestep in float64)
+    stored = {k: (np.asarray(v, dtype=dt) if v.dtype.kind == "f" and k != "timestep" else np.asarray(v))
+              for k, v in inputs.items()}
+    if model is None:
+        model = load_part(folder, part, dtype)
+    with record(include) as rec:
+        run_part(model, part, stored, dt)
+    if not rec.activations:
+        raise RuntimeError(f"tracing {part} recorded nothing (is --include too narrow?)")
+    meta = {"format": FORMAT, "order": json.dumps(list(rec.activations)), "inputs": json.dumps(list(stored)),
+            "part": part, "dtype": dt.name, "config": json.dumps(config), "seed": str(seed),
+            "producer": f"refldm {__version__}", "backend": backend.name()}
+    return Trace(rec.activations, stored, meta)
+
+
+def save_trace(path, t: Trace) -> None:
+    """Write a `Trace` (with its inputs and metadata) to a trace file."""
+    extra = {k: v for k, v in t.metadata.items() if k not in ("format", "order", "inputs")}
+    save(path, t.activations, t.inputs, **extra)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tracing the whole pipeline, step by step
+
+# What a pipeline trace keeps unless told otherwise: the text embeddings, every sampler step's
+# inputs and outputs, and the decoded image. Add "steps.*.unet.*" for every U-Net layer at every step.
+PIPELINE_INCLUDE = ("text_encoder", "steps.*.timestep", "steps.*.latents", "steps.*.model_input",
+                    "steps.*.noise_pred", "steps.*.guided", "steps.*.prev_sample",
+                    "steps.*.pred_original_sample", "vae.decoder")
+
+
+class _StepCounter:
+    i = 0
+
+
+class _Traced:
+    """Stands in for a pipeline part while tracing: calls (and `methods`) run inside a trace scope."""
+
+    def __init__(self, part, scope_of, methods=("__call__",), before=None, after=None):
+        self._part, self._scope_of, self._methods = part, scope_of, methods
+        self._before, self._after = before, after
+
+    def _wrap(self, fn):
+        def run(*args, **kwargs):
+            if self._before is not None:
+                self._before(*args, **kwargs)
+            with scope(self._scope_of()):
+                out = fn(*args, **kwargs)
+            if self._after is not None:
+                self._after(out)
+            return out
+        return run
+
+    def __call__(self, *args, **kwargs):
+        return self._wrap(self._part)(*args, **kwargs)
+
+    def __getattr__(self, name):
+        value = getattr(self._part, name)
+        return self._wrap(value) if name in self._methods else value
+
+
+class _TracedScheduler:
+    """A scheduler that records each step's input latents, guided noise prediction and outputs, and counts steps."""
+
+    def __init__(self, scheduler, counter: _StepCounter):
+        import functools
+
+        self._scheduler, self._counter = scheduler, counter
+
+        @functools.wraps(scheduler.step)  # callers that inspect step's signature (diffusers) see the real one
+        def step(model_output, t, sample, *args, **kwargs):
+            return self._step(model_output, t, sample, *args, **kwargs)
+
+        self.step = step
+
+    def _step(self, model_output, t, sample, *args, **kwargs):
+        i = self._counter.i
+        note(f"steps.{i}.latents", sample)
+        note(f"steps.{i}.guided", model_output)  # the noise prediction after classifier-free guidance
+        out = self._scheduler.step(model_output, t, sample, *args, **kwargs)
+        note(f"steps.{i}.prev_sample", getattr(out, "prev_sample", out))
+        original = getattr(out, "pred_original_sample", None)
+        if original is None and isinstance(out, tuple) and len(out) > 1:  # diffusers' return_dict=False
+            original = out[1]
+        if original is not None:
+            note(f"steps.{i}.pred_original_sample", original)
+        self._counter.i += 1
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._scheduler, name)
+
+
+def note_unet_input(i: int, sample, t) -> None:
+    """Record a sampler step's U-Net input: its timestep and the (scaled, CFG-batched) sample."""
+    note(f"steps.{i}.timestep", _host_scalar(t))
+    note(f"steps.{i}.model_input", sample)
+
+
+def _host_scalar(t):
+    import numpy as np
+
+    from refldm.backend import to_numpy
+
+    return np.asarray(to_numpy(t) if hasattr(t, "shape") else t, dtype=np.float64)
+
+
+def trace_pipeline(folder=None, prompt: str = "", negative_prompt=None, steps: int = 4,
+                   guidance_scale: float = 7.5, seed: int = 0, height=None, width=None, dtype="float32",
+                   scheduler=None, include=None, pipe=None) -> Trace:
+    """Run the whole text-to-image pipeline with tracing on; returns a `Trace`.
+
+    Names: ``text_encoder.<layer>`` (``#2`` for the negative prompt's pass); for each sampler step i
+    ``steps.<i>.timestep``, ``.model_input`` (what the U-Net receives: x_t after the scheduler's input
+    scaling, doubled into the CFG batch), ``.unet.<layer>``, ``.noise_pred`` (the U-Net output),
+    ``.latents`` (x_t going into the scheduler step), ``.guided`` (after classifier-free guidance: what
+    the scheduler receives), ``.prev_sample`` (x_{t-1}), ``.pred_original_sample``; then
+    ``vae.<layer>`` of the decode.
+    `include`: glob patterns of names to keep (default `PIPELINE_INCLUDE`; "*" keeps all).
+    A wrong U-Net shows first in ``noise_pred``; a wrong scheduler in ``prev_sample`` with a right ``guided``.
+    """
+    from refldm import __version__, backend
+
+    if pipe is None:
+        from refldm.pipeline import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype)
+    from refldm.random import Generator
+
+    # The starting noise x_T is drawn in float32 whatever the compute dtype, so that a float32 run and
+    # its float64 golden start from the same numbers (a float64 draw of torch's stream differs). The
+    # same generator then goes on to the sampler (ancestral samplers draw their step noise from it).
+    height = int(height or pipe.default_size)
+    width = int(width or pipe.default_size)
+    f = pipe.vae_scale_factor
+    if height % f or width % f or height < f or width < f:
+        raise ValueError(f"height and width must be positive multiples of {f}, got {width}x{height}")
+    generator = Generator(seed)
+    noise = generator.randn((1, pipe.unet.config.in_channels, height // f, width // f), dtype="float32")
+    counter = _StepCounter()
+    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
+    original_make = pipe.make_scheduler
+    pipe.text_encoder = _Traced(parts["text_encoder"], lambda: "text_encoder")
+    pipe.unet = _Traced(parts["unet"], lambda: f"steps.{counter.i}.unet",
+                        before=lambda sample, t, *rest, **kw: note_unet_input(counter.i, sample, t),
+                        after=lambda out: note(f"steps.{counter.i}.noise_pred", out))
+    pipe.vae = _Traced(parts["vae"], lambda: "vae", methods=("__call__", "encode", "decode"))
+    pipe.make_scheduler = lambda *a, **k: _TracedScheduler(original_make(*a, **k), counter)
+    try:
+        with record(PIPELINE_INCLUDE if include is None else include) as rec:
+            pipe(prompt, negative_prompt=negative_prompt, height=height, width=width,
+                 num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
+                 latents=noise, scheduler=scheduler, progress=False)
+    finally:
+        for key, part in parts.items():
+            setattr(pipe, key, part)
+        del pipe.make_scheduler  # back to the class's method
+    configs = getattr(pipe, "configs", {}) or {}
+    meta = {"part": "pipeline", "dtype": backend.resolve_dtype(getattr(pipe, "dtype", dtype)).name,
+            "config": json.dumps(configs), "seed": str(seed), "prompt": prompt,
+            "negative_prompt": negative_prompt or "", "steps": str(steps), "guidance_scale": repr(guidance_scale),
+            "scheduler": scheduler or str(getattr(pipe, "scheduler_config", {}).get("_class_name")),
+            "producer": f"refldm {__version__}", "backend": backend.name(),
+            "height": str(height), "width": str(width),
+            "order": json.dumps(list(rec.activations)), "inputs": '["noise"]', "format": FORMAT}
+    return Trace(rec.activations, {"noise": noise}, meta)

@@ -1,0 +1,89 @@
+"""``refldm trace`` and ``refldm compare``: record every layer of a model, and compare two recordings.
+
+    refldm trace MODEL --part unet --dtype float64 -o golden.safetensors
+    refldm trace MODEL --part unet --inputs golden.safetensors -o mine.safetensors   # float32, same inputs
+    refldm compare mine.safetensors golden.safetensors --rtol 1e-4
+
+The trace file is a plain safetensors file (see `refldm.trace`); docs/crosscheck.md shows the workflow.
+"""
+
+from __future__ import annotations
+
+import os
+
+from refldm import trace
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "trace", help="record every layer's output of a model part into a safetensors trace file",
+        description="Run one part of a model folder with tracing on and write every module's output, "
+                    "named by its checkpoint key prefix, to a safetensors file (inputs and config in it).")
+    p.add_argument("model_folder", help="a diffusers pipeline folder, or the part's own folder (unet/, vae/, ...)")
+    p.add_argument("--part", required=True, choices=list(trace.PARTS) + ["pipeline"],
+                   help="what to run: the U-Net, the VAE encoder or decoder, the text encoder, or the whole "
+                        "pipeline (per-step latents, noise predictions and guidance outputs too)")
+    p.add_argument("-o", "--output", required=True, help="the trace file to write (.safetensors)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16"],
+                   help="compute dtype (float64 gives golden references; default float32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    p.add_argument("--inputs", metavar="TRACE", help="take the inputs from this trace file instead of random ones")
+    p.add_argument("--batch", type=int, default=1, help="batch size of random inputs (default 1)")
+    p.add_argument("--height", type=int, help="height of the part's input array: latent pixels for unet and "
+                   "vae-decode, image pixels for vae-encode and pipeline (default from the config)")
+    p.add_argument("--width", type=int, help="width, likewise")
+    p.add_argument("--seq-len", type=int, help="tokens of encoder_hidden_states (unet) or input_ids (text-encoder)")
+    p.add_argument("--timestep", type=float, default=500.0, help="the U-Net's timestep (default 500)")
+    p.add_argument("--include", action="append", metavar="GLOB",
+                   help="record only names matching this glob (repeatable), e.g. 'down_blocks.*' to save memory")
+    p.add_argument("--prompt", default="a photograph of an astronaut riding a horse",
+                   help="pipeline only: the prompt")
+    p.add_argument("--negative-prompt", default=None, help="pipeline only: the negative prompt")
+    p.add_argument("--steps", type=int, default=4, help="pipeline only: sampler steps (default 4)")
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="pipeline only: CFG scale (default 7.5)")
+    p.add_argument("--scheduler", default=None, help="pipeline only: scheduler class name (default: the folder's)")
+    p.set_defaults(func=run_trace)
+
+    c = subparsers.add_parser(
+        "compare", help="compare two trace files layer by layer",
+        description="Per layer, the max absolute and relative error (max|a-b|/max|b|, B the reference); "
+                    "marks the first layer over --rtol; summarises. Exit status 1 if any layer is over it.")
+    c.add_argument("a", help="the trace to check (.safetensors)")
+    c.add_argument("b", help="the reference trace (.safetensors), e.g. a float64 golden trace")
+    c.add_argument("--rtol", type=float, default=1e-4, help="tolerance on the relative error (default 1e-4)")
+    c.add_argument("--names", action="append", metavar="GLOB", help="compare only names matching this glob")
+    c.add_argument("--summary", action="store_true", help="print only the summary, not every layer")
+    c.set_defaults(func=run_compare)
+
+
+def run_trace(args) -> int:
+    for name in ("batch", "height", "width", "seq_len", "steps"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise ValueError(f"{args.output}: folder {out_dir} does not exist")
+    if args.part == "pipeline":
+        t = trace.trace_pipeline(args.model_folder, prompt=args.prompt, negative_prompt=args.negative_prompt,
+                                 steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+                                 height=args.height, width=args.width, dtype=args.dtype,
+                                 scheduler=args.scheduler, include=args.include)
+    else:
+        inputs = trace.load(args.inputs).inputs if args.inputs else None
+        t = trace.trace_part(args.model_folder, args.part, dtype=args.dtype, inputs=inputs, include=args.include,
+                             seed=args.seed, batch=args.batch, height=args.height, width=args.width,
+                             seq_len=args.seq_len, timestep=args.timestep)
+    trace.save_trace(args.output, t)
+    print(f"wrote {len(t.activations)} activations of {args.part} ({args.dtype}) to {args.output}")
+    return 0
+
+
+def run_compare(args) -> int:
+    from refldm.compare import compare
+
+    result = compare(args.a, args.b, rtol=args.rtol, names=args.names)
+    if not result.rows:
+        raise ValueError(f"{args.a} and {args.b} share no activation names; nothing to compare")
+    print(result.summary() if args.summary else result)
+    return 0 if result.ok else 1

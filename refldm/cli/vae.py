@@ -1,0 +1,144 @@
+"""``refldm encode``, ``refldm decode`` and ``refldm sizes``: the VAE from the command line.
+
+    refldm encode photo.png -m path/to/vae -o latent.npy     # writes scaling_factor * mean (U-Net scale)
+    refldm decode latent.npy -m path/to/vae -o out.png       # divides by scaling_factor, then decodes
+    refldm sizes 512 512                                     # the compression, worked out
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SCALING = ("Latents on disk are in the U-Net's scale: encode writes (mean - shift_factor) * scaling_factor "
+           "(0.18215 for SD 1.x/2.x, 0.13025 for SDXL, from the VAE's config.json) and decode divides by it "
+           "before decoding, as diffusers' pipelines do; --unscaled writes/reads the raw VAE latent instead.")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "encode", help="encode an image into a VAE latent (.npy)",
+        description="Encode an image (height and width divisible by 8) into a latent (N, 4, H/8, W/8) "
+                    "saved as .npy. " + SCALING)
+    p.add_argument("image", help="input image file (PNG, JPEG, ...); converted to RGB")
+    p.add_argument("-m", "--model", required=True, help="VAE folder (config.json + diffusion_pytorch_model."
+                   "safetensors) or a pipeline folder with a vae/ subfolder")
+    p.add_argument("-o", "--output", required=True, help="output .npy file")
+    p.add_argument("--sample", action="store_true", help="draw z = mean + std * noise instead of the mean")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise for --sample (torch-compatible)")
+    p.add_argument("--unscaled", action="store_true", help="write the raw VAE latent (no scaling_factor)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="compute dtype")
+    p.set_defaults(func=_encode)
+
+    p = subparsers.add_parser(
+        "decode", help="decode a VAE latent (.npy) into an image",
+        description="Decode a latent (N, 4, h, w) or (4, h, w) .npy file into an image of 8h x 8w pixels. "
+                    + SCALING)
+    p.add_argument("latent", help="input .npy file (float array; read without pickle)")
+    p.add_argument("-m", "--model", required=True, help="VAE folder or pipeline folder with vae/")
+    p.add_argument("-o", "--output", required=True, help="output image (PNG, ...); a batch of N > 1 "
+                   "latents writes NAME-0.png, NAME-1.png, ...")
+    p.add_argument("--unscaled", action="store_true", help="the latent is a raw VAE latent (no scaling_factor)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="compute dtype")
+    p.set_defaults(func=_decode)
+
+    p = subparsers.add_parser(
+        "sizes", help="how much the VAE compresses an image of a given size",
+        description="Print the number of values in an H x W RGB image and in its latent (4 channels at "
+                    "H/8 x W/8), the ratio, and the bytes in fp16.")
+    p.add_argument("height", type=int)
+    p.add_argument("width", type=int)
+    p.add_argument("--channels", type=int, default=3, help="image channels (default 3, RGB)")
+    p.add_argument("--latent-channels", type=int, default=4, help="latent channels (default 4)")
+    p.add_argument("--factor", type=int, default=8, help="downscale factor per side (default 8)")
+    p.set_defaults(func=_sizes)
+
+
+def _encode(args) -> int:
+    from refldm import images
+    from refldm.backend import to_numpy
+    from refldm.models.vae import AutoencoderKL
+
+    image = images.load_image(args.image)
+    vae = AutoencoderKL.from_pretrained(args.model, dtype=args.dtype)
+    vae.latent_shape(1, image.height, image.width)  # clear error for a size not divisible by 8
+    posterior = vae.encode(images.to_tensor(image, dtype=args.dtype))
+    z = posterior.sample(generator=args.seed) if args.sample else posterior.mode()
+    if not args.unscaled:
+        z = images.scale_latents(z, vae.config)
+    np.save(args.output, to_numpy(z), allow_pickle=False)
+    print(f"{args.output}: latent {tuple(z.shape)} from a {image.width}x{image.height} image"
+          + ("" if args.unscaled else f" (scaled by {vae.config.scaling_factor})"))
+    return 0
+
+
+def _decode(args) -> int:
+    from refldm import images
+    from refldm.models.vae import AutoencoderKL
+
+    try:
+        z = np.load(args.latent, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{args.latent}: no such file") from None
+    except ValueError as e:
+        raise ValueError(f"{args.latent}: not a plain .npy array ({e})") from None
+    if not isinstance(z, np.ndarray):
+        raise ValueError(f"{args.latent}: expected one .npy array, got an archive of several")
+    if z.dtype.kind != "f":
+        raise ValueError(f"{args.latent}: expected a float latent, got dtype {z.dtype}")
+    if z.ndim == 3:
+        z = z[None]
+    vae = AutoencoderKL.from_pretrained(args.model, dtype=args.dtype)
+    c = vae.config.latent_channels
+    if z.ndim != 4 or z.shape[1] != c:
+        raise ValueError(f"{args.latent}: expected a latent of shape (N, {c}, h, w) or ({c}, h, w), "
+                         f"got {tuple(z.shape)}")
+    if not np.all(np.isfinite(z)):
+        raise ValueError(f"{args.latent}: the latent holds NaN or inf")
+    from refldm import backend
+
+    z = backend.asarray(z, dtype=args.dtype)
+    if not args.unscaled:
+        z = images.unscale_latents(z, vae.config)
+    pictures = images.to_pil(vae.decode(z))
+    if len(pictures) == 1:
+        names = [args.output]
+    else:
+        stem, dot, ext = args.output.rpartition(".")
+        names = [f"{stem}-{i}.{ext}" if dot else f"{args.output}-{i}" for i in range(len(pictures))]
+    for name, picture in zip(names, pictures):
+        picture.save(name)
+        print(f"{name}: {picture.width}x{picture.height} image from latent {tuple(z.shape[1:])}")
+    return 0
+
+
+def compression(height: int, width: int, channels: int = 3, latent_channels: int = 4, factor: int = 8) -> dict:
+    """The worked example: values and fp16 bytes of an image and of its latent, and their ratio."""
+    for name, v in (("height", height), ("width", width)):
+        if v < 1 or v % factor:
+            raise ValueError(f"{name} {v} is not a positive multiple of {factor}; the VAE needs image sides "
+                             f"divisible by {factor} (nearest: {max(factor, v // factor * factor)})")
+    raw = height * width * channels
+    latent = (height // factor) * (width // factor) * latent_channels
+    return {"raw": raw, "latent": latent, "ratio": raw / latent, "raw_bytes_fp16": 2 * raw,
+            "latent_bytes_fp16": 2 * latent, "latent_shape": (latent_channels, height // factor, width // factor)}
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
+
+
+def _sizes(args) -> int:
+    c = compression(args.height, args.width, args.channels, args.latent_channels, args.factor)
+    ratio = f"{c['ratio']:g}"
+    print(f"image  {args.height} x {args.width} x {args.channels} = {c['raw']:,} values "
+          f"({_bytes(c['raw_bytes_fp16'])} in fp16)")
+    print(f"latent {c['latent_shape'][1]} x {c['latent_shape'][2]} x {args.latent_channels} = {c['latent']:,} "
+          f"values ({_bytes(c['latent_bytes_fp16'])} in fp16)")
+    f = args.factor
+    print(f"{ratio}x fewer values: each latent pixel stands for {f} x {f} pixels x {args.channels} channels = "
+          f"{f * f * args.channels} values, kept as {args.latent_channels}")
+    return 0
+

@@ -1,0 +1,431 @@
+"""Original single-file Stable Diffusion checkpoints (CompVis / Stability key names) <-> diffusers keys.
+
+A single-file SD checkpoint (``v1-5-pruned-emaonly.safetensors``, ``v2-1_512-ema-pruned.safetensors``)
+holds the three networks of the pipeline under the names of the original LDM code:
+
+    model.diffusion_model.*                    the U-Net            (openaimodel.UNetModel)
+    first_stage_model.*                        the VAE              (autoencoder.AutoencoderKL)
+    cond_stage_model.transformer.text_model.*  SD 1.x text encoder  (transformers' CLIPTextModel, same keys)
+    cond_stage_model.model.*                   SD 2.x text encoder  (OpenCLIP ViT-H, fused q/k/v)
+
+refldm's models use diffusers' (and transformers') key names, so loading such a file is a renaming,
+plus three changes of layout:
+
+- the VAE's attention projections are 1x1 convolutions in the original, (C, C, 1, 1), and linear
+  layers in diffusers, (C, C);
+- OpenCLIP stores the query, key and value projections fused, ``in_proj_weight`` (3D, D) and
+  ``in_proj_bias`` (3D,): rows [0, D) are q, [D, 2D) are k, [2D, 3D) are v;
+- SD 2.x conditions on the *penultimate* OpenCLIP layer, so diffusers' text encoder has one layer less
+  than the file (23 of 24): the last ``resblocks`` entry is unused.
+
+All of it is in the tables below, read top to bottom: each row maps a diffusers module prefix to the
+original module prefix (a function of the block indices and of the model's shape, ``L`` = layers per
+block), and names the renaming of the leaves below it. The same rows serve both directions:
+`from_original` (file -> diffusers keys, used by `StableDiffusionPipeline.from_single_file`) and
+`to_original` (diffusers keys -> file, used by the tests to write a single file from a diffusers folder).
+
+`infer_configs` reads the diffusers configs of the three networks off the tensor shapes, for a file
+that comes without a config folder. Shapes do not tell everything; the conventions of SD 1.x and 2.x
+fill the rest (heads: 8 per layer in SD 1.x, 64 channels per head in SD 2.x; scaling factor 0.18215).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+PARTS = ("unet", "vae", "text_encoder")
+
+# the prefix of each network in an original single file
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD 1.x
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x
+
+
+class ConversionError(ValueError):
+    """A single-file checkpoint whose keys do not match an SD 1.x / 2.x layout."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Leaf renamings below a module (diffusers name -> original name); a name absent here is the same in both.
+
+UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+               "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+SAME = {}
+
+
+@dataclass
+class Shape:
+    """What the key mapping needs to know of the model's shape (from the diffusers configs)."""
+
+    layers_per_block: int = 2  # U-Net resnets per down block (up blocks have one more)
+    up_attention: tuple = ()  # per U-Net up block: does it have cross-attention layers?
+    vae_levels: int = 4  # VAE resolution levels (len(block_out_channels))
+    text_layers: int = 12  # text encoder layers that are used
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# THE TABLE. Rows: (diffusers module prefix, original module prefix as a function of (shape, *indices), leaves).
+# "{i}" in a diffusers prefix stands for a block index; the function receives the indices in order.
+# How the U-Net's blocks line up: the original numbers its blocks in one flat list per direction,
+#   input_blocks:  0 = conv_in, then for each level b: L x [resnet, attention], then a downsampler
+#                  (not after the last level)       -> level b, layer r is input_blocks.{1 + b(L+1) + r}
+#   output_blocks: for each level b: (L+1) x [resnet, attention], the last one with an upsampler
+#                  (not after the last level)       -> level b, layer r is output_blocks.{b(L+1) + r}
+#   middle_block:  0 = resnet, 1 = attention, 2 = resnet
+
+UNET_TABLE = [
+    ("time_embedding.linear_1", lambda s: "time_embed.0", SAME),
+    ("time_embedding.linear_2", lambda s: "time_embed.2", SAME),
+    ("conv_in", lambda s: "input_blocks.0.0", SAME),
+    ("down_blocks.{i}.resnets.{i}", lambda s, b, r: f"input_blocks.{1 + b * (s.layers_per_block + 1) + r}.0",
+     UNET_RESNET),
+    ("down_blocks.{i}.attentions.{i}", lambda s, b, r: f"input_blocks.{1 + b * (s.layers_per_block + 1) + r}.1",
+     SAME),
+    ("down_blocks.{i}.downsamplers.0.conv", lambda s, b: f"input_blocks.{(b + 1) * (s.layers_per_block + 1)}.0.op",
+     SAME),
+    ("mid_block.resnets.{i}", lambda s, r: f"middle_block.{2 * r}", UNET_RESNET),
+    ("mid_block.attentions.0", lambda s: "middle_block.1", SAME),
+    ("up_blocks.{i}.resnets.{i}", lambda s, b, r: f"output_blocks.{b * (s.layers_per_block + 1) + r}.0",
+     UNET_RESNET),
+    ("up_blocks.{i}.attentions.{i}", lambda s, b, r: f"output_blocks.{b * (s.layers_per_block + 1) + r}.1",
+     SAME),
+    # the upsampler follows the resnet (and the attention, where the level has one) of the level's last layer
+    ("up_blocks.{i}.upsamplers.0.conv",
+     lambda s, b: f"output_blocks.{b * (s.layers_per_block + 1) + s.layers_per_block}."
+                  f"{2 if s.up_attention[b] else 1}.conv", SAME),
+    ("conv_norm_out", lambda s: "out.0", SAME),
+    ("conv_out", lambda s: "out.2", SAME),
+]
+
+# The VAE's decoder levels run the other way round: diffusers' up_blocks.0 (the lowest resolution) is
+# the original's up.{levels - 1}.
+VAE_TABLE = [
+    ("encoder.conv_in", lambda s: "encoder.conv_in", SAME),
+    ("encoder.down_blocks.{i}.resnets.{i}", lambda s, i, j: f"encoder.down.{i}.block.{j}", VAE_RESNET),
+    ("encoder.down_blocks.{i}.downsamplers.0.conv", lambda s, i: f"encoder.down.{i}.downsample.conv", SAME),
+    ("encoder.mid_block.resnets.{i}", lambda s, j: f"encoder.mid.block_{j + 1}", VAE_RESNET),
+    ("encoder.mid_block.attentions.0", lambda s: "encoder.mid.attn_1", VAE_ATTENTION),
+    ("encoder.conv_norm_out", lambda s: "encoder.norm_out", SAME),
+    ("encoder.conv_out", lambda s: "encoder.conv_out", SAME),
+    ("quant_conv", lambda s: "quant_conv", SAME),
+    ("post_quant_conv", lambda s: "post_quant_conv", SAME),
+    ("decoder.conv_in", lambda s: "decoder.conv_in", SAME),
+    ("decoder.mid_block.resnets.{i}", lambda s, j: f"decoder.mid.block_{j + 1}", VAE_RESNET),
+    ("decoder.mid_block.attentions.0", lambda s: "decoder.mid.attn_1", VAE_ATTENTION),
+    ("decoder.up_blocks.{i}.resnets.{i}", lambda s, i, j: f"decoder.up.{s.vae_levels - 1 - i}.block.{j}",
+     VAE_RESNET),
+    ("decoder.up_blocks.{i}.upsamplers.0.conv", lambda s, i: f"decoder.up.{s.vae_levels - 1 - i}.upsample.conv",
+     SAME),
+    ("decoder.conv_norm_out", lambda s: "decoder.norm_out", SAME),
+    ("decoder.conv_out", lambda s: "decoder.conv_out", SAME),
+]
+
+# SD 1.x: the text encoder *is* transformers' CLIPTextModel, under the prefix
+# cond_stage_model.transformer.text_model.; every key is the same.
+CLIP_TABLE = [("", lambda s: "", SAME)]
+
+# SD 2.x: OpenCLIP's text tower. "in_proj" rows name a third of a fused tensor (see `_QKV`).
+OPEN_CLIP_TABLE = [
+    ("embeddings.token_embedding", lambda s: "token_embedding", SAME),
+    ("embeddings.position_embedding.weight", lambda s: "positional_embedding", SAME),
+    ("encoder.layers.{i}.layer_norm1", lambda s, i: f"transformer.resblocks.{i}.ln_1", SAME),
+    ("encoder.layers.{i}.self_attn.q_proj", lambda s, i: f"transformer.resblocks.{i}.attn.in_proj", SAME),
+    ("encoder.layers.{i}.self_attn.k_proj", lambda s, i: f"transformer.resblocks.{i}.attn.in_proj", SAME),
+    ("encoder.layers.{i}.self_attn.v_proj", lambda s, i: f"transformer.resblocks.{i}.attn.in_proj", SAME),
+    ("encoder.layers.{i}.self_attn.out_proj", lambda s, i: f"transformer.resblocks.{i}.attn.out_proj", SAME),
+    ("encoder.layers.{i}.layer_norm2", lambda s, i: f"transformer.resblocks.{i}.ln_2", SAME),
+    ("encoder.layers.{i}.mlp.fc1", lambda s, i: f"transformer.resblocks.{i}.mlp.c_fc", SAME),
+    ("encoder.layers.{i}.mlp.fc2", lambda s, i: f"transformer.resblocks.{i}.mlp.c_proj", SAME),
+    ("final_layer_norm", lambda s: "ln_final", SAME),
+]
+_QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}  # which third of in_proj_weight / in_proj_bias
+
+# Keys of the original file that no diffusers model uses (besides everything outside the three prefixes:
+# the noise schedule buffers betas/alphas_cumprod/..., EMA copies model_ema.*, training state).
+IGNORED = [
+    re.compile(r"cond_stage_model\.transformer\.text_model\.embeddings\.position_ids"),  # a constant arange
+    re.compile(r"cond_stage_model\.model\.(text_projection|logit_scale)"),  # CLIP's contrastive head
+]
+
+
+def _compile(table):
+    """Each row's diffusers prefix as a regex: "{i}" captures an index, the rest of the key is group "rest"."""
+    rows = []
+    for pattern, fn, leaves in table:
+        regex = re.escape(pattern).replace(re.escape("{i}"), r"(\d+)")
+        regex = rf"^{regex}(?:\.(?P<rest>.+))?$" if pattern else r"^(?P<rest>.+)$"
+        rows.append((re.compile(regex), fn, leaves))
+    return rows
+
+
+_TABLES = {"unet": _compile(UNET_TABLE), "vae": _compile(VAE_TABLE), "clip": _compile(CLIP_TABLE),
+           "open_clip": _compile(OPEN_CLIP_TABLE)}
+_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "clip": CLIP_PREFIX, "open_clip": OPEN_CLIP_PREFIX}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a diffusers tensor lives in the original file, and how its layout differs."""
+
+    key: str  # the original key
+    conv1x1: bool = False  # stored as (C_out, C_in, 1, 1) there, (C_out, C_in) in diffusers
+    third: int | None = None  # 0/1/2: the q/k/v third (rows) of a fused in_proj tensor
+
+
+def original_key(table: str, key: str, shape: Shape) -> Target:
+    """The original key of diffusers key `key` of network `table` ("unet", "vae", "clip", "open_clip")."""
+    bare = key[len("text_model."):] if table in ("clip", "open_clip") and key.startswith("text_model.") else key
+    for regex, fn, leaves in _TABLES[table]:
+        m = regex.match(bare)
+        if not m:
+            continue
+        indices = [int(g) for g in m.groups()[:-1]]
+        prefix = fn(shape, *indices)
+        rest = m.group("rest") or ""
+        leaf = rest
+        for new, old in leaves.items():  # rename the leaf module (resnet / attention parts)
+            if rest == new or rest.startswith(new + "."):
+                leaf = old + rest[len(new):]
+                break
+        if table == "open_clip" and prefix.endswith(".attn.in_proj"):
+            third = _QKV[bare.split(".")[-2]]
+            return Target(f"{_PREFIXES[table]}{prefix}_{rest}", third=third)  # in_proj_weight / in_proj_bias
+        joined = ".".join(p for p in (prefix, leaf) if p)
+        conv1x1 = leaves is VAE_ATTENTION and rest.endswith("weight") and not rest.startswith("group_norm")
+        return Target(_PREFIXES[table] + joined, conv1x1=conv1x1)
+    raise ConversionError(f"no rule in refldm/convert.py maps {table} key {key!r} to an original checkpoint key")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def detect(keys) -> str:
+    """Which single-file layout the keys follow: "sd1" (CLIP ViT-L text encoder) or "sd2" (OpenCLIP)."""
+    keys = set(keys)
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        raise ConversionError("this single file is an SDXL checkpoint (conditioner.embedders.*); refldm reads "
+                              "SD 1.x and 2.x single files only")
+    has_unet = any(k.startswith(UNET_PREFIX) for k in keys)
+    has_vae = any(k.startswith(VAE_PREFIX) for k in keys)
+    if not has_unet or not has_vae:
+        missing = [p for p, ok in ((UNET_PREFIX, has_unet), (VAE_PREFIX, has_vae)) if not ok]
+        raise ConversionError(f"not a full SD single-file checkpoint: no keys under {', '.join(missing)}* "
+                              "(a lone U-Net, VAE or LoRA file cannot be loaded as a pipeline)")
+    if any(k.startswith(CLIP_PREFIX) for k in keys):
+        return "sd1"
+    if any(k.startswith(OPEN_CLIP_PREFIX) for k in keys):
+        return "sd2"
+    raise ConversionError(f"no text encoder found: neither {CLIP_PREFIX}* (SD 1.x) nor {OPEN_CLIP_PREFIX}* "
+                          "(SD 2.x) keys are in the file")
+
+
+def shape_of(configs: dict) -> Shape:
+    """The `Shape` of a model from its diffusers configs {"unet": {...}, "vae": {...}, "text_encoder": {...}}."""
+    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    layers = unet.get("layers_per_block", 2)
+    if not isinstance(layers, int):
+        raise ConversionError(f"unet config: layers_per_block={layers!r}; the single-file layout needs one int")
+    up_types = unet.get("up_block_types", ())
+    return Shape(layers_per_block=layers, up_attention=tuple("CrossAttn" in t for t in up_types),
+                 vae_levels=len(vae.get("block_out_channels", ())),
+                 text_layers=int(text.get("num_hidden_layers", 12)))
+
+
+def _tables(kind: str) -> dict:
+    return {"unet": "unet", "vae": "vae", "text_encoder": "clip" if kind == "sd1" else "open_clip"}
+
+
+def from_original(state: dict, expected: dict, configs: dict, kind: str, source: str = "checkpoint") -> dict:
+    """Rename an original single file's tensors to diffusers keys.
+
+    state: {original key: array} as read from the file. expected: {part: iterable of the diffusers keys
+    the part's model declares}. Returns {part: {diffusers key: array}}. Every expected key must be found
+    and every key under the three network prefixes must be used (or be a known unused one); otherwise
+    one ConversionError lists the keys at fault.
+    """
+    shape = shape_of(configs)
+    tables = _tables(kind)
+    used, missing, out = set(), [], {}
+    for part, keys in expected.items():
+        out[part] = {}
+        for key in keys:
+            t = original_key(tables[part], key, shape)
+            if t.key not in state:
+                missing.append(t.key)
+                continue
+            value = np.asarray(state[t.key])
+            if t.third is not None:
+                if value.shape[0] % 3:
+                    raise ConversionError(f"{source}: {t.key} has {value.shape[0]} rows, not a multiple of 3 "
+                                          "(fused q, k, v)")
+                n = value.shape[0] // 3
+                value = value[t.third * n:(t.third + 1) * n]
+            elif t.conv1x1 and value.ndim == 4:
+                if value.shape[2:] != (1, 1):
+                    raise ConversionError(f"{source}: {t.key} has shape {value.shape}, expected a 1x1 convolution")
+                value = value[:, :, 0, 0]
+            out[part][key] = value
+            used.add(t.key)
+    leftover = []
+    for k in state:
+        if k in used or not k.startswith((UNET_PREFIX, VAE_PREFIX, "cond_stage_model.")):
+            continue
+        if any(r.fullmatch(k) for r in IGNORED):
+            continue
+        m = re.match(r"cond_stage_model\.model\.transformer\.resblocks\.(\d+)\.", k)
+        if kind == "sd2" and m and int(m.group(1)) >= shape.text_layers:
+            continue  # SD 2.x uses the penultimate layer: the last resblock is not part of the text encoder
+        leftover.append(k)
+    problems = []
+    for label, keys in (("missing", sorted(set(missing))), ("not understood", sorted(leftover))):
+        if keys:
+            shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise ConversionError(f"{source} does not match the {kind.upper()} single-file layout of the given "
+                              "configs: " + "; ".join(problems))
+    return out
+
+
+def to_original(parts: dict, configs: dict, kind: str) -> dict:
+    """The inverse of `from_original`: {part: {diffusers key: array}} -> {original key: array}.
+
+    Used to write an original-layout single file from a diffusers folder (the tests do, to check the
+    table against diffusers' own single-file loader, which maps keys independently).
+    """
+    shape = shape_of(configs)
+    tables = _tables(kind)
+    out, fused = {}, {}
+    for part, state in parts.items():
+        for key, value in state.items():
+            if key.endswith("position_ids"):
+                continue
+            value = np.asarray(value)
+            t = original_key(tables[part], key, shape)
+            if t.third is not None:
+                fused.setdefault(t.key, [None, None, None])[t.third] = value
+            elif t.conv1x1:
+                out[t.key] = value[:, :, None, None]
+            else:
+                out[t.key] = value
+    for key, thirds in fused.items():
+        if any(v is None for v in thirds):
+            raise ConversionError(f"{key}: q, k and v are not all present")
+        out[key] = np.concatenate(thirds, axis=0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configs from shapes, for a single file that comes without a diffusers config folder.
+
+
+def _count(keys, pattern) -> int:
+    """1 + the largest index matched by `pattern` (a regex with one (\\d+) group) in `keys`, or 0."""
+    found = [int(m.group(1)) for k in keys if (m := re.match(pattern, k))]
+    return max(found) + 1 if found else 0
+
+
+def infer_configs(state: dict, kind: str) -> dict:
+    """Diffusers configs {"unet", "vae", "text_encoder"} of an SD 1.x / 2.x single file, read off its shapes."""
+    keys = list(state)
+    u = UNET_PREFIX
+
+    def shape(key):
+        if key not in state:
+            raise ConversionError(f"cannot infer the model's configuration: key {key!r} is missing")
+        return tuple(state[key].shape)
+
+    # U-Net: the first downsampler sits at input_blocks.{L+1}; each level has L+1 input blocks but the last
+    op = re.compile(re.escape(u) + r"input_blocks\.(\d+)\.0\.op\.weight$")
+    down_ids = sorted(int(m.group(1)) for k in keys if (m := op.match(k)))
+    n_input = _count(keys, re.escape(u) + r"input_blocks\.(\d+)\.")
+    if down_ids:
+        layers = down_ids[0] - 1
+    else:
+        layers = n_input - 1
+    levels = n_input // (layers + 1)
+    block_out, down_types, up_types = [], [], []
+    for b in range(levels):
+        first = f"{u}input_blocks.{1 + b * (layers + 1)}"
+        block_out.append(shape(f"{first}.0.out_layers.3.weight")[0])
+        down_types.append("CrossAttnDownBlock2D" if f"{first}.1.proj_in.weight" in state else "DownBlock2D")
+        up = f"{u}output_blocks.{b * (layers + 1)}.1.proj_in.weight"
+        up_types.append("CrossAttnUpBlock2D" if up in state else "UpBlock2D")
+    attn = next((k for k in keys if k.startswith(u) and k.endswith("attn2.to_k.weight")), None)
+    proj_in = next((k for k in keys if k.startswith(u) and k.endswith(".proj_in.weight")), None)
+    if attn is None or proj_in is None:
+        raise ConversionError("cannot infer the U-Net's configuration: it has no cross-attention layers")
+    linear_proj = len(shape(proj_in)) == 2
+    depth = _count(keys, re.escape(proj_in[: -len("proj_in.weight")]) + r"transformer_blocks\.(\d+)\.")
+    unet = {
+        "_class_name": "UNet2DConditionModel",
+        "sample_size": 64 if kind == "sd1" else 96,
+        "in_channels": shape(u + "input_blocks.0.0.weight")[1],
+        "out_channels": shape(u + "out.2.weight")[0],
+        "down_block_types": down_types,
+        "up_block_types": up_types,
+        "block_out_channels": block_out,
+        "layers_per_block": layers,
+        "cross_attention_dim": shape(attn)[1],
+        # SD 1.x: 8 heads in every attention layer; SD 2.x: 64 channels per head (diffusers' attention_head_dim
+        # is the number of heads there, a historical misnomer)
+        "attention_head_dim": 8 if kind == "sd1" else [c // 64 for c in block_out],
+        "use_linear_projection": linear_proj,
+        "transformer_layers_per_block": depth,
+    }
+
+    # VAE
+    v = VAE_PREFIX
+    vae_levels = _count(keys, re.escape(v) + r"encoder\.down\.(\d+)\.")
+    vae_layers = _count(keys, re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\.")
+    vae_out = [shape(f"{v}encoder.down.{i}.block.{vae_layers - 1}.conv2.weight")[0] for i in range(vae_levels)]
+    vae = {
+        "_class_name": "AutoencoderKL",
+        "in_channels": shape(v + "encoder.conv_in.weight")[1],
+        "out_channels": shape(v + "decoder.conv_out.weight")[0],
+        "down_block_types": ["DownEncoderBlock2D"] * vae_levels,
+        "up_block_types": ["UpDecoderBlock2D"] * vae_levels,
+        "block_out_channels": vae_out,
+        "layers_per_block": vae_layers,
+        "latent_channels": shape(v + "decoder.conv_in.weight")[1],
+        "sample_size": 512 if kind == "sd1" else 768,
+        "scaling_factor": 0.18215,
+    }
+
+    # text encoder
+    if kind == "sd1":
+        p = CLIP_PREFIX
+        vocab, width = shape(p + "embeddings.token_embedding.weight")
+        text = {"hidden_size": width, "num_hidden_layers": _count(keys, re.escape(p) + r"encoder\.layers\.(\d+)\."),
+                "intermediate_size": shape(p + "encoder.layers.0.mlp.fc1.weight")[0],
+                "max_position_embeddings": shape(p + "embeddings.position_embedding.weight")[0],
+                "hidden_act": "quick_gelu"}
+    else:
+        p = OPEN_CLIP_PREFIX
+        vocab, width = shape(p + "token_embedding.weight")
+        # the last resblock is unused (SD 2.x conditions on the penultimate layer)
+        text = {"hidden_size": width,
+                "num_hidden_layers": _count(keys, re.escape(p) + r"transformer\.resblocks\.(\d+)\.") - 1,
+                "intermediate_size": shape(p + "transformer.resblocks.0.mlp.c_fc.weight")[0],
+                "max_position_embeddings": shape(p + "positional_embedding")[0],
+                "hidden_act": "gelu"}
+    text.update({"architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": vocab,
+                 "num_attention_heads": width // 64, "layer_norm_eps": 1e-5, "bos_token_id": 49406,
+                 "eos_token_id": 49407, "pad_token_id": 1, "projection_dim": width,
+                 "attention_dropout": 0.0, "dropout": 0.0, "initializer_factor": 1.0, "initializer_range": 0.02})
+    return {"unet": unet, "vae": vae, "text_encoder": text}
+
+
+# The noise schedule every SD 1.x / 2.x model was trained with, and the sampler it ships with (PLMS):
+# the scheduler_config.json of SD 1.5 in diffusers' layout.
+SD_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "skip_prk_steps": True, "num_train_timesteps": 1000, "beta_start": 0.00085,
+    "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
+    "steps_offset": 1, "prediction_type": "epsilon", "timestep_spacing": "leading",
+}

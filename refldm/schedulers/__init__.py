@@ -1,0 +1,70 @@
+"""Schedulers: diffusers' classes and calling convention, computed in NumPy float64 on any backend.
+
+    from refldm.schedulers import EulerDiscreteScheduler, get_scheduler
+    scheduler = EulerDiscreteScheduler.from_pretrained("model", subfolder="scheduler")
+    scheduler = get_scheduler("dpm++2m", scheduler.config)        # swap, keeping the model's schedule
+
+See docs/schedulers.md for the math and refldm/sampling.py for the loop that drives them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from refldm.config import ConfigError
+
+from .base import SchedulerMixin, SchedulerOutput
+from .ddim import DDIMScheduler
+from .ddpm import DDPMScheduler
+from .dpmsolver import DPMSolverMultistepScheduler
+from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from .heun import HeunDiscreteScheduler
+from .lcm import LCMScheduler
+from .lms import LMSDiscreteScheduler
+from .pndm import PNDMScheduler
+from .unipc import UniPCMultistepScheduler
+
+__all__ = [
+    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler", "LCMScheduler", "SchedulerMixin", "SchedulerOutput", "SCHEDULERS", "CLASSES",
+    "get_scheduler",
+]
+
+# Short names (as on the command line) -> (class, config keys the name implies).
+SCHEDULERS = {
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),  # PLMS, as Stable Diffusion ships it
+    "lms": (LMSDiscreteScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "lcm": (LCMScheduler, {}),
+}
+
+# diffusers class names -> classes (for a config's "_class_name").
+CLASSES = {cls.__name__: cls for cls, _ in SCHEDULERS.values()}
+
+
+def get_scheduler(name: str, config=None, **overrides):
+    """A scheduler by short name ("euler", "dpm++2m", ...) or diffusers class name, built from `config`
+    (a scheduler_config.json dict or another scheduler's .config) plus the keys the name implies, plus
+    `overrides`. Keys of other schedulers in `config` are ignored, as in diffusers' from_config."""
+    if name in SCHEDULERS:
+        cls, implied = SCHEDULERS[name]
+    elif name in CLASSES:
+        cls, implied = CLASSES[name], {}
+    else:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)} "
+                         f"(or a class name: {', '.join(CLASSES)})")
+    if config is None:
+        config = {}
+    elif dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    elif not isinstance(config, dict):
+        raise ConfigError(f"get_scheduler: config must be a dict, got {type(config).__name__}")
+    return cls.from_config({**config, **implied, **overrides})

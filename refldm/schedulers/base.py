@@ -1,0 +1,288 @@
+"""What every scheduler shares: config parsing, the output object, moving step scalars to the sample's device,
+and the bookkeeping of which step we are on. The math lives in the per-family modules.
+
+Config keys. A scheduler is built from a diffusers ``scheduler_config.json``. Each class declares a dataclass
+of the keys it implements (with diffusers' defaults for that class) and ``UNSUPPORTED``: keys diffusers has for
+this class that refldm implements only at their default. Keys that belong to *other* diffusers schedulers are
+ignored, as diffusers ignores them, so the usual swap works:
+
+    EulerDiscreteScheduler.from_config(pndm.config)      # skip_prk_steps etc. mean nothing to Euler
+
+Any other key, or an unsupported value, is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy
+
+from refldm import backend
+from refldm import random as refldm_random
+from refldm.config import ConfigError, parse_config
+
+from . import schedule
+
+# Every __init__ argument of the diffusers schedulers (diffusers 0.42). A key here that a class does not
+# declare is one diffusers would ignore for that class, so refldm ignores it too.
+DIFFUSERS_SCHEDULER_KEYS = frozenset("""
+algorithm_type alpha_cum_end alpha_cum_start base_image_seq_len base_shift beta_end beta_schedule beta_start
+block_length clip_denoised clip_sample clip_sample_range correct_steps corrector_k corrector_order
+corrector_selection corrector_selection_tau corrector_steps disable_corrector dynamic_thresholding_ratio
+editing_threshold entropy_bound eps eta euler_at_final final_sigmas_type final_step_size_scale flow_shift gamma
+gamma_cum_end gamma_cum_start interpolation_type invert_sigmas lambda_min_clipped lower_order_final
+mask_token_id masking_schedule max_image_seq_len max_shift minimal_topk n_grid noise_mode num_inference_steps
+num_policy_substeps num_train_timesteps num_vec_classes original_inference_steps predict_x0 prediction_type
+predictor_order rescale_betas_zero_snr rho s s_churn s_max s_min s_noise sample_max_value sampling_eps
+scale_factors scaler schedule_mode scheduler_type set_alpha_to_one shift shift_terminal sigma_data sigma_max
+sigma_min sigma_schedule skip_prk_steps snr snr_shift_scale solver_order solver_p solver_type stage_range stages
+steps_offset stochastic_sampling t_lim_ode t_lim_ode_below t_max t_min tail_step_multiplier tail_steps
+tau_func threshold thresholding time_shift_type timestep_scaling timestep_spacing timestep_type trained_betas
+tsr_k tsr_sigma upscale_mode use_beta_sigmas use_dynamic_shifting use_exponential_sigmas use_flow_sigmas
+use_karras_sigmas use_lu_lambdas variance_type
+""".split())
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SPACINGS = ("linspace", "leading", "trailing")
+
+
+@dataclasses.dataclass
+class BaseConfig:
+    """Keys every scheduler has (defaults of most diffusers schedulers; classes override them)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: list | None = None
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 0
+
+    PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+    def __post_init__(self):
+        check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        check_choice("prediction_type", self.prediction_type, self.PREDICTION_TYPES)
+        check_choice("timestep_spacing", self.timestep_spacing, SPACINGS)
+        if isinstance(self.num_train_timesteps, bool) or not isinstance(self.num_train_timesteps, int) \
+                or self.num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps={self.num_train_timesteps!r} must be an integer >= 2")
+        if self.trained_betas is not None and len(self.trained_betas) != self.num_train_timesteps:
+            raise ValueError(f"trained_betas has {len(self.trained_betas)} values but "
+                             f"num_train_timesteps={self.num_train_timesteps}")
+        if isinstance(self.steps_offset, bool) or not isinstance(self.steps_offset, int) or self.steps_offset < 0:
+            raise ValueError(f"steps_offset={self.steps_offset!r} must be an integer >= 0")
+
+
+def check_choice(key, value, choices):
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is not supported (choose one of {', '.join(map(repr, choices))})")
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    """What ``step`` returns: ``prev_sample`` (x at the next, less noisy timestep) and, where diffusers gives it,
+    ``pred_original_sample`` (the model's estimate of x_0) or, for LCM, ``denoised``."""
+
+    prev_sample: object
+    pred_original_sample: object = None
+    denoised: object = None
+    _fields: tuple = dataclasses.field(default=("prev_sample", "pred_original_sample"), repr=False)
+
+    def to_tuple(self):
+        return tuple(getattr(self, f) for f in self._fields)
+
+    def __getitem__(self, i):
+        return self.to_tuple()[i]
+
+
+class SchedulerMixin:
+    """Construction from a config, and the small helpers the schedulers share."""
+
+    Config = BaseConfig
+    UNSUPPORTED: dict = {}  # key -> the only value refldm accepts (diffusers' default)
+    RENAMED: dict = {}  # key -> {diffusers' deprecated value: the value diffusers maps it to}
+    order = 1
+    output_fields = ("prev_sample", "pred_original_sample")
+
+    def __init__(self, **config):
+        self.config = self._parse(config)
+        self.num_inference_steps = None
+        self._step_index = None
+        self._begin_index = None
+        self._build_tables()
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def _parse(cls, config: dict):
+        config = dict(config)
+        for key, mapping in cls.RENAMED.items():
+            if config.get(key) in mapping:
+                config[key] = mapping[config[key]]
+        own = {f.name for f in dataclasses.fields(cls.Config)} | set(cls.UNSUPPORTED)
+        ignored = DIFFUSERS_SCHEDULER_KEYS - own
+        return parse_config(cls.Config, config, ignored=ignored, fixed=cls.UNSUPPORTED, where=cls.__name__)
+
+    @classmethod
+    def from_config(cls, config, **overrides):
+        """Build from a diffusers scheduler config (a dict, or another scheduler's ``.config``)."""
+        if dataclasses.is_dataclass(config):
+            config = dataclasses.asdict(config)
+        elif not isinstance(config, dict):
+            raise ConfigError(f"{cls.__name__}.from_config: expected a dict, got {type(config).__name__}")
+        return cls(**{**config, **overrides})
+
+    @classmethod
+    def from_pretrained(cls, folder, subfolder: str | None = None, **overrides):
+        """Build from ``folder/scheduler_config.json`` (or ``folder/subfolder/...``, e.g. subfolder="scheduler")."""
+        folder = os.path.join(folder, subfolder) if subfolder else folder
+        path = os.path.join(folder, "scheduler_config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{cls.__name__}.from_pretrained: no scheduler_config.json in {folder}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_config(config, **overrides)
+
+    def _build_tables(self):
+        """betas, alphas, alphas_cumprod (host float64) from the config."""
+        self.betas = schedule.betas_for(self.config)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = schedule.alphas_cumprod_from_betas(self.betas)
+
+    def __len__(self):
+        return self.config.num_train_timesteps
+
+    # -- inference steps ---------------------------------------------------------------------------
+    def _check_steps(self, num_inference_steps):
+        n = num_inference_steps
+        if isinstance(n, bool) or not isinstance(n, (int, numpy.integer)) or n < 1:
+            raise ValueError(f"{type(self).__name__}.set_timesteps: num_inference_steps={n!r} must be an integer >= 1")
+        if n > self.config.num_train_timesteps:
+            raise ValueError(f"{type(self).__name__}.set_timesteps: num_inference_steps={n} is larger than "
+                             f"num_train_timesteps={self.config.num_train_timesteps}")
+        return int(n)
+
+    @property
+    def step_index(self):
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0):
+        """Start at this index of ``timesteps`` (img2img: see refldm.sampling.img2img_timesteps)."""
+        self._begin_index = int(begin_index)
+
+    def _need_timesteps(self):
+        if self.num_inference_steps is None:
+            raise ValueError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step()")
+
+    def index_for_timestep(self, timestep, schedule_timesteps=None):
+        """Position of `timestep` in the schedule (the second one if it occurs twice, as diffusers)."""
+        schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        hits = numpy.nonzero(schedule_timesteps == _host_scalar(timestep))[0]
+        if len(hits) == 0:
+            raise ValueError(f"{type(self).__name__}: timestep {_host_scalar(timestep)} is not one of "
+                             "scheduler.timesteps; pass the values of scheduler.timesteps")
+        return int(hits[1] if len(hits) > 1 else hits[0])
+
+    def _init_step_index(self, timestep):
+        self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
+
+    def _output(self, return_dict, prev_sample, pred_original_sample=None, denoised=None):
+        out = SchedulerOutput(prev_sample, pred_original_sample, denoised, self.output_fields)
+        return out if return_dict else out.to_tuple()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Helpers on arrays (any backend)
+# ------------------------------------------------------------------------------------------------------
+
+def _host_scalar(t):
+    """A timestep given as a Python/NumPy scalar or a 0-d array of any backend -> Python number."""
+    if isinstance(t, (int, float, numpy.number)):
+        return t.item() if isinstance(t, numpy.number) else t
+    return backend.to_numpy(t).reshape(()).item()
+
+
+def to_device(host, like):
+    """Move a small host array next to `like` (same namespace/device), keeping `like`'s float dtype."""
+    xp = backend.array_namespace(like)
+    host = numpy.asarray(host, dtype=like.dtype)
+    return host if xp is numpy else xp.asarray(host)
+
+
+def broadcast_coefficient(values, like):
+    """Per-batch coefficients (B,) -> (B, 1, 1, ...) on `like`'s device, for x0/noise of shape (B, ...)."""
+    values = numpy.asarray(values, numpy.float64).reshape(-1)
+    values = values.reshape(values.shape + (1,) * (like.ndim - 1))
+    return to_device(values, like)
+
+
+def clip(x, limit):
+    """Clamp to [-limit, limit] on x's device."""
+    return backend.array_namespace(x).clip(x, -limit, limit)
+
+
+def noise_like(sample, generator=None, dtype=None):
+    """Standard normal noise shaped like `sample`, drawn on the host from `generator` (torch-compatible
+    refldm.random.Generator, a list of them, or a numpy Generator) in `dtype`, moved to sample's device."""
+    dtype = sample.dtype if dtype is None else dtype
+    noise = refldm_random.randn(tuple(sample.shape), generator=generator, dtype=numpy.dtype(dtype).name)
+    return to_device(noise, sample)
+
+
+def timesteps_as_host(timesteps):
+    """img2img passes timesteps as a scalar or a (B,) array of any backend -> host 1-D array."""
+    if isinstance(timesteps, (int, float, numpy.number)):
+        return numpy.asarray([timesteps])
+    return numpy.asarray(backend.to_numpy(timesteps)).reshape(-1)
+
+
+class AlphaAddNoise:
+    """add_noise for schedulers indexed by training timestep (DDPM, DDIM, PNDM, LCM)."""
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps  (Ho et al. 2020, eq. 4)."""
+        t = timesteps_as_host(timesteps).astype(numpy.int64)
+        abar = self.alphas_cumprod[t]
+        return (broadcast_coefficient(numpy.sqrt(abar), original_samples) * original_samples
+                + broadcast_coefficient(numpy.sqrt(1.0 - abar), original_samples) * noise)
+
+    def get_velocity(self, sample, noise, timesteps):
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0  (Salimans & Ho 2022, sec. 4): the v-prediction target."""
+        t = timesteps_as_host(timesteps).astype(numpy.int64)
+        abar = self.alphas_cumprod[t]
+        return (broadcast_coefficient(numpy.sqrt(abar), sample) * noise
+                - broadcast_coefficient(numpy.sqrt(1.0 - abar), sample) * sample)
+
+
+class SigmaAddNoise:
+    """add_noise for schedulers indexed by step (the sigma-based ones)."""
+
+    variance_preserving = False  # DPM-Solver and UniPC step on x_t itself, not on x_t / sqrt(abar)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """x = x_0 + sigma eps with sigma at the step of each timestep (or at begin_index, for img2img);
+        for the variance-preserving solvers x_t = alpha x_0 + sigma_t eps, alpha = 1/sqrt(sigma^2 + 1),
+        sigma_t = sigma alpha (the same point, scaled by sqrt(abar))."""
+        t = timesteps_as_host(timesteps)
+        if self._begin_index is None:
+            indices = [self.index_for_timestep(v) for v in t]
+        elif self._step_index is not None:
+            indices = [self._step_index] * len(t)
+        else:
+            indices = [self._begin_index] * len(t)
+        sigma = numpy.asarray(self.sigmas)[indices]
+        if self.variance_preserving:
+            alpha = 1 / (sigma**2 + 1) ** 0.5
+            return (broadcast_coefficient(alpha, original_samples) * original_samples
+                    + broadcast_coefficient(sigma * alpha, original_samples) * noise)
+        return original_samples + noise * broadcast_coefficient(sigma, original_samples)

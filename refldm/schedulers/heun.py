@@ -1,0 +1,92 @@
+"""Heun's second-order sampler in sigma (Karras et al. 2022, Algorithm 1; k-diffusion's ``sample_heun``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy
+
+from . import schedule
+from .base import BaseConfig, clip
+from .euler import _SigmaScheduler
+
+
+def heun_correct(sample_start, derivative_start, sample_end, x0_end, sigma_end, dt):
+    """The trapezoidal correction: x_next = x_i + dt (d_i + d'_{i+1}) / 2 with d'_{i+1} = (x' - x_0') / sigma_{i+1}
+    evaluated at the Euler prediction x' (Karras et al. 2022, Algorithm 1, lines 7-8)."""
+    derivative_end = (sample_end - x0_end) / sigma_end
+    return sample_start + (derivative_start + derivative_end) / 2 * dt
+
+
+@dataclasses.dataclass
+class HeunConfig(BaseConfig):
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    use_karras_sigmas: bool = False
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+
+
+class HeunDiscreteScheduler(_SigmaScheduler):
+    """diffusers' HeunDiscreteScheduler: every step but the last takes two model calls, so ``timesteps`` lists
+    each inner timestep twice (2n - 1 entries); the last step (to sigma = 0) is a plain Euler step."""
+
+    Config = HeunConfig
+    UNSUPPORTED = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
+    order = 2
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.set_timesteps(self.config.num_train_timesteps)  # as diffusers: usable before set_timesteps
+
+    def set_timesteps(self, num_inference_steps, device=None):
+        n = self._check_steps(num_inference_steps)
+        self.num_inference_steps = n
+        timesteps, sigmas = self._spaced(n)
+        if self.config.use_karras_sigmas:
+            sigmas = schedule.karras_sigmas(float(sigmas[-1]), float(sigmas[0]), n)
+            timesteps = schedule.sigma_to_t(sigmas, numpy.log(self.sigmas_table))
+        sigmas = numpy.concatenate([sigmas, [0.0]])
+        self.sigmas = numpy.concatenate([sigmas[:1], sigmas[1:-1].repeat(2), sigmas[-1:]])  # (2n,)
+        self.timesteps = numpy.concatenate([timesteps[:1], timesteps[1:].repeat(2)])  # (2n - 1,)
+        self.prev_derivative = None
+        self.dt = None
+        self.sample = None
+        self._step_index = None
+        self._begin_index = None
+
+    @property
+    def state_in_first_order(self) -> bool:
+        return self.dt is None
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        """First call of a pair: Euler predictor (stores d_i, dt, x_i); second call: trapezoidal corrector."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        c = self.config
+        if self.state_in_first_order:
+            sigma = float(self.sigmas[self._step_index])
+            sigma_next = float(self.sigmas[self._step_index + 1])
+            sigma_input = sigma
+        else:
+            sigma = float(self.sigmas[self._step_index - 1])
+            sigma_next = float(self.sigmas[self._step_index])
+            sigma_input = sigma_next
+        if c.prediction_type == "epsilon":
+            x0 = sample - sigma_input * model_output
+        elif c.prediction_type == "v_prediction":
+            x0 = model_output * (-sigma_input / (sigma_input**2 + 1) ** 0.5) + sample / (sigma_input**2 + 1)
+        else:
+            x0 = model_output
+        if c.clip_sample:
+            x0 = clip(x0, c.clip_sample_range)
+        if self.state_in_first_order:
+            derivative = (sample - x0) / sigma
+            self.dt = sigma_next - sigma
+            self.prev_derivative, self.sample = derivative, sample
+            prev_sample = sample + derivative * self.dt
+        else:
+            prev_sample = heun_correct(self.sample, self.prev_derivative, sample, x0, sigma_next, self.dt)
+            self.prev_derivative = self.dt = self.sample = None
+        self._step_index += 1
+        return self._output(return_dict, prev_sample, x0)

@@ -1,0 +1,70 @@
+"""LMS: a linear multistep (Adams-Bashforth) solver of the probability-flow ODE in sigma (k-diffusion's
+``sample_lms``; the probability-flow ODE of Karras et al. 2022, sec. 2, written as dx/dsigma = (x - x_0(x, sigma)) / sigma)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy
+from numpy.polynomial import polynomial as P
+
+from . import schedule
+from .base import BaseConfig
+from .euler import _SigmaScheduler, x0_from_sigma_prediction
+
+
+def lms_coefficient(sigmas, order: int, i: int, j: int) -> float:
+    """Weight of the derivative from step i - j in the step sigma_i -> sigma_{i+1}: the integral over
+    [sigma_i, sigma_{i+1}] of the Lagrange basis polynomial through sigma_i, ..., sigma_{i-order+1} that is 1 at
+    sigma_{i-j} (Adams-Bashforth on a non-uniform grid). Computed exactly; diffusers integrates it
+    numerically with scipy.integrate.quad, exact to rounding for these low degrees."""
+    others = [float(sigmas[i - k]) for k in range(order) if k != j]
+    basis = P.polyfromroots(others) / numpy.prod([float(sigmas[i - j]) - r for r in others]) if others \
+        else numpy.array([1.0])
+    integral = P.polyint(basis)
+    return float(P.polyval(float(sigmas[i + 1]), integral) - P.polyval(float(sigmas[i]), integral))
+
+
+@dataclasses.dataclass
+class LMSConfig(BaseConfig):
+    use_karras_sigmas: bool = False
+
+
+class LMSDiscreteScheduler(_SigmaScheduler):
+    """diffusers' LMSDiscreteScheduler: x_{i+1} = x_i + sum_j c_ij d_{i-j}, d = (x - x_0) / sigma, order <= 4."""
+
+    Config = LMSConfig
+    UNSUPPORTED = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.set_timesteps(self.config.num_train_timesteps)  # as diffusers: usable before set_timesteps
+
+    def set_timesteps(self, num_inference_steps, device=None):
+        n = self._check_steps(num_inference_steps)
+        self.num_inference_steps = n
+        c = self.config
+        timesteps, sigmas = self._spaced(n)
+        if c.use_karras_sigmas:
+            sigmas = schedule.karras_sigmas(float(sigmas[-1]), float(sigmas[0]), n)
+            timesteps = schedule.sigma_to_t(sigmas, numpy.log(self.sigmas_table))
+        self.sigmas = numpy.concatenate([sigmas, [0.0]])
+        self.timesteps = timesteps
+        self._step_index = None
+        self._begin_index = None
+        self.derivatives = []
+
+    def step(self, model_output, timestep, sample, order=4, return_dict=True):
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        i = self._step_index
+        sigma = float(self.sigmas[i])
+        x0 = x0_from_sigma_prediction(self.config.prediction_type, model_output, sample, sigma)
+        self.derivatives.append((sample - x0) / sigma)
+        if len(self.derivatives) > order:
+            self.derivatives.pop(0)
+        order = min(i + 1, order)
+        coefficients = [lms_coefficient(self.sigmas, order, i, j) for j in range(order)]
+        prev_sample = sample + sum(c * d for c, d in zip(coefficients, reversed(self.derivatives)))
+        self._step_index += 1
+        return self._output(return_dict, prev_sample, x0)

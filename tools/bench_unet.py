@@ -1,0 +1,202 @@
+"""Benchmark one U-Net step, refldm against diffusers (PyTorch) on the CPU, in the same run.
+
+The case is Stable Diffusion's: the SD 1.x U-Net (859,520,964 parameters, random weights), float32,
+64x64 latents (512x512 images), batch 2 (the classifier-free-guidance pair), 77 text tokens of 768.
+Both models share one set of weights: refldm's arrays are views of the torch tensors' memory.
+
+    python tools/bench_unet.py                  # torch, then refldm: time, GFLOP/s, peak memory
+    python tools/bench_unet.py --profile        # and where refldm's time goes, per op
+    python tools/bench_unet.py --skip-torch --latent 32
+
+FLOPs are counted by torch.utils.flop_counter on the diffusers forward (matrix products, convolutions
+and attention; elementwise work is not counted), so GFLOP/s is that count over each run's time.
+Peak memory is the rise of the process's peak resident set (VmHWM, reset before each run) over the
+resident set before the run: activations and workspace, not the shared weights.
+
+Needs the crosscheck extra (torch, diffusers). Heavy: ~15 GB-seconds of a shared machine; run it rarely.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from refldm import backend, ops  # noqa: E402
+from refldm.models.unet import UNet2DConditionModel  # noqa: E402
+from refldm.weights import load_into  # noqa: E402
+
+SD1 = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """Rise of the peak resident set during the block, in bytes (Linux: VmHWM, reset via clear_refs)."""
+
+    def __enter__(self):
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset the peak RSS to the current RSS
+            self.ok = True
+        except OSError:
+            self.ok = False
+        self.before = _status_kb("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        self.peak = (_status_kb("VmHWM") - self.before) * 1024 if self.ok else float("nan")
+        return False
+
+
+def build_torch_unet(seed: int):
+    import torch
+    import diffusers
+
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = diffusers.UNet2DConditionModel(**SD1)
+    model = model.to_empty(device="cpu").eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
+            elif "norm" in name and name.endswith("weight"):
+                p.normal_(1.0, 0.1, generator=gen)
+            else:
+                p.normal_(0.0, 0.1, generator=gen)
+    return model
+
+
+class OpTimer:
+    """Wall time per refldm op, counting only the outermost op call (geglu's inner linear counts as geglu)."""
+
+    NAMES = ("conv2d", "group_norm", "layer_norm", "linear", "silu", "gelu", "geglu",
+             "scaled_dot_product_attention", "split_heads", "merge_heads", "upsample_nearest2x",
+             "timestep_embedding")
+
+    def __init__(self):
+        self.time = collections.Counter()
+        self.calls = collections.Counter()
+        self.depth = 0
+        self.saved = []
+
+    def _wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            if self.depth:
+                return fn(*args, **kwargs)
+            self.depth += 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.time[name] += time.perf_counter() - t0
+                self.calls[name] += 1
+                self.depth -= 1
+        return timed
+
+    def __enter__(self):
+        for name in self.NAMES:
+            fn = getattr(ops, name)
+            self.saved.append((name, fn))
+            setattr(ops, name, self._wrap(name, fn))  # blocks.py and unet.py call ops.<name>
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved:
+            setattr(ops, name, fn)
+        return False
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--latent", type=int, default=64, help="latent height and width (64 = 512x512 images)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=1, help="timed runs of each (after one warm-up)")
+    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="refldm time per op (one extra run)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    model = build_torch_unet(args.seed)
+    rng = np.random.default_rng(args.seed)
+    sample = rng.standard_normal((args.batch, 4, args.latent, args.latent)).astype(np.float32)
+    context = rng.standard_normal((args.batch, 77, 768)).astype(np.float32)
+    t = np.full(args.batch, 981.0, dtype=np.float32)
+    ts, tt, tc = torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(context)
+    print(f"SD 1.x U-Net, float32, batch {args.batch}, latents {args.latent}x{args.latent}; "
+          f"torch {torch.__version__} on {torch.get_num_threads()} threads, refldm on "
+          f"{backend.num_threads()} threads, {os.cpu_count()} cores")
+
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        ref = model(ts, tt, tc).sample.numpy()  # also torch's warm-up
+    flops = counter.get_total_flops()
+    print(f"FLOPs per step (torch.utils.flop_counter): {flops / 1e12:.3f} TFLOP")
+
+    results = {}
+    if not args.skip_torch:
+        times = []
+        for _ in range(args.runs):
+            with PeakMemory() as mem, torch.no_grad():
+                t0 = time.perf_counter()
+                model(ts, tt, tc)
+                times.append(time.perf_counter() - t0)
+        results["torch"] = (min(times), mem.peak)
+
+    # refldm on the same weights: float32 arrays that are views of the torch tensors
+    unet = UNet2DConditionModel.from_config(dict(model.config))
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    load_into(unet, state, dtype="float32", source="torch model")
+    unet._dtype = np.dtype("float32")
+    out = unet(sample, t, context)  # warm-up
+    err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+    times = []
+    for _ in range(args.runs):
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            unet(sample, t, context)
+            times.append(time.perf_counter() - t0)
+    results["refldm"] = (min(times), mem.peak)
+    print(f"refldm vs torch: relative error {err:.2e}")
+
+    print("\n| implementation | time per step (s) | GFLOP/s | peak memory above weights (MiB) |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, (sec, peak) in results.items():
+        print(f"| {name} | {sec:.2f} | {flops / sec / 1e9:.0f} | {peak / 2**20:.0f} |")
+    if "torch" in results:
+        print(f"\nrefldm / torch time: {results['refldm'][0] / results['torch'][0]:.2f}x")
+
+    if args.profile:
+        with OpTimer() as timer:
+            t0 = time.perf_counter()
+            unet(sample, t, context)
+            total = time.perf_counter() - t0
+        print(f"\nrefldm time per op ({total:.2f} s in all):\n")
+        print("| op | calls | time (s) | share |")
+        print("| --- | ---: | ---: | ---: |")
+        for name, sec in timer.time.most_common():
+            print(f"| {name} | {timer.calls[name]} | {sec:.2f} | {100 * sec / total:.0f}% |")
+        rest = total - sum(timer.time.values())
+        print(f"| (U-Net glue: concatenation, residual adds, reshapes) | | {rest:.2f} | {100 * rest / total:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
