@@ -51,6 +51,10 @@ class ndarray:
     flags = property(lambda self: self._a.flags)
 
     def __getattr__(self, name):
+        if name.startswith("__"):
+            # no protocol is forwarded: __array_interface__, __array_struct__, __buffer__ and the like
+            # would let NumPy read the data behind our back (CuPy arrays have none of them)
+            raise AttributeError(f"fakegpu.ndarray has no attribute {name!r}")
         attr = getattr(self._a, name)
         return _wrap_callable(attr) if callable(attr) else _wrap(attr)
 

@@ -15,6 +15,14 @@ from tests.test_pipeline import build_tiny_sd
 PROMPT = "a photo of a red cat"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    """The tiny models' matrices are small: one BLAS thread is fastest, and robust on a shared machine."""
+    from refldm.cli.generate import few_blas_threads
+    with few_blas_threads(1):
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     return build_tiny_sd(tmp_path_factory.mktemp("cli") / "tiny-sd", kind="sd1", seed=1)
@@ -213,3 +221,6 @@ def test_demo_on_the_embedded_model(tmp_path, capsys):
     assert "(6, 4, 8, 8)" in stdout and "(6, 3, 64, 64)" in stdout and "= 48x" in stdout
     with Image.open(out) as im:
         assert im.width >= 3 * 64
+    rc, stdout, err = run(capsys, "info")
+    assert rc == 0, err
+    assert "the embedded model" in stdout and "unet: UNet2DConditionModel" in stdout

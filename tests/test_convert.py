@@ -15,6 +15,7 @@ reshape and OpenCLIP's fused q/k/v are exact operations. SD 1.x (CLIP ViT-L layo
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -24,6 +25,14 @@ from tests.conftest import require
 from tests.test_pipeline import build_tiny_sd
 
 STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    """The tiny models' matrices are small: one BLAS thread is fastest, and robust on a shared machine."""
+    from refldm.cli.generate import few_blas_threads
+    with few_blas_threads(1):
+        yield
 
 
 def _folder_state(folder):
@@ -124,16 +133,23 @@ def test_infer_configs_reads_the_architecture_off_the_shapes(single_file):
     assert inferred["text_encoder"]["num_hidden_layers"] == expected_layers
 
 
-def test_sd2_extra_last_resblock_is_ignored(tmp_path, single_file):
-    """Real SD 2.x files carry OpenCLIP's 24th layer, which SD 2.x does not use: loading skips it."""
+def test_extra_text_layer_is_skipped_in_sd2_only(single_file):
+    """Real SD 2.x files carry OpenCLIP's 24th layer, which SD 2.x does not use: loading skips it. In an
+    SD 1.x file an extra CLIP layer means another architecture, and is an error naming the keys."""
     kind, _, parts, configs, path = single_file
-    if kind != "sd2":
-        pytest.skip("an SD 2.x layout detail")
     n = configs["text_encoder"]["num_hidden_layers"]
-    state = _with_unused_last_resblock(weights.load_file(path), n)
-    back = convert.from_original(state, {p: list(s) for p, s in parts.items()}, configs, kind)
-    key = f"encoder.layers.{n - 1}.mlp.fc1.weight"
-    np.testing.assert_array_equal(back["text_encoder"][key], parts["text_encoder"][key])
+    expected = {p: list(s) for p, s in parts.items()}
+    if kind == "sd2":
+        state = _with_unused_last_resblock(weights.load_file(path), n)
+        back = convert.from_original(state, expected, configs, kind)
+        key = f"encoder.layers.{n - 1}.mlp.fc1.weight"
+        np.testing.assert_array_equal(back["text_encoder"][key], parts["text_encoder"][key])
+    else:
+        state = dict(weights.load_file(path))
+        extra = f"{convert.CLIP_PREFIX}encoder.layers.{n}.mlp.fc1.weight"
+        state[extra] = state[f"{convert.CLIP_PREFIX}encoder.layers.{n - 1}.mlp.fc1.weight"]
+        with pytest.raises(convert.ConversionError, match=re.escape(extra)):
+            convert.from_original(state, expected, configs, kind)
 
 
 def test_unknown_or_missing_keys_are_named(single_file):

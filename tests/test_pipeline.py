@@ -146,6 +146,14 @@ def build_tiny_sd(folder, kind="sd1", seed=0, conventional=False):
     return folder
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    """The tiny models' matrices are small: one BLAS thread is fastest, and robust on a shared machine."""
+    from refldm.cli.generate import few_blas_threads
+    with few_blas_threads(1):
+        yield
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Fixtures: one tiny folder, loaded once by each library
 
@@ -242,6 +250,14 @@ def test_img2img_same_image_as_diffusers(pipe, reference, scheduler):
     out = pipe(**kwargs, seed=1, scheduler=scheduler, progress=False)
     assert _max_pixel_diff(out.images, ref) <= 2
 
+
+def test_img2img_batch_of_prompts_matches_diffusers(pipe, reference):
+    """One image, two prompts: the image is encoded once (one posterior draw), then repeated, as diffusers."""
+    kwargs = dict(prompt=["a blue square", "a red cat"], image=gradient_image(), strength=0.75,
+                  num_inference_steps=4, guidance_scale=7.5)
+    ref = _diffusers_run(reference, "euler", img2img=True, seed=9, **kwargs)
+    out = pipe(**kwargs, seed=9, scheduler="euler", progress=False)
+    assert _max_pixel_diff(out.images, ref) <= 2
 
 def test_negative_prompt_batch_and_no_guidance_match_diffusers(pipe, reference):
     """Two prompts with negatives in one batch (CFG order [uncond, cond]); and guidance_scale=1 (no CFG)."""
@@ -425,7 +441,9 @@ def test_default_model_same_image_as_diffusers(torch_one_thread):
     from refldm.pipeline import StableDiffusionPipeline
     prompts = ["a large red circle in the center on a white background",
                "a small blue square in the top left on a black background"]
-    ref_pipe = diffusers.StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None)
+    # the folder stores float16 weights; both libraries compute in float32 here
+    ref_pipe = diffusers.StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, safety_checker=None,
+                                                                 torch_dtype=torch.float32)
     ref_pipe.set_progress_bar_config(disable=True)
     ref_pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(ref_pipe.scheduler.config)
     ref = ref_pipe(prompts, num_inference_steps=12, guidance_scale=5.0, output_type="np",
@@ -436,11 +454,3 @@ def test_default_model_same_image_as_diffusers(torch_one_thread):
     assert out.images[0].size == (64, 64)
     assert _max_pixel_diff(out.images, ref) <= 2
 
-
-def test_img2img_batch_of_prompts_matches_diffusers(pipe, reference):
-    """One image, two prompts: the image is encoded once (one posterior draw), then repeated, as diffusers."""
-    kwargs = dict(prompt=["a blue square", "a red cat"], image=gradient_image(), strength=0.75,
-                  num_inference_steps=4, guidance_scale=7.5)
-    ref = _diffusers_run(reference, "euler", img2img=True, seed=9, **kwargs)
-    out = pipe(**kwargs, seed=9, scheduler="euler", progress=False)
-    assert _max_pixel_diff(out.images, ref) <= 2

@@ -42,6 +42,7 @@ SD2 = dict(  # stabilityai/stable-diffusion-2-1 unet/config.json
     sample_size=96, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
     use_linear_projection=True, upcast_attention=True)
 SD1_PARAMETERS = 859_520_964
+SD2_PARAMETERS = 865_910_724
 
 
 def rel_err(a, b) -> float:
@@ -314,7 +315,8 @@ def test_sd1_full_config_parameter_count_and_agreement():
 def test_sd2_full_config_linear_projection_per_level_heads():
     rng = np.random.default_rng(12)
     cases = [make_inputs(rng, 3, 4, 16, 8, 77, 1024), make_inputs(rng, 1, 4, 8, 8, 77, 1024, per_element=False)]
-    _full_size_check(SD2, cases, seed=12)
+    count, _ = _full_size_check(SD2, cases, seed=12)
+    assert count == SD2_PARAMETERS
 
 
 # ---------------------------------------------------------------------------------------------------

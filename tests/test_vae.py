@@ -18,7 +18,12 @@ from hypothesis import strategies as st
 from refldm import backend, images
 from refldm.config import ConfigError
 from refldm.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D
-from refldm.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution, convert_legacy_keys
+from refldm.models.vae import (
+    AutoencoderKL,
+    AutoencoderKLConfig,
+    DiagonalGaussianDistribution,
+    convert_legacy_keys,
+)
 from refldm.nn import Module
 from refldm.weights import WeightsError, load_file, load_into, save_file
 from tests.conftest import require

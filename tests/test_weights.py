@@ -19,8 +19,16 @@ from hypothesis import strategies as st
 from refldm import backend
 from refldm.models.blocks import Conv2d, GroupNorm
 from refldm.nn import Module
-from refldm.weights import (WeightsError, find_weights, load_file, load_into, load_state, read_config,
-                            read_header, save_file)
+from refldm.weights import (
+    WeightsError,
+    find_weights,
+    load_file,
+    load_into,
+    load_state,
+    read_config,
+    read_header,
+    save_file,
+)
 from tests.conftest import require
 
 

@@ -3,11 +3,16 @@
     python tools/bench_ops.py                     # every case, 7 interleaved runs each
     python tools/bench_ops.py --cases conv3x3 attention --runs 11
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python tools/bench_ops.py   # OpenBLAS picks its own kernel
+    python tools/bench_ops.py --threads 1         # one thread each, timed by the thread's CPU clock
 
 Not a test: the figures depend on the machine. Each case runs refldm and torch alternately (one
 warm-up each, then `--runs` pairs), so a change in load hits both; the table gives both medians and
 the median of the per-pair ratios refldm / torch. The header names the CPU, the BLAS library and
-the kernel it runs (via threadpoolctl when installed), and the thread counts. Results go to stdout
+the kernel it runs (via threadpoolctl when installed), and the thread counts.
+
+--threads 1 runs both on one thread (torch.set_num_threads(1); refldm's pool and the BLAS held to
+one thread) and times with the thread's CPU clock (time.thread_time), which a busy machine barely
+disturbs: a fair per-core comparison when a quiet machine is not to be had. Results go to stdout
 as a Markdown table for docs/performance.md; --json FILE also writes them as JSON.
 Needs torch (pip install 'refldm[crosscheck]').
 """
@@ -117,18 +122,18 @@ def cases(torch, dtype=np.float32):
     return out
 
 
-def run_case(ours, theirs, runs: int):
+def run_case(ours, theirs, runs: int, clock=time.perf_counter):
     """One warm-up each, then `runs` alternating pairs; returns the times (s) and per-pair ratios."""
     ours()
     theirs()
     t_ours, t_theirs = [], []
     for _ in range(runs):
-        start = time.perf_counter()
+        start = clock()
         theirs()
-        t_theirs.append(time.perf_counter() - start)
-        start = time.perf_counter()
+        t_theirs.append(clock() - start)
+        start = clock()
         ours()
-        t_ours.append(time.perf_counter() - start)
+        t_ours.append(clock() - start)
     ratios = [a / b for a, b in zip(t_ours, t_theirs)]
     return t_ours, t_theirs, ratios
 
@@ -137,13 +142,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", help="case names (default: all)")
     parser.add_argument("--runs", type=int, default=7, help="timed pairs per case (default 7)")
+    parser.add_argument("--threads", type=int, help="threads for both (default: torch's and refldm's own)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     try:
         import torch
     except ImportError:
         sys.exit("bench_ops.py needs torch: pip install 'refldm[crosscheck]'")
+    clock = time.perf_counter
+    blas_limit = None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        backend.set_num_threads(args.threads)
+        if args.threads == 1:
+            blas_limit = backend.single_threaded_blas()
+            blas_limit.__enter__()
+            clock = time.thread_time
     info = machine()
+    info["clock"] = clock.__name__
     print("machine:", json.dumps(info, indent=1))
     table = cases(torch)
     names = args.cases or list(table)
@@ -156,13 +172,15 @@ def main(argv=None):
     with torch.inference_mode():
         for name in names:
             desc, ours, theirs = table[name]
-            t_ours, t_theirs, ratios = run_case(ours, theirs, args.runs)
+            t_ours, t_theirs, ratios = run_case(ours, theirs, args.runs, clock)
             row = {"case": name, "what": desc, "refldm_ms": 1e3 * statistics.median(t_ours),
                    "torch_ms": 1e3 * statistics.median(t_theirs), "ratio": statistics.median(ratios),
                    "runs": args.runs}
             results.append(row)
             print(f"| {desc} | {row['refldm_ms']:.1f} | {row['torch_ms']:.1f} | {row['ratio']:.2f} |",
                   flush=True)
+    if blas_limit is not None:
+        blas_limit.__exit__(None, None, None)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "results": results}, f, indent=1)

@@ -126,9 +126,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--latent", type=int, default=64, help="latent height and width (64 = 512x512 images)")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=1, help="timed runs of each (after one warm-up)")
+    parser.add_argument("--runs", type=int, default=1, help="timed runs of each (torch after one warm-up)")
     parser.add_argument("--skip-torch", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="refldm time per op (one extra run)")
+    parser.add_argument("--profile", action="store_true", help="also print refldm's time per op")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -161,20 +161,22 @@ def main(argv=None):
                 times.append(time.perf_counter() - t0)
         results["torch"] = (min(times), mem.peak)
 
-    # refldm on the same weights: float32 arrays that are views of the torch tensors
+    # refldm on the same weights: float32 arrays that are views of the torch tensors. NumPy has nothing
+    # to warm up, so the first run is timed (a shared 2-core machine cannot afford spare 10 s runs);
+    # the per-op timer costs a few microseconds per op call, so --profile times the same runs.
     unet = UNet2DConditionModel.from_config(dict(model.config))
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     load_into(unet, state, dtype="float32", source="torch model")
     unet._dtype = np.dtype("float32")
-    out = unet(sample, t, context)  # warm-up
-    err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
     times = []
-    for _ in range(args.runs):
-        with PeakMemory() as mem:
-            t0 = time.perf_counter()
-            unet(sample, t, context)
-            times.append(time.perf_counter() - t0)
+    with OpTimer() if args.profile else _nothing() as timer:
+        for _ in range(args.runs):
+            with PeakMemory() as mem:
+                t0 = time.perf_counter()
+                out = unet(sample, t, context)
+                times.append(time.perf_counter() - t0)
     results["refldm"] = (min(times), mem.peak)
+    err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
     print(f"refldm vs torch: relative error {err:.2e}")
 
     print("\n| implementation | time per step (s) | GFLOP/s | peak memory above weights (MiB) |")
@@ -185,17 +187,22 @@ def main(argv=None):
         print(f"\nrefldm / torch time: {results['refldm'][0] / results['torch'][0]:.2f}x")
 
     if args.profile:
-        with OpTimer() as timer:
-            t0 = time.perf_counter()
-            unet(sample, t, context)
-            total = time.perf_counter() - t0
-        print(f"\nrefldm time per op ({total:.2f} s in all):\n")
-        print("| op | calls | time (s) | share |")
+        total = sum(times)
+        print(f"\nrefldm time per op ({total:.2f} s in {args.runs} run(s)):\n")
+        print("| op | calls per step | time (s) | share |")
         print("| --- | ---: | ---: | ---: |")
         for name, sec in timer.time.most_common():
-            print(f"| {name} | {timer.calls[name]} | {sec:.2f} | {100 * sec / total:.0f}% |")
+            print(f"| {name} | {timer.calls[name] // args.runs} | {sec:.2f} | {100 * sec / total:.0f}% |")
         rest = total - sum(timer.time.values())
         print(f"| (U-Net glue: concatenation, residual adds, reshapes) | | {rest:.2f} | {100 * rest / total:.0f}% |")
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 if __name__ == "__main__":

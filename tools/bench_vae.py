@@ -38,6 +38,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # run from a checkout: import this refldm
 SD1_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
                up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, latent_channels=4,
                norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
@@ -107,15 +109,16 @@ def worker(side: str, folder: str, latent: int, repeat: int, out: str | None, th
     rss_loaded = _status("VmRSS")
     blas = _blas_kernel()
     reset = _reset_peak()
-    times = []
+    times, cpu = [], []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         y = decode()
         times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
     peak = _status("VmHWM")
     if out:
         np.save(out, np.asarray(y))
-    return {"side": side, "times": times, "rss_loaded": rss_loaded, "peak": peak, "peak_reset": reset,
+    return {"side": side, "times": times, "cpu": cpu, "rss_loaded": rss_loaded, "peak": peak, "peak_reset": reset,
             "blas": blas}
 
 
@@ -165,17 +168,21 @@ def _mb(n):
     return f"{n / 2**20:,.0f} MiB"
 
 
-def write_docs(text: str) -> None:
+BEGIN = "<!-- bench_vae: the table below is rewritten by `python tools/bench_vae.py --write-docs` -->"
+END = "<!-- bench_vae: end -->"
+
+
+def write_docs(table: str, section: str) -> None:
+    """Put the new table between the markers of "## VAE decode" in docs/performance.md (the prose
+    around it stays); without the markers, append the whole generated section."""
     path = os.path.join(ROOT, "docs", "performance.md")
-    head = "## VAE decode"
     old = open(path, encoding="utf-8").read() if os.path.exists(path) else \
         "# Performance\n\nMeasured speed and memory of refldm against PyTorch on the CPU.\n"
-    start = old.find(head)
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    begin, end = old.find(BEGIN), old.find(END)
+    if 0 <= begin < end:
+        new = old[:begin] + BEGIN + "\n" + table.strip("\n") + "\n" + old[end:]
     else:
-        end = old.find("\n## ", start + len(head))
-        new = old[:start] + text.rstrip("\n") + "\n" + ("" if end < 0 else old[end:])
+        new = old.rstrip("\n") + "\n\n" + section.strip("\n") + "\n"
     with open(path, "w", encoding="utf-8") as f:
         f.write(new)
 
@@ -213,23 +220,24 @@ def main():
                 out = os.path.join(tmp, f"{side}.npy") if r == 0 else None
                 res = _run(side, folder, args.latent, args.repeat, out, args.threads, args.coretype)
                 results[side].append(res)
-                print(f"round {r + 1}: {side:6s} {min(res['times']):7.2f} s   decode peak {_mb(res['peak'])}"
+                print(f"round {r + 1}: {side:6s} {min(res['times']):7.2f} s (CPU {min(res['cpu']):.2f} s)   decode peak {_mb(res['peak'])}"
                       f" (after load {_mb(res['rss_loaded'])})", flush=True)
         a, b = np.load(os.path.join(tmp, "refldm.npy")), np.load(os.path.join(tmp, "torch.npy"))
         rel = float(np.abs(a - b).max() / np.abs(b).max())
 
     def summary(side):
         times = [min(r["times"]) for r in results[side]]
+        cpu = [min(r["cpu"]) for r in results[side]]
         peak = max(r["peak"] for r in results[side])
         loaded = max(r["rss_loaded"] for r in results[side])
-        return statistics.median(times), min(times), peak, loaded
+        return statistics.median(times), min(times), statistics.median(cpu), peak, loaded
 
-    tt, tmin, tpeak, tload = summary("torch")
-    rt, rmin, rpeak, rload = summary("refldm")
+    tt, tmin, tcpu, tpeak, tload = summary("torch")
+    rt, rmin, rcpu, rpeak, rload = summary("refldm")
     import torch
 
     size = args.latent * 8
-    lines = [
+    intro = [
         "## VAE decode",
         "",
         f"Decoding one (1, 4, {args.latent}, {args.latent}) latent to a {size}x{size} image with the SD 1.x "
@@ -237,21 +245,24 @@ def main():
         f"{args.threads} threads, measured by [`tools/bench_vae.py`](../tools/bench_vae.py) "
         f"({args.rounds} alternating rounds, median; each side in its own process).",
         "",
-        "| | time (median) | time (best) | peak RSS during decode | RSS after loading |",
-        "| --- | --- | --- | --- | --- |",
-        f"| diffusers {_diffusers_version()} / torch {torch.__version__} | {tt:.2f} s | {tmin:.2f} s | "
+    ]
+    table = [
+        "| | time (median) | time (best) | CPU time (median) | peak RSS during decode | RSS after loading |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| diffusers {_diffusers_version()} / torch {torch.__version__} | {tt:.2f} s | {tmin:.2f} s | {tcpu:.2f} s | "
         f"{_mb(tpeak)} | {_mb(tload)} |",
         f"| refldm (NumPy {np.__version__}, {results['refldm'][0]['blas']}) | {rt:.2f} s | {rmin:.2f} s | "
-        f"{_mb(rpeak)} | {_mb(rload)} |",
+        f"{rcpu:.2f} s | {_mb(rpeak)} | {_mb(rload)} |",
         "",
-        f"refldm / torch time: **{rt / tt:.2f}x** (target <= 1.0x). Outputs agree to relative error {rel:.1e}.",
+        f"refldm / torch: **{rt / tt:.2f}x** in time, {rcpu / tcpu:.2f}x in CPU time (target <= 1.0x). "
+        f"Outputs agree to relative error {rel:.1e}.",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}; measured {time.strftime('%Y-%m-%d')}.",
     ]
-    text = "\n".join(lines)
+    text = "\n".join(intro + table)
     print("\n" + text)
     if args.write_docs:
-        write_docs(text)
+        write_docs("\n".join(table), text)
 
 
 def _diffusers_version():

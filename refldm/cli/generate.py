@@ -44,6 +44,12 @@ DEMO_PROMPTS = (
 )
 
 
+# the settings tools/train_tiny/evaluate.py measures the embedded model's quality with
+DEMO_STEPS = 25
+DEMO_CFG = 5.0
+DEMO_SAMPLER = None  # the model's own scheduler (DDIM)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # argument parsing
 
@@ -106,10 +112,10 @@ def register(subparsers) -> None:
                               description="Load the model shipped with refldm, generate one image per prompt, "
                                           "write a captioned grid PNG and show where the time went.")
     p.add_argument("-o", "--output", default="refldm-demo.png", help="output PNG (default refldm-demo.png)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the demo's setting)")
+    p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {DEMO_STEPS})")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--sampler", default=None, help="scheduler by name (default: dpm++2m)")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the demo's setting)")
+    p.add_argument("--sampler", default=None, help="scheduler by name (default: the model's own, DDIM)")
+    p.add_argument("--cfg", type=float, default=None, help=f"guidance scale (default {DEMO_CFG:g})")
     p.add_argument("-p", "--prompt", action="append", default=None,
                    help="a prompt for the grid (repeat for several; default: six shape prompts)")
     p.add_argument("--backend", choices=("numpy", "cupy"), default=None)
@@ -137,6 +143,45 @@ def _one_line_warnings():
             yield
     finally:
         warnings.showwarning = old
+
+
+@contextlib.contextmanager
+def few_blas_threads(n: int = 1):
+    """Run the block with `n` BLAS threads in NumPy's bundled OpenBLAS (Linux; elsewhere a no-op).
+
+    The embedded model's matrices are tiny (tens of rows); BLAS threads only add synchronisation, and on a
+    busy machine a thread that waits for a core stalls every matrix product: the demo measured 1.2 s of
+    denoising with one thread against 71 s with two on a loaded 2-core machine. Big models keep the
+    default, where threads pay. (refldm never imports threadpoolctl; this finds the loaded library.)
+    """
+    setter = getter = None
+    try:
+        import ctypes
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
+        for path in libs:
+            lib = ctypes.CDLL(path)
+            for suffix in ("64_", ""):
+                for stem in ("scipy_openblas", "openblas"):
+                    if hasattr(lib, f"{stem}_set_num_threads{suffix}"):
+                        setter = getattr(lib, f"{stem}_set_num_threads{suffix}")
+                        getter = getattr(lib, f"{stem}_get_num_threads{suffix}")
+                        break
+                if setter:
+                    break
+            if setter:
+                break
+    except OSError:
+        setter = None
+    if setter is None:
+        yield
+        return
+    before = getter()
+    setter(n)
+    try:
+        yield
+    finally:
+        setter(before)
 
 
 def _use_backend(name):
@@ -216,7 +261,8 @@ def _check_generation_args(args):
 def _generate(args, image=None):
     _check_generation_args(args)
     _use_backend(args.backend)
-    with _one_line_warnings():
+    blas = few_blas_threads(1) if args.model is None else contextlib.nullcontext()
+    with _one_line_warnings(), blas:
         pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
                              prediction_type=args.prediction_type, dtype=args.dtype)
         kwargs = {}
@@ -386,11 +432,6 @@ def captioned_grid(images, captions, columns=3, scale=3):
     return grid
 
 
-DEMO_STEPS = 20
-DEMO_CFG = 7.5
-DEMO_SAMPLER = "dpm++2m"
-
-
 def run_demo(args) -> int:
     from refldm import backend
     _use_backend(args.backend)
@@ -398,7 +439,9 @@ def run_demo(args) -> int:
     steps = args.steps or DEMO_STEPS
     cfg = DEMO_CFG if args.cfg is None else args.cfg
     sampler = args.sampler or DEMO_SAMPLER
-    with _one_line_warnings():
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    with _one_line_warnings(), few_blas_threads(1):
         start = time.perf_counter()
         pipe = load_pipeline(None)
         load = time.perf_counter() - start
@@ -416,10 +459,11 @@ def run_demo(args) -> int:
     t = out.timings
     total = load + sum(t.values())
     d = pipe.text_encoder.config.hidden_size
+    n_tok = pipe.tokenizer.model_max_length
     print(f"refldm demo: {b} prompts through the embedded model ({pipe.name}), backend {backend.name()}")
-    print(f"  prompt    -> tokens      ({b}, {pipe.text_encoder.config.max_position_embeddings})  "
-          f"(CLIP BPE, padded to the text encoder's length)")
-    print(f"  tokens    -> embeddings  ({b}, {pipe.text_encoder.config.max_position_embeddings}, {d})")
+    print(f"  prompt    -> tokens      ({b}, {n_tok})  CLIP BPE, [BOS] ... [EOS] and padding")
+    print(f"  tokens    -> embeddings  ({b}, {n_tok}, {d})  CLIP text encoder; with the empty prompt's, "
+          f"the context is ({2 * b if cfg > 1 else b}, {n_tok}, {d})")
     print(f"  noise     -> latents     {latent}  {steps} steps of {sampler_label(pipe, sampler)}, "
           f"CFG scale {cfg:g} (U-Net batch {2 * b if cfg > 1 else b})")
     print(f"  latents   -> image       ({b}, 3, {size[0]}, {size[1]})  VAE decoder, x{pipe.vae_scale_factor} per side")

@@ -23,14 +23,13 @@ The ResNet, down- and up-sampling blocks are shared with the VAE (`refldm/models
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 
 import numpy
 
 from refldm import backend, ops
-from refldm.config import ConfigError, parse_config
+from refldm.config import parse_config
 from refldm.models.blocks import Conv2d, Downsample2D, GroupNorm, Linear, ResnetBlock2D, Upsample2D
 from refldm.nn import Module, ModuleList, Param
 from refldm.weights import find_weights, load_into, load_state, read_config

@@ -21,7 +21,14 @@ import os
 
 from refldm import backend, ops
 from refldm.config import parse_config
-from refldm.models.blocks import Conv2d, Downsample2D, GroupNorm, Linear, ResnetBlock2D, Upsample2D
+from refldm.models.blocks import (
+    Conv2d,
+    Downsample2D,
+    GroupNorm,
+    Linear,
+    ResnetBlock2D,
+    Upsample2D,
+)
 from refldm.nn import Module, ModuleList
 from refldm.weights import find_weights, load_into, load_state, read_config
 
@@ -127,7 +134,7 @@ class DiagonalGaussianDistribution:
             backend.array_namespace(self.mean) else noise.astype(self.mean.dtype, copy=False)
         return self.mean + self.std * noise
 
-    def kl(self, other: "DiagonalGaussianDistribution | None" = None):
+    def kl(self, other: DiagonalGaussianDistribution | None = None):
         """KL divergence per sample, summed over (C, h, w): (N,).
 
         Against the standard normal prior:  KL = 1/2 sum(mean^2 + var - 1 - logvar);
@@ -294,7 +301,7 @@ class AutoencoderKL(Module):
         self.assign_names()
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="float32") -> "AutoencoderKL":
+    def from_pretrained(cls, folder, dtype="float32") -> AutoencoderKL:
         """Load config.json and diffusion_pytorch_model.safetensors (or its shards) from a VAE folder.
 
         A pipeline folder (one with a ``vae/`` subfolder and no config.json of its own) works too.

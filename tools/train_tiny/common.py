@@ -51,7 +51,7 @@ UNET_CONFIG = dict(
     layers_per_block=1,
     attention_head_dim=4,
     cross_attention_dim=TEXT_CONFIG["hidden_size"],
-    norm_num_groups=16,
+    norm_num_groups=8,
 )
 
 # The noise schedule: SD's (scaled_linear betas from 0.00085 to 0.012 over 1000 steps, epsilon).

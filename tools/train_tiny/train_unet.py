@@ -23,7 +23,7 @@
 
    An exponential moving average (EMA) of both networks' weights is what gets exported.
 
-    python tools/train_tiny/train_unet.py --workdir runs/train_tiny --steps 2000
+    python tools/train_tiny/train_unet.py --workdir runs/train_tiny
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def main(argv=None):
     p.add_argument("--workdir", default="runs/train_tiny")
     p.add_argument("--vae", default=None, help="trained VAE folder (default: WORKDIR/vae)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--images", type=int, default=16384, help="training images encoded to latents")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--images", type=int, default=8192, help="training images encoded to latents")
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)

@@ -19,7 +19,7 @@ scaling factor is measured as SD's was: 1 / std of the latents of training image
 diffusion model sees latents of unit variance (the pipeline multiplies by it after encoding and
 divides before decoding).
 
-    python tools/train_tiny/train_vae.py --workdir runs/train_tiny --steps 2000
+    python tools/train_tiny/train_vae.py --workdir runs/train_tiny
 """
 
 from __future__ import annotations
@@ -58,15 +58,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/train_tiny")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--fg-weight", type=float, default=4.0)
     p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--logvar-init", type=float, default=None,
+                   help="start the posterior's log-variance here (a bias on quant_conv) instead of ~0")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--ckpt-every", type=int, default=50)
     args = p.parse_args(argv)
 
     torch = common.setup_torch(args.seed, args.threads)
@@ -78,6 +80,12 @@ def main(argv=None):
     ckpt = work / "vae_ckpt.safetensors"
 
     vae = AutoencoderKL(**common.VAE_CONFIG)
+    if args.logvar_init is not None:
+        # quant_conv's 8 outputs are (mean, logvar) x 4 channels. A freshly initialised encoder has
+        # logvar ~ 0, i.e. noise of std 1 on latents that are still tiny: the decoder would start
+        # from pure noise. Starting at a low logvar lets the decoder see the signal from step one.
+        with torch.no_grad():
+            vae.quant_conv.bias[common.VAE_CONFIG["latent_channels"]:] = args.logvar_init
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     start = 0
     if ckpt.exists():
