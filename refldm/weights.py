@@ -64,22 +64,24 @@ def read_header(path) -> tuple[dict, dict, int]:
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: header is not valid JSON ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON errors, ints > 4300 digits
+        raise WeightsError(f"{path}: header is not valid JSON ({str(e)[:200]})") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise WeightsError(f"{path}: __metadata__ is not a JSON object")
     data_size = size - 8 - n
     spans = []
     for key, info in header.items():
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise WeightsError(f"{path}: key {key!r}: header entry must have exactly dtype, shape, data_offsets")
         dt, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dt not in _DTYPES:
+        if not isinstance(dt, str) or dt not in _DTYPES:
             raise WeightsError(f"{path}: key {key!r}: unsupported dtype {dt!r}")
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)):
+        if (not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape)):
             raise WeightsError(f"{path}: key {key!r}: bad shape {shape!r}")
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
                 or not 0 <= offs[0] <= offs[1] <= data_size):
             raise WeightsError(f"{path}: key {key!r}: data_offsets {offs!r} lie outside the "
                                f"{data_size}-byte data section (truncated or corrupted file)")
@@ -119,7 +121,8 @@ def save_file(tensors: dict, path, metadata: dict | None = None) -> None:
     """Write {key: array} as a safetensors file (arrays of any backend; stored little-endian)."""
     header, chunks, offset = {}, [], 0
     for key in sorted(tensors):
-        arr = np.ascontiguousarray(backend.to_numpy(tensors[key]))
+        arr = np.asarray(backend.to_numpy(tensors[key]))
+        arr = np.ascontiguousarray(arr).reshape(arr.shape)  # ascontiguousarray makes a 0-d array 1-d
         name = arr.dtype.name
         if name not in _NAMES:
             raise WeightsError(f"{path}: key {key!r}: cannot store dtype {name}")
@@ -153,7 +156,13 @@ def find_weights(folder, stem: str = "diffusion_pytorch_model") -> list[str]:
                 weight_map = json.load(f)["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise WeightsError(f"{index}: not a valid shard index ({e})") from None
-        return [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise WeightsError(f"{index}: weight_map must be a non-empty {{key: shard file}} object")
+        shards = sorted(set(weight_map.values()), key=str)
+        for s in shards:
+            if not isinstance(s, str) or not s or os.path.basename(s) != s:
+                raise WeightsError(f"{index}: shard {s!r} is not a file name inside {folder}")
+        return [os.path.join(folder, s) for s in shards]
     for name in sorted(os.listdir(folder)):
         if name.lower().endswith(_PICKLE_SUFFIXES):
             refuse_pickle(os.path.join(folder, name))

@@ -90,8 +90,6 @@ def test_save_then_load_roundtrips_every_dtype(tmp_path):
     assert read_header(path)[1] == {"format": "pt"}
 
 
-@pytest.mark.xfail(strict=True, reason="refldm/weights.py save_file: np.ascontiguousarray turns a 0-d array "
-                   "into shape (1,); the fix is in the issue-3 report")
 def test_save_keeps_a_scalar_a_scalar(tmp_path):
     path = str(tmp_path / "scalar.safetensors")
     save_file({"s": np.array(2.5, np.float32)}, path)
@@ -263,10 +261,8 @@ def test_broken_prefix_or_header_is_a_clear_error(tmp_path, name, raw, length):
     raises_naming(lambda: load_file(path), path)
 
 
-# Inputs that crash refldm/weights.py as it stands (a TypeError, RecursionError, AttributeError or a
-# ValueError that does not name the file, instead of a WeightsError). The fix is in the VAE
-# engineer's report; strict xfail makes these tests fail loudly once the fix lands, so the marks get removed.
-WEIGHTS_FIX = "refldm/weights.py needs the header/index validation fix from the issue-3 report"
+# Pathological headers and indexes: each must be a WeightsError naming the file, never a TypeError,
+# RecursionError or AttributeError from deep inside the parser.
 
 
 PATHOLOGICAL = [
@@ -277,7 +273,6 @@ PATHOLOGICAL = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason=WEIGHTS_FIX)
 @pytest.mark.parametrize("name, raw", PATHOLOGICAL, ids=[c[0] for c in PATHOLOGICAL])
 def test_pathological_header_is_a_clear_error(tmp_path, name, raw):
     path = write_raw(tmp_path / "weird.safetensors", raw, b"\0" * 8)
@@ -381,7 +376,6 @@ def test_sharded_checkpoint_errors(tmp_path):
     raises_naming(lambda: find_weights(tmp_path), "index.json")
 
 
-@pytest.mark.xfail(strict=True, reason=WEIGHTS_FIX)
 @pytest.mark.parametrize("weight_map", [[1, 2], None, {"a": 3}, {"a": "../outside.safetensors"}],
                          ids=["list", "null", "not a file name", "outside the folder"])
 def test_malformed_shard_index_is_a_clear_error(tmp_path, weight_map):
