@@ -315,6 +315,20 @@ class single_threaded_blas:
         return False
 
 
+def _after_fork_in_child():
+    """A forked child has none of the parent's threads: forget the pool, and undo a BLAS limit that
+    was in force at the fork (the child has no way to close that block)."""
+    _pool.executor = None
+    _pool.local = threading.local()
+    if _Blas.depth and _Blas.controls:
+        for (_, set_), n in zip(_Blas.controls, _Blas.saved):
+            set_(n)
+    _Blas.depth = 0
+    _Blas.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 _pool.threads = _threads_from_env()
 
 

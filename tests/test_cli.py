@@ -18,8 +18,8 @@ PROMPT = "a photo of a red cat"
 @pytest.fixture(autouse=True, scope="module")
 def _one_blas_thread():
     """The tiny models' matrices are small: one BLAS thread is fastest, and robust on a shared machine."""
-    from refldm.cli.generate import few_blas_threads
-    with few_blas_threads(1):
+    from refldm.backend import single_threaded_blas
+    with single_threaded_blas():
         yield
 
 
@@ -224,3 +224,17 @@ def test_demo_on_the_embedded_model(tmp_path, capsys):
     rc, stdout, err = run(capsys, "info")
     assert rc == 0, err
     assert "the embedded model" in stdout and "unet: UNet2DConditionModel" in stdout
+
+
+def test_backend_flag_switches_the_backend(tiny_folder, tmp_path, capsys, monkeypatch):
+    """--backend must really switch: asking for cupy here either runs on it or fails with one clear line."""
+    from refldm import backend
+
+    rc, _, err = run(capsys, "txt2img", "-m", str(tiny_folder), "-p", "x", "--steps", "1", "-W", "32",
+                     "-H", "32", "--backend", "cupy", "-o", str(tmp_path / "gpu.png"), "-q")
+    if rc == 0:  # a machine with a GPU: the run really used cupy; switch back for the other tests
+        assert backend.name() == "cupy"
+        backend.use("numpy")
+        return
+    assert rc == 2 and err.startswith("refldm: error: backend 'cupy'"), err
+    assert backend.name() == "numpy"

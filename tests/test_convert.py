@@ -30,8 +30,8 @@ STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "t
 @pytest.fixture(autouse=True, scope="module")
 def _one_blas_thread():
     """The tiny models' matrices are small: one BLAS thread is fastest, and robust on a shared machine."""
-    from refldm.cli.generate import few_blas_threads
-    with few_blas_threads(1):
+    from refldm.backend import single_threaded_blas
+    with single_threaded_blas():
         yield
 
 

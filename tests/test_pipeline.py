@@ -149,8 +149,8 @@ def build_tiny_sd(folder, kind="sd1", seed=0, conventional=False):
 @pytest.fixture(autouse=True, scope="module")
 def _one_blas_thread():
     """The tiny models' matrices are small: one BLAS thread is fastest, and robust on a shared machine."""
-    from refldm.cli.generate import few_blas_threads
-    with few_blas_threads(1):
+    from refldm.backend import single_threaded_blas
+    with single_threaded_blas():
         yield
 
 

@@ -9,9 +9,11 @@ Both models share one set of weights: refldm's arrays are views of the torch ten
     python tools/bench_unet.py --skip-torch --latent 32
 
 FLOPs are counted by torch.utils.flop_counter on the diffusers forward (matrix products, convolutions
-and attention; elementwise work is not counted), so GFLOP/s is that count over each run's time.
+and attention, 2 per multiply-add; elementwise work is not counted), so GFLOP/s is that count over
+each run's time.
 Peak memory is the rise of the process's peak resident set (VmHWM, reset before each run) over the
-resident set before the run: activations and workspace, not the shared weights.
+resident set before the run: activations and workspace, not the shared weights. On a shared machine
+wall time is inflated by other jobs; CPU time (all threads, time.process_time) is the steadier measure.
 
 Needs the crosscheck extra (torch, diffusers). Heavy: ~15 GB-seconds of a shared machine; run it rarely.
 """
@@ -82,15 +84,35 @@ def build_torch_unet(seed: int):
     return model
 
 
+def _flops(name, args, kwargs, out):
+    """Multiply-add FLOPs (2 per multiply-add) of one op call, from its shapes; 0 for elementwise ops."""
+    if name == "conv2d":
+        w = args[1]
+        return 2 * out.size * w.shape[1] * w.shape[2] * w.shape[3]
+    if name == "linear":
+        return 2 * out.size * args[1].shape[1]
+    if name == "geglu":
+        return 2 * 2 * out.size * args[1].shape[1]
+    if name == "scaled_dot_product_attention":
+        q, k, v = args[:3]
+        lead = math.prod(q.shape[:-2])
+        return 2 * lead * q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+    return 0
+
+
 class OpTimer:
-    """Wall time per refldm op, counting only the outermost op call (geglu's inner linear counts as geglu)."""
+    """Wall time, CPU time (all threads) and FLOPs per refldm op, counting only the outermost op call
+    (geglu's inner linear counts as geglu). GFLOP per CPU-second measures an op's efficiency on one
+    core, and it is robust to other processes sharing the machine, unlike wall time."""
 
     NAMES = ("conv2d", "group_norm", "layer_norm", "linear", "silu", "gelu", "geglu",
              "scaled_dot_product_attention", "split_heads", "merge_heads", "upsample_nearest2x",
              "timestep_embedding")
 
     def __init__(self):
-        self.time = collections.Counter()
+        self.wall = collections.Counter()
+        self.cpu = collections.Counter()
+        self.flops = collections.Counter()
         self.calls = collections.Counter()
         self.depth = 0
         self.saved = []
@@ -100,13 +122,16 @@ class OpTimer:
             if self.depth:
                 return fn(*args, **kwargs)
             self.depth += 1
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
-                return fn(*args, **kwargs)
+                out = fn(*args, **kwargs)
             finally:
-                self.time[name] += time.perf_counter() - t0
+                self.wall[name] += time.perf_counter() - t0
+                self.cpu[name] += time.process_time() - c0
                 self.calls[name] += 1
                 self.depth -= 1
+            self.flops[name] += _flops(name, args, kwargs, out)
+            return out
         return timed
 
     def __enter__(self):
@@ -120,6 +145,19 @@ class OpTimer:
         for name, fn in self.saved:
             setattr(ops, name, fn)
         return False
+
+    def report(self, wall: float, cpu: float, runs: int):
+        print(f"\nrefldm per op ({wall:.2f} s wall, {cpu:.2f} CPU-s over {runs} run(s)):\n")
+        print("| op | calls per step | wall (s) | share | CPU-s | GFLOP | GFLOP per CPU-s |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for name, sec in self.wall.most_common():
+            gf = self.flops[name] / 1e9
+            eff = f"{gf / self.cpu[name]:.0f}" if gf and self.cpu[name] > 0 else ""
+            print(f"| {name} | {self.calls[name] // runs} | {sec:.2f} | {100 * sec / wall:.0f}% | "
+                  f"{self.cpu[name]:.2f} | {gf:.0f} | {eff} |")
+        rest, rest_cpu = wall - sum(self.wall.values()), cpu - sum(self.cpu.values())
+        print(f"| U-Net glue (proj_in/out products, concatenations, residual adds) | | {rest:.2f} | "
+              f"{100 * rest / wall:.0f}% | {rest_cpu:.2f} | | |")
 
 
 def main(argv=None):
@@ -142,10 +180,19 @@ def main(argv=None):
     ts, tt, tc = torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(context)
     print(f"SD 1.x U-Net, float32, batch {args.batch}, latents {args.latent}x{args.latent}; "
           f"torch {torch.__version__} on {torch.get_num_threads()} threads, refldm on "
-          f"{backend.num_threads()} threads, {os.cpu_count()} cores")
+          f"{backend.num_threads()} threads, {os.cpu_count()} cores, "
+          f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}, load average "
+          f"{os.getloadavg()[0]:.1f}")
 
-    from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
+    from torch.utils import flop_counter
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None and cpu_sdpa not in flop_counter.flop_registry:
+        # torch 2.13's counter knows the GPU attention kernels but not the CPU one, and would leave out
+        # the 0.25 TFLOP of Q K^T and P V: count it with the same formula
+        @flop_counter.register_flop_formula(cpu_sdpa)
+        def _cpu_sdpa_flop(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs):
+            return flop_counter.sdpa_flop_count(q_shape, k_shape, v_shape)
+    counter = flop_counter.FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         ref = model(ts, tt, tc).sample.numpy()  # also torch's warm-up
     flops = counter.get_total_flops()
@@ -153,13 +200,14 @@ def main(argv=None):
 
     results = {}
     if not args.skip_torch:
-        times = []
+        times, cpus = [], []
         for _ in range(args.runs):
             with PeakMemory() as mem, torch.no_grad():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 model(ts, tt, tc)
                 times.append(time.perf_counter() - t0)
-        results["torch"] = (min(times), mem.peak)
+                cpus.append(time.process_time() - c0)
+        results["torch"] = (min(times), min(cpus), mem.peak)
 
     # refldm on the same weights: float32 arrays that are views of the torch tensors. NumPy has nothing
     # to warm up, so the first run is timed (a shared 2-core machine cannot afford spare 10 s runs);
@@ -168,33 +216,29 @@ def main(argv=None):
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     load_into(unet, state, dtype="float32", source="torch model")
     unet._dtype = np.dtype("float32")
-    times = []
+    times, cpus = [], []
     with OpTimer() if args.profile else _nothing() as timer:
         for _ in range(args.runs):
             with PeakMemory() as mem:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = unet(sample, t, context)
                 times.append(time.perf_counter() - t0)
-    results["refldm"] = (min(times), mem.peak)
+                cpus.append(time.process_time() - c0)
+    results["refldm"] = (min(times), min(cpus), mem.peak)
     err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
     print(f"refldm vs torch: relative error {err:.2e}")
 
-    print("\n| implementation | time per step (s) | GFLOP/s | peak memory above weights (MiB) |")
-    print("| --- | ---: | ---: | ---: |")
-    for name, (sec, peak) in results.items():
-        print(f"| {name} | {sec:.2f} | {flops / sec / 1e9:.0f} | {peak / 2**20:.0f} |")
+    print("\n| implementation | time per step (s) | GFLOP/s | CPU time, all threads (s) | GFLOP per CPU-s "
+          "| peak memory above weights (MiB) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, (sec, cpu, peak) in results.items():
+        print(f"| {name} | {sec:.2f} | {flops / sec / 1e9:.0f} | {cpu:.2f} | {flops / cpu / 1e9:.0f} | "
+              f"{peak / 2**20:.0f} |")
     if "torch" in results:
-        print(f"\nrefldm / torch time: {results['refldm'][0] / results['torch'][0]:.2f}x")
-
+        print(f"\nrefldm / torch: {results['refldm'][0] / results['torch'][0]:.2f}x in time, "
+              f"{results['refldm'][1] / results['torch'][1]:.2f}x in CPU time")
     if args.profile:
-        total = sum(times)
-        print(f"\nrefldm time per op ({total:.2f} s in {args.runs} run(s)):\n")
-        print("| op | calls per step | time (s) | share |")
-        print("| --- | ---: | ---: | ---: |")
-        for name, sec in timer.time.most_common():
-            print(f"| {name} | {timer.calls[name] // args.runs} | {sec:.2f} | {100 * sec / total:.0f}% |")
-        rest = total - sum(timer.time.values())
-        print(f"| (U-Net glue: concatenation, residual adds, reshapes) | | {rest:.2f} | {100 * rest / total:.0f}% |")
+        timer.report(sum(times), sum(cpus), args.runs)
 
 
 class _nothing:

@@ -21,6 +21,8 @@ import sys
 import time
 import warnings
 
+from refldm import backend
+
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "default_model")
 
 # refldm scheduler names -> the sampler names the web UIs write (and read) in the parameters chunk
@@ -145,48 +147,8 @@ def _one_line_warnings():
         warnings.showwarning = old
 
 
-@contextlib.contextmanager
-def few_blas_threads(n: int = 1):
-    """Run the block with `n` BLAS threads in NumPy's bundled OpenBLAS (Linux; elsewhere a no-op).
-
-    The embedded model's matrices are tiny (tens of rows); BLAS threads only add synchronisation, and on a
-    busy machine a thread that waits for a core stalls every matrix product: the demo measured 1.2 s of
-    denoising with one thread against 71 s with two on a loaded 2-core machine. Big models keep the
-    default, where threads pay. (refldm never imports threadpoolctl; this finds the loaded library.)
-    """
-    setter = getter = None
-    try:
-        import ctypes
-        with open("/proc/self/maps", encoding="utf-8") as f:
-            libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line})
-        for path in libs:
-            lib = ctypes.CDLL(path)
-            for suffix in ("64_", ""):
-                for stem in ("scipy_openblas", "openblas"):
-                    if hasattr(lib, f"{stem}_set_num_threads{suffix}"):
-                        setter = getattr(lib, f"{stem}_set_num_threads{suffix}")
-                        getter = getattr(lib, f"{stem}_get_num_threads{suffix}")
-                        break
-                if setter:
-                    break
-            if setter:
-                break
-    except OSError:
-        setter = None
-    if setter is None:
-        yield
-        return
-    before = getter()
-    setter(n)
-    try:
-        yield
-    finally:
-        setter(before)
-
-
 def _use_backend(name):
     if name:
-        from refldm import backend
         backend.use(name)
 
 
@@ -261,7 +223,7 @@ def _check_generation_args(args):
 def _generate(args, image=None):
     _check_generation_args(args)
     _use_backend(args.backend)
-    blas = few_blas_threads(1) if args.model is None else contextlib.nullcontext()
+    blas = backend.single_threaded_blas() if args.model is None else contextlib.nullcontext()
     with _one_line_warnings(), blas:
         pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
                              prediction_type=args.prediction_type, dtype=args.dtype)
@@ -333,7 +295,10 @@ def describe_model(model=None) -> dict:
                          "dtypes": sorted(dtypes), "config": read_config(folder)}
         tok = os.path.join(model, "tokenizer")
         vocab = os.path.join(tok, "vocab.json")
-        n_vocab = len(json.load(open(vocab, encoding="utf-8"))) if os.path.isfile(vocab) else None
+        n_vocab = None
+        if os.path.isfile(vocab):
+            with open(vocab, encoding="utf-8") as f:
+                n_vocab = len(json.load(f))
         out["tokenizer"] = {"class": (index.get("tokenizer") or [None, None])[-1], "vocabulary": n_vocab}
         out["scheduler"] = {"class": (index.get("scheduler") or [None, None])[-1],
                             "config": read_config(os.path.join(model, "scheduler"), "scheduler_config.json")}
@@ -433,7 +398,6 @@ def captioned_grid(images, captions, columns=3, scale=3):
 
 
 def run_demo(args) -> int:
-    from refldm import backend
     _use_backend(args.backend)
     prompts = list(args.prompt or DEMO_PROMPTS)
     steps = args.steps or DEMO_STEPS
@@ -441,7 +405,7 @@ def run_demo(args) -> int:
     sampler = args.sampler or DEMO_SAMPLER
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
-    with _one_line_warnings(), few_blas_threads(1):
+    with _one_line_warnings(), backend.single_threaded_blas():
         start = time.perf_counter()
         pipe = load_pipeline(None)
         load = time.perf_counter() - start

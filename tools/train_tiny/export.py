@@ -34,14 +34,15 @@ KEEP = {
 }
 
 
-def export(work: Path, out: Path, dtype: str = "float16") -> int:
-    """Assemble the pipeline from WORKDIR's parts, save it to `out`; returns the folder's size in bytes."""
+def export(work: Path, out: Path, dtype: str = "float16", vae: str = "vae_ft") -> int:
+    """Assemble the pipeline from WORKDIR's parts, save it to `out`; returns the folder's size in bytes.
+    `vae` names the VAE folder in WORKDIR: vae_ft (decoder fine-tuned) or vae (first stage only)."""
     torch = common.setup_torch(0, 2)
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(work / "vae"),
+        vae=AutoencoderKL.from_pretrained(work / vae),
         text_encoder=CLIPTextModel.from_pretrained(work / "text_encoder"),
         tokenizer=CLIPTokenizer.from_pretrained(work / "tokenizer"),
         unet=UNet2DConditionModel.from_pretrained(work / "unet"),
@@ -64,6 +65,8 @@ def export(work: Path, out: Path, dtype: str = "float16") -> int:
             path.unlink()
         elif path.is_dir() and str(rel) not in KEEP:
             shutil.rmtree(path)
+    for path in out.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
     index = json.loads((out / "model_index.json").read_text())
     index.pop("image_encoder", None)
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -75,8 +78,9 @@ def main(argv=None):
     p.add_argument("--workdir", default="runs/train_tiny")
     p.add_argument("--out", default=str(common.HERE.parent.parent / "refldm" / "default_model"))
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--vae", default="vae_ft", help="VAE folder inside WORKDIR")
     args = p.parse_args(argv)
-    size = export(Path(args.workdir), Path(args.out), args.dtype)
+    size = export(Path(args.workdir), Path(args.out), args.dtype, args.vae)
     print(f"wrote {args.out}: {size / 1e6:.2f} MB")
 
 
