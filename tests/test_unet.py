@@ -289,6 +289,30 @@ def test_scalar_timestep_equals_repeated_per_element_timestep(small_unet):
     assert rel_err(c, a[:1]) <= TOL64
 
 
+def test_batch_parallel_path_matches_the_serial_path_and_traces_whole_batches(small_unet):
+    """On the host with 2 threads a batch of 2 runs as two halves on the pool; with 1 thread, as one
+    batch. Same result; and a recorded trace sees each module once, with the whole batch."""
+    from refldm import trace
+
+    folder, _, (sample, t, context) = small_unet
+    sample = np.ascontiguousarray(sample[:, :, :16, :16])
+    unet = UNet2DConditionModel.from_pretrained(folder, dtype="float64")
+    before = backend.num_threads()
+    try:
+        backend.set_num_threads(2)
+        parallel = unet(sample, t, context)
+        with trace.record() as rec:
+            traced = unet(sample, t, context)
+        backend.set_num_threads(1)
+        serial = unet(sample, t, context)
+    finally:
+        backend.set_num_threads(before)
+    assert rel_err(parallel, serial) <= TOL64
+    assert rel_err(traced, serial) <= TOL64
+    assert rec.activations["conv_out"].shape == serial.shape
+    assert "conv_out#2" not in rec.activations
+
+
 # ---------------------------------------------------------------------------------------------------
 # the full-size SD 1.x and SD 2.x configs (3.4 GB of float32 weights each: built once, freed at once)
 # ---------------------------------------------------------------------------------------------------

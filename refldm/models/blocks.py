@@ -22,7 +22,7 @@ from refldm import ops
 from refldm.backend import array_namespace
 from refldm.nn import Module, Param
 
-__all__ = ["Conv2d", "Linear", "GroupNorm", "ResnetBlock2D", "Downsample2D", "Upsample2D",
+__all__ = ["Conv2d", "Linear", "GroupNorm", "LayerNorm", "Embedding", "ResnetBlock2D", "Downsample2D", "Upsample2D",
            "upsample_nearest"]
 
 
@@ -65,6 +65,28 @@ class GroupNorm(Module):
 
     def forward(self, x):
         return ops.group_norm(x, self.num_groups, self.weight, self.bias, eps=self.eps)
+
+
+class LayerNorm(Module):
+    """Layer normalisation over the last axis with a learned scale and shift (see `refldm.ops.layer_norm`)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        self.weight = Param(dim)
+        self.bias = Param(dim)
+        self.eps = float(eps)
+
+    def forward(self, x):
+        return ops.layer_norm(x, self.weight, self.bias, eps=self.eps)
+
+
+class Embedding(Module):
+    """A lookup table: y = weight[ids]; weight (V, D) (see `refldm.ops.embedding`)."""
+
+    def __init__(self, num: int, dim: int):
+        self.weight = Param(num, dim)
+
+    def forward(self, ids):
+        return ops.embedding(ids, self.weight)
 
 
 class ResnetBlock2D(Module):

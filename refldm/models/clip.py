@@ -29,6 +29,7 @@ import numpy as np
 
 from refldm import backend, ops
 from refldm.config import ConfigError, parse_config
+from refldm.models.blocks import Embedding, LayerNorm, Linear
 from refldm.nn import Module, ModuleList, Param
 from refldm.weights import WeightsError, find_weights, load_into, load_state, read_config
 
@@ -134,39 +135,6 @@ class CLIPTextOutput:
 
 # --------------------------------------------------------------------------------------------------------
 # Leaves
-
-
-class Linear(Module):
-    """y = x W^T + b; weight (out, in), bias (out,)."""
-
-    def __init__(self, in_features: int, out_features: int):
-        self.weight = Param(out_features, in_features)
-        self.bias = Param(out_features)
-
-    def forward(self, x):
-        return ops.linear(x, self.weight, self.bias)
-
-
-class LayerNorm(Module):
-    """y = (x - mean) / sqrt(var + eps) * weight + bias over the last axis; weight, bias (D,)."""
-
-    def __init__(self, dim: int, eps: float):
-        self.weight = Param(dim)
-        self.bias = Param(dim)
-        self.eps = float(eps)
-
-    def forward(self, x):
-        return ops.layer_norm(x, self.weight, self.bias, eps=self.eps)
-
-
-class Embedding(Module):
-    """A lookup table: y = weight[ids]; weight (V, D)."""
-
-    def __init__(self, num: int, dim: int):
-        self.weight = Param(num, dim)
-
-    def forward(self, ids):
-        return ops.embedding(ids, self.weight)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy
 
 from refldm import backend, ops
+from refldm import trace as _trace
 from refldm.config import parse_config
 from refldm.models.blocks import Conv2d, Downsample2D, GroupNorm, Linear, ResnetBlock2D, Upsample2D
 from refldm.nn import Module, ModuleList, Param
@@ -575,10 +576,28 @@ class UNet2DConditionModel(Module):
 
         if cfg.center_input_sample:
             sample = 2.0 * sample - 1.0
+        # the sinusoid is computed in the model's dtype (float32 for a float16 model)
+        t = self._timesteps(timestep, b, xp, "float32" if sample.dtype.itemsize < 4 else sample.dtype)  # (B,)
 
-        # 1. time: sinusoid of t (computed in float32 for a float16 model), then the MLP
-        emb_dtype = "float32" if sample.dtype.itemsize < 4 else sample.dtype
-        t = self._timesteps(timestep, b, xp, emb_dtype)                    # (B,)
+        threads = backend.num_threads()
+        if backend.is_host(xp) and threads > 1 and b % threads == 0 and _trace.recorder is None:
+            # On the CPU the batch elements (the classifier-free-guidance pair) are independent, so each
+            # thread of the host pool runs the network on its share of the batch with single-threaded
+            # BLAS. Same math; it saves the hand-offs of a multi-threaded BLAS call, which cost a lot
+            # on a busy machine (docs/performance.md, "U-Net"). Not while a trace is recorded, which
+            # must see each module's output once, for the whole batch.
+            n = b // threads
+            parts = backend.parallel_map(
+                lambda i: self.predict(sample[i:i + n], t[i:i + n], context[i:i + n]), range(0, b, n))
+            return xp.concatenate(parts, axis=0)                            # (B, C_out, H, W)
+        return self.predict(sample, t, context)
+
+    def predict(self, sample, t, context):
+        """The network itself, top to bottom: sample (B, C_in, H, W), t (B,) in the sinusoid's dtype,
+        context (B, S, D_text) -> (B, C_out, H, W). Call the model instead, which checks its inputs."""
+        cfg = self.config
+
+        # 1. time: sinusoid of t, then the MLP
         t_emb = ops.timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                        downscale_freq_shift=cfg.freq_shift)  # (B, C0)
         emb = self.time_embedding(t_emb.astype(sample.dtype, copy=False))   # (B, 4*C0)

@@ -54,10 +54,11 @@ UNET_CONFIG = dict(
     norm_num_groups=8,
 )
 
-# The noise schedule: SD's (scaled_linear betas from 0.00085 to 0.012 over 1000 steps, epsilon).
+# The noise schedule: SD's (scaled_linear betas from 0.00085 to 0.012 over 1000 steps); the U-Net
+# predicts v, as SD 2.x's 768-v models do (see train_unet.py for why).
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
+    prediction_type="v_prediction", timestep_spacing="leading", steps_offset=1,
     clip_sample=False, set_alpha_to_one=False,
 )
 
