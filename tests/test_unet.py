@@ -311,6 +311,8 @@ def test_batch_parallel_path_matches_the_serial_path_and_traces_whole_batches(sm
     assert rel_err(traced, serial) <= TOL64
     assert rec.activations["conv_out"].shape == serial.shape
     assert "conv_out#2" not in rec.activations
+    # the 1x1-conv proj_in (SMALL is an SD 1.x-style config) is recorded on the map, as in diffusers
+    assert rec.activations["down_blocks.0.attentions.0.proj_in"].shape == (2, 32, 16, 16)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -395,7 +397,8 @@ def test_inconsistent_config_is_an_error_naming_the_key(key, value):
 def tiny_folder(tmp_path_factory):
     config = dict(block_out_channels=[8, 8], norm_num_groups=4, attention_head_dim=2, cross_attention_dim=6,
                   layers_per_block=1, down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"])
+                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], upcast_attention=True,
+                  use_linear_projection=True)  # SD 2.x-style: float16 runs the attention in float32
     folder = str(tmp_path_factory.mktemp("tiny_unet"))
     build_diffusers_unet(config).save_pretrained(folder, safe_serialization=True)
     return folder

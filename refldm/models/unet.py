@@ -31,8 +31,9 @@ import numpy
 from refldm import backend, ops
 from refldm import trace as _trace
 from refldm.config import parse_config
-from refldm.models.blocks import Conv2d, Downsample2D, GroupNorm, Linear, ResnetBlock2D, Upsample2D
-from refldm.nn import Module, ModuleList, Param
+from refldm.models.blocks import (Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D,
+                                  Upsample2D)
+from refldm.nn import Module, ModuleList
 from refldm.weights import find_weights, load_into, load_state, read_config
 
 __all__ = [
@@ -257,18 +258,6 @@ class FeedForward(Module):
         return self.net[2](self.net[0](x))         # (B, L, C) -> (B, L, 4C) -> (B, L, C)
 
 
-class LayerNorm(Module):
-    """LayerNorm over the channels of each token, with learned gamma (weight) and beta (bias)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        self.weight = Param(dim)
-        self.bias = Param(dim)
-        self.eps = eps
-
-    def forward(self, x):
-        return ops.layer_norm(x, self.weight, self.bias, self.eps)
-
-
 class BasicTransformerBlock(Module):
     """One transformer layer on the image tokens, pre-norm, three residual sub-layers:
 
@@ -300,9 +289,9 @@ class Transformer2DModel(Module):
     """Attention on a feature map: GroupNorm, project to tokens, transformer blocks, project back, residual.
 
     (B, C, H, W) -> GroupNorm -> tokens (B, H*W, C) -> proj_in -> blocks -> proj_out -> (B, C, H, W) + x.
-    proj_in/proj_out are 1x1 convs (SD 1.x) or Linear layers (SD 2.x, use_linear_projection); a 1x1
-    conv is the same linear map applied to each pixel's channels, so both run as one matrix product
-    on the tokens (only the weight's shape differs: (C, C, 1, 1) or (C, C)).
+    proj_in/proj_out are 1x1 convs on the map (SD 1.x) or Linear layers on the tokens (SD 2.x,
+    use_linear_projection). Both are the same linear map on each pixel's channels; only the weight's
+    shape ((C, C, 1, 1) or (C, C)) and the side of the reshape they sit on differ.
     """
 
     def __init__(self, heads: int, dim_head: int, in_channels: int, num_layers: int, cross_attention_dim: int,
@@ -322,22 +311,36 @@ class Transformer2DModel(Module):
             self.proj_out = Linear(inner, in_channels)
         else:
             self.proj_out = Conv2d(inner, in_channels, kernel_size=1)
+        self.use_linear_projection = use_linear_projection
 
     def forward(self, x, context):
         b, c, h, w = x.shape
         xp = backend.array_namespace(x)
-        hidden = self.norm(x).reshape(b, c, h * w)                     # (B, C, HW)
-        w_in = self.proj_in.weight.reshape(self.proj_in.weight.shape[0], c)
-        tokens = xp.matmul(xp.swapaxes(hidden, 1, 2), w_in.T)          # (B, HW, C) @ (C, inner)
-        tokens += self.proj_in.bias
+        hidden = self.norm(x)                                             # (B, C, H, W)
+        if self.use_linear_projection:
+            tokens = self.proj_in(_to_tokens(xp, hidden))                 # (B, HW, C) -> (B, HW, inner)
+        else:
+            tokens = _to_tokens(xp, self.proj_in(hidden))                 # (B, inner, H, W) -> (B, HW, inner)
         for block in self.transformer_blocks:
-            tokens = block(tokens, context)                            # (B, HW, inner)
-        w_out = self.proj_out.weight.reshape(c, tokens.shape[-1])
-        out = xp.matmul(w_out, xp.swapaxes(tokens, 1, 2))              # (C, inner) @ (B, inner, HW)
-        out += self.proj_out.bias.reshape(1, c, 1)
-        out = out.reshape(b, c, h, w)                                  # (B, C, H, W)
-        out += x
+            tokens = block(tokens, context)                               # (B, HW, inner)
+        if self.use_linear_projection:
+            out = _to_map(xp, self.proj_out(tokens), h, w)                # (B, HW, C) -> (B, C, H, W)
+        else:
+            out = self.proj_out(_to_map(xp, tokens, h, w))                # (B, inner, H, W) -> (B, C, H, W)
+        out += x                                                          # the residual
         return out
+
+
+def _to_tokens(xp, x):
+    """(B, C, H, W) feature map -> (B, H*W, C) sequence of pixels (a contiguous copy)."""
+    b, c, h, w = x.shape
+    return xp.ascontiguousarray(xp.swapaxes(x.reshape(b, c, h * w), 1, 2))
+
+
+def _to_map(xp, tokens, h: int, w: int):
+    """(B, H*W, C) sequence of pixels -> (B, C, H, W) feature map (a contiguous copy)."""
+    b, _, c = tokens.shape
+    return xp.ascontiguousarray(xp.swapaxes(tokens, 1, 2)).reshape(b, c, h, w)
 
 
 # ---------------------------------------------------------------------------------------------------

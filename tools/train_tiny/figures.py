@@ -62,7 +62,8 @@ def main(argv=None):
     grid(images, [a.caption() for a in attrs]).save(out / "default-model-dataset.png")
 
     # 2. samples: each prompt with two seeds
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32,
+                                                   local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     prompts = PROMPTS + PROMPTS
     gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
