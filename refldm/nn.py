@@ -11,6 +11,8 @@ recorded under the module's key prefix. With no trace active this costs one attr
 
 from __future__ import annotations
 
+import os
+
 from refldm import trace as _trace
 
 
@@ -100,3 +102,50 @@ class ModuleList(Module):
 
 def _is_array(value) -> bool:
     return hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, type)
+
+
+class PretrainedModel(Module):
+    """What every loadable model shares, with diffusers' / transformers' method names:
+
+        model = Class.from_config(config_dict)              # the architecture, weights not loaded
+        model.load_state_dict({key: array}, dtype)          # checked key by key, cast, put on the backend
+        model = Class.from_pretrained(folder, dtype)        # both, from config.json + safetensors
+
+    A subclass sets `weights_stem` (the safetensors file name without extension), implements
+    `parse_config(config_dict, where)` and may override `convert_keys` to accept older key names.
+    """
+
+    weights_stem = "diffusion_pytorch_model"
+    dtype = None  # the compute dtype the weights were loaded in; None before loading
+
+    @classmethod
+    def parse_config(cls, config: dict, where: str):  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: dict, where: str = "config"):
+        """Build the model from a config.json dict (unknown or unsupported keys raise ConfigError)."""
+        return cls(cls.parse_config(dict(config), where))
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype="float32", subfolder: str | None = None):
+        """Load `folder`/config.json and its safetensors weights (single file or shards), as `dtype`."""
+        from refldm.weights import find_weights, load_state, read_config
+
+        folder = os.path.join(os.fspath(folder), subfolder) if subfolder else os.fspath(folder)
+        model = cls.from_config(read_config(folder), where=os.path.join(folder, "config.json"))
+        paths = find_weights(folder, cls.weights_stem)
+        return model.load_state_dict(load_state(paths), dtype=dtype, source=", ".join(paths))
+
+    def convert_keys(self, state: dict, source: str) -> dict:
+        """Rename older checkpoint keys to the current ones; the default keeps them as they are."""
+        return state
+
+    def load_state_dict(self, state: dict, dtype="float32", source: str = "checkpoint"):
+        """Put {checkpoint key: array} into the model: every key present, none left over, shapes equal."""
+        from refldm.backend import resolve_dtype
+        from refldm.weights import load_into
+
+        load_into(self, self.convert_keys(state, source), dtype=dtype, source=source)
+        self.dtype = resolve_dtype(dtype)
+        return self

@@ -31,7 +31,7 @@ from PIL import Image
 from refldm import backend, convert
 from refldm.images import scale_latents, to_tensor, to_uint8, unscale_latents
 from refldm.sampling import img2img_latents, img2img_timesteps, initial_latents, sample
-from refldm.weights import WeightsError, load_file, load_into, read_config
+from refldm.weights import WeightsError, load_file, read_config
 
 __all__ = ["StableDiffusionPipeline", "StableDiffusionPipelineOutput", "NonFiniteLatentsError",
            "PARTS"]
@@ -67,23 +67,6 @@ def _models():
     from refldm.models.vae import AutoencoderKL
     from refldm.tokenizer import CLIPTokenizer
     return UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer
-
-
-def _empty(cls, config: dict):
-    """A model of class `cls` built from a config.json dict, its weights not loaded yet."""
-    return cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
-
-
-def _fill(model, state: dict, dtype, source: str):
-    """Load {diffusers key: array} into `model` (checked key by key and shape by shape), cast to `dtype`."""
-    if hasattr(model, "load_state_dict"):  # the text encoder also accepts transformers 4 key names
-        model.load_state_dict(state, dtype=dtype, source=source)
-    else:
-        load_into(model, state, dtype=dtype, source=source)
-    for attr in ("_dtype", "dtype"):  # the U-Net and the VAE record the dtype they were loaded in
-        if attr in vars(model):
-            setattr(model, attr, backend.resolve_dtype(dtype))
-    return model
 
 
 class StableDiffusionPipeline:
@@ -168,13 +151,13 @@ class StableDiffusionPipeline:
             tokenizer_dir = tokenizer
         if prediction_type is not None:
             scheduler_config["prediction_type"] = prediction_type
-        models = {"unet": _empty(Unet, configs["unet"]), "vae": _empty(Vae, configs["vae"]),
-                  "text_encoder": _empty(TextEncoder, configs["text_encoder"])}
+        models = {"unet": Unet.from_config(configs["unet"]), "vae": Vae.from_config(configs["vae"]),
+                  "text_encoder": TextEncoder.from_config(configs["text_encoder"])}
         expected = {part: [key for key, *_ in model.params()] for part, model in models.items()}
         parts = convert.from_original(state, expected, configs, kind, source=path)  # the key table
         del state
         for part, model in models.items():
-            _fill(model, parts.pop(part), dtype, f"{path} ({part})")
+            model.load_state_dict(parts.pop(part), dtype=dtype, source=f"{path} ({part})")
         tok = Tokenizer.from_pretrained(tokenizer_dir)
         name = os.path.splitext(os.path.basename(path))[0]
         return cls(models["vae"], models["text_encoder"], tok, models["unet"], scheduler_config, configs,

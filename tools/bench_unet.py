@@ -34,7 +34,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from refldm import backend, ops  # noqa: E402
 from refldm.models.unet import UNet2DConditionModel  # noqa: E402
-from refldm.weights import load_into  # noqa: E402
 
 SD1 = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
 
@@ -220,8 +219,7 @@ def main(argv=None):
     # the per-op timer costs a few microseconds per op call, so --profile times the same runs.
     unet = UNet2DConditionModel.from_config(dict(model.config))
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    load_into(unet, state, dtype="float32", source="torch model")
-    unet._dtype = np.dtype("float32")
+    unet.load_state_dict(state, dtype="float32", source="torch model")
     times, cpus = [], []
     with OpTimer() if args.profile else _nothing() as timer:
         for _ in range(args.runs):

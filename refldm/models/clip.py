@@ -21,7 +21,6 @@ docs/text_encoder.md explains the math; the tokenizer is `refldm.tokenizer.CLIPT
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -30,8 +29,8 @@ import numpy as np
 from refldm import backend, ops
 from refldm.config import ConfigError, parse_config
 from refldm.models.blocks import Embedding, LayerNorm, Linear
-from refldm.nn import Module, ModuleList, Param
-from refldm.weights import WeightsError, find_weights, load_into, load_state, read_config
+from refldm.nn import Module, ModuleList, Param, PretrainedModel
+from refldm.weights import WeightsError
 
 __all__ = ["CLIPTextConfig", "CLIPTextModel", "CLIPTextOutput"]
 
@@ -229,7 +228,7 @@ class CLIPEncoder(Module):
 # The model
 
 
-class CLIPTextModel(Module):
+class CLIPTextModel(PretrainedModel):
     """CLIP's text transformer; ``text_encoder(input_ids) -> CLIPTextOutput``.
 
         text_encoder = CLIPTextModel.from_pretrained("sd/text_encoder", dtype="float32")
@@ -247,22 +246,15 @@ class CLIPTextModel(Module):
         self.final_layer_norm = LayerNorm(config.hidden_size, config.layer_norm_eps)
         self.assign_names()
 
-    @property
-    def dtype(self):
-        """The dtype of the loaded weights (None before loading)."""
-        w = self.final_layer_norm.weight
-        return None if isinstance(w, Param) else w.dtype
+    weights_stem = "model"  # transformers names the file model.safetensors
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="float32") -> "CLIPTextModel":
-        """Load a transformers CLIPTextModel folder: config.json + model.safetensors (or its shards)."""
-        folder = os.fspath(folder)
-        model = cls(CLIPTextConfig.from_dict(read_config(folder), where=os.path.join(folder, "config.json")))
-        paths = find_weights(folder, stem="model")
-        return model.load_state_dict(load_state(paths), dtype=dtype, source=", ".join(paths))
+    def parse_config(cls, config: dict, where: str) -> CLIPTextConfig:
+        """config.json dict -> CLIPTextConfig; unsupported keys and values raise ConfigError."""
+        return CLIPTextConfig.from_dict(config, where=where)
 
-    def load_state_dict(self, state: dict, dtype="float32", source: str = "checkpoint") -> "CLIPTextModel":
-        """Fill the weights from {key: array}, with transformers 5 keys or transformers 4's ``text_model.*``.
+    def convert_keys(self, state: dict, source: str) -> dict:
+        """Accept transformers 5 keys and transformers 4's ``text_model.*`` ones.
 
         A stored ``embeddings.position_ids`` buffer is dropped (transformers 5 drops it too and uses
         0..L-1); if it is not 0..L-1 a warning says so, as transformers 4 would have used it.
@@ -279,8 +271,8 @@ class CLIPTextModel(Module):
             flat = np.asarray(backend.to_numpy(ids)).reshape(-1)
             if not np.array_equal(flat, np.arange(flat.size)):
                 warnings.warn(f"{source}: {POSITION_IDS} is not 0..{flat.size - 1}; it is ignored, as "
-                              "transformers 5 ignores it (transformers 4 used it)", stacklevel=2)
-        return load_into(self, renamed, dtype=dtype, source=source)
+                              "transformers 5 ignores it (transformers 4 used it)", stacklevel=3)
+        return renamed
 
     def forward(self, input_ids, attention_mask=None, output_hidden_states: bool = False) -> CLIPTextOutput:
         """input_ids: (B, L) or (L,) integer token ids (NumPy or on the active backend), L <= 77 (config).

@@ -23,7 +23,6 @@ The ResNet, down- and up-sampling blocks are shared with the VAE (`refldm/models
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy
@@ -33,8 +32,7 @@ from refldm import trace as _trace
 from refldm.config import parse_config
 from refldm.models.blocks import (Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D,
                                   Upsample2D)
-from refldm.nn import Module, ModuleList
-from refldm.weights import find_weights, load_into, load_state, read_config
+from refldm.nn import Module, ModuleList, PretrainedModel
 
 __all__ = [
     "UNet2DConditionModel", "UNet2DConditionConfig", "TimestepEmbedding", "Transformer2DModel",
@@ -484,7 +482,7 @@ class CrossAttnUpBlock2D(UpBlock2D):
 # The U-Net
 # ---------------------------------------------------------------------------------------------------
 
-class UNet2DConditionModel(Module):
+class UNet2DConditionModel(PretrainedModel):
     """eps_theta(x_t, t, c): the conditional U-Net of Stable Diffusion 1.x / 2.x.
 
     ``unet(sample, timestep, encoder_hidden_states) -> array`` of sample's shape.
@@ -519,26 +517,14 @@ class UNet2DConditionModel(Module):
         self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = Conv2d(ch[0], cfg.out_channels, kernel_size=cfg.conv_out_kernel,
                                padding=(cfg.conv_out_kernel - 1) // 2)
-        self._dtype = None  # set by from_pretrained
         self.assign_names()
 
     # -- construction -------------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, config: dict, where: str = "unet config") -> "UNet2DConditionModel":
-        """Build the (unloaded) model from a config.json dict; unsupported keys raise ConfigError."""
-        return cls(parse_config(UNet2DConditionConfig, dict(config), ignored=_IGNORED, fixed=_FIXED,
-                                where=where))
-
-    @classmethod
-    def from_pretrained(cls, folder, dtype="float32", subfolder: str | None = None) -> "UNet2DConditionModel":
-        """Load a diffusers ``unet`` folder (config.json + diffusion_pytorch_model.safetensors)."""
-        folder = os.path.join(os.fspath(folder), subfolder) if subfolder else os.fspath(folder)
-        model = cls.from_config(read_config(folder), where=os.path.join(folder, "config.json"))
-        paths = find_weights(folder)
-        load_into(model, load_state(paths), dtype=dtype, source=", ".join(paths))
-        model._dtype = backend.resolve_dtype(dtype)
-        return model
+    def parse_config(cls, config: dict, where: str) -> UNet2DConditionConfig:
+        """config.json dict -> UNet2DConditionConfig; unsupported keys and values raise ConfigError."""
+        return parse_config(UNet2DConditionConfig, config, ignored=_IGNORED, fixed=_FIXED, where=where)
 
     # -- forward ------------------------------------------------------------------------------------
 
@@ -566,8 +552,8 @@ class UNet2DConditionModel(Module):
         if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
             raise ValueError(f"unet: sample must be (B, {cfg.in_channels}, H, W), got {tuple(sample.shape)}")
         b, _, h, w = sample.shape
-        if self._dtype is not None and sample.dtype != self._dtype:
-            raise ValueError(f"unet: sample is {sample.dtype} but the model was loaded as {self._dtype}")
+        if self.dtype is not None and sample.dtype != self.dtype:
+            raise ValueError(f"unet: sample is {sample.dtype} but the model was loaded as {self.dtype}")
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b \
                 or encoder_hidden_states.shape[2] != cfg.cross_attention_dim[0]:
             raise ValueError(f"unet: encoder_hidden_states must be ({b}, S, {cfg.cross_attention_dim[0]}), "

@@ -29,8 +29,7 @@ from refldm.models.blocks import (
     ResnetBlock2D,
     Upsample2D,
 )
-from refldm.nn import Module, ModuleList
-from refldm.weights import find_weights, load_into, load_state, read_config
+from refldm.nn import Module, ModuleList, PretrainedModel
 
 __all__ = ["AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussianDistribution", "VAEAttention",
            "convert_legacy_keys"]
@@ -279,7 +278,7 @@ class Decoder(Module):
         return self.conv_out(x)                  # (N, 3, H, W)
 
 
-class AutoencoderKL(Module):
+class AutoencoderKL(PretrainedModel):
     """The SD VAE. ``vae.encode(images)`` -> `DiagonalGaussianDistribution`; ``vae.decode(latents)`` -> images.
 
     Neither applies ``config.scaling_factor``: as in diffusers, the pipeline multiplies the encoded
@@ -292,7 +291,6 @@ class AutoencoderKL(Module):
         elif isinstance(config, dict):
             config = parse_config(AutoencoderKLConfig, config, where="AutoencoderKL config")
         self.config = config
-        self.dtype = None  # set when weights are loaded
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         c = config.latent_channels
@@ -301,23 +299,26 @@ class AutoencoderKL(Module):
         self.assign_names()
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="float32") -> AutoencoderKL:
+    def parse_config(cls, config: dict, where: str) -> AutoencoderKLConfig:
+        """config.json dict -> AutoencoderKLConfig; unsupported keys and values raise ConfigError."""
+        return parse_config(AutoencoderKLConfig, config, where=where)
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype="float32", subfolder: str | None = None) -> AutoencoderKL:
         """Load config.json and diffusion_pytorch_model.safetensors (or its shards) from a VAE folder.
 
         A pipeline folder (one with a ``vae/`` subfolder and no config.json of its own) works too.
         Weights of any float dtype (fp32, fp16, bf16) are cast to `dtype` and put on the active backend.
         """
         folder = os.fspath(folder)
-        if not os.path.isfile(os.path.join(folder, "config.json")) and \
+        if subfolder is None and not os.path.isfile(os.path.join(folder, "config.json")) and \
                 os.path.isfile(os.path.join(folder, "vae", "config.json")):
-            folder = os.path.join(folder, "vae")
-        config = parse_config(AutoencoderKLConfig, read_config(folder),
-                              where=os.path.join(folder, "config.json"))
-        model = cls(config)
-        state = convert_legacy_keys(load_state(find_weights(folder)))
-        load_into(model, state, dtype=dtype, source=folder)
-        model.dtype = backend.resolve_dtype(dtype)
-        return model
+            subfolder = "vae"
+        return super().from_pretrained(folder, dtype=dtype, subfolder=subfolder)
+
+    def convert_keys(self, state: dict, source: str) -> dict:
+        """Older diffusers VAEs name the attention weights query/key/value/proj_attn: rename them."""
+        return convert_legacy_keys(state)
 
     @property
     def downscale_factor(self) -> int:
