@@ -13,7 +13,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import data  # noqa: E402
+import data  # noqa: F401  (re-exported: `from common import data`)
 
 # On a shared, oversubscribed CPU, OpenMP threads that spin while waiting for each other make torch
 # five times slower; passive waiting must be chosen before torch is imported.
@@ -132,7 +132,7 @@ def load_checkpoint(path, models: dict, optimizer) -> dict:
     """Inverse of save_checkpoint; returns the metadata dict."""
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
         md = f.metadata()
     for name, m in models.items():
         m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})

@@ -30,11 +30,10 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-from scipy import ndimage
-
 import common
+import numpy as np
 from common import data
+from scipy import ndimage
 
 CORE_THRESHOLD = 60          # max channel difference from the background that marks a "core" pixel
 PALETTE = np.array(list(data.COLOURS.values()), dtype=np.float64)
@@ -110,7 +109,7 @@ def held_out_prompts(n: int, seed: int = 0):
 def generate(model: str, attrs, steps: int, guidance: float, scheduler: str, batch: int = 25):
     """One image per attribute tuple with diffusers' StableDiffusionPipeline; seed i for prompt i."""
     torch = common.setup_torch(0, 2)
-    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float32, local_files_only=True)
     if scheduler == "euler":
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -147,7 +146,7 @@ def main(argv=None):
     p.add_argument("--model", default=str(common.HERE.parent.parent / "refldm" / "default_model"))
     p.add_argument("--prompts", type=int, default=100)
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--scheduler", default="ddim", choices=["ddim", "euler"])
     p.add_argument("--truth", action="store_true", help="only validate the evaluator on dataset images")
     p.add_argument("--out", default=None, help="write the figures as JSON here")

@@ -38,7 +38,12 @@ def export(work: Path, out: Path, dtype: str = "float16", vae: str = "vae_ft") -
     """Assemble the pipeline from WORKDIR's parts, save it to `out`; returns the folder's size in bytes.
     `vae` names the VAE folder in WORKDIR: vae_ft (decoder fine-tuned) or vae (first stage only)."""
     torch = common.setup_torch(0, 2)
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTokenizer
 
     pipe = StableDiffusionPipeline(

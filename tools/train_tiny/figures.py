@@ -11,11 +11,10 @@ import argparse
 import textwrap
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
-
 import common
+import numpy as np
 from common import data
+from PIL import Image, ImageDraw, ImageFont
 
 SCALE = 3
 PROMPTS = [
@@ -50,7 +49,7 @@ def main(argv=None):
     p.add_argument("--model", default=str(common.HERE.parent.parent / "refldm" / "default_model"))
     p.add_argument("--out", default=str(common.HERE.parent.parent / "docs" / "img"))
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, default=3.0)
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

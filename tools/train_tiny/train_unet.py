@@ -38,10 +38,9 @@ import copy
 import time
 from pathlib import Path
 
-import numpy as np
-
 import bpe
 import common
+import numpy as np
 from common import data
 
 DROPPABLE = ("size", "position", "background")
@@ -95,7 +94,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--extra-steps", type=int, default=0,
+    p.add_argument("--extra-steps", type=int, default=1500,
                    help="a second cosine cycle of this many steps after --steps (peak --extra-lr)")
     p.add_argument("--extra-lr", type=float, default=5e-4)
     p.add_argument("--ema", type=float, default=0.998, help="EMA decay (ramped up from 0 early on)")

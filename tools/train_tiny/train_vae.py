@@ -28,9 +28,8 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
-
 import common
+import numpy as np
 from common import data
 
 
