@@ -15,7 +15,7 @@ import numpy
 
 from . import schedule
 from .base import BaseConfig, SchedulerMixin, SigmaAddNoise, check_choice
-from .dpmsolver import _lambda, alpha_sigma
+from .dpmsolver import DPMSolverMultistepScheduler, _lambda, alpha_sigma
 from .prediction import eps_from_v, eps_from_x0, x0_from_eps, x0_from_v
 
 
@@ -211,10 +211,5 @@ class UniPCMultistepScheduler(SigmaAddNoise, SchedulerMixin):
         self._step_index += 1
         return self._output(return_dict, prev_sample)
 
-    def index_for_timestep(self, timestep, schedule_timesteps=None):
-        """As DPM-Solver: an unknown timestep means the last step."""
-        schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        hits = numpy.nonzero(schedule_timesteps == float(timestep))[0]
-        if len(hits) == 0:
-            return len(self.timesteps) - 1
-        return int(hits[1] if len(hits) > 1 else hits[0])
+    # as DPM-Solver: an unknown timestep means the last step
+    index_for_timestep = DPMSolverMultistepScheduler.index_for_timestep
