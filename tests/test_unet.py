@@ -9,7 +9,7 @@ float64 and the timestep embedding: diffusers computes the sinusoidal embedding 
 model's dtype (``get_timestep_embedding`` builds its frequencies with dtype=torch.float32 and calls
 ``timesteps.float()``), so a float64 diffusers model carries a ~1e-7 relative error from its very first
 layer. For the float64 comparisons the tests replace that helper, inside the test only, with the same
-formula evaluated in float64 (`_timestep_embedding_float64`), which makes the reference honest; refldm's
+formula evaluated in float64 (tools/trace_diffusers.py's `float64_timestep_embedding`), which makes the reference honest; refldm's
 float64 path computes the embedding in float64 on its own.
 """
 
@@ -49,28 +49,14 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b)))
 
 
-def _timestep_embedding_float64(timesteps, embedding_dim, flip_sin_to_cos=False, downscale_freq_shift=1,
-                                scale=1, max_period=10000):
-    """diffusers' get_timestep_embedding, the same formula, evaluated in float64 instead of float32."""
-    torch = require("torch")
-    half = embedding_dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float64) / (half - downscale_freq_shift)
-    emb = scale * (timesteps[:, None].double() * torch.exp(exponent)[None, :])
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=-1)
-    if flip_sin_to_cos:
-        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
-    if embedding_dim % 2 == 1:
-        emb = torch.nn.functional.pad(emb, (0, 1, 0, 0))
-    return emb
-
-
-@contextlib.contextmanager
 def float64_timesteps():
-    """Within the block, diffusers' Timesteps module computes its sinusoid in float64 (see module doc)."""
-    embeddings = require("diffusers.models.embeddings")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(embeddings, "get_timestep_embedding", _timestep_embedding_float64)
-        yield
+    """Within the block, diffusers' Timesteps module computes its sinusoid in float64 (see module doc);
+    the patch is tools/trace_diffusers.py's, so the tests and the tracing tool share one reference."""
+    require("torch")
+    require("diffusers")
+    from tools.trace_diffusers import float64_timestep_embedding
+
+    return float64_timestep_embedding()
 
 
 @contextlib.contextmanager
