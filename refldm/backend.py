@@ -23,7 +23,7 @@ import numpy
 __all__ = [
     "use", "name", "xp", "array_namespace", "asarray", "to_numpy", "resolve_dtype", "erf",
     "is_host", "num_threads", "set_num_threads", "parallel_map", "single_threaded_blas",
-    "blas_threads_controllable", "BackendError", "BACKENDS",
+    "blas_threads_controllable", "gemm_into", "gemm_available", "BackendError", "BACKENDS",
 ]
 
 BACKENDS = ("numpy", "cupy", "fakegpu")
@@ -256,30 +256,41 @@ _OPENBLAS_SYMBOLS = [  # (get, set) as exported by the scipy-openblas wheels Num
 
 
 class _Blas:
-    controls = None  # [(get, set)] for each loaded OpenBLAS, found on first use
+    libraries = None  # ctypes handles of the loaded OpenBLAS libraries, found on first use
+    controls = None   # [(get, set)] for each loaded OpenBLAS
+    gemm = None       # {dtype: ctypes function} (cblas ?gemm), see gemm_into
     depth = 0        # how many single_threaded_blas() blocks are open
     saved = []
     lock = threading.Lock()
 
 
-def _openblas_controls():
-    if _Blas.controls is None:
-        found = []
+def _loaded_openblas():
+    """The OpenBLAS libraries this process has loaded (ctypes handles, Linux), found once."""
+    if _Blas.libraries is None:
+        libraries = []
         try:
             import ctypes
             with open("/proc/self/maps") as maps:
                 paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower()
                                 and ".so" in line})
-            for path in paths:
-                lib = ctypes.CDLL(path)
-                for get, set_ in _OPENBLAS_SYMBOLS:
-                    if hasattr(lib, get) and hasattr(lib, set_):
-                        getter, setter = getattr(lib, get), getattr(lib, set_)
-                        getter.restype, setter.argtypes = ctypes.c_int, [ctypes.c_int]
-                        found.append((getter, setter))
-                        break
+            libraries = [ctypes.CDLL(path) for path in paths]
         except (OSError, ValueError):  # not Linux, or an unreadable map: leave BLAS alone
-            found = []
+            libraries = []
+        _Blas.libraries = libraries
+    return _Blas.libraries
+
+
+def _openblas_controls():
+    if _Blas.controls is None:
+        import ctypes
+        found = []
+        for lib in _loaded_openblas():
+            for get, set_ in _OPENBLAS_SYMBOLS:
+                if hasattr(lib, get) and hasattr(lib, set_):
+                    getter, setter = getattr(lib, get), getattr(lib, set_)
+                    getter.restype, setter.argtypes = ctypes.c_int, [ctypes.c_int]
+                    found.append((getter, setter))
+                    break
         _Blas.controls = found
     return _Blas.controls
 
@@ -313,6 +324,111 @@ class single_threaded_blas:
                 for (_, set_), n in zip(_openblas_controls(), _Blas.saved):
                     set_(n)
         return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# C = A B + beta C, in place. NumPy's matmul always writes a fresh product, so a sum of products
+# (a convolution is nine of them, one per kernel tap) costs a temporary and an extra pass over memory
+# per term. BLAS's gemm accumulates into C itself, and reads a matrix where it lies in memory through
+# its leading dimension, so a window of a larger array needs no copy. NumPy has no way to ask for
+# either, so, as for the thread count above, we call the gemm of the OpenBLAS NumPy itself uses. The
+# function is checked against numpy.matmul on first use; anything it cannot take goes to NumPy.
+
+_CBLAS_GEMM = {  # dtype -> symbols, ILP64 (64-bit integers, the "64_" suffix) and LP64 builds
+    numpy.dtype(numpy.float32): ("scipy_cblas_sgemm64_", "cblas_sgemm64_", "scipy_cblas_sgemm", "cblas_sgemm"),
+    numpy.dtype(numpy.float64): ("scipy_cblas_dgemm64_", "cblas_dgemm64_", "scipy_cblas_dgemm", "cblas_dgemm"),
+}
+_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS = 101, 111
+
+
+def _find_gemm():
+    import ctypes
+    found = {}
+    for dtype, symbols in _CBLAS_GEMM.items():
+        scalar = ctypes.c_float if dtype == numpy.float32 else ctypes.c_double
+        for lib in _loaded_openblas():
+            name = next((sym for sym in symbols if hasattr(lib, sym)), None)
+            if name is None:
+                continue
+            index = ctypes.c_int64 if name.endswith("64_") else ctypes.c_int
+            fn = getattr(lib, name)
+            fn.restype = None
+            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, index, index, index, scalar,
+                           ctypes.c_void_p, index, ctypes.c_void_p, index, scalar, ctypes.c_void_p, index]
+            if _gemm_self_test(fn, dtype):
+                found[dtype] = fn
+                break
+    return found
+
+
+def _call_gemm(fn, a, b, c, beta):
+    item = a.itemsize
+    m, k = a.shape
+    n = b.shape[1]
+    fn(_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_NO_TRANS, m, n, k, 1.0,
+       a.ctypes.data, a.strides[0] // item, b.ctypes.data, b.strides[0] // item,
+       beta, c.ctypes.data, c.strides[0] // item)
+
+
+def _gemm_self_test(fn, dtype) -> bool:
+    """Accumulate a small product with windows of larger arrays and compare with NumPy."""
+    rng = numpy.random.default_rng(0)
+    a = rng.standard_normal((5, 9)).astype(dtype)[:, 2:7]      # (5, 5), leading dimension 9
+    b = rng.standard_normal((5, 11)).astype(dtype)[:, 1:4]     # (5, 3), leading dimension 11
+    c = rng.standard_normal((5, 6)).astype(dtype)
+    expected = c[:, 1:4] + a @ b
+    try:
+        _call_gemm(fn, a, b, c[:, 1:4], 1.0)
+    except Exception:  # noqa: BLE001 - any failure means: do not use it
+        return False
+    return bool(numpy.allclose(c[:, 1:4], expected, rtol=1e-5, atol=1e-5))
+
+
+def _gemm_ready(a, b, c):
+    """True when the host BLAS can run c = a @ b + beta c on these arrays as they lie."""
+    if not (type(a) is type(b) is type(c) is numpy.ndarray and a.ndim == b.ndim == c.ndim == 2):
+        return False
+    if not (a.dtype == b.dtype == c.dtype) or a.dtype not in _CBLAS_GEMM or not c.flags.writeable:
+        return False
+    (m, k), (k2, n) = a.shape, b.shape
+    if k2 != k or c.shape != (m, n) or 0 in (m, n, k):
+        return False
+    item = a.itemsize
+    for arr in (a, b, c):  # rows in order, unit stride along a row, a leading dimension BLAS accepts
+        s0, s1 = arr.strides
+        if s1 != item or s0 % item or s0 < arr.shape[1] * item:
+            return False
+    if numpy.may_share_memory(c, a) or numpy.may_share_memory(c, b):
+        return False
+    return gemm_available(a.dtype)
+
+
+def gemm_available(dtype) -> bool:
+    """True when `gemm_into` can hand host arrays of this dtype to the BLAS gemm directly."""
+    dtype = numpy.dtype(dtype)
+    if dtype not in _CBLAS_GEMM:
+        return False
+    if _Blas.gemm is None:
+        _Blas.gemm = _find_gemm()
+    return dtype in _Blas.gemm
+
+
+def gemm_into(a, b, c, accumulate: bool = False) -> None:
+    """c = a @ b  (accumulate=False)  or  c += a @ b  (accumulate=True), for 2-D arrays, in place.
+
+    a: (M, K), b: (K, N), c: (M, N). The rows of each may be a window of a larger row-major array
+    (unit stride along a row, any stride between rows). On the host, float32 and float64 go straight
+    to the BLAS gemm (C = alpha A B + beta C with alpha = 1, beta = 0 or 1): no temporary, no copy of
+    a window. Everything else (a GPU, float16, other strides) computes the same with xp.matmul.
+    """
+    if _gemm_ready(a, b, c):
+        _call_gemm(_Blas.gemm[a.dtype], a, b, c, 1.0 if accumulate else 0.0)
+    else:
+        xp = array_namespace(a, b, c)
+        if accumulate:
+            c += xp.matmul(a, b)
+        else:
+            xp.matmul(a, b, out=c)
 
 
 def _after_fork_in_child():

@@ -269,3 +269,57 @@ def test_single_threaded_blas_restores_the_thread_count():
             pass
         assert [get() for get, _ in controls] == [1] * len(controls)
     assert [get() for get, _ in controls] == before
+
+
+# --------------------------------------------------------------------------------------------------
+# gemm_into: C = A B (+ C) in place, straight to the host BLAS where it can
+
+def test_numpy_blas_gemm_is_found_where_openblas_is():
+    """NumPy's wheels ship OpenBLAS: there, the direct gemm (and so the host conv path) must be in use."""
+    if not backend.blas_threads_controllable():
+        pytest.skip("no OpenBLAS found in this process")
+    assert backend.gemm_available(np.float32) and backend.gemm_available(np.float64)
+    assert not backend.gemm_available(np.float16)
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-13), (np.float16, 1e-2)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_gemm_into_matches_matmul_on_windows(dtype, tol, accumulate):
+    """Windows of larger arrays (row strides != row lengths), accumulate or overwrite, every dtype
+    (float16 takes the NumPy fallback); the parts of C outside the window are never touched."""
+    rng = np.random.default_rng(3)
+    for m, k, n in [(1, 1, 1), (4, 7, 5), (33, 65, 17), (128, 96, 300)]:
+        big_a = rng.standard_normal((m, k + 5)).astype(dtype)
+        big_b = rng.standard_normal((k, n + 9)).astype(dtype)
+        big_c = rng.standard_normal((m + 2, n + 4)).astype(dtype)
+        a, b, c = big_a[:, 3:3 + k], big_b[:, 2:2 + n], big_c[1:1 + m, 4:]
+        before = big_c.copy()
+        expected = (c.astype(np.float64) if accumulate else 0.0) + a.astype(np.float64) @ b.astype(np.float64)
+        backend.gemm_into(a, b, c, accumulate=accumulate)
+        scale = np.abs(expected).max()
+        assert np.abs(c - expected).max() <= tol * scale * max(1, k)
+        outside = np.ones(big_c.shape, dtype=bool)
+        outside[1:1 + m, 4:] = False
+        np.testing.assert_array_equal(big_c[outside], before[outside])
+
+
+def test_gemm_into_takes_the_numpy_path_for_what_blas_cannot_read():
+    """A column stride, or C overlapping an input, goes to NumPy and still gives the product."""
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((6, 10))[:, ::2]            # column stride 2
+    b = rng.standard_normal((5, 4))
+    c = np.zeros((6, 4))
+    backend.gemm_into(a, b, c)
+    np.testing.assert_allclose(c, a @ b, rtol=1e-13)
+    assert not backend._gemm_ready(a, b, c)
+    buf = rng.standard_normal((4, 8))
+    a2, c2 = buf[:, :4], buf[:, 4:]                      # C shares a buffer with A
+    assert not backend._gemm_ready(a2, np.eye(4), c2)
+
+
+def test_gemm_into_on_the_fake_device(fake):
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((3, 4)), rng.standard_normal((4, 2))
+    c = fake.asarray(np.ones((3, 2)))
+    backend.gemm_into(fake.asarray(a), fake.asarray(b), c, accumulate=True)
+    np.testing.assert_allclose(backend.to_numpy(c), 1.0 + a @ b, rtol=1e-13)

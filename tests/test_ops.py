@@ -176,6 +176,27 @@ def test_conv2d_bands_give_the_same_result(on_backend, monkeypatch, stride):
     assert rel(banded, conv2d_reference(x, w, b, stride, stride, (1, 1, 1, 1))) <= 1e-10
 
 
+@pytest.mark.parametrize("kernel, padding", [(3, 1), (1, 1), (5, 2), (3, ((0, 1), (2, 0)))])
+def test_conv2d_host_tap_path_agrees_with_the_device_path(monkeypatch, kernel, padding):
+    """On the host a stride-1 conv is one in-place BLAS product per tap (_conv2d_taps), in bands of
+    rows on the thread pool; a GPU takes _conv2d_shifted. Both, and one-row bands, give the same sums."""
+    if not backend.gemm_available(np.float64):
+        pytest.skip("no direct BLAS gemm in this process: the host uses _conv2d_shifted too")
+    x, w, b = randn(0, 3, 5, 13, 10), randn(1, 6, 5, kernel, kernel), randn(2, 6)
+    (top, bottom), (left, right) = padding if isinstance(padding, tuple) else ((padding,) * 2,) * 2
+    ref = conv2d_reference(x, w, b, 1, 1, (top, bottom, left, right))
+    taps = ops.conv2d(x, w, b, padding=padding)
+    monkeypatch.setattr(ops, "CONV_BAND_BYTES", 1)  # one output row per band
+    rows = ops.conv2d(x, w, None, padding=padding) + b.reshape(1, -1, 1, 1)
+    monkeypatch.setattr(ops, "gemm_available", lambda dtype: False)
+    shifted = ops.conv2d(x, w, b, padding=padding)
+    for y in (taps, rows, shifted):
+        assert rel(y, ref) <= 1e-12
+    x32, w32, b32 = (a.astype(np.float32) for a in (x, w, b))
+    monkeypatch.undo()
+    assert rel(ops.conv2d(x32, w32, b32, padding=padding), ref) <= 1e-5
+
+
 def test_conv2d_vae_downsampler_asymmetric_padding(on_backend):
     """The SD VAE's Downsample2D pads (0, 1, 0, 1) and convolves 3x3 with stride 2."""
     x, w, b = randn(3, 1, 4, 8, 8), randn(4, 5, 4, 3, 3), randn(5, 5)

@@ -152,3 +152,31 @@ def lr_at(step: int, total: int, peak: float, warmup: int, final_frac: float = 0
         return peak * (step + 1) / warmup
     t = (step - warmup) / max(1, total - warmup)
     return peak * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def parse_cycles(text: str):
+    """"1500:5e-4,4000:5e-4" -> [(1500, 5e-4), (4000, 5e-4)]: cosine cycles (warm restarts) that
+    follow the first one."""
+    cycles = []
+    for part in filter(None, text.split(",")):
+        steps, lr = part.split(":")
+        cycles.append((int(steps), float(lr)))
+    return cycles
+
+
+def lr_with_restarts(step: int, first: tuple, restarts: list, restart_warmup: int = 50) -> float:
+    """The learning rate at `step` of a schedule made of cosine cycles (SGDR-style warm restarts).
+
+    first = (steps, peak, warmup) is the first cycle; each (steps, peak) of `restarts` follows it with
+    a `restart_warmup`-step warmup. A run can thus be extended by appending a cycle: the steps already
+    taken keep the learning rates they had."""
+    steps, peak, warmup = first
+    if step < steps:
+        return lr_at(step, steps, peak, warmup)
+    step -= steps
+    for steps, peak in restarts:
+        if step < steps:
+            return lr_at(step, steps, peak, restart_warmup)
+        step -= steps
+    return lr_at(steps, steps, peak, restart_warmup)  # past the end: the last cycle's final rate
+

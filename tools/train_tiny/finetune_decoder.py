@@ -32,6 +32,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--restarts", default="6000:1e-3",
+                   help="cosine cycles STEPS:PEAK_LR that follow the first (--steps, --lr) one")
     p.add_argument("--fg-weight", type=float, default=8.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=500)
@@ -57,10 +59,12 @@ def main(argv=None):
         log(f"decoder fine-tuning, {sum(p.numel() for p in trained) / 1e6:.2f}M parameters; {vars(args)}")
     _, held_images = data.sample(256, seed=10_000 + args.seed, held_out=True)
 
+    restarts = common.parse_cycles(args.restarts)
+    total = args.steps + sum(n for n, _ in restarts)
     t0 = time.time()
-    for step in range(start, args.steps):
+    for step in range(start, total):
         for g in opt.param_groups:
-            g["lr"] = common.lr_at(step, args.steps, args.lr, args.warmup)
+            g["lr"] = common.lr_with_restarts(step, (args.steps, args.lr, args.warmup), restarts)
         images, fg = batch(args.batch, seed=5_000_000 + 1_000 * args.seed + step)
         x = common.to_tensor(images)
         w = 1.0 + (args.fg_weight - 1.0) * torch.from_numpy(fg)[:, None]
@@ -74,12 +78,12 @@ def main(argv=None):
         opt.step()
 
         done = step + 1
-        if done % 10 == 0 or done == args.steps:
-            log(f"step {done}/{args.steps} loss {loss.item():.5f} lr {opt.param_groups[0]['lr']:.2e} "
+        if done % 10 == 0 or done == total:
+            log(f"step {done}/{total} loss {loss.item():.5f} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{(done - start) / (time.time() - t0):.2f} it/s")
-        if done % args.eval_every == 0 or done == args.steps:
+        if done % args.eval_every == 0 or done == total:
             log(f"step {done}: held-out PSNR {evaluate(torch, vae, held_images):.2f} dB")
-        if done % args.ckpt_every == 0 or done == args.steps:
+        if done % args.ckpt_every == 0 or done == total:
             common.save_checkpoint(ckpt, {"vae": vae}, opt, {"step": done})
 
     vae.save_pretrained(work / "vae_ft", safe_serialization=True)

@@ -94,9 +94,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--extra-steps", type=int, default=1500,
-                   help="a second cosine cycle of this many steps after --steps (peak --extra-lr)")
-    p.add_argument("--extra-lr", type=float, default=5e-4)
+    p.add_argument("--restarts", default="1500:5e-4,5000:5e-4",
+                   help="cosine cycles STEPS:PEAK_LR that follow the first (--steps, --lr) one")
     p.add_argument("--ema", type=float, default=0.998, help="EMA decay (ramped up from 0 early on)")
     p.add_argument("--drop-attr", type=float, default=0.15)
     p.add_argument("--drop-caption", type=float, default=0.1)
@@ -163,13 +162,13 @@ def main(argv=None):
 
     captions = Captions(tokenizer, None, args.drop_attr, args.drop_caption)
     t0 = time.time()
-    total = args.steps + args.extra_steps
+    restarts = common.parse_cycles(args.restarts)
+    total = args.steps + sum(n for n, _ in restarts)
     for step in range(start, total):
         rng = np.random.default_rng([args.seed, step])                # per-step stream: resumable
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         for g in opt.param_groups:
-            g["lr"] = (common.lr_at(step, args.steps, args.lr, args.warmup) if step < args.steps else
-                       common.lr_at(step - args.steps, args.extra_steps, args.extra_lr, 50))
+            g["lr"] = common.lr_with_restarts(step, (args.steps, args.lr, args.warmup), restarts)
         idx = torch.from_numpy(rng.integers(0, len(attrs), size=args.batch))
         captions.rng = rng
         ids = torch.tensor(captions([attrs[i] for i in idx.tolist()]))           # (B, 32)
