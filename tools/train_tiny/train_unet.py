@@ -96,6 +96,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--restarts", default="1500:5e-4,5000:5e-4",
                    help="cosine cycles STEPS:PEAK_LR that follow the first (--steps, --lr) one")
+    p.add_argument("--channels", default=",".join(map(str, common.UNET_CONFIG["block_out_channels"])),
+                   help="the U-Net's block_out_channels, one per level (8x8, 4x4, 2x2)")
     p.add_argument("--ema", type=float, default=0.998, help="EMA decay (ramped up from 0 early on)")
     p.add_argument("--drop-attr", type=float, default=0.15)
     p.add_argument("--drop-caption", type=float, default=0.1)
@@ -137,7 +139,8 @@ def main(argv=None):
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                  **common.TEXT_CONFIG)
     text_encoder = CLIPTextModel(text_config)
-    unet = UNet2DConditionModel(**common.UNET_CONFIG)
+    channels = [int(c) for c in args.channels.split(",")]
+    unet = UNet2DConditionModel(**dict(common.UNET_CONFIG, block_out_channels=channels))
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
