@@ -390,6 +390,8 @@ def _gemm_ready(a, b, c):
         return False
     if not (a.dtype == b.dtype == c.dtype) or a.dtype not in _CBLAS_GEMM or not c.flags.writeable:
         return False
+    if not (a.flags.aligned and b.flags.aligned and c.flags.aligned):
+        return False
     (m, k), (k2, n) = a.shape, b.shape
     if k2 != k or c.shape != (m, n) or 0 in (m, n, k):
         return False

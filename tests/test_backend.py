@@ -304,7 +304,7 @@ def test_gemm_into_matches_matmul_on_windows(dtype, tol, accumulate):
 
 
 def test_gemm_into_takes_the_numpy_path_for_what_blas_cannot_read():
-    """A column stride, or C overlapping an input, goes to NumPy and still gives the product."""
+    """A column stride, C overlapping an input, or unaligned data goes to NumPy and still gives the product."""
     rng = np.random.default_rng(4)
     a = rng.standard_normal((6, 10))[:, ::2]            # column stride 2
     b = rng.standard_normal((5, 4))
@@ -315,6 +315,11 @@ def test_gemm_into_takes_the_numpy_path_for_what_blas_cannot_read():
     buf = rng.standard_normal((4, 8))
     a2, c2 = buf[:, :4], buf[:, 4:]                      # C shares a buffer with A
     assert not backend._gemm_ready(a2, np.eye(4), c2)
+    raw = np.zeros(8 * 12 + 1, dtype=np.uint8)[1:]       # float64 data one byte off alignment
+    unaligned = raw.view(np.float64).reshape(3, 4)
+    assert not unaligned.flags.aligned and not backend._gemm_ready(np.eye(3), np.ones((3, 4)), unaligned)
+    backend.gemm_into(np.eye(3), np.ones((3, 4)), unaligned)
+    np.testing.assert_array_equal(unaligned, np.ones((3, 4)))
 
 
 def test_gemm_into_on_the_fake_device(fake):
