@@ -47,7 +47,7 @@ UNET_CONFIG = dict(
     sample_size=8, in_channels=4, out_channels=4,
     down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    block_out_channels=[32, 64, 128],
+    block_out_channels=[64, 128, 128],
     layers_per_block=1,
     attention_head_dim=4,
     cross_attention_dim=TEXT_CONFIG["hidden_size"],

@@ -90,11 +90,11 @@ def main(argv=None):
     p.add_argument("--vae", default=None, help="trained VAE folder (default: WORKDIR/vae)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=8192, help="training images encoded to latents")
-    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--restarts", default="1500:5e-4,5000:5e-4",
+    p.add_argument("--restarts", default="4000:5e-4",
                    help="cosine cycles STEPS:PEAK_LR that follow the first (--steps, --lr) one")
     p.add_argument("--channels", default=",".join(map(str, common.UNET_CONFIG["block_out_channels"])),
                    help="the U-Net's block_out_channels, one per level (8x8, 4x4, 2x2)")
