@@ -46,16 +46,19 @@ def register(subparsers) -> None:
         "vae-report", help="what a VAE keeps and loses: PSNR, SSIM, frequency bands, edges",
         description="Encode each image with the VAE (the posterior mean: deterministic), decode it, and "
                     "measure what survived: PSNR on 8-bit RGB, SSIM, the energy kept per radial frequency "
-                    "band, edge preservation, and the worst region. Writes a picture with -o.")
-    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...); grayscale and RGBA are converted "
-                   "to RGB")
+                    "band, edge preservation, and the worst region. Writes a picture with -o. Large images "
+                    "run whole (tiled decoding is not available here yet).")
+    p.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...), each measured at its own size; "
+                   "grayscale and RGBA are converted to RGB, sizes not divisible by the VAE's factor are padded "
+                   "(both said in a note)")
+    p.add_argument("--probes", action="store_true", help="also run the built-in test images (thin lines, "
+                   "text, zone plate, checkerboards, flat colours, gradient, noise; refldm/probe_images.py)")
+    p.add_argument("--probe-size", type=int, default=128, help="side of the probe images (default 128)")
     p.add_argument("-m", "--model", default=None, help="VAE folder or pipeline folder with vae/ (default: "
                    "the built-in model's VAE)")
     p.add_argument("-o", "--output", default=None, help="report picture (PNG): input, reconstruction, "
                    "amplified error and band curve, one row per image")
     p.add_argument("--bands", type=int, default=8, help="radial frequency bands (default 8)")
-    p.add_argument("--pad", action="store_true", help="pad sizes not divisible by the VAE's factor "
-                   "(edge replication; the metrics use the original area) instead of refusing them")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="compute dtype")
     p.add_argument("--json", action="store_true", help="print one JSON object per run")
     p.set_defaults(func=run_vae_report)
