@@ -95,10 +95,10 @@ class Count:
         out = {}
         for op in self.ops:
             parts = op.name.split(".")
-            key = ".".join(parts[:2]) if parts[0] in ("down_blocks", "up_blocks", "encoder", "decoder") \
-                and len(parts) > 1 and parts[1].isdigit() else parts[0]
-            if parts[0] in ("encoder", "decoder"):
-                key = ".".join(parts[:3]) if len(parts) > 2 and parts[2].isdigit() else ".".join(parts[:2])
+            n = 2 if parts[0] in ("encoder", "decoder") else 1      # "encoder.down_blocks.0", "mid_block"
+            if len(parts) > n and parts[n].isdigit():
+                n += 1                                              # "down_blocks.0", not "down_blocks"
+            key = ".".join(parts[:n])
             out[key] = out.get(key, 0) + op.flops
         return out
 
@@ -217,6 +217,9 @@ class UNetShape:
         for key in ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
             if cfg.get(key) is not None:
                 raise ValueError(f"{where}: {key}={cfg[key]!r} is not counted (only null)")
+        if extra == "text_time" and not cfg.get("projection_class_embeddings_input_dim"):
+            raise ValueError(f"{where}: addition_embed_type='text_time' needs "
+                             "projection_class_embeddings_input_dim (2816 for SDXL)")
         tlayers = _levels(cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
         rev = cfg.get("reverse_transformer_layers_per_block")
         rev = list(reversed(tlayers)) if rev is None else _levels(rev, n, "reverse_transformer_layers_per_block")
@@ -488,9 +491,12 @@ def find_configs(model=None) -> tuple:
         path = model
     cfg = _read(path)
     kind = cfg.get("_class_name")
-    if kind not in (None, "UNet2DConditionModel") or (kind is None and "block_out_channels" not in cfg):
-        raise ValueError(f"{path}: no U-Net here ({kind or 'an unknown config'}, not a UNet2DConditionModel); "
-                         "give a pipeline folder with unet/, a U-Net folder or its config.json")
-    if kind is None and "down_block_types" in cfg and any("Encoder" in t for t in cfg["down_block_types"]):
-        raise ValueError(f"{path}: no U-Net here (a VAE config, not a UNet2DConditionModel)")
+    if kind is None:                       # no class name: judge by the keys
+        if "block_out_channels" not in cfg:
+            kind = "an unknown config"
+        elif any("Encoder" in str(t) for t in cfg.get("down_block_types", [])):
+            kind = "a VAE config"
+    if kind not in (None, "UNet2DConditionModel"):
+        raise ValueError(f"{path}: no U-Net here ({kind}, not a UNet2DConditionModel); give a pipeline "
+                         "folder with unet/, a U-Net folder or its config.json")
     return cfg, vae, path

@@ -286,9 +286,14 @@ def draw_report(rows, path, title: str, note: str | None = None) -> None:
             x0 = gap + i * (PANEL + gap)
             im.paste(p, (x0, y))
             d.rectangle([x0 - 1, y - 1, x0 + p.width, y + p.height], outline=(160, 160, 160))
+            if i == 2:                                   # the worst tile, outlined on the error map
+                k = p.width / original.shape[1]
+                wr = m["worst_region"]
+                d.rectangle([x0 + wr["x"] * k, y + wr["y"] * k, x0 + (wr["x"] + wr["width"]) * k - 1,
+                             y + (wr["y"] + wr["height"]) * k - 1], outline=(0, 200, 255), width=2)
         im.paste(_band_plot(m["bands"]), (gap + 3 * (PANEL + gap), y))
         wr = m["worst_region"]
-        d.text((gap, y + PANEL + 3), f"{name}: input | reconstruction | |error| x{ERROR_GAIN} (white: 64+ levels) | bands",
+        d.text((gap, y + PANEL + 3), f"{name}: input | reconstruction | |error| x{ERROR_GAIN} (white: 64+ levels; blue box: worst tile) | bands",
                fill=(0, 0, 0))
         d.text((gap, y + PANEL + 15),
                f"PSNR {_fmt(m['psnr'], '.2f')} dB   SSIM {_fmt(m['ssim'], '.4f')}   edges r = "

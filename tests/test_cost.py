@@ -183,3 +183,11 @@ def test_cli_cost_bad_input_is_one_line(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_flops_by_block_and_by_kind_add_up_to_the_total():
+    c = cost.count_unet(_read("sdxl"), 32, 32, 2, 77)
+    assert sum(c.flops_by_block().values()) == c.flops + c.norm_flops == sum(c.flops_by_kind().values())
+    assert list(c.flops_by_block())[:3] == ["time_embedding", "add_embedding", "conv_in"]
+    enc, _ = cost.count_vae(cost.SD_VAE_CONFIG, 64, 64)
+    assert "encoder.down_blocks.3" in enc.flops_by_block() and "quant_conv" in enc.flops_by_block()

@@ -110,7 +110,8 @@ def cost_figures(model=None, height=512, width=512, steps=25, batch=2, tokens=77
     out["vae_encode_flops"] = enc.flops
     out["vae_decode_flops"] = dec.flops
     out["latent_total_flops"] = steps * latent.flops + dec.flops
-    out["_blocks"] = (latent.flops_by_block(), pixel.flops_by_block())
+    out["latent_step_flops_by_block"] = latent.flops_by_block()
+    out["pixel_step_flops_by_block"] = pixel.flops_by_block()
     return out
 
 
@@ -130,7 +131,6 @@ def _bytes(n: float) -> str:
 
 def run_cost(args) -> int:
     fig = cost_figures(args.model, args.height, args.width, args.steps, args.batch, args.tokens, args.dtype)
-    blocks = fig.pop("_blocks")
     if args.measure:
         fig["measure"] = measure_step(args.model, args.measure_size, args.batch, args.tokens)
     if args.json:
@@ -165,8 +165,9 @@ def run_cost(args) -> int:
         print("  ".join(s.ljust(widths[0]) if i == 0 else s.rjust(widths[i]) for i, s in enumerate(r)))
     if args.blocks:
         print("FLOPs per block (latent / pixels):")
-        for name in blocks[0]:
-            print(f"  {name:<18} {_si(blocks[0][name]):>14} {_si(blocks[1][name]):>14}")
+        latent, pixel = fig["latent_step_flops_by_block"], fig["pixel_step_flops_by_block"]
+        for name in latent:
+            print(f"  {name:<18} {_si(latent[name]):>14} {_si(pixel[name]):>14}")
     print(f"VAE ({fig['vae']}), one image: encode {_si(fig['vae_encode_flops'])}, "
           f"decode {_si(fig['vae_decode_flops'])}")
     print(f"latent loop + one decode: {_si(fig['latent_total_flops'])}; pixel loop: "
