@@ -293,8 +293,8 @@ def draw_report(rows, path, title: str, note: str | None = None) -> None:
                              y + (wr["y"] + wr["height"]) * k - 1], outline=(0, 200, 255), width=2)
         im.paste(_band_plot(m["bands"]), (gap + 3 * (PANEL + gap), y))
         wr = m["worst_region"]
-        d.text((gap, y + PANEL + 3), f"{name}: input | reconstruction | |error| x{ERROR_GAIN} (white: 64+ levels; blue box: worst tile) | bands",
-               fill=(0, 0, 0))
+        d.text((gap, y + PANEL + 3), f"{name}: input | reconstruction | |error| x{ERROR_GAIN} (white: 64+ "
+               "levels; blue box: worst tile) | bands", fill=(0, 0, 0))
         d.text((gap, y + PANEL + 15),
                f"PSNR {_fmt(m['psnr'], '.2f')} dB   SSIM {_fmt(m['ssim'], '.4f')}   edges r = "
                f"{_fmt(m['edge_correlation'], '.3f')}   worst {wr['width']}x{wr['height']} tile at "
@@ -332,8 +332,9 @@ def run(args) -> int:
         inputs += [(f"probe:{name}", name) for name in probe_images.PROBES]
     if not inputs:
         raise ValueError("vae-report: give image files, or --probes for the built-in test images")
-    builtin = args.model is None
-    model = _default_vae() if builtin else args.model
+    model = _default_vae() if args.model is None else args.model
+    here = os.path.realpath(model)                              # the built-in VAE, however it is named
+    builtin = here in (os.path.realpath(_default_vae()), os.path.dirname(os.path.realpath(_default_vae())))
     loaded = []
     for path, probe in inputs:                                  # read everything before the slow part
         if probe is not None:
@@ -352,7 +353,7 @@ def run(args) -> int:
         m = measure(pixels, recon, args.bands)
         results.append({"image": path, "width": pixels.shape[1], "height": pixels.shape[0], "notes": notes, **m})
         rows.append((os.path.basename(path), pixels, recon, m))
-    title = (f"vae-report: {'the built-in VAE' if builtin else model} (deterministic: decode(posterior "
+    title = (f"vae-report: {'the built-in VAE' if args.model is None else model} (deterministic: decode(posterior "
              "mean)), 8-bit RGB")
     if args.output:
         draw_report(rows, args.output, title, BUILTIN_NOTE if builtin else None)

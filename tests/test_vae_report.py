@@ -171,3 +171,9 @@ def test_cli_vae_report_bad_input_is_one_line(make, message, tmp_path, capsys):
     assert main(["vae-report"] + ([path] if path else [])) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_cli_vae_report_takes_a_pipeline_folder(image_files, capsys):
+    assert main(["vae-report", str(image_files["rgb"]), "-m", "refldm/default_model", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["builtin"] and report["images"][0]["psnr"] > 0     # the built-in VAE, named by its folder
