@@ -12,7 +12,8 @@ order of the forward pass, and writes down for every layer (B = batch, the whole
 A multiply-add is 2 FLOPs. ``flops`` below counts the products (convolutions, linear layers and the
 two attention products), which is what ``torch.utils.flop_counter.FlopCounterMode`` counts on
 diffusers' model; norms are reported apart, and the elementwise work (SiLU, softmax, residual adds,
-biases) is not counted: it is a fraction of a percent of the products.
+biases) is not counted: under 1% of the products (0.65% for SD 1.x at 512x512 at 5 FLOPs per
+softmax score and per layer output).
 
 The same walk on the same network run directly on pixels (``in_channels = out_channels = 3`` at the
 full image size, conv_in / conv_out adapted, every other weight unchanged) gives the cost that

@@ -255,6 +255,8 @@ def _band_plot(bands, size=PANEL):
             d.line(pts, fill=colour, width=2)
         for x, y in pts:
             d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+    if any(b[k] is not None and b[k] > ymax for b in bands for k in ("energy_kept", "relative_error")):
+        d.text((right - 92, top + 3), f"(clipped at {ymax:g})", fill=(90, 90, 90))
     d.text((left, bottom + 4), "0", fill=(0, 0, 0))
     d.text((right - 60, bottom + 4), "0.5 cyc/px", fill=(0, 0, 0))
     d.text((left + 40, bottom + 16), "radial frequency", fill=(0, 0, 0))

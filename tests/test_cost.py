@@ -178,6 +178,7 @@ def test_cli_cost_measure_times_both(capsys):
     (["cost", os.path.join(CONFIGS, "sd15", "vae", "config.json")], "no U-Net here"),
     (["cost", "-H", "500"], "not a multiple of the VAE's factor 8"),
     (["cost", "no/such/folder"], "no such file"),
+    (["cost", os.path.join(CONFIGS, "sdxl"), "-H", "64", "-W", "64", "--measure"], "timing it is not implemented"),
 ])
 def test_cli_cost_bad_input_is_one_line(argv, message, capsys):
     assert main(argv) == 2
