@@ -209,3 +209,19 @@ def test_torch_counts_attention_on_meta_but_not_the_cpu_flash_kernel():
 
     assert counted("meta") == 2 * (2 * 1 * 2 * 64 * 64 * 8)
     assert counted("cpu") in (0, counted("meta"))      # 0 in torch 2.13; a later torch may count it
+
+
+def test_docs_quote_the_numbers_refldm_cost_prints():
+    """docs/why-latent.md quotes `refldm cost` for SD 1.x at 512 and SDXL at 1024: the page must not drift."""
+    from refldm.cli.analysis import _bytes, _si, cost_figures
+
+    with open(os.path.join(HERE, "..", "docs", "why-latent.md"), encoding="utf-8") as f:
+        page = f.read()
+    sd = cost_figures(os.path.join(CONFIGS, "sd15"), 512, 512)
+    xl = cost_figures(os.path.join(CONFIGS, "sdxl"), 1024, 1024)
+    quoted = [_si(sd[k]) for k in ("latent_step_flops", "pixel_step_flops", "latent_loop_flops", "pixel_loop_flops",
+                                   "vae_encode_flops", "vae_decode_flops", "latent_total_flops")]
+    quoted += [_bytes(sd["latent_step_activation_bytes"]), _bytes(sd["pixel_step_activation_bytes_chunked"])]
+    quoted += [_si(xl[k]) for k in ("latent_step_flops", "pixel_step_flops", "latent_loop_flops", "pixel_loop_flops",
+                                    "vae_decode_flops", "latent_total_flops")]
+    assert [q for q in quoted if q not in page] == []
