@@ -1,0 +1,503 @@
+"""What one denoising step costs, counted from the architecture: why the loop runs on latents.
+
+A U-Net step is a fixed list of layers whose cost follows from their shapes. This module walks a
+diffusers ``UNet2DConditionModel`` config (and an ``AutoencoderKL`` config) layer by layer, in the
+order of the forward pass, and writes down for every layer (B = batch, the whole batch is counted):
+
+    conv      k x k, C_in -> C_out, output H_o x W_o     MACs = B * H_o * W_o * C_out * C_in * k * k
+    linear    N tokens, D_in -> D_out                    MACs = B * N * D_out * D_in
+    attention H heads of size d, L queries, S keys       MACs = 2 * B * H * L * S * d   (Q K^T, then P V)
+    norm      GroupNorm / LayerNorm over V values        FLOPs = 8 * B * V  (NORM_FLOPS_PER_VALUE)
+
+A multiply-add is 2 FLOPs. ``flops`` below counts the products (convolutions, linear layers and the
+two attention products), which is what ``torch.utils.flop_counter.FlopCounterMode`` counts on
+diffusers' model; norms are reported apart, and the elementwise work (SiLU, softmax, residual adds,
+biases) is not counted: under 1% of the products (0.65% for SD 1.x at 512x512 at 5 FLOPs per
+softmax score and per layer output).
+
+The same walk on the same network run directly on pixels (``in_channels = out_channels = 3`` at the
+full image size, conv_in / conv_out adapted, every other weight unchanged) gives the cost that
+pixel-space diffusion would pay with that network. Convolutions grow with H*W (64x at 8x the side);
+self-attention grows with (H*W)^2 (4096x).
+
+Activation memory of one step (inference, no gradients), in values:
+
+    written  the values every layer writes (conv, linear and norm outputs, and the attention
+             probabilities P = softmax(Q K^T), B * H * L * S of them)
+    peak     the largest live set at any layer: the skip connections the U-Net holds for its up path
+             at that point, plus the layer's input and output, plus the full score matrix P for an
+             attention layer (an implementation that never forms all of P at once -- refldm's
+             chunked attention, flash attention -- holds less: ``peak_chunked`` leaves P out)
+
+``count_unet(config, height, width)`` and ``count_vae(config, height, width)`` return a `Count`;
+`refldm cost` (refldm/cli/analysis.py) prints them; docs/why-latent.md reads the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+__all__ = ["Op", "Count", "UNetShape", "VAEShape", "count_unet", "count_vae", "find_configs",
+           "NORM_FLOPS_PER_VALUE", "SD_VAE_CONFIG"]
+
+# GroupNorm / LayerNorm per value: mean (1 add), variance (subtract, square, add), normalise
+# (subtract, multiply by 1/std), scale and shift (multiply, add).
+NORM_FLOPS_PER_VALUE = 8
+
+# The VAE of SD 1.x, 2.x and SDXL (same shape): used when a model folder has no vae/.
+SD_VAE_CONFIG = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512],
+                 "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+                 "layers_per_block": 2, "latent_channels": 4, "in_channels": 3, "out_channels": 3,
+                 "norm_num_groups": 32}
+
+
+@dataclasses.dataclass
+class Op:
+    """One layer of the forward pass, counted for the whole batch."""
+
+    name: str            # diffusers module path, e.g. "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
+    kind: str            # "conv", "linear", "attention" or "norm"
+    macs: int            # multiply-adds (0 for norms)
+    in_values: int       # values read
+    out_values: int      # values written (for attention: the output B*L*H*d, P is in `scores`)
+    scores: int = 0      # attention only: B * H * L * S probabilities
+    held: int = 0        # skip-connection values the U-Net holds while this layer runs
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs if self.kind != "norm" else NORM_FLOPS_PER_VALUE * self.out_values
+
+
+@dataclasses.dataclass
+class Count:
+    """The ops of one forward pass and their totals."""
+
+    ops: list
+
+    @property
+    def flops(self) -> int:
+        """2 x multiply-adds of convolutions, linear layers and attention products (torch's count)."""
+        return sum(2 * op.macs for op in self.ops)
+
+    @property
+    def norm_flops(self) -> int:
+        return sum(op.flops for op in self.ops if op.kind == "norm")
+
+    def flops_by_kind(self) -> dict:
+        out = {"conv": 0, "linear": 0, "attention": 0, "norm": 0}
+        for op in self.ops:
+            out[op.kind] += op.flops
+        return out
+
+    def flops_by_block(self) -> dict:
+        """FLOPs per top-level block ("conv_in", "down_blocks.0", ..., "mid_block", ...), in order."""
+        out = {}
+        for op in self.ops:
+            parts = op.name.split(".")
+            n = 2 if parts[0] in ("encoder", "decoder") else 1      # "encoder.down_blocks.0", "mid_block"
+            if len(parts) > n and parts[n].isdigit():
+                n += 1                                              # "down_blocks.0", not "down_blocks"
+            key = ".".join(parts[:n])
+            out[key] = out.get(key, 0) + op.flops
+        return out
+
+    @property
+    def written_values(self) -> int:
+        """Values written by every layer, including the attention probabilities."""
+        return sum(op.out_values + op.scores for op in self.ops)
+
+    @property
+    def peak_values(self) -> int:
+        """The largest live set: held skips + the layer's input and output (+ P for attention)."""
+        return max(op.held + op.in_values + op.out_values + op.scores for op in self.ops)
+
+    @property
+    def peak_chunked_values(self) -> int:
+        """The same without the full score matrix P (chunked or flash attention)."""
+        return max(op.held + op.in_values + op.out_values for op in self.ops)
+
+    @property
+    def largest_scores(self) -> int:
+        return max((op.scores for op in self.ops), default=0)
+
+
+class _Walk:
+    """Appends `Op`s for a batch of `b`; `held` is the skip connections kept at the moment."""
+
+    def __init__(self, b: int):
+        self.b = b
+        self.ops = []
+        self.held = 0
+
+    def conv(self, name, cin, cout, hw, k=3, stride=1, pad=None):
+        """k x k convolution; pad = total padding per side pair (default k - 1, 'same'). -> (H_o, W_o)"""
+        h, w = hw
+        pad = (k - 1) if pad is None else pad
+        ho, wo = (h + pad - k) // stride + 1, (w + pad - k) // stride + 1
+        b = self.b
+        self.ops.append(Op(name, "conv", b * ho * wo * cout * cin * k * k, b * cin * h * w, b * cout * ho * wo,
+                           held=self.held))
+        return ho, wo
+
+    def linear(self, name, tokens, din, dout):
+        b = self.b
+        self.ops.append(Op(name, "linear", b * tokens * dout * din, b * tokens * din, b * tokens * dout,
+                           held=self.held))
+
+    def norm(self, name, values):
+        b = self.b
+        self.ops.append(Op(name, "norm", 0, b * values, b * values, held=self.held))
+
+    def attention(self, name, heads, lq, lk, d):
+        """softmax(Q K^T / sqrt(d)) V per head: Q (L, d), K and V (S, d)."""
+        b = self.b
+        self.ops.append(Op(name, "attention", 2 * b * heads * lq * lk * d, b * heads * (lq + 2 * lk) * d,
+                           b * heads * lq * d, scores=b * heads * lq * lk, held=self.held))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The U-Net's shape, read from config.json with diffusers' defaults
+# ---------------------------------------------------------------------------------------------------
+
+def _levels(value, n, key):
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"unet config: {key} has {len(value)} entries but there are {n} levels")
+        return list(value)
+    return [value] * n
+
+
+@dataclasses.dataclass
+class UNetShape:
+    """What the cost depends on, from a UNet2DConditionModel config.json (SD 1.x, 2.x, SDXL)."""
+
+    in_channels: int
+    out_channels: int
+    block_out_channels: list
+    down_block_types: list
+    up_block_types: list
+    layers_per_block: list
+    transformer_layers_per_block: list
+    reverse_transformer_layers_per_block: list
+    heads: list                    # attention_head_dim: the number of heads per level (diffusers' naming)
+    cross_attention_dim: list
+    only_cross_attention: list
+    use_linear_projection: bool
+    time_embed_dim: int
+    addition_embed_type: str | None
+    projection_class_embeddings_input_dim: int | None
+    conv_in_kernel: int
+    conv_out_kernel: int
+    downsample_padding: int
+
+    @classmethod
+    def from_config(cls, cfg: dict, where: str = "unet config") -> UNetShape:
+        c = cfg.get("block_out_channels", [320, 640, 1280, 1280])
+        n = len(c)
+        down = cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
+        up = cfg.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+        for key, types, known in (("down_block_types", down, ("CrossAttnDownBlock2D", "DownBlock2D")),
+                                  ("up_block_types", up, ("CrossAttnUpBlock2D", "UpBlock2D"))):
+            if len(types) != n:
+                raise ValueError(f"{where}: {key} has {len(types)} entries but block_out_channels has {n}")
+            for t in types:
+                if t not in known:
+                    raise ValueError(f"{where}: {key}: block type {t!r} is not counted "
+                                     f"(only {', '.join(known)})")
+        mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+        if mid != "UNetMidBlock2DCrossAttn":
+            raise ValueError(f"{where}: mid_block_type={mid!r} is not counted (only 'UNetMidBlock2DCrossAttn')")
+        if cfg.get("num_attention_heads") is not None:
+            raise ValueError(f"{where}: num_attention_heads={cfg['num_attention_heads']!r} is refused by "
+                             "diffusers' UNet2DConditionModel; the heads are in attention_head_dim")
+        extra = cfg.get("addition_embed_type")
+        if extra not in (None, "text_time"):
+            raise ValueError(f"{where}: addition_embed_type={extra!r} is not counted (only null and 'text_time')")
+        for key in ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
+            if cfg.get(key) is not None:
+                raise ValueError(f"{where}: {key}={cfg[key]!r} is not counted (only null)")
+        if extra == "text_time" and not cfg.get("projection_class_embeddings_input_dim"):
+            raise ValueError(f"{where}: addition_embed_type='text_time' needs "
+                             "projection_class_embeddings_input_dim (2816 for SDXL)")
+        tlayers = _levels(cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
+        rev = cfg.get("reverse_transformer_layers_per_block")
+        rev = list(reversed(tlayers)) if rev is None else _levels(rev, n, "reverse_transformer_layers_per_block")
+        heads = _levels(cfg.get("attention_head_dim", 8), n, "attention_head_dim")
+        for i, (ch, h) in enumerate(zip(c, heads)):
+            if h < 1 or ch % h:
+                raise ValueError(f"{where}: attention_head_dim[{i}]={h} (the number of heads) does not divide "
+                                 f"block_out_channels[{i}]={ch}")
+        return cls(
+            in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
+            block_out_channels=list(c), down_block_types=list(down), up_block_types=list(up),
+            layers_per_block=_levels(cfg.get("layers_per_block", 2), n, "layers_per_block"),
+            transformer_layers_per_block=tlayers, reverse_transformer_layers_per_block=rev, heads=heads,
+            cross_attention_dim=_levels(cfg.get("cross_attention_dim", 1280), n, "cross_attention_dim"),
+            only_cross_attention=_levels(cfg.get("only_cross_attention", False), n, "only_cross_attention"),
+            use_linear_projection=bool(cfg.get("use_linear_projection", False)),
+            time_embed_dim=cfg.get("time_embedding_dim") or 4 * c[0],
+            addition_embed_type=extra,
+            projection_class_embeddings_input_dim=cfg.get("projection_class_embeddings_input_dim"),
+            conv_in_kernel=cfg.get("conv_in_kernel", 3), conv_out_kernel=cfg.get("conv_out_kernel", 3),
+            downsample_padding=cfg.get("downsample_padding", 1))
+
+    def on_pixels(self, channels: int = 3) -> UNetShape:
+        """The same network with conv_in / conv_out taking and giving `channels` (an RGB image)."""
+        return dataclasses.replace(self, in_channels=channels, out_channels=channels)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The U-Net walk: the same order as UNet2DConditionModel.predict (refldm/models/unet.py)
+# ---------------------------------------------------------------------------------------------------
+
+def count_unet(shape: UNetShape | dict, height: int, width: int, batch: int = 2, text_tokens: int = 77) -> Count:
+    """The ops of one U-Net call on a (batch, in_channels, height, width) sample with
+    `text_tokens` text embeddings per batch element (77 for CLIP)."""
+    s = shape if isinstance(shape, UNetShape) else UNetShape.from_config(shape)
+    if height < 1 or width < 1:
+        raise ValueError(f"cost: the U-Net's input must be at least 1x1, got {height}x{width}")
+    t = _Walk(batch)
+    ch, temb, n = s.block_out_channels, s.time_embed_dim, len(s.block_out_channels)
+
+    # 1. time embedding: sinusoid (not counted) -> linear_1 -> SiLU -> linear_2, one token per element
+    t.linear("time_embedding.linear_1", 1, ch[0], temb)
+    t.linear("time_embedding.linear_2", 1, temb, temb)
+    if s.addition_embed_type == "text_time":
+        # SDXL: [pooled text (1280), sinusoids of the 6 size/crop numbers (6 x 256)] -> the same MLP
+        t.linear("add_embedding.linear_1", 1, s.projection_class_embeddings_input_dim, temb)
+        t.linear("add_embedding.linear_2", 1, temb, temb)
+
+    # 2. down: every output is kept as a skip connection
+    hw = t.conv("conv_in", s.in_channels, ch[0], (height, width), k=s.conv_in_kernel)
+    skips = [(ch[0], hw)]
+    t.held += ch[0] * hw[0] * hw[1] * batch
+    cout = ch[0]
+    for i, kind in enumerate(s.down_block_types):
+        cin, cout = cout, ch[i]
+        for j in range(s.layers_per_block[i]):
+            name = f"down_blocks.{i}"
+            _resnet(t, f"{name}.resnets.{j}", cin if j == 0 else cout, cout, hw, temb)
+            if kind == "CrossAttnDownBlock2D":
+                _transformer(t, f"{name}.attentions.{j}", s, cout, hw, s.heads[i],
+                             s.transformer_layers_per_block[i], s.cross_attention_dim[i],
+                             s.only_cross_attention[i], text_tokens)
+            skips.append((cout, hw))
+            t.held += cout * hw[0] * hw[1] * batch
+        if i < n - 1:
+            hw = t.conv(f"down_blocks.{i}.downsamplers.0.conv", cout, cout, hw, stride=2,
+                        pad=2 if s.downsample_padding == 1 else 1)
+            skips.append((cout, hw))
+            t.held += cout * hw[0] * hw[1] * batch
+
+    # 3. mid: ResNet, transformer, ResNet at the coarsest level
+    _resnet(t, "mid_block.resnets.0", ch[-1], ch[-1], hw, temb)
+    _transformer(t, "mid_block.attentions.0", s, ch[-1], hw, s.heads[-1], s.transformer_layers_per_block[-1],
+                 s.cross_attention_dim[-1], False, text_tokens)
+    _resnet(t, "mid_block.resnets.1", ch[-1], ch[-1], hw, temb)
+
+    # 4. up: concat a skip before each ResNet (last in, first out), then upsample to the next skip's size
+    rch, rheads = list(reversed(ch)), list(reversed(s.heads))
+    rcross, ronly = list(reversed(s.cross_attention_dim)), list(reversed(s.only_cross_attention))
+    rlayers = list(reversed(s.layers_per_block))
+    cout = rch[0]
+    for i, kind in enumerate(s.up_block_types):
+        prev, cout = cout, rch[i]
+        for j in range(rlayers[i] + 1):
+            skip_c, skip_hw = skips.pop()
+            t.held -= skip_c * skip_hw[0] * skip_hw[1] * batch
+            name = f"up_blocks.{i}"
+            _resnet(t, f"{name}.resnets.{j}", (prev if j == 0 else cout) + skip_c, cout, hw, temb)
+            if kind == "CrossAttnUpBlock2D":
+                _transformer(t, f"{name}.attentions.{j}", s, cout, hw, rheads[i],
+                             s.reverse_transformer_layers_per_block[i], rcross[i], ronly[i], text_tokens)
+        if i < n - 1:
+            hw = skips[-1][1]          # nearest upsampling to the next skip's size (2x, or 2x - 1)
+            t.conv(f"up_blocks.{i}.upsamplers.0.conv", cout, cout, hw)
+
+    # 5. out
+    t.norm("conv_norm_out", ch[0] * hw[0] * hw[1])
+    t.conv("conv_out", ch[0], s.out_channels, hw, k=s.conv_out_kernel)
+    return Count(t.ops)
+
+
+def _resnet(t: _Walk, name, cin, cout, hw, temb=None):
+    """norm1 -> conv1 (+ time_emb_proj(temb)) -> norm2 -> conv2, + 1x1 conv_shortcut when C changes."""
+    h, w = hw
+    t.norm(f"{name}.norm1", cin * h * w)
+    t.conv(f"{name}.conv1", cin, cout, hw)
+    if temb is not None:
+        t.linear(f"{name}.time_emb_proj", 1, temb, cout)
+    t.norm(f"{name}.norm2", cout * h * w)
+    t.conv(f"{name}.conv2", cout, cout, hw)
+    if cin != cout:
+        t.conv(f"{name}.conv_shortcut", cin, cout, hw, k=1)
+
+
+def _transformer(t: _Walk, name, s: UNetShape, c, hw, heads, layers, cross_dim, only_cross, text_tokens):
+    """GroupNorm -> proj_in -> [LN, self-attn; LN, cross-attn; LN, GEGLU FF] x layers -> proj_out."""
+    length = hw[0] * hw[1]                       # L = H*W image tokens
+    d = c // heads
+    t.norm(f"{name}.norm", c * length)
+    if s.use_linear_projection:
+        t.linear(f"{name}.proj_in", length, c, c)
+    else:
+        t.conv(f"{name}.proj_in", c, c, hw, k=1)
+    for k in range(layers):
+        block = f"{name}.transformer_blocks.{k}"
+        for a, context in (("attn1", (text_tokens, cross_dim) if only_cross else (length, c)),
+                           ("attn2", (text_tokens, cross_dim))):
+            lk, dk = context
+            t.norm(f"{block}.norm{a[-1]}", c * length)
+            t.linear(f"{block}.{a}.to_q", length, c, c)
+            t.linear(f"{block}.{a}.to_k", lk, dk, c)
+            t.linear(f"{block}.{a}.to_v", lk, dk, c)
+            t.attention(f"{block}.{a}", heads, length, lk, d)
+            t.linear(f"{block}.{a}.to_out.0", length, c, c)
+        t.norm(f"{block}.norm3", c * length)
+        t.linear(f"{block}.ff.net.0.proj", length, c, 8 * c)   # GEGLU: [h, g], 4C each
+        t.linear(f"{block}.ff.net.2", length, 4 * c, c)
+    if s.use_linear_projection:
+        t.linear(f"{name}.proj_out", length, c, c)
+    else:
+        t.conv(f"{name}.proj_out", c, c, hw, k=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The VAE: one encode (image -> posterior) and one decode (latent -> image)
+# ---------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class VAEShape:
+    in_channels: int
+    out_channels: int
+    latent_channels: int
+    block_out_channels: list
+    layers_per_block: int
+    mid_attention: bool
+    quant_conv: bool
+    post_quant_conv: bool
+
+    @classmethod
+    def from_config(cls, cfg: dict, where: str = "vae config") -> VAEShape:
+        c = list(cfg.get("block_out_channels", [64]))
+        for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            for kind in cfg.get(key, [want] * len(c)):
+                if kind != want:
+                    raise ValueError(f"{where}: {key}: block type {kind!r} is not counted (only {want!r})")
+        return cls(cfg.get("in_channels", 3), cfg.get("out_channels", 3), cfg.get("latent_channels", 4), c,
+                   cfg.get("layers_per_block", 1), cfg.get("mid_block_add_attention", True),
+                   cfg.get("use_quant_conv", True), cfg.get("use_post_quant_conv", True))
+
+    @property
+    def factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+def count_vae(shape: VAEShape | dict, height: int, width: int, batch: int = 1) -> tuple:
+    """(encode Count, decode Count) for `batch` images of height x width (multiples of the factor)."""
+    s = shape if isinstance(shape, VAEShape) else VAEShape.from_config(shape)
+    f = s.factor
+    if height < 1 or width < 1 or height % f or width % f:
+        raise ValueError(f"cost: image size {height}x{width} is not a positive multiple of the VAE's factor {f}")
+    c, n = s.block_out_channels, len(s.block_out_channels)
+
+    enc = _Walk(batch)
+    hw = enc.conv("encoder.conv_in", s.in_channels, c[0], (height, width))
+    cout = c[0]
+    for i in range(n):
+        cin, cout = cout, c[i]
+        for j in range(s.layers_per_block):
+            _resnet(enc, f"encoder.down_blocks.{i}.resnets.{j}", cin if j == 0 else cout, cout, hw)
+        if i < n - 1:   # F.pad(x, (0, 1, 0, 1)), then a 3x3 stride-2 conv without padding
+            hw = enc.conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", cout, cout, hw, stride=2, pad=1)
+    _vae_mid(enc, "encoder.mid_block", s, c[-1], hw)
+    enc.norm("encoder.conv_norm_out", c[-1] * hw[0] * hw[1])
+    enc.conv("encoder.conv_out", c[-1], 2 * s.latent_channels, hw)
+    if s.quant_conv:
+        enc.conv("quant_conv", 2 * s.latent_channels, 2 * s.latent_channels, hw, k=1)
+
+    dec = _Walk(batch)
+    hw = (height // f, width // f)
+    if s.post_quant_conv:
+        dec.conv("post_quant_conv", s.latent_channels, s.latent_channels, hw, k=1)
+    dec.conv("decoder.conv_in", s.latent_channels, c[-1], hw)
+    _vae_mid(dec, "decoder.mid_block", s, c[-1], hw)
+    rc = list(reversed(c))
+    cout = rc[0]
+    for i in range(n):
+        prev, cout = cout, rc[i]
+        for j in range(s.layers_per_block + 1):
+            _resnet(dec, f"decoder.up_blocks.{i}.resnets.{j}", prev if j == 0 else cout, cout, hw)
+        if i < n - 1:
+            hw = (2 * hw[0], 2 * hw[1])
+            dec.conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", cout, cout, hw)
+    dec.norm("decoder.conv_norm_out", c[0] * hw[0] * hw[1])
+    dec.conv("decoder.conv_out", c[0], s.out_channels, hw)
+    return Count(enc.ops), Count(dec.ops)
+
+
+def _vae_mid(t: _Walk, name, s: VAEShape, c, hw):
+    """ResNet -> single-head self-attention over the h*w latent pixels -> ResNet."""
+    _resnet(t, f"{name}.resnets.0", c, c, hw)
+    if s.mid_attention:
+        length = hw[0] * hw[1]
+        a = f"{name}.attentions.0"
+        t.norm(f"{a}.group_norm", c * length)
+        for proj in ("to_q", "to_k", "to_v"):
+            t.linear(f"{a}.{proj}", length, c, c)
+        t.attention(a, 1, length, length, c)
+        t.linear(f"{a}.to_out.0", length, c, c)
+    _resnet(t, f"{name}.resnets.1", c, c, hw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding the configs of a model
+# ---------------------------------------------------------------------------------------------------
+
+def _read(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return cfg
+
+
+def find_configs(model=None) -> tuple:
+    """MODEL -> (unet config dict, vae config dict or None, where the U-Net config came from).
+
+    MODEL: None (the built-in model), a pipeline folder (unet/ and vae/), a U-Net folder, or a U-Net
+    config.json file. A folder or file without a U-Net config raises ValueError naming it.
+    """
+    if model is None:
+        model = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+    model = os.fspath(model)
+    if not os.path.exists(model):
+        raise FileNotFoundError(f"{model}: no such file or folder")
+    vae = None
+    if os.path.isdir(model):
+        if os.path.isfile(os.path.join(model, "unet", "config.json")):
+            path = os.path.join(model, "unet", "config.json")
+            if os.path.isfile(os.path.join(model, "vae", "config.json")):
+                vae = _read(os.path.join(model, "vae", "config.json"))
+        elif os.path.isfile(os.path.join(model, "config.json")):
+            path = os.path.join(model, "config.json")
+        else:
+            raise ValueError(f"{model}: no U-Net here (neither unet/config.json nor config.json)")
+    else:
+        path = model
+    cfg = _read(path)
+    kind = cfg.get("_class_name")
+    if kind is None:                       # no class name: judge by the keys
+        if "block_out_channels" not in cfg:
+            kind = "an unknown config"
+        elif any("Encoder" in str(t) for t in cfg.get("down_block_types", [])):
+            kind = "a VAE config"
+    if kind not in (None, "UNet2DConditionModel"):
+        raise ValueError(f"{path}: no U-Net here ({kind}, not a UNet2DConditionModel); give a pipeline "
+                         "folder with unet/, a U-Net folder or its config.json")
+    return cfg, vae, path
