@@ -347,6 +347,8 @@ def test_unet_trace_matches_diffusers_layer_by_layer_in_float64(tiny_unet):
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2" in names
     assert "up_blocks.1.attentions.1.transformer_blocks.0.ff" in names
     assert "<root>" in names
+    # the transformer's proj_in / proj_out are recorded on their own and match (docs/crosscheck.md, section 4)
+    assert {"down_blocks.0.attentions.0.proj_in", "up_blocks.1.attentions.1.proj_out"} <= names
 
 
 def test_corrupted_unet_weight_is_found_at_exactly_that_layer(tiny_unet, tmp_path):
