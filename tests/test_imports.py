@@ -167,3 +167,16 @@ def test_the_library_does_not_reach_up_into_the_cross_checking_layer_or_the_cli(
     tracing functions, the comparison or the CLI (those sit on top and import the library)."""
     above = sorted(m for m in _reachable(name) if m in CROSS_CHECK or m.startswith("refldm.cli"))
     assert not above, f"{name} reaches {above}"
+
+
+def test_the_error_classes_have_one_home_and_keep_their_old_names():
+    """Each error class is defined once, in `refldm.errors`; the modules that raised it before still export it."""
+    from refldm import backend, config, errors, tokenizer, weights
+
+    assert weights.WeightsError is errors.WeightsError and issubclass(errors.WeightsError, ValueError)
+    assert config.ConfigError is errors.ConfigError and issubclass(errors.ConfigError, ValueError)
+    assert tokenizer.TokenizerError is errors.TokenizerError and issubclass(errors.TokenizerError, ValueError)
+    assert backend.BackendError is errors.BackendError and issubclass(errors.BackendError, RuntimeError)
+    defined = {name: [m for m in MODULES if f"class {name}(" in MODULES[m].read_text(encoding="utf-8")]
+               for name in errors.__all__}
+    assert defined == {name: ["refldm.errors"] for name in errors.__all__}
