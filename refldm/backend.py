@@ -30,8 +30,7 @@ BACKENDS = ("numpy", "cupy", "fakegpu")
 DTYPES = {"float16": numpy.float16, "float32": numpy.float32, "float64": numpy.float64}
 
 
-class BackendError(RuntimeError):
-    """A backend was asked for that cannot run here."""
+from refldm.errors import BackendError  # one home for the error classes
 
 
 def _load(name: str):

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-
-class ConfigError(ValueError):
-    """A config key or value that refldm does not implement."""
+from refldm.errors import ConfigError  # one home for the error classes (still importable from here)
 
 
 def parse_config(cls, config: dict, *, ignored=(), fixed=None, where: str = "config"):

@@ -5,15 +5,17 @@ loader (`refldm.weights`) walks the tree, finds ``conv_in.weight``, ``down_block
 and so on, checks each against the checkpoint, and replaces every `Param` with the loaded array. After
 loading, ``self.weight`` is a plain array of the active backend and ``forward`` reads it directly.
 
-Calling a module runs ``forward``; when a trace is being recorded (`refldm.trace`), the output is
-recorded under the module's key prefix. With no trace active this costs one attribute test per call.
+Calling a module runs ``forward``; when a recording is on (`refldm.record`, started by `refldm.trace`),
+the output is recorded under the module's key prefix. With none on this costs one ``is None`` test per call.
 """
 
 from __future__ import annotations
 
 import os
 
-from refldm import trace as _trace
+from refldm import record
+from refldm.backend import resolve_dtype
+from refldm.weights import find_weights, load_into, load_state, read_config
 
 
 class Param:
@@ -38,8 +40,8 @@ class Module:
 
     def __call__(self, *args, **kwargs):
         out = self.forward(*args, **kwargs)
-        if _trace.recorder is not None:
-            _trace.recorder.record(self._name, out)
+        if record.recorder is not None:
+            record.recorder.record(self._name, out)
         return out
 
     def children(self):
@@ -130,8 +132,6 @@ class PretrainedModel(Module):
     @classmethod
     def from_pretrained(cls, folder, dtype="float32", subfolder: str | None = None):
         """Load `folder`/config.json and its safetensors weights (single file or shards), as `dtype`."""
-        from refldm.weights import find_weights, load_state, read_config
-
         folder = os.path.join(os.fspath(folder), subfolder) if subfolder else os.fspath(folder)
         model = cls.from_config(read_config(folder), where=os.path.join(folder, "config.json"))
         paths = find_weights(folder, cls.weights_stem)
@@ -143,9 +143,6 @@ class PretrainedModel(Module):
 
     def load_state_dict(self, state: dict, dtype="float32", source: str = "checkpoint"):
         """Put {checkpoint key: array} into the model: every key present, none left over, shapes equal."""
-        from refldm.backend import resolve_dtype
-        from refldm.weights import load_into
-
         load_into(self, self.convert_keys(state, source), dtype=dtype, source=source)
         self.dtype = resolve_dtype(dtype)
         return self

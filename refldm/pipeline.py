@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from refldm import backend, convert
+from refldm import backend, convert, record
 from refldm.images import scale_latents, to_tensor, to_uint8, unscale_latents
 from refldm.sampling import img2img_latents, img2img_timesteps, initial_latents, sample
 from refldm.weights import WeightsError, load_file, read_config
@@ -188,7 +188,8 @@ class StableDiffusionPipeline:
     def encode_prompt(self, prompts: list[str], max_length: int | None = None):
         """Prompts -> text embeddings (B, 77, D): the text encoder's last hidden state."""
         ids = self.tokenize(prompts, max_length)                       # (B, 77) int64
-        return self.text_encoder(ids).last_hidden_state                # (B, 77, D)
+        with record.scope("text_encoder"):                             # trace names: text_encoder.<layer>
+            return self.text_encoder(ids).last_hidden_state            # (B, 77, D)
 
     def make_scheduler(self, name: str | None = None):
         """A fresh scheduler: `name` (e.g. "euler", "ddim", "dpm++2m") or the folder's own class."""
@@ -197,7 +198,8 @@ class StableDiffusionPipeline:
 
     def decode_latents(self, latents):
         """Latents (B, 4, h, w) -> uint8 pixels (B, H, W, 3) on the host, rounded exactly as diffusers does."""
-        image = self.vae.decode(unscale_latents(latents, self.vae.config))   # (B, 3, H, W), about [-1, 1]
+        with record.scope("vae"):                                             # trace names: vae.<layer>
+            image = self.vae.decode(unscale_latents(latents, self.vae.config))  # (B, 3, H, W), about [-1, 1]
         return to_uint8(image)                                               # round(255 clip(x/2 + 1/2))
 
     def preprocess_image(self, image):
@@ -288,7 +290,8 @@ class StableDiffusionPipeline:
                 raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run; "
                                  "raise strength or the number of steps")
             start = time.perf_counter()
-            posterior = self.vae.encode(init)                                    # q(z | x) over (1, 4, H/8, W/8)
+            with record.scope("vae"):
+                posterior = self.vae.encode(init)                                # q(z | x) over (1, 4, H/8, W/8)
             x0 = scale_latents(posterior.sample(generator=generator), self.vae.config)  # z ~ q, times 0.18215
             xp = backend.array_namespace(x0)
             x0 = xp.concatenate([x0] * batch, axis=0)                            # (B, 4, H/8, W/8), as diffusers

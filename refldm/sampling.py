@@ -17,7 +17,7 @@ import inspect
 import numpy
 from tqdm.auto import tqdm
 
-from refldm import backend
+from refldm import backend, record
 from refldm import random as refldm_random
 
 __all__ = [
@@ -96,6 +96,17 @@ def _accepts(fn, name):
         return False
 
 
+def _model_call(model_fn, x_in, t, i):
+    """model_fn(x_in, t), recorded when a trace is on (`refldm.record`) as ``steps.<i>.timestep``,
+    ``.model_input``, ``.unet.<layer>`` (the model's own layers) and ``.noise_pred`` (its output)."""
+    record.value(f"steps.{i}.timestep", float(t))
+    record.value(f"steps.{i}.model_input", x_in)
+    with record.scope(f"steps.{i}.unet"):
+        pred = model_fn(x_in, t)
+    record.value(f"steps.{i}.noise_pred", pred)
+    return pred
+
+
 def sample(model_fn, scheduler, latents, timesteps=None, *, guidance_scale: float | None = None,
            guidance_rescale: float = 0.0, generator=None, callback=None, progress: bool = True, **step_kwargs):
     """Run `scheduler` from `latents` over `timesteps` (default: scheduler.timesteps) and return the result.
@@ -103,7 +114,9 @@ def sample(model_fn, scheduler, latents, timesteps=None, *, guidance_scale: floa
     Per step: x_in = scale_model_input(x, t); pred = model_fn(x_in, t) (guided as in the module docstring when
     guidance_scale is set); x = scheduler.step(pred, t, x, generator=..., **step_kwargs).prev_sample.
     ``callback(i, t, x)`` runs after each step; if it returns an array, that replaces x.
-    ``progress=False`` silences the tqdm bar."""
+    ``progress=False`` silences the tqdm bar. With a trace on (`refldm.record`), step i records
+    ``steps.<i>.timestep``, ``.model_input``, ``.unet.<layer>``, ``.noise_pred``, ``.latents`` (x), ``.guided``
+    (pred), ``.prev_sample`` and ``.pred_original_sample``."""
     timesteps = scheduler.timesteps if timesteps is None else timesteps
     if guidance_scale is None and guidance_rescale:
         raise ValueError("sample: guidance_rescale needs guidance_scale")
@@ -113,9 +126,9 @@ def sample(model_fn, scheduler, latents, timesteps=None, *, guidance_scale: floa
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=type(scheduler).__name__)):
         x_in = scheduler.scale_model_input(x, t)
         if guidance_scale is None:
-            pred = model_fn(x_in, t)
+            pred = _model_call(model_fn, x_in, t, i)
         else:
-            both = model_fn(xp.concatenate([x_in, x_in], axis=0), t)  # (2B, ...): [uncond, cond]
+            both = _model_call(model_fn, xp.concatenate([x_in, x_in], axis=0), t, i)  # (2B, ...): [uncond, cond]
             pred_uncond, pred_cond = both[: x.shape[0]], both[x.shape[0]:]
             pred = classifier_free_guidance(pred_uncond, pred_cond, guidance_scale)
             if guidance_rescale:
@@ -123,7 +136,12 @@ def sample(model_fn, scheduler, latents, timesteps=None, *, guidance_scale: floa
         kwargs = dict(step_kwargs)
         if takes_generator:
             kwargs["generator"] = generator
-        x = scheduler.step(pred, t, x, **kwargs).prev_sample
+        record.value(f"steps.{i}.latents", x)
+        record.value(f"steps.{i}.guided", pred)  # what the scheduler receives: after guidance
+        out = scheduler.step(pred, t, x, **kwargs)
+        x = out.prev_sample
+        record.value(f"steps.{i}.prev_sample", x)
+        record.value(f"steps.{i}.pred_original_sample", getattr(out, "pred_original_sample", None))
         if callback is not None:
             replaced = callback(i, t, x)
             if replaced is not None:

@@ -49,8 +49,7 @@ DEFAULT_SPECIALS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>"
 NO_LIMIT = int(1e30)  # transformers' model_max_length when the folder sets none
 
 
-class TokenizerError(ValueError):
-    """A tokenizer folder or a call that refldm cannot tokenize faithfully."""
+from refldm.errors import TokenizerError  # one home for the error classes
 
 
 @lru_cache(maxsize=None)

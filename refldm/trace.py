@@ -1,4 +1,4 @@
-"""Recording named intermediate activations, and trace files: the core of the cross-checking toolkit.
+"""Traces: recording every layer of a model or a pipeline run, and trace files. The cross-checking toolkit.
 
 A *trace* is every module output of one forward pass, in execution order, each under the checkpoint
 key prefix of the module that produced it::
@@ -13,12 +13,14 @@ Names follow the checkpoint keys, hence diffusers' ``named_modules()``:
 recording (a UNet called once per sampler step) gets ``name``, ``name#2``, ``name#3``, ... in call
 order. The model's own output is recorded under ``<root>`` (its key prefix is empty).
 
-Outputs are recorded after ``forward`` returns, so the order is post-order: children before parents,
-exactly the order in which PyTorch forward hooks fire. That is what lets a trace from diffusers
-(``tools/trace_diffusers.py``) be compared name by name with one from refldm (`refldm.compare`).
-
-Tracing off costs nothing measurable: `recorder` is None and `refldm.nn.Module.__call__` does one
-``is not None`` test per module call.
+The recording itself is `refldm.record`, a hook with no dependencies that the library calls:
+`refldm.nn.Module.__call__` hands it every module output, `refldm.sampling.sample` each step's values,
+the pipeline names its parts with ``record.scope``. This module sits above the library: it starts a
+recording, runs a model or the pipeline unchanged (nothing is patched or wrapped), and reads and
+writes trace files. Outputs are recorded after ``forward`` returns, so the order is post-order:
+children before parents, exactly the order in which PyTorch forward hooks fire. That is what lets a
+trace from diffusers (``tools/trace_diffusers.py``) be compared name by name with one from refldm
+(`refldm.compare`).
 
 `trace_part` runs one part of a model folder (what ``refldm trace --part unet`` does);
 `trace_pipeline` runs the whole text-to-image pipeline and records, at every sampler step, the
@@ -34,91 +36,22 @@ A trace file is a plain safetensors file, readable by any safetensors library wi
 
 from __future__ import annotations
 
-import contextlib
-import fnmatch
 import json
+import os
 
-recorder = None  # the active Recorder, or None
+import numpy as np
+
+from refldm import __version__, backend
+from refldm import record as _record
+from refldm.record import ROOT, Recorder, base_name, main_array, scope
+from refldm.weights import load_file, read_config, read_header, save_file
+
+__all__ = ["record", "Recorder", "scope", "note", "main_array", "base_name", "ROOT", "Trace", "save", "load",
+           "save_trace", "PARTS", "part_folder", "make_inputs", "load_part", "run_part", "trace_part",
+           "PIPELINE_INCLUDE", "trace_pipeline"]
 
 FORMAT = "refldm-trace/1"
 INPUT_PREFIX = "input/"
-ROOT = "<root>"
-
-
-def main_array(value):
-    """The one array that stands for a module's output, or None if it has none.
-
-    An array is itself; a tuple stands for its first element (diffusers' and refldm's down blocks return
-    ``(hidden_states, skip_states)``, transformers' layers ``(hidden_states,)``); a list stands for its
-    last element (refldm's CLIP encoder returns the list of every layer's output, and its output is the
-    last one, as transformers' encoder's ``last_hidden_state``); an output object stands for its first
-    array field among ``last_hidden_state``, ``sample``, ``prev_sample``, ``mean`` (CLIP, UNet, scheduler
-    and VAE outputs).
-    """
-    if hasattr(value, "shape") and hasattr(value, "dtype"):
-        return value
-    if isinstance(value, tuple):
-        return main_array(value[0]) if value else None
-    if isinstance(value, list):
-        return main_array(value[-1]) if value else None
-    for field in ("last_hidden_state", "sample", "prev_sample", "mean"):
-        inner = getattr(value, field, None)
-        if hasattr(inner, "shape") and hasattr(inner, "dtype"):
-            return inner
-    return None
-
-
-class Recorder:
-    """Collects (name, array) pairs in execution order; a name seen again gets a ``#2``, ``#3`` suffix.
-
-    `include`: optional glob patterns (``"down_blocks.*.resnets.*"``); only names matching one are kept
-    (the pattern sees the name without its ``#n`` suffix). `scope(prefix)` puts names recorded inside
-    it under ``prefix.`` (the whole-pipeline trace uses ``text_encoder``, ``steps.<i>.unet``, ``vae``).
-    """
-
-    def __init__(self, include=None):
-        self.activations = {}
-        self.include = tuple(include) if include else None
-        self._counts = {}
-        self._scopes = []
-        self._previous = []  # the recorders active before each (possibly nested) `with`
-
-    def record(self, name: str, value):
-        """Store a host copy of `value`'s main array (see `main_array`) under `name` (+ ``#n``)."""
-        array = main_array(value)
-        if array is None:
-            return
-        name = name or ROOT
-        if self._scopes:
-            name = self._scopes[-1] if name == ROOT else f"{self._scopes[-1]}.{name}"
-        if self.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
-            return
-        from refldm.backend import to_numpy
-
-        n = self._counts.get(name, 0) + 1
-        self._counts[name] = n
-        self.activations[name if n == 1 else f"{name}#{n}"] = to_numpy(array).copy()
-
-    @contextlib.contextmanager
-    def scope(self, prefix: str):
-        """Record everything inside under ``prefix.<name>`` (nested scopes join with dots)."""
-        full = f"{self._scopes[-1]}.{prefix}" if self._scopes else prefix
-        self._scopes.append(full)
-        try:
-            yield self
-        finally:
-            self._scopes.pop()
-
-    def __enter__(self):
-        global recorder
-        self._previous.append(recorder)
-        recorder = self
-        return self
-
-    def __exit__(self, *exc):
-        global recorder
-        recorder = self._previous.pop()
-        return False
 
 
 def record(include=None) -> Recorder:
@@ -126,25 +59,13 @@ def record(include=None) -> Recorder:
     return Recorder(include)
 
 
-def note(name: str, value) -> None:
-    """Record a value that is not a module output (a sampler step's latents) when a trace is active."""
-    if recorder is not None:
-        recorder.record(name, value)
+note = _record.value  # record a value that is not a module output (the older name of `refldm.record.value`)
 
 
-@contextlib.contextmanager
-def scope(prefix: str):
-    """``with trace.scope("unet"):`` names what is recorded inside ``unet.<name>``; free when not tracing."""
-    if recorder is None:
-        yield None
-    else:
-        with recorder.scope(prefix) as r:
-            yield r
-
-
-def base_name(name: str) -> str:
-    """A trace name without its call-count suffix: ``"attn1#3"`` -> ``"attn1"``."""
-    return name.split("#", 1)[0]
+def __getattr__(name: str):
+    if name == "recorder":  # the active Recorder lives in refldm.record; read it there, live
+        return _record.recorder
+    raise AttributeError(f"module 'refldm.trace' has no attribute {name!r}")
 
 
 class Trace:
@@ -179,8 +100,6 @@ def save(path, activations, inputs=None, **metadata) -> None:
     `activations`: {name: array} in execution order (a `Recorder` or `Trace` is accepted too);
     `inputs`: {input name: array}; `metadata`: str values, or values stored as JSON (``config=dict``).
     """
-    from refldm.weights import save_file
-
     if isinstance(activations, (Recorder, Trace)):
         activations = activations.activations
     inputs = dict(inputs or {})
@@ -198,8 +117,6 @@ def save(path, activations, inputs=None, **metadata) -> None:
 
 def load(path) -> Trace:
     """Read a trace file; a plain safetensors file without trace metadata loads with sorted names."""
-    from refldm.weights import load_file, read_header
-
     _, metadata, _ = read_header(path)
     tensors = load_file(path)
     try:
@@ -234,8 +151,6 @@ PARTS = {
 
 def part_folder(folder, part: str) -> str:
     """The model folder of `part`: `folder` itself, or its ``unet/``, ``vae/``, ``text_encoder/`` subfolder."""
-    import os
-
     if part not in PARTS:
         raise ValueError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
     folder = os.fspath(folder)
@@ -256,8 +171,6 @@ def make_inputs(part: str, config: dict, batch: int = 1, height: int | None = No
     The UNet gets sample ~ N(0, 1), encoder_hidden_states ~ N(0, 1) of seq_len (77) tokens and a
     constant timestep; the VAE encoder images ~ U(-1, 1); the text encoder token ids ~ U{0, vocab - 1}.
     """
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -306,7 +219,6 @@ def load_part(folder, part: str, dtype="float32"):
 
 def run_part(model, part: str, inputs: dict, dtype="float32"):
     """Run `part` of a refldm model on NumPy inputs (float arrays cast to `dtype`, put on the backend)."""
-    from refldm import backend
 
     def arr(name, dt=dtype):
         return backend.asarray(inputs[name], dtype=dt)
@@ -329,11 +241,6 @@ def trace_part(folder, part: str, dtype="float32", inputs: dict | None = None, i
     inputs: {name: array} to use (e.g. another trace's ``.inputs``), else random ones from `make_inputs`
     (seed, shape: batch, height, width, seq_len, timestep). model: an already loaded refldm model.
     """
-    import numpy as np
-
-    from refldm import __version__, backend
-    from refldm.weights import read_config
-
     config = read_config(part_folder(folder, part))
     dt = backend.resolve_dtype(dtype)
     if inputs is None:
@@ -376,82 +283,6 @@ PIPELINE_INCLUDE = ("text_encoder", "steps.*.timestep", "steps.*.latents", "step
                     "steps.*.pred_original_sample", "vae.decoder")
 
 
-class _StepCounter:
-    i = 0
-
-
-class _Traced:
-    """Stands in for a pipeline part while tracing: calls (and `methods`) run inside a trace scope."""
-
-    def __init__(self, part, scope_of, methods=("__call__",), before=None, after=None):
-        self._part, self._scope_of, self._methods = part, scope_of, methods
-        self._before, self._after = before, after
-
-    def _wrap(self, fn):
-        def run(*args, **kwargs):
-            if self._before is not None:
-                self._before(*args, **kwargs)
-            with scope(self._scope_of()):
-                out = fn(*args, **kwargs)
-            if self._after is not None:
-                self._after(out)
-            return out
-        return run
-
-    def __call__(self, *args, **kwargs):
-        return self._wrap(self._part)(*args, **kwargs)
-
-    def __getattr__(self, name):
-        value = getattr(self._part, name)
-        return self._wrap(value) if name in self._methods else value
-
-
-class _TracedScheduler:
-    """A scheduler that records each step's input latents, guided noise prediction and outputs, and counts steps."""
-
-    def __init__(self, scheduler, counter: _StepCounter):
-        import functools
-
-        self._scheduler, self._counter = scheduler, counter
-
-        @functools.wraps(scheduler.step)  # callers that inspect step's signature (diffusers) see the real one
-        def step(model_output, t, sample, *args, **kwargs):
-            return self._step(model_output, t, sample, *args, **kwargs)
-
-        self.step = step
-
-    def _step(self, model_output, t, sample, *args, **kwargs):
-        i = self._counter.i
-        note(f"steps.{i}.latents", sample)
-        note(f"steps.{i}.guided", model_output)  # the noise prediction after classifier-free guidance
-        out = self._scheduler.step(model_output, t, sample, *args, **kwargs)
-        note(f"steps.{i}.prev_sample", getattr(out, "prev_sample", out))
-        original = getattr(out, "pred_original_sample", None)
-        if original is None and isinstance(out, tuple) and len(out) > 1:  # diffusers' return_dict=False
-            original = out[1]
-        if original is not None:
-            note(f"steps.{i}.pred_original_sample", original)
-        self._counter.i += 1
-        return out
-
-    def __getattr__(self, name):
-        return getattr(self._scheduler, name)
-
-
-def note_unet_input(i: int, sample, t) -> None:
-    """Record a sampler step's U-Net input: its timestep and the (scaled, CFG-batched) sample."""
-    note(f"steps.{i}.timestep", _host_scalar(t))
-    note(f"steps.{i}.model_input", sample)
-
-
-def _host_scalar(t):
-    import numpy as np
-
-    from refldm.backend import to_numpy
-
-    return np.asarray(to_numpy(t) if hasattr(t, "shape") else t, dtype=np.float64)
-
-
 def trace_pipeline(folder=None, prompt: str = "", negative_prompt=None, steps: int = 4,
                    guidance_scale: float = 7.5, seed: int = 0, height=None, width=None, dtype="float32",
                    scheduler=None, include=None, pipe=None) -> Trace:
@@ -466,8 +297,6 @@ def trace_pipeline(folder=None, prompt: str = "", negative_prompt=None, steps: i
     `include`: glob patterns of names to keep (default `PIPELINE_INCLUDE`; "*" keeps all).
     A wrong U-Net shows first in ``noise_pred``; a wrong scheduler in ``prev_sample`` with a right ``guided``.
     """
-    from refldm import __version__, backend
-
     if pipe is None:
         from refldm.pipeline import StableDiffusionPipeline
 
@@ -484,24 +313,11 @@ def trace_pipeline(folder=None, prompt: str = "", negative_prompt=None, steps: i
         raise ValueError(f"height and width must be positive multiples of {f}, got {width}x{height}")
     generator = Generator(seed)
     noise = generator.randn((1, pipe.unet.config.in_channels, height // f, width // f), dtype="float32")
-    counter = _StepCounter()
-    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
-    original_make = pipe.make_scheduler
-    pipe.text_encoder = _Traced(parts["text_encoder"], lambda: "text_encoder")
-    pipe.unet = _Traced(parts["unet"], lambda: f"steps.{counter.i}.unet",
-                        before=lambda sample, t, *rest, **kw: note_unet_input(counter.i, sample, t),
-                        after=lambda out: note(f"steps.{counter.i}.noise_pred", out))
-    pipe.vae = _Traced(parts["vae"], lambda: "vae", methods=("__call__", "encode", "decode"))
-    pipe.make_scheduler = lambda *a, **k: _TracedScheduler(original_make(*a, **k), counter)
-    try:
-        with record(PIPELINE_INCLUDE if include is None else include) as rec:
-            pipe(prompt, negative_prompt=negative_prompt, height=height, width=width,
-                 num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-                 latents=noise, scheduler=scheduler, progress=False)
-    finally:
-        for key, part in parts.items():
-            setattr(pipe, key, part)
-        del pipe.make_scheduler  # back to the class's method
+    # the pipeline and the sampler name what they record themselves (refldm.record): nothing is patched
+    with record(PIPELINE_INCLUDE if include is None else include) as rec:
+        pipe(prompt, negative_prompt=negative_prompt, height=height, width=width,
+             num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
+             latents=noise, scheduler=scheduler, progress=False)
     configs = getattr(pipe, "configs", {}) or {}
     meta = {"part": "pipeline", "dtype": backend.resolve_dtype(getattr(pipe, "dtype", dtype)).name,
             "config": json.dumps(configs), "seed": str(seed), "prompt": prompt,

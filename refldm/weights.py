@@ -17,7 +17,6 @@ import struct
 import numpy as np
 
 from refldm import backend
-from refldm.nn import Module, Param
 
 _DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
@@ -29,8 +28,7 @@ _PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-class WeightsError(ValueError):
-    """A checkpoint file is missing, malformed, or does not fit the model."""
+from refldm.errors import WeightsError  # one home for the error classes
 
 
 def refuse_pickle(path) -> None:
@@ -180,8 +178,8 @@ def load_state(paths) -> dict:
     return state
 
 
-def load_into(model: Module, state: dict, dtype="float32", source: str = "checkpoint") -> Module:
-    """Check `state` against the model's declared tensors and put the arrays into the model.
+def load_into(model, state: dict, dtype="float32", source: str = "checkpoint"):
+    """Check `state` against the declared tensors of `model` (a `refldm.nn.Module`) and put the arrays into it.
 
     Every expected key must be present with the expected shape and no key may be left over; a mismatch
     raises one WeightsError listing the keys at fault. Arrays are cast to `dtype` (fp16 / bf16 files are

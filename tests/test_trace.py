@@ -1,4 +1,5 @@
-"""The cross-checking toolkit: recording, trace files, comparison, and refldm-vs-diffusers layer by layer.
+"""The cross-checking toolkit: recording (`refldm.record`), trace files and tracing (`refldm.trace`),
+comparison (`refldm.compare`), and refldm-vs-diffusers layer by layer.
 
 Agreement tests: a random-weight tiny VAE and UNet are built in diffusers, saved, traced in refldm
 (float64) and in diffusers with forward hooks (tools/trace_diffusers.py) on the same inputs; every
@@ -19,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refldm import trace
+from refldm import record, trace
 from refldm.cli import main as cli_main
 from refldm.compare import compare, layer_error
 from refldm.nn import Module, ModuleList
@@ -66,7 +67,7 @@ def test_recorder_names_are_key_prefixes_in_execution_order_with_call_counts():
     assert list(t.activations) == ["layers.0", "layers.1", "layers.0#2", "pair", "<root>"]
     np.testing.assert_array_equal(t.activations["layers.0#2"], x * 12)
     np.testing.assert_array_equal(t.activations["pair"], x * 12 + 1)
-    assert trace.recorder is None  # switched off again on exit
+    assert record.recorder is None  # switched off again on exit
 
 
 def test_recorded_arrays_are_copies_not_views():
@@ -88,33 +89,45 @@ def test_recorded_arrays_are_copies_not_views():
 def test_tracing_off_records_nothing_and_nested_recorders_restore():
     net, x = Net(), np.ones(2)
     net(x)
-    assert trace.recorder is None
+    assert record.recorder is None
     with trace.record() as outer:
         with trace.record() as inner:
             net(x)
-        assert trace.recorder is outer
+        assert record.recorder is outer
         net(x)
-    assert trace.recorder is None
+    assert record.recorder is None
     assert len(inner.activations) == 5 and len(outer.activations) == 5
     with outer:  # the same recorder entered twice
         with outer:
             pass
-        assert trace.recorder is outer
-    assert trace.recorder is None
+        assert record.recorder is outer
+    assert record.recorder is None
 
 
 def test_include_scope_and_note():
     net, x = Net(), np.ones(2)
     with trace.record(include=["unet.layers.*", "steps.*"]) as t:
-        with trace.scope("unet"):
+        with record.scope("unet"):
             net(x)
         for i in range(2):
-            trace.note(f"steps.{i}.latents", x * i)
-            trace.note("dropped", x)  # does not match include
+            record.value(f"steps.{i}.latents", x * i)
+            record.value("dropped", x)  # does not match include
     assert list(t.activations) == ["unet.layers.0", "unet.layers.1", "unet.layers.0#2",
                                    "steps.0.latents", "steps.1.latents"]
-    with trace.scope("free"):  # no recorder: a no-op
-        trace.note("nothing", x)
+    with record.scope("free"):  # no recorder: a no-op
+        record.value("nothing", x)
+
+
+def test_trace_keeps_the_recording_names_it_always_exported():
+    """`refldm.trace` started recordings before the hook moved to `refldm.record`; its names still work."""
+    assert trace.Recorder is record.Recorder and trace.note is record.value and trace.scope is record.scope
+    assert trace.main_array is record.main_array and trace.ROOT == record.ROOT == "<root>"
+    assert trace.recorder is None
+    with trace.record() as t:
+        assert trace.recorder is t is record.recorder and record.active()
+    assert trace.recorder is None and not record.active()
+    with pytest.raises(AttributeError):
+        trace.no_such_name
 
 
 def test_main_array_picks_the_array_that_stands_for_an_output():
@@ -123,10 +136,11 @@ def test_main_array_picks_the_array_that_stands_for_an_output():
             self.last_hidden_state = a
 
     a = np.zeros(3)
-    assert trace.main_array(a) is a
-    assert trace.main_array((a, np.ones(2))) is a
-    assert trace.main_array(Out(a)) is a
-    assert trace.main_array("text") is None and trace.main_array(()) is None
+    assert record.main_array(a) is a
+    assert record.main_array((a, np.ones(2))) is a
+    assert record.main_array(Out(a)) is a
+    assert record.main_array("text") is None and record.main_array(()) is None and record.main_array(None) is None
+    assert record.main_array(7).dtype == np.float64 and record.main_array(True) is None  # a timestep; not a flag
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -333,6 +347,8 @@ def test_unet_trace_matches_diffusers_layer_by_layer_in_float64(tiny_unet):
     assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2" in names
     assert "up_blocks.1.attentions.1.transformer_blocks.0.ff" in names
     assert "<root>" in names
+    # the transformer's proj_in / proj_out are recorded on their own and match (docs/crosscheck.md, section 4)
+    assert {"down_blocks.0.attentions.0.proj_in", "up_blocks.1.attentions.1.proj_out"} <= names
 
 
 def test_corrupted_unet_weight_is_found_at_exactly_that_layer(tiny_unet, tmp_path):
@@ -406,6 +422,109 @@ def test_pipeline_trace_records_every_step_and_reloads(tiny_pipeline, tmp_path):
     assert t.activations["steps.0.guided"].shape[0] == 1
     np.testing.assert_array_equal(t.activations["steps.1.latents"], t.activations["steps.0.prev_sample"])
     assert t.metadata["prompt"] == "a red circle" and t.inputs["noise"].shape == (1, 4, 8, 8)
+
+
+def _layers(run) -> set:
+    """The names a model records when run on its own (its layers; its own output, <root>, left out)."""
+    with trace.record() as rec:
+        run()
+    return {record.base_name(n) for n in rec.activations} - {record.ROOT}
+
+
+def _under(names, prefix):
+    """The names recorded under `prefix.`, without it and without the ``#n`` suffix."""
+    return {record.base_name(n)[len(prefix) + 1:] for n in names if n.startswith(prefix + ".")}
+
+
+def test_a_plain_recording_of_a_pipeline_call_names_every_part_and_step(tiny_pipeline):
+    """The sampler and the pipeline name what they record themselves (`refldm.record` calls in
+    refldm/sampling.py and refldm/pipeline.py): a plain recording around an ordinary call, with no
+    `trace_pipeline`, gives every step's values and every layer of every part, under the names that
+    tools/trace_diffusers.py gives diffusers' modules. A renamed scope or value fails here."""
+    _, pipe = tiny_pipeline
+    with trace.record(include=["*"]) as rec:
+        pipe("a red circle", height=32, width=32, num_inference_steps=2, seed=0, progress=False)
+    names, acts = list(rec.activations), rec.activations
+    context = np.concatenate([acts["text_encoder#2"], acts["text_encoder"]])  # [uncond; cond]
+    for i in range(2):
+        step = [n[len(f"steps.{i}."):] for n in names if n.startswith(f"steps.{i}.")]
+        assert [n for n in step if not n.startswith("unet")] == STEP_NAMES
+        assert "unet" in step  # the U-Net's own output, under the scope's name
+        unet_alone = _layers(lambda: pipe.unet(acts[f"steps.{i}.model_input"], acts[f"steps.{i}.timestep"], context))
+        assert _under(names, f"steps.{i}.unet") == unet_alone and len(unet_alone) > 100
+    assert not [n for n in names if not n.startswith(("text_encoder", "steps.", "vae."))], names
+    assert "text_encoder" in names and "text_encoder#2" in names  # the prompt's pass, then the negative's
+    assert _under(names, "text_encoder") == _layers(lambda: pipe.text_encoder(pipe.tokenize(["a red circle"])))
+    decoder_alone = _layers(lambda: pipe.vae.decode(acts["steps.1.prev_sample"]))
+    assert _under(names, "vae") == decoder_alone and "decoder.conv_out" in decoder_alone
+
+    # trace_pipeline records exactly what the plain recording does: it adds no names of its own
+    traced = trace.trace_pipeline(pipe=pipe, prompt="a red circle", steps=2, height=32, width=32, include=["*"])
+    assert list(traced.activations) == names
+
+    # image to image: the encoder's layers under vae. too, and only the steps that strength leaves
+    image = np.zeros((32, 32, 3), np.uint8)
+    with trace.record(include=["vae.*", "steps.*.guided"]) as rec:
+        pipe("a red circle", image=image, strength=0.5, num_inference_steps=4, seed=0, progress=False)
+    encoder_alone = _layers(lambda: pipe.vae.encode(pipe.preprocess_image(image)))
+    assert "encoder.conv_out" in encoder_alone and not encoder_alone & decoder_alone
+    assert _under(rec.activations, "vae") == encoder_alone | decoder_alone  # encode, then the final decode
+    assert [n for n in rec.activations if n.startswith("steps.")] == ["steps.0.guided", "steps.1.guided"]
+
+
+def test_tracing_never_swaps_a_pipeline_attribute(tiny_pipeline, monkeypatch):
+    """Tracing runs the pipeline as it is: no attribute of it is set, replaced or deleted, before, during
+    or after (the pipeline of old had its unet, text_encoder, vae and make_scheduler swapped for wrappers)."""
+    _, pipe = tiny_pipeline
+    cls = type(pipe)
+    changes = []
+
+    def setattr_(self, key, value):
+        changes.append(("set", key))
+        object.__setattr__(self, key, value)
+
+    def delattr_(self, key):
+        changes.append(("del", key))
+        object.__delattr__(self, key)
+
+    before = dict(vars(pipe))
+    seen = []  # what the pipeline's parts are while its U-Net runs
+    unet_forward = type(pipe.unet).forward
+
+    def forward(self, *args, **kwargs):
+        seen.append((pipe.unet, pipe.text_encoder, pipe.vae, type(pipe).make_scheduler, "make_scheduler" in vars(pipe)))
+        return unet_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "__setattr__", setattr_)
+    monkeypatch.setattr(cls, "__delattr__", delattr_)
+    monkeypatch.setattr(type(pipe.unet), "forward", forward)
+    t = trace.trace_pipeline(pipe=pipe, prompt="a red circle", steps=2, height=32, width=32)
+    assert changes == []
+    assert vars(pipe).keys() == before.keys() and all(vars(pipe)[k] is v for k, v in before.items())
+    assert len(seen) == 2
+    assert all(s == (before["unet"], before["text_encoder"], before["vae"], cls.make_scheduler, False) for s in seen)
+    assert "steps.1.noise_pred" in t.activations
+
+
+def test_the_sampler_records_its_steps_without_a_pipeline():
+    """`refldm.sampling.sample` alone, with a plain function for a model, records the step names."""
+    from refldm.sampling import sample
+    from refldm.schedulers import get_scheduler
+
+    def run():
+        sched = get_scheduler("ddim", {"num_train_timesteps": 1000})
+        sched.set_timesteps(3)
+        return sample(lambda x, t: 0.1 * x, sched, np.ones((1, 4, 2, 2)), guidance_scale=2.0, progress=False), sched
+
+    with trace.record() as rec:
+        out, sched = run()
+    assert list(rec.activations) == [f"steps.{i}.{n}" for i in range(3) for n in STEP_NAMES]
+    np.testing.assert_array_equal(rec.activations["steps.2.prev_sample"], out)
+    assert rec.activations["steps.0.timestep"] == float(sched.timesteps[0])
+    assert rec.activations["steps.0.timestep"].dtype == np.float64
+    assert rec.activations["steps.0.model_input"].shape == (2, 4, 2, 2)  # the CFG batch
+    assert record.recorder is None
+    np.testing.assert_array_equal(run()[0], out)  # recording changes nothing
 
 
 def test_pipeline_trace_tells_a_wrong_unet_from_a_wrong_scheduler(tiny_pipeline, monkeypatch):

@@ -33,6 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from refldm import record
 from refldm import trace as rtrace
 from refldm.compare import compare
 
@@ -109,14 +110,14 @@ def hook_trace(model, run, names=None) -> dict:
     """
     import torch
 
-    wanted = {rtrace.base_name(n) for n in (names if names is not None else module_names(model))}
-    wanted = {"" if n == rtrace.ROOT else n for n in wanted}
-    recorder = rtrace.Recorder()
+    wanted = {record.base_name(n) for n in (names if names is not None else module_names(model))}
+    wanted = {"" if n == record.ROOT else n for n in wanted}
+    recorder = record.Recorder()
     handles = []
 
     def hook_for(name):
         def hook(module, args, output):
-            array = rtrace.main_array(output)
+            array = record.main_array(output)
             if isinstance(array, torch.Tensor):
                 recorder.record(name, array.detach().cpu().numpy())
         return hook
@@ -212,6 +213,43 @@ def _float64_schedule(scheduler):
     return scheduler
 
 
+class _StepCounter:
+    i = 0
+
+
+class _RecordingScheduler:
+    """Stands in for diffusers' scheduler in its pipeline (whose code cannot call `refldm.record`): records
+    each step's input latents, guided noise prediction and outputs under the names refldm's sampler uses
+    (`refldm.sampling.sample`), and counts steps."""
+
+    def __init__(self, scheduler, counter: _StepCounter):
+        import functools
+
+        self._scheduler, self._counter = scheduler, counter
+
+        @functools.wraps(scheduler.step)  # diffusers inspects step's signature: it sees the real one
+        def step(model_output, t, sample, *args, **kwargs):
+            return self._step(model_output, t, sample, *args, **kwargs)
+
+        self.step = step
+
+    def _step(self, model_output, t, sample, *args, **kwargs):
+        i = self._counter.i
+        record.value(f"steps.{i}.latents", sample)
+        record.value(f"steps.{i}.guided", model_output)  # the noise prediction after classifier-free guidance
+        out = self._scheduler.step(model_output, t, sample, *args, **kwargs)
+        record.value(f"steps.{i}.prev_sample", getattr(out, "prev_sample", out))
+        original = getattr(out, "pred_original_sample", None)
+        if original is None and isinstance(out, tuple) and len(out) > 1:  # diffusers' return_dict=False
+            original = out[1]
+        record.value(f"steps.{i}.pred_original_sample", original)
+        self._counter.i += 1
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._scheduler, name)
+
+
 def trace_pipeline_like(reference: rtrace.Trace, folder, float64_timestep: bool = True) -> rtrace.Trace:
     """Run diffusers' StableDiffusionPipeline as `refldm.trace.trace_pipeline` ran refldm's, with the same names.
 
@@ -236,11 +274,11 @@ def trace_pipeline_like(reference: rtrace.Trace, folder, float64_timestep: bool 
             raise ValueError(f"scheduler {name!r} of the reference trace is not a diffusers class name")
         pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
     scheduler = _float64_schedule(pipe.scheduler) if dtype == "float64" else pipe.scheduler
-    counter = rtrace._StepCounter()
-    object.__setattr__(pipe, "scheduler", rtrace._TracedScheduler(scheduler, counter))
+    counter = _StepCounter()
+    object.__setattr__(pipe, "scheduler", _RecordingScheduler(scheduler, counter))
 
-    recorder = rtrace.Recorder(include=None)
-    wanted = [rtrace.base_name(n) for n in reference.activations]
+    recorder = record.Recorder(include=None)
+    wanted = [record.base_name(n) for n in reference.activations]
     unet_layers = {n.split(".unet.", 1)[1] for n in wanted if n.startswith("steps.") and ".unet." in n}
     if any(n.startswith("steps.") and n.endswith(".unet") for n in wanted):
         unet_layers.add("")  # the U-Net's own output under its scope name
@@ -248,7 +286,7 @@ def trace_pipeline_like(reference: rtrace.Trace, folder, float64_timestep: bool 
 
     def hook(name_of):
         def run(module, args, output):
-            array = rtrace.main_array(output)
+            array = record.main_array(output)
             if isinstance(array, torch.Tensor):
                 recorder.record(name_of(), array.detach().cpu().numpy())
         return run
@@ -256,7 +294,9 @@ def trace_pipeline_like(reference: rtrace.Trace, folder, float64_timestep: bool 
     def unet_input(module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         t = args[1] if len(args) > 1 else kwargs["timestep"]
-        rtrace.note_unet_input(counter.i, sample.detach().cpu().numpy(), t.detach().cpu().numpy())
+        i = counter.i  # as refldm.sampling records a step's model input
+        record.value(f"steps.{i}.timestep", np.asarray(t.detach().cpu().numpy(), dtype=np.float64))
+        record.value(f"steps.{i}.model_input", sample.detach().cpu().numpy())
 
     handles.append(pipe.unet.register_forward_pre_hook(unet_input, with_kwargs=True))
     handles.append(pipe.unet.register_forward_hook(hook(lambda: f"steps.{counter.i}.noise_pred")))

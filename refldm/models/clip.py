@@ -170,17 +170,25 @@ class CLIPAttention(Module):
         self.heads = c.num_attention_heads
         self.scale = (d // c.num_attention_heads) ** -0.5  # as transformers: head_dim ** -0.5
 
-    def forward(self, x, bias=None, rows=None):
+    def forward(self, x, additive_mask=None, query_sees_keys=None):
+        """x (B, L, D) -> (B, L, D).
+
+        additive_mask: None for the causal mask alone (no padding), else M itself, (B, 1, L, L): 0 where
+        query i may attend to key j, -inf where not (causal and padding together; see
+        `CLIPTextModel._additive_mask`). query_sees_keys: None, or a boolean (B, 1, L, 1) that is False for
+        the queries that see no key at all (left padding): their output is set to zero, as PyTorch's
+        scaled_dot_product_attention gives.
+        """
         q = ops.split_heads(self.q_proj(x), self.heads)  # (B, L, D) -> (B, H, L, d)
         k = ops.split_heads(self.k_proj(x), self.heads)
         v = ops.split_heads(self.v_proj(x), self.heads)
-        if bias is None:  # no padding mask: the causal mask alone
+        if additive_mask is None:  # no padding mask: the causal mask alone
             o = ops.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        else:  # bias: (B, 1, L, L), causal and padding together
-            o = ops.scaled_dot_product_attention(q, k, v, mask=bias, scale=self.scale)
-        if rows is not None:  # queries that see no key at all get a zero output (as PyTorch's SDPA)
+        else:  # (B, 1, L, L), causal and padding together
+            o = ops.scaled_dot_product_attention(q, k, v, mask=additive_mask, scale=self.scale)
+        if query_sees_keys is not None:  # queries that see no key at all get a zero output
             xp = backend.array_namespace(o)
-            o = xp.where(rows, o, xp.zeros((), dtype=o.dtype))
+            o = xp.where(query_sees_keys, o, xp.zeros((), dtype=o.dtype))
         return self.out_proj(ops.merge_heads(o))  # (B, H, L, d) -> (B, L, D)
 
 
@@ -205,8 +213,8 @@ class CLIPEncoderLayer(Module):
         self.mlp = CLIPMLP(c)
         self.layer_norm2 = LayerNorm(c.hidden_size, c.layer_norm_eps)
 
-    def forward(self, x, bias=None, rows=None):
-        x = x + self.self_attn(self.layer_norm1(x), bias, rows)
+    def forward(self, x, additive_mask=None, query_sees_keys=None):
+        x = x + self.self_attn(self.layer_norm1(x), additive_mask, query_sees_keys)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -216,10 +224,10 @@ class CLIPEncoder(Module):
     def __init__(self, c: CLIPTextConfig):
         self.layers = ModuleList([CLIPEncoderLayer(c) for _ in range(c.num_hidden_layers)])
 
-    def forward(self, x, bias=None, rows=None):
+    def forward(self, x, additive_mask=None, query_sees_keys=None):
         outputs = []
         for layer in self.layers:
-            x = layer(x, bias, rows)
+            x = layer(x, additive_mask, query_sees_keys)
             outputs.append(x)
         return x, outputs
 
@@ -284,12 +292,12 @@ class CLIPTextModel(PretrainedModel):
         c = self.config
         ids = self._as_ids(input_ids)  # (B, L) on the weights' backend
         xp = backend.array_namespace(ids)
-        bias = rows = None
+        additive_mask = query_sees_keys = None  # None: the causal mask alone
         if attention_mask is not None:
-            bias, rows = self._attention_bias(attention_mask, ids.shape)
+            additive_mask, query_sees_keys = self._additive_mask(attention_mask, ids.shape)
 
         x = self.embeddings(ids)  # (B, L) -> (B, L, D)
-        h, layers = self.encoder(x, bias, rows)  # (B, L, D), and each of the N layers' outputs
+        h, layers = self.encoder(x, additive_mask, query_sees_keys)  # (B, L, D), and each layer's output
         last = self.final_layer_norm(h)  # (B, L, D)
 
         # pooled: the end-of-text position of each row
@@ -334,12 +342,12 @@ class CLIPTextModel(PretrainedModel):
                              f"[0, {self.config.vocab_size})")
         return input_ids
 
-    def _attention_bias(self, attention_mask, shape):
+    def _additive_mask(self, attention_mask, shape):
         """The additive mask (B, 1, L, L) for a padding mask, and which queries see any key (or None).
 
-        keep[b, i, j] = (j <= i) and attention_mask[b, j] == 1; bias = 0 where kept, -inf elsewhere.
-        A query row with nothing kept (left padding) would be all -inf, a 0/0 softmax: its bias row is
-        set to 0 instead and `rows` marks it, so the attention zeroes its output afterwards.
+        keep[b, i, j] = (j <= i) and attention_mask[b, j] == 1; mask = 0 where kept, -inf elsewhere.
+        A query row with nothing kept (left padding) would be all -inf, a 0/0 softmax: its mask row is
+        set to 0 instead and `query_sees_keys` marks it False, so the attention zeroes its output afterwards.
         """
         weights = self.final_layer_norm.weight
         if isinstance(attention_mask, (list, tuple)):
@@ -360,6 +368,6 @@ class CLIPTextModel(PretrainedModel):
         seen = xp.any(keep, axis=-1, keepdims=True)  # (B, L, 1): does query i see any key?
         keep = keep | ~seen
         dtype = weights.dtype
-        bias = xp.where(keep, xp.zeros((), dtype=dtype), xp.asarray(-xp.inf, dtype=dtype))
-        rows = None if bool(xp.all(seen)) else seen.reshape(b, 1, length, 1)
-        return bias.reshape(b, 1, length, length), rows
+        additive_mask = xp.where(keep, xp.zeros((), dtype=dtype), xp.asarray(-xp.inf, dtype=dtype))
+        query_sees_keys = None if bool(xp.all(seen)) else seen.reshape(b, 1, length, 1)
+        return additive_mask.reshape(b, 1, length, length), query_sees_keys

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy
 
 from refldm import backend, ops
-from refldm import trace as _trace
+from refldm import record
 from refldm.config import parse_config
 from refldm.models.blocks import (Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D,
                                   Upsample2D)
@@ -569,7 +569,7 @@ class UNet2DConditionModel(PretrainedModel):
         t = self._timesteps(timestep, b, xp, "float32" if sample.dtype.itemsize < 4 else sample.dtype)  # (B,)
 
         threads = backend.num_threads()
-        if backend.is_host(xp) and threads > 1 and b % threads == 0 and _trace.recorder is None:
+        if backend.is_host(xp) and threads > 1 and b % threads == 0 and record.recorder is None:
             # On the CPU the batch elements (the classifier-free-guidance pair) are independent, so each
             # thread of the host pool runs the network on its share of the batch with single-threaded
             # BLAS. Same math; it saves the hand-offs of a multi-threaded BLAS call, which cost a lot
