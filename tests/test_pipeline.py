@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -85,7 +86,7 @@ def _rerandomise(torch, model, seed):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
-def build_tiny_sd(folder, kind="sd1", seed=0, conventional=False):
+def build_tiny_sd(folder, kind="sd1", seed=0, conventional=False, as_saved=False):
     """Write a random-weight tiny Stable Diffusion folder in diffusers' layout; return its path.
 
     The shapes follow SD's pattern at a toy size: a 3-level U-Net (cross-attention in the two upper
@@ -94,6 +95,8 @@ def build_tiny_sd(folder, kind="sd1", seed=0, conventional=False):
     gelu text encoder, "!" as the padding token. conventional=True keeps SD's conventions that a single
     file's shapes do not record (32 groups per GroupNorm; 8 heads in SD 1.x, 64 channels per head in
     SD 2.x and in the text encoder), so that a single file of it loads without a config folder.
+    as_saved=True keeps the tokenizer/ folder exactly as transformers' save_pretrained writes it
+    (tokenizer.json + tokenizer_config.json in transformers 5); otherwise it holds CLIP's own files.
     """
     torch = require("torch")
     diffusers = require("diffusers")
@@ -136,6 +139,9 @@ def build_tiny_sd(folder, kind="sd1", seed=0, conventional=False):
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
+    if as_saved:
+        shutil.rmtree(tok_dir)
+        return folder
     # the tokenizer folder in CLIP's own format (vocab.json + merges.txt), which both libraries read
     out = os.path.join(folder, "tokenizer")
     for name in os.listdir(out):
@@ -454,3 +460,26 @@ def test_default_model_same_image_as_diffusers(torch_one_thread):
     assert out.images[0].size == (64, 64)
     assert _max_pixel_diff(out.images, ref) <= 2
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folders saved by today's libraries (issue 12, item 0)
+
+
+def test_folder_saved_by_current_diffusers_loads_with_the_same_ids(tmp_path, torch_one_thread):
+    """transformers 5 saves tokenizer.json (no vocab.json / merges.txt): refldm reads it, same ids."""
+    transformers = require("transformers")
+    from refldm import CLIPTokenizer
+    from refldm.pipeline import StableDiffusionPipeline
+    folder = build_tiny_sd(tmp_path / "saved", as_saved=True)
+    files = set(os.listdir(os.path.join(folder, "tokenizer")))
+    assert "tokenizer.json" in files and "vocab.json" not in files and "merges.txt" not in files
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    theirs = transformers.CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    ours = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    prompts = [PROMPT, "A Large BLUE square, riding a horse!!", "", "cat's dog 123 café"]
+    want = theirs(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="np")["input_ids"]
+    np.testing.assert_array_equal(pipe.tokenize(prompts), want)
+    np.testing.assert_array_equal(ours(prompts)["input_ids"], want)
+    out = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=2, seed=1, progress=False)
+    assert out.images[0].size == (SIZE, SIZE)
