@@ -275,7 +275,9 @@ class Generator:
         """Restart the stream from `seed` (as ``torch.Generator.manual_seed``); returns self."""
         if isinstance(seed, bool) or not isinstance(seed, (int, numpy.integer)):
             raise ValueError(f"refldm.random: seed must be an integer, got {seed!r}")
-        self._seed = int(seed) % 2**64
+        if not 0 <= int(seed) <= 2**64 - 1:  # torch's range; wrapping would give another seed's noise silently
+            raise ValueError(f"refldm.random: seed {int(seed)} is outside 0..2**64-1 (18446744073709551615)")
+        self._seed = int(seed)
         self._next_normal = None  # torch's next_double_normal_sample
         if self.mode == "torch":
             self._bits = _mt19937(self._seed)
