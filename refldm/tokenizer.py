@@ -313,6 +313,11 @@ class CLIPTokenizer:
             raise TokenizerError(f"CLIPTokenizer: return_tensors={return_tensors!r}; refldm returns 'np' or None")
         if truncation not in (True, False, "longest_first", "do_not_truncate"):
             raise TokenizerError(f"CLIPTokenizer: truncation={truncation!r}; choose True or False")
+        for t in texts:  # a lone surrogate (an undecodable byte kept by Python) has no UTF-8 bytes to tokenize
+            bad = next((i for i, ch in enumerate(t) if "\ud800" <= ch <= "\udfff"), None)
+            if bad is not None:
+                raise TokenizerError(f"CLIPTokenizer: the text holds a lone surrogate U+{ord(t[bad]):04X} at "
+                                     f"position {bad} (a byte that was not UTF-8?); it has no UTF-8 encoding")
         truncation = truncation in (True, "longest_first")
         ids = [self.encode(t, add_special_tokens, truncation, max_length) for t in texts]
         if padding == "max_length":

@@ -504,3 +504,9 @@ def test_folder_without_any_vocabulary_is_named(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{}")
     with pytest.raises(TokenizerError, match="no tokenizer.json, nor vocab.json"):
         CLIPTokenizer.from_pretrained(tmp_path)
+
+
+def test_lone_surrogate_is_a_clear_error(small_folder):
+    tok = CLIPTokenizer.from_pretrained(small_folder)
+    with pytest.raises(TokenizerError, match="lone surrogate U\\+DCFF at position 6"):
+        tok("a cat \udcff")
