@@ -38,7 +38,8 @@ from refldm.sampling import img2img_latents, img2img_timesteps, initial_latents,
 from refldm.weights import WeightsError, load_file, read_config
 
 __all__ = ["StableDiffusionPipeline", "StableDiffusionPipelineOutput", "NonFiniteLatentsError",
-           "TooLargeError", "PARTS", "estimate_unet_bytes", "estimate_decode_bytes", "estimate_unet_flops"]
+           "TooLargeError", "PARTS", "estimate_unet_bytes", "estimate_decode_bytes", "estimate_unet_flops",
+           "estimate_decode_flops"]
 
 # The folders of a diffusers SD pipeline and the class model_index.json names for each.
 PARTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
@@ -124,6 +125,20 @@ def estimate_decode_bytes(vae_config, shape, itemsize: int = 4) -> int:
     f = 2 ** (len(chans) - 1)
     top, below = chans[0], chans[1] if len(chans) > 1 else chans[0]
     return itemsize * n * (h * f) * (w * f) * (4 * top + 2 * below + 6)
+
+
+def estimate_decode_flops(vae_config, shape) -> float:
+    """Floating-point operations of decoding latents of `shape` (N, C, h, w), roughly: per decoder level,
+    its ResNets' 3x3 convolutions (layers_per_block + 1 ResNets of two convs, 18 c^2 per pixel each) and
+    the mid block's attention over the h x w latent grid (4 (hw)^2 c)."""
+    n, _, h, w = shape
+    chans = list(vae_config.block_out_channels)[::-1]  # the decoder runs from the widest, coarsest level up
+    lpb = vae_config.layers_per_block
+    total = 4 * (h * w) ** 2 * chans[0] + 2 * 2 * 18 * chans[0] ** 2 * h * w
+    for i, c in enumerate(chans):
+        hw = h * w * 4 ** i
+        total += 2 * 18 * c * c * hw * 2 * (lpb + 1)
+    return n * total
 
 
 def estimate_unet_flops(config, batch: int, h: int, w: int) -> float:

@@ -474,3 +474,21 @@ def test_decode_refuses_what_does_not_fit_in_memory(monkeypatch):
     vae_cli.check_decode_memory(vae, (1, 4, 64, 64), "float32")  # 512x512: fits in 8 GiB
     with pytest.raises(TooLargeError, match="8192x8192 images needs about"):
         vae_cli.check_decode_memory(vae, (1, 4, 1024, 1024), "float32")
+
+
+def test_big_decode_announces_an_estimated_time(monkeypatch, capsys):
+    from refldm.cli import vae as vae_cli
+    from refldm.models.vae import AutoencoderKL
+    vae = AutoencoderKL({"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+                         "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4})
+    monkeypatch.setattr(vae_cli, "available_memory", lambda: 2 ** 50)
+    vae_cli.check_decode_memory(vae, (1, 4, 256, 256), "float32", announce_after_s=0)
+    assert "into 2048x2048: estimated" in capsys.readouterr().err
+
+
+def test_info_counts_the_vocabulary_of_a_tokenizer_json(tmp_path, capsys):
+    """A folder saved by today's diffusers has tokenizer/tokenizer.json only."""
+    from tests.test_pipeline import build_tiny_sd
+    folder = build_tiny_sd(tmp_path / "saved", as_saved=True)
+    info = generate.describe_model(folder)
+    assert info["tokenizer"]["vocabulary"] > 512

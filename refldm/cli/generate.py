@@ -359,9 +359,12 @@ def describe_model(model=None) -> dict:
             out[part] = {"class": (index.get(part) or [None, None])[-1], "parameters": count,
                          "dtypes": sorted(dtypes), "config": read_config(folder)}
         tok = os.path.join(model, "tokenizer")
-        vocab = os.path.join(tok, "vocab.json")
+        vocab, fast = os.path.join(tok, "vocab.json"), os.path.join(tok, "tokenizer.json")
         n_vocab = None
-        if os.path.isfile(vocab):
+        if os.path.isfile(fast):  # transformers 5's one file: the vocabulary is its BPE model's
+            with open(fast, encoding="utf-8") as f:
+                n_vocab = len((json.load(f).get("model") or {}).get("vocab") or {})
+        elif os.path.isfile(vocab):
             with open(vocab, encoding="utf-8") as f:
                 n_vocab = len(json.load(f))
         out["tokenizer"] = {"class": (index.get("tokenizer") or [None, None])[-1], "vocabulary": n_vocab}

@@ -160,8 +160,9 @@ def _decode(args) -> int:
     return 0
 
 
-def check_decode_memory(vae, shape, dtype) -> None:
-    """Refuse a decode that would not fit in memory (estimated from the sizes), before it starts."""
+def check_decode_memory(vae, shape, dtype, announce_after_s: float = 30.0) -> None:
+    """Refuse a decode that would not fit in memory (estimated from the sizes), before it starts; print
+    an estimated time when it looks long."""
     from refldm import backend
     from refldm.pipeline import TooLargeError, estimate_decode_bytes
 
@@ -169,11 +170,19 @@ def check_decode_memory(vae, shape, dtype) -> None:
         return
     need = estimate_decode_bytes(vae.config, shape, np.dtype(dtype).itemsize)
     have = available_memory()
+    n, _, h, w = shape
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
     if have is not None and need > have:
-        n, _, h, w = shape
-        f = 2 ** (len(vae.config.block_out_channels) - 1)
         raise TooLargeError(f"decoding {n} latent(s) of {h}x{w} into {w * f}x{h * f} images needs about "
                           f"{_bytes(need)} of memory; this machine has {_bytes(have)} available")
+    from refldm.cli.generate import _throughput
+    from refldm.pipeline import estimate_decode_flops
+    flops = estimate_decode_flops(vae.config, shape)
+    seconds = flops / (0.5 * _throughput())
+    if seconds > announce_after_s:
+        import sys
+        print(f"refldm: decoding {n} latent(s) of {h}x{w} into {w * f}x{h * f}: estimated {seconds / 60:.1f} "
+              f"minutes ({flops / 1e12:.3g} TFLOP) and {_bytes(need)} of memory", file=sys.stderr)
 
 
 def compression(height: int, width: int, channels: int = 3, latent_channels: int = 4, factor: int = 8) -> dict:
