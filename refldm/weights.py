@@ -261,7 +261,7 @@ def load_file(path, keys=None) -> dict:
 
 
 def save_file(tensors: dict, path, metadata: dict | None = None) -> None:
-    """Write {key: array} as a safetensors file (arrays of any backend; stored little-endian)."""
+    """Write {key: array} as a safetensors file (arrays of any backend; stored little-endian), atomically."""
     header, chunks, offset = {}, [], 0
     for key in sorted(tensors):
         arr = np.asarray(backend.to_numpy(tensors[key]))
@@ -277,11 +277,15 @@ def save_file(tensors: dict, path, metadata: dict | None = None) -> None:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
+
+    def write(f):
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for c in chunks:
             f.write(c)
+
+    from refldm.images import atomic_write
+    atomic_write(path, write)  # a temporary file renamed over `path`: never a half-written checkpoint
 
 
 def find_weights(folder, stem: str = "diffusion_pytorch_model") -> list[str]:
