@@ -209,7 +209,10 @@ class StableDiffusionPipeline:
         tokenizer = Tokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
         scheduler_config = read_config(os.path.join(folder, "scheduler"), "scheduler_config.json")
         configs = {p: read_config(os.path.join(folder, p)) for p in ("unet", "vae", "text_encoder")}
+        from refldm import DEFAULT_MODEL
         name = os.path.basename(os.path.normpath(folder))
+        if os.path.realpath(folder) == os.path.realpath(DEFAULT_MODEL):
+            name = "refldm-default"  # as the CLI records the built-in model
         return cls(vae, text_encoder, tokenizer, unet, scheduler_config, configs, name=name, dtype=dtype)
 
     @classmethod

@@ -570,4 +570,4 @@ def test_default_model_folder_is_public_and_loads():
     from refldm.pipeline import StableDiffusionPipeline
     assert os.path.isfile(os.path.join(refldm.DEFAULT_MODEL, "model_index.json"))
     pipe = StableDiffusionPipeline.from_pretrained(refldm.DEFAULT_MODEL)
-    assert pipe.default_size == 64
+    assert pipe.default_size == 64 and pipe.name == "refldm-default"
