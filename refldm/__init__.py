@@ -6,13 +6,21 @@ The public classes carry the diffusers / transformers names, so code can swap on
     from refldm import CLIPTextModel, CLIPTokenizer, EulerDiscreteScheduler
 
 They are imported on first use, so ``import refldm`` stays cheap.
+
+``refldm.DEFAULT_MODEL`` is the folder of the small model shipped inside the package (a diffusers
+layout), usable from anywhere:
+
+    pipe = StableDiffusionPipeline.from_pretrained(refldm.DEFAULT_MODEL)
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 
 __version__ = "0.1.0"
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
 
 _LAZY = {
     "AutoencoderKL": "refldm.models.vae",

@@ -20,11 +20,15 @@ z_unet = (z_vae - mean) * scaling_factor / std. `AutoencoderKL.encode` / `decode
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 
 from refldm import backend
 
-__all__ = ["to_tensor", "to_uint8", "to_pil", "load_image", "save_image", "scale_latents", "unscale_latents"]
+__all__ = ["to_tensor", "to_uint8", "to_pil", "load_image", "save_image", "save_pil", "scale_latents",
+           "unscale_latents", "check_output", "atomic_write", "parameters_text"]
 
 
 def to_tensor(images, dtype="float32"):
@@ -82,24 +86,150 @@ def to_pil(x):
 
 
 def load_image(path):
-    """Read an image file as an RGB PIL image (one clear error if it is missing or not an image)."""
+    """Read an image file as an RGB PIL image (one clear error if it is missing or not an image).
+
+    16-bit images (PNG mode I;16 / I) are scaled to 8 bits (v / 257), not clipped: PIL's own RGB conversion
+    would clip every value above 255 to white. Very large images (PIL's decompression-bomb guard) and
+    truncated files are one error naming the file.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "I;16N"):
+                wide = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if im.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255.0
+                gray = np.round(np.clip(wide, 0, top) * (255.0 / top)).astype(np.uint8)
+                return Image.fromarray(gray, mode="L").convert("RGB")
             return im.convert("RGB")
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{path}: is a folder, not an image file") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: image too large to open safely ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # SyntaxError: some broken headers in PIL
         raise ValueError(f"{path}: not a readable image ({e})") from None
 
 
-def save_image(x, path):
+def save_image(x, path, parameters: str | None = None):
     """Save a (1, 3, H, W) float array in [-1, 1] as an image file (the format from the suffix)."""
     images = to_pil(x)
     if len(images) != 1:
         raise ValueError(f"save_image: expected one image, got a batch of {len(images)}")
-    images[0].save(path)
+    save_pil(images[0], path, parameters)
+
+
+def parameters_text(prompt, negative, steps, sampler, cfg, seed, width, height, model, strength=None) -> str:
+    """The generation parameters in the Stable Diffusion web UIs' format (their "PNG info" parses it):
+
+        a red circle
+        Negative prompt: blurry
+        Steps: 20, Sampler: Euler, CFG scale: 7.5, Seed: 1, Size: 512x512, Model: v1-5, Denoising strength: 0.7
+    """
+    lines = [prompt]
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    fields = [f"Steps: {steps}", f"Sampler: {sampler}", f"CFG scale: {cfg:g}", f"Seed: {seed}",
+              f"Size: {width}x{height}", f"Model: {model}"]
+    if strength is not None:
+        fields.append(f"Denoising strength: {strength:g}")
+    from refldm import __version__
+    fields.append(f"Version: refldm {__version__}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing outputs: checked before the work, written whole or not at all
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+                 ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def check_output(path, suffixes=None, what: str = "output") -> str:
+    """Refuse an output path that cannot be written, before any work is done; returns the path.
+
+    It must be non-empty, not a folder, in an existing folder where a file can be created (a temporary
+    file is made and removed there: this also catches read-only and virtual file systems such as
+    /proc), and end with one of `suffixes` (default: the image formats refldm writes).
+    """
+    suffixes = tuple(IMAGE_FORMATS) if suffixes is None else tuple(suffixes)
+    if path is None or not str(path).strip():
+        raise ValueError(f"the {what} path is empty")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a folder; give a file name for the {what}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in suffixes:
+        raise ValueError(f"{path}: the {what} must end in {', '.join(suffixes)} (got {ext or 'no suffix'})")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{path}: the folder {folder} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".refldm-check-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"{path}: cannot write in {folder} ({e.strerror or e})") from None
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise PermissionError(f"{path}: exists and is not writable")
+    return path
+
+
+def atomic_write(path, write) -> None:
+    """Run write(file) on a temporary file in the target's folder, then rename it over `path`.
+
+    A crash, SIGKILL or Ctrl-C during the write leaves the previous file intact (and at worst a stray
+    ``.NAME.*.tmp``), never a truncated `path`. The new file gets the permissions a plain open() would.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_pil(image, path, parameters: str | None = None) -> None:
+    """Write a PIL image atomically, in the format its suffix names, with the generation parameters:
+    a PNG ``parameters`` text chunk (tEXt, or iTXt where the text is not Latin-1) as the Stable Diffusion
+    web UIs write it; in a JPEG / WebP, the same text as the EXIF UserComment, where those UIs put it."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    fmt = IMAGE_FORMATS.get(ext)
+    if fmt is None:
+        raise ValueError(f"{path}: cannot tell the image format; use one of {', '.join(IMAGE_FORMATS)}")
+    options = {}
+    if fmt == "PNG":
+        info = PngInfo()
+        if parameters is not None:
+            info.add_text("parameters", parameters)
+        options["pnginfo"] = info
+    else:
+        if image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")
+        if fmt == "JPEG":
+            options["quality"] = 95
+        if parameters is not None and fmt in ("JPEG", "WEBP"):
+            exif = Image.Exif()
+            # UserComment (0x9286) in the Exif IFD (0x8769): an 8-byte charset code, then the text
+            exif.get_ifd(0x8769)[0x9286] = b"UNICODE\0" + parameters.encode("utf-16-be")
+            options["exif"] = exif.tobytes()
+    atomic_write(path, lambda f: image.save(f, format=fmt, **options))
 
 
 def _stats(config, like):

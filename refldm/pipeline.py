@@ -16,11 +16,15 @@ docs/pipeline.md walks the data through with the shapes at every step.
     pipe = StableDiffusionPipeline.from_pretrained("path/to/sd-folder")           # diffusers layout
     pipe = StableDiffusionPipeline.from_single_file("v1-5-pruned-emaonly.safetensors", tokenizer="tok/")
     out = pipe("a red circle", num_inference_steps=20, guidance_scale=7.5, seed=1, scheduler="euler")
-    out.images[0].save("out.png"); out.latents                                    # PIL images, final latents
+    out.save("out.png"); out.images[0]; out.latents        # PNG with the parameters chunk, PIL images, latents
+
+A pipeline object keeps no state between calls (each call makes its own scheduler, generator and
+arrays), so calls from several threads are independent and give what the same calls in sequence give.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import time
@@ -34,7 +38,8 @@ from refldm.sampling import img2img_latents, img2img_timesteps, initial_latents,
 from refldm.weights import WeightsError, load_file, read_config
 
 __all__ = ["StableDiffusionPipeline", "StableDiffusionPipelineOutput", "NonFiniteLatentsError",
-           "PARTS"]
+           "TooLargeError", "PARTS", "estimate_unet_bytes", "estimate_decode_bytes", "estimate_unet_flops",
+           "estimate_decode_flops"]
 
 # The folders of a diffusers SD pipeline and the class model_index.json names for each.
 PARTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
@@ -43,6 +48,10 @@ PARTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder":
 
 class NonFiniteLatentsError(RuntimeError):
     """The latents became NaN or inf during denoising."""
+
+
+class TooLargeError(ValueError):
+    """A run would need more memory than the machine has (estimated from the sizes before it starts)."""
 
 
 @dataclass
@@ -58,6 +67,93 @@ class StableDiffusionPipelineOutput:
     latents: object
     seed: int | None = None
     timings: dict = field(default_factory=dict)
+    parameters: list = field(default_factory=list)  # per image, the web UIs' "parameters" text
+
+    def save(self, path, index: int | None = None) -> list:
+        """Write the images with their generation parameters (a PNG ``parameters`` chunk, as the CLI and the
+        web UIs write it; EXIF UserComment for .jpg / .webp), atomically. One image: `path`; several:
+        NAME-0.png, NAME-1.png, ... (or only image `index` to `path`). Returns the paths written."""
+        from refldm.images import check_output, save_pil
+        path = os.fspath(path)
+        chosen = range(len(self.images)) if index is None else [index]
+        if len(chosen) == 1:
+            names = [path]
+        else:
+            stem, ext = os.path.splitext(path)
+            names = [f"{stem}-{i}{ext}" for i in chosen]
+        for name in names:
+            check_output(name)
+        for name, i in zip(names, chosen):
+            save_pil(self.images[i], name, self.parameters[i] if i < len(self.parameters) else None)
+        return names
+
+
+# -- what a run costs, from the sizes alone (for refusing a run that cannot fit before it starts) ------------
+
+
+def _levels(config, h: int, w: int):
+    """(channels, height, width, has attention) of each U-Net level for a latent of h x w."""
+    out = []
+    for i, c in enumerate(config.block_out_channels):
+        has_attn = "CrossAttn" in config.down_block_types[i]
+        out.append((c, -(-h // 2 ** i), -(-w // 2 ** i), has_attn))
+    return out
+
+
+def _per_level(value, i):
+    return value[i] if isinstance(value, (list, tuple)) else value
+
+
+def estimate_unet_bytes(config, batch: int, h: int, w: int, itemsize: int = 4) -> int:
+    """Peak memory of one U-Net call on `batch` latents of h x w, roughly: the skip connections kept for the
+    up path, plus the working arrays of the largest level (ResNet temporaries and the transformer's
+    feed-forward, 8 channels wide per channel with GEGLU), plus one chunk of attention scores."""
+    from refldm import ops
+    skips, work = 0, 0
+    for i, (c, hi, wi, _) in enumerate(_levels(config, h, w)):
+        n = batch * c * hi * wi
+        skips += n * (_per_level(config.layers_per_block, i) + 1)
+        work = max(work, 12 * n)
+    return itemsize * (skips + work) + ops.ATTENTION_CHUNK_BYTES
+
+
+def estimate_decode_bytes(vae_config, shape, itemsize: int = 4) -> int:
+    """Peak memory of decoding latents of `shape` (N, C, h, w), roughly: at full size, a ResNet's input,
+    output and normalised copy at the top level's width, and the upsampled input from the level below."""
+    n, _, h, w = shape
+    chans = list(vae_config.block_out_channels)
+    f = 2 ** (len(chans) - 1)
+    top, below = chans[0], chans[1] if len(chans) > 1 else chans[0]
+    return itemsize * n * (h * f) * (w * f) * (4 * top + 2 * below + 6)
+
+
+def estimate_decode_flops(vae_config, shape) -> float:
+    """Floating-point operations of decoding latents of `shape` (N, C, h, w), roughly: per decoder level,
+    its ResNets' 3x3 convolutions (layers_per_block + 1 ResNets of two convs, 18 c^2 per pixel each) and
+    the mid block's attention over the h x w latent grid (4 (hw)^2 c)."""
+    n, _, h, w = shape
+    chans = list(vae_config.block_out_channels)[::-1]  # the decoder runs from the widest, coarsest level up
+    lpb = vae_config.layers_per_block
+    total = 4 * (h * w) ** 2 * chans[0] + 2 * 2 * 18 * chans[0] ** 2 * h * w
+    for i, c in enumerate(chans):
+        hw = h * w * 4 ** i
+        total += 2 * 18 * c * c * hw * 2 * (lpb + 1)
+    return n * total
+
+
+def estimate_unet_flops(config, batch: int, h: int, w: int) -> float:
+    """Floating-point operations of one U-Net call, roughly: its 3x3 convolutions (18 c^2 per pixel each:
+    two per ResNet, 2 x layers_per_block down and 2 x (layers_per_block + 1) up) and, at levels with
+    attention, the attention products (4 (hw)^2 c) and the transformer's matrix products (~24 c^2 per token)."""
+    total = 0.0
+    for i, (c, hi, wi, has_attn) in enumerate(_levels(config, h, w)):
+        hw = hi * wi
+        lpb = _per_level(config.layers_per_block, i)
+        resnets = 2 * lpb + 1 + (1 if i == len(config.block_out_channels) - 1 else 0)
+        total += 2 * 18 * c * c * hw * resnets
+        if has_attn:
+            total += (4 * hw * hw * c + 24 * hw * c * c) * (2 * lpb + 1)
+    return batch * total
 
 
 def _models():
@@ -113,7 +209,10 @@ class StableDiffusionPipeline:
         tokenizer = Tokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
         scheduler_config = read_config(os.path.join(folder, "scheduler"), "scheduler_config.json")
         configs = {p: read_config(os.path.join(folder, p)) for p in ("unet", "vae", "text_encoder")}
+        from refldm import DEFAULT_MODEL
         name = os.path.basename(os.path.normpath(folder))
+        if os.path.realpath(folder) == os.path.realpath(DEFAULT_MODEL):
+            name = "refldm-default"  # as the CLI records the built-in model
         return cls(vae, text_encoder, tokenizer, unet, scheduler_config, configs, name=name, dtype=dtype)
 
     @classmethod
@@ -218,7 +317,7 @@ class StableDiffusionPipeline:
     def __call__(self, prompt="", negative_prompt=None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, seed: int | None = None,
                  generator=None, scheduler: str | None = None, latents=None, image=None, strength: float = 0.8,
-                 callback=None, progress: bool = True) -> StableDiffusionPipelineOutput:
+                 callback=None, progress: bool = True, noise_dtype: str | None = None) -> StableDiffusionPipelineOutput:
         """Generate images. See the module docstring for the loop; diffusers' argument names and defaults.
 
         prompt / negative_prompt: a string or a list (one per image). "" is allowed (unconditional); a
@@ -227,7 +326,13 @@ class StableDiffusionPipeline:
         starting noise (B, 4, H/8, W/8), multiplied by the scheduler's init_noise_sigma as in diffusers.
         image + strength: img2img; the image is encoded, noised to the timestep that `strength` selects
         (1.0: pure noise, 0.0: unchanged) and denoised from there. callback(step, t, latents) runs after
-        every step. guidance_scale <= 1 turns classifier-free guidance off (one U-Net pass per step).
+        every step. guidance_scale <= 1 turns classifier-free guidance off (one U-Net pass per step); it
+        must be finite. seed: 0..2**64-1, as torch. noise_dtype: the dtype the starting noise is drawn in
+        (default: the pipeline's). The noise is drawn per dtype, as torch does, so the same seed gives a
+        float64 pipeline other noise than a float32 one; noise_dtype="float32" on a float64 pipeline draws
+        the float32 noise and upcasts it, so a float64 "golden" run starts where the float32 run starts
+        (docs/pipeline.md). The images carry their generation parameters in ``image.info["parameters"]``;
+        ``out.save(path)`` writes them into the file.
         """
         from refldm.random import Generator
         timings = {}
@@ -241,8 +346,14 @@ class StableDiffusionPipeline:
             negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
             if len(negatives) != batch:
                 raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps \
+                or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
+        num_inference_steps = int(num_inference_steps)
+        if not math.isfinite(float(guidance_scale)):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        if noise_dtype not in (None, "float16", "float32", "float64"):
+            raise ValueError(f"noise_dtype={noise_dtype!r}; choose 'float16', 'float32' or 'float64'")
         if image is not None:
             init = self.preprocess_image(image)                             # (1, 3, H, W) in [-1, 1]
             height, width = init.shape[2], init.shape[3]
@@ -271,12 +382,18 @@ class StableDiffusionPipeline:
         # 2. the timesteps and the starting latents x_T (B, 4, H/8, W/8)
         sched = self.make_scheduler(scheduler)
         sched.set_timesteps(num_inference_steps)
+        self._check_schedule(sched, num_inference_steps, scheduler)
         timesteps = sched.timesteps
         latent_shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,
                         width // self.vae_scale_factor)
         if image is None:
             if latents is None:
-                latents = initial_latents(latent_shape, sched, generator=generator, dtype=dtype)  # eps * sigma_max
+                if noise_dtype is None or noise_dtype == dtype:
+                    latents = initial_latents(latent_shape, sched, generator=generator, dtype=dtype)  # eps * sigma
+                else:  # eps drawn in noise_dtype, upcast, then scaled in the pipeline's dtype
+                    from refldm.random import randn
+                    eps = randn(latent_shape, generator=generator, dtype=noise_dtype)
+                    latents = backend.asarray(eps, dtype=dtype) * float(sched.init_noise_sigma)
             else:
                 if tuple(latents.shape) != latent_shape:
                     raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {latent_shape}")
@@ -322,7 +439,60 @@ class StableDiffusionPipeline:
         pixels = self.decode_latents(latents)                                 # (B, H, W, 3) uint8
         images = [Image.fromarray(p) for p in pixels]
         timings["decode"] = time.perf_counter() - start
-        return StableDiffusionPipelineOutput(images=images, latents=latents, seed=seed, timings=timings)
+        parameters = []
+        for k, im in enumerate(images):
+            text = self._parameters(prompts[k], negatives[k], num_inference_steps, scheduler, guidance_scale,
+                                    seed, im.width, im.height, None if image is None else strength)
+            im.info["parameters"] = text
+            parameters.append(text)
+        return StableDiffusionPipelineOutput(images=images, latents=latents, seed=seed, timings=timings,
+                                             parameters=parameters)
+
+    def _parameters(self, prompt, negative, steps, scheduler, cfg, seed, width, height, strength) -> str:
+        """The web UIs' parameters text for one image (the format `refldm txt2img` writes)."""
+        from refldm.images import parameters_text
+        try:
+            from refldm.cli.generate import SAMPLER_LABELS  # the web UIs' sampler names
+        except ImportError:  # pragma: no cover
+            SAMPLER_LABELS = {}
+        key = scheduler or self.scheduler_config.get("_class_name", "")
+        label = SAMPLER_LABELS.get(key, SAMPLER_LABELS.get(str(key).lower(), str(key)))
+        return parameters_text(prompt, negative, steps, label, cfg, "unknown" if seed is None else seed,
+                               width, height, self.name, strength=strength)
+
+    def estimate(self, batch: int, height: int, width: int, steps: int, guidance_scale: float) -> dict:
+        """What a call would cost, from the sizes: {"bytes": peak memory, "flops": total operations}.
+        Rough (within a factor of about 2), for refusing what cannot fit and announcing long runs."""
+        f = self.vae_scale_factor
+        h, w = -(-height // f), -(-width // f)
+        unet_batch = batch * (2 if guidance_scale > 1 else 1)
+        itemsize = self.dtype.itemsize
+        weights = sum(m.num_parameters() for m in (self.unet, self.vae, self.text_encoder)) * itemsize
+        peak = max(estimate_unet_bytes(self.unet.config, unet_batch, h, w, itemsize),
+                   estimate_decode_bytes(self.vae.config, (batch, 4, h, w), itemsize))
+        flops = estimate_unet_flops(self.unet.config, unet_batch, h, w) * steps
+        return {"bytes": weights + peak, "flops": flops}
+
+    def _check_schedule(self, sched, steps: int, name) -> None:
+        """Every timestep must be one the model was trained on (0 .. num_train_timesteps - 1); too many
+        steps for a spacing with an offset (steps_offset=1 makes 1000 steps start at t = 1000) are refused
+        here with the largest count that works, rather than failing inside the loop."""
+        import numpy as np
+        train = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        t = np.asarray(backend.to_numpy(sched.timesteps), dtype=np.float64)
+        if t.size and (t.max() <= train - 1 + 1e-9) and t.min() >= 0:
+            return
+        ok = steps - 1
+        while ok > 1:
+            trial = self.make_scheduler(name)
+            trial.set_timesteps(ok)
+            u = np.asarray(backend.to_numpy(trial.timesteps), dtype=np.float64)
+            if u.size and u.max() <= train - 1 + 1e-9 and u.min() >= 0:
+                break
+            ok -= 1
+        raise ValueError(f"{steps} steps reach timestep {t.max():g}, past the {train} training timesteps of this "
+                         f"schedule (timestep_spacing={self.scheduler_config.get('timestep_spacing', 'leading')!r}, "
+                         f"steps_offset={self.scheduler_config.get('steps_offset', 0)}); use at most {ok} steps")
 
     # -- description -----------------------------------------------------------------------------------------------
 

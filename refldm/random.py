@@ -272,10 +272,13 @@ class Generator:
         self.manual_seed(DEFAULT_SEED if seed is None else seed)
 
     def manual_seed(self, seed: int) -> "Generator":
-        """Restart the stream from `seed` (as ``torch.Generator.manual_seed``); returns self."""
+        """Restart the stream from `seed`, 0..2**64-1 (as ``torch.Generator.manual_seed``); returns self.
+        Other integers are refused rather than wrapped: 2**64 would silently give seed 0's noise."""
         if isinstance(seed, bool) or not isinstance(seed, (int, numpy.integer)):
             raise ValueError(f"refldm.random: seed must be an integer, got {seed!r}")
-        self._seed = int(seed) % 2**64
+        if not 0 <= int(seed) <= 2**64 - 1:  # torch's range; wrapping would give another seed's noise silently
+            raise ValueError(f"refldm.random: seed {int(seed)} is outside 0..2**64-1 (18446744073709551615)")
+        self._seed = int(seed)
         self._next_normal = None  # torch's next_double_normal_sample
         if self.mode == "torch":
             self._bits = _mt19937(self._seed)

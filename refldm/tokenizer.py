@@ -19,9 +19,12 @@ From a prompt to token ids, in five steps (docs/text_encoder.md has the long ver
 5. ``<|startoftext|>`` + ids + ``<|endoftext|>``, truncated to ``model_max_length`` (77) and padded
    with the folder's padding token.
 
-The files are those transformers writes: vocab.json ({token: id}), merges.txt (``#version`` line, then
-one "left right" pair per line, best first), tokenizer_config.json / special_tokens_map.json (special
-tokens, model_max_length). NumPy and the standard library only.
+The files are those transformers writes: either tokenizer.json (what transformers 5 saves: the `tokenizers`
+library's one file, whose BPE "model" holds the vocabulary and the merges; its normaliser and
+pre-tokeniser must be CLIP's, else the folder is refused), or the older vocab.json ({token: id}) +
+merges.txt (``#version`` line, then one "left right" pair per line, best first); and
+tokenizer_config.json / special_tokens_map.json (special tokens, model_max_length). tokenizer.json wins
+when both are there, as in transformers. NumPy and the standard library only.
 """
 
 from __future__ import annotations
@@ -194,10 +197,19 @@ class CLIPTokenizer:
         if not os.path.isdir(folder):
             raise TokenizerError(f"{folder}: no such tokenizer folder")
         vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
-        vocab = _read_json(vocab_path, required=True)
-        if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in vocab.items()):
-            raise TokenizerError(f"{vocab_path}: expected a JSON object of {{token: integer id}}")
-        merges = _read_merges(merges_path)
+        fast_path = os.path.join(folder, "tokenizer.json")
+        added_fast = {}
+        if os.path.isfile(fast_path):  # what transformers 5 writes (and what it reads first when present)
+            vocab, merges, added_fast = _read_tokenizer_json(fast_path)
+        elif not os.path.isfile(vocab_path) and not os.path.isfile(merges_path):
+            raise TokenizerError(f"{folder}: no tokenizer.json, nor vocab.json + merges.txt (is it a tokenizer "
+                                 "folder?)")
+        else:
+            vocab = _read_json(vocab_path, required=True)
+            if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                       for k, v in vocab.items()):
+                raise TokenizerError(f"{vocab_path}: expected a JSON object of {{token: integer id}}")
+            merges = _read_merges(merges_path)
         config = _read_json(os.path.join(folder, "tokenizer_config.json"))
         special_map = _read_json(os.path.join(folder, "special_tokens_map.json"))
         tokens = {}
@@ -206,7 +218,7 @@ class CLIPTokenizer:
             tokens[name] = value.get("content") if isinstance(value, dict) else value
             if not isinstance(tokens[name], str):
                 raise TokenizerError(f"{folder}: {name} {value!r} is not a token string")
-        _check_added_tokens(folder, config, vocab)
+        _check_added_tokens(folder, config, vocab, added_fast)
         limit = config.get("model_max_length", NO_LIMIT)
         if isinstance(limit, float) and limit >= NO_LIMIT:
             limit = NO_LIMIT
@@ -300,6 +312,11 @@ class CLIPTokenizer:
             raise TokenizerError(f"CLIPTokenizer: return_tensors={return_tensors!r}; refldm returns 'np' or None")
         if truncation not in (True, False, "longest_first", "do_not_truncate"):
             raise TokenizerError(f"CLIPTokenizer: truncation={truncation!r}; choose True or False")
+        for t in texts:  # a lone surrogate (an undecodable byte kept by Python) has no UTF-8 bytes to tokenize
+            bad = next((i for i, ch in enumerate(t) if "\ud800" <= ch <= "\udfff"), None)
+            if bad is not None:
+                raise TokenizerError(f"CLIPTokenizer: the text holds a lone surrogate U+{ord(t[bad]):04X} at "
+                                     f"position {bad} (a byte that was not UTF-8?); it has no UTF-8 encoding")
         truncation = truncation in (True, "longest_first")
         ids = [self.encode(t, add_special_tokens, truncation, max_length) for t in texts]
         if padding == "max_length":
@@ -403,9 +420,9 @@ def _read_merges(path) -> list:
     return merges
 
 
-def _check_added_tokens(folder, config: dict, vocab: dict) -> None:
+def _check_added_tokens(folder, config: dict, vocab: dict, added_fast: dict | None = None) -> None:
     """Refuse added tokens outside vocab.json (textual-inversion tokens, ...): they are not implemented."""
-    added = {}
+    added = dict(added_fast or {})
     decoder = config.get("added_tokens_decoder") or {}
     for key, value in decoder.items():
         content = value.get("content") if isinstance(value, dict) else value
@@ -420,3 +437,75 @@ def _check_added_tokens(folder, config: dict, vocab: dict) -> None:
         if not same:
             raise TokenizerError(f"{folder}: added token {content!r} (id {key}) is not in vocab.json under that "
                                  "id; refldm's CLIPTokenizer does not implement extra added tokens")
+
+
+# --------------------------------------------------------------------------------------------------------
+# tokenizer.json: the `tokenizers` library's one-file format, which transformers 5 writes instead of
+# vocab.json + merges.txt. Its "model" holds the same vocabulary and merges; its normaliser and
+# pre-tokeniser must be CLIP's (steps 2 and 3 above), or the ids would differ: anything else is refused.
+
+# CLIP's pattern as transformers writes it into the Split pre-tokeniser.
+CLIP_SPLIT_PATTERN = (r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|"
+                      r"[^\s\p{L}\p{N}]+")
+CLIP_NORMALIZER = {"type": "Sequence", "normalizers": [
+    {"type": "NFC"}, {"type": "Replace", "pattern": {"Regex": r"\s+"}, "content": " "}, {"type": "Lowercase"}]}
+CLIP_PRE_TOKENIZER = {"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": CLIP_SPLIT_PATTERN}, "behavior": "Removed", "invert": True},
+    {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}]}
+# BPE model fields and the values CLIP's tokenizer has (absent counts as the library's default)
+CLIP_BPE_FIELDS = {"dropout": None, "continuing_subword_prefix": "", "end_of_word_suffix": END_OF_WORD,
+                   "byte_fallback": False}
+
+
+def _without(value, drop=("trim_offsets",)):
+    """A JSON value without the keys that do not change ids (offset trimming only moves character spans)."""
+    if isinstance(value, dict):
+        return {k: _without(v, drop) for k, v in value.items() if k not in drop}
+    if isinstance(value, list):
+        return [_without(v, drop) for v in value]
+    return value
+
+
+def _short(value, limit: int = 200) -> str:
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _read_tokenizer_json(path) -> tuple[dict, list, dict]:
+    """tokenizer.json -> (vocab {token: id}, merges [(left, right)], added tokens {content: id}).
+
+    Checks that it describes CLIP's tokenizer: a BPE model with the </w> end-of-word suffix, and CLIP's
+    normaliser (NFC, whitespace runs -> " ", lower case) and pre-tokeniser (CLIP's pattern, then byte-level).
+    """
+    data = _read_json(path, required=True)
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or "vocab" not in model:
+        kind = model.get("type") if isinstance(model, dict) else type(model).__name__
+        raise TokenizerError(f"{path}: model type {_short(kind)} is not BPE; refldm implements CLIP's BPE "
+                             "tokenizer only")
+    for name, want in CLIP_BPE_FIELDS.items():
+        have = model.get(name, want if name != "continuing_subword_prefix" else None)
+        if have != want and not (name == "continuing_subword_prefix" and have is None):
+            raise TokenizerError(f"{path}: model.{name} is {_short(have)}, CLIP's is {_short(want)}; "
+                                 "not a CLIP tokenizer")
+    for name, want in (("normalizer", CLIP_NORMALIZER), ("pre_tokenizer", CLIP_PRE_TOKENIZER)):
+        if _without(data.get(name)) != want:
+            raise TokenizerError(f"{path}: the {name} {_short(data.get(name))} is not CLIP's; refldm "
+                                 "implements CLIP's tokenizer only (docs/text_encoder.md)")
+    vocab = model["vocab"]
+    if not isinstance(vocab, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in vocab.items()):
+        raise TokenizerError(f"{path}: model.vocab must be a JSON object of {{token: integer id}}")
+    merges = []
+    for number, merge in enumerate(model.get("merges") or [], start=1):
+        # tokenizers >= 0.20 writes ["left", "right"]; older versions wrote "left right"
+        parts = merge.split(" ") if isinstance(merge, str) else merge
+        if not isinstance(parts, list) or len(parts) != 2 or not all(isinstance(p, str) and p for p in parts):
+            raise TokenizerError(f"{path}: merge #{number} {_short(merge)} is not a pair of symbols")
+        merges.append((parts[0], parts[1]))
+    added = {}
+    for entry in data.get("added_tokens") or []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+            raise TokenizerError(f"{path}: added_tokens entry {_short(entry)} has no content string")
+        added[entry["content"]] = entry.get("id")
+    return vocab, merges, added

@@ -3,14 +3,18 @@
 The safetensors format is: 8 bytes little-endian header length N, then N bytes of JSON
 ``{name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}``,
 then the raw little-endian tensor bytes. This module parses it by hand so that every way a file can
-lie (a truncated file, offsets outside the data, overlapping tensors, a size that does not match the
-shape and dtype, an unknown dtype) is one clear error naming the file and the key. It never unpickles:
+lie (a truncated file, offsets outside the data, overlapping tensors or a hole between them, a size
+that does not match the shape and dtype, an unknown dtype) is one clear error naming the file and the
+key. It accepts a file exactly when the safetensors library does (the same rules, including those of
+its JSON parser; tests/test_weights.py compares the two verdicts on thousands of mutated files), and
+names read from a file are escaped and cut before they reach a message (`shown`). It never unpickles:
 ``.ckpt`` / ``.bin`` / ``.pt`` files are refused.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -21,14 +25,31 @@ from refldm import backend
 _DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
     "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"), "C64": np.dtype("<c8"),
 }
+# Every dtype of the format and its size in bits. The ones NumPy has no type for (8-, 6- and 4-bit floats)
+# are valid in a header, but refused when a tensor of them is read.
+_BITS = {name: dt.itemsize * 8 for name, dt in _DTYPES.items()}
+_BITS.update({"F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+              "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4})
 _NAMES = {np.dtype(v).name: k for k, v in _DTYPES.items() if k != "BF16"}
 _PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
-_MAX_HEADER = 100 * 1024 * 1024
+_MAX_HEADER = 100_000_000   # bytes, as the safetensors library
+_MAX_DEPTH = 127            # JSON nesting the safetensors library's parser (serde_json) accepts
+_U64 = 2 ** 64 - 1          # shapes and offsets are unsigned 64-bit integers
 
 
 from refldm.errors import WeightsError  # one home for the error classes
+
+
+def shown(name, limit: int = 80) -> str:
+    """An untrusted name (a key, a dtype, a value read from a file) made safe to print in one line:
+    cut to `limit` characters, then quoted with every control and non-ASCII character escaped, so that
+    no escape sequence, carriage return or megabyte of text from a file reaches the terminal."""
+    text = name if isinstance(name, str) else json.dumps(name, ensure_ascii=True, default=repr)
+    cut = text[:limit]
+    return ascii(cut) + (f"... ({len(text)} characters)" if len(text) > limit else "")
 
 
 def refuse_pickle(path) -> None:
@@ -44,8 +65,103 @@ def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
+# -- the header's JSON, read as the safetensors library reads it --------------------------------------------
+#
+# Python's json module is more lenient than the Rust parser (serde_json) of the safetensors library: it
+# takes NaN / Infinity, numbers that overflow a double, lone UTF-16 surrogates, nesting deeper than 127,
+# "-0" as an integer, and a repeated field. The hooks below refuse exactly those, so that refldm accepts a
+# header if and only if the library does (tests/test_weights.py compares the two on thousands of mutants).
+
+
+class _Object(dict):
+    """A JSON object that remembers which of its keys were repeated: the last value wins, but the
+    library still parses the earlier ones (`shadowed`), so they must be well-formed too."""
+    repeated: frozenset = frozenset()
+    shadowed: tuple = ()
+
+
+def _object(pairs):
+    obj = _Object(pairs)
+    if len(obj) != len(pairs):
+        seen, repeated, shadowed = {}, set(), []
+        for key, value in pairs:
+            if key in seen:
+                repeated.add(key)
+                shadowed.append((key, seen[key]))
+            seen[key] = value
+        obj.repeated, obj.shadowed = frozenset(repeated), tuple(shadowed)
+    return obj
+
+
+def _integer(text: str):
+    """serde_json reads an integer outside the 64-bit range, and "-0", as a float."""
+    value = int(text)
+    if text != "-0" and -2 ** 63 <= value <= _U64:
+        return value
+    return _float(text)
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} out of range")
+    return value
+
+
+def _constant(text: str):
+    raise ValueError(f"{text} is not JSON")
+
+
+def _check_json(value) -> None:
+    """Refuse nesting deeper than serde_json's limit and strings that are not Unicode (lone surrogates)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > _MAX_DEPTH:
+                raise ValueError(f"nested deeper than {_MAX_DEPTH} levels")
+            children = ([*item.keys(), *item.values(), *(v for _, v in getattr(item, "shadowed", ()))]
+                        if isinstance(item, dict) else item)
+            stack.extend((child, depth + 1) for child in children)
+        elif isinstance(item, str):
+            item.encode("utf-8")  # UnicodeEncodeError (a ValueError) for a lone surrogate
+
+
+def _entry(path, key, info) -> tuple:
+    """One tensor's (dtype, shape, (begin, end)); serde also takes the entry as a 3-item list, and ignores
+    fields it does not know."""
+    where = f"{path}: key {shown(key)}"
+    if isinstance(info, list):
+        if len(info) != 3:
+            raise WeightsError(f"{where}: header entry must be an object with dtype, shape, data_offsets")
+        dt, shape, offs = info
+    elif isinstance(info, dict):
+        missing = [f for f in ("dtype", "shape", "data_offsets") if f not in info]
+        twice = sorted({"dtype", "shape", "data_offsets"} & info.repeated) if isinstance(info, _Object) else []
+        if missing or twice:
+            raise WeightsError(f"{where}: header entry must have dtype, shape, data_offsets once each "
+                               f"({'missing ' + ', '.join(missing) if missing else 'repeated ' + ', '.join(twice)})")
+        dt, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+    else:
+        raise WeightsError(f"{where}: header entry must be an object with dtype, shape, data_offsets")
+    if not isinstance(dt, str) or dt not in _BITS:
+        raise WeightsError(f"{where}: unsupported dtype {shown(dt, 40)}")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d <= _U64 for d in shape):
+        raise WeightsError(f"{where}: bad shape {shown(shape, 60)} (a list of non-negative integers)")
+    if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int and 0 <= o <= _U64 for o in offs)):
+        raise WeightsError(f"{where}: data_offsets {shown(offs, 60)} must be two non-negative integers")
+    return dt, shape, tuple(offs)
+
+
 def read_header(path) -> tuple[dict, dict, int]:
-    """Parse a safetensors header: ({key: info}, metadata, byte offset of the data section)."""
+    """Parse a safetensors header: ({key: info}, metadata, byte offset of the data section).
+
+    What the format requires, and the safetensors library checks (so refldm checks it too): the header
+    length fits the file; the header is UTF-8 JSON, an object of {key: {dtype, shape, data_offsets}} and
+    an optional "__metadata__" object of strings; each tensor's byte range [begin, end) holds exactly
+    prod(shape) * itemsize bytes; and the ranges, sorted, follow one another without a hole or an
+    overlap from byte 0 to the end of the file. Each info returned is {"dtype", "shape", "data_offsets"}.
+    """
     path = os.fspath(path)
     refuse_pickle(path)
     if not os.path.isfile(path):
@@ -56,45 +172,64 @@ def read_header(path) -> tuple[dict, dict, int]:
         if len(head) < 8:
             raise WeightsError(f"{path}: not a safetensors file (shorter than the 8-byte header length)")
         (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, _MAX_HEADER):
+        if n > _MAX_HEADER:
+            raise WeightsError(f"{path}: header length {n} is over the format's limit of {_MAX_HEADER} bytes; "
+                               "corrupted or not a safetensors file")
+        if n > size - 8:
             raise WeightsError(f"{path}: header length {n} runs past the end of the file ({size} bytes); "
                                "truncated or not a safetensors file")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSON errors, ints > 4300 digits
-        raise WeightsError(f"{path}: header is not valid JSON ({str(e)[:200]})") from None
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_object, parse_int=_integer,
+                            parse_float=_float, parse_constant=_constant)
+        _check_json(header)
+    except (UnicodeError, ValueError, RecursionError) as e:  # ValueError: JSON errors, ints > 4300 digits
+        raise WeightsError(f"{path}: header is not valid JSON ({shown(str(e), 200)})") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise WeightsError(f"{path}: __metadata__ is not a JSON object")
+    if "__metadata__" in getattr(header, "repeated", ()):
+        raise WeightsError(f"{path}: __metadata__ appears twice in the header")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(
+            isinstance(v, str) for v in [*metadata.values(), *(v for _, v in getattr(metadata, "shadowed", ()))]):
+        raise WeightsError(f"{path}: __metadata__ must be an object of {{string: string}}")
+    for key, info in getattr(header, "shadowed", ()):  # a key given twice: the last counts, both must parse
+        _entry(path, key, info)
     data_size = size - 8 - n
-    spans = []
+    infos, spans = {}, []
     for key, info in header.items():
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise WeightsError(f"{path}: key {key!r}: header entry must have exactly dtype, shape, data_offsets")
-        dt, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dt, str) or dt not in _DTYPES:
-            raise WeightsError(f"{path}: key {key!r}: unsupported dtype {dt!r}")
-        if (not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape)):
-            raise WeightsError(f"{path}: key {key!r}: bad shape {shape!r}")
-        if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
-                or not 0 <= offs[0] <= offs[1] <= data_size):
-            raise WeightsError(f"{path}: key {key!r}: data_offsets {offs!r} lie outside the "
+        dt, shape, (begin, end) = _entry(path, key, info)
+        if not begin <= end <= data_size:
+            raise WeightsError(f"{path}: key {shown(key)}: data_offsets [{begin}, {end}] lie outside the "
                                f"{data_size}-byte data section (truncated or corrupted file)")
         count = 1
-        for s in shape:
-            count *= s
-        if offs[1] - offs[0] != count * _DTYPES[dt].itemsize:
-            raise WeightsError(f"{path}: key {key!r}: {offs[1] - offs[0]} bytes do not hold a {dt} tensor "
-                               f"of shape {tuple(shape)}")
-        spans.append((offs[0], offs[1], key))
-    spans.sort()
-    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise WeightsError(f"{path}: keys {k0!r} and {k1!r} overlap in the data section")
-    return header, metadata, 8 + n
+        for d in shape:  # as the library: the running product must fit 64 bits
+            count *= d
+            if count > _U64:
+                raise WeightsError(f"{path}: key {shown(key)}: shape {shown(shape, 60)} overflows 64 bits")
+        bits = count * _BITS[dt]
+        if bits > _U64 or bits % 8:
+            raise WeightsError(f"{path}: key {shown(key)}: {count} {dt} values do not fill whole bytes "
+                               "(or overflow 64 bits)")
+        if end - begin != bits // 8:
+            raise WeightsError(f"{path}: key {shown(key)}: {end - begin} bytes do not hold a {dt} tensor of "
+                               f"shape {shown(shape, 60)} ({bits // 8} bytes)")
+        infos[key] = {"dtype": dt, "shape": shape, "data_offsets": [begin, end]}
+        spans.append((begin, end, key))
+    spans.sort(key=lambda span: span[:2])
+    position, previous = 0, None
+    for begin, end, key in spans:
+        if begin < position:
+            raise WeightsError(f"{path}: keys {shown(previous)} and {shown(key)} overlap in the data section")
+        if begin > position:
+            raise WeightsError(f"{path}: bytes {position}..{begin} of the data section belong to no tensor "
+                               f"(a hole before key {shown(key)}); corrupted file or wrong header length")
+        position, previous = end, key
+    if position != data_size:
+        raise WeightsError(f"{path}: the tensors cover {position} of the {data_size} bytes after the header; "
+                           "the file is corrupted, has extra bytes, or its header length is wrong")
+    return infos, dict(metadata), 8 + n
 
 
 def load_file(path, keys=None) -> dict:
@@ -105,18 +240,26 @@ def load_file(path, keys=None) -> dict:
         for key, info in header.items():
             if keys is not None and key not in keys:
                 continue
+            dt, shape = info["dtype"], info["shape"]
+            if dt not in _DTYPES:
+                raise WeightsError(f"{path}: key {shown(key)}: dtype {dt} has no NumPy type; refldm cannot "
+                                   "read it (convert the file to F32, F16 or BF16)")
             b, e = info["data_offsets"]
             f.seek(start + b)
             buf = f.read(e - b)
             if len(buf) != e - b:
-                raise WeightsError(f"{path}: key {key!r}: file ends inside the tensor data")
-            arr = np.frombuffer(buf, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
-            out[key] = bf16_to_float32(arr) if info["dtype"] == "BF16" else arr.copy()
+                raise WeightsError(f"{path}: key {shown(key)}: file ends inside the tensor data")
+            try:  # NumPy's limits: 64 dimensions, each size within its index type
+                arr = np.frombuffer(buf, dtype=_DTYPES[dt]).reshape(shape)
+            except (ValueError, OverflowError) as err:
+                raise WeightsError(f"{path}: key {shown(key)}: NumPy cannot hold an array of shape "
+                                   f"{shown(shape, 60)} ({shown(str(err), 80)})") from None
+            out[key] = bf16_to_float32(arr) if dt == "BF16" else arr.copy()
     return out
 
 
 def save_file(tensors: dict, path, metadata: dict | None = None) -> None:
-    """Write {key: array} as a safetensors file (arrays of any backend; stored little-endian)."""
+    """Write {key: array} as a safetensors file (arrays of any backend; stored little-endian), atomically."""
     header, chunks, offset = {}, [], 0
     for key in sorted(tensors):
         arr = np.asarray(backend.to_numpy(tensors[key]))
@@ -132,11 +275,15 @@ def save_file(tensors: dict, path, metadata: dict | None = None) -> None:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
+
+    def write(f):
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for c in chunks:
             f.write(c)
+
+    from refldm.images import atomic_write
+    atomic_write(path, write)  # a temporary file renamed over `path`: never a half-written checkpoint
 
 
 def find_weights(folder, stem: str = "diffusion_pytorch_model") -> list[str]:
@@ -173,7 +320,7 @@ def load_state(paths) -> dict:
     for path in paths:
         for key, value in load_file(path).items():
             if key in state:
-                raise WeightsError(f"key {key!r} appears in both {where[key]} and {path}")
+                raise WeightsError(f"key {shown(key)} appears in both {where[key]} and {path}")
             state[key], where[key] = value, path
     return state
 
@@ -188,14 +335,14 @@ def load_into(model, state: dict, dtype="float32", source: str = "checkpoint"):
     dt = backend.resolve_dtype(dtype)
     expected = {key: (owner, attr, value) for key, owner, attr, value in model.params()}
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(shown(k)[1:-1] if len(k) <= 80 else shown(k) for k in set(state) - set(expected))
     wrong = sorted(f"{k} {tuple(state[k].shape)} != {tuple(expected[k][2].shape)}"
                    for k in set(expected) & set(state) if tuple(state[k].shape) != tuple(expected[k][2].shape))
     problems = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
         if keys:
-            shown = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
-            problems.append(f"{label}: {shown}")
+            listed = ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "")
+            problems.append(f"{label}: {listed}")
     if problems:
         raise WeightsError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
     for key, (owner, attr, _) in expected.items():

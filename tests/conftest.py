@@ -47,3 +47,63 @@ def on_backend(request):
     """Run the test with each available backend active (numpy, the fake device, and cupy on a GPU)."""
     with backend.use(request.param):
         yield request.param
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fast subset for the edit-test loop: `python -m pytest -m "not slow"`.
+#
+# A test is marked `slow` automatically when it needs the cross-check packages (torch, diffusers,
+# transformers): its code, a fixture it uses, or a helper either calls reaches `require(...)`. Tests
+# may also be marked `@pytest.mark.slow` by hand. CI runs everything, marked or not.
+
+CROSSCHECK_CALL = "require("
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs torch / diffusers / transformers, or takes long; "
+                                       'skip with -m "not slow" for a fast edit-test loop')
+
+
+def _source(fn) -> str:
+    import inspect
+    try:
+        return inspect.getsource(inspect.unwrap(fn))
+    except (OSError, TypeError):
+        return ""
+
+
+_NEEDING = {}
+
+
+def _needing_names(module) -> set:
+    """Names of the functions visible in `module` whose code reaches require(...), directly or through
+    another such function (a fixpoint over the module's globals, imported helpers included)."""
+    if module in _NEEDING:
+        return _NEEDING[module]
+    import inspect
+    functions = {name: _source(obj) for name, obj in vars(module).items()
+                 if inspect.isfunction(obj) and name != "require"}
+    needing = {name for name, src in functions.items() if CROSSCHECK_CALL in src}
+    changed = True
+    while changed:
+        changed = False
+        for name, src in functions.items():
+            if name not in needing and any(f"{n}(" in src for n in needing):
+                needing.add(name)
+                changed = True
+    _NEEDING[module] = needing
+    return needing
+
+
+def _needs_crosscheck(item) -> bool:
+    names = _needing_names(item.module)
+    sources = [_source(item.function)]
+    for defs in getattr(item, "_fixtureinfo", None).name2fixturedefs.values() if hasattr(item, "_fixtureinfo") else ():
+        sources.extend(_source(d.func) for d in defs)
+    return any(CROSSCHECK_CALL in src or any(f"{n}(" in src for n in names) for src in sources)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if getattr(item, "module", None) is not None and _needs_crosscheck(item):
+            item.add_marker(pytest.mark.slow)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -85,7 +86,7 @@ def _rerandomise(torch, model, seed):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
-def build_tiny_sd(folder, kind="sd1", seed=0, conventional=False):
+def build_tiny_sd(folder, kind="sd1", seed=0, conventional=False, as_saved=False):
     """Write a random-weight tiny Stable Diffusion folder in diffusers' layout; return its path.
 
     The shapes follow SD's pattern at a toy size: a 3-level U-Net (cross-attention in the two upper
@@ -94,6 +95,8 @@ def build_tiny_sd(folder, kind="sd1", seed=0, conventional=False):
     gelu text encoder, "!" as the padding token. conventional=True keeps SD's conventions that a single
     file's shapes do not record (32 groups per GroupNorm; 8 heads in SD 1.x, 64 channels per head in
     SD 2.x and in the text encoder), so that a single file of it loads without a config folder.
+    as_saved=True keeps the tokenizer/ folder exactly as transformers' save_pretrained writes it
+    (tokenizer.json + tokenizer_config.json in transformers 5); otherwise it holds CLIP's own files.
     """
     torch = require("torch")
     diffusers = require("diffusers")
@@ -136,6 +139,9 @@ def build_tiny_sd(folder, kind="sd1", seed=0, conventional=False):
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
+    if as_saved:
+        shutil.rmtree(tok_dir)
+        return folder
     # the tokenizer folder in CLIP's own format (vocab.json + merges.txt), which both libraries read
     out = os.path.join(folder, "tokenizer")
     for name in os.listdir(out):
@@ -454,3 +460,114 @@ def test_default_model_same_image_as_diffusers(torch_one_thread):
     assert out.images[0].size == (64, 64)
     assert _max_pixel_diff(out.images, ref) <= 2
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folders saved by today's libraries (issue 12, item 0)
+
+
+def test_folder_saved_by_current_diffusers_loads_with_the_same_ids(tmp_path, torch_one_thread):
+    """transformers 5 saves tokenizer.json (no vocab.json / merges.txt): refldm reads it, same ids."""
+    transformers = require("transformers")
+    from refldm import CLIPTokenizer
+    from refldm.pipeline import StableDiffusionPipeline
+    folder = build_tiny_sd(tmp_path / "saved", as_saved=True)
+    files = set(os.listdir(os.path.join(folder, "tokenizer")))
+    assert "tokenizer.json" in files and "vocab.json" not in files and "merges.txt" not in files
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    theirs = transformers.CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    ours = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    prompts = [PROMPT, "A Large BLUE square, riding a horse!!", "", "cat's dog 123 café"]
+    want = theirs(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="np")["input_ids"]
+    np.testing.assert_array_equal(pipe.tokenize(prompts), want)
+    np.testing.assert_array_equal(ours(prompts)["input_ids"], want)
+    out = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=2, seed=1, progress=False)
+    assert out.images[0].size == (SIZE, SIZE)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hardening (issue 12)
+
+
+def test_four_threads_on_one_pipeline_give_the_sequential_latents(pipe):
+    """A pipeline object keeps no per-call state (scheduler, generator and arrays are made per call), so
+    four threads calling it at once get exactly what the same calls in sequence get. (BLAS is held to one
+    thread in this module: OpenBLAS's own split under contention is the thread-count question, tested in
+    tests/test_backend.py.)"""
+    from concurrent.futures import ThreadPoolExecutor
+    jobs = [dict(prompt=PROMPT, seed=s, scheduler=sch, guidance_scale=g)
+            for s, sch, g in ((1, "euler", 7.5), (2, "ddim", 5.0), (3, "dpm++2m", 1.0), (4, "euler", 3.0))]
+    kwargs = dict(height=SIZE, width=SIZE, num_inference_steps=3, progress=False)
+    sequential = [np.asarray(pipe(**job, **kwargs).latents) for job in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda job: np.asarray(pipe(**job, **kwargs).latents), jobs))
+    for a, b in zip(sequential, parallel):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_guidance_is_refused(pipe, scale):
+    with pytest.raises(ValueError, match="guidance_scale must be finite"):
+        pipe(PROMPT, guidance_scale=scale, height=SIZE, width=SIZE, num_inference_steps=1, progress=False)
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 64, 2 ** 100])
+def test_seed_outside_torch_range_is_refused(pipe, seed):
+    with pytest.raises(ValueError, match=r"outside 0..2\*\*64-1"):
+        pipe(PROMPT, seed=seed, height=SIZE, width=SIZE, num_inference_steps=1, progress=False)
+
+
+def test_largest_seed_gives_torchs_noise():
+    torch = require("torch")
+    from refldm.random import randn
+    seed = 2 ** 64 - 1
+    ref = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed)).numpy()
+    np.testing.assert_array_equal(randn((1, 4, 8, 8), seed=seed), ref)
+
+
+def test_too_many_steps_for_the_schedule_is_a_clear_error(pipe):
+    """DDIM with steps_offset=1 and 1000 steps would start at t = 1000 (an IndexError inside the loop)."""
+    with pytest.raises(ValueError, match="at most 999 steps"):
+        pipe(PROMPT, scheduler="ddim", num_inference_steps=1000, height=SIZE, width=SIZE, progress=False)
+
+
+def test_images_carry_their_parameters_and_save_writes_them(pipe, tmp_path):
+    from PIL import Image
+    out = pipe([PROMPT, "a green dog"], negative_prompt="blurry", seed=5, scheduler="euler", guidance_scale=6.0,
+               height=SIZE, width=SIZE, num_inference_steps=2, progress=False)
+    text = out.images[0].info["parameters"]
+    assert text.startswith(PROMPT + "\nNegative prompt: blurry\n")
+    for field in ("Steps: 2", "Sampler: Euler", "CFG scale: 6", "Seed: 5", f"Size: {SIZE}x{SIZE}", "Model: tiny-sd"):
+        assert field in text
+    paths = out.save(tmp_path / "batch.png")
+    assert [os.path.basename(p) for p in paths] == ["batch-0.png", "batch-1.png"]
+    with Image.open(paths[1]) as im:
+        assert im.info["parameters"].startswith("a green dog\n")
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB")), np.asarray(out.images[1]))
+    assert out.save(tmp_path / "one.png", index=0) == [str(tmp_path / "one.png")]
+
+
+def test_float64_run_can_start_from_the_float32_noise(tiny_folder):
+    """The noise is drawn per dtype (as torch does): one seed gives float64 other noise than float32.
+    noise_dtype="float32" draws the float32 noise and upcasts it, so a float64 golden run starts from
+    exactly the float32 run's noise."""
+    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.random import randn
+    pipe64 = StableDiffusionPipeline.from_pretrained(tiny_folder, dtype="float64")
+    kwargs = dict(height=SIZE, width=SIZE, num_inference_steps=2, scheduler="euler", progress=False)
+    noise32 = randn((1, 4, SIZE // 4, SIZE // 4), seed=9, dtype="float32")
+    assert np.abs(randn(noise32.shape, seed=9, dtype="float64") - noise32).max() > 0.1  # really other noise
+    golden = pipe64(PROMPT, seed=9, noise_dtype="float32", **kwargs)
+    given = pipe64(PROMPT, latents=noise32.astype(np.float64), **kwargs)
+    native = pipe64(PROMPT, seed=9, **kwargs)
+    assert golden.latents.dtype == np.float64
+    np.testing.assert_array_equal(golden.latents, given.latents)
+    assert np.abs(golden.latents - native.latents).max() > 1e-2
+
+
+def test_default_model_folder_is_public_and_loads():
+    import refldm
+    from refldm.pipeline import StableDiffusionPipeline
+    assert os.path.isfile(os.path.join(refldm.DEFAULT_MODEL, "model_index.json"))
+    pipe = StableDiffusionPipeline.from_pretrained(refldm.DEFAULT_MODEL)
+    assert pipe.default_size == 64 and pipe.name == "refldm-default"

@@ -3,8 +3,8 @@
 transformers 5 has one CLIP tokenizer, backed by the `tokenizers` library (``CLIPTokenizerFast`` is the
 same class); transformers 4's pure-Python one is gone, so that one is the reference. Two vocabularies:
 
-- the real CLIP BPE merges from ../shared/data/clip-bpe/ (OpenAI, MIT licence), made into vocab.json +
-  merges.txt the way CLIP builds its vocabulary; those tests skip where the file is absent;
+- the real CLIP BPE merges, shipped in tests/data/clip-bpe/ (OpenAI, MIT licence, see its LICENSE), made
+  into vocab.json + merges.txt the way CLIP builds its vocabulary;
 - a small vocabulary learned inside the tests from a few captions, so everything also runs without it.
 """
 
@@ -25,7 +25,7 @@ from hypothesis import given, settings, strategies as st
 from refldm.tokenizer import CLIPTokenizer, TokenizerError, _scan, bytes_to_unicode, normalize
 from tests.conftest import require
 
-CLIP_BPE = Path(__file__).resolve().parents[2] / "shared" / "data" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
+CLIP_BPE = Path(__file__).resolve().parent / "data" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
@@ -122,16 +122,12 @@ def small_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def real_folder(tmp_path_factory):
-    if not CLIP_BPE.is_file():
-        pytest.skip(f"the CLIP BPE merges are not at {CLIP_BPE}")
     return write_folder(tmp_path_factory.mktemp("clip_tok"), real_merges())
 
 
 @pytest.fixture(scope="module")
 def real_folder_sd2(tmp_path_factory):
     """Stable Diffusion 2.x's tokenizer: the same files, but the padding token is "!" (id 0)."""
-    if not CLIP_BPE.is_file():
-        pytest.skip(f"the CLIP BPE merges are not at {CLIP_BPE}")
     return write_folder(tmp_path_factory.mktemp("clip_tok_sd2"), real_merges(), pad_token="!")
 
 
@@ -439,3 +435,78 @@ def test_bad_calls_are_errors(small_folder):
         tok(["a", 3])
     with pytest.raises(TokenizerError, match="not in the vocabulary"):
         tok.decode([10**6])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tokenizer.json, as transformers 5 saves a tokenizer (issue 12, item 0)
+
+
+def saved_by_transformers(folder, out):
+    """The folder loaded by transformers and saved again, exactly as a user's save_pretrained writes it."""
+    tok = transformers_tokenizer(folder)
+    tok.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def real_folder_saved(real_folder, tmp_path_factory):
+    return saved_by_transformers(real_folder, tmp_path_factory.mktemp("clip_tok_saved"))
+
+
+def test_tokenizer_json_alone_gives_the_same_ids_as_transformers(real_folder_saved):
+    files = {p.name for p in real_folder_saved.iterdir()}
+    assert "tokenizer.json" in files and not {"vocab.json", "merges.txt"} & files
+    tok = CLIPTokenizer.from_pretrained(real_folder_saved)
+    assert len(tok) == 49408 and tok.bos_token_id == 49406 and tok.eos_token_id == 49407
+    compare_with_transformers(real_folder_saved, exclude_special_case_variants(prompts(300, seed=5)))
+
+
+def test_sd2_padding_token_survives_tokenizer_json(real_folder_sd2, tmp_path):
+    saved = saved_by_transformers(real_folder_sd2, tmp_path / "sd2")
+    tok = CLIPTokenizer.from_pretrained(saved)
+    assert tok.pad_token == "!" and tok.pad_token_id == 0
+    compare_with_transformers(saved, exclude_special_case_variants(prompts(50, seed=6)))
+
+
+def test_old_style_merge_strings_in_tokenizer_json(small_folder, tmp_path):
+    """tokenizers < 0.20 wrote each merge as one "left right" string; both spellings give the same ids."""
+    saved = saved_by_transformers(small_folder, tmp_path / "new")
+    data = json.loads((saved / "tokenizer.json").read_text(encoding="utf-8"))
+    data["model"]["merges"] = [" ".join(m) for m in data["model"]["merges"]]
+    (saved / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    a, b = CLIPTokenizer.from_pretrained(saved), CLIPTokenizer.from_pretrained(small_folder)
+    texts = prompts(50, seed=7)
+    np.testing.assert_array_equal(a(texts)["input_ids"], b(texts)["input_ids"])
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["model"].update(type="WordPiece"), "model type"),
+    (lambda d: d["model"].update(end_of_word_suffix=""), "end_of_word_suffix"),
+    (lambda d: d["model"].update(dropout=0.1), "dropout"),
+    (lambda d: d["normalizer"]["normalizers"].pop(), "normalizer"),
+    (lambda d: d.update(normalizer=None), "normalizer"),
+    (lambda d: d["pre_tokenizer"]["pretokenizers"][1].update(add_prefix_space=True), "pre_tokenizer"),
+    (lambda d: d["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\w+"), "pre_tokenizer"),
+    (lambda d: d["model"].update(merges=[["a"]]), "merge #1"),
+    (lambda d: d["added_tokens"].append({"id": 10**6, "content": "<cat-toy>"}), "added token"),
+])
+def test_tokenizer_json_that_is_not_clips_is_refused(small_folder, tmp_path, change, message):
+    saved = saved_by_transformers(small_folder, tmp_path / "tok")
+    data = json.loads((saved / "tokenizer.json").read_text(encoding="utf-8"))
+    change(data)
+    (saved / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(TokenizerError, match=message) as e:
+        CLIPTokenizer.from_pretrained(saved)
+    assert "tokenizer" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_folder_without_any_vocabulary_is_named(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(TokenizerError, match="no tokenizer.json, nor vocab.json"):
+        CLIPTokenizer.from_pretrained(tmp_path)
+
+
+def test_lone_surrogate_is_a_clear_error(small_folder):
+    tok = CLIPTokenizer.from_pretrained(small_folder)
+    with pytest.raises(TokenizerError, match="lone surrogate U\\+DCFF at position 6"):
+        tok("a cat \udcff")

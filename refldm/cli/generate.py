@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ import warnings
 
 from refldm import backend
 
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "default_model")
+from refldm import DEFAULT_MODEL  # noqa: E402  (the folder of the model shipped inside the package)
 
 # refldm scheduler names -> the sampler names the web UIs write (and read) in the parameters chunk
 SAMPLER_LABELS = {
@@ -71,16 +72,26 @@ def _add_model_args(p, *, model_flag=True):
     p.add_argument("--dtype", choices=("float32", "float64", "float16"), default="float32")
 
 
-def _add_generation_args(p, *, steps=20):
+# defaults for a model given with -m (diffusers' own); the built-in model uses DEMO_STEPS / DEMO_CFG
+STEPS = 20
+CFG = 7.5
+CFG_RANGE = (0.0, 100.0)  # a finite guidance scale; beyond ~30 images saturate, 1e30 is flat grey
+SEED_MAX = 2 ** 64 - 1    # torch's seed range, 0..2**64-1
+
+
+def _add_generation_args(p):
     p.add_argument("-p", "--prompt", required=True, help='the prompt ("" for an unconditional image)')
     p.add_argument("-n", "--negative", default=None, help="the negative prompt (default: none)")
-    p.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; "
-                                                          "<= 1 turns guidance off)")
-    p.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"denoising steps (default {STEPS}; {DEMO_STEPS} for the built-in model)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help=f"classifier-free guidance scale in [{CFG_RANGE[0]:g}, {CFG_RANGE[1]:g}] (default {CFG:g}; "
+                        f"{DEMO_CFG:g} for the built-in model; <= 1 turns guidance off)")
+    p.add_argument("--seed", type=int, default=None, help="noise seed, 0..2**64-1 (default: random, printed)")
     p.add_argument("--sampler", default=None,
                    help="scheduler by name, e.g. euler, ddim, dpm++2m (default: the model's own)")
-    p.add_argument("-o", "--output", default=None, help="output PNG path")
+    p.add_argument("-o", "--output", default=None, help="output image: .png (with the parameters chunk), .jpg, "
+                                                         ".webp, ... (default refldm-txt2img.png / refldm-img2img.png)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -113,7 +124,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help="generate a captioned grid with the embedded model",
                               description="Load the model shipped with refldm, generate one image per prompt, "
                                           "write a captioned grid PNG and show where the time went.")
-    p.add_argument("-o", "--output", default="refldm-demo.png", help="output PNG (default refldm-demo.png)")
+    p.add_argument("-o", "--output", default="refldm-demo.png", help="output image (default refldm-demo.png)")
     p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {DEMO_STEPS})")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--sampler", default=None, help="scheduler by name (default: the model's own, DDIM)")
@@ -179,49 +190,107 @@ def sampler_label(pipe, name) -> str:
     return SAMPLER_LABELS.get(key, SAMPLER_LABELS.get(str(key).lower(), str(key)))
 
 
-def parameters_text(prompt, negative, steps, sampler, cfg, seed, width, height, model, strength=None) -> str:
-    """The generation parameters in the web UIs' format (their "PNG info" parses it):
-
-        a red circle
-        Negative prompt: blurry
-        Steps: 20, Sampler: Euler, CFG scale: 7.5, Seed: 1, Size: 512x512, Model: v1-5, Denoising strength: 0.7
-    """
-    lines = [prompt]
-    if negative:
-        lines.append(f"Negative prompt: {negative}")
-    fields = [f"Steps: {steps}", f"Sampler: {sampler}", f"CFG scale: {cfg:g}", f"Seed: {seed}",
-              f"Size: {width}x{height}", f"Model: {model}"]
-    if strength is not None:
-        fields.append(f"Denoising strength: {strength:g}")
-    from refldm import __version__
-    fields.append(f"Version: refldm {__version__}")
-    lines.append(", ".join(fields))
-    return "\n".join(lines)
+from refldm.images import parameters_text  # noqa: E402  (the web UIs' format; also used by the pipeline)
 
 
 def save_png(image, path, parameters: str | None = None) -> None:
-    """Write a PIL image as PNG with a ``parameters`` text chunk (tEXt; iTXt where the text is not Latin-1)."""
-    from PIL.PngImagePlugin import PngInfo
-    info = PngInfo()
-    if parameters is not None:
-        info.add_text("parameters", parameters)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise OSError(f"{path}: the folder {folder} does not exist")
-    image.save(path, format="PNG", pnginfo=info)
+    """Write a PIL image with the ``parameters`` text (a PNG tEXt/iTXt chunk; EXIF UserComment in a JPEG),
+    atomically: the file is complete or untouched (refldm.images.save_pil)."""
+    from refldm.images import check_output, save_pil
+    save_pil(image, check_output(path), parameters)
+
+
+def check_seed(seed, flag="--seed"):
+    if seed is not None and not 0 <= seed <= SEED_MAX:
+        raise ValueError(f"{flag} {seed} is outside 0..2**64-1 ({SEED_MAX}), the range torch and diffusers take")
+
+
+def check_cfg(cfg, flag="--cfg"):
+    if cfg is not None and not (math.isfinite(cfg) and CFG_RANGE[0] <= cfg <= CFG_RANGE[1]):
+        raise ValueError(f"{flag} {cfg:g} is outside [{CFG_RANGE[0]:g}, {CFG_RANGE[1]:g}] (values <= 1 turn "
+                         "guidance off; 3 to 15 are usual)")
+
+
+def check_steps(steps, flag="--steps"):
+    if steps is not None and steps < 1:
+        raise ValueError(f"{flag} must be >= 1, got {steps}")
+
+
+def resolve_defaults(args):
+    """--steps / --cfg not given: the built-in model's recommended settings, or diffusers' for -m MODEL."""
+    builtin = getattr(args, "model", None) is None
+    if args.steps is None:
+        args.steps = DEMO_STEPS if builtin else STEPS
+    if args.cfg is None:
+        args.cfg = DEMO_CFG if builtin else CFG
+
+
+def check_text(text, flag):
+    """Command-line text arrives as UTF-8; a byte that is not (Python keeps it as a lone surrogate) is refused."""
+    if text is None:
+        return
+    for i, ch in enumerate(text):
+        if "\udc80" <= ch <= "\udcff":
+            raise ValueError(f"{flag} holds byte 0x{ord(ch) - 0xdc00:02x} at character {i}, which is not UTF-8; "
+                             "give the text in UTF-8")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{flag} holds a character that is not valid Unicode at position {e.start}") from None
 
 
 def _check_generation_args(args):
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    check_text(args.prompt, "--prompt")
+    check_text(args.negative, "--negative")
+    check_steps(args.steps)
+    check_cfg(args.cfg)
+    check_seed(args.seed)
     for flag in ("width", "height"):
         value = getattr(args, flag, None)
         if value is not None and (value < 8 or value % 8):
             raise ValueError(f"--{flag} must be a positive multiple of 8, got {value}")
 
 
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
+
+
+def _throughput() -> float:
+    """Operations per second of a float32 matrix product on this machine, measured in a few milliseconds."""
+    import numpy as np
+    a = np.ones((384, 384), np.float32)
+    a @ a
+    start = time.perf_counter()
+    for _ in range(4):
+        a @ a
+    return 4 * 2 * 384 ** 3 / max(time.perf_counter() - start, 1e-9)
+
+
+def check_resources(pipe, batch, height, width, steps, cfg, *, announce_after_s: float = 30.0) -> None:
+    """Before a run: refuse it when its estimated memory exceeds what the machine has (saying what it would
+    take), and print an estimated time when it looks long."""
+    from refldm.cli.vae import available_memory
+    from refldm.pipeline import TooLargeError
+    height = pipe.default_size if height is None else height
+    width = pipe.default_size if width is None else width
+    cost = pipe.estimate(batch, height, width, steps, cfg)
+    have = available_memory() if backend.name() == "numpy" else None
+    if have is not None and cost["bytes"] > have:
+        raise TooLargeError(f"{width}x{height} with batch {batch} needs about {_gib(cost['bytes'])} of memory "
+                            f"(estimated from the sizes); this machine has {_gib(have)} available. Use a "
+                            "smaller size")
+    seconds = cost["flops"] / (0.5 * _throughput())  # the U-Net runs at about half the speed of a plain matmul
+    if seconds > announce_after_s:
+        print(f"refldm: {width}x{height}, {steps} steps: estimated {seconds / 60:.1f} minutes "
+              f"({cost['flops'] / 1e12:.3g} TFLOP) and {_gib(cost['bytes'])} of memory", file=sys.stderr)
+
+
 def _generate(args, image=None):
+    from refldm.images import check_output
     _check_generation_args(args)
+    resolve_defaults(args)
+    default = "refldm-txt2img.png" if image is None else "refldm-img2img.png"
+    path = check_output(default if args.output is None else args.output)  # before the work, not after
     _use_backend(args.backend)
     blas = backend.single_threaded_blas() if args.model is None else contextlib.nullcontext()
     with _one_line_warnings(), blas:
@@ -230,8 +299,10 @@ def _generate(args, image=None):
         kwargs = {}
         if image is None:
             kwargs.update(height=args.height, width=args.width)
+            check_resources(pipe, 1, args.height, args.width, args.steps, args.cfg)
         else:
             kwargs.update(image=image, strength=args.strength)
+            check_resources(pipe, 1, image.height, image.width, args.steps, args.cfg)
         out = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                    guidance_scale=args.cfg, seed=args.seed, scheduler=args.sampler, progress=not args.quiet,
                    **kwargs)
@@ -239,8 +310,6 @@ def _generate(args, image=None):
     text = parameters_text(args.prompt, args.negative, args.steps, sampler_label(pipe, args.sampler), args.cfg,
                            out.seed, img.width, img.height, pipe.name,
                            strength=None if image is None else args.strength)
-    default = "refldm-txt2img.png" if image is None else "refldm-img2img.png"
-    path = args.output or default
     save_png(img, path, text)
     t = out.timings
     print(f"wrote {path} ({img.width}x{img.height}, seed {out.seed}, {args.steps} steps, "
@@ -253,16 +322,12 @@ def run_txt2img(args) -> int:
 
 
 def run_img2img(args) -> int:
-    from PIL import Image, UnidentifiedImageError
+    from refldm.images import load_image
     if not os.path.isfile(args.image):
         raise OSError(f"{args.image}: no such image file")
     if not 0.0 <= args.strength <= 1.0:
         raise ValueError(f"--strength must lie in [0, 1], got {args.strength}")
-    try:
-        with Image.open(args.image) as im:
-            image = im.convert("RGB")
-    except UnidentifiedImageError:
-        raise ValueError(f"{args.image}: not an image file PIL can read") from None
+    image = load_image(args.image)  # 16-bit scaled to 8; truncated or huge files: one line naming the file
     return _generate(args, image=image)
 
 
@@ -294,9 +359,12 @@ def describe_model(model=None) -> dict:
             out[part] = {"class": (index.get(part) or [None, None])[-1], "parameters": count,
                          "dtypes": sorted(dtypes), "config": read_config(folder)}
         tok = os.path.join(model, "tokenizer")
-        vocab = os.path.join(tok, "vocab.json")
+        vocab, fast = os.path.join(tok, "vocab.json"), os.path.join(tok, "tokenizer.json")
         n_vocab = None
-        if os.path.isfile(vocab):
+        if os.path.isfile(fast):  # transformers 5's one file: the vocabulary is its BPE model's
+            with open(fast, encoding="utf-8") as f:
+                n_vocab = len((json.load(f).get("model") or {}).get("vocab") or {})
+        elif os.path.isfile(vocab):
             with open(vocab, encoding="utf-8") as f:
                 n_vocab = len(json.load(f))
         out["tokenizer"] = {"class": (index.get("tokenizer") or [None, None])[-1], "vocabulary": n_vocab}
@@ -398,13 +466,18 @@ def captioned_grid(images, captions, columns=3, scale=3):
 
 
 def run_demo(args) -> int:
-    _use_backend(args.backend)
+    from refldm.images import check_output
     prompts = list(args.prompt or DEMO_PROMPTS)
-    steps = args.steps or DEMO_STEPS
+    steps = DEMO_STEPS if args.steps is None else args.steps
     cfg = DEMO_CFG if args.cfg is None else args.cfg
     sampler = args.sampler or DEMO_SAMPLER
-    if steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {steps}")
+    for prompt in prompts:
+        check_text(prompt, "--prompt")
+    check_steps(steps)
+    check_cfg(cfg)
+    check_seed(args.seed)
+    check_output(args.output)
+    _use_backend(args.backend)
     with _one_line_warnings(), backend.single_threaded_blas():
         start = time.perf_counter()
         pipe = load_pipeline(None)

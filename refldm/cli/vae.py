@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 SCALING = ("Latents on disk are in the U-Net's scale: encode writes (mean - shift_factor) * scaling_factor "
@@ -58,6 +60,9 @@ def _encode(args) -> int:
     from refldm.backend import to_numpy
     from refldm.models.vae import AutoencoderKL
 
+    output = images.check_output(args.output, (".npy",), "latent")  # before the work, not after
+    if args.seed is not None and not 0 <= args.seed <= 2 ** 64 - 1:
+        raise ValueError(f"--seed {args.seed} is outside 0..2**64-1")
     image = images.load_image(args.image)
     vae = AutoencoderKL.from_pretrained(args.model, dtype=args.dtype)
     vae.latent_shape(1, image.height, image.width)  # clear error for a size not divisible by 8
@@ -65,54 +70,126 @@ def _encode(args) -> int:
     z = posterior.sample(generator=args.seed) if args.sample else posterior.mode()
     if not args.unscaled:
         z = images.scale_latents(z, vae.config)
-    np.save(args.output, to_numpy(z), allow_pickle=False)
-    print(f"{args.output}: latent {tuple(z.shape)} from a {image.width}x{image.height} image"
+    array = to_numpy(z)
+    images.atomic_write(output, lambda f: np.save(f, array, allow_pickle=False))
+    print(f"{output}: latent {tuple(z.shape)} from a {image.width}x{image.height} image"
           + ("" if args.unscaled else f" (scaled by {vae.config.scaling_factor})"))
     return 0
 
 
+def read_latent(path, max_bytes: int | None = None):
+    """A .npy latent, read without pickle; its header is checked before anything is allocated: a float
+    dtype, a size the file really holds, at most `max_bytes` (default: the memory available)."""
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version in ((2, 0), (3, 0)):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unknown .npy version {version}")
+        except (ValueError, OSError, SyntaxError) as e:
+            raise ValueError(f"{path}: not a plain .npy array ({str(e)[:120]})") from None
+        offset = f.tell()
+    if dtype.kind != "f" or dtype.hasobject:
+        raise ValueError(f"{path}: expected a float latent, got dtype {dtype}")
+    count = 1
+    for d in shape:
+        count *= d
+    need = count * dtype.itemsize
+    have = os.path.getsize(path) - offset
+    if need > have:
+        raise ValueError(f"{path}: the header says {tuple(shape)} {dtype} ({_bytes(need)}) but the file holds "
+                         f"{_bytes(have)}; truncated or corrupted")
+    from refldm.pipeline import TooLargeError
+    limit = available_memory() if max_bytes is None else max_bytes
+    if limit is not None and need > limit:
+        raise TooLargeError(f"{path}: a {tuple(shape)} latent takes {_bytes(need)}, more than the "
+                          f"{_bytes(limit)} of memory available")
+    return np.load(path, allow_pickle=False)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _decode(args) -> int:
-    from refldm import images
+    from refldm import backend, images
     from refldm.models.vae import AutoencoderKL
 
-    try:
-        z = np.load(args.latent, allow_pickle=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{args.latent}: no such file") from None
-    except ValueError as e:
-        raise ValueError(f"{args.latent}: not a plain .npy array ({e})") from None
-    if not isinstance(z, np.ndarray):
-        raise ValueError(f"{args.latent}: expected one .npy array, got an archive of several")
-    if z.dtype.kind != "f":
-        raise ValueError(f"{args.latent}: expected a float latent, got dtype {z.dtype}")
+    z = read_latent(args.latent)
     if z.ndim == 3:
         z = z[None]
+    if z.ndim != 4 or 0 in z.shape:
+        raise ValueError(f"{args.latent}: expected a latent of shape (N, C, h, w) or (C, h, w) with no empty "
+                         f"axis, got {tuple(z.shape)}")
+    if len(z) == 1:
+        names = [args.output]
+    else:
+        stem, ext = os.path.splitext(args.output)
+        names = [f"{stem}-{i}{ext}" for i in range(len(z))]
+    for name in names:  # before the work, not after
+        images.check_output(name)
     vae = AutoencoderKL.from_pretrained(args.model, dtype=args.dtype)
     c = vae.config.latent_channels
-    if z.ndim != 4 or z.shape[1] != c:
+    if z.shape[1] != c:
         raise ValueError(f"{args.latent}: expected a latent of shape (N, {c}, h, w) or ({c}, h, w), "
                          f"got {tuple(z.shape)}")
     if not np.all(np.isfinite(z)):
         raise ValueError(f"{args.latent}: the latent holds NaN or inf")
-    from refldm import backend
-
+    check_decode_memory(vae, z.shape, args.dtype)
     z = backend.asarray(z, dtype=args.dtype)
     if not args.unscaled:
         z = images.unscale_latents(z, vae.config)
     pictures = images.to_pil(vae.decode(z))
-    if len(pictures) == 1:
-        names = [args.output]
-    else:
-        stem, dot, ext = args.output.rpartition(".")
-        names = [f"{stem}-{i}.{ext}" if dot else f"{args.output}-{i}" for i in range(len(pictures))]
     for name, picture in zip(names, pictures):
-        picture.save(name)
+        images.save_pil(picture, name)
         print(f"{name}: {picture.width}x{picture.height} image from latent {tuple(z.shape[1:])}")
     return 0
 
 
+def check_decode_memory(vae, shape, dtype, announce_after_s: float = 30.0) -> None:
+    """Refuse a decode that would not fit in memory (estimated from the sizes), before it starts; print
+    an estimated time when it looks long."""
+    from refldm import backend
+    from refldm.pipeline import TooLargeError, estimate_decode_bytes
+
+    if backend.name() != "numpy":
+        return
+    need = estimate_decode_bytes(vae.config, shape, np.dtype(dtype).itemsize)
+    have = available_memory()
+    n, _, h, w = shape
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    if have is not None and need > have:
+        raise TooLargeError(f"decoding {n} latent(s) of {h}x{w} into {w * f}x{h * f} images needs about "
+                          f"{_bytes(need)} of memory; this machine has {_bytes(have)} available")
+    from refldm.cli.generate import _throughput
+    from refldm.pipeline import estimate_decode_flops
+    flops = estimate_decode_flops(vae.config, shape)
+    seconds = flops / (0.5 * _throughput())
+    if seconds > announce_after_s:
+        import sys
+        print(f"refldm: decoding {n} latent(s) of {h}x{w} into {w * f}x{h * f}: estimated {seconds / 60:.1f} "
+              f"minutes ({flops / 1e12:.3g} TFLOP) and {_bytes(need)} of memory", file=sys.stderr)
+
+
 def compression(height: int, width: int, channels: int = 3, latent_channels: int = 4, factor: int = 8) -> dict:
     """The worked example: values and fp16 bytes of an image and of its latent, and their ratio."""
+    for name, v in (("factor", factor), ("channels", channels), ("latent channels", latent_channels)):
+        if v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v}")
     for name, v in (("height", height), ("width", width)):
         if v < 1 or v % factor:
             raise ValueError(f"{name} {v} is not a positive multiple of {factor}; the VAE needs image sides "
