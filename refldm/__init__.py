@@ -16,11 +16,8 @@ layout), usable from anywhere:
 from __future__ import annotations
 
 import importlib
-import os
 
-__version__ = "0.1.0"
-
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+from refldm.about import DEFAULT_MODEL, __version__  # noqa: F401  (re-exported)
 
 _LAZY = {
     "AutoencoderKL": "refldm.models.vae",

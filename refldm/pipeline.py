@@ -209,7 +209,7 @@ class StableDiffusionPipeline:
         tokenizer = Tokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
         scheduler_config = read_config(os.path.join(folder, "scheduler"), "scheduler_config.json")
         configs = {p: read_config(os.path.join(folder, p)) for p in ("unet", "vae", "text_encoder")}
-        from refldm import DEFAULT_MODEL
+        from refldm.about import DEFAULT_MODEL
         name = os.path.basename(os.path.normpath(folder))
         if os.path.realpath(folder) == os.path.realpath(DEFAULT_MODEL):
             name = "refldm-default"  # as the CLI records the built-in model
@@ -450,11 +450,7 @@ class StableDiffusionPipeline:
 
     def _parameters(self, prompt, negative, steps, scheduler, cfg, seed, width, height, strength) -> str:
         """The web UIs' parameters text for one image (the format `refldm txt2img` writes)."""
-        from refldm.images import parameters_text
-        try:
-            from refldm.cli.generate import SAMPLER_LABELS  # the web UIs' sampler names
-        except ImportError:  # pragma: no cover
-            SAMPLER_LABELS = {}
+        from refldm.images import SAMPLER_LABELS, parameters_text
         key = scheduler or self.scheduler_config.get("_class_name", "")
         label = SAMPLER_LABELS.get(key, SAMPLER_LABELS.get(str(key).lower(), str(key)))
         return parameters_text(prompt, negative, steps, label, cfg, "unknown" if seed is None else seed,

@@ -41,7 +41,8 @@ import os
 
 import numpy as np
 
-from refldm import __version__, backend
+from refldm import backend
+from refldm.about import __version__
 from refldm import record as _record
 from refldm.record import ROOT, Recorder, base_name, main_array, scope
 from refldm.weights import load_file, read_config, read_header, save_file

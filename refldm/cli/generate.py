@@ -24,18 +24,10 @@ import warnings
 
 from refldm import backend
 
-from refldm import DEFAULT_MODEL  # noqa: E402  (the folder of the model shipped inside the package)
+from refldm.about import DEFAULT_MODEL  # noqa: E402  (the folder of the model shipped inside the package)
 
 # refldm scheduler names -> the sampler names the web UIs write (and read) in the parameters chunk
-SAMPLER_LABELS = {
-    "ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
-    "euler-ancestral": "Euler a", "euler_ancestral": "Euler a", "heun": "Heun", "dpm2": "DPM2",
-    "dpm2_a": "DPM2 a", "dpm++2m": "DPM++ 2M", "dpmpp_2m": "DPM++ 2M", "dpm++2m-karras": "DPM++ 2M Karras",
-    "dpm++2s_a": "DPM++ 2S a", "unipc": "UniPC",
-    "DDIMScheduler": "DDIM", "DDPMScheduler": "DDPM", "PNDMScheduler": "PLMS", "LMSDiscreteScheduler": "LMS",
-    "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a",
-    "HeunDiscreteScheduler": "Heun", "DPMSolverMultistepScheduler": "DPM++ 2M", "UniPCMultistepScheduler": "UniPC",
-}
+from refldm.images import SAMPLER_LABELS  # noqa: E402  (the web UIs' sampler names)
 
 DEMO_PROMPTS = (
     "a large red circle in the center on a white background",
@@ -255,21 +247,10 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
 
 
-def _throughput() -> float:
-    """Operations per second of a float32 matrix product on this machine, measured in a few milliseconds."""
-    import numpy as np
-    a = np.ones((384, 384), np.float32)
-    a @ a
-    start = time.perf_counter()
-    for _ in range(4):
-        a @ a
-    return 4 * 2 * 384 ** 3 / max(time.perf_counter() - start, 1e-9)
-
-
 def check_resources(pipe, batch, height, width, steps, cfg, *, announce_after_s: float = 30.0) -> None:
     """Before a run: refuse it when its estimated memory exceeds what the machine has (saying what it would
     take), and print an estimated time when it looks long."""
-    from refldm.cli.vae import available_memory
+    from refldm.cli.resources import available_memory, matmul_throughput
     from refldm.pipeline import TooLargeError
     height = pipe.default_size if height is None else height
     width = pipe.default_size if width is None else width
@@ -279,7 +260,7 @@ def check_resources(pipe, batch, height, width, steps, cfg, *, announce_after_s:
         raise TooLargeError(f"{width}x{height} with batch {batch} needs about {_gib(cost['bytes'])} of memory "
                             f"(estimated from the sizes); this machine has {_gib(have)} available. Use a "
                             "smaller size")
-    seconds = cost["flops"] / (0.5 * _throughput())  # the U-Net runs at about half the speed of a plain matmul
+    seconds = cost["flops"] / (0.5 * matmul_throughput())  # the U-Net runs at about half the speed of a plain matmul
     if seconds > announce_after_s:
         print(f"refldm: {width}x{height}, {steps} steps: estimated {seconds / 60:.1f} minutes "
               f"({cost['flops'] / 1e12:.3g} TFLOP) and {_gib(cost['bytes'])} of memory", file=sys.stderr)

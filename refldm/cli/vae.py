@@ -11,6 +11,8 @@ import os
 
 import numpy as np
 
+from refldm.cli.resources import available_memory
+
 SCALING = ("Latents on disk are in the U-Net's scale: encode writes (mean - shift_factor) * scaling_factor "
            "(0.18215 for SD 1.x/2.x, 0.13025 for SDXL, from the VAE's config.json) and decode divides by it "
            "before decoding, as diffusers' pipelines do; --unscaled writes/reads the raw VAE latent instead.")
@@ -113,18 +115,6 @@ def read_latent(path, max_bytes: int | None = None):
     return np.load(path, allow_pickle=False)
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _decode(args) -> int:
     from refldm import backend, images
     from refldm.models.vae import AutoencoderKL
@@ -175,10 +165,10 @@ def check_decode_memory(vae, shape, dtype, announce_after_s: float = 30.0) -> No
     if have is not None and need > have:
         raise TooLargeError(f"decoding {n} latent(s) of {h}x{w} into {w * f}x{h * f} images needs about "
                           f"{_bytes(need)} of memory; this machine has {_bytes(have)} available")
-    from refldm.cli.generate import _throughput
+    from refldm.cli.resources import matmul_throughput
     from refldm.pipeline import estimate_decode_flops
     flops = estimate_decode_flops(vae.config, shape)
-    seconds = flops / (0.5 * _throughput())
+    seconds = flops / (0.5 * matmul_throughput())
     if seconds > announce_after_s:
         import sys
         print(f"refldm: decoding {n} latent(s) of {h}x{w} into {w * f}x{h * f}: estimated {seconds / 60:.1f} "
