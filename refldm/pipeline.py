@@ -197,7 +197,9 @@ class StableDiffusionPipeline:
 
     def decode_latents(self, latents):
         """Latents (B, 4, h, w) -> uint8 pixels (B, H, W, 3) on the host, rounded exactly as diffusers does."""
-        image = self.vae.decode(unscale_latents(latents, self.vae.config))   # (B, 3, H, W), about [-1, 1]
+        from refldm.models.vae import decode_checked
+        # in float32 when a float16 VAE says force_upcast; NaN/inf in the image is an error (models/vae.py)
+        image = decode_checked(self.vae, unscale_latents(latents, self.vae.config))  # (B, 3, H, W), ~[-1, 1]
         return to_uint8(image)                                               # round(255 clip(x/2 + 1/2))
 
     def preprocess_image(self, image):

@@ -32,7 +32,8 @@ from refldm.models.blocks import (
 from refldm.nn import Module, ModuleList, PretrainedModel
 
 __all__ = ["AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussianDistribution", "VAEAttention",
-           "convert_legacy_keys"]
+           "convert_legacy_keys", "NonFiniteImageError", "needs_upcast", "upcast", "decode_checked",
+           "encode_upcast"]
 
 _EPS = 1e-6  # every GroupNorm of the SD VAE uses eps = 1e-6 (the U-Net uses 1e-5)
 
@@ -55,7 +56,7 @@ class AutoencoderKLConfig:
     shift_factor: float | None = None      # ... and shifted by this first (SD3, Flux); None for SD 1.x/2.x/XL
     latents_mean: list | None = None       # per-channel normalisation some pipelines apply instead
     latents_std: list | None = None
-    force_upcast: bool = True              # diffusers runs fp16 VAEs in fp32; refldm computes in one dtype
+    force_upcast: bool = True              # a float16 VAE runs in float32 (see `needs_upcast`)
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
@@ -388,3 +389,51 @@ def convert_legacy_keys(state: dict) -> dict:
             key = ".".join(parts[:-2] + [_LEGACY[parts[-2]], parts[-1]])
         out[key] = value
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# float16: force_upcast, and the check of the decoded image
+
+
+class NonFiniteImageError(RuntimeError):
+    """The VAE's decoded image holds NaN or inf."""
+
+
+def needs_upcast(vae: AutoencoderKL) -> bool:
+    """True when the VAE was loaded in float16 (or another sub-32-bit float) and its config says
+    ``force_upcast``: then pipelines run it in float32, as diffusers' ``upcast_vae`` does.
+
+    Why: the SD and SD-XL decoders' activations exceed float16's range (65504) in the mid block and the
+    last up blocks (the GroupNorm variance and the attention logits), giving inf, then NaN: a black image.
+    """
+    return vae.dtype is not None and vae.dtype.itemsize < 4 and bool(vae.config.force_upcast)
+
+
+def upcast(vae: AutoencoderKL) -> AutoencoderKL:
+    """A float32 copy of `vae` (its float16 weights widened exactly), or `vae` itself when
+    `needs_upcast` is false. The copy is built per call and freed after it (SDXL's VAE: 335 MB)."""
+    if not needs_upcast(vae):
+        return vae
+    return AutoencoderKL(vae.config).load_state_dict(vae.state_dict(), dtype="float32",
+                                                     source="the float16 VAE (force_upcast)")
+
+
+def decode_checked(vae: AutoencoderKL, latents):
+    """vae.decode(latents), in float32 when `needs_upcast` (latents widened too), and checked:
+    a decoded image with NaN or inf raises NonFiniteImageError instead of becoming a black PNG.
+    latents: (N, C, h, w), already divided by the scaling factor -> image (N, 3, H, W)."""
+    model = upcast(vae)
+    image = model.decode(latents)                       # _input casts the latents to the model's dtype
+    xp = backend.array_namespace(image)
+    if not bool(xp.all(xp.isfinite(image))):
+        raise NonFiniteImageError(
+            f"the decoded image holds NaN or inf (VAE in {model.dtype}, force_upcast="
+            f"{vae.config.force_upcast}); decode in float32 (set force_upcast true in the VAE's config.json "
+            "or load in float32)")
+    return image
+
+
+def encode_upcast(vae: AutoencoderKL, images) -> DiagonalGaussianDistribution:
+    """vae.encode(images), in float32 when `needs_upcast` (as diffusers' SDXL img2img encodes); the
+    posterior's arrays are float32 then, and the caller casts the sampled latents back."""
+    return upcast(vae).encode(images)
