@@ -5,9 +5,10 @@
     refldm txt2img -m path/to/sd-folder -p "an astronaut riding a horse" --steps 20 --seed 1 -o out.png
     refldm img2img -i in.png --strength 0.7 -p "a large blue square in the center on a white background"
     refldm info path/to/sd-folder                        # each part's config, parameter count, dtype
+    refldm txt2img -m sdxl-base --refiner sdxl-refiner --denoising-end 0.8 -p "an astronaut" -o out.png
 
-MODEL (``-m``) is a diffusers folder or an original single-file ``.safetensors`` (SD 1.x / 2.x; give
-``--config FOLDER`` or ``--tokenizer FOLDER`` with it); without ``-m`` the model shipped inside refldm
+MODEL (``-m``) is a diffusers folder (SD 1.x / 2.x, or SDXL: detected by its text_encoder_2) or an original
+single-file ``.safetensors`` (SD 1.x / 2.x; give ``--config FOLDER`` or ``--tokenizer FOLDER`` with it); without ``-m`` the model shipped inside refldm
 (refldm/default_model) is used. Each PNG carries its generation parameters in a ``parameters`` text
 chunk, written as the Stable Diffusion web UIs write it, so their "PNG info" readers show them.
 """
@@ -92,6 +93,9 @@ def register(subparsers) -> None:
     p.add_argument("-W", "--width", type=int, default=None, help="image width, a multiple of 8 "
                                                                   "(default: the model's training size)")
     p.add_argument("-H", "--height", type=int, default=None, help="image height, a multiple of 8")
+    p.add_argument("--refiner", default=None, help="SDXL: a refiner folder that finishes the base's latents")
+    p.add_argument("--denoising-end", type=float, default=None,
+                   help="SDXL: the fraction of the schedule the base runs (with --refiner; default 0.8)")
     p.set_defaults(func=run_txt2img)
 
     p = subparsers.add_parser("img2img", help="transform an image guided by a prompt",
@@ -152,9 +156,11 @@ def _use_backend(name):
         backend.use(name)
 
 
-def load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=None, dtype="float32"):
+def load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=None, dtype="float32",
+                  img2img=False):
     """The pipeline for MODEL: a diffusers folder, a single .safetensors file, or None for the embedded model."""
     from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipeline_xl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, is_sdxl_folder
     from refldm.weights import refuse_pickle
     if model is None:
         if not os.path.isfile(os.path.join(DEFAULT_MODEL, "model_index.json")):
@@ -163,6 +169,9 @@ def load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=No
         pipe.name = "refldm-default"
         return pipe
     refuse_pickle(model)
+    if os.path.isdir(model) and is_sdxl_folder(model):  # SDXL: a text_encoder_2 in model_index.json
+        cls = StableDiffusionXLImg2ImgPipeline if img2img else StableDiffusionXLPipeline
+        return cls.from_pretrained(model, dtype=dtype)
     if os.path.isdir(model):
         return StableDiffusionPipeline.from_pretrained(model, dtype=dtype)
     if not os.path.exists(model):
@@ -226,19 +235,31 @@ def _generate(args, image=None):
     blas = backend.single_threaded_blas() if args.model is None else contextlib.nullcontext()
     with _one_line_warnings(), blas:
         pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
-                             prediction_type=args.prediction_type, dtype=args.dtype)
+                             prediction_type=args.prediction_type, dtype=args.dtype, img2img=image is not None)
+        refiner, end = _refiner_args(args, pipe)
         kwargs = {}
         if image is None:
             kwargs.update(height=args.height, width=args.width)
         else:
             kwargs.update(image=image, strength=args.strength)
+        if refiner is not None:
+            kwargs.update(denoising_end=end, output_type="latent")
         out = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                    guidance_scale=args.cfg, seed=args.seed, scheduler=args.sampler, progress=not args.quiet,
                    **kwargs)
+        if refiner is not None:  # SDXL's ensemble: the refiner denoises the last (1 - end) of the schedule
+            out = refiner(args.prompt, negative_prompt=args.negative, image=out.latents, denoising_start=end,
+                          num_inference_steps=args.steps, guidance_scale=args.cfg, seed=out.seed,
+                          scheduler=args.sampler, progress=not args.quiet)
     img = out.images[0]
     text = parameters_text(args.prompt, args.negative, args.steps, sampler_label(pipe, args.sampler), args.cfg,
                            out.seed, img.width, img.height, pipe.name,
                            strength=None if image is None else args.strength)
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: the micro-conditioning sizes it was given
+        text += (f", Original size: {img.width}x{img.height}, Target size: {img.width}x{img.height}, "
+                 "Crop: 0x0")
+        if refiner is not None:
+            text += f", Refiner: {refiner.name}, Refiner switch at: {end:g}"
     default = "refldm-txt2img.png" if image is None else "refldm-img2img.png"
     path = args.output or default
     save_png(img, path, text)
@@ -250,6 +271,27 @@ def _generate(args, image=None):
 
 def run_txt2img(args) -> int:
     return _generate(args)
+
+
+def _refiner_args(args, pipe):
+    """(refiner pipeline or None, denoising_end) from --refiner / --denoising-end, checked."""
+    refiner, end = getattr(args, "refiner", None), getattr(args, "denoising_end", None)
+    if end is not None and not 0 < end < 1:
+        raise ValueError(f"--denoising-end must lie strictly between 0 and 1, got {end:g}")
+    if refiner is None:
+        if end is not None:
+            raise ValueError("--denoising-end needs --refiner FOLDER (the model that finishes the schedule)")
+        return None, None
+    from refldm.pipeline_xl import StableDiffusionXLImg2ImgPipeline, is_sdxl_folder
+    if getattr(pipe, "text_encoder_2", None) is None:
+        raise ValueError("--refiner needs an SDXL base model (-m SDXL_FOLDER)")
+    if not os.path.isdir(refiner) or not is_sdxl_folder(refiner):
+        raise ValueError(f"--refiner {refiner}: not an SDXL folder (no text_encoder_2 in its model_index.json)")
+    ref = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner, dtype=args.dtype)
+    if not ref.requires_aesthetics_score:
+        raise ValueError(f"--refiner {refiner}: a base model, not a refiner (its model_index.json has no "
+                         "requires_aesthetics_score)")
+    return ref, 0.8 if end is None else end
 
 
 def run_img2img(args) -> int:
@@ -280,11 +322,15 @@ def describe_model(model=None) -> dict:
     out = {}
     if os.path.isdir(model):
         index = read_config(model, "model_index.json")
-        for part in ("unet", "vae", "text_encoder"):
+        parts = ("unet", "vae", "text_encoder", "text_encoder_2") if "text_encoder_2" in index else \
+            ("unet", "vae", "text_encoder")
+        for part in parts:
+            if part == "text_encoder" and "text_encoder_2" in index and (index.get(part) or [None])[-1] is None:
+                continue  # an SDXL refiner has the second text encoder only
             folder = os.path.join(model, part)
             if not os.path.isdir(folder):
                 raise OSError(f"{model}: the model folder has no {part}/")
-            stem = "model" if part == "text_encoder" else "diffusion_pytorch_model"
+            stem = "model" if part.startswith("text_encoder") else "diffusion_pytorch_model"
             count, dtypes = 0, set()
             for path in find_weights(folder, stem):
                 header, _, _ = read_header(path)
@@ -293,13 +339,15 @@ def describe_model(model=None) -> dict:
                     dtypes.add(info["dtype"])
             out[part] = {"class": (index.get(part) or [None, None])[-1], "parameters": count,
                          "dtypes": sorted(dtypes), "config": read_config(folder)}
-        tok = os.path.join(model, "tokenizer")
-        vocab = os.path.join(tok, "vocab.json")
-        n_vocab = None
-        if os.path.isfile(vocab):
-            with open(vocab, encoding="utf-8") as f:
-                n_vocab = len(json.load(f))
-        out["tokenizer"] = {"class": (index.get("tokenizer") or [None, None])[-1], "vocabulary": n_vocab}
+        for name in ("tokenizer", "tokenizer_2"):
+            if (index.get(name) or [None])[-1] is None and (name == "tokenizer_2" or "text_encoder_2" in index):
+                continue  # not an SDXL folder, or an SDXL refiner (no first tokenizer)
+            vocab = os.path.join(model, name, "vocab.json")
+            n_vocab = None
+            if os.path.isfile(vocab):
+                with open(vocab, encoding="utf-8") as f:
+                    n_vocab = len(json.load(f))
+            out[name] = {"class": (index.get(name) or [None, None])[-1], "vocabulary": n_vocab}
         out["scheduler"] = {"class": (index.get("scheduler") or [None, None])[-1],
                             "config": read_config(os.path.join(model, "scheduler"), "scheduler_config.json")}
         return out
