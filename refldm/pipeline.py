@@ -131,6 +131,8 @@ class StableDiffusionPipeline:
         path = os.fspath(path)
         state = load_file(path)  # refuses pickles; validates the file
         kind = convert.detect(state)
+        if kind == "sdxl":
+            raise ValueError(f"{path}: an SDXL checkpoint; load it with StableDiffusionXLPipeline.from_single_file")
         Unet, Vae, TextEncoder, Tokenizer = _models()
         if config is not None:
             config = os.fspath(config)

@@ -152,9 +152,47 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                    requires_aesthetics_score=refiner)
 
     @classmethod
-    def from_single_file(cls, *args, **kwargs):  # pragma: no cover - not implemented yet
-        raise NotImplementedError("SDXL single-file checkpoints are not implemented in refldm yet; convert "
-                                  "the file to a diffusers folder and use from_pretrained")
+    def from_single_file(cls, path, config=None, dtype="float32"):
+        """Load an original SDXL base single-file ``.safetensors`` (model.diffusion_model.*, first_stage_model.*,
+        conditioner.embedders.{0,1}.*; the key table is in refldm/convert.py).
+
+        config: an SDXL diffusers folder whose configs, tokenizers and scheduler describe the file's model
+        (as diffusers' ``from_single_file(path, config=...)``); refldm does not read SDXL configs off the
+        tensor shapes. Pickle files are refused, never opened."""
+        from refldm import convert
+        from refldm.models.clip import CLIPTextModel, CLIPTextModelWithProjection
+        from refldm.models.unet import UNet2DConditionModel
+        from refldm.models.vae import AutoencoderKL
+        from refldm.tokenizer import CLIPTokenizer
+        from refldm.weights import load_file
+
+        path = os.fspath(path)
+        state = load_file(path)
+        kind = convert.detect(state)
+        if kind != "sdxl":
+            raise ValueError(f"{path}: an {kind.upper()} checkpoint, not SDXL; load it with "
+                             "StableDiffusionPipeline.from_single_file")
+        if config is None:
+            raise ValueError(f"{path}: an SDXL single file; give config=an SDXL diffusers folder (its configs, "
+                             "tokenizers and scheduler describe the file's model)")
+        config = os.fspath(config)
+        classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+                   "text_encoder_2": CLIPTextModelWithProjection}
+        configs = {p: read_config(os.path.join(config, p)) for p in classes}
+        models = {p: c.from_config(configs[p], where=os.path.join(config, p, "config.json"))
+                  for p, c in classes.items()}
+        expected = {part: [key for key, *_ in model.params()] for part, model in models.items()}
+        parts = convert.from_original(state, expected, configs, kind, source=path)  # the key table
+        del state
+        for part, model in models.items():
+            model.load_state_dict(parts.pop(part), dtype=dtype, source=f"{path} ({part})")
+        index = read_config(config, "model_index.json")
+        return cls(models["vae"], models["text_encoder"], models["text_encoder_2"],
+                   CLIPTokenizer.from_pretrained(os.path.join(config, "tokenizer")),
+                   CLIPTokenizer.from_pretrained(os.path.join(config, "tokenizer_2")), models["unet"],
+                   read_config(os.path.join(config, "scheduler"), "scheduler_config.json"), configs,
+                   name=os.path.splitext(os.path.basename(path))[0], dtype=dtype,
+                   force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
 
     # -- text ---------------------------------------------------------------------------------------------------
 

@@ -178,6 +178,10 @@ def load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=No
         raise OSError(f"{model}: no such model folder or file")
     if not model.lower().endswith(".safetensors"):
         raise ValueError(f"{model}: not a model folder nor a .safetensors file")
+    from refldm import convert
+    from refldm.weights import read_header
+    if convert.detect(read_header(model)[0]) == "sdxl":  # conditioner.embedders.* keys
+        return StableDiffusionXLPipeline.from_single_file(model, config=config, dtype=dtype)
     return StableDiffusionPipeline.from_single_file(model, config=config, tokenizer=tokenizer, dtype=dtype,
                                                     prediction_type=prediction_type)
 
@@ -355,6 +359,15 @@ def describe_model(model=None) -> dict:
         raise OSError(f"{model}: no such model folder or file")
     header, metadata, _ = read_header(model)
     kind = convert.detect(header)
+    if kind == "sdxl":  # counts and dtypes per network; SDXL configs are not read off the shapes
+        for part, pre, cls in (("unet", convert.UNET_PREFIX, "UNet2DConditionModel"),
+                               ("vae", convert.VAE_PREFIX, "AutoencoderKL"),
+                               ("text_encoder", convert.XL_CLIP_PREFIX, "CLIPTextModel"),
+                               ("text_encoder_2", convert.XL_OPEN_CLIP_PREFIX, "CLIPTextModelWithProjection")):
+            infos = [v for k, v in header.items() if k.startswith(pre)]
+            out[part] = {"class": cls, "parameters": sum(_numel(i["shape"]) for i in infos),
+                         "dtypes": sorted({i["dtype"] for i in infos}), "config": {"_layout": "SDXL single file"}}
+        return out
     prefixes = {"unet": (convert.UNET_PREFIX,), "vae": (convert.VAE_PREFIX,),
                 "text_encoder": (convert.CLIP_PREFIX if kind == "sd1" else convert.OPEN_CLIP_PREFIX,)}
 
