@@ -77,3 +77,29 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys, which, extra, match):
     assert rc == 2
     assert re.search(match, err), err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_single_file_with_config_and_img2img_on_sdxl(folders, tmp_path, capsys):
+    import os
+    from refldm import convert, weights
+    from tests.test_pipeline import gradient_image
+    base = folders[0]
+    parts = {p: weights.load_state(weights.find_weights(os.path.join(base, p), stem)) for p, stem in
+             (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"), ("text_encoder", "model"),
+              ("text_encoder_2", "model"))}
+    configs = {p: weights.read_config(os.path.join(base, p)) for p in parts}
+    path = tmp_path / "xl.safetensors"
+    weights.save_file(convert.to_original(parts, configs, "sdxl"), path)
+    a, b = tmp_path / "file.png", tmp_path / "folder.png"
+    common = ["-p", PROMPT, "--steps", "2", "--seed", "1", "-W", "32", "-H", "32", "-q"]
+    assert run(capsys, "txt2img", "-m", str(path), "--config", base, *common, "-o", str(a))[0] == 0
+    assert run(capsys, "txt2img", "-m", base, *common, "-o", str(b))[0] == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    rc, _, err = run(capsys, "txt2img", "-m", str(path), *common, "-o", str(a))
+    assert rc == 2 and "give config=an SDXL diffusers folder" in err
+    src = tmp_path / "in.png"
+    gradient_image().save(src)
+    rc, _, err = run(capsys, "img2img", "-m", base, "-i", str(src), "--strength", "0.5", "-p", PROMPT, "--steps", "4",
+                     "--seed", "1", "-q", "-o", str(tmp_path / "i2i.png"))
+    assert rc == 0, err
+    assert Image.open(tmp_path / "i2i.png").size == (32, 32)

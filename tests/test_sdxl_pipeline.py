@@ -295,3 +295,17 @@ def test_refiner_denoising_start_bounds_and_base_time_ids_on_refiner(pipes):
             pipes["refiner"](PROMPT, image=latents, denoising_start=0.8, num_inference_steps=2, progress=False)
     finally:
         pipes["refiner"].requires_aesthetics_score = True
+
+
+def test_float16_pipeline_decodes_in_float32_and_stays_close_to_float32(folders):
+    """The VAE says force_upcast: the float16 pipeline decodes in float32. From the same starting noise the
+    float16 image stays near the float32 one (a sanity bound for float16 arithmetic, not an agreement test)."""
+    from refldm.pipeline_xl import StableDiffusionXLPipeline
+    from refldm.random import randn
+    noise = randn((1, 4, 8, 8), seed=5)
+    p16 = StableDiffusionXLPipeline.from_pretrained(folders[0], dtype="float16")
+    p32 = StableDiffusionXLPipeline.from_pretrained(folders[0])
+    kwargs = dict(height=SIZE, width=SIZE, num_inference_steps=3, scheduler="euler", progress=False)
+    a = np.asarray(p16(PROMPT, latents=noise, **kwargs).images[0]).astype(np.float64)
+    b = np.asarray(p32(PROMPT, latents=noise, **kwargs).images[0]).astype(np.float64)
+    assert a.std() > 20 and np.abs(a - b).mean() < 3

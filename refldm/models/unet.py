@@ -16,6 +16,10 @@ The time embedding enters every ResNet block as a per-channel bias; the text ent
 cross-attention (``attn2``) of each transformer block. docs/unet.md walks through the shapes for
 SD 1.x at 512x512.
 
+SDXL (``addition_embed_type="text_time"``) adds a second embedding to the time one before it reaches
+the ResNets: add_embedding([pooled text, sinusoids of the micro-conditioning time ids]), see
+`UNet2DConditionModel.added_embedding` and docs/sdxl.md.
+
 Attribute names are the diffusers checkpoint keys (``down_blocks.0.attentions.1.transformer_blocks.0
 .attn2.to_k.weight``), so ``from_pretrained`` loads a diffusers ``unet/`` folder as it is.
 The ResNet, down- and up-sampling blocks are shared with the VAE (`refldm/models/blocks.py`).
