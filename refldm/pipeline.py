@@ -95,6 +95,9 @@ class StableDiffusionPipeline:
         if not os.path.isdir(folder):
             raise WeightsError(f"{folder}: no such model folder")
         index = read_config(folder, "model_index.json")
+        if (index.get("text_encoder_2") or [None])[-1] is not None:
+            raise WeightsError(f"{folder}: an SDXL folder (it has text_encoder_2); load it with "
+                               "StableDiffusionXLPipeline (refldm.pipeline_xl)")
         for part in PARTS:
             if not os.path.isdir(os.path.join(folder, part)):
                 raise WeightsError(f"{folder}: the model folder has no {part}/ (a Stable Diffusion folder needs "

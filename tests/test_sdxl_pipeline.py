@@ -309,3 +309,11 @@ def test_float16_pipeline_decodes_in_float32_and_stays_close_to_float32(folders)
     a = np.asarray(p16(PROMPT, latents=noise, **kwargs).images[0]).astype(np.float64)
     b = np.asarray(p32(PROMPT, latents=noise, **kwargs).images[0]).astype(np.float64)
     assert a.std() > 20 and np.abs(a - b).mean() < 3
+
+
+def test_sd_pipeline_points_sdxl_folders_to_the_xl_pipeline(folders):
+    from refldm.pipeline import StableDiffusionPipeline
+    for folder in folders:
+        with pytest.raises(ValueError, match="an SDXL folder.*StableDiffusionXLPipeline") as e:
+            StableDiffusionPipeline.from_pretrained(folder)
+        assert "\n" not in str(e.value)
