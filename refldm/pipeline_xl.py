@@ -81,9 +81,13 @@ def _fraction(value, what: str):
 
 def _pair(value, default, what: str):
     value = default if value is None else value
-    if len(tuple(value)) != 2:
+    try:
+        pair = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        pair = ()
+    if len(pair) != 2:
         raise ValueError(f"{what} must be a pair (height, width) or (top, left), got {value!r}")
-    return tuple(int(v) for v in value)
+    return pair
 
 
 class StableDiffusionXLPipeline(StableDiffusionPipeline):
@@ -110,6 +114,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         from refldm.tokenizer import CLIPTokenizer
 
         folder = os.fspath(folder)
+        if os.path.isfile(folder):
+            raise WeightsError(f"{folder}: is a file, not a model folder (an SDXL single file loads with "
+                               "StableDiffusionXLPipeline.from_single_file)")
         if not os.path.isdir(folder):
             raise WeightsError(f"{folder}: no such model folder")
         index = read_config(folder, "model_index.json")
@@ -315,7 +322,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                       guidance_rescale=guidance_rescale if do_cfg else 0.0, generator=generator,
                       callback=after_step, progress=progress)
 
-    def _added(self, text_embeds, batch, do_cfg, ids, negative_ids):
+    def _added(self, batch, do_cfg, ids, negative_ids):
         """time_ids (B or 2B, n) on the backend in the pipeline's dtype, [negative rows; positive rows] with CFG.
         (diffusers' base pipeline tiles [neg, pos] B times instead, which differs only when the negative sizes
         differ from the positive ones and B > 1.)"""
@@ -372,7 +379,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             negative_ids = self.time_ids(_pair(negative_original_size, None, "negative_original_size"),
                                          _pair(negative_crops_coords_top_left, (0, 0), "negative_crops_coords_top_left"),
                                          _pair(negative_target_size, None, "negative_target_size"))
-        time_ids = self._added(text_embeds, batch, do_cfg, ids, negative_ids)
+        time_ids = self._added(batch, do_cfg, ids, negative_ids)
         timings["text encode"] = time.perf_counter() - start
 
         # 2. the schedule and the starting noise x_T (B, 4, H/8, W/8)
@@ -477,7 +484,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                                          negative_target, negative_aesthetic_score)
         else:  # diffusers uses the positive crop here (its img2img _get_add_time_ids)
             negative_ids = self.time_ids(negative_original, crop, negative_target)
-        time_ids = self._added(text_embeds, batch, do_cfg, ids, negative_ids)
+        time_ids = self._added(batch, do_cfg, ids, negative_ids)
         timings["text encode"] = time.perf_counter() - start
 
         # 2. the schedule: strength's tail, or everything below denoising_start

@@ -272,6 +272,8 @@ def test_refiner_as_base_and_sd_folder_are_refused(folders, tmp_path):
     (dict(denoising_end=0.0), "denoising_end=0.0 must lie"),
     (dict(height=36), "multiples of 8"),
     (dict(original_size=(1, 2, 3)), "original_size must be a pair"),
+    (dict(crops_coords_top_left=5), "crops_coords_top_left must be a pair"),
+    (dict(prompt_2=["a", "b"]), "prompt_2: give one string, or a list of 1 strings"),
 ])
 def test_bad_arguments_are_one_line_errors(pipes, kwargs, match):
     args = dict(height=SIZE, width=SIZE, num_inference_steps=2, progress=False)
