@@ -1,10 +1,11 @@
 """SDXL: text to image, image to image and the refiner, as diffusers' StableDiffusionXLPipeline and
 StableDiffusionXLImg2ImgPipeline. docs/sdxl.md explains what changes from SD 1.x/2.x and why.
 
-    prompt   --tokenizer-->   ids (B, 77) --CLIP ViT-L      --> hidden_states[-2] (B, 77, 768)
-    prompt_2 --tokenizer_2--> ids (B, 77) --OpenCLIP bigG   --> hidden_states[-2] (B, 77, 1280), text_embeds (B, 1280)
+    prompt   --tokenizer-->   ids (B, 77) --CLIP ViT-L-->    hidden_states[-2] (B, 77, 768)
+    prompt_2 --tokenizer_2--> ids (B, 77) --OpenCLIP bigG--> hidden_states[-2] (B, 77, 1280), text_embeds (B, 1280)
     context  = concat(both, axis=-1)                                            (B, 77, 2048)
-    time_ids = [orig_h, orig_w, crop_top, crop_left, target_h, target_w]        (B, 6)   (refiner: [.., .., .., .., aesthetic])
+    time_ids = [orig_h, orig_w, crop_top, crop_left, target_h, target_w]        (B, 6)
+               (refiner: [orig_h, orig_w, crop_top, crop_left, aesthetic_score]  (B, 5))
     for t in timesteps:                                   # CFG batch [uncond; cond] as in StableDiffusionPipeline
         eps = unet(scale(x_t), t, context, added_cond_kwargs={"text_embeds", "time_ids"})
         x_t = scheduler.step(guided(eps), t, x_t)
@@ -376,9 +377,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         ids = self.time_ids(original, crop, target)
         negative_ids = ids
         if negative_original_size is not None and negative_target_size is not None:
+            negative_crop = _pair(negative_crops_coords_top_left, (0, 0), "negative_crops_coords_top_left")
             negative_ids = self.time_ids(_pair(negative_original_size, None, "negative_original_size"),
-                                         _pair(negative_crops_coords_top_left, (0, 0), "negative_crops_coords_top_left"),
-                                         _pair(negative_target_size, None, "negative_target_size"))
+                                         negative_crop, _pair(negative_target_size, None, "negative_target_size"))
         time_ids = self._added(batch, do_cfg, ids, negative_ids)
         timings["text encode"] = time.perf_counter() - start
 

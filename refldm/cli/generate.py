@@ -8,9 +8,10 @@
     refldm txt2img -m sdxl-base --refiner sdxl-refiner --denoising-end 0.8 -p "an astronaut" -o out.png
 
 MODEL (``-m``) is a diffusers folder (SD 1.x / 2.x, or SDXL: detected by its text_encoder_2) or an original
-single-file ``.safetensors`` (SD 1.x / 2.x; give ``--config FOLDER`` or ``--tokenizer FOLDER`` with it); without ``-m`` the model shipped inside refldm
-(refldm/default_model) is used. Each PNG carries its generation parameters in a ``parameters`` text
-chunk, written as the Stable Diffusion web UIs write it, so their "PNG info" readers show them.
+single-file ``.safetensors`` (SD 1.x / 2.x; give ``--config FOLDER`` or ``--tokenizer FOLDER`` with it; SDXL:
+``--config SDXL_FOLDER``); without ``-m`` the model shipped inside refldm (refldm/default_model) is used.
+Each PNG carries its generation parameters in a ``parameters`` text chunk, written as the Stable Diffusion
+web UIs write it, so their "PNG info" readers show them.
 """
 
 from __future__ import annotations
