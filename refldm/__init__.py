@@ -23,8 +23,11 @@ _LAZY = {
     "AutoencoderKL": "refldm.models.vae",
     "UNet2DConditionModel": "refldm.models.unet",
     "CLIPTextModel": "refldm.models.clip",
+    "CLIPTextModelWithProjection": "refldm.models.clip",
     "CLIPTokenizer": "refldm.tokenizer",
     "StableDiffusionPipeline": "refldm.pipeline",
+    "StableDiffusionXLPipeline": "refldm.pipeline_xl",
+    "StableDiffusionXLImg2ImgPipeline": "refldm.pipeline_xl",
 }
 _SCHEDULERS = "refldm.schedulers"
 

@@ -8,6 +8,14 @@ holds the three networks of the pipeline under the names of the original LDM cod
     cond_stage_model.transformer.text_model.*  SD 1.x text encoder  (transformers' CLIPTextModel, same keys)
     cond_stage_model.model.*                   SD 2.x text encoder  (OpenCLIP ViT-H, fused q/k/v)
 
+and an SDXL base checkpoint (``sd_xl_base_1.0.safetensors``, Stability's generative-models code):
+
+    model.diffusion_model.*                    the U-Net, the same layout plus label_emb (the added embedding)
+    first_stage_model.*                        the VAE
+    conditioner.embedders.0.transformer.text_model.*   text encoder 1 (CLIP ViT-L, transformers' keys)
+    conditioner.embedders.1.model.*            text encoder 2 (OpenCLIP ViT-bigG, fused q/k/v, all 32
+                                               layers, text_projection stored (D, P): transposed)
+
 refldm's models use diffusers' (and transformers') key names, so loading such a file is a renaming,
 plus three changes of layout:
 
@@ -43,6 +51,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."  # SD 1.x
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x
+XL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."  # SDXL text encoder 1
+XL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL text encoder 2
 
 
 class ConversionError(ValueError):
@@ -82,6 +92,8 @@ class Shape:
 UNET_TABLE = [
     ("time_embedding.linear_1", lambda s: "time_embed.0", SAME),
     ("time_embedding.linear_2", lambda s: "time_embed.2", SAME),
+    ("add_embedding.linear_1", lambda s: "label_emb.0.0", SAME),   # SDXL: pooled text + time ids
+    ("add_embedding.linear_2", lambda s: "label_emb.0.2", SAME),
     ("conv_in", lambda s: "input_blocks.0.0", SAME),
     ("down_blocks.{i}.resnets.{i}", lambda s, b, r: f"input_blocks.{1 + b * (s.layers_per_block + 1) + r}.0",
      UNET_RESNET),
@@ -143,6 +155,7 @@ OPEN_CLIP_TABLE = [
     ("encoder.layers.{i}.mlp.fc1", lambda s, i: f"transformer.resblocks.{i}.mlp.c_fc", SAME),
     ("encoder.layers.{i}.mlp.fc2", lambda s, i: f"transformer.resblocks.{i}.mlp.c_proj", SAME),
     ("final_layer_norm", lambda s: "ln_final", SAME),
+    ("text_projection.weight", lambda s: "text_projection", SAME),  # SDXL: stored transposed, (D, P)
 ]
 _QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}  # which third of in_proj_weight / in_proj_bias
 
@@ -151,6 +164,8 @@ _QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}  # which third of in_proj_weight 
 IGNORED = [
     re.compile(r"cond_stage_model\.transformer\.text_model\.embeddings\.position_ids"),  # a constant arange
     re.compile(r"cond_stage_model\.model\.(text_projection|logit_scale)"),  # CLIP's contrastive head
+    re.compile(r"conditioner\.embedders\.0\.transformer\.text_model\.embeddings\.position_ids"),
+    re.compile(r"conditioner\.embedders\.1\.model\.logit_scale"),
 ]
 
 
@@ -166,7 +181,9 @@ def _compile(table):
 
 _TABLES = {"unet": _compile(UNET_TABLE), "vae": _compile(VAE_TABLE), "clip": _compile(CLIP_TABLE),
            "open_clip": _compile(OPEN_CLIP_TABLE)}
-_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "clip": CLIP_PREFIX, "open_clip": OPEN_CLIP_PREFIX}
+_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "clip": CLIP_PREFIX, "open_clip": OPEN_CLIP_PREFIX,
+             "xl_clip": XL_CLIP_PREFIX, "xl_open_clip": XL_OPEN_CLIP_PREFIX}
+_TABLES.update(xl_clip=_TABLES["clip"], xl_open_clip=_TABLES["open_clip"])  # the same rows, other prefixes
 
 
 @dataclass(frozen=True)
@@ -176,11 +193,13 @@ class Target:
     key: str  # the original key
     conv1x1: bool = False  # stored as (C_out, C_in, 1, 1) there, (C_out, C_in) in diffusers
     third: int | None = None  # 0/1/2: the q/k/v third (rows) of a fused in_proj tensor
+    transpose: bool = False  # stored transposed there (OpenCLIP's text_projection: x @ P, not x @ W^T)
 
 
 def original_key(table: str, key: str, shape: Shape) -> Target:
     """The original key of diffusers key `key` of network `table` ("unet", "vae", "clip", "open_clip")."""
-    bare = key[len("text_model."):] if table in ("clip", "open_clip") and key.startswith("text_model.") else key
+    bare = key[len("text_model."):] if table != "unet" and table != "vae" and key.startswith("text_model.") \
+        else key
     for regex, fn, leaves in _TABLES[table]:
         m = regex.match(bare)
         if not m:
@@ -193,7 +212,9 @@ def original_key(table: str, key: str, shape: Shape) -> Target:
             if rest == new or rest.startswith(new + "."):
                 leaf = old + rest[len(new):]
                 break
-        if table == "open_clip" and prefix.endswith(".attn.in_proj"):
+        if table.endswith("open_clip") and prefix == "text_projection":
+            return Target(_PREFIXES[table] + prefix, transpose=True)
+        if table.endswith("open_clip") and prefix.endswith(".attn.in_proj"):
             third = _QKV[bare.split(".")[-2]]
             return Target(f"{_PREFIXES[table]}{prefix}_{rest}", third=third)  # in_proj_weight / in_proj_bias
         joined = ".".join(p for p in (prefix, leaf) if p)
@@ -206,17 +227,26 @@ def original_key(table: str, key: str, shape: Shape) -> Target:
 
 
 def detect(keys) -> str:
-    """Which single-file layout the keys follow: "sd1" (CLIP ViT-L text encoder) or "sd2" (OpenCLIP)."""
+    """Which single-file layout the keys follow: "sd1" (CLIP ViT-L text encoder), "sd2" (OpenCLIP) or
+    "sdxl" (both, under conditioner.embedders.*)."""
     keys = set(keys)
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ConversionError("this single file is an SDXL checkpoint (conditioner.embedders.*); refldm reads "
-                              "SD 1.x and 2.x single files only")
+        if any(k.startswith(XL_CLIP_PREFIX) for k in keys) and any(k.startswith(XL_OPEN_CLIP_PREFIX) for k in keys):
+            return "sdxl"
+        if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+            raise ConversionError("this single file is an SDXL refiner (conditioner.embedders.0.model.*); refldm "
+                                  "reads SDXL base single files only: load the refiner's diffusers folder")
+        found = sorted({".".join(k.split(".")[:4]) for k in keys if k.startswith("conditioner.")})
+        raise ConversionError(f"an SDXL-like file whose text encoders are not SDXL's: found {', '.join(found[:4])}")
     has_unet = any(k.startswith(UNET_PREFIX) for k in keys)
     has_vae = any(k.startswith(VAE_PREFIX) for k in keys)
     if not has_unet or not has_vae:
         missing = [p for p, ok in ((UNET_PREFIX, has_unet), (VAE_PREFIX, has_vae)) if not ok]
-        raise ConversionError(f"not a full SD single-file checkpoint: no keys under {', '.join(missing)}* "
-                              "(a lone U-Net, VAE or LoRA file cannot be loaded as a pipeline)")
+        found = sorted({k.split(".")[0] for k in keys})
+        shown = ", ".join(found[:6]) + (f", ... ({len(found)} in all)" if len(found) > 6 else "")
+        raise ConversionError(f"neither an SD 1.x/2.x nor an SDXL single-file checkpoint: no keys under "
+                              f"{', '.join(missing)}* (found top-level names: {shown or 'none'}; a lone U-Net, "
+                              "VAE or LoRA file cannot be loaded as a pipeline)")
     if any(k.startswith(CLIP_PREFIX) for k in keys):
         return "sd1"
     if any(k.startswith(OPEN_CLIP_PREFIX) for k in keys):
@@ -227,7 +257,7 @@ def detect(keys) -> str:
 
 def shape_of(configs: dict) -> Shape:
     """The `Shape` of a model from its diffusers configs {"unet": {...}, "vae": {...}, "text_encoder": {...}}."""
-    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    unet, vae, text = configs["unet"], configs["vae"], configs.get("text_encoder") or configs["text_encoder_2"]
     layers = unet.get("layers_per_block", 2)
     if not isinstance(layers, int):
         raise ConversionError(f"unet config: layers_per_block={layers!r}; the single-file layout needs one int")
@@ -238,6 +268,8 @@ def shape_of(configs: dict) -> Shape:
 
 
 def _tables(kind: str) -> dict:
+    if kind == "sdxl":
+        return {"unet": "unet", "vae": "vae", "text_encoder": "xl_clip", "text_encoder_2": "xl_open_clip"}
     return {"unet": "unet", "vae": "vae", "text_encoder": "clip" if kind == "sd1" else "open_clip"}
 
 
@@ -266,6 +298,8 @@ def from_original(state: dict, expected: dict, configs: dict, kind: str, source:
                                           "(fused q, k, v)")
                 n = value.shape[0] // 3
                 value = value[t.third * n:(t.third + 1) * n]
+            elif t.transpose:
+                value = value.T
             elif t.conv1x1 and value.ndim == 4:
                 if value.shape[2:] != (1, 1):
                     raise ConversionError(f"{source}: {t.key} has shape {value.shape}, expected a 1x1 convolution")
@@ -274,7 +308,7 @@ def from_original(state: dict, expected: dict, configs: dict, kind: str, source:
             used.add(t.key)
     leftover = []
     for k in state:
-        if k in used or not k.startswith((UNET_PREFIX, VAE_PREFIX, "cond_stage_model.")):
+        if k in used or not k.startswith((UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.")):
             continue
         if any(r.fullmatch(k) for r in IGNORED):
             continue
@@ -310,6 +344,8 @@ def to_original(parts: dict, configs: dict, kind: str) -> dict:
             t = original_key(tables[part], key, shape)
             if t.third is not None:
                 fused.setdefault(t.key, [None, None, None])[t.third] = value
+            elif t.transpose:
+                out[t.key] = np.ascontiguousarray(value.T)
             elif t.conv1x1:
                 out[t.key] = value[:, :, None, None]
             else:

@@ -191,6 +191,9 @@ class StableDiffusionPipeline:
         if not os.path.isdir(folder):
             raise WeightsError(f"{folder}: no such model folder")
         index = read_config(folder, "model_index.json")
+        if (index.get("text_encoder_2") or [None])[-1] is not None:
+            raise WeightsError(f"{folder}: an SDXL folder (it has text_encoder_2); load it with "
+                               "StableDiffusionXLPipeline (refldm.pipeline_xl)")
         for part in PARTS:
             if not os.path.isdir(os.path.join(folder, part)):
                 raise WeightsError(f"{folder}: the model folder has no {part}/ (a Stable Diffusion folder needs "
@@ -230,6 +233,8 @@ class StableDiffusionPipeline:
         path = os.fspath(path)
         state = load_file(path)  # refuses pickles; validates the file
         kind = convert.detect(state)
+        if kind == "sdxl":
+            raise ValueError(f"{path}: an SDXL checkpoint; load it with StableDiffusionXLPipeline.from_single_file")
         Unet, Vae, TextEncoder, Tokenizer = _models()
         if config is not None:
             config = os.fspath(config)
@@ -297,8 +302,10 @@ class StableDiffusionPipeline:
 
     def decode_latents(self, latents):
         """Latents (B, 4, h, w) -> uint8 pixels (B, H, W, 3) on the host, rounded exactly as diffusers does."""
+        from refldm.models.vae import decode_checked
+        # in float32 when a float16 VAE says force_upcast; NaN/inf in the image is an error (models/vae.py)
         with record.scope("vae"):                                             # trace names: vae.<layer>
-            image = self.vae.decode(unscale_latents(latents, self.vae.config))  # (B, 3, H, W), about [-1, 1]
+            image = decode_checked(self.vae, unscale_latents(latents, self.vae.config))  # (B, 3, H, W), ~[-1, 1]
         return to_uint8(image)                                               # round(255 clip(x/2 + 1/2))
 
     def preprocess_image(self, image):

@@ -5,11 +5,13 @@
     refldm txt2img -m path/to/sd-folder -p "an astronaut riding a horse" --steps 20 --seed 1 -o out.png
     refldm img2img -i in.png --strength 0.7 -p "a large blue square in the center on a white background"
     refldm info path/to/sd-folder                        # each part's config, parameter count, dtype
+    refldm txt2img -m sdxl-base --refiner sdxl-refiner --denoising-end 0.8 -p "an astronaut" -o out.png
 
-MODEL (``-m``) is a diffusers folder or an original single-file ``.safetensors`` (SD 1.x / 2.x; give
-``--config FOLDER`` or ``--tokenizer FOLDER`` with it); without ``-m`` the model shipped inside refldm
-(refldm/default_model) is used. Each PNG carries its generation parameters in a ``parameters`` text
-chunk, written as the Stable Diffusion web UIs write it, so their "PNG info" readers show them.
+MODEL (``-m``) is a diffusers folder (SD 1.x / 2.x, or SDXL: detected by its text_encoder_2) or an original
+single-file ``.safetensors`` (SD 1.x / 2.x; give ``--config FOLDER`` or ``--tokenizer FOLDER`` with it; SDXL:
+``--config SDXL_FOLDER``); without ``-m`` the model shipped inside refldm (refldm/default_model) is used.
+Each PNG carries its generation parameters in a ``parameters`` text chunk, written as the Stable Diffusion
+web UIs write it, so their "PNG info" readers show them.
 """
 
 from __future__ import annotations
@@ -95,6 +97,9 @@ def register(subparsers) -> None:
     p.add_argument("-W", "--width", type=int, default=None, help="image width, a multiple of 8 "
                                                                   "(default: the model's training size)")
     p.add_argument("-H", "--height", type=int, default=None, help="image height, a multiple of 8")
+    p.add_argument("--refiner", default=None, help="SDXL: a refiner folder that finishes the base's latents")
+    p.add_argument("--denoising-end", type=float, default=None,
+                   help="SDXL: the fraction of the schedule the base runs (with --refiner; default 0.8)")
     p.set_defaults(func=run_txt2img)
 
     p = subparsers.add_parser("img2img", help="transform an image guided by a prompt",
@@ -155,9 +160,11 @@ def _use_backend(name):
         backend.use(name)
 
 
-def load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=None, dtype="float32"):
+def load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=None, dtype="float32",
+                  img2img=False):
     """The pipeline for MODEL: a diffusers folder, a single .safetensors file, or None for the embedded model."""
     from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipeline_xl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, is_sdxl_folder
     from refldm.weights import refuse_pickle
     if model is None:
         if not os.path.isfile(os.path.join(DEFAULT_MODEL, "model_index.json")):
@@ -166,12 +173,19 @@ def load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=No
         pipe.name = "refldm-default"
         return pipe
     refuse_pickle(model)
+    if os.path.isdir(model) and is_sdxl_folder(model):  # SDXL: a text_encoder_2 in model_index.json
+        cls = StableDiffusionXLImg2ImgPipeline if img2img else StableDiffusionXLPipeline
+        return cls.from_pretrained(model, dtype=dtype)
     if os.path.isdir(model):
         return StableDiffusionPipeline.from_pretrained(model, dtype=dtype)
     if not os.path.exists(model):
         raise OSError(f"{model}: no such model folder or file")
     if not model.lower().endswith(".safetensors"):
         raise ValueError(f"{model}: not a model folder nor a .safetensors file")
+    from refldm import convert
+    from refldm.weights import read_header
+    if convert.detect(read_header(model)[0]) == "sdxl":  # conditioner.embedders.* keys
+        return StableDiffusionXLPipeline.from_single_file(model, config=config, dtype=dtype)
     return StableDiffusionPipeline.from_single_file(model, config=config, tokenizer=tokenizer, dtype=dtype,
                                                     prediction_type=prediction_type)
 
@@ -276,7 +290,8 @@ def _generate(args, image=None):
     blas = backend.single_threaded_blas() if args.model is None else contextlib.nullcontext()
     with _one_line_warnings(), blas:
         pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
-                             prediction_type=args.prediction_type, dtype=args.dtype)
+                             prediction_type=args.prediction_type, dtype=args.dtype, img2img=image is not None)
+        refiner, end = _refiner_args(args, pipe)
         kwargs = {}
         if image is None:
             kwargs.update(height=args.height, width=args.width)
@@ -284,13 +299,24 @@ def _generate(args, image=None):
         else:
             kwargs.update(image=image, strength=args.strength)
             check_resources(pipe, 1, image.height, image.width, args.steps, args.cfg)
+        if refiner is not None:
+            kwargs.update(denoising_end=end, output_type="latent")
         out = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                    guidance_scale=args.cfg, seed=args.seed, scheduler=args.sampler, progress=not args.quiet,
                    **kwargs)
+        if refiner is not None:  # SDXL's ensemble: the refiner denoises the last (1 - end) of the schedule
+            out = refiner(args.prompt, negative_prompt=args.negative, image=out.latents, denoising_start=end,
+                          num_inference_steps=args.steps, guidance_scale=args.cfg, seed=out.seed,
+                          scheduler=args.sampler, progress=not args.quiet)
     img = out.images[0]
     text = parameters_text(args.prompt, args.negative, args.steps, sampler_label(pipe, args.sampler), args.cfg,
                            out.seed, img.width, img.height, pipe.name,
                            strength=None if image is None else args.strength)
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: the micro-conditioning sizes it was given
+        text += (f", Original size: {img.width}x{img.height}, Target size: {img.width}x{img.height}, "
+                 "Crop: 0x0")
+        if refiner is not None:
+            text += f", Refiner: {refiner.name}, Refiner switch at: {end:g}"
     save_png(img, path, text)
     t = out.timings
     print(f"wrote {path} ({img.width}x{img.height}, seed {out.seed}, {args.steps} steps, "
@@ -300,6 +326,27 @@ def _generate(args, image=None):
 
 def run_txt2img(args) -> int:
     return _generate(args)
+
+
+def _refiner_args(args, pipe):
+    """(refiner pipeline or None, denoising_end) from --refiner / --denoising-end, checked."""
+    refiner, end = getattr(args, "refiner", None), getattr(args, "denoising_end", None)
+    if end is not None and not 0 < end < 1:
+        raise ValueError(f"--denoising-end must lie strictly between 0 and 1, got {end:g}")
+    if refiner is None:
+        if end is not None:
+            raise ValueError("--denoising-end needs --refiner FOLDER (the model that finishes the schedule)")
+        return None, None
+    from refldm.pipeline_xl import StableDiffusionXLImg2ImgPipeline, is_sdxl_folder
+    if getattr(pipe, "text_encoder_2", None) is None:
+        raise ValueError("--refiner needs an SDXL base model (-m SDXL_FOLDER)")
+    if not os.path.isdir(refiner) or not is_sdxl_folder(refiner):
+        raise ValueError(f"--refiner {refiner}: not an SDXL folder (no text_encoder_2 in its model_index.json)")
+    ref = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner, dtype=args.dtype)
+    if not ref.requires_aesthetics_score:
+        raise ValueError(f"--refiner {refiner}: a base model, not a refiner (its model_index.json has no "
+                         "requires_aesthetics_score)")
+    return ref, 0.8 if end is None else end
 
 
 def run_img2img(args) -> int:
@@ -326,11 +373,15 @@ def describe_model(model=None) -> dict:
     out = {}
     if os.path.isdir(model):
         index = read_config(model, "model_index.json")
-        for part in ("unet", "vae", "text_encoder"):
+        parts = ("unet", "vae", "text_encoder", "text_encoder_2") if "text_encoder_2" in index else \
+            ("unet", "vae", "text_encoder")
+        for part in parts:
+            if part == "text_encoder" and "text_encoder_2" in index and (index.get(part) or [None])[-1] is None:
+                continue  # an SDXL refiner has the second text encoder only
             folder = os.path.join(model, part)
             if not os.path.isdir(folder):
                 raise OSError(f"{model}: the model folder has no {part}/")
-            stem = "model" if part == "text_encoder" else "diffusion_pytorch_model"
+            stem = "model" if part.startswith("text_encoder") else "diffusion_pytorch_model"
             count, dtypes = 0, set()
             for path in find_weights(folder, stem):
                 header, _, _ = read_header(path)
@@ -339,16 +390,19 @@ def describe_model(model=None) -> dict:
                     dtypes.add(info["dtype"])
             out[part] = {"class": (index.get(part) or [None, None])[-1], "parameters": count,
                          "dtypes": sorted(dtypes), "config": read_config(folder)}
-        tok = os.path.join(model, "tokenizer")
-        vocab, fast = os.path.join(tok, "vocab.json"), os.path.join(tok, "tokenizer.json")
-        n_vocab = None
-        if os.path.isfile(fast):  # transformers 5's one file: the vocabulary is its BPE model's
-            with open(fast, encoding="utf-8") as f:
-                n_vocab = len((json.load(f).get("model") or {}).get("vocab") or {})
-        elif os.path.isfile(vocab):
-            with open(vocab, encoding="utf-8") as f:
-                n_vocab = len(json.load(f))
-        out["tokenizer"] = {"class": (index.get("tokenizer") or [None, None])[-1], "vocabulary": n_vocab}
+        for name in ("tokenizer", "tokenizer_2"):
+            if (index.get(name) or [None])[-1] is None and (name == "tokenizer_2" or "text_encoder_2" in index):
+                continue  # not an SDXL folder, or an SDXL refiner (no first tokenizer)
+            tok = os.path.join(model, name)
+            vocab, fast = os.path.join(tok, "vocab.json"), os.path.join(tok, "tokenizer.json")
+            n_vocab = None
+            if os.path.isfile(fast):  # transformers 5's one file: the vocabulary is its BPE model's
+                with open(fast, encoding="utf-8") as f:
+                    n_vocab = len((json.load(f).get("model") or {}).get("vocab") or {})
+            elif os.path.isfile(vocab):
+                with open(vocab, encoding="utf-8") as f:
+                    n_vocab = len(json.load(f))
+            out[name] = {"class": (index.get(name) or [None, None])[-1], "vocabulary": n_vocab}
         out["scheduler"] = {"class": (index.get("scheduler") or [None, None])[-1],
                             "config": read_config(os.path.join(model, "scheduler"), "scheduler_config.json")}
         return out
@@ -356,6 +410,15 @@ def describe_model(model=None) -> dict:
         raise OSError(f"{model}: no such model folder or file")
     header, metadata, _ = read_header(model)
     kind = convert.detect(header)
+    if kind == "sdxl":  # counts and dtypes per network; SDXL configs are not read off the shapes
+        for part, pre, cls in (("unet", convert.UNET_PREFIX, "UNet2DConditionModel"),
+                               ("vae", convert.VAE_PREFIX, "AutoencoderKL"),
+                               ("text_encoder", convert.XL_CLIP_PREFIX, "CLIPTextModel"),
+                               ("text_encoder_2", convert.XL_OPEN_CLIP_PREFIX, "CLIPTextModelWithProjection")):
+            infos = [v for k, v in header.items() if k.startswith(pre)]
+            out[part] = {"class": cls, "parameters": sum(_numel(i["shape"]) for i in infos),
+                         "dtypes": sorted({i["dtype"] for i in infos}), "config": {"_layout": "SDXL single file"}}
+        return out
     prefixes = {"unet": (convert.UNET_PREFIX,), "vae": (convert.VAE_PREFIX,),
                 "text_encoder": (convert.CLIP_PREFIX if kind == "sd1" else convert.OPEN_CLIP_PREFIX,)}
 

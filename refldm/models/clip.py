@@ -32,7 +32,8 @@ from refldm.models.blocks import Embedding, LayerNorm, Linear
 from refldm.nn import Module, ModuleList, Param, PretrainedModel
 from refldm.weights import WeightsError
 
-__all__ = ["CLIPTextConfig", "CLIPTextModel", "CLIPTextOutput"]
+__all__ = ["CLIPTextConfig", "CLIPTextModel", "CLIPTextOutput", "CLIPTextWithProjectionConfig",
+           "CLIPTextModelWithProjection", "CLIPTextModelOutput"]
 
 # Activation functions by transformers' ``hidden_act`` name (transformers.activations.ACT2FN).
 ACTIVATIONS = {
@@ -371,3 +372,70 @@ class CLIPTextModel(PretrainedModel):
         additive_mask = xp.where(keep, xp.zeros((), dtype=dtype), xp.asarray(-xp.inf, dtype=dtype))
         query_sees_keys = None if bool(xp.all(seen)) else seen.reshape(b, 1, length, 1)
         return additive_mask.reshape(b, 1, length, length), query_sees_keys
+
+
+# --------------------------------------------------------------------------------------------------------
+# The second SDXL text encoder: CLIP with its text projection
+
+
+@dataclass
+class CLIPTextWithProjectionConfig(CLIPTextConfig):
+    """CLIPTextConfig plus ``projection_dim``, the width of the projected pooled output (text_embeds).
+
+    SDXL's text_encoder_2 (OpenCLIP ViT-bigG/14's text tower): hidden_size 1280, intermediate_size 5120,
+    32 layers of 20 heads, gelu, projection_dim 1280 (694,659,840 parameters).
+    """
+
+    projection_dim: int = 512
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.projection_dim, int) or isinstance(self.projection_dim, bool) \
+                or self.projection_dim < 1:
+            raise ValueError(f"projection_dim={self.projection_dim!r} must be a positive integer")
+
+
+@dataclass
+class CLIPTextModelOutput:
+    """What `CLIPTextModelWithProjection` returns (transformers' CLIPTextModelOutput, same field names).
+
+    text_embeds: (B, projection_dim), the pooled output times text_projection (SDXL's pooled embedding).
+    last_hidden_state: (B, L, D) after the final layer norm. hidden_states: as in `CLIPTextOutput`.
+    """
+
+    text_embeds: object
+    last_hidden_state: object
+    hidden_states: tuple | None = None
+
+    def __getitem__(self, i):
+        """Index like transformers' output tuple: [0] text_embeds, [1] last_hidden_state."""
+        return (self.text_embeds, self.last_hidden_state)[i]
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """CLIP's text transformer and its projection into the joint image-text space (transformers'
+    ``CLIPTextModelWithProjection``); SDXL's second text encoder.
+
+        text_embeds = pooler_output W_proj^T        # (B, D) -> (B, projection_dim), no bias
+
+    Keys: the `CLIPTextModel` keys (stored under ``text_model.`` by transformers 4 and 5 alike) and
+    ``text_projection.weight`` (projection_dim, D).
+    """
+
+    def __init__(self, config: CLIPTextWithProjectionConfig):
+        if isinstance(config, dict):
+            config = CLIPTextWithProjectionConfig.from_dict(config)
+        super().__init__(config)
+        self.text_projection = Linear(config.hidden_size, config.projection_dim, bias=False)
+        self.assign_names()
+
+    @classmethod
+    def parse_config(cls, config: dict, where: str) -> CLIPTextWithProjectionConfig:
+        return CLIPTextWithProjectionConfig.from_dict(config, where=where)
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states: bool = False) -> CLIPTextModelOutput:
+        """As `CLIPTextModel.forward`; returns text_embeds (B, projection_dim) instead of pooler_output."""
+        out = super().forward(input_ids, attention_mask, output_hidden_states)
+        text_embeds = self.text_projection(out.pooler_output)          # (B, D) -> (B, projection_dim)
+        return CLIPTextModelOutput(text_embeds=text_embeds, last_hidden_state=out.last_hidden_state,
+                                   hidden_states=out.hidden_states)

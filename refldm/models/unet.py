@@ -16,6 +16,10 @@ The time embedding enters every ResNet block as a per-channel bias; the text ent
 cross-attention (``attn2``) of each transformer block. docs/unet.md walks through the shapes for
 SD 1.x at 512x512.
 
+SDXL (``addition_embed_type="text_time"``) adds a second embedding to the time one before it reaches
+the ResNets: add_embedding([pooled text, sinusoids of the micro-conditioning time ids]), see
+`UNet2DConditionModel.added_embedding` and docs/sdxl.md.
+
 Attribute names are the diffusers checkpoint keys (``down_blocks.0.attentions.1.transformer_blocks.0
 .attn2.to_k.weight``), so ``from_pretrained`` loads a diffusers ``unet/`` folder as it is.
 The ResNet, down- and up-sampling blocks are shared with the VAE (`refldm/models/blocks.py`).
@@ -84,6 +88,12 @@ class UNet2DConditionConfig:
     time_embedding_dim: int | None = None      # default 4 * block_out_channels[0]
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
+    # SDXL's micro-conditioning ("text_time"): the pooled text embedding (B, P) and the sinusoids of the
+    # time ids (B, n_ids * addition_time_embed_dim) are concatenated, (B, projection_class_embeddings_
+    # input_dim), and go through `add_embedding` (an MLP like the time one), added to the time embedding.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -125,6 +135,18 @@ class UNet2DConditionConfig:
             self.time_embedding_dim = 4 * self.block_out_channels[0]
         if self.downsample_padding not in (0, 1):
             raise ValueError(f"downsample_padding={self.downsample_padding!r} is not implemented (0 or 1)")
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"addition_embed_type={self.addition_embed_type!r} is not implemented in refldm "
+                             "(only None and 'text_time', SDXL's)")
+        if self.addition_embed_type == "text_time":
+            for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                value = getattr(self, key)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"addition_embed_type='text_time' needs {key} (a positive int), "
+                                     f"got {value!r}")
+            if self.addition_time_embed_dim % 2:
+                raise ValueError(f"addition_time_embed_dim={self.addition_time_embed_dim} must be even "
+                                 "(half sines, half cosines)")
 
 
 def _per_level(value, n: int, key: str, kind):
@@ -146,7 +168,7 @@ _IGNORED = (
     "sample_size",                      # the training resolution; any latent size runs
     "dropout",                          # inactive at inference
     "mid_block_only_cross_attention",   # read only by UNetMidBlock2DSimpleCrossAttn, not by ours
-    "addition_embed_type_num_heads",    # read only when addition_embed_type == "text" (fixed None)
+    "addition_embed_type_num_heads",    # read only when addition_embed_type == "text" (not implemented)
 )
 
 # Keys that change the math, implemented at one value only: any other value is an error naming the key.
@@ -157,9 +179,6 @@ _FIXED = {
     "class_embed_type": None,
     "num_class_embeds": None,
     "class_embeddings_concat": False,
-    "projection_class_embeddings_input_dim": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "resnet_time_scale_shift": "default",
@@ -483,9 +502,10 @@ class CrossAttnUpBlock2D(UpBlock2D):
 # ---------------------------------------------------------------------------------------------------
 
 class UNet2DConditionModel(PretrainedModel):
-    """eps_theta(x_t, t, c): the conditional U-Net of Stable Diffusion 1.x / 2.x.
+    """eps_theta(x_t, t, c): the conditional U-Net of Stable Diffusion 1.x / 2.x and SDXL.
 
-    ``unet(sample, timestep, encoder_hidden_states) -> array`` of sample's shape.
+    ``unet(sample, timestep, encoder_hidden_states) -> array`` of sample's shape; SDXL adds
+    ``added_cond_kwargs={"text_embeds": ..., "time_ids": ...}``.
     """
 
     def __init__(self, config: UNet2DConditionConfig):
@@ -495,6 +515,9 @@ class UNet2DConditionModel(PretrainedModel):
         self.conv_in = Conv2d(cfg.in_channels, ch[0], kernel_size=cfg.conv_in_kernel,
                               padding=(cfg.conv_in_kernel - 1) // 2)
         self.time_embedding = TimestepEmbedding(ch[0], cfg.time_embedding_dim)
+        if cfg.addition_embed_type == "text_time":   # SDXL: pooled text + time ids -> (B, 4*C0)
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim,
+                                                   cfg.time_embedding_dim)
 
         blocks, cout = [], ch[0]
         for i, kind in enumerate(cfg.down_block_types):
@@ -544,9 +567,13 @@ class UNet2DConditionModel(PretrainedModel):
                              f"batch, got {tuple(t.shape)}")
         return t
 
-    def forward(self, sample, timestep, encoder_hidden_states):
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs: dict | None = None):
         """Predict the noise (or v) for latents `sample` (B, C_in, H, W) at `timestep` (scalar or (B,))
-        given text embeddings `encoder_hidden_states` (B, S, cross_attention_dim)."""
+        given text embeddings `encoder_hidden_states` (B, S, cross_attention_dim).
+
+        SDXL (addition_embed_type "text_time") also needs ``added_cond_kwargs={"text_embeds": (B, P),
+        "time_ids": (B, n)}``: the pooled text embedding and the micro-conditioning ids (see
+        `added_embedding`), as diffusers' argument of the same name."""
         cfg = self.config
         xp = backend.array_namespace(sample, encoder_hidden_states)
         if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
@@ -567,6 +594,7 @@ class UNet2DConditionModel(PretrainedModel):
             sample = 2.0 * sample - 1.0
         # the sinusoid is computed in the model's dtype (float32 for a float16 model)
         t = self._timesteps(timestep, b, xp, "float32" if sample.dtype.itemsize < 4 else sample.dtype)  # (B,)
+        added = self._added_inputs(added_cond_kwargs, b, xp, sample.dtype)  # None, or (text_embeds, time_ids)
 
         threads = backend.num_threads()
         if backend.is_host(xp) and threads > 1 and b % threads == 0 and record.recorder is None:
@@ -577,11 +605,63 @@ class UNet2DConditionModel(PretrainedModel):
             # must see each module's output once, for the whole batch.
             n = b // threads
             parts = backend.parallel_map(
-                lambda i: self.predict(sample[i:i + n], t[i:i + n], context[i:i + n]), range(0, b, n))
+                lambda i: self.predict(sample[i:i + n], t[i:i + n], context[i:i + n],
+                                       added and tuple(a[i:i + n] for a in added)), range(0, b, n))
             return xp.concatenate(parts, axis=0)                            # (B, C_out, H, W)
-        return self.predict(sample, t, context)
+        return self.predict(sample, t, context, added)
 
-    def predict(self, sample, t, context):
+    def _added_inputs(self, added_cond_kwargs, batch: int, xp, dtype):
+        """Check SDXL's added conditioning: (text_embeds (B, P), time_ids (B, n)) or None without it."""
+        cfg = self.config
+        if cfg.addition_embed_type is None:
+            if added_cond_kwargs:
+                raise ValueError("unet: added_cond_kwargs given, but this U-Net has no addition_embed_type")
+            return None
+        kwargs = added_cond_kwargs or {}
+        missing = [k for k in ("text_embeds", "time_ids") if kwargs.get(k) is None]
+        if missing:
+            raise ValueError(f"unet: addition_embed_type 'text_time' (SDXL) needs added_cond_kwargs with "
+                             f"{' and '.join(missing)}")
+        text_embeds, time_ids = kwargs["text_embeds"], kwargs["time_ids"]
+        n_ids = (cfg.projection_class_embeddings_input_dim - text_embeds.shape[-1]) // cfg.addition_time_embed_dim
+        if text_embeds.ndim != 2 or text_embeds.shape[0] != batch or time_ids.ndim != 2 \
+                or time_ids.shape[0] != batch or \
+                text_embeds.shape[1] + time_ids.shape[1] * cfg.addition_time_embed_dim \
+                != cfg.projection_class_embeddings_input_dim:
+            raise ValueError(
+                f"unet: text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(time_ids.shape)} must be "
+                f"({batch}, P) and ({batch}, n) with P + n * {cfg.addition_time_embed_dim} = "
+                f"{cfg.projection_class_embeddings_input_dim} (projection_class_embeddings_input_dim; "
+                f"SDXL base: 1280 + 6 ids, refiner: 1280 + 5 ids; {max(n_ids, 0)} ids for this text_embeds)")
+        sin_dtype = "float32" if numpy.dtype(dtype).itemsize < 4 else dtype    # as for the timestep
+        text_embeds = backend.asarray(text_embeds, dtype=dtype) if backend.array_namespace(text_embeds) \
+            is not xp else text_embeds.astype(dtype, copy=False)
+        time_ids = backend.asarray(time_ids, dtype=sin_dtype) if backend.array_namespace(time_ids) \
+            is not xp else time_ids.astype(sin_dtype, copy=False)
+        return text_embeds, time_ids
+
+    def added_embedding(self, text_embeds, time_ids, dtype):
+        """SDXL's added embedding (diffusers' ``add_time_proj`` + ``add_embedding``), summed into the
+        time embedding:
+
+            a = [text_embeds, sinusoid(time_ids[:, 0]), ..., sinusoid(time_ids[:, n-1])]   (B, P + n*A)
+            aug = W2 silu(W1 a + b1) + b2                                                (B, 4*C0)
+
+        text_embeds (B, P) is text encoder 2's pooled, projected output; time_ids (B, n) holds the
+        micro-conditioning numbers: original size (h, w), crop top-left (y, x), target size (h, w) for
+        the base (n = 6); the refiner has the aesthetic score instead of the target size (n = 5).
+        Each id gets the same A-wide sinusoid as a timestep (A = addition_time_embed_dim, 256)."""
+        cfg = self.config
+        xp = backend.array_namespace(text_embeds, time_ids)
+        b = text_embeds.shape[0]
+        s = ops.timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                   flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                   downscale_freq_shift=cfg.freq_shift)        # (B*n, A)
+        s = s.reshape(b, -1).astype(dtype, copy=False)                         # (B, n*A)
+        a = xp.concatenate([text_embeds.astype(dtype, copy=False), s], axis=1)  # (B, P + n*A)
+        return self.add_embedding(a)                                           # (B, 4*C0)
+
+    def predict(self, sample, t, context, added=None):
         """The network itself, top to bottom: sample (B, C_in, H, W), t (B,) in the sinusoid's dtype,
         context (B, S, D_text) -> (B, C_out, H, W). Call the model instead, which checks its inputs."""
         cfg = self.config
@@ -590,6 +670,8 @@ class UNet2DConditionModel(PretrainedModel):
         t_emb = ops.timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                        downscale_freq_shift=cfg.freq_shift)  # (B, C0)
         emb = self.time_embedding(t_emb.astype(sample.dtype, copy=False))   # (B, 4*C0)
+        if added is not None:                                               # SDXL's micro-conditioning
+            emb = emb + self.added_embedding(*added, dtype=sample.dtype)    # (B, 4*C0)
 
         # 2. down: every output is kept as a skip connection
         x = self.conv_in(sample)                                            # (B, C0, H, W)

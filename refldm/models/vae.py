@@ -32,7 +32,8 @@ from refldm.models.blocks import (
 from refldm.nn import Module, ModuleList, PretrainedModel
 
 __all__ = ["AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussianDistribution", "VAEAttention",
-           "convert_legacy_keys"]
+           "convert_legacy_keys", "NonFiniteImageError", "needs_upcast", "upcast", "decode_checked",
+           "encode_upcast"]
 
 _EPS = 1e-6  # every GroupNorm of the SD VAE uses eps = 1e-6 (the U-Net uses 1e-5)
 
@@ -55,7 +56,7 @@ class AutoencoderKLConfig:
     shift_factor: float | None = None      # ... and shifted by this first (SD3, Flux); None for SD 1.x/2.x/XL
     latents_mean: list | None = None       # per-channel normalisation some pipelines apply instead
     latents_std: list | None = None
-    force_upcast: bool = True              # diffusers runs fp16 VAEs in fp32; refldm computes in one dtype
+    force_upcast: bool = True              # a float16 VAE runs in float32 (see `needs_upcast`)
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
@@ -352,10 +353,76 @@ class AutoencoderKL(PretrainedModel):
         """images (N, in_channels, H, W) in [-1, 1], H and W divisible by f -> posterior over (N, 4, H/f, W/f)."""
         x = self._input(images, self.config.in_channels, "encode")
         self.latent_shape(x.shape[0], x.shape[2], x.shape[3])  # H and W must be multiples of f
+        tile = self.tile_sample_min_size
+        if self.use_tiling and (x.shape[2] > tile or x.shape[3] > tile):
+            return DiagonalGaussianDistribution(self._tiled(x, tile, self.tile_latent_min_size, self._encode_tile))
+        return DiagonalGaussianDistribution(self._encode_tile(x))
+
+    def _encode_tile(self, x):
         h = self.encoder(x)                      # (N, 2*latent_channels, H/f, W/f)
         if self.quant_conv is not None:
             h = self.quant_conv(h)
-        return DiagonalGaussianDistribution(h)
+        return h
+
+    def _decode_tile(self, z):
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)                   # (N, 3, h*f, w*f)
+
+    # -- tiling (diffusers' enable_tiling): bounded memory for large images ---------------------------------
+
+    use_tiling = False
+    tile_overlap_factor = 0.25
+
+    def enable_tiling(self, use_tiling: bool = True):
+        """Encode and decode large inputs tile by tile (as diffusers' ``enable_tiling``): the activations
+        then take the memory of one tile (sample_size pixels a side, 1024 for SDXL's VAE) whatever the
+        image size. The result differs slightly from the untiled one: each tile sees only its own
+        neighbourhood, and the overlapping borders are cross-faded (see `_tiled`)."""
+        self.use_tiling = bool(use_tiling)
+        return self
+
+    def disable_tiling(self):
+        return self.enable_tiling(False)
+
+    @property
+    def tile_sample_min_size(self) -> int:
+        """The tile side in pixels: the config's sample_size (its first entry when it is a list)."""
+        size = self.config.sample_size
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @property
+    def tile_latent_min_size(self) -> int:
+        """The tile side in latent pixels: sample_size / f."""
+        return int(self.tile_sample_min_size / self.config.downscale_factor)
+
+    def _tiled(self, x, tile_in: int, tile_out: int, run):
+        """diffusers' tiled encode/decode. Input tiles of side tile_in start every
+        stride = int(tile_in * (1 - 0.25)) positions; each is run through `run` (side tile_out out).
+        Then, in row-major order, each output tile is cross-faded with the tile above over its first
+        e = int(tile_out * 0.25) rows, and with the tile on its left over its first e columns:
+
+            b[y] = a[-e + y] * (1 - y/e) + b[y] * (y/e),   y = 0..e-1   (in place, as diffusers)
+
+        and its top-left (tile_out - e)^2 corner is kept. The kept pieces are put together.
+        """
+        xp = backend.array_namespace(x)
+        stride = int(tile_in * (1 - self.tile_overlap_factor))
+        extent = int(tile_out * self.tile_overlap_factor)
+        keep = tile_out - extent
+        rows = [[run(x[:, :, i:i + tile_in, j:j + tile_in]) for j in range(0, x.shape[3], stride)]
+                for i in range(0, x.shape[2], stride)]
+        out_rows = []
+        for i, row in enumerate(rows):
+            kept = []
+            for j, t in enumerate(row):
+                if i > 0:
+                    _blend(rows[i - 1][j], t, extent, axis=2)
+                if j > 0:
+                    _blend(row[j - 1], t, extent, axis=3)
+                kept.append(t[:, :, :keep, :keep])
+            out_rows.append(xp.concatenate(kept, axis=3))
+        return xp.concatenate(out_rows, axis=2)
 
     def decode(self, latents):
         """latents (N, latent_channels, h, w), already divided by scaling_factor -> images (N, 3, h*f, w*f).
@@ -364,15 +431,27 @@ class AutoencoderKL(PretrainedModel):
         clips when converting to uint8).
         """
         z = self._input(latents, self.config.latent_channels, "decode")
-        if self.post_quant_conv is not None:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
+        tile = self.tile_latent_min_size
+        if self.use_tiling and (z.shape[2] > tile or z.shape[3] > tile):
+            return self._tiled(z, tile, self.tile_sample_min_size, self._decode_tile)
+        return self._decode_tile(z)
 
     def forward(self, images, sample_posterior: bool = False, generator=None):
         """Reconstruct: decode(encode(images).mode()) (or a sample of the posterior)."""
         posterior = self.encode(images)
         z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
         return self.decode(z)
+
+
+def _blend(a, b, extent: int, axis: int):
+    """Cross-fade b's first rows (axis 2) or columns (axis 3) from a's last ones, in place in b."""
+    extent = min(a.shape[axis], b.shape[axis], extent)
+    for y in range(extent):
+        w = y / extent
+        if axis == 2:
+            b[:, :, y, :] = a[:, :, -extent + y, :] * (1 - w) + b[:, :, y, :] * w
+        else:
+            b[:, :, :, y] = a[:, :, :, -extent + y] * (1 - w) + b[:, :, :, y] * w
 
 
 _LEGACY = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -388,3 +467,52 @@ def convert_legacy_keys(state: dict) -> dict:
             key = ".".join(parts[:-2] + [_LEGACY[parts[-2]], parts[-1]])
         out[key] = value
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# float16: force_upcast, and the check of the decoded image
+
+
+class NonFiniteImageError(RuntimeError):
+    """The VAE's decoded image holds NaN or inf."""
+
+
+def needs_upcast(vae: AutoencoderKL) -> bool:
+    """True when the VAE was loaded in float16 (or another sub-32-bit float) and its config says
+    ``force_upcast``: then pipelines run it in float32, as diffusers' ``upcast_vae`` does.
+
+    Why: the SD and SD-XL decoders' activations exceed float16's range (65504) in the mid block and the
+    last up blocks (the GroupNorm variance and the attention logits), giving inf, then NaN: a black image.
+    """
+    return vae.dtype is not None and vae.dtype.itemsize < 4 and bool(vae.config.force_upcast)
+
+
+def upcast(vae: AutoencoderKL) -> AutoencoderKL:
+    """A float32 copy of `vae` (its float16 weights widened exactly), or `vae` itself when
+    `needs_upcast` is false. The copy is built per call and freed after it (SDXL's VAE: 335 MB)."""
+    if not needs_upcast(vae):
+        return vae
+    copy = AutoencoderKL(vae.config).load_state_dict(vae.state_dict(), dtype="float32",
+                                                     source="the float16 VAE (force_upcast)")
+    return copy.enable_tiling(vae.use_tiling)
+
+
+def decode_checked(vae: AutoencoderKL, latents):
+    """vae.decode(latents), in float32 when `needs_upcast` (latents widened too), and checked:
+    a decoded image with NaN or inf raises NonFiniteImageError instead of becoming a black PNG.
+    latents: (N, C, h, w), already divided by the scaling factor -> image (N, 3, H, W)."""
+    model = upcast(vae)
+    image = model.decode(latents)                       # _input casts the latents to the model's dtype
+    xp = backend.array_namespace(image)
+    if not bool(xp.all(xp.isfinite(image))):
+        raise NonFiniteImageError(
+            f"the decoded image holds NaN or inf (VAE in {model.dtype}, force_upcast="
+            f"{vae.config.force_upcast}); decode in float32 (set force_upcast true in the VAE's config.json "
+            "or load in float32)")
+    return image
+
+
+def encode_upcast(vae: AutoencoderKL, images) -> DiagonalGaussianDistribution:
+    """vae.encode(images), in float32 when `needs_upcast` (as diffusers' SDXL img2img encodes); the
+    posterior's arrays are float32 then, and the caller casts the sampled latents back."""
+    return upcast(vae).encode(images)
