@@ -48,7 +48,7 @@ from refldm.record import ROOT, Recorder, base_name, main_array, scope
 from refldm.weights import load_file, read_config, read_header, save_file
 
 __all__ = ["record", "Recorder", "scope", "note", "main_array", "base_name", "ROOT", "Trace", "save", "load",
-           "save_trace", "PARTS", "part_folder", "make_inputs", "load_part", "run_part", "trace_part",
+           "save_trace", "PARTS", "part_inputs", "part_folder", "make_inputs", "load_part", "run_part", "trace_part",
            "PIPELINE_INCLUDE", "trace_pipeline"]
 
 FORMAT = "refldm-trace/1"
@@ -147,7 +147,18 @@ PARTS = {
     "vae-encode": ("vae", ("images",)),
     "vae-decode": ("vae", ("latents",)),
     "text-encoder": ("text_encoder", ("input_ids",)),
+    "text-encoder-2": ("text_encoder_2", ("input_ids",)),  # SDXL's second encoder (with projection)
 }
+# SDXL U-Nets (addition_embed_type "text_time") also take the pooled text embedding and the time ids
+SDXL_UNET_INPUTS = ("text_embeds", "time_ids")
+
+
+def part_inputs(part: str, config: dict) -> tuple:
+    """The input names `part` needs with this config, in call order."""
+    names = PARTS[part][1]
+    if part == "unet" and config.get("addition_embed_type") == "text_time":
+        names = names + SDXL_UNET_INPUTS
+    return names
 
 
 def part_folder(folder, part: str) -> str:
@@ -170,7 +181,10 @@ def make_inputs(part: str, config: dict, batch: int = 1, height: int | None = No
     height, width: of the part's own input (latent size for unet and vae-decode, image size for
     vae-encode); default: the config's sample_size (divided by the VAE's downscale factor for vae-decode).
     The UNet gets sample ~ N(0, 1), encoder_hidden_states ~ N(0, 1) of seq_len (77) tokens and a
-    constant timestep; the VAE encoder images ~ U(-1, 1); the text encoder token ids ~ U{0, vocab - 1}.
+    constant timestep; an SDXL U-Net also text_embeds ~ N(0, 1) and six time ids (original size, crop,
+    target size in pixels: the U-Net only sees their embeddings concatenated to text_embeds, so the split
+    of projection_class_embeddings_input_dim between the two is free); the VAE encoder images
+    ~ U(-1, 1); the text encoders' token ids ~ U{0, vocab - 1}.
     """
     rng = np.random.default_rng(seed)
     if batch < 1:
@@ -188,9 +202,19 @@ def make_inputs(part: str, config: dict, batch: int = 1, height: int | None = No
         h, w = size(config.get("sample_size") or 64)
         ctx = config.get("cross_attention_dim") or 768
         ctx = ctx[0] if isinstance(ctx, (list, tuple)) else ctx
-        return {"sample": rng.standard_normal((batch, config.get("in_channels", 4), h, w)),
-                "timestep": np.full((batch,), float(timestep)),
-                "encoder_hidden_states": rng.standard_normal((batch, seq_len or 77, ctx))}
+        inputs = {"sample": rng.standard_normal((batch, config.get("in_channels", 4), h, w)),
+                  "timestep": np.full((batch,), float(timestep)),
+                  "encoder_hidden_states": rng.standard_normal((batch, seq_len or 77, ctx))}
+        if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text (B, P - 6 d) and 6 ids
+            n_ids, d = 6, config["addition_time_embed_dim"]
+            pooled = config["projection_class_embeddings_input_dim"] - n_ids * d
+            if pooled < 1:
+                raise ValueError(f"projection_class_embeddings_input_dim "
+                                 f"{config['projection_class_embeddings_input_dim']} leaves no room for "
+                                 f"text_embeds beside {n_ids} time ids of {d}")
+            inputs["text_embeds"] = rng.standard_normal((batch, pooled))
+            inputs["time_ids"] = np.tile(np.array([8.0 * h, 8.0 * w, 0.0, 0.0, 8.0 * h, 8.0 * w]), (batch, 1))
+        return inputs
     if part == "vae-encode":
         h, w = size(config.get("sample_size") or 256)
         return {"images": rng.uniform(-1.0, 1.0, (batch, config.get("in_channels", 3), h, w))}
@@ -200,7 +224,7 @@ def make_inputs(part: str, config: dict, batch: int = 1, height: int | None = No
         sample = sample[0] if isinstance(sample, (list, tuple)) else sample
         h, w = size(max(1, sample // f))
         return {"latents": rng.standard_normal((batch, config.get("latent_channels", 4), h, w))}
-    if part == "text-encoder":
+    if part in ("text-encoder", "text-encoder-2"):
         length = seq_len or config.get("max_position_embeddings", 77)
         return {"input_ids": rng.integers(0, config.get("vocab_size", 49408), (batch, length), dtype=np.int64)}
     raise ValueError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
@@ -213,6 +237,8 @@ def load_part(folder, part: str, dtype="float32"):
         from refldm.models.unet import UNet2DConditionModel as cls
     elif part.startswith("vae"):
         from refldm.models.vae import AutoencoderKL as cls
+    elif part == "text-encoder-2":
+        from refldm.models.clip import CLIPTextModelWithProjection as cls
     else:
         from refldm.models.clip import CLIPTextModel as cls
     return cls.from_pretrained(folder, dtype=dtype)
@@ -225,12 +251,14 @@ def run_part(model, part: str, inputs: dict, dtype="float32"):
         return backend.asarray(inputs[name], dtype=dt)
 
     if part == "unet":
-        return model(arr("sample"), arr("timestep", "float64"), arr("encoder_hidden_states"))
+        added = {k: arr(k, "float64" if k == "time_ids" else dtype) for k in SDXL_UNET_INPUTS if k in inputs}
+        return model(arr("sample"), arr("timestep", "float64"), arr("encoder_hidden_states"),
+                     added_cond_kwargs=added or None)
     if part == "vae-encode":
         return model.encode(arr("images"))
     if part == "vae-decode":
         return model.decode(arr("latents"))
-    if part == "text-encoder":
+    if part in ("text-encoder", "text-encoder-2"):
         return model(backend.asarray(inputs["input_ids"]))
     raise ValueError(f"unknown part {part!r}; choose one of {', '.join(PARTS)}")
 
@@ -247,14 +275,15 @@ def trace_part(folder, part: str, dtype="float32", inputs: dict | None = None, i
     if inputs is None:
         inputs = make_inputs(part, config, seed=seed, **shape)
     else:
-        wanted = PARTS[part][1]
+        wanted = part_inputs(part, config)
         missing = [k for k in wanted if k not in inputs]
         if missing:
             raise ValueError(f"the given inputs lack {missing[0]!r}, which part {part!r} needs "
                              f"(it needs {', '.join(wanted)})")
         inputs = {k: backend.to_numpy(inputs[k]) for k in wanted}
     # store the inputs as the model sees them: float inputs in the model dtype (timestep in float64)
-    stored = {k: (np.asarray(v, dtype=dt) if v.dtype.kind == "f" and k != "timestep" else np.asarray(v))
+    stored = {k: (np.asarray(v, dtype=dt) if v.dtype.kind == "f" and k not in ("timestep", "time_ids")
+                  else np.asarray(v))
               for k, v in inputs.items()}
     if model is None:
         model = load_part(folder, part, dtype)

@@ -53,9 +53,11 @@ def load_model(folder, part: str, dtype: str = "float64"):
         from diffusers import UNet2DConditionModel as cls
     elif part.startswith("vae"):
         from diffusers import AutoencoderKL as cls
+    elif part == "text-encoder-2":
+        from transformers import CLIPTextModelWithProjection as cls
     else:
         from transformers import CLIPTextModel as cls
-    if part == "text-encoder":
+    if part.startswith("text-encoder"):
         return cls.from_pretrained(folder).to(torch_dtype(dtype)).eval()
     return cls.from_pretrained(folder, torch_dtype=torch_dtype(dtype)).eval()
 
@@ -124,6 +126,8 @@ def hook_trace(model, run, names=None) -> dict:
 
     try:
         for name, module in model.named_modules():
+            # transformers' CLIPTextModelWithProjection nests the encoder under text_model; refldm's does not
+            name = name.removeprefix("text_model.") if name.startswith("text_model.") else name
             if name in wanted:
                 handles.append(module.register_forward_hook(hook_for(name)))
         with torch.no_grad():
@@ -144,12 +148,14 @@ def run_part(model, part: str, inputs: dict, dtype: str):
         return torch.from_numpy(np.ascontiguousarray(inputs[name])).to(d)
 
     if part == "unet":
-        return model(arr("sample"), arr("timestep", torch.float64), encoder_hidden_states=arr("encoder_hidden_states"))
+        added = {k: arr(k, torch.float64 if k == "time_ids" else dt) for k in rtrace.SDXL_UNET_INPUTS if k in inputs}
+        return model(arr("sample"), arr("timestep", torch.float64), encoder_hidden_states=arr("encoder_hidden_states"),
+                     added_cond_kwargs=added or None)
     if part == "vae-encode":
         return model.encode(arr("images"))
     if part == "vae-decode":
         return model.decode(arr("latents"))
-    if part == "text-encoder":
+    if part in ("text-encoder", "text-encoder-2"):
         return model(torch.from_numpy(np.asarray(inputs["input_ids"], dtype=np.int64)))
     raise ValueError(f"unknown part {part!r}")
 
