@@ -182,6 +182,9 @@ class StableDiffusionPipeline:
 
         A longer prompt is cut to fit, and the tokenizer warns naming what was dropped (as diffusers does).
         """
+        if getattr(self.tokenizer, "added_tokens_encoder", None):  # textual-inversion tokens: t -> "t t_1 ..."
+            from refldm.textual_inversion import expand_prompt
+            prompts = [expand_prompt(self.tokenizer, p) for p in prompts]
         return self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                               return_tensors="np")["input_ids"]
 
