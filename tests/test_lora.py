@@ -372,3 +372,37 @@ def test_alpha_rules(tmp_path):
         "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_B.weight": np.ones((37, 4))}, meta)
     factors = {layer.key: layer.factor for layer in load_lora(d).layers}
     assert factors == {"conv_in": 2.0, "conv_out": 0.5, "encoder.layers.0.mlp.fc1": 2.0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command line: --lora FILE:SCALE and <lora:NAME:SCALE> with --lora-dir
+
+
+def test_cli_lora_flag_and_prompt_tag_give_the_merged_image(folder, files, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from refldm.cli import main
+    from refldm.cli.adapters import extract_lora_tags, parse_lora_flag
+    from refldm.lora import apply_loras
+    from refldm.pipeline import StableDiffusionPipeline
+    assert parse_lora_flag("a/b.safetensors:0.5") == ("a/b.safetensors", 0.5)
+    assert parse_lora_flag("C:/x.safetensors") == ("C:/x.safetensors", 1.0)
+    assert extract_lora_tags("a cat <lora:style:0.6> on <lora:b:0.5:1.2>") == \
+        ("a cat  on ", [("style", 0.6, 0.6), ("b", 0.5, 1.2)])
+    shutil.copy(files["kohya"], tmp_path / "style.safetensors")
+    common = ["txt2img", "-m", folder, "--steps", "2", "-W", "32", "-H", "32", "--seed", "3", "-q",
+              "--sampler", "euler"]
+    assert main(common + ["-p", "a red cat", "--lora", f"{files['diffusers']}:0.7", "-o",
+                          str(tmp_path / "flag.png")]) == 0
+    assert main(common + ["-p", "a red cat<lora:style:-0.4>", "--lora-dir", str(tmp_path), "-o",
+                          str(tmp_path / "tag.png")]) == 0
+    for name, path, scale in (("flag", files["diffusers"], 0.7), ("tag", files["kohya"], -0.4)):
+        pipe = StableDiffusionPipeline.from_pretrained(folder)
+        apply_loras(pipe, [(path, scale)], merge=True)
+        want = pipe("a red cat", height=32, width=32, num_inference_steps=2, seed=3, scheduler="euler",
+                    progress=False).images[0]
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / f"{name}.png")), np.asarray(want))
+    assert main(common + ["-p", "a <lora:style:1>", "-o", str(tmp_path / "x.png")]) == 2   # no --lora-dir
+    assert main(common + ["-p", "a <hypernet:x:1>", "-o", str(tmp_path / "x.png")]) == 2

@@ -128,3 +128,20 @@ def test_bad_embeddings_are_refused_and_change_nothing(folder, files, tmp_path):
     with pytest.raises(TextualInversionError, match="token '<style>' is already in the vocabulary"):
         load_textual_inversion(pipe, files["multi"][0])
     _same(pipe, state)
+
+
+def test_cli_embedding_and_webui_syntax(folder, files, tmp_path):
+    from PIL import Image
+
+    from refldm.cli import main
+    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.textual_inversion import load_textual_inversion
+    prompt = "a (<style>:1.2) cat BREAK [dog]"
+    assert main(["txt2img", "-m", folder, "--steps", "2", "-W", "32", "-H", "32", "--seed", "2", "-q",
+                 "-p", prompt, "--embedding", str(files["multi"][0]), "--prompt-syntax", "webui", "--clip-skip", "1",
+                 "-o", str(tmp_path / "ti.png")]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    load_textual_inversion(pipe, files["multi"][0])
+    want = pipe(prompt, height=32, width=32, num_inference_steps=2, seed=2, progress=False, prompt_syntax="webui",
+                clip_skip=1).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "ti.png")), np.asarray(want))

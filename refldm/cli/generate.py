@@ -22,6 +22,7 @@ import time
 import warnings
 
 from refldm import backend
+from refldm.cli.adapters import add_adapter_args, apply_adapter_args
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "default_model")
 
@@ -89,6 +90,7 @@ def register(subparsers) -> None:
                               description="Generate an image from a text prompt and write it as a PNG.")
     _add_model_args(p)
     _add_generation_args(p)
+    add_adapter_args(p)  # --lora, --lora-dir, --embedding, --prompt-syntax, --clip-skip (refldm/cli/adapters.py)
     p.add_argument("-W", "--width", type=int, default=None, help="image width, a multiple of 8 "
                                                                   "(default: the model's training size)")
     p.add_argument("-H", "--height", type=int, default=None, help="image height, a multiple of 8")
@@ -101,6 +103,7 @@ def register(subparsers) -> None:
     p.add_argument("--strength", type=float, default=0.8,
                    help="how much to change: 0 keeps the image, 1 ignores it (default 0.8)")
     _add_generation_args(p)
+    add_adapter_args(p)
     p.set_defaults(func=run_img2img)
 
     p = subparsers.add_parser("info", help="describe a model: configs, parameter counts, dtypes",
@@ -227,12 +230,12 @@ def _generate(args, image=None):
     with _one_line_warnings(), blas:
         pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
                              prediction_type=args.prediction_type, dtype=args.dtype)
-        kwargs = {}
+        prompt, kwargs = apply_adapter_args(args, pipe)  # LoRAs, embeddings, prompt syntax (cli/adapters.py)
         if image is None:
             kwargs.update(height=args.height, width=args.width)
         else:
             kwargs.update(image=image, strength=args.strength)
-        out = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
+        out = pipe(prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                    guidance_scale=args.cfg, seed=args.seed, scheduler=args.sampler, progress=not args.quiet,
                    **kwargs)
     img = out.images[0]
