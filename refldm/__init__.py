@@ -20,6 +20,7 @@ _LAZY = {
     "CLIPTextModel": "refldm.models.clip",
     "CLIPTokenizer": "refldm.tokenizer",
     "StableDiffusionPipeline": "refldm.pipeline",
+    "StableDiffusionInpaintPipeline": "refldm.pipeline_inpaint",
 }
 _SCHEDULERS = "refldm.schedulers"
 

@@ -1,0 +1,103 @@
+"""StableDiffusionInpaintPipeline: the same 8-bit image as diffusers' on tiny random-weight models, for a
+9-channel inpainting U-Net and for an ordinary 4-channel one (masked blending), strength 1 and below.
+
+Both pipelines draw from one seeded generator in the same order (image posterior, noise, masked-image
+posterior), so they start from the same numbers; the images must agree within 2/255 per value, the
+criterion of tests/test_pipeline.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import require
+from tests.test_pipeline import _rerandomise, build_tiny_sd, gradient_image
+
+SIZE = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    from refldm.backend import single_threaded_blas
+    with single_threaded_blas():
+        yield
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """{"4": the tiny SD folder, "9": the same with a 9-channel inpainting U-Net}."""
+    torch = require("torch")
+    diffusers = require("diffusers")
+    base = tmp_path_factory.mktemp("inpaint")
+    four = build_tiny_sd(base / "tiny-sd", kind="sd1", seed=0)
+    nine = str(base / "tiny-inpaint")
+    shutil.copytree(four, nine)
+    config = dict(diffusers.UNet2DConditionModel.load_config(os.path.join(four, "unet")))
+    config["in_channels"] = 9
+    unet = diffusers.UNet2DConditionModel.from_config(config)
+    _rerandomise(torch, unet, 77)
+    unet.save_pretrained(os.path.join(nine, "unet"))
+    return {"4": four, "9": nine}
+
+
+def mask_image(size=SIZE, mode="L"):
+    from PIL import Image
+    m = np.zeros((size, size), np.uint8)
+    k = size // SIZE
+    m[8 * k:24 * k, 12 * k:28 * k] = 255      # repaint a rectangle
+    im = Image.fromarray(m)
+    return im if mode == "L" else im.convert(mode)
+
+
+_LOADED = {}
+
+
+def _diffusers(folder, scheduler, seed, **kwargs):
+    torch = require("torch")
+    diffusers = require("diffusers")
+    if folder not in _LOADED:
+        _LOADED[folder] = diffusers.StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None)
+        _LOADED[folder].set_progress_bar_config(disable=True)
+    pipe = _LOADED[folder]
+    name = {"euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler"}[scheduler]
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    out = pipe(generator=torch.Generator().manual_seed(seed), output_type="np", height=SIZE, width=SIZE, **kwargs)
+    return (out.images * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("channels, scheduler, strength", [("9", "euler", 1.0), ("9", "ddim", 0.75),
+                                                           ("4", "euler", 1.0), ("4", "ddim", 0.75)])
+def test_same_image_as_diffusers(folders, channels, scheduler, strength):
+    from refldm import StableDiffusionInpaintPipeline
+    kwargs = dict(prompt="a red cat", image=gradient_image(), mask_image=mask_image(), strength=strength,
+                  num_inference_steps=6, guidance_scale=7.5)
+    want = _diffusers(folders[channels], scheduler, 4, **kwargs)
+    assert want.std() > 20
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(folders[channels])
+    got = np.stack([np.asarray(im) for im in pipe(**kwargs, seed=4, scheduler=scheduler, progress=False).images])
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+    if channels == "4":  # blending: outside the hole, the image comes back from its own latents
+        keep = np.asarray(mask_image()) == 0
+        drift = np.abs(got[0].astype(int) - np.asarray(gradient_image()).astype(int))[keep].mean()
+        hole = np.abs(got[0].astype(int) - np.asarray(gradient_image()).astype(int))[~keep].mean()
+        assert drift < hole
+
+
+def test_mask_of_another_size_or_colour_is_converted_and_said(folders):
+    from refldm import StableDiffusionInpaintPipeline
+    from refldm.pipeline_inpaint import prepare_mask
+    with pytest.warns(UserWarning, match="resized to the image"):
+        big = prepare_mask(mask_image(64), (SIZE, SIZE))
+    with pytest.warns(UserWarning, match="RGB, not single-channel; converted to grey"):
+        rgb = prepare_mask(mask_image(mode="RGB"), (SIZE, SIZE))
+    np.testing.assert_array_equal(rgb, prepare_mask(mask_image(), (SIZE, SIZE)))
+    assert big.shape == (1, 1, SIZE, SIZE) and set(np.unique(big)) == {0.0, 1.0}
+    assert np.mean(big != rgb) < 0.05                           # the same rectangle, up to its edges
+    assert big.sum() > 0.9 * rgb.sum()
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(folders["4"])
+    with pytest.raises(ValueError, match="padding_mask_crop .* is not implemented"):
+        pipe("a", image=gradient_image(), mask_image=mask_image(), padding_mask_crop=4)
