@@ -101,3 +101,22 @@ def test_mask_of_another_size_or_colour_is_converted_and_said(folders):
     pipe = StableDiffusionInpaintPipeline.from_pretrained(folders["4"])
     with pytest.raises(ValueError, match="padding_mask_crop .* is not implemented"):
         pipe("a", image=gradient_image(), mask_image=mask_image(), padding_mask_crop=4)
+
+
+def test_cli_inpaint_writes_the_pipelines_image(folders, tmp_path):
+    from PIL import Image
+
+    from refldm import StableDiffusionInpaintPipeline
+    from refldm.cli import main
+    gradient_image().save(tmp_path / "in.png")
+    mask_image(64).convert("RGB").save(tmp_path / "mask.png")   # another size, three channels: warned, converted
+    assert main(["inpaint", "-m", folders["9"], "-i", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+                 "-p", "a red cat", "--steps", "3", "--seed", "5", "--sampler", "euler", "-q",
+                 "-o", str(tmp_path / "out.png")]) == 0
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(folders["9"])
+    with pytest.warns(UserWarning):
+        want = pipe("a red cat", image=gradient_image(), mask_image=mask_image(64).convert("RGB"),
+                    num_inference_steps=3, seed=5, scheduler="euler", progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out.png")), np.asarray(want))
+    assert main(["inpaint", "-m", folders["9"], "-i", str(tmp_path / "in.png"), "--mask", str(tmp_path / "no.png"),
+                 "-p", "a"]) == 2
