@@ -55,7 +55,8 @@ def load_embedding(path, token: str | None = None, width: int | None = None) -> 
         name, vectors = next(iter(state.items()))
     else:
         raise TextualInversionError(f"{path}: not a textual-inversion embedding: expected one key (diffusers), "
-                                    f"emb_params (web UI) or clip_l / clip_g (SDXL); found {', '.join(sorted(state)[:4])}")
+                                    "emb_params (web UI) or clip_l / clip_g (SDXL); found "
+                                    f"{', '.join(sorted(state)[:4])}")
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim == 1:
         vectors = vectors[None]                                         # (D,) -> (1, D)

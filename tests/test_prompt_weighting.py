@@ -166,3 +166,16 @@ def test_long_weighted_prompt_runs_through_the_pipeline(folder):
     assert np.abs(weighted.astype(int) - plain.astype(int)).max() > 0
     with pytest.raises(ValueError, match="prompt_syntax='comfy'"):
         pipe("a", prompt_syntax="comfy", **kwargs)
+
+
+def test_sd2_padding_token_follows_the_first_end_token(tmp_path):
+    """SD 2.x pads with "!" (id 0), not the end token: after the first end token of each chunk, padding."""
+    from refldm.prompt_weighting import chunk_tokens
+    from refldm.tokenizer import CLIPTokenizer
+    from tests.test_pipeline import write_tiny_tokenizer
+    write_tiny_tokenizer(tmp_path / "tok", pad_token="!")
+    tok = CLIPTokenizer.from_pretrained(tmp_path / "tok")
+    bos, eos, pad, cat = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.vocab["cat</w>"]
+    assert pad != eos
+    (ids, weights), = chunk_tokens(tok, "(cat:2)")
+    assert ids == [bos, cat, eos] + [pad] * 74 and weights[:3] == [1.0, 2.0, 1.0]

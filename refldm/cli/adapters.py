@@ -25,7 +25,8 @@ EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # the web UI's extra-network tag
 def add_adapter_args(p) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="apply a LoRA .safetensors (kohya or diffusers format) at SCALE (default 1); repeatable")
-    p.add_argument("--lora-dir", default=None, help="folder where <lora:NAME:SCALE> in the prompt finds NAME.safetensors")
+    p.add_argument("--lora-dir", default=None,
+                   help="folder where <lora:NAME:SCALE> in the prompt finds NAME.safetensors")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE",
                    help="load a textual-inversion embedding (.safetensors); repeatable")
     p.add_argument("--prompt-syntax", choices=("plain", "webui"), default="plain",
