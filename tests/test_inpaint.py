@@ -56,8 +56,7 @@ def mask_image(size=SIZE, mode="L"):
 _LOADED = {}
 
 
-def _diffusers(folder, scheduler, seed, **kwargs):
-    torch = require("torch")
+def _diffusers_pipe(folder, scheduler):
     diffusers = require("diffusers")
     if folder not in _LOADED:
         _LOADED[folder] = diffusers.StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None)
@@ -65,6 +64,12 @@ def _diffusers(folder, scheduler, seed, **kwargs):
     pipe = _LOADED[folder]
     name = {"euler": "EulerDiscreteScheduler", "ddim": "DDIMScheduler"}[scheduler]
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    return pipe
+
+
+def _diffusers(folder, scheduler, seed, **kwargs):
+    torch = require("torch")
+    pipe = _diffusers_pipe(folder, scheduler)
     out = pipe(generator=torch.Generator().manual_seed(seed), output_type="np", height=SIZE, width=SIZE, **kwargs)
     return (out.images * 255).round().astype(np.uint8)
 
@@ -87,6 +92,38 @@ def test_same_image_as_diffusers(folders, channels, scheduler, strength):
         assert drift < hole
 
 
+def test_padding_mask_crop_same_image_as_diffusers(folders):
+    """Inpaint only the masked area: a 48x40 image, its mask's box grown by 3 pixels and to a square, scaled
+    to 32x32, inpainted, scaled back and pasted (diffusers' output_type "pil": the overlay needs PIL)."""
+    torch = require("torch")
+    from PIL import Image
+
+    from refldm import StableDiffusionInpaintPipeline
+    from refldm.pipeline_inpaint import crop_region
+    yy, xx = np.mgrid[0:40, 0:48]
+    image = Image.fromarray(np.stack([xx * 5, yy * 6, (xx + yy) * 2], -1).astype(np.uint8))
+    m = np.zeros((40, 48), np.uint8)
+    m[10:22, 20:30] = 255
+    mask = Image.fromarray(m)
+    # mask columns 20..29, rows 10..21; grown by 3: x 17..33, y 7..25 (16 x 18); widened to a square: 18 x 18
+    assert crop_region(mask, 32, 32, 3) == (16, 7, 34, 25)
+    diffusers = require("diffusers")
+    for pad, size in ((3, (32, 32)), (0, (32, 16)), (9, (16, 32)), (20, (32, 24))):
+        assert crop_region(mask, *size, pad) == diffusers.image_processor.VaeImageProcessor.get_crop_region(
+            mask, *size, pad=pad)
+    kwargs = dict(prompt="a red cat", image=image, mask_image=mask, padding_mask_crop=3, num_inference_steps=4,
+                  guidance_scale=7.5, height=32, width=32)
+    pipe = _diffusers_pipe(folders["9"], "euler")
+    want = np.asarray(pipe(generator=torch.Generator().manual_seed(6), **kwargs).images[0])
+    ours = StableDiffusionInpaintPipeline.from_pretrained(folders["9"])
+    got = np.asarray(ours(**kwargs, seed=6, scheduler="euler", progress=False).images[0])
+    assert got.shape == want.shape == (40, 48, 3)
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 2
+    outside = np.ones((40, 48), bool)
+    outside[7:25, 16:34] = False
+    np.testing.assert_array_equal(got[outside], np.asarray(image)[outside])   # outside the box: untouched
+
+
 def test_mask_of_another_size_or_colour_is_converted_and_said(folders):
     from refldm import StableDiffusionInpaintPipeline
     from refldm.pipeline_inpaint import prepare_mask
@@ -99,8 +136,8 @@ def test_mask_of_another_size_or_colour_is_converted_and_said(folders):
     assert np.mean(big != rgb) < 0.05                           # the same rectangle, up to its edges
     assert big.sum() > 0.9 * rgb.sum()
     pipe = StableDiffusionInpaintPipeline.from_pretrained(folders["4"])
-    with pytest.raises(ValueError, match="padding_mask_crop .* is not implemented"):
-        pipe("a", image=gradient_image(), mask_image=mask_image(), padding_mask_crop=4)
+    with pytest.raises(ValueError, match="padding_mask_crop: the mask is empty"):
+        pipe("a", image=gradient_image(), mask_image=mask_image(size=SIZE) .point(lambda v: 0), padding_mask_crop=4)
 
 
 def test_cli_inpaint_writes_the_pipelines_image(folders, tmp_path):

@@ -24,6 +24,8 @@ def register(subparsers) -> None:
                                                  "converted to grey if needed)")
     p.add_argument("--strength", type=float, default=1.0,
                    help="1 repaints from pure noise (default); lower keeps more of the image under the mask")
+    p.add_argument("--padding-mask-crop", type=int, default=None, metavar="PIXELS",
+                   help="inpaint only the box around the mask, grown by PIXELS, at full resolution, then paste it back")
     generate._add_generation_args(p)
     add_adapter_args(p)
     p.set_defaults(func=run_inpaint)
@@ -57,7 +59,7 @@ def run_inpaint(args) -> int:
                                               base.scheduler_config, base.configs, name=base.name, dtype=args.dtype)
         prompt, kwargs = apply_adapter_args(args, pipe)
         out = pipe(prompt, image=image, mask_image=mask, negative_prompt=args.negative, strength=args.strength,
-                   num_inference_steps=args.steps, guidance_scale=args.cfg, seed=args.seed, scheduler=args.sampler,
+                   padding_mask_crop=args.padding_mask_crop, num_inference_steps=args.steps, guidance_scale=args.cfg, seed=args.seed, scheduler=args.sampler,
                    progress=not args.quiet, **kwargs)
     img = out.images[0]
     text = generate.parameters_text(args.prompt, args.negative, args.steps, generate.sampler_label(pipe, args.sampler),
