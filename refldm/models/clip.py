@@ -302,7 +302,7 @@ class CLIPTextModel(PretrainedModel):
         hidden = tuple([x] + layers) if output_hidden_states else None
         return CLIPTextOutput(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
 
-    # -- input checks ------------------------------------------------------------------------------------
+    # -- textual inversion -------------------------------------------------------------------------------
 
     def resize_token_embeddings(self, rows, new_rows=None):
         """Keep the first `rows` rows of the token embedding table and append `new_rows` (n, D) after them, as
@@ -321,6 +321,8 @@ class CLIPTextModel(PretrainedModel):
         self.embeddings.token_embedding.weight = xp.concatenate([table[:rows], extra], axis=0)  # (rows + n, D)
         self.config.vocab_size = rows + extra.shape[0]
         return self
+
+    # -- input checks ------------------------------------------------------------------------------------
 
     def _as_ids(self, input_ids):
         """Put input_ids on the weights' backend as a (B, L) integer array, with one clear error if wrong."""
