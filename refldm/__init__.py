@@ -28,6 +28,7 @@ _LAZY = {
     "StableDiffusionPipeline": "refldm.pipeline",
     "StableDiffusionXLPipeline": "refldm.pipeline_xl",
     "StableDiffusionXLImg2ImgPipeline": "refldm.pipeline_xl",
+    "StableDiffusionInpaintPipeline": "refldm.pipeline_inpaint",
 }
 _SCHEDULERS = "refldm.schedulers"
 

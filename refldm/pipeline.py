@@ -286,6 +286,9 @@ class StableDiffusionPipeline:
 
         A longer prompt is cut to fit, and the tokenizer warns naming what was dropped (as diffusers does).
         """
+        if getattr(self.tokenizer, "added_tokens_encoder", None):  # textual-inversion tokens: t -> "t t_1 ..."
+            from refldm.textual_inversion import expand_prompt
+            prompts = [expand_prompt(self.tokenizer, p) for p in prompts]
         return self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                               return_tensors="np")["input_ids"]
 
@@ -324,7 +327,8 @@ class StableDiffusionPipeline:
     def __call__(self, prompt="", negative_prompt=None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, seed: int | None = None,
                  generator=None, scheduler: str | None = None, latents=None, image=None, strength: float = 0.8,
-                 callback=None, progress: bool = True, noise_dtype: str | None = None) -> StableDiffusionPipelineOutput:
+                 callback=None, progress: bool = True, noise_dtype: str | None = None,
+                 prompt_syntax: str = "plain", clip_skip: int | None = None) -> StableDiffusionPipelineOutput:
         """Generate images. See the module docstring for the loop; diffusers' argument names and defaults.
 
         prompt / negative_prompt: a string or a list (one per image). "" is allowed (unconditional); a
@@ -340,6 +344,9 @@ class StableDiffusionPipeline:
         the float32 noise and upcasts it, so a float64 "golden" run starts where the float32 run starts
         (docs/pipeline.md). The images carry their generation parameters in ``image.info["parameters"]``;
         ``out.save(path)`` writes them into the file.
+        prompt_syntax="webui": the AUTOMATIC1111 web UI's (word:1.3) weights, BREAK and prompts over 75
+        tokens (refldm/prompt_weighting.py); clip_skip=k: the text encoder's k-th layer from the end, as
+        diffusers' clip_skip.
         """
         from refldm.random import Generator
         timings = {}
@@ -377,9 +384,13 @@ class StableDiffusionPipeline:
 
         # 1. text -> embeddings: (B, 77) ids -> (B, 77, D); with CFG, one batch [uncond; cond] of 2B
         start = time.perf_counter()
-        cond = self.encode_prompt(prompts)                                  # (B, 77, D)
+        if prompt_syntax != "plain" or clip_skip:  # refldm/prompt_weighting.py: (B, 77 * chunks, D) each
+            from refldm.prompt_weighting import encode_prompts
+            cond, uncond = encode_prompts(self, prompts, negatives if do_cfg else None, prompt_syntax, clip_skip)
+        else:
+            cond = self.encode_prompt(prompts)                              # (B, 77, D)
+            uncond = self.encode_prompt(negatives, max_length=cond.shape[1]) if do_cfg else None  # (B, 77, D)
         if do_cfg:
-            uncond = self.encode_prompt(negatives, max_length=cond.shape[1])  # (B, 77, D)
             xp = backend.array_namespace(cond)
             context = xp.concatenate([uncond, cond], axis=0)                # (2B, 77, D)
         else:

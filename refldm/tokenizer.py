@@ -350,14 +350,42 @@ class CLIPTokenizer:
         """decode() for each row."""
         return [self.decode(row, skip_special_tokens) for row in sequences]
 
+    # -- added tokens (textual inversion), as transformers' ``add_tokens``
+
+    @property
+    def added_tokens_encoder(self) -> dict:
+        """{added token: id} for the tokens added with `add_tokens`, in the order they were added."""
+        return dict(self.__dict__.get("_added", {}))
+
+    def add_tokens(self, tokens) -> int:
+        """Add tokens to the vocabulary with the next free ids (len(vocab), len(vocab) + 1, ...); each is then
+        cut out of the text whole, before normalisation and BPE, as the special tokens are. Returns how many
+        were added; a token already in the vocabulary is an error (nothing is added then)."""
+        tokens = [tokens] if isinstance(tokens, str) else list(tokens)
+        for token in tokens:
+            if not isinstance(token, str) or not token:
+                raise TokenizerError(f"CLIPTokenizer: cannot add {token!r}: a token is a non-empty string")
+            if token in self.vocab or tokens.count(token) > 1:
+                raise TokenizerError(f"CLIPTokenizer: token {token!r} is already in the vocabulary (id "
+                                     f"{self.vocab.get(token, 'given twice')}); choose another token name")
+        added = self.__dict__.setdefault("_added", {})
+        for token in tokens:
+            added[token] = self.vocab[token] = len(self.vocab)
+            self.decoder[self.vocab[token]] = token
+        self._whole_tokens = sorted(set(self.special_tokens) | set(added), key=lambda s: (-len(s), s))
+        self.cache.clear()
+        return len(tokens)
+
     # -- helpers
 
     def _split_specials(self, text: str):
-        """Step 1: (piece, is_special) in order; the leftmost special string wins, the longest on a tie."""
+        """Step 1: (piece, is_special) in order; the leftmost special string wins, the longest on a tie.
+        Tokens added with `add_tokens` are cut out the same way."""
         start = i = 0
         n = len(text)
+        whole = self.__dict__.get("_whole_tokens", self.special_tokens)  # specials + added, longest first
         while i < n:
-            special = next((s for s in self.special_tokens if text.startswith(s, i)), None)
+            special = next((s for s in whole if text.startswith(s, i)), None)
             if special is None:
                 i += 1
                 continue

@@ -25,6 +25,7 @@ import time
 import warnings
 
 from refldm import backend
+from refldm.cli.adapters import add_adapter_args, apply_adapter_args
 
 from refldm.about import DEFAULT_MODEL  # noqa: E402  (the folder of the model shipped inside the package)
 
@@ -94,6 +95,7 @@ def register(subparsers) -> None:
                               description="Generate an image from a text prompt and write it as a PNG.")
     _add_model_args(p)
     _add_generation_args(p)
+    add_adapter_args(p)  # --lora, --lora-dir, --embedding, --prompt-syntax, --clip-skip (refldm/cli/adapters.py)
     p.add_argument("-W", "--width", type=int, default=None, help="image width, a multiple of 8 "
                                                                   "(default: the model's training size)")
     p.add_argument("-H", "--height", type=int, default=None, help="image height, a multiple of 8")
@@ -109,6 +111,7 @@ def register(subparsers) -> None:
     p.add_argument("--strength", type=float, default=0.8,
                    help="how much to change: 0 keeps the image, 1 ignores it (default 0.8)")
     _add_generation_args(p)
+    add_adapter_args(p)
     p.set_defaults(func=run_img2img)
 
     p = subparsers.add_parser("info", help="describe a model: configs, parameter counts, dtypes",
@@ -292,7 +295,7 @@ def _generate(args, image=None):
         pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
                              prediction_type=args.prediction_type, dtype=args.dtype, img2img=image is not None)
         refiner, end = _refiner_args(args, pipe)
-        kwargs = {}
+        prompt, kwargs = apply_adapter_args(args, pipe)  # LoRAs, embeddings, prompt syntax (cli/adapters.py)
         if image is None:
             kwargs.update(height=args.height, width=args.width)
             check_resources(pipe, 1, args.height, args.width, args.steps, args.cfg)
@@ -301,7 +304,7 @@ def _generate(args, image=None):
             check_resources(pipe, 1, image.height, image.width, args.steps, args.cfg)
         if refiner is not None:
             kwargs.update(denoising_end=end, output_type="latent")
-        out = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
+        out = pipe(prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                    guidance_scale=args.cfg, seed=args.seed, scheduler=args.sampler, progress=not args.quiet,
                    **kwargs)
         if refiner is not None:  # SDXL's ensemble: the refiner denoises the last (1 - end) of the schedule

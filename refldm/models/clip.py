@@ -311,6 +311,26 @@ class CLIPTextModel(PretrainedModel):
         hidden = tuple([x] + layers) if output_hidden_states else None
         return CLIPTextOutput(last_hidden_state=last, pooler_output=pooled, hidden_states=hidden)
 
+    # -- textual inversion -------------------------------------------------------------------------------
+
+    def resize_token_embeddings(self, rows, new_rows=None):
+        """Keep the first `rows` rows of the token embedding table and append `new_rows` (n, D) after them, as
+        transformers' ``resize_token_embeddings(rows + n)`` followed by writing the new rows (what
+        diffusers' ``load_textual_inversion`` does): the new tokens get ids rows .. rows + n - 1."""
+        table = self.embeddings.token_embedding.weight                       # (V, D)
+        xp = backend.array_namespace(table)
+        d = table.shape[1]
+        extra = np.zeros((0, d)) if new_rows is None else np.asarray(backend.to_numpy(new_rows))
+        if extra.ndim != 2 or extra.shape[1] != d:
+            raise ValueError(f"CLIPTextModel: new embedding rows have shape {tuple(extra.shape)}; this text encoder "
+                             f"is {d} wide, so they must be (n, {d})")
+        if not 0 < rows <= table.shape[0]:
+            raise ValueError(f"CLIPTextModel: cannot keep {rows} rows of a {table.shape[0]}-row embedding table")
+        extra = backend.asarray(extra, dtype=table.dtype)
+        self.embeddings.token_embedding.weight = xp.concatenate([table[:rows], extra], axis=0)  # (rows + n, D)
+        self.config.vocab_size = rows + extra.shape[0]
+        return self
+
     # -- input checks ------------------------------------------------------------------------------------
 
     def _as_ids(self, input_ids):

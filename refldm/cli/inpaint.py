@@ -1,0 +1,71 @@
+"""``refldm inpaint -i IN.png --mask MASK.png -p PROMPT -o out.png``: repaint the white part of the mask.
+
+The model may be an inpainting model (9-channel U-Net) or an ordinary one (masked blending each step);
+refldm/pipeline_inpaint.py explains both. The PNG gets the web UIs' parameters text, as txt2img's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from refldm import backend
+from refldm.cli import generate
+from refldm.cli.adapters import add_adapter_args, apply_adapter_args
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("inpaint", help="repaint the masked part of an image under a prompt",
+                              description="Repaint where the mask is white (>= 128) and keep the rest; works "
+                                          "with inpainting models (9-channel U-Net) and ordinary ones.")
+    generate._add_model_args(p)
+    p.add_argument("-i", "--image", required=True, help="input image (its sides must be multiples of 8)")
+    p.add_argument("--mask", required=True, help="mask image: white = repaint, black = keep (resized and "
+                                                 "converted to grey if needed)")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="1 repaints from pure noise (default); lower keeps more of the image under the mask")
+    p.add_argument("--padding-mask-crop", type=int, default=None, metavar="PIXELS",
+                   help="inpaint only the box around the mask, grown by PIXELS, at full resolution, then paste it back")
+    generate._add_generation_args(p)
+    add_adapter_args(p)
+    p.set_defaults(func=run_inpaint)
+
+
+def _open(path, what):
+    from PIL import Image, UnidentifiedImageError
+    if not os.path.isfile(path):
+        raise OSError(f"{path}: no such {what} file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image file PIL can read") from None
+
+
+def run_inpaint(args) -> int:
+    from refldm.pipeline_inpaint import StableDiffusionInpaintPipeline
+    if not 0.0 < args.strength <= 1.0:
+        raise ValueError(f"--strength must lie in (0, 1], got {args.strength}")
+    image = _open(args.image, "image").convert("RGB")
+    mask = _open(args.mask, "mask")
+    generate._check_generation_args(args)
+    generate._use_backend(args.backend)
+    blas = backend.single_threaded_blas() if args.model is None else contextlib.nullcontext()
+    with generate._one_line_warnings(), blas:
+        base = generate.load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
+                                      prediction_type=args.prediction_type, dtype=args.dtype)
+        pipe = StableDiffusionInpaintPipeline(base.vae, base.text_encoder, base.tokenizer, base.unet,
+                                              base.scheduler_config, base.configs, name=base.name, dtype=args.dtype)
+        prompt, kwargs = apply_adapter_args(args, pipe)
+        out = pipe(prompt, image=image, mask_image=mask, negative_prompt=args.negative, strength=args.strength,
+                   padding_mask_crop=args.padding_mask_crop, num_inference_steps=args.steps, guidance_scale=args.cfg, seed=args.seed, scheduler=args.sampler,
+                   progress=not args.quiet, **kwargs)
+    img = out.images[0]
+    text = generate.parameters_text(args.prompt, args.negative, args.steps, generate.sampler_label(pipe, args.sampler),
+                                    args.cfg, out.seed, img.width, img.height, pipe.name, strength=args.strength)
+    path = args.output or "refldm-inpaint.png"
+    generate.save_png(img, path, text)
+    print(f"wrote {path} ({img.width}x{img.height}, seed {out.seed}, {args.steps} steps, "
+          f"denoise {out.timings.get('denoise', 0):.2f} s)")
+    return 0
