@@ -47,9 +47,12 @@ def run_inpaint(args) -> int:
     from refldm.pipeline_inpaint import StableDiffusionInpaintPipeline
     if not 0.0 < args.strength <= 1.0:
         raise ValueError(f"--strength must lie in (0, 1], got {args.strength}")
+    from refldm.images import check_output
+    generate._check_generation_args(args)
+    generate.resolve_defaults(args)
+    path = check_output(args.output or "refldm-inpaint.png")  # before the work, not after
     image = _open(args.image, "image").convert("RGB")
     mask = _open(args.mask, "mask")
-    generate._check_generation_args(args)
     generate._use_backend(args.backend)
     blas = backend.single_threaded_blas() if args.model is None else contextlib.nullcontext()
     with generate._one_line_warnings(), blas:
@@ -64,7 +67,6 @@ def run_inpaint(args) -> int:
     img = out.images[0]
     text = generate.parameters_text(args.prompt, args.negative, args.steps, generate.sampler_label(pipe, args.sampler),
                                     args.cfg, out.seed, img.width, img.height, pipe.name, strength=args.strength)
-    path = args.output or "refldm-inpaint.png"
     generate.save_png(img, path, text)
     print(f"wrote {path} ({img.width}x{img.height}, seed {out.seed}, {args.steps} steps, "
           f"denoise {out.timings.get('denoise', 0):.2f} s)")
