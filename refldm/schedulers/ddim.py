@@ -44,7 +44,7 @@ class DDIMScheduler(AlphaAddNoise, SchedulerMixin):
 
     def __init__(self, **config):
         super().__init__(**config)
-        self.final_alpha_cumprod = 1.0 if self.config.set_alpha_to_one else float(self.alphas_cumprod[0])
+        self.final_alpha_cumprod = self._scalar(1.0 if self.config.set_alpha_to_one else self.alphas_cumprod[0])
         self.init_noise_sigma = 1.0
         self.timesteps = numpy.arange(self.config.num_train_timesteps)[::-1].copy()
 
@@ -66,8 +66,8 @@ class DDIMScheduler(AlphaAddNoise, SchedulerMixin):
         c = self.config
         t = int(timestep)
         prev_t = t - c.num_train_timesteps // self.num_inference_steps
-        abar_t = float(self.alphas_cumprod[t])
-        abar_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
+        abar_t = self._scalar(self.alphas_cumprod[t])
+        abar_prev = self._scalar(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
         a, s = abar_t**0.5, (1 - abar_t) ** 0.5
         x0 = predict_x0(c.prediction_type, model_output, sample, a, s)
         eps = predict_eps(c.prediction_type, model_output, sample, a, s)

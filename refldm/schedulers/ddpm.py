@@ -89,8 +89,8 @@ class DDPMScheduler(AlphaAddNoise, SchedulerMixin):
         c = self.config
         t = int(timestep)
         prev_t = self.previous_timestep(t)
-        abar_t = float(self.alphas_cumprod[t])
-        abar_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else 1.0
+        abar_t = self._scalar(self.alphas_cumprod[t])
+        abar_prev = self._scalar(self.alphas_cumprod[prev_t] if prev_t >= 0 else 1.0)
         x0 = predict_x0(c.prediction_type, model_output, sample, abar_t**0.5, (1 - abar_t) ** 0.5)
         if c.clip_sample:
             x0 = clip(x0, c.clip_sample_range)

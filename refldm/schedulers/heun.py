@@ -7,8 +7,8 @@ import dataclasses
 import numpy
 
 from . import schedule
-from .base import BaseConfig, clip
-from .euler import _SigmaScheduler
+from .base import BaseConfig, SigmaScheduler, clip
+from .prediction import x0_from_sigma_prediction
 
 
 def heun_correct(sample_start, derivative_start, sample_end, x0_end, sigma_end, dt):
@@ -27,7 +27,7 @@ class HeunConfig(BaseConfig):
     clip_sample_range: float = 1.0
 
 
-class HeunDiscreteScheduler(_SigmaScheduler):
+class HeunDiscreteScheduler(SigmaScheduler):
     """diffusers' HeunDiscreteScheduler: every step but the last takes two model calls, so ``timesteps`` lists
     each inner timestep twice (2n - 1 entries); the last step (to sigma = 0) is a plain Euler step."""
 
@@ -47,13 +47,11 @@ class HeunDiscreteScheduler(_SigmaScheduler):
             sigmas = schedule.karras_sigmas(float(sigmas[-1]), float(sigmas[0]), n)
             timesteps = schedule.sigma_to_t(sigmas, numpy.log(self.sigmas_table))
         sigmas = numpy.concatenate([sigmas, [0.0]])
-        self.sigmas = numpy.concatenate([sigmas[:1], sigmas[1:-1].repeat(2), sigmas[-1:]])  # (2n,)
-        self.timesteps = numpy.concatenate([timesteps[:1], timesteps[1:].repeat(2)])  # (2n - 1,)
+        self._set_schedule(numpy.concatenate([timesteps[:1], timesteps[1:].repeat(2)]),  # (2n - 1,)
+                           numpy.concatenate([sigmas[:1], sigmas[1:-1].repeat(2), sigmas[-1:]]))  # (2n,)
         self.prev_derivative = None
         self.dt = None
         self.sample = None
-        self._step_index = None
-        self._begin_index = None
 
     @property
     def state_in_first_order(self) -> bool:
@@ -65,19 +63,14 @@ class HeunDiscreteScheduler(_SigmaScheduler):
             self._init_step_index(timestep)
         c = self.config
         if self.state_in_first_order:
-            sigma = float(self.sigmas[self._step_index])
-            sigma_next = float(self.sigmas[self._step_index + 1])
+            sigma = self._scalar(self.sigmas[self._step_index])
+            sigma_next = self._scalar(self.sigmas[self._step_index + 1])
             sigma_input = sigma
         else:
-            sigma = float(self.sigmas[self._step_index - 1])
-            sigma_next = float(self.sigmas[self._step_index])
+            sigma = self._scalar(self.sigmas[self._step_index - 1])
+            sigma_next = self._scalar(self.sigmas[self._step_index])
             sigma_input = sigma_next
-        if c.prediction_type == "epsilon":
-            x0 = sample - sigma_input * model_output
-        elif c.prediction_type == "v_prediction":
-            x0 = model_output * (-sigma_input / (sigma_input**2 + 1) ** 0.5) + sample / (sigma_input**2 + 1)
-        else:
-            x0 = model_output
+        x0 = x0_from_sigma_prediction(c.prediction_type, model_output, sample, sigma_input)
         if c.clip_sample:
             x0 = clip(x0, c.clip_sample_range)
         if self.state_in_first_order:

@@ -46,7 +46,7 @@ class LCMScheduler(AlphaAddNoise, SchedulerMixin):
 
     def __init__(self, **config):
         super().__init__(**config)
-        self.final_alpha_cumprod = 1.0 if self.config.set_alpha_to_one else float(self.alphas_cumprod[0])
+        self.final_alpha_cumprod = self._scalar(1.0 if self.config.set_alpha_to_one else self.alphas_cumprod[0])
         self.init_noise_sigma = 1.0
         self.timesteps = numpy.arange(self.config.num_train_timesteps)[::-1].copy()
 
@@ -87,8 +87,8 @@ class LCMScheduler(AlphaAddNoise, SchedulerMixin):
         t = int(timestep)
         next_index = self._step_index + 1
         prev_t = int(self.timesteps[next_index]) if next_index < len(self.timesteps) else t
-        abar_t = float(self.alphas_cumprod[t])
-        abar_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
+        abar_t = self._scalar(self.alphas_cumprod[t])
+        abar_prev = self._scalar(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
         c_skip, c_out = consistency_scalings(t, c.timestep_scaling)
         x0 = predict_x0(c.prediction_type, model_output, sample, abar_t**0.5, (1 - abar_t) ** 0.5)
         if c.clip_sample:

@@ -9,8 +9,8 @@ import numpy
 from numpy.polynomial import polynomial as P
 
 from . import schedule
-from .base import BaseConfig
-from .euler import _SigmaScheduler, x0_from_sigma_prediction
+from .base import BaseConfig, SigmaScheduler
+from .prediction import x0_from_sigma_prediction
 
 
 def lms_coefficient(sigmas, order: int, i: int, j: int) -> float:
@@ -30,7 +30,7 @@ class LMSConfig(BaseConfig):
     use_karras_sigmas: bool = False
 
 
-class LMSDiscreteScheduler(_SigmaScheduler):
+class LMSDiscreteScheduler(SigmaScheduler):
     """diffusers' LMSDiscreteScheduler: x_{i+1} = x_i + sum_j c_ij d_{i-j}, d = (x - x_0) / sigma, order <= 4."""
 
     Config = LMSConfig
@@ -48,17 +48,14 @@ class LMSDiscreteScheduler(_SigmaScheduler):
         if c.use_karras_sigmas:
             sigmas = schedule.karras_sigmas(float(sigmas[-1]), float(sigmas[0]), n)
             timesteps = schedule.sigma_to_t(sigmas, numpy.log(self.sigmas_table))
-        self.sigmas = numpy.concatenate([sigmas, [0.0]])
-        self.timesteps = timesteps
-        self._step_index = None
-        self._begin_index = None
+        self._set_schedule(timesteps, numpy.concatenate([sigmas, [0.0]]))
         self.derivatives = []
 
     def step(self, model_output, timestep, sample, order=4, return_dict=True):
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
-        sigma = float(self.sigmas[i])
+        sigma = self._scalar(self.sigmas[i])
         x0 = x0_from_sigma_prediction(self.config.prediction_type, model_output, sample, sigma)
         self.derivatives.append((sample - x0) / sigma)
         if len(self.derivatives) > order:
