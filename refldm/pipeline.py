@@ -15,7 +15,7 @@ docs/pipeline.md walks the data through with the shapes at every step.
 
     pipe = StableDiffusionPipeline.from_pretrained("path/to/sd-folder")           # diffusers layout
     pipe = StableDiffusionPipeline.from_single_file("v1-5-pruned-emaonly.safetensors", tokenizer="tok/")
-    out = pipe("a red circle", num_inference_steps=20, guidance_scale=7.5, seed=1, scheduler="euler")
+    out = pipe("a red circle", num_inference_steps=20, guidance_scale=7.5, seed=1, sampler="DPM++ 2M Karras")
     out.images[0].save("out.png"); out.latents                                    # PIL images, final latents
 """
 
@@ -191,7 +191,8 @@ class StableDiffusionPipeline:
         return self.text_encoder(ids).last_hidden_state                # (B, 77, D)
 
     def make_scheduler(self, name: str | None = None):
-        """A fresh scheduler: `name` (e.g. "euler", "ddim", "dpm++2m") or the folder's own class."""
+        """A fresh scheduler for a sampler name ("DPM++ 2M Karras", "euler", "dpmpp_2m karras"; `refldm samplers`
+        lists them) or the folder's own class."""
         from refldm.schedulers import get_scheduler
         return get_scheduler(name or self.scheduler_config.get("_class_name"), self.scheduler_config)
 
@@ -215,8 +216,8 @@ class StableDiffusionPipeline:
 
     def __call__(self, prompt="", negative_prompt=None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, seed: int | None = None,
-                 generator=None, scheduler: str | None = None, latents=None, image=None, strength: float = 0.8,
-                 callback=None, progress: bool = True) -> StableDiffusionPipelineOutput:
+                 generator=None, sampler: str | None = None, latents=None, image=None, strength: float = 0.8,
+                 callback=None, progress: bool = True, scheduler: str | None = None) -> StableDiffusionPipelineOutput:
         """Generate images. See the module docstring for the loop; diffusers' argument names and defaults.
 
         prompt / negative_prompt: a string or a list (one per image). "" is allowed (unconditional); a
@@ -267,7 +268,7 @@ class StableDiffusionPipeline:
         timings["text encode"] = time.perf_counter() - start
 
         # 2. the timesteps and the starting latents x_T (B, 4, H/8, W/8)
-        sched = self.make_scheduler(scheduler)
+        sched = self.make_scheduler(sampler if sampler is not None else scheduler)  # scheduler=: the old spelling
         sched.set_timesteps(num_inference_steps)
         timesteps = sched.timesteps
         latent_shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,

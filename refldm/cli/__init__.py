@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # the subcommand modules, in the order their commands appear in --help
-_MODULES = ("refldm.cli.generate", "refldm.cli.vae", "refldm.cli.trace")
+_MODULES = ("refldm.cli.generate", "refldm.cli.vae", "refldm.cli.trace", "refldm.cli.samplers")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ chunk, written as the Stable Diffusion web UIs write it, so their "PNG info" rea
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -24,17 +25,6 @@ import warnings
 from refldm import backend
 
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "default_model")
-
-# refldm scheduler names -> the sampler names the web UIs write (and read) in the parameters chunk
-SAMPLER_LABELS = {
-    "ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
-    "euler-ancestral": "Euler a", "euler_ancestral": "Euler a", "heun": "Heun", "dpm2": "DPM2",
-    "dpm2_a": "DPM2 a", "dpm++2m": "DPM++ 2M", "dpmpp_2m": "DPM++ 2M", "dpm++2m-karras": "DPM++ 2M Karras",
-    "dpm++2s_a": "DPM++ 2S a", "unipc": "UniPC",
-    "DDIMScheduler": "DDIM", "DDPMScheduler": "DDPM", "PNDMScheduler": "PLMS", "LMSDiscreteScheduler": "LMS",
-    "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a",
-    "HeunDiscreteScheduler": "Heun", "DPMSolverMultistepScheduler": "DPM++ 2M", "UniPCMultistepScheduler": "UniPC",
-}
 
 DEMO_PROMPTS = (
     "a large red circle in the center on a white background",
@@ -54,6 +44,16 @@ DEMO_SAMPLER = None  # the model's own scheduler (DDIM)
 
 # ---------------------------------------------------------------------------------------------------------------
 # argument parsing
+
+
+def _sampler_name(value):
+    """--sampler: any name refldm.schedulers.names knows, checked before the model loads."""
+    from refldm.schedulers import names
+    try:
+        names.resolve(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def _add_model_args(p, *, model_flag=True):
@@ -78,8 +78,9 @@ def _add_generation_args(p, *, steps=20):
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5; "
                                                           "<= 1 turns guidance off)")
     p.add_argument("--seed", type=int, default=None, help="noise seed (default: random, printed)")
-    p.add_argument("--sampler", default=None,
-                   help="scheduler by name, e.g. euler, ddim, dpm++2m (default: the model's own)")
+    p.add_argument("--sampler", default=None, type=_sampler_name,
+                   help='sampler by name, as the web UIs write it ("DPM++ 2M Karras", "Euler a", "dpmpp_2m karras") '
+                        "or refldm's (euler, dpm++2m); `refldm samplers` lists them (default: the model's own)")
     p.add_argument("-o", "--output", default=None, help="output PNG path")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -116,7 +117,8 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", default="refldm-demo.png", help="output PNG (default refldm-demo.png)")
     p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {DEMO_STEPS})")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--sampler", default=None, help="scheduler by name (default: the model's own, DDIM)")
+    p.add_argument("--sampler", default=None, type=_sampler_name,
+                   help="sampler by name (`refldm samplers` lists them; default: the model's own, DDIM)")
     p.add_argument("--cfg", type=float, default=None, help=f"guidance scale (default {DEMO_CFG:g})")
     p.add_argument("-p", "--prompt", action="append", default=None,
                    help="a prompt for the grid (repeat for several; default: six shape prompts)")
@@ -174,9 +176,13 @@ def load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=No
 
 
 def sampler_label(pipe, name) -> str:
-    """The web UIs' name of the sampler (scheduler) used."""
+    """The web UIs' name of the sampler used ("DPM++ 2M Karras"), as their parameters chunk records it."""
+    from refldm.schedulers import names
     key = name or pipe.scheduler_config.get("_class_name", "")
-    return SAMPLER_LABELS.get(key, SAMPLER_LABELS.get(str(key).lower(), str(key)))
+    try:
+        return names.label(key)
+    except ValueError:
+        return str(key)
 
 
 def parameters_text(prompt, negative, steps, sampler, cfg, seed, width, height, model, strength=None) -> str:
@@ -233,7 +239,7 @@ def _generate(args, image=None):
         else:
             kwargs.update(image=image, strength=args.strength)
         out = pipe(args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
-                   guidance_scale=args.cfg, seed=args.seed, scheduler=args.sampler, progress=not args.quiet,
+                   guidance_scale=args.cfg, seed=args.seed, sampler=args.sampler, progress=not args.quiet,
                    **kwargs)
     img = out.images[0]
     text = parameters_text(args.prompt, args.negative, args.steps, sampler_label(pipe, args.sampler), args.cfg,
@@ -409,7 +415,7 @@ def run_demo(args) -> int:
         start = time.perf_counter()
         pipe = load_pipeline(None)
         load = time.perf_counter() - start
-        out = pipe(prompts, num_inference_steps=steps, guidance_scale=cfg, seed=args.seed, scheduler=sampler,
+        out = pipe(prompts, num_inference_steps=steps, guidance_scale=cfg, seed=args.seed, sampler=sampler,
                    progress=not args.quiet)
     b = len(prompts)
     size = out.images[0].height, out.images[0].width

@@ -244,6 +244,32 @@ def clip(x, limit):
     return backend.array_namespace(x).clip(x, -limit, limit)
 
 
+def check_custom_timesteps(where, timesteps, num_train_timesteps, integer=True):
+    """Custom timesteps: a non-empty, strictly decreasing list in [0, num_train_timesteps - 1] (integers unless
+    `integer` is False); returned as int64 (or float64)."""
+    t = numpy.asarray(timesteps, dtype=numpy.float64) if not hasattr(timesteps, "dtype") else backend.to_numpy(
+        timesteps).astype(numpy.float64)
+    if t.ndim != 1 or t.size == 0 or not numpy.all(numpy.isfinite(t)):
+        raise ValueError(f"{where}: custom timesteps must be a non-empty 1-D list of finite numbers")
+    if numpy.any(numpy.diff(t) >= 0) or t[0] > num_train_timesteps - 1 or t[-1] < 0:
+        raise ValueError(f"{where}: custom timesteps must be strictly decreasing and in "
+                         f"[0, {num_train_timesteps - 1}], got {t.tolist()}")
+    if integer and numpy.any(t != numpy.round(t)):
+        raise ValueError(f"{where}: custom timesteps must be integers here, got {t.tolist()}")
+    return t.astype(numpy.int64) if integer else t
+
+
+def check_custom_sigmas(where, sigmas):
+    """Custom sigmas: at least two finite values >= 0, decreasing (the last is where the final step ends)."""
+    s = numpy.asarray(sigmas, dtype=numpy.float64) if not hasattr(sigmas, "dtype") else backend.to_numpy(
+        sigmas).astype(numpy.float64)
+    if s.ndim != 1 or s.size < 2 or not numpy.all(numpy.isfinite(s)) or numpy.any(s < 0):
+        raise ValueError(f"{where}: custom sigmas must be a 1-D list of at least two finite numbers >= 0")
+    if numpy.any(numpy.diff(s) > 0):
+        raise ValueError(f"{where}: custom sigmas must be decreasing, got {s.tolist()}")
+    return s
+
+
 def dynamic_threshold(x0, ratio: float, max_value: float):
     """Dynamic thresholding (Saharia et al. 2022, "Photorealistic Text-to-Image Diffusion Models with Deep Language
     Understanding" (Imagen), sec. 2.3): per sample, s = the `ratio` quantile of |x_0| clamped to [1, max_value];

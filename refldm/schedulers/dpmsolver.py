@@ -17,7 +17,8 @@ import math
 import numpy
 
 from . import schedule
-from .base import BaseConfig, SchedulerMixin, SigmaAddNoise, check_choice, dynamic_threshold, noise_like
+from .base import (BaseConfig, SchedulerMixin, SigmaAddNoise, check_choice, check_custom_timesteps, dynamic_threshold,
+                   noise_like)
 from .prediction import eps_from_x0, predict_eps, predict_x0
 
 
@@ -204,7 +205,7 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
             if on:
                 raise ValueError(f"DPMSolverMultistepScheduler.set_timesteps: custom timesteps cannot be used with "
                                  f"{on[0]}=True (the config's sigma grid decides the timesteps)")
-            timesteps = check_custom_timesteps(type(self).__name__, timesteps, c.num_train_timesteps)
+            timesteps = check_custom_timesteps(type(self).__name__ + ".set_timesteps", timesteps, c.num_train_timesteps)
             n = len(timesteps)
         else:
             n = self._check_steps(num_inference_steps)
@@ -303,14 +304,3 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
     output_fields = ("prev_sample",)
     variance_preserving = True
 
-
-def check_custom_timesteps(where, timesteps, num_train_timesteps):
-    """Custom integer timesteps: a non-empty, strictly decreasing sequence in [0, num_train_timesteps)."""
-    t = numpy.asarray(timesteps)
-    if t.ndim != 1 or t.size == 0 or not numpy.all(numpy.isfinite(t)):
-        raise ValueError(f"{where}.set_timesteps: custom timesteps must be a non-empty 1-D list of finite numbers")
-    t = t.astype(numpy.int64)
-    if numpy.any(numpy.diff(t) >= 0) or t[0] >= num_train_timesteps or t[-1] < 0:
-        raise ValueError(f"{where}.set_timesteps: custom timesteps must be strictly decreasing and in "
-                         f"[0, {num_train_timesteps}), got {t.tolist()}")
-    return t

@@ -12,7 +12,7 @@ import dataclasses
 import numpy
 
 from . import schedule
-from .base import BaseConfig, SigmaScheduler, check_choice, noise_like
+from .base import BaseConfig, SigmaScheduler, check_choice, check_custom_sigmas, check_custom_timesteps, noise_like
 from .prediction import x0_from_sigma_prediction
 
 
@@ -36,6 +36,9 @@ def ancestral_sigmas(sigma_from, sigma_to):
 @dataclasses.dataclass
 class EulerConfig(BaseConfig):
     use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    interpolation_type: str = "linear"
     sigma_min: float | None = None
     sigma_max: float | None = None
     rescale_betas_zero_snr: bool = False
@@ -44,24 +47,50 @@ class EulerConfig(BaseConfig):
     def __post_init__(self):
         super().__post_init__()
         check_choice("final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
+        check_choice("interpolation_type", self.interpolation_type, ("linear", "log_linear"))
+        schedule.check_one_sigma_grid(self)
 
 
 class EulerDiscreteScheduler(SigmaScheduler):
-    """diffusers' EulerDiscreteScheduler (optionally with Karras sigmas and "churn" noise)."""
+    """diffusers' EulerDiscreteScheduler (optionally with Karras, exponential or beta sigmas, log-linear
+    interpolation, custom timesteps or sigmas, and "churn" noise)."""
 
     Config = EulerConfig
-    UNSUPPORTED = {"interpolation_type": "linear", "use_exponential_sigmas": False, "use_beta_sigmas": False,
-                   "timestep_type": "discrete"}
+    UNSUPPORTED = {"timestep_type": "discrete"}
 
-    def set_timesteps(self, num_inference_steps, device=None):
-        n = self._check_steps(num_inference_steps)
-        self.num_inference_steps = n
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
+        """n timesteps spaced as config.timestep_spacing with sigma interpolated linearly in t ("linear") or n + 1
+        sigmas evenly in log sigma from sigma_max to sigma_min ("log_linear"; as diffusers, the last step then
+        ends at sigma_min); or the config's sigma grid; or custom `timesteps` (descending, fractional allowed) or
+        custom `sigmas` (n + 1 values including the final one), as diffusers accepts them."""
         c = self.config
-        timesteps, sigmas = self._spaced(n)
-        if c.use_karras_sigmas:
-            lo = c.sigma_min if c.sigma_min is not None else float(sigmas[-1])
-            hi = c.sigma_max if c.sigma_max is not None else float(sigmas[0])
-            sigmas = schedule.karras_sigmas(lo, hi, n)
+        where = type(self).__name__ + ".set_timesteps"
+        if sum(v is not None for v in (num_inference_steps, timesteps, sigmas)) != 1:
+            raise ValueError(f"{where}: pass exactly one of num_inference_steps, timesteps, sigmas")
+        grid_keys = [k for k in schedule.SIGMA_GRIDS if getattr(c, k)]
+        if timesteps is not None and grid_keys:
+            raise ValueError(f"{where}: custom timesteps cannot be used with {grid_keys[0]}=True")
+        if sigmas is not None:
+            sigmas = self._table(check_custom_sigmas(where, sigmas))
+            self.num_inference_steps = len(sigmas) - 1
+            timesteps = schedule.sigma_to_t(sigmas[:-1], numpy.log(self.sigmas_table))
+            self._set_schedule(timesteps, sigmas)
+            return
+        if timesteps is not None:
+            timesteps = self._table(check_custom_timesteps(where, timesteps, c.num_train_timesteps, integer=False))
+            n = len(timesteps)
+        else:
+            n = self._check_steps(num_inference_steps)
+            timesteps, _ = self._spaced(n)
+        self.num_inference_steps = n
+        if c.interpolation_type == "log_linear":
+            log_max, log_min = numpy.log(self.sigmas_table[-1]), numpy.log(self.sigmas_table[0])
+            sigmas = numpy.exp(schedule.linspace(log_max, log_min, n + 1, c.table_dtype))
+        else:
+            sigmas = schedule.interpolate_sigmas(timesteps, self.sigmas_table)
+        grid = schedule.sigma_grid(c, float(sigmas[-1]), float(sigmas[0]), n)
+        if grid is not None:
+            sigmas = grid
             timesteps = schedule.sigma_to_t(sigmas, numpy.log(self.sigmas_table))
         last = float(self.sigmas_table[0]) if c.final_sigmas_type == "sigma_min" else 0.0
         self._set_schedule(timesteps, numpy.concatenate([sigmas, [last]]))

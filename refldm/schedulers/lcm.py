@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy
 
-from .base import AlphaAddNoise, BaseConfig, SchedulerMixin, clip, noise_like
+from .base import AlphaAddNoise, BaseConfig, SchedulerMixin, clip, dynamic_threshold, noise_like
 from .prediction import predict_x0
 
 
@@ -33,7 +33,8 @@ class LCMConfig(BaseConfig):
     set_alpha_to_one: bool = True
     timestep_scaling: float = 10.0
     rescale_betas_zero_snr: bool = False
-    dynamic_thresholding_ratio: float = 0.995  # used only with thresholding, which refldm does not implement
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
 
 
@@ -41,7 +42,6 @@ class LCMScheduler(AlphaAddNoise, SchedulerMixin):
     """diffusers' LCMScheduler: denoise with the consistency function, then re-noise to the next timestep."""
 
     Config = LCMConfig
-    UNSUPPORTED = {"thresholding": False}
     output_fields = ("prev_sample", "denoised")
 
     def __init__(self, **config):
@@ -91,7 +91,9 @@ class LCMScheduler(AlphaAddNoise, SchedulerMixin):
         abar_prev = self._scalar(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
         c_skip, c_out = consistency_scalings(t, c.timestep_scaling)
         x0 = predict_x0(c.prediction_type, model_output, sample, abar_t**0.5, (1 - abar_t) ** 0.5)
-        if c.clip_sample:
+        if c.thresholding:
+            x0 = dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+        elif c.clip_sample:
             x0 = clip(x0, c.clip_sample_range)
         denoised = c_out * x0 + c_skip * sample
         if self._step_index != self.num_inference_steps - 1:

@@ -22,7 +22,7 @@ import numpy
 
 __all__ = [
     "betas_for", "linear_betas", "scaled_linear_betas", "squaredcos_cap_v2_betas", "rescale_zero_terminal_snr",
-    "alphas_cumprod_from_betas", "torch_linspace_float32", "TABLE_DTYPES", "sigmas_from_alphas_cumprod", "karras_sigmas", "exponential_sigmas", "beta_sigmas", "lu_sigmas", "sigma_grid",
+    "alphas_cumprod_from_betas", "linspace", "torch_linspace_float32", "TABLE_DTYPES", "sigmas_from_alphas_cumprod", "karras_sigmas", "exponential_sigmas", "beta_sigmas", "lu_sigmas", "sigma_grid",
     "check_one_sigma_grid", "sigma_to_t",
     "spaced_timesteps", "spaced_timesteps_skip_last", "interpolate_sigmas",
 ]
@@ -46,11 +46,16 @@ def torch_linspace_float32(start: float, end: float, n: int):
     return numpy.where(i < n // 2, first, second)
 
 
+def linspace(start: float, end: float, n: int, dtype: str = "float64"):
+    """numpy.linspace in float64, or torch's float32 linspace (what diffusers computes) for dtype="float32"."""
+    if dtype == "float32":
+        return torch_linspace_float32(start, end, n)
+    return numpy.linspace(start, end, n)
+
+
 def linear_betas(beta_start: float, beta_end: float, num_train_timesteps: int, dtype: str = "float64"):
     """beta_t evenly spaced from beta_start to beta_end (DDPM, Ho et al. 2020, sec. 4)."""
-    if dtype == "float32":
-        return torch_linspace_float32(beta_start, beta_end, num_train_timesteps)
-    return numpy.linspace(beta_start, beta_end, num_train_timesteps, dtype=numpy.float64)
+    return linspace(beta_start, beta_end, num_train_timesteps, dtype)
 
 
 def scaled_linear_betas(beta_start: float, beta_end: float, num_train_timesteps: int, dtype: str = "float64"):
