@@ -32,6 +32,7 @@ SAMPLERS = [
             "sample_euler_ancestral"),
     Sampler("heun", "Heun", "heun", "HeunDiscreteScheduler", {}, "sample_heun"),
     Sampler("lms", "LMS", "lms", "LMSDiscreteScheduler", {}, "sample_lms"),
+    Sampler("dpm2", "DPM2", "dpm_2", "KDPM2DiscreteScheduler", {}, "sample_dpm_2"),
     Sampler("dpm++2m", "DPM++ 2M", "dpmpp_2m", "DPMSolverMultistepScheduler",
             {"algorithm_type": "dpmsolver++", "solver_order": 2}, "sample_dpmpp_2m"),
     Sampler("dpm++2m_sde", "DPM++ 2M SDE", "dpmpp_2m_sde", "DPMSolverMultistepScheduler",
@@ -53,7 +54,7 @@ SCHEDULES = {
 SCHEDULE_LABELS = {"karras": "Karras", "exponential": "Exponential", "beta": "Beta", "sgm_uniform": "SGM Uniform",
                    "simple": "Simple", "uniform": "Uniform", "ddim_uniform": "DDIM"}
 # which schedulers take the sigma-grid keys (the others refuse them, naming the key)
-SIGMA_GRID_CLASSES = {"EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+SIGMA_GRID_CLASSES = {"EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
                       "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"}
 
 # samplers of the web UIs that refldm does not implement (yet): name -> what diffusers / k-diffusion call it
@@ -61,7 +62,6 @@ MISSING = {
     "DPM++ 2S a": ("dpmpp_2s_ancestral", "none in diffusers; sample_dpmpp_2s_ancestral"),
     "DPM++ SDE": ("dpmpp_sde", "DPMSolverSDEScheduler; sample_dpmpp_sde"),
     "DPM++ 3M SDE": ("dpmpp_3m_sde", "none in diffusers; sample_dpmpp_3m_sde"),
-    "DPM2": ("dpm_2", "KDPM2DiscreteScheduler; sample_dpm_2"),
     "DPM2 a": ("dpm_2_ancestral", "KDPM2AncestralDiscreteScheduler; sample_dpm_2_ancestral"),
     "DPM fast": ("dpm_fast", "none in diffusers; sample_dpm_fast"),
     "DPM adaptive": ("dpm_adaptive", "none in diffusers; sample_dpm_adaptive"),
