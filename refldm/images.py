@@ -120,17 +120,6 @@ def save_image(x, path, parameters: str | None = None):
     save_pil(images[0], path, parameters)
 
 
-# The web UIs' names of the samplers, as the PNG `parameters` text records them.
-SAMPLER_LABELS = {
-    "ddim": "DDIM", "ddpm": "DDPM", "pndm": "PLMS", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a",
-    "euler-ancestral": "Euler a", "euler_ancestral": "Euler a", "heun": "Heun", "dpm2": "DPM2",
-    "dpm2_a": "DPM2 a", "dpm++2m": "DPM++ 2M", "dpmpp_2m": "DPM++ 2M", "dpm++2m-karras": "DPM++ 2M Karras",
-    "dpm++2s_a": "DPM++ 2S a", "unipc": "UniPC",
-    "DDIMScheduler": "DDIM", "DDPMScheduler": "DDPM", "PNDMScheduler": "PLMS", "LMSDiscreteScheduler": "LMS",
-    "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a",
-    "HeunDiscreteScheduler": "Heun", "DPMSolverMultistepScheduler": "DPM++ 2M", "UniPCMultistepScheduler": "UniPC",
-}
-
 def parameters_text(prompt, negative, steps, sampler, cfg, seed, width, height, model, strength=None) -> str:
     """The generation parameters in the Stable Diffusion web UIs' format (their "PNG info" parses it):
 

@@ -15,7 +15,7 @@ docs/pipeline.md walks the data through with the shapes at every step.
 
     pipe = StableDiffusionPipeline.from_pretrained("path/to/sd-folder")           # diffusers layout
     pipe = StableDiffusionPipeline.from_single_file("v1-5-pruned-emaonly.safetensors", tokenizer="tok/")
-    out = pipe("a red circle", num_inference_steps=20, guidance_scale=7.5, seed=1, scheduler="euler")
+    out = pipe("a red circle", num_inference_steps=20, guidance_scale=7.5, seed=1, sampler="DPM++ 2M Karras")
     out.save("out.png"); out.images[0]; out.latents        # PNG with the parameters chunk, PIL images, latents
 
 A pipeline object keeps no state between calls (each call makes its own scheduler, generator and
@@ -299,7 +299,8 @@ class StableDiffusionPipeline:
             return self.text_encoder(ids).last_hidden_state            # (B, 77, D)
 
     def make_scheduler(self, name: str | None = None):
-        """A fresh scheduler: `name` (e.g. "euler", "ddim", "dpm++2m") or the folder's own class."""
+        """A fresh scheduler for a sampler name ("DPM++ 2M Karras", "euler", "dpmpp_2m karras"; `refldm samplers`
+        lists them) or the folder's own class."""
         from refldm.schedulers import get_scheduler
         return get_scheduler(name or self.scheduler_config.get("_class_name"), self.scheduler_config)
 
@@ -326,9 +327,10 @@ class StableDiffusionPipeline:
 
     def __call__(self, prompt="", negative_prompt=None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, seed: int | None = None,
-                 generator=None, scheduler: str | None = None, latents=None, image=None, strength: float = 0.8,
+                 generator=None, sampler: str | None = None, latents=None, image=None, strength: float = 0.8,
                  callback=None, progress: bool = True, noise_dtype: str | None = None,
-                 prompt_syntax: str = "plain", clip_skip: int | None = None) -> StableDiffusionPipelineOutput:
+                 prompt_syntax: str = "plain", clip_skip: int | None = None,
+                 scheduler: str | None = None) -> StableDiffusionPipelineOutput:
         """Generate images. See the module docstring for the loop; diffusers' argument names and defaults.
 
         prompt / negative_prompt: a string or a list (one per image). "" is allowed (unconditional); a
@@ -398,9 +400,10 @@ class StableDiffusionPipeline:
         timings["text encode"] = time.perf_counter() - start
 
         # 2. the timesteps and the starting latents x_T (B, 4, H/8, W/8)
-        sched = self.make_scheduler(scheduler)
+        sampler = sampler if sampler is not None else scheduler                 # scheduler=: the old spelling
+        sched = self.make_scheduler(sampler)
         sched.set_timesteps(num_inference_steps)
-        self._check_schedule(sched, num_inference_steps, scheduler)
+        self._check_schedule(sched, num_inference_steps, sampler)
         timesteps = sched.timesteps
         latent_shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,
                         width // self.vae_scale_factor)
@@ -459,18 +462,22 @@ class StableDiffusionPipeline:
         timings["decode"] = time.perf_counter() - start
         parameters = []
         for k, im in enumerate(images):
-            text = self._parameters(prompts[k], negatives[k], num_inference_steps, scheduler, guidance_scale,
+            text = self._parameters(prompts[k], negatives[k], num_inference_steps, sampler, guidance_scale,
                                     seed, im.width, im.height, None if image is None else strength)
             im.info["parameters"] = text
             parameters.append(text)
         return StableDiffusionPipelineOutput(images=images, latents=latents, seed=seed, timings=timings,
                                              parameters=parameters)
 
-    def _parameters(self, prompt, negative, steps, scheduler, cfg, seed, width, height, strength) -> str:
+    def _parameters(self, prompt, negative, steps, sampler, cfg, seed, width, height, strength) -> str:
         """The web UIs' parameters text for one image (the format `refldm txt2img` writes)."""
-        from refldm.images import SAMPLER_LABELS, parameters_text
-        key = scheduler or self.scheduler_config.get("_class_name", "")
-        label = SAMPLER_LABELS.get(key, SAMPLER_LABELS.get(str(key).lower(), str(key)))
+        from refldm.images import parameters_text
+        from refldm.schedulers import names
+        key = sampler or self.scheduler_config.get("_class_name", "")
+        try:
+            label = names.label(key)  # the web UIs' name ("DPM++ 2M Karras")
+        except ValueError:
+            label = str(key)
         return parameters_text(prompt, negative, steps, label, cfg, "unknown" if seed is None else seed,
                                width, height, self.name, strength=strength)
 

@@ -157,10 +157,10 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
 
     def __call__(self, prompt="", image=None, mask_image=None, negative_prompt=None, strength: float = 1.0,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, seed: int | None = None,
-                 generator=None, scheduler: str | None = None, padding_mask_crop: int | None = None,
+                 generator=None, sampler: str | None = None, padding_mask_crop: int | None = None,
                  height: int | None = None, width: int | None = None, callback=None,
                  progress: bool = True, prompt_syntax: str = "plain",
-                 clip_skip: int | None = None) -> StableDiffusionPipelineOutput:
+                 clip_skip: int | None = None, scheduler: str | None = None) -> StableDiffusionPipelineOutput:
         """image: PIL (sides multiples of 8); mask_image: PIL, white = repaint. strength 1 starts from pure
         noise; below 1 from the image noised to the strength's timestep (as img2img). padding_mask_crop=p:
         repaint only the box around the mask grown by p pixels, scaled to (width, height) (default: the
@@ -210,7 +210,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         mask = upsample_nearest(mask_full, (height // f, width // f))                 # (1, 1, h, w)
 
         # 3. timesteps, and the random draws in diffusers' order: image latents, noise, masked-image latents
-        sched = self.make_scheduler(scheduler)
+        sched = self.make_scheduler(sampler if sampler is not None else scheduler)  # scheduler=: old spelling
         sched.set_timesteps(num_inference_steps)
         timesteps, steps_left = img2img_timesteps(sched, num_inference_steps, strength)
         if steps_left < 1:

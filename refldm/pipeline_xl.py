@@ -344,9 +344,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                  denoising_end: float | None = None, guidance_scale: float = 5.0, guidance_rescale: float = 0.0,
                  original_size=None, crops_coords_top_left=(0, 0), target_size=None,
                  negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
-                 clip_skip: int | None = None, seed: int | None = None, generator=None, scheduler: str | None = None,
+                 clip_skip: int | None = None, seed: int | None = None, generator=None, sampler: str | None = None,
                  latents=None, output_type: str = "pil", callback=None,
-                 progress: bool = True) -> StableDiffusionPipelineOutput:
+                 progress: bool = True, scheduler: str | None = None) -> StableDiffusionPipelineOutput:
         """Text to image with diffusers' SDXL arguments and defaults (guidance 5.0, 1024x1024 for SDXL).
 
         original_size / target_size default to (height, width), crops_coords_top_left to (0, 0); the
@@ -384,7 +384,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         timings["text encode"] = time.perf_counter() - start
 
         # 2. the schedule and the starting noise x_T (B, 4, H/8, W/8)
-        sched = self.make_scheduler(scheduler)
+        sched = self.make_scheduler(sampler if sampler is not None else scheduler)  # scheduler=: old spelling
         sched.set_timesteps(num_inference_steps)
         latent_shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,
                         width // self.vae_scale_factor)
@@ -432,8 +432,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                  negative_prompt_2=None, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
                  negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
                  aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, clip_skip: int | None = None,
-                 seed: int | None = None, generator=None, scheduler: str | None = None, output_type: str = "pil",
-                 callback=None, progress: bool = True) -> StableDiffusionPipelineOutput:
+                 seed: int | None = None, generator=None, sampler: str | None = None, output_type: str = "pil",
+                 callback=None, progress: bool = True, scheduler: str | None = None) -> StableDiffusionPipelineOutput:
         """Image to image with diffusers' SDXL arguments and defaults (strength 0.3, guidance 5.0).
 
         image: a PIL image / uint8 array (encoded by the VAE, then noised to the timestep `strength`
@@ -489,7 +489,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
         timings["text encode"] = time.perf_counter() - start
 
         # 2. the schedule: strength's tail, or everything below denoising_start
-        sched = self.make_scheduler(scheduler)
+        sched = self.make_scheduler(sampler if sampler is not None else scheduler)  # scheduler=: old spelling
         sched.set_timesteps(num_inference_steps)
         if begin is None:
             timesteps, steps_left = img2img_timesteps(sched, num_inference_steps, strength)

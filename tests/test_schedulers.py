@@ -47,7 +47,8 @@ MODULES = {
     "EulerAncestralDiscreteScheduler": "scheduling_euler_ancestral_discrete",
     "HeunDiscreteScheduler": "scheduling_heun_discrete",
     "DPMSolverMultistepScheduler": "scheduling_dpmsolver_multistep",
-    "UniPCMultistepScheduler": "scheduling_unipc_multistep", "LCMScheduler": "scheduling_lcm"}
+    "UniPCMultistepScheduler": "scheduling_unipc_multistep", "LCMScheduler": "scheduling_lcm",
+    "KDPM2DiscreteScheduler": "scheduling_k_dpm_2_discrete"}
 STOCHASTIC = {"DDPMScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler"}
 
 FLOAT64_REL = 1e-10  # float64 agreement (common brief)
@@ -177,6 +178,20 @@ def _common(draw, prediction_types=("epsilon", "v_prediction", "sample"), rescal
     return config
 
 
+def _thresholding(draw):
+    """Dynamic thresholding (off, or on with a ratio/limit that clips some x_0 values of the synthetic model)."""
+    if not draw(st.booleans()):
+        return {}
+    return {"thresholding": True, "dynamic_thresholding_ratio": draw(st.sampled_from([0.995, 0.87])),
+            "sample_max_value": draw(st.sampled_from([1.0, 1.5, 3.0]))}
+
+
+def _grid(draw):
+    """At most one of the sigma grids (Karras, exponential, beta)."""
+    grid = draw(st.sampled_from([None, None, "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"]))
+    return {grid: True} if grid else {}
+
+
 @st.composite
 def configs(draw, name):
     """A diffusers config for scheduler `name`, drawn over the options refldm implements."""
@@ -184,44 +199,62 @@ def configs(draw, name):
         c = _common(draw, rescale=True)
         c.update(clip_sample=draw(st.booleans()),
                  variance_type=draw(st.sampled_from(["fixed_small", "fixed_small_log", "fixed_large"])))
+        c.update(_thresholding(draw))
     elif name == "DDIMScheduler":
         c = _common(draw, rescale=True)
         c.update(clip_sample=draw(st.booleans()), set_alpha_to_one=draw(st.booleans()))
+        c.update(_thresholding(draw))
     elif name == "PNDMScheduler":
         c = _common(draw, ("epsilon", "v_prediction"))
         c.update(skip_prk_steps=draw(st.booleans()), set_alpha_to_one=draw(st.booleans()))
     elif name == "LMSDiscreteScheduler":
         c = _common(draw)
-        c.update(use_karras_sigmas=draw(st.booleans()))
+        c.update(_grid(draw))
     elif name == "EulerDiscreteScheduler":
         c = _common(draw, rescale=True)
-        c.update(use_karras_sigmas=draw(st.booleans()), final_sigmas_type=draw(st.sampled_from(["zero", "sigma_min"])))
+        c.update(_grid(draw), final_sigmas_type=draw(st.sampled_from(["zero", "sigma_min"])),
+                 interpolation_type=draw(st.sampled_from(["linear", "linear", "log_linear"])))
     elif name == "EulerAncestralDiscreteScheduler":
         c = _common(draw, ("epsilon", "v_prediction"), rescale=True)
+    elif name == "KDPM2DiscreteScheduler":
+        c = _common(draw, ("epsilon", "v_prediction"))
+        c.update(_grid(draw))
     elif name == "HeunDiscreteScheduler":
         c = _common(draw)
-        c.update(use_karras_sigmas=draw(st.booleans()), clip_sample=draw(st.booleans()))
+        c.update(_grid(draw), clip_sample=draw(st.booleans()))
     elif name == "DPMSolverMultistepScheduler":
         c = _common(draw, rescale=True)
         c.update(solver_order=draw(st.sampled_from([1, 2, 2, 3])),
-                 algorithm_type=draw(st.sampled_from(["dpmsolver++", "sde-dpmsolver++"])),
+                 algorithm_type=draw(st.sampled_from(["dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"])),
                  solver_type=draw(st.sampled_from(["midpoint", "heun"])),
                  lower_order_final=draw(st.booleans()), euler_at_final=draw(st.booleans()),
-                 use_karras_sigmas=draw(st.booleans()),
                  final_sigmas_type=draw(st.sampled_from(["zero", "sigma_min"])))
+        grid = draw(st.sampled_from([None, None, "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                                     "use_lu_lambdas"]))
+        if grid:
+            c[grid] = True
+        c.update(_thresholding(draw))
+        if c["algorithm_type"] in ("dpmsolver", "sde-dpmsolver"):
+            c["final_sigmas_type"] = "sigma_min"  # diffusers refuses "zero" for the noise-prediction solvers
+        if c["algorithm_type"] == "sde-dpmsolver" and c["solver_order"] == 3:
+            c["solver_order"] = 2  # no third-order SDE-DPM-Solver in diffusers
     elif name == "UniPCMultistepScheduler":
         c = _common(draw, rescale=True)
         c.update(solver_order=draw(st.sampled_from([1, 2, 2, 3])), predict_x0=draw(st.booleans()),
                  solver_type=draw(st.sampled_from(["bh1", "bh2"])), lower_order_final=draw(st.booleans()),
-                 use_karras_sigmas=draw(st.booleans()),
                  final_sigmas_type=draw(st.sampled_from(["zero", "sigma_min"])),
                  disable_corrector=draw(st.sampled_from([[], [0], [1, 2]])))
+        grid = draw(st.sampled_from([None, None, "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"]))
+        if grid:
+            c[grid] = True
+        c.update(_thresholding(draw))
         # without lower_order_final a higher-order last step divides by h = inf (sigma = 0): NaN in diffusers too
         assume(c["lower_order_final"] or c["final_sigmas_type"] == "sigma_min")
     else:  # LCMScheduler
         c = _common(draw, rescale=True)
         c.update(clip_sample=draw(st.booleans()), set_alpha_to_one=draw(st.booleans()),
                  original_inference_steps=draw(st.sampled_from([50, 50, 20])))
+        c.update(_thresholding(draw))
     if c.get("rescale_betas_zero_snr") and name in ("DDPMScheduler", "DDIMScheduler", "LCMScheduler"):
         c["prediction_type"] = "v_prediction"  # zero terminal SNR needs v-prediction (Lin et al. 2023); eps divides by 0
     return c
@@ -264,7 +297,9 @@ def _agreement(name, case):
     ours, our_timesteps, our_traj = run_refldm(name, config, steps, seed, strength, step_kwargs)
     # timesteps and sigmas: exactly (timesteps) and to float64 rounding (sigmas) vs. the float64 reference
     # timesteps interpolated from sigmas (Karras) may differ in the last bit; all others are equal
-    tol = 1e-12 if config.get("use_karras_sigmas") else 0
+    grids = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas")
+    # (and DPM2's midpoint timesteps, mapped back from sigma_mid the same way)
+    tol = 1e-12 if any(config.get(k) for k in grids) or name == "KDPM2DiscreteScheduler" else 0
     for a, b in ((ours.timesteps, ref.timesteps), (our_timesteps, ref_timesteps)):
         numpy.testing.assert_allclose(numpy.asarray(a, numpy.float64), b.numpy(), rtol=tol, atol=1000 * tol)
     if hasattr(ref, "sigmas"):
@@ -292,13 +327,17 @@ def _timesteps_vs_installed(name, case):
     ref_t = ref.timesteps.numpy().astype(numpy.float64)
     our_t = numpy.asarray(ours.timesteps, numpy.float64)
     assert our_t.shape == ref_t.shape
-    karras = bool(config.get("use_karras_sigmas"))
+    # a sigma grid between diffusers' float32 sigma_min and sigma_max inherits their error (1 - abar_0 cancels)
+    karras = (any(config.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                                          "use_lu_lambdas")) or config.get("interpolation_type") == "log_linear")
     if karras and config.get("rescale_betas_zero_snr"):
         return  # Karras sigma_max from the rescaled float32 table: sqrt(abar) - sqrt(abar_T) cancels in float32
-    if karras:
-        assert numpy.max(numpy.abs(our_t - ref_t)) <= (0.1 if ref.timesteps.dtype.is_floating_point else 1.0)
+    if karras:  # (DPM2 rounds its float Karras timesteps: one may fall on the other side of .5)
+        rounded = not ref.timesteps.dtype.is_floating_point or name == "KDPM2DiscreteScheduler"
+        assert numpy.max(numpy.abs(our_t - ref_t)) <= (1.0 if rounded else 0.1)
     elif ref.timesteps.dtype.is_floating_point:
-        assert numpy.max(numpy.abs(our_t - ref_t)) <= 1e-4
+        # DPM2's midpoint timesteps are interpolated in diffusers' float32 log-sigma table, like Karras ones
+        assert numpy.max(numpy.abs(our_t - ref_t)) <= (0.1 if name == "KDPM2DiscreteScheduler" else 1e-4)
     else:
         numpy.testing.assert_array_equal(our_t, ref_t)
     if hasattr(ref, "sigmas"):
@@ -433,7 +472,9 @@ def test_sigmas_decrease_and_end_as_configured(data, name, steps):
     scheduler = getattr(rs, name).from_config(config)
     scheduler.set_timesteps(steps)
     sigmas = scheduler.sigmas
-    assert numpy.all(numpy.diff(sigmas) <= 0)  # Heun repeats each inner sigma, so not strictly
+    # Heun repeats each inner sigma, so not strictly; a Karras grid's last point (sigma_max^(1/7) + (sigma_min^(1/7)
+    # - sigma_max^(1/7)))^7 can land an ulp above sigma_min, which then follows as the final sigma (so in diffusers)
+    assert numpy.all(numpy.diff(sigmas) <= 4 * numpy.finfo(numpy.float64).eps * sigmas[:-1])
     final = config.get("final_sigmas_type", "zero")
     if final == "zero":
         assert sigmas[-1] == 0.0
@@ -465,28 +506,39 @@ def test_len_timesteps_equals_steps(data, name):
 
 
 @settings(max_examples=40, deadline=None)
-@given(schedule_=SCHEDULES, spacing=st.sampled_from(["linspace", "leading"]), steps=st.integers(1, 50),
+@given(schedule_=SCHEDULES, spacing=st.sampled_from(["linspace", "leading", "trailing"]), steps=st.integers(1, 50),
        set_alpha_to_one=st.booleans())
-def test_ddim_with_an_oracle_x0_predictor_lands_on_x0(schedule_, spacing, steps, set_alpha_to_one):
-    """A model that predicts the true x_0 (prediction_type="sample") makes DDIM end exactly at x_0 when the final
-    alpha is 1 (set_alpha_to_one). With "leading" spacing, where DDIM's previous timestep t - T//n is the next grid
-    point, every step also stays on the line sqrt(abar) x_0 + sqrt(1 - abar) eps, so without set_alpha_to_one it
-    ends at sqrt(abar_0) x_0 + sqrt(1 - abar_0) eps. ("trailing" ends at t = T/n - 1, whose DDIM predecessor
-    t - T//n can be >= 0, so the last step goes to abar_0 instead of 1, as in diffusers.)"""
+def test_ddim_with_an_oracle_x0_predictor_follows_its_closed_form(schedule_, spacing, steps, set_alpha_to_one):
+    """A model that predicts the true x_0 (prediction_type="sample") keeps the DDIM sample a combination
+    x = p x_0 + q eps of the true x_0 and the start noise eps, and each step maps (p, q) by scalars: with
+    a, s = sqrt(abar_t), sqrt(1 - abar_t) of the step's timestep and a', s' of its previous one, the model's
+    eps estimate is ((p - a) x_0 + q eps) / s, so x_prev = (a' + s' (p - a) / s) x_0 + (s' q / s) eps. Replaying
+    that recurrence on scalars must give the sampler's final latent, for every spacing and final alpha. On the
+    schedule's own line (p, q) = (a, s) the estimate is exact, so with "leading" spacing (where DDIM's previous
+    timestep t - T//n is the next grid point) the sampler ends exactly at sqrt(abar_end) x_0 + sqrt(1 - abar_end)
+    eps, and at x_0 itself with set_alpha_to_one."""
     kind, start, end = schedule_
     scheduler = rs.DDIMScheduler(beta_schedule=kind, beta_start=start, beta_end=end, timestep_spacing=spacing,
                                  prediction_type="sample", clip_sample=False, set_alpha_to_one=set_alpha_to_one)
     scheduler.set_timesteps(steps)
     rng = numpy.random.default_rng(steps)
     x0, eps = rng.standard_normal((1, 2, 3, 3)), rng.standard_normal((1, 2, 3, 3))
-    x = scheduler.add_noise(x0, eps, numpy.array([int(scheduler.timesteps[0])]))
+    abar = scheduler.alphas_cumprod
+    t0 = int(scheduler.timesteps[0])
+    p, q = abar[t0] ** 0.5, (1 - abar[t0]) ** 0.5
+    x = scheduler.add_noise(x0, eps, numpy.array([t0]))
     for t in scheduler.timesteps:
         x = scheduler.step(x0, t, x).prev_sample
-    if set_alpha_to_one:
-        assert rel_err(x, x0) <= 1e-12
-    elif spacing == "leading":
-        final = scheduler.final_alpha_cumprod
-        assert rel_err(x, final**0.5 * x0 + (1 - final) ** 0.5 * eps) <= 1e-12
+        prev = int(t) - scheduler.config.num_train_timesteps // steps
+        abar_prev = abar[prev] if prev >= 0 else scheduler.final_alpha_cumprod
+        a, s = abar[int(t)] ** 0.5, (1 - abar[int(t)]) ** 0.5
+        a_prev, s_prev = abar_prev**0.5, (1 - abar_prev) ** 0.5
+        p, q = a_prev + s_prev * (p - a) / s, s_prev * q / s
+    assert rel_err(x, p * x0 + q * eps) <= 1e-9
+    if spacing == "leading":
+        assert rel_err(x, abar_prev**0.5 * x0 + (1 - abar_prev) ** 0.5 * eps) <= 1e-9
+        if set_alpha_to_one:
+            assert rel_err(x, x0) <= 1e-9
 
 
 @settings(max_examples=50, deadline=None)
@@ -524,7 +576,7 @@ def test_trajectory_on_backend_matches_numpy(name, on_backend):
 # ------------------------------------------------------------------------------------------------------
 
 def test_unknown_scheduler_name_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown scheduler 'eulr'.*euler_a.*dpm\\+\\+2m"):
+    with pytest.raises(ValueError, match="unknown sampler 'eulr'; choose one of .*Euler a.*dpmpp_2m.*dpm\\+\\+2m"):
         rs.get_scheduler("eulr")
 
 
@@ -538,7 +590,7 @@ def test_bad_step_counts_are_refused(name, steps):
 
 @pytest.mark.parametrize("key,value", [
     ("beta_schedule", "cosine"), ("prediction_type", "x0"), ("timestep_spacing", "even"),
-    ("thresholding", True), ("steps_offset", -1), ("num_train_timesteps", 1)])
+    ("variance_type", "learned"), ("steps_offset", -1), ("num_train_timesteps", 1), ("table_dtype", "float16")])
 def test_unsupported_config_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=key):
         rs.DDPMScheduler.from_config({key: value})
@@ -548,10 +600,12 @@ def test_unknown_config_key_is_an_error_but_other_schedulers_keys_are_ignored():
     with pytest.raises(ConfigError, match="'use_magic'"):
         rs.EulerDiscreteScheduler.from_config({"use_magic": True})
     rs.EulerDiscreteScheduler.from_config({"skip_prk_steps": True, "solver_order": 3})  # foreign: ignored
-    with pytest.raises(ConfigError, match="use_exponential_sigmas"):  # this class's key, not implemented
-        rs.EulerDiscreteScheduler.from_config({"use_exponential_sigmas": True})
-    with pytest.raises(ConfigError, match="algorithm_type"):
+    with pytest.raises(ConfigError, match="timestep_type"):  # this class's key, not implemented
+        rs.EulerDiscreteScheduler.from_config({"timestep_type": "continuous"})
+    with pytest.raises(ConfigError, match="algorithm_type='dpmsolver' needs final_sigmas_type='sigma_min'"):
         rs.DPMSolverMultistepScheduler.from_config({"algorithm_type": "dpmsolver"})
+    with pytest.raises(ConfigError, match="use_karras_sigmas=True and use_beta_sigmas=True"):
+        rs.DPMSolverMultistepScheduler.from_config({"use_karras_sigmas": True, "use_beta_sigmas": True})
     with pytest.raises(ConfigError, match="trained_betas"):
         rs.DDIMScheduler.from_config({"trained_betas": [0.1, 0.2], "num_train_timesteps": 3})
 

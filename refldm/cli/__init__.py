@@ -12,7 +12,8 @@ import importlib
 import sys
 
 # the subcommand modules, in the order their commands appear in --help
-_MODULES = ("refldm.cli.generate", "refldm.cli.vae", "refldm.cli.trace", "refldm.cli.analysis")
+_MODULES = ("refldm.cli.generate", "refldm.cli.vae", "refldm.cli.trace", "refldm.cli.analysis",
+            "refldm.cli.samplers")
 _MODULES += ("refldm.cli.inpaint",)  # inpainting (refldm/cli/inpaint.py)
 
 

@@ -16,6 +16,7 @@ web UIs write it, so their "PNG info" readers show them.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -28,9 +29,6 @@ from refldm import backend
 from refldm.cli.adapters import add_adapter_args, apply_adapter_args
 
 from refldm.about import DEFAULT_MODEL  # noqa: E402  (the folder of the model shipped inside the package)
-
-# refldm scheduler names -> the sampler names the web UIs write (and read) in the parameters chunk
-from refldm.images import SAMPLER_LABELS  # noqa: E402  (the web UIs' sampler names)
 
 DEMO_PROMPTS = (
     "a large red circle in the center on a white background",
@@ -50,6 +48,16 @@ DEMO_SAMPLER = None  # the model's own scheduler (DDIM)
 
 # ---------------------------------------------------------------------------------------------------------------
 # argument parsing
+
+
+def _sampler_name(value):
+    """--sampler: any name refldm.schedulers.names knows, checked before the model loads."""
+    from refldm.schedulers import names
+    try:
+        names.resolve(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def _add_model_args(p, *, model_flag=True):
@@ -83,8 +91,9 @@ def _add_generation_args(p):
                    help=f"classifier-free guidance scale in [{CFG_RANGE[0]:g}, {CFG_RANGE[1]:g}] (default {CFG:g}; "
                         f"{DEMO_CFG:g} for the built-in model; <= 1 turns guidance off)")
     p.add_argument("--seed", type=int, default=None, help="noise seed, 0..2**64-1 (default: random, printed)")
-    p.add_argument("--sampler", default=None,
-                   help="scheduler by name, e.g. euler, ddim, dpm++2m (default: the model's own)")
+    p.add_argument("--sampler", default=None, type=_sampler_name,
+                   help='sampler by name, as the web UIs write it ("DPM++ 2M Karras", "Euler a", "dpmpp_2m karras") '
+                        "or refldm's (euler, dpm++2m); `refldm samplers` lists them (default: the model's own)")
     p.add_argument("-o", "--output", default=None, help="output image: .png (with the parameters chunk), .jpg, "
                                                          ".webp, ... (default refldm-txt2img.png / refldm-img2img.png)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -127,7 +136,8 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", default="refldm-demo.png", help="output image (default refldm-demo.png)")
     p.add_argument("--steps", type=int, default=None, help=f"denoising steps (default {DEMO_STEPS})")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--sampler", default=None, help="scheduler by name (default: the model's own, DDIM)")
+    p.add_argument("--sampler", default=None, type=_sampler_name,
+                   help="sampler by name (`refldm samplers` lists them; default: the model's own, DDIM)")
     p.add_argument("--cfg", type=float, default=None, help=f"guidance scale (default {DEMO_CFG:g})")
     p.add_argument("-p", "--prompt", action="append", default=None,
                    help="a prompt for the grid (repeat for several; default: six shape prompts)")
@@ -194,9 +204,13 @@ def load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=No
 
 
 def sampler_label(pipe, name) -> str:
-    """The web UIs' name of the sampler (scheduler) used."""
+    """The web UIs' name of the sampler used ("DPM++ 2M Karras"), as their parameters chunk records it."""
+    from refldm.schedulers import names
     key = name or pipe.scheduler_config.get("_class_name", "")
-    return SAMPLER_LABELS.get(key, SAMPLER_LABELS.get(str(key).lower(), str(key)))
+    try:
+        return names.label(key)
+    except ValueError:
+        return str(key)
 
 
 from refldm.images import parameters_text  # noqa: E402  (the web UIs' format; also used by the pipeline)
@@ -305,12 +319,12 @@ def _generate(args, image=None):
         if refiner is not None:
             kwargs.update(denoising_end=end, output_type="latent")
         out = pipe(prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
-                   guidance_scale=args.cfg, seed=args.seed, scheduler=args.sampler, progress=not args.quiet,
+                   guidance_scale=args.cfg, seed=args.seed, sampler=args.sampler, progress=not args.quiet,
                    **kwargs)
         if refiner is not None:  # SDXL's ensemble: the refiner denoises the last (1 - end) of the schedule
             out = refiner(args.prompt, negative_prompt=args.negative, image=out.latents, denoising_start=end,
                           num_inference_steps=args.steps, guidance_scale=args.cfg, seed=out.seed,
-                          scheduler=args.sampler, progress=not args.quiet)
+                          sampler=args.sampler, progress=not args.quiet)
     img = out.images[0]
     text = parameters_text(args.prompt, args.negative, args.steps, sampler_label(pipe, args.sampler), args.cfg,
                            out.seed, img.width, img.height, pipe.name,
@@ -529,7 +543,7 @@ def run_demo(args) -> int:
         start = time.perf_counter()
         pipe = load_pipeline(None)
         load = time.perf_counter() - start
-        out = pipe(prompts, num_inference_steps=steps, guidance_scale=cfg, seed=args.seed, scheduler=sampler,
+        out = pipe(prompts, num_inference_steps=steps, guidance_scale=cfg, seed=args.seed, sampler=sampler,
                    progress=not args.quiet)
     b = len(prompts)
     size = out.images[0].height, out.images[0].width

@@ -62,7 +62,7 @@ def run_inpaint(args) -> int:
                                               base.scheduler_config, base.configs, name=base.name, dtype=args.dtype)
         prompt, kwargs = apply_adapter_args(args, pipe)
         out = pipe(prompt, image=image, mask_image=mask, negative_prompt=args.negative, strength=args.strength,
-                   padding_mask_crop=args.padding_mask_crop, num_inference_steps=args.steps, guidance_scale=args.cfg, seed=args.seed, scheduler=args.sampler,
+                   padding_mask_crop=args.padding_mask_crop, num_inference_steps=args.steps, guidance_scale=args.cfg, seed=args.seed, sampler=args.sampler,
                    progress=not args.quiet, **kwargs)
     img = out.images[0]
     text = generate.parameters_text(args.prompt, args.negative, args.steps, generate.sampler_label(pipe, args.sampler),

@@ -41,7 +41,8 @@ def register(subparsers) -> None:
     p.add_argument("--negative-prompt", default=None, help="pipeline only: the negative prompt")
     p.add_argument("--steps", type=int, default=4, help="pipeline only: sampler steps (default 4)")
     p.add_argument("--guidance-scale", type=float, default=7.5, help="pipeline only: CFG scale (default 7.5)")
-    p.add_argument("--scheduler", default=None, help="pipeline only: scheduler class name (default: the folder's)")
+    p.add_argument("--sampler", "--scheduler", dest="sampler", default=None,
+                   help="pipeline only: sampler by name, as for txt2img (`refldm samplers`; default: the folder's)")
     p.set_defaults(func=run_trace)
 
     c = subparsers.add_parser(
@@ -68,7 +69,7 @@ def run_trace(args) -> int:
         t = trace.trace_pipeline(args.model_folder, prompt=args.prompt, negative_prompt=args.negative_prompt,
                                  steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
                                  height=args.height, width=args.width, dtype=args.dtype,
-                                 scheduler=args.scheduler, include=args.include)
+                                 scheduler=args.sampler, include=args.include)
     else:
         inputs = trace.load(args.inputs).inputs if args.inputs else None
         t = trace.trace_part(args.model_folder, args.part, dtype=args.dtype, inputs=inputs, include=args.include,

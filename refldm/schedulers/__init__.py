@@ -3,6 +3,7 @@
     from refldm.schedulers import EulerDiscreteScheduler, get_scheduler
     scheduler = EulerDiscreteScheduler.from_pretrained("model", subfolder="scheduler")
     scheduler = get_scheduler("dpm++2m", scheduler.config)        # swap, keeping the model's schedule
+    scheduler = get_scheduler("DPM++ 2M Karras", scheduler.config)  # the web UIs' names (refldm.schedulers.names)
 
 See docs/schedulers.md for the math and refldm/sampling.py for the loop that drives them.
 """
@@ -13,12 +14,14 @@ import dataclasses
 
 from refldm.config import ConfigError
 
-from .base import SchedulerMixin, SchedulerOutput
+from . import names
+from .base import SchedulerMixin, SchedulerOutput, SigmaScheduler
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .dpmsolver import DPMSolverMultistepScheduler
 from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from .heun import HeunDiscreteScheduler
+from .kdpm2 import KDPM2DiscreteScheduler
 from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
@@ -26,9 +29,9 @@ from .unipc import UniPCMultistepScheduler
 
 __all__ = [
     "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
-    "UniPCMultistepScheduler", "LCMScheduler", "SchedulerMixin", "SchedulerOutput", "SCHEDULERS", "CLASSES",
-    "get_scheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler", "LCMScheduler", "SchedulerMixin", "SchedulerOutput", "SigmaScheduler", "SCHEDULERS",
+    "CLASSES", "get_scheduler",
 ]
 
 # Short names (as on the command line) -> (class, config keys the name implies).
@@ -40,6 +43,7 @@ SCHEDULERS = {
     "euler": (EulerDiscreteScheduler, {}),
     "euler_a": (EulerAncestralDiscreteScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
+    "dpm2": (KDPM2DiscreteScheduler, {}),
     "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpm++2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "unipc": (UniPCMultistepScheduler, {}),
@@ -50,17 +54,17 @@ SCHEDULERS = {
 CLASSES = {cls.__name__: cls for cls, _ in SCHEDULERS.values()}
 
 
-def get_scheduler(name: str, config=None, **overrides):
-    """A scheduler by short name ("euler", "dpm++2m", ...) or diffusers class name, built from `config`
-    (a scheduler_config.json dict or another scheduler's .config) plus the keys the name implies, plus
-    `overrides`. Keys of other schedulers in `config` are ignored, as in diffusers' from_config."""
-    if name in SCHEDULERS:
-        cls, implied = SCHEDULERS[name]
-    elif name in CLASSES:
+def get_scheduler(name: str, config=None, schedule: str | None = None, **overrides):
+    """A scheduler by name, built from `config` (a scheduler_config.json dict or another scheduler's .config) plus
+    the keys the name implies, plus `overrides`. `name` is a short name ("euler", "dpm++2m"), a diffusers class
+    name, or a web-UI name: A1111's "DPM++ 2M Karras" / "Euler a", ComfyUI's "dpmpp_2m" with schedule="karras"
+    (or "dpmpp_2m karras"); see refldm.schedulers.names. Keys of other schedulers in `config` are ignored, as in
+    diffusers' from_config."""
+    if name in CLASSES and schedule is None:
         cls, implied = CLASSES[name], {}
     else:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)} "
-                         f"(or a class name: {', '.join(CLASSES)})")
+        class_name, implied, _, _ = names.resolve(name, schedule)
+        cls = CLASSES[class_name]
     if config is None:
         config = {}
     elif dataclasses.is_dataclass(config):

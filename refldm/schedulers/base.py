@@ -60,6 +60,7 @@ class BaseConfig:
     prediction_type: str = "epsilon"
     timestep_spacing: str = "linspace"
     steps_offset: int = 0
+    table_dtype: str = "float64"  # refldm's own key: "float32" builds the tables (and step scalars) as diffusers
 
     PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -67,6 +68,7 @@ class BaseConfig:
         check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         check_choice("prediction_type", self.prediction_type, self.PREDICTION_TYPES)
         check_choice("timestep_spacing", self.timestep_spacing, SPACINGS)
+        check_choice("table_dtype", self.table_dtype, schedule.TABLE_DTYPES)
         if isinstance(self.num_train_timesteps, bool) or not isinstance(self.num_train_timesteps, int) \
                 or self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps={self.num_train_timesteps!r} must be an integer >= 2")
@@ -158,6 +160,17 @@ class SchedulerMixin:
     def __len__(self):
         return self.config.num_train_timesteps
 
+    # -- table precision ---------------------------------------------------------------------------
+    def _scalar(self, value):
+        """A table entry as a scalar for the step's arithmetic: a Python float with float64 tables (a float32
+        sample then stays float32), a NumPy float32 with float32 tables, so that every coefficient rounds in
+        float32 as diffusers' 0-d float32 tensors do."""
+        return numpy.float32(value) if self.config.table_dtype == "float32" else float(value)
+
+    def _table(self, values):
+        """An inference table (sigmas, fractional timesteps) in config.table_dtype; diffusers rounds its to float32."""
+        return numpy.asarray(values, dtype=self.config.table_dtype)
+
     # -- inference steps ---------------------------------------------------------------------------
     def _check_steps(self, num_inference_steps):
         n = num_inference_steps
@@ -231,6 +244,43 @@ def clip(x, limit):
     return backend.array_namespace(x).clip(x, -limit, limit)
 
 
+def check_custom_timesteps(where, timesteps, num_train_timesteps, integer=True):
+    """Custom timesteps: a non-empty, strictly decreasing list in [0, num_train_timesteps - 1] (integers unless
+    `integer` is False); returned as int64 (or float64)."""
+    t = numpy.asarray(timesteps, dtype=numpy.float64) if not hasattr(timesteps, "dtype") else backend.to_numpy(
+        timesteps).astype(numpy.float64)
+    if t.ndim != 1 or t.size == 0 or not numpy.all(numpy.isfinite(t)):
+        raise ValueError(f"{where}: custom timesteps must be a non-empty 1-D list of finite numbers")
+    if numpy.any(numpy.diff(t) >= 0) or t[0] > num_train_timesteps - 1 or t[-1] < 0:
+        raise ValueError(f"{where}: custom timesteps must be strictly decreasing and in "
+                         f"[0, {num_train_timesteps - 1}], got {t.tolist()}")
+    if integer and numpy.any(t != numpy.round(t)):
+        raise ValueError(f"{where}: custom timesteps must be integers here, got {t.tolist()}")
+    return t.astype(numpy.int64) if integer else t
+
+
+def check_custom_sigmas(where, sigmas):
+    """Custom sigmas: at least two finite values >= 0, decreasing (the last is where the final step ends)."""
+    s = numpy.asarray(sigmas, dtype=numpy.float64) if not hasattr(sigmas, "dtype") else backend.to_numpy(
+        sigmas).astype(numpy.float64)
+    if s.ndim != 1 or s.size < 2 or not numpy.all(numpy.isfinite(s)) or numpy.any(s < 0):
+        raise ValueError(f"{where}: custom sigmas must be a 1-D list of at least two finite numbers >= 0")
+    if numpy.any(numpy.diff(s) > 0):
+        raise ValueError(f"{where}: custom sigmas must be decreasing, got {s.tolist()}")
+    return s
+
+
+def dynamic_threshold(x0, ratio: float, max_value: float):
+    """Dynamic thresholding (Saharia et al. 2022, "Photorealistic Text-to-Image Diffusion Models with Deep Language
+    Understanding" (Imagen), sec. 2.3): per sample, s = the `ratio` quantile of |x_0| clamped to [1, max_value];
+    x_0 <- clip(x_0, -s, s) / s. Keeps saturated values from piling up at large guidance weights."""
+    xp = backend.array_namespace(x0)
+    flat = x0.reshape(x0.shape[0], -1)  # (B, C*H*W)
+    s = xp.quantile(xp.abs(flat), ratio, axis=1, keepdims=True)  # linear interpolation, as torch.quantile
+    s = xp.clip(s, 1, max_value).astype(x0.dtype)
+    return (xp.clip(flat, -s, s) / s).reshape(x0.shape)
+
+
 def noise_like(sample, generator=None, dtype=None):
     """Standard normal noise shaped like `sample`, drawn on the host from `generator` (torch-compatible
     refldm.random.Generator, a list of them, or a numpy Generator) in `dtype`, moved to sample's device."""
@@ -286,3 +336,46 @@ class SigmaAddNoise:
             return (broadcast_coefficient(alpha, original_samples) * original_samples
                     + broadcast_coefficient(sigma * alpha, original_samples) * noise)
         return original_samples + noise * broadcast_coefficient(sigma, original_samples)
+
+
+class SigmaScheduler(SigmaAddNoise, SchedulerMixin):
+    """The base of the samplers that step in sigma on x = x_0 + sigma eps (Euler, Euler ancestral, Heun, LMS and
+    the k-diffusion family): the sigma table by training timestep, input scaling, init_noise_sigma."""
+
+    ZERO_SNR_LAST_ALPHA_CUMPROD = 2.0**-24  # diffusers' stand-in for abar_T = 0 so sigma_T stays finite
+
+    def _build_tables(self):
+        super()._build_tables()
+        if getattr(self.config, "rescale_betas_zero_snr", False):
+            self.alphas_cumprod[-1] = self.ZERO_SNR_LAST_ALPHA_CUMPROD
+        self.sigmas_table = schedule.sigmas_from_alphas_cumprod(self.alphas_cumprod)  # by training timestep
+        self.sigmas = numpy.concatenate([self.sigmas_table[::-1], numpy.zeros(1, self.sigmas_table.dtype)])
+        self.timesteps = numpy.linspace(0, self.config.num_train_timesteps - 1, self.config.num_train_timesteps)[::-1]
+
+    @property
+    def init_noise_sigma(self):
+        """sigma_max ("linspace"/"trailing"), or sqrt(sigma_max^2 + 1) for "leading" (which misses t = T-1)."""
+        s = self._scalar(numpy.max(self.sigmas))
+        return s if self.config.timestep_spacing in ("linspace", "trailing") else (s**2 + 1) ** 0.5
+
+    def scale_model_input(self, sample, timestep):
+        """x / sqrt(sigma^2 + 1): back from x_0 + sigma eps to the model's input scale sqrt(abar) x."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        sigma = self._scalar(self.sigmas[self._step_index])
+        return sample / (sigma**2 + 1) ** 0.5
+
+    def _spaced(self, n):
+        c = self.config
+        timesteps = schedule.spaced_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset,
+                                              exact=True)
+        timesteps = self._table(timesteps)  # diffusers interpolates at float32-rounded timesteps
+        return timesteps, schedule.interpolate_sigmas(timesteps, self.sigmas_table)
+
+    def _set_schedule(self, timesteps, sigmas):
+        """Store the inference schedule: timesteps (n,) and sigmas (n + 1,), in the table dtype (diffusers rounds
+        both to float32), and reset the step counter."""
+        self.timesteps = self._table(timesteps)
+        self.sigmas = self._table(sigmas)
+        self._step_index = None
+        self._begin_index = None

@@ -7,7 +7,7 @@ import dataclasses
 import numpy
 
 from . import schedule
-from .base import AlphaAddNoise, BaseConfig, SchedulerMixin, clip, noise_like
+from .base import AlphaAddNoise, BaseConfig, SchedulerMixin, clip, dynamic_threshold, noise_like
 from .prediction import eps_from_x0, predict_eps, predict_x0
 
 
@@ -32,7 +32,8 @@ class DDIMConfig(BaseConfig):
     clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True
     rescale_betas_zero_snr: bool = False
-    dynamic_thresholding_ratio: float = 0.995  # used only with thresholding, which refldm does not implement
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
 
 
@@ -40,11 +41,10 @@ class DDIMScheduler(AlphaAddNoise, SchedulerMixin):
     """diffusers' DDIMScheduler. The step after the last timestep uses abar = 1 (set_alpha_to_one) or abar_0."""
 
     Config = DDIMConfig
-    UNSUPPORTED = {"thresholding": False}
 
     def __init__(self, **config):
         super().__init__(**config)
-        self.final_alpha_cumprod = 1.0 if self.config.set_alpha_to_one else float(self.alphas_cumprod[0])
+        self.final_alpha_cumprod = self._scalar(1.0 if self.config.set_alpha_to_one else self.alphas_cumprod[0])
         self.init_noise_sigma = 1.0
         self.timesteps = numpy.arange(self.config.num_train_timesteps)[::-1].copy()
 
@@ -66,12 +66,14 @@ class DDIMScheduler(AlphaAddNoise, SchedulerMixin):
         c = self.config
         t = int(timestep)
         prev_t = t - c.num_train_timesteps // self.num_inference_steps
-        abar_t = float(self.alphas_cumprod[t])
-        abar_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
+        abar_t = self._scalar(self.alphas_cumprod[t])
+        abar_prev = self._scalar(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
         a, s = abar_t**0.5, (1 - abar_t) ** 0.5
         x0 = predict_x0(c.prediction_type, model_output, sample, a, s)
         eps = predict_eps(c.prediction_type, model_output, sample, a, s)
-        if c.clip_sample:
+        if c.thresholding:
+            x0 = dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+        elif c.clip_sample:
             x0 = clip(x0, c.clip_sample_range)
         if use_clipped_model_output:
             eps = eps_from_x0(sample, x0, a, s)

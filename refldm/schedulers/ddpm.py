@@ -8,7 +8,7 @@ import math
 import numpy
 
 from . import schedule
-from .base import AlphaAddNoise, BaseConfig, SchedulerMixin, check_choice, clip, noise_like
+from .base import AlphaAddNoise, BaseConfig, SchedulerMixin, check_choice, clip, dynamic_threshold, noise_like
 from .prediction import predict_x0
 
 
@@ -33,7 +33,8 @@ class DDPMConfig(BaseConfig):
     clip_sample: bool = True
     clip_sample_range: float = 1.0
     rescale_betas_zero_snr: bool = False
-    dynamic_thresholding_ratio: float = 0.995  # used only with thresholding, which refldm does not implement
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
 
     def __post_init__(self):
@@ -45,7 +46,6 @@ class DDPMScheduler(AlphaAddNoise, SchedulerMixin):
     """diffusers' DDPMScheduler: x_prev ~ q(x_prev | x_t, x_0 = model's estimate)."""
 
     Config = DDPMConfig
-    UNSUPPORTED = {"thresholding": False}
 
     def __init__(self, **config):
         super().__init__(**config)
@@ -89,10 +89,12 @@ class DDPMScheduler(AlphaAddNoise, SchedulerMixin):
         c = self.config
         t = int(timestep)
         prev_t = self.previous_timestep(t)
-        abar_t = float(self.alphas_cumprod[t])
-        abar_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else 1.0
+        abar_t = self._scalar(self.alphas_cumprod[t])
+        abar_prev = self._scalar(self.alphas_cumprod[prev_t] if prev_t >= 0 else 1.0)
         x0 = predict_x0(c.prediction_type, model_output, sample, abar_t**0.5, (1 - abar_t) ** 0.5)
-        if c.clip_sample:
+        if c.thresholding:
+            x0 = dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+        elif c.clip_sample:
             x0 = clip(x0, c.clip_sample_range)
         prev_sample, variance, beta_t = ddpm_posterior(x0, sample, abar_t, abar_prev)
         if t > 0:

@@ -1,5 +1,7 @@
 """DPM-Solver++ (multistep) and its SDE variant (Lu, Zhou, Bao, Chen, Li & Zhu 2022, "DPM-Solver++: Fast Solver
-for Guided Sampling of Diffusion Probabilistic Models", arXiv:2211.01095).
+for Guided Sampling of Diffusion Probabilistic Models", arXiv:2211.01095), and the original DPM-Solver in noise
+prediction (Lu et al. 2022, "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model Sampling in Around 10
+Steps", arXiv:2206.00927) with its SDE variant (algorithm_type "dpmsolver" / "sde-dpmsolver").
 
 Notation: x_t = alpha_t x_0 + sigma_t eps with alpha_t = 1 / sqrt(1 + s^2), sigma_t = s alpha_t for the
 Karras sigma s; lambda_t = log(alpha_t / sigma_t) = -log s is the half log-SNR, h = lambda_t - lambda_s > 0.
@@ -15,8 +17,9 @@ import math
 import numpy
 
 from . import schedule
-from .base import BaseConfig, SchedulerMixin, SigmaAddNoise, check_choice, noise_like
-from .prediction import x0_from_eps, x0_from_v
+from .base import (BaseConfig, SchedulerMixin, SigmaAddNoise, check_choice, check_custom_timesteps, dynamic_threshold,
+                   noise_like)
+from .prediction import eps_from_x0, predict_eps, predict_x0
 
 
 def alpha_sigma(s: float):
@@ -65,8 +68,17 @@ def dpmpp_second_order(x, m0, m1, alpha_t, sigma_t, sigma_s0, h, h_0, solver_typ
 
 
 def dpmpp_third_order(x, m0, m1, m2, alpha_t, sigma_t, sigma_s0, h, h_0, h_1, noise=None):
-    """Multistep DPM-Solver++(3M) (Lu et al. 2022, appendix; DPM-Solver eq. for order 3 in data prediction):
-    D1, D2 are first and second divided differences of the last three x_0 predictions in lambda."""
+    """Multistep DPM-Solver++(3M) (Lu et al. 2022, arXiv:2211.01095, appendix; the order-3 multistep update of
+    DPM-Solver written for the data prediction). With r0 = h_0 / h, r1 = h_1 / h and the divided differences of the
+    last three x_0 predictions m0 (newest), m1, m2 in lambda,
+        D1_0 = (m0 - m1) / r0,  D1_1 = (m1 - m2) / r1,
+        D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),   D2 = (D1_0 - D1_1) / (r0 + r1),
+    the ODE step is
+        x_t = sigma_t/sigma_s0 x - alpha_t (e^{-h} - 1) m0 + alpha_t ((e^{-h} - 1)/h + 1) D1
+              - alpha_t ((e^{-h} - 1 + h)/h^2 - 1/2) D2
+    and the SDE step (k-diffusion's sample_dpmpp_3m_sde with eta = 1)
+        x_t = sigma_t/sigma_s0 e^{-h} x + alpha_t (1 - e^{-2h}) m0 + alpha_t ((1 - e^{-2h})/(-2h) + 1) D1
+              + alpha_t ((1 - e^{-2h} - 2h)/(2h)^2 - 1/2) D2 + sigma_t sqrt(1 - e^{-2h}) z."""
     r0, r1 = h_0 / h, h_1 / h
     d1_0, d1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
     d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
@@ -81,6 +93,46 @@ def dpmpp_third_order(x, m0, m1, m2, alpha_t, sigma_t, sigma_s0, h, h_0, h_1, no
             + (sigma_t * math.sqrt(1.0 - em2)) * noise)
 
 
+def dpm_first_order(x, eps, alpha_t, sigma_t, alpha_s, h, noise=None):
+    """DPM-Solver-1 in noise prediction (Lu et al. 2022, arXiv:2206.00927, eq. 3.7; = DDIM):
+        x_t = alpha_t/alpha_s x - sigma_t (e^h - 1) eps
+    SDE-DPM-Solver-1: x_t = alpha_t/alpha_s x - 2 sigma_t (e^h - 1) eps + sigma_t sqrt(e^{2h} - 1) z."""
+    if noise is None:
+        return (alpha_t / alpha_s) * x - (sigma_t * (math.exp(h) - 1.0)) * eps
+    return ((alpha_t / alpha_s) * x - (2.0 * (sigma_t * (math.exp(h) - 1.0))) * eps
+            + (sigma_t * math.sqrt(math.exp(2 * h) - 1.0)) * noise)
+
+
+def dpm_second_order(x, m0, m1, alpha_t, sigma_t, alpha_s0, h, h_0, solver_type, noise=None):
+    """Multistep DPM-Solver-2 in noise prediction (Lu et al. 2022, arXiv:2206.00927, and the multistep form of
+    arXiv:2211.01095 sec. 5), D0 = m0 (newest eps), D1 = (m0 - m1) / r0, r0 = h_0 / h:
+      midpoint: x_t = alpha_t/alpha_s0 x - sigma_t (e^h - 1) D0 - 1/2 sigma_t (e^h - 1) D1
+      heun:     x_t = alpha_t/alpha_s0 x - sigma_t (e^h - 1) D0 - sigma_t ((e^h - 1)/h - 1) D1
+    SDE: the eps terms doubled (midpoint: 2, 1; heun: 2, 2) plus sigma_t sqrt(e^{2h} - 1) z."""
+    r0 = h_0 / h
+    d0, d1 = m0, (1.0 / r0) * (m0 - m1)
+    ep = math.exp(h)
+    k0 = sigma_t * (ep - 1.0)
+    k1 = 0.5 * (sigma_t * (ep - 1.0)) if solver_type == "midpoint" else sigma_t * ((ep - 1.0) / h - 1.0)
+    if noise is None:
+        return (alpha_t / alpha_s0) * x - k0 * d0 - k1 * d1
+    k1 = 2.0 * k1
+    return (alpha_t / alpha_s0) * x - (2.0 * k0) * d0 - k1 * d1 + (sigma_t * math.sqrt(math.exp(2 * h) - 1.0)) * noise
+
+
+def dpm_third_order(x, m0, m1, m2, alpha_t, sigma_t, alpha_s0, h, h_0, h_1):
+    """Multistep DPM-Solver-3 in noise prediction, with D1, D2 as in dpmpp_third_order:
+        x_t = alpha_t/alpha_s0 x - sigma_t (e^h - 1) m0 - sigma_t ((e^h - 1)/h - 1) D1
+              - sigma_t ((e^h - 1 - h)/h^2 - 1/2) D2."""
+    r0, r1 = h_0 / h, h_1 / h
+    d1_0, d1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
+    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+    d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+    ep = math.exp(h)
+    return ((alpha_t / alpha_s0) * x - (sigma_t * (ep - 1.0)) * m0 - (sigma_t * ((ep - 1.0) / h - 1.0)) * d1
+            - (sigma_t * ((ep - 1.0 - h) / h**2 - 0.5)) * d2)
+
+
 @dataclasses.dataclass
 class DPMSolverConfig(BaseConfig):
     solver_order: int = 2
@@ -89,18 +141,31 @@ class DPMSolverConfig(BaseConfig):
     lower_order_final: bool = True
     euler_at_final: bool = False
     use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    use_lu_lambdas: bool = False
     final_sigmas_type: str = "zero"
     lambda_min_clipped: float = -float("inf")
     rescale_betas_zero_snr: bool = False
-    dynamic_thresholding_ratio: float = 0.995  # used only with thresholding, which refldm does not implement
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
+
+    ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 
     def __post_init__(self):
         super().__post_init__()
         check_choice("solver_order", self.solver_order, (1, 2, 3))
-        check_choice("algorithm_type", self.algorithm_type, ("dpmsolver++", "sde-dpmsolver++"))
+        check_choice("algorithm_type", self.algorithm_type, self.ALGORITHMS)
         check_choice("solver_type", self.solver_type, ("midpoint", "heun"))
         check_choice("final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
+        schedule.check_one_sigma_grid(self)
+        if self.algorithm_type in ("dpmsolver", "sde-dpmsolver") and self.final_sigmas_type == "zero":
+            raise ValueError(f"algorithm_type={self.algorithm_type!r} needs final_sigmas_type='sigma_min' (its "
+                             "noise-prediction step divides by sigma = 0 otherwise; diffusers refuses it too)")
+        if self.algorithm_type == "sde-dpmsolver" and self.solver_order == 3:
+            raise ValueError("algorithm_type='sde-dpmsolver' has no third-order step (solver_order=3); "
+                             "diffusers returns nothing there")
 
 
 class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
@@ -108,8 +173,7 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
     with "sde-dpmsolver++"; Karras sigmas with use_karras_sigmas=True)."""
 
     Config = DPMSolverConfig
-    UNSUPPORTED = {"thresholding": False, "variance_type": None, "use_exponential_sigmas": False,
-                   "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False, "flow_shift": 1.0,
+    UNSUPPORTED = {"variance_type": None, "use_flow_sigmas": False, "flow_shift": 1.0,
                    "use_dynamic_shifting": False, "time_shift_type": "exponential"}
     RENAMED = {"solver_type": {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"},  # as diffusers does
                "algorithm_type": {"deis": "dpmsolver++"}}
@@ -128,23 +192,42 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
         self.model_outputs = [None] * self.config.solver_order
         self.lower_order_nums = 0
 
-    def set_timesteps(self, num_inference_steps, device=None):
-        n = self._check_steps(num_inference_steps)
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
+        """n timesteps spaced as config.timestep_spacing (n + 1 points, the smallest dropped), or the sigma grid
+        the config asks for (Karras, exponential, beta, uniform in lambda) mapped back to rounded timesteps; or
+        explicit integer `timesteps` (descending, in [0, num_train_timesteps))."""
         c = self.config
-        clipped = int(numpy.searchsorted(self.lambda_t[::-1], c.lambda_min_clipped))
-        last_timestep = c.num_train_timesteps - clipped
-        timesteps = schedule.spaced_timesteps_skip_last(c.timestep_spacing, c.num_train_timesteps, n,
-                                                        c.steps_offset, last_timestep)
-        if c.use_karras_sigmas:
-            sigmas = schedule.karras_sigmas(float(self.sigmas_table[0]), float(self.sigmas_table[-1]), n)
-            timesteps = schedule.sigma_to_t(sigmas, numpy.log(self.sigmas_table))
-            if c.beta_schedule != "squaredcos_cap_v2":
+        if timesteps is not None:
+            if num_inference_steps is not None:
+                raise ValueError("DPMSolverMultistepScheduler.set_timesteps: pass num_inference_steps or timesteps, "
+                                 "not both")
+            on = [k for k in schedule.SIGMA_GRIDS + ("use_lu_lambdas",) if getattr(c, k)]
+            if on:
+                raise ValueError(f"DPMSolverMultistepScheduler.set_timesteps: custom timesteps cannot be used with "
+                                 f"{on[0]}=True (the config's sigma grid decides the timesteps)")
+            timesteps = check_custom_timesteps(type(self).__name__ + ".set_timesteps", timesteps, c.num_train_timesteps)
+            n = len(timesteps)
+        else:
+            n = self._check_steps(num_inference_steps)
+            clipped = int(numpy.searchsorted(self.lambda_t[::-1], c.lambda_min_clipped))
+            last_timestep = c.num_train_timesteps - clipped
+            timesteps = schedule.spaced_timesteps_skip_last(c.timestep_spacing, c.num_train_timesteps, n,
+                                                            c.steps_offset, last_timestep)
+        log_sigmas = numpy.log(self.sigmas_table)
+        grid = schedule.sigma_grid(c, float(self.sigmas_table[0]), float(self.sigmas_table[-1]), n)
+        if c.use_lu_lambdas:
+            grid = schedule.lu_sigmas(float(log_sigmas[0]), float(log_sigmas[-1]), n)
+        if grid is not None:
+            sigmas = grid
+            timesteps = schedule.sigma_to_t(sigmas, log_sigmas)
+            rounded = c.use_karras_sigmas or c.use_lu_lambdas  # exponential and beta grids truncate, as diffusers
+            if rounded and c.beta_schedule != "squaredcos_cap_v2":
                 timesteps = timesteps.round()
             timesteps = timesteps.astype(numpy.int64)
         else:
             sigmas = schedule.interpolate_sigmas(timesteps, self.sigmas_table)
         last = float(self.sigmas_table[0]) if c.final_sigmas_type == "sigma_min" else 0.0
-        self.sigmas = numpy.concatenate([sigmas, [last]])
+        self.sigmas = self._table(numpy.concatenate([sigmas, [last]]))
         self.timesteps = timesteps.astype(numpy.int64)
         self.num_inference_steps = len(self.timesteps)
         self.model_outputs = [None] * c.solver_order
@@ -155,22 +238,20 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
     def scale_model_input(self, sample, *args, **kwargs):
         return sample
 
-    def index_for_timestep(self, timestep, schedule_timesteps=None):
-        """As the base, but an unknown timestep means the last step (diffusers' behaviour here)."""
-        schedule_timesteps = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        hits = numpy.nonzero(schedule_timesteps == float(timestep))[0]
-        if len(hits) == 0:
-            return len(self.timesteps) - 1
-        return int(hits[1] if len(hits) > 1 else hits[0])
-
     def convert_model_output(self, model_output, sample):
-        """The data prediction x_0 that DPM-Solver++ works with (Lu et al. 2022, sec. 4)."""
-        alpha, sigma = alpha_sigma(float(self.sigmas[self._step_index]))
-        if self.config.prediction_type == "epsilon":
-            return x0_from_eps(sample, model_output, alpha, sigma)
-        if self.config.prediction_type == "v_prediction":
-            return x0_from_v(sample, model_output, alpha, sigma)
-        return model_output
+        """What the solver works with: the data prediction x_0 for DPM-Solver++ (Lu et al. 2022, sec. 4), the
+        noise prediction eps for DPM-Solver; with thresholding, x_0 dynamically thresholded first."""
+        alpha, sigma = alpha_sigma(self._scalar(self.sigmas[self._step_index]))
+        c = self.config
+        if c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
+            x0 = predict_x0(c.prediction_type, model_output, sample, alpha, sigma)
+            return dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value) if c.thresholding else x0
+        eps = predict_eps(c.prediction_type, model_output, sample, alpha, sigma)
+        if c.thresholding:
+            x0 = dynamic_threshold(predict_x0("epsilon", eps, sample, alpha, sigma), c.dynamic_thresholding_ratio,
+                                   c.sample_max_value)
+            eps = eps_from_x0(sample, x0, alpha, sigma)
+        return eps
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
         self._need_timesteps()
@@ -181,28 +262,40 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
         lower_order_final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15)
                                             or c.final_sigmas_type == "zero")
         lower_order_second = i == n - 2 and c.lower_order_final and n < 15
-        x0 = self.convert_model_output(model_output, sample)
-        self.model_outputs = self.model_outputs[1:] + [x0]
+        m = self.convert_model_output(model_output, sample)
+        self.model_outputs = self.model_outputs[1:] + [m]
         noise = None
-        if c.algorithm_type == "sde-dpmsolver++":  # diffusers draws this noise in float32, whatever the dtype
+        if c.algorithm_type.startswith("sde-"):  # diffusers draws this noise in float32, whatever the dtype
             noise = noise_like(model_output, generator, "float32") if variance_noise is None else variance_noise
-        sig = [float(self.sigmas[j]) for j in (i + 1, i, i - 1, i - 2)]
+        sig = [self._scalar(self.sigmas[j]) for j in (i + 1, i, i - 1, i - 2)]
         (alpha_t, sigma_t), (alpha_s0, sigma_s0), (alpha_s1, sigma_s1), (alpha_s2, sigma_s2) = map(alpha_sigma, sig)
         lam_t, lam_s0 = _lambda(alpha_t, sigma_t), _lambda(alpha_s0, sigma_s0)
         h = lam_t - lam_s0
+        data = c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
         if h == 0:  # a zero-length step (Karras sigmas ending on sigma_min twice) leaves x unchanged
             prev_sample = sample
         elif c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
-            prev_sample = dpmpp_first_order(sample, x0, alpha_t, sigma_t, sigma_s0, h, noise)
+            if data:
+                prev_sample = dpmpp_first_order(sample, m, alpha_t, sigma_t, sigma_s0, h, noise)
+            else:
+                prev_sample = dpm_first_order(sample, m, alpha_t, sigma_t, alpha_s0, h, noise)
         elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
             h_0 = lam_s0 - _lambda(alpha_s1, sigma_s1)
-            prev_sample = dpmpp_second_order(sample, self.model_outputs[-1], self.model_outputs[-2], alpha_t,
-                                             sigma_t, sigma_s0, h, h_0, c.solver_type, noise)
+            m0, m1 = self.model_outputs[-1], self.model_outputs[-2]
+            if data:
+                prev_sample = dpmpp_second_order(sample, m0, m1, alpha_t, sigma_t, sigma_s0, h, h_0, c.solver_type,
+                                                 noise)
+            else:
+                prev_sample = dpm_second_order(sample, m0, m1, alpha_t, sigma_t, alpha_s0, h, h_0, c.solver_type,
+                                               noise)
         else:
             lam_s1 = _lambda(alpha_s1, sigma_s1)
             h_0, h_1 = lam_s0 - lam_s1, lam_s1 - _lambda(alpha_s2, sigma_s2)
-            prev_sample = dpmpp_third_order(sample, *self.model_outputs[::-1][:3], alpha_t, sigma_t, sigma_s0,
-                                            h, h_0, h_1, noise)
+            m0, m1, m2 = self.model_outputs[::-1][:3]
+            if data:
+                prev_sample = dpmpp_third_order(sample, m0, m1, m2, alpha_t, sigma_t, sigma_s0, h, h_0, h_1, noise)
+            else:
+                prev_sample = dpm_third_order(sample, m0, m1, m2, alpha_t, sigma_t, alpha_s0, h, h_0, h_1)
         if self.lower_order_nums < c.solver_order:
             self.lower_order_nums += 1
         self._step_index += 1
@@ -210,3 +303,4 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
 
     output_fields = ("prev_sample",)
     variance_preserving = True
+

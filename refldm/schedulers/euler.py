@@ -12,22 +12,8 @@ import dataclasses
 import numpy
 
 from . import schedule
-from .base import BaseConfig, SchedulerMixin, SigmaAddNoise, check_choice, noise_like
-
-
-def x0_from_sigma_prediction(prediction_type, model_output, sample, sigma):
-    """x_0 from the model output at noise level sigma, with x = x_0 + sigma eps:
-
-    epsilon:       x_0 = x - sigma eps
-    v_prediction:  x_0 = -sigma / sqrt(sigma^2 + 1) v + x / (sigma^2 + 1)   (Salimans & Ho 2022, with
-                   a = 1/sqrt(sigma^2+1), s = sigma a, and the model input x a)
-    sample:        x_0 = model output
-    """
-    if prediction_type == "epsilon":
-        return sample - sigma * model_output
-    if prediction_type == "v_prediction":
-        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
-    return model_output
+from .base import BaseConfig, SigmaScheduler, check_choice, check_custom_sigmas, check_custom_timesteps, noise_like
+from .prediction import x0_from_sigma_prediction
 
 
 def euler_step(sample, x0, sigma, sigma_next):
@@ -47,42 +33,12 @@ def ancestral_sigmas(sigma_from, sigma_to):
     return sigma_down, sigma_up
 
 
-class _SigmaScheduler(SigmaAddNoise, SchedulerMixin):
-    """Shared by the sigma-indexed samplers: the sigma table, input scaling, init_noise_sigma."""
-
-    ZERO_SNR_LAST_ALPHA_CUMPROD = 2.0**-24  # diffusers' stand-in for abar_T = 0 so sigma_T stays finite
-
-    def _build_tables(self):
-        super()._build_tables()
-        if getattr(self.config, "rescale_betas_zero_snr", False):
-            self.alphas_cumprod[-1] = self.ZERO_SNR_LAST_ALPHA_CUMPROD
-        self.sigmas_table = schedule.sigmas_from_alphas_cumprod(self.alphas_cumprod)  # by training timestep
-        self.sigmas = numpy.concatenate([self.sigmas_table[::-1], [0.0]])
-        self.timesteps = numpy.linspace(0, self.config.num_train_timesteps - 1, self.config.num_train_timesteps)[::-1]
-
-    @property
-    def init_noise_sigma(self) -> float:
-        """sigma_max ("linspace"/"trailing"), or sqrt(sigma_max^2 + 1) for "leading" (which misses t = T-1)."""
-        s = float(numpy.max(self.sigmas))
-        return s if self.config.timestep_spacing in ("linspace", "trailing") else (s**2 + 1) ** 0.5
-
-    def scale_model_input(self, sample, timestep):
-        """x / sqrt(sigma^2 + 1): back from x_0 + sigma eps to the model's input scale sqrt(abar) x."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        sigma = float(self.sigmas[self._step_index])
-        return sample / (sigma**2 + 1) ** 0.5
-
-    def _spaced(self, n):
-        c = self.config
-        timesteps = schedule.spaced_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset,
-                                              exact=True)
-        return timesteps, schedule.interpolate_sigmas(timesteps, self.sigmas_table)
-
-
 @dataclasses.dataclass
 class EulerConfig(BaseConfig):
     use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    interpolation_type: str = "linear"
     sigma_min: float | None = None
     sigma_max: float | None = None
     rescale_betas_zero_snr: bool = False
@@ -91,30 +47,53 @@ class EulerConfig(BaseConfig):
     def __post_init__(self):
         super().__post_init__()
         check_choice("final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
+        check_choice("interpolation_type", self.interpolation_type, ("linear", "log_linear"))
+        schedule.check_one_sigma_grid(self)
 
 
-class EulerDiscreteScheduler(_SigmaScheduler):
-    """diffusers' EulerDiscreteScheduler (optionally with Karras sigmas and "churn" noise)."""
+class EulerDiscreteScheduler(SigmaScheduler):
+    """diffusers' EulerDiscreteScheduler (optionally with Karras, exponential or beta sigmas, log-linear
+    interpolation, custom timesteps or sigmas, and "churn" noise)."""
 
     Config = EulerConfig
-    UNSUPPORTED = {"interpolation_type": "linear", "use_exponential_sigmas": False, "use_beta_sigmas": False,
-                   "timestep_type": "discrete"}
+    UNSUPPORTED = {"timestep_type": "discrete"}
 
-    def set_timesteps(self, num_inference_steps, device=None):
-        n = self._check_steps(num_inference_steps)
-        self.num_inference_steps = n
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
+        """n timesteps spaced as config.timestep_spacing with sigma interpolated linearly in t ("linear") or n + 1
+        sigmas evenly in log sigma from sigma_max to sigma_min ("log_linear"; as diffusers, the last step then
+        ends at sigma_min); or the config's sigma grid; or custom `timesteps` (descending, fractional allowed) or
+        custom `sigmas` (n + 1 values including the final one), as diffusers accepts them."""
         c = self.config
-        timesteps, sigmas = self._spaced(n)
-        if c.use_karras_sigmas:
-            lo = c.sigma_min if c.sigma_min is not None else float(sigmas[-1])
-            hi = c.sigma_max if c.sigma_max is not None else float(sigmas[0])
-            sigmas = schedule.karras_sigmas(lo, hi, n)
+        where = type(self).__name__ + ".set_timesteps"
+        if sum(v is not None for v in (num_inference_steps, timesteps, sigmas)) != 1:
+            raise ValueError(f"{where}: pass exactly one of num_inference_steps, timesteps, sigmas")
+        grid_keys = [k for k in schedule.SIGMA_GRIDS if getattr(c, k)]
+        if timesteps is not None and grid_keys:
+            raise ValueError(f"{where}: custom timesteps cannot be used with {grid_keys[0]}=True")
+        if sigmas is not None:
+            sigmas = self._table(check_custom_sigmas(where, sigmas))
+            self.num_inference_steps = len(sigmas) - 1
+            timesteps = schedule.sigma_to_t(sigmas[:-1], numpy.log(self.sigmas_table))
+            self._set_schedule(timesteps, sigmas)
+            return
+        if timesteps is not None:
+            timesteps = self._table(check_custom_timesteps(where, timesteps, c.num_train_timesteps, integer=False))
+            n = len(timesteps)
+        else:
+            n = self._check_steps(num_inference_steps)
+            timesteps, _ = self._spaced(n)
+        self.num_inference_steps = n
+        if c.interpolation_type == "log_linear":
+            log_max, log_min = numpy.log(self.sigmas_table[-1]), numpy.log(self.sigmas_table[0])
+            sigmas = numpy.exp(schedule.linspace(log_max, log_min, n + 1, c.table_dtype))
+        else:
+            sigmas = schedule.interpolate_sigmas(timesteps, self.sigmas_table)
+        grid = schedule.sigma_grid(c, float(sigmas[-1]), float(sigmas[0]), n)
+        if grid is not None:
+            sigmas = grid
             timesteps = schedule.sigma_to_t(sigmas, numpy.log(self.sigmas_table))
         last = float(self.sigmas_table[0]) if c.final_sigmas_type == "sigma_min" else 0.0
-        self.sigmas = numpy.concatenate([sigmas, [last]])
-        self.timesteps = timesteps
-        self._step_index = None
-        self._begin_index = None
+        self._set_schedule(timesteps, numpy.concatenate([sigmas, [last]]))
 
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
              generator=None, return_dict=True):
@@ -122,8 +101,8 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         (Karras et al. 2022, Algorithm 2, lines 4-6)."""
         if self._step_index is None:
             self._init_step_index(timestep)
-        sigma = float(self.sigmas[self._step_index])
-        sigma_next = float(self.sigmas[self._step_index + 1])
+        sigma = self._scalar(self.sigmas[self._step_index])
+        sigma_next = self._scalar(self.sigmas[self._step_index + 1])
         gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1)
         if gamma > 0:
@@ -144,7 +123,7 @@ class EulerAncestralConfig(BaseConfig):
     PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-class EulerAncestralDiscreteScheduler(_SigmaScheduler):
+class EulerAncestralDiscreteScheduler(SigmaScheduler):
     """diffusers' EulerAncestralDiscreteScheduler: Euler to sigma_down, then fresh noise of size sigma_up."""
 
     Config = EulerAncestralConfig
@@ -153,17 +132,14 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         n = self._check_steps(num_inference_steps)
         self.num_inference_steps = n
         timesteps, sigmas = self._spaced(n)
-        self.sigmas = numpy.concatenate([sigmas, [0.0]])
-        self.timesteps = timesteps
-        self._step_index = None
-        self._begin_index = None
+        self._set_schedule(timesteps, numpy.concatenate([sigmas, [0.0]]))
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         """x_next = x + (sigma_down - sigma) d + sigma_up z (noise is drawn at every step, as diffusers does)."""
         if self._step_index is None:
             self._init_step_index(timestep)
-        sigma = float(self.sigmas[self._step_index])
-        sigma_to = float(self.sigmas[self._step_index + 1])
+        sigma = self._scalar(self.sigmas[self._step_index])
+        sigma_to = self._scalar(self.sigmas[self._step_index + 1])
         x0 = x0_from_sigma_prediction(self.config.prediction_type, model_output, sample, sigma)
         sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_to)
         prev_sample = euler_step(sample, x0, sigma, sigma_down)

@@ -7,8 +7,8 @@ import dataclasses
 import numpy
 
 from . import schedule
-from .base import BaseConfig, clip
-from .euler import _SigmaScheduler
+from .base import BaseConfig, SigmaScheduler, check_custom_timesteps, clip
+from .prediction import x0_from_sigma_prediction
 
 
 def heun_correct(sample_start, derivative_start, sample_end, x0_end, sigma_end, dt):
@@ -23,37 +23,58 @@ class HeunConfig(BaseConfig):
     beta_start: float = 0.00085
     beta_end: float = 0.012
     use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
     clip_sample: bool = False
     clip_sample_range: float = 1.0
 
+    def __post_init__(self):
+        super().__post_init__()
+        schedule.check_one_sigma_grid(self)
 
-class HeunDiscreteScheduler(_SigmaScheduler):
+
+class HeunDiscreteScheduler(SigmaScheduler):
     """diffusers' HeunDiscreteScheduler: every step but the last takes two model calls, so ``timesteps`` lists
     each inner timestep twice (2n - 1 entries); the last step (to sigma = 0) is a plain Euler step."""
 
     Config = HeunConfig
-    UNSUPPORTED = {"use_exponential_sigmas": False, "use_beta_sigmas": False}
     order = 2
 
     def __init__(self, **config):
         super().__init__(**config)
         self.set_timesteps(self.config.num_train_timesteps)  # as diffusers: usable before set_timesteps
 
-    def set_timesteps(self, num_inference_steps, device=None):
-        n = self._check_steps(num_inference_steps)
+    def set_timesteps(self, num_inference_steps=None, device=None, num_train_timesteps=None, timesteps=None):
+        """n timesteps spaced as config.timestep_spacing (or custom descending `timesteps`), sigma interpolated
+        linearly in t, or the config's sigma grid (Karras, exponential, beta)."""
+        c = self.config
+        where = type(self).__name__ + ".set_timesteps"
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError(f"{where}: pass exactly one of num_inference_steps, timesteps")
+        if num_train_timesteps not in (None, c.num_train_timesteps):
+            raise ValueError(f"{where}: num_train_timesteps={num_train_timesteps!r} differs from the config's "
+                             f"{c.num_train_timesteps}; refldm does not implement a different table here")
+        grid_keys = [k for k in schedule.SIGMA_GRIDS if getattr(c, k)]
+        if timesteps is not None:
+            if grid_keys:
+                raise ValueError(f"{where}: custom timesteps cannot be used with {grid_keys[0]}=True")
+            timesteps = self._table(check_custom_timesteps(where, timesteps, c.num_train_timesteps, integer=False))
+            n = len(timesteps)
+            sigmas = schedule.interpolate_sigmas(timesteps, self.sigmas_table)
+        else:
+            n = self._check_steps(num_inference_steps)
+            timesteps, sigmas = self._spaced(n)
         self.num_inference_steps = n
-        timesteps, sigmas = self._spaced(n)
-        if self.config.use_karras_sigmas:
-            sigmas = schedule.karras_sigmas(float(sigmas[-1]), float(sigmas[0]), n)
+        grid = schedule.sigma_grid(c, float(sigmas[-1]), float(sigmas[0]), n)
+        if grid is not None:
+            sigmas = grid
             timesteps = schedule.sigma_to_t(sigmas, numpy.log(self.sigmas_table))
         sigmas = numpy.concatenate([sigmas, [0.0]])
-        self.sigmas = numpy.concatenate([sigmas[:1], sigmas[1:-1].repeat(2), sigmas[-1:]])  # (2n,)
-        self.timesteps = numpy.concatenate([timesteps[:1], timesteps[1:].repeat(2)])  # (2n - 1,)
+        self._set_schedule(numpy.concatenate([timesteps[:1], timesteps[1:].repeat(2)]),  # (2n - 1,)
+                           numpy.concatenate([sigmas[:1], sigmas[1:-1].repeat(2), sigmas[-1:]]))  # (2n,)
         self.prev_derivative = None
         self.dt = None
         self.sample = None
-        self._step_index = None
-        self._begin_index = None
 
     @property
     def state_in_first_order(self) -> bool:
@@ -65,19 +86,14 @@ class HeunDiscreteScheduler(_SigmaScheduler):
             self._init_step_index(timestep)
         c = self.config
         if self.state_in_first_order:
-            sigma = float(self.sigmas[self._step_index])
-            sigma_next = float(self.sigmas[self._step_index + 1])
+            sigma = self._scalar(self.sigmas[self._step_index])
+            sigma_next = self._scalar(self.sigmas[self._step_index + 1])
             sigma_input = sigma
         else:
-            sigma = float(self.sigmas[self._step_index - 1])
-            sigma_next = float(self.sigmas[self._step_index])
+            sigma = self._scalar(self.sigmas[self._step_index - 1])
+            sigma_next = self._scalar(self.sigmas[self._step_index])
             sigma_input = sigma_next
-        if c.prediction_type == "epsilon":
-            x0 = sample - sigma_input * model_output
-        elif c.prediction_type == "v_prediction":
-            x0 = model_output * (-sigma_input / (sigma_input**2 + 1) ** 0.5) + sample / (sigma_input**2 + 1)
-        else:
-            x0 = model_output
+        x0 = x0_from_sigma_prediction(c.prediction_type, model_output, sample, sigma_input)
         if c.clip_sample:
             x0 = clip(x0, c.clip_sample_range)
         if self.state_in_first_order:

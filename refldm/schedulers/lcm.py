@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy
 
-from .base import AlphaAddNoise, BaseConfig, SchedulerMixin, clip, noise_like
+from .base import AlphaAddNoise, BaseConfig, SchedulerMixin, clip, dynamic_threshold, noise_like
 from .prediction import predict_x0
 
 
@@ -33,7 +33,8 @@ class LCMConfig(BaseConfig):
     set_alpha_to_one: bool = True
     timestep_scaling: float = 10.0
     rescale_betas_zero_snr: bool = False
-    dynamic_thresholding_ratio: float = 0.995  # used only with thresholding, which refldm does not implement
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
 
 
@@ -41,12 +42,11 @@ class LCMScheduler(AlphaAddNoise, SchedulerMixin):
     """diffusers' LCMScheduler: denoise with the consistency function, then re-noise to the next timestep."""
 
     Config = LCMConfig
-    UNSUPPORTED = {"thresholding": False}
     output_fields = ("prev_sample", "denoised")
 
     def __init__(self, **config):
         super().__init__(**config)
-        self.final_alpha_cumprod = 1.0 if self.config.set_alpha_to_one else float(self.alphas_cumprod[0])
+        self.final_alpha_cumprod = self._scalar(1.0 if self.config.set_alpha_to_one else self.alphas_cumprod[0])
         self.init_noise_sigma = 1.0
         self.timesteps = numpy.arange(self.config.num_train_timesteps)[::-1].copy()
 
@@ -87,11 +87,13 @@ class LCMScheduler(AlphaAddNoise, SchedulerMixin):
         t = int(timestep)
         next_index = self._step_index + 1
         prev_t = int(self.timesteps[next_index]) if next_index < len(self.timesteps) else t
-        abar_t = float(self.alphas_cumprod[t])
-        abar_prev = float(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
+        abar_t = self._scalar(self.alphas_cumprod[t])
+        abar_prev = self._scalar(self.alphas_cumprod[prev_t]) if prev_t >= 0 else self.final_alpha_cumprod
         c_skip, c_out = consistency_scalings(t, c.timestep_scaling)
         x0 = predict_x0(c.prediction_type, model_output, sample, abar_t**0.5, (1 - abar_t) ** 0.5)
-        if c.clip_sample:
+        if c.thresholding:
+            x0 = dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+        elif c.clip_sample:
             x0 = clip(x0, c.clip_sample_range)
         denoised = c_out * x0 + c_skip * sample
         if self._step_index != self.num_inference_steps - 1:

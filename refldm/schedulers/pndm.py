@@ -50,7 +50,7 @@ class PNDMScheduler(AlphaAddNoise, SchedulerMixin):
 
     def __init__(self, **config):
         super().__init__(**config)
-        self.final_alpha_cumprod = 1.0 if self.config.set_alpha_to_one else float(self.alphas_cumprod[0])
+        self.final_alpha_cumprod = self._scalar(1.0 if self.config.set_alpha_to_one else self.alphas_cumprod[0])
         self.init_noise_sigma = 1.0
         self.pndm_order = 4
         self._reset()
@@ -87,8 +87,8 @@ class PNDMScheduler(AlphaAddNoise, SchedulerMixin):
         self._reset()
 
     def _prev_sample(self, sample, timestep, prev_timestep, model_output):
-        abar_t = float(self.alphas_cumprod[timestep])
-        abar_prev = float(self.alphas_cumprod[prev_timestep]) if prev_timestep >= 0 else self.final_alpha_cumprod
+        abar_t = self._scalar(self.alphas_cumprod[timestep])
+        abar_prev = self._scalar(self.alphas_cumprod[prev_timestep]) if prev_timestep >= 0 else self.final_alpha_cumprod
         if self.config.prediction_type == "v_prediction":
             model_output = eps_from_v(sample, model_output, abar_t**0.5, (1 - abar_t) ** 0.5)
         return pndm_transfer(sample, model_output, abar_t, abar_prev)

@@ -13,7 +13,7 @@ arrays of any backend.
 
 from __future__ import annotations
 
-__all__ = ["x0_from_eps", "eps_from_x0", "x0_from_v", "eps_from_v", "v_from_x0_eps", "predict_x0", "predict_eps"]
+__all__ = ["x0_from_eps", "eps_from_x0", "x0_from_v", "eps_from_v", "v_from_x0_eps", "predict_x0", "predict_eps", "x0_from_sigma_prediction"]
 
 
 def x0_from_eps(sample, eps, a, s):
@@ -61,3 +61,18 @@ def predict_eps(prediction_type, model_output, sample, a, s):
     if prediction_type == "sample":
         return eps_from_x0(sample, model_output, a, s)
     raise ValueError(f"prediction_type={prediction_type!r} is not one of 'epsilon', 'v_prediction', 'sample'")
+
+
+def x0_from_sigma_prediction(prediction_type, model_output, sample, sigma):
+    """x_0 from the model output at noise level sigma, with x = x_0 + sigma eps:
+
+    epsilon:       x_0 = x - sigma eps
+    v_prediction:  x_0 = -sigma / sqrt(sigma^2 + 1) v + x / (sigma^2 + 1)   (Salimans & Ho 2022, with
+                   a = 1/sqrt(sigma^2+1), s = sigma a, and the model input x a)
+    sample:        x_0 = model output
+    """
+    if prediction_type == "epsilon":
+        return sample - sigma * model_output
+    if prediction_type == "v_prediction":
+        return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+    return model_output

@@ -14,9 +14,9 @@ import math
 import numpy
 
 from . import schedule
-from .base import BaseConfig, SchedulerMixin, SigmaAddNoise, check_choice
-from .dpmsolver import DPMSolverMultistepScheduler, _lambda, alpha_sigma
-from .prediction import eps_from_v, eps_from_x0, x0_from_eps, x0_from_v
+from .base import BaseConfig, SchedulerMixin, SigmaAddNoise, check_choice, dynamic_threshold
+from .dpmsolver import _lambda, alpha_sigma
+from .prediction import predict_eps, predict_x0
 
 
 def unipc_coefficients(rks, hh, order, solver_type):
@@ -52,11 +52,14 @@ class UniPCConfig(BaseConfig):
     lower_order_final: bool = True
     disable_corrector: list = dataclasses.field(default_factory=list)
     use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
     sigma_min: float | None = None
     sigma_max: float | None = None
     final_sigmas_type: str = "zero"
     rescale_betas_zero_snr: bool = False
-    dynamic_thresholding_ratio: float = 0.995  # used only with thresholding, which refldm does not implement
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
 
     def __post_init__(self):
@@ -65,14 +68,14 @@ class UniPCConfig(BaseConfig):
             raise ValueError(f"solver_order={self.solver_order!r} must be an integer >= 1")
         check_choice("solver_type", self.solver_type, ("bh1", "bh2"))
         check_choice("final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
+        schedule.check_one_sigma_grid(self)
 
 
 class UniPCMultistepScheduler(SigmaAddNoise, SchedulerMixin):
     """diffusers' UniPCMultistepScheduler (UniPC-bh2 with data prediction by default)."""
 
     Config = UniPCConfig
-    UNSUPPORTED = {"thresholding": False, "solver_p": None, "use_exponential_sigmas": False, "use_beta_sigmas": False,
-                   "use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False,
+    UNSUPPORTED = {"solver_p": None, "use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False,
                    "time_shift_type": "exponential", "shift_terminal": None}
     RENAMED = {"solver_type": {"midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}}  # as diffusers does
     output_fields = ("prev_sample",)
@@ -101,16 +104,16 @@ class UniPCMultistepScheduler(SigmaAddNoise, SchedulerMixin):
         n = self._check_steps(num_inference_steps)
         c = self.config
         timesteps = schedule.spaced_timesteps_skip_last(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset)
-        if c.use_karras_sigmas:
-            lo = c.sigma_min if c.sigma_min is not None else float(self.sigmas_table[0])
-            hi = c.sigma_max if c.sigma_max is not None else float(self.sigmas_table[-1])
-            sigmas = schedule.karras_sigmas(lo, hi, n)
-            timesteps = schedule.sigma_to_t(sigmas, numpy.log(self.sigmas_table)).round()
+        grid = schedule.sigma_grid(c, float(self.sigmas_table[0]), float(self.sigmas_table[-1]), n)
+        if grid is not None:  # Karras timesteps are rounded, exponential and beta ones truncated, as in diffusers
+            sigmas = grid
+            timesteps = schedule.sigma_to_t(sigmas, numpy.log(self.sigmas_table))
+            timesteps = timesteps.round() if c.use_karras_sigmas else timesteps
             last = float(sigmas[-1]) if c.final_sigmas_type == "sigma_min" else 0.0
         else:
             sigmas = schedule.interpolate_sigmas(timesteps, self.sigmas_table)
             last = float(self.sigmas_table[0]) if c.final_sigmas_type == "sigma_min" else 0.0
-        self.sigmas = numpy.concatenate([sigmas, [last]])
+        self.sigmas = self._table(numpy.concatenate([sigmas, [last]]))
         self.timesteps = timesteps.astype(numpy.int64)
         self.num_inference_steps = len(self.timesteps)
         self._reset()
@@ -121,23 +124,18 @@ class UniPCMultistepScheduler(SigmaAddNoise, SchedulerMixin):
         return sample
 
     def _sigma(self, index):
-        return alpha_sigma(float(self.sigmas[index]))
+        return alpha_sigma(self._scalar(self.sigmas[index]))
 
     def convert_model_output(self, model_output, sample):
-        """x_0 (predict_x0=True, the default) or eps, from what the model predicts."""
+        """x_0 (predict_x0=True, the default; dynamically thresholded with thresholding=True) or eps, from what the
+        model predicts."""
         alpha, sigma = self._sigma(self._step_index)
         p = self.config.prediction_type
+        c = self.config
         if self.predict_x0:
-            if p == "epsilon":
-                return x0_from_eps(sample, model_output, alpha, sigma)
-            if p == "v_prediction":
-                return x0_from_v(sample, model_output, alpha, sigma)
-            return model_output
-        if p == "epsilon":
-            return model_output
-        if p == "v_prediction":
-            return eps_from_v(sample, model_output, alpha, sigma)
-        return eps_from_x0(sample, model_output, alpha, sigma)
+            x0 = predict_x0(p, model_output, sample, alpha, sigma)
+            return dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value) if c.thresholding else x0
+        return predict_eps(p, model_output, sample, alpha, sigma)  # (diffusers thresholds only x_0 here)
 
     def _base(self, x, m0, alpha_t, sigma_t, alpha_s0, sigma_s0, h_phi_1):
         """The first-order (DDIM / DPM-Solver-1) part of both predictor and corrector."""
@@ -210,6 +208,3 @@ class UniPCMultistepScheduler(SigmaAddNoise, SchedulerMixin):
             self.lower_order_nums += 1
         self._step_index += 1
         return self._output(return_dict, prev_sample)
-
-    # as DPM-Solver: an unknown timestep means the last step
-    index_for_timestep = DPMSolverMultistepScheduler.index_for_timestep
