@@ -3,6 +3,9 @@
 Each module's ``register`` adds its subcommands and sets ``func`` on them; ``main`` parses and runs.
 User errors (a missing file, a bad shape, an unsupported config) print one line, ``refldm: error: ...``,
 and exit with status 2; they never print a traceback.
+
+Every subcommand, whichever module registers it, also takes ``--reference``: run the pure reference
+ops only (refldm/ops.py, without the host speed layer), the same as ``REFLDM_ACCEL=0``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
+    for command in sub.choices.values():  # added here, so every command gets it, present and future
+        command.add_argument("--reference", action="store_true",
+                             help="run the pure reference ops only, without the host speed layer "
+                                  "(as REFLDM_ACCEL=0; slower, same results within float rounding)")
     return parser
 
 
@@ -37,7 +44,12 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        result = args.func(args)
+        if getattr(args, "reference", False):
+            from refldm.backend import accelerated
+            with accelerated(False):
+                result = args.func(args)
+        else:
+            result = args.func(args)
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         message = str(e) if not isinstance(e, KeyError) else f"missing {e}"
         print(f"refldm: error: {message.splitlines()[0] if message else type(e).__name__}", file=sys.stderr)

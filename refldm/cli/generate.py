@@ -223,8 +223,7 @@ def _check_generation_args(args):
 def _generate(args, image=None):
     _check_generation_args(args)
     _use_backend(args.backend)
-    blas = backend.single_threaded_blas() if args.model is None else contextlib.nullcontext()
-    with _one_line_warnings(), blas:
+    with _one_line_warnings():
         pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
                              prediction_type=args.prediction_type, dtype=args.dtype)
         kwargs = {}
@@ -405,7 +404,7 @@ def run_demo(args) -> int:
     sampler = args.sampler or DEMO_SAMPLER
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
-    with _one_line_warnings(), backend.single_threaded_blas():
+    with _one_line_warnings():
         start = time.perf_counter()
         pipe = load_pipeline(None)
         load = time.perf_counter() - start
