@@ -161,6 +161,18 @@ def test_linear_and_geglu_accel_equal_reference(lead, d_in, d_out, bias, strided
         agree(ops.geglu, x, w, b, approximate=approximate, dtype=dtype, scale=gelu_scale(h * g, dtype))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_products_in_blocks_equal_reference(dtype):
+    """Products above SMALL_FLOPS run in blocks of rows (linear) or columns (1x1 and strided convs) on
+    the thread pool; the blocks must not change a value beyond rounding."""
+    x, w, b = randn(0, 2, 1100, 256, dtype=dtype), randn(1, 160, 256, dtype=dtype), randn(2, 160, dtype=dtype)
+    assert 2 * 1100 * 160 * 256 > blas.SMALL_FLOPS
+    agree(ops.linear, x, w, b, dtype=dtype)
+    x, w = randn(3, 2, 192, 32, 40, dtype=dtype, strided=True), randn(4, 192, 192, 1, 1, dtype=dtype)
+    agree(ops.conv2d, x, w, b[:1].repeat(192), dtype=dtype)
+    agree(ops.conv2d, x, w[:, :, :1, :1].repeat(3, 2).repeat(3, 3), None, stride=2, padding=1, dtype=dtype)
+
+
 ACTIVATIONS = {"silu": ops.silu, "gelu": ops.gelu, "gelu_tanh": lambda x: ops.gelu(x, "tanh"),
                "quick_gelu": ops.quick_gelu}
 

@@ -33,6 +33,8 @@ HOST_BLOCK_BYTES = 512 * 2**10
 CONV_BAND_BYTES = 2 * 2**20
 # Upper bound on the bytes of the im2col matrix of one band of a strided convolution.
 CONV_CHUNK_BYTES = 128 * 2**20
+# A large matrix product runs in blocks of this many rows (or columns) on the thread pool (see _matmul).
+PRODUCT_BLOCK_ROWS = 512
 # Attention works on blocks of scores of about this size (one head, 128 query rows at 4096 keys in
 # float32): small enough to stay in cache between the products and the softmax passes, large enough
 # for efficient products (on one core: 0.5 MiB blocks cost 7% more time, 16 MiB blocks 5% more).
@@ -40,12 +42,30 @@ ATTENTION_BLOCK_BYTES = 2 * 2**20
 
 
 def _matmul(a, b):
-    """a @ b, on one BLAS thread when the product is small (2-D a (M, K), b (K, N), or batched)."""
-    m, k, n = a.shape[-2] if a.ndim > 1 else 1, a.shape[-1], b.shape[-1]
-    batch = math.prod(a.shape[:-2]) if a.ndim > 2 else 1
+    """a @ b for 2-D a (M, K), b (K, N), or a (K, N) times batched b (..., K, N').
+
+    A small product runs on one BLAS thread. A large one is cut into blocks of PRODUCT_BLOCK_ROWS rows
+    of a (or columns of b) that run on the thread pool, each on one BLAS thread: a multi-threaded BLAS
+    call pays for waking and joining its helper threads, which on a busy machine cost up to half of a
+    second core. Every output element is one dot product over K in BLAS's own order, whatever the
+    blocks; the blocks depend on the sizes only, never on the thread count.
+    """
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    batch = math.prod(b.shape[:-2]) if b.ndim > 2 else 1
     if small_product(batch * m, n, k):
         with single_threaded_blas():
             return np.matmul(a, b)
+    if a.ndim == 2 and b.ndim == 2 and m >= 2 * PRODUCT_BLOCK_ROWS:    # blocks of rows of a
+        out = np.empty((m, n), dtype=np.result_type(a, b))
+        starts = range(0, m, PRODUCT_BLOCK_ROWS)
+        parallel_map(lambda i: np.matmul(a[i:i + PRODUCT_BLOCK_ROWS], b, out=out[i:i + PRODUCT_BLOCK_ROWS]), starts)
+        return out
+    if a.ndim == 2 and b.ndim == 3 and n >= 2 * PRODUCT_BLOCK_ROWS:    # (C_out, C) @ (N, C, HW): blocks of HW
+        out = np.empty((b.shape[0], m, n), dtype=np.result_type(a, b))
+        jobs = [(i, j) for i in range(b.shape[0]) for j in range(0, n, PRODUCT_BLOCK_ROWS)]
+        parallel_map(lambda job: gemm_into(a, b[job[0], :, job[1]:job[1] + PRODUCT_BLOCK_ROWS],
+                                           out[job[0], :, job[1]:job[1] + PRODUCT_BLOCK_ROWS]), jobs)
+        return out
     return np.matmul(a, b)
 
 
