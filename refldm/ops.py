@@ -85,6 +85,16 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     strided window of x_pad, and that window times the tap's (C_out, C_in) weights is a matrix product
     over the channels:  y = b + sum_{u, v} w[:, :, u, v] @ window(u, v).
     """
+    sh, sw, top, bottom, left, right = _check_conv2d(x, weight, bias, stride, padding)
+    hp, wp = x.shape[2] + top + bottom, x.shape[3] + left + right
+    xp = array_namespace(x, weight, bias)
+    if accel.active(xp):
+        return accel.conv2d(x, weight, bias, (sh, sw), (top, bottom, left, right))
+    return _conv2d(xp, x, weight, bias, sh, sw, top, left, hp, wp)
+
+
+def _check_conv2d(x, weight, bias, stride, padding):
+    """conv2d's argument checks; returns (s_h, s_w, top, bottom, left, right)."""
     op = "conv2d"
     if x.ndim != 4 or weight.ndim != 4:
         _fail(op, f"expected x (N, C, H, W) and weight (C_out, C_in, kH, kW), got x {tuple(x.shape)}, "
@@ -106,10 +116,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     if hp < kh or wp < kw:
         _fail(op, f"padded input {hp}x{wp} (x {tuple(x.shape)}, padding {padding!r}) is smaller than "
                   f"the {kh}x{kw} kernel")
-    xp = array_namespace(x, weight, bias)
-    if accel.active(xp):
-        return accel.conv2d(x, weight, bias, (sh, sw), (top, bottom, left, right))
-    return _conv2d(xp, x, weight, bias, sh, sw, top, left, hp, wp)
+    return sh, sw, top, bottom, left, right
 
 
 def _conv2d(xp, x, weight, bias, sh, sw, top, left, hp, wp):
@@ -321,26 +328,9 @@ def scaled_dot_product_attention(q, k, v, mask=None, is_causal: bool = False, sc
     q: (..., Lq, d); k: (..., Lk, d); v: (..., Lk, d_v); the leading axes (batch, heads) must match.
     mask: broadcastable to (..., Lq, Lk). Output: (..., Lq, d_v).
     """
-    op = "scaled_dot_product_attention"
-    if q.ndim < 2 or k.ndim != q.ndim or v.ndim != q.ndim:
-        _fail(op, f"q, k, v must have the same rank >= 2, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                  f"v {tuple(v.shape)}")
-    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or q.shape[:-2] != k.shape[:-2] \
-            or k.shape[:-2] != v.shape[:-2]:
-        _fail(op, f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                  "(expected (..., Lq, d), (..., Lk, d), (..., Lk, d_v))")
-    if mask is not None and mask.dtype.kind == "b":
-        xp = array_namespace(q, mask)
-        mask = xp.where(mask, xp.asarray(0, dtype=q.dtype), xp.asarray(-xp.inf, dtype=q.dtype))
-    _check_float(op, q, k, v, mask)
+    mask = _check_attention(q, k, v, mask)                              # None, or additive, (..., Lq, Lk)
     xp = array_namespace(q, k, v, mask)
     lead, (lq, d), (lk, dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
-    if mask is not None:
-        try:
-            mask = xp.broadcast_to(mask, lead + (lq, lk))  # a view: nothing is copied
-        except ValueError:
-            _fail(op, f"mask {tuple(mask.shape)} does not broadcast to {lead + (lq, lk)} (q {tuple(q.shape)}, "
-                      f"k {tuple(k.shape)})")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     budget = ATTENTION_CHUNK_BYTES if max_chunk_bytes is None else max_chunk_bytes
     if accel.active(xp):
@@ -356,6 +346,32 @@ def scaled_dot_product_attention(q, k, v, mask=None, is_causal: bool = False, sc
             s = s + _causal_mask(xp, i, j, lk, s.dtype)
         out[..., i:j, :] = xp.matmul(softmax(s), v)                     # softmax(...) V, (..., rows, d_v)
     return out
+
+
+def _check_attention(q, k, v, mask):
+    """scaled_dot_product_attention's argument checks; returns the mask as an additive float mask
+    broadcast (a view) to (..., Lq, Lk), or None."""
+    op = "scaled_dot_product_attention"
+    if q.ndim < 2 or k.ndim != q.ndim or v.ndim != q.ndim:
+        _fail(op, f"q, k, v must have the same rank >= 2, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                  f"v {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or q.shape[:-2] != k.shape[:-2] \
+            or k.shape[:-2] != v.shape[:-2]:
+        _fail(op, f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                  "(expected (..., Lq, d), (..., Lk, d), (..., Lk, d_v))")
+    if mask is not None and mask.dtype.kind == "b":
+        xp = array_namespace(q, mask)
+        mask = xp.where(mask, xp.asarray(0, dtype=q.dtype), xp.asarray(-xp.inf, dtype=q.dtype))
+    _check_float(op, q, k, v, mask)
+    xp = array_namespace(q, k, v, mask)
+    lead, lq, lk = q.shape[:-2], q.shape[-2], k.shape[-2]
+    if mask is not None:
+        try:
+            mask = xp.broadcast_to(mask, lead + (lq, lk))  # a view: nothing is copied
+        except ValueError:
+            _fail(op, f"mask {tuple(mask.shape)} does not broadcast to {lead + (lq, lk)} (q {tuple(q.shape)}, "
+                      f"k {tuple(k.shape)})")
+    return mask
 
 
 def _causal_mask(xp, i, j, lk, dtype):

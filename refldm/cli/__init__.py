@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         module.register(sub)
     for command in sub.choices.values():  # added here, so every command gets it, present and future
-        command.add_argument("--reference", action="store_true",
+        if any("--reference" in action.option_strings for action in command._actions):
+            continue  # a command with its own --reference keeps it (REFLDM_ACCEL=0 still works there)
+        command.add_argument("--reference", action="store_true", dest="reference_ops",
                              help="run the pure reference ops only, without the host speed layer "
                                   "(as REFLDM_ACCEL=0; slower, same results within float rounding)")
     return parser
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        if getattr(args, "reference", False):
+        if getattr(args, "reference_ops", False):
             from refldm.backend import accelerated
             with accelerated(False):
                 result = args.func(args)
