@@ -66,8 +66,13 @@ def is_enabled() -> bool:
 
 def active(xp) -> bool:
     """True when an op on arrays of namespace `xp` should run its accelerated kernel: the switch is on
-    and the arrays are host NumPy arrays (CuPy and the fake device always run the reference)."""
-    return xp is numpy and is_enabled()
+    and the arrays are host NumPy arrays (CuPy and the fake device always run the reference).
+    The first call also reads REFLDM_NUM_THREADS, so that a bad value is reported even by a run whose
+    arrays are too small ever to need the thread pool."""
+    if xp is not numpy or not is_enabled():
+        return False
+    num_threads()
+    return True
 
 
 class enabled:

@@ -42,31 +42,32 @@ ATTENTION_BLOCK_BYTES = 2 * 2**20
 
 
 def _matmul(a, b):
-    """a @ b for 2-D a (M, K), b (K, N), or a (K, N) times batched b (..., K, N').
+    """a @ b for 2-D a (M, K) and b (K, N), or a (K, N) times batched b (..., K, N'), on one BLAS thread
+    per product.
 
-    A small product runs on one BLAS thread. A large one is cut into blocks of PRODUCT_BLOCK_ROWS rows
-    of a (or columns of b) that run on the thread pool, each on one BLAS thread: a multi-threaded BLAS
-    call pays for waking and joining its helper threads, which on a busy machine cost up to half of a
-    second core. Every output element is one dot product over K in BLAS's own order, whatever the
-    blocks; the blocks depend on the sizes only, never on the thread count.
+    A large product is cut into blocks of PRODUCT_BLOCK_ROWS rows of a (or columns of b) that run on
+    the thread pool: a multi-threaded BLAS call pays for waking and joining its helper threads, which
+    on a busy machine costs up to half of a second core. The blocks depend on the sizes only, and BLAS
+    always runs single-threaded here, so the result never depends on the number of threads, nor on
+    what other threads are doing.
     """
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     batch = math.prod(b.shape[:-2]) if b.ndim > 2 else 1
-    if small_product(batch * m, n, k):
-        with single_threaded_blas():
+    step = PRODUCT_BLOCK_ROWS
+    with single_threaded_blas():
+        if small_product(batch * m, n, k) or a.ndim != 2 or b.ndim > 3:
             return np.matmul(a, b)
-    if a.ndim == 2 and b.ndim == 2 and m >= 2 * PRODUCT_BLOCK_ROWS:    # blocks of rows of a
-        out = np.empty((m, n), dtype=np.result_type(a, b))
-        starts = range(0, m, PRODUCT_BLOCK_ROWS)
-        parallel_map(lambda i: np.matmul(a[i:i + PRODUCT_BLOCK_ROWS], b, out=out[i:i + PRODUCT_BLOCK_ROWS]), starts)
-        return out
-    if a.ndim == 2 and b.ndim == 3 and n >= 2 * PRODUCT_BLOCK_ROWS:    # (C_out, C) @ (N, C, HW): blocks of HW
-        out = np.empty((b.shape[0], m, n), dtype=np.result_type(a, b))
-        jobs = [(i, j) for i in range(b.shape[0]) for j in range(0, n, PRODUCT_BLOCK_ROWS)]
-        parallel_map(lambda job: gemm_into(a, b[job[0], :, job[1]:job[1] + PRODUCT_BLOCK_ROWS],
-                                           out[job[0], :, job[1]:job[1] + PRODUCT_BLOCK_ROWS]), jobs)
-        return out
-    return np.matmul(a, b)
+        if b.ndim == 2 and m >= 2 * step:                               # blocks of rows of a
+            out = np.empty((m, n), dtype=np.result_type(a, b))
+            parallel_map(lambda i: np.matmul(a[i:i + step], b, out=out[i:i + step]), range(0, m, step))
+            return out
+        b3 = b.reshape((1,) + b.shape) if b.ndim == 2 else b             # (batch, K, N)
+        out = np.empty((b3.shape[0], m, n), dtype=np.result_type(a, b))
+        cols = step if n >= 2 * step else n                             # blocks of columns of b
+        jobs = [(i, j) for i in range(b3.shape[0]) for j in range(0, n, cols)]
+        parallel_map(lambda job: gemm_into(a, b3[job[0], :, job[1]:job[1] + cols],
+                                           out[job[0], :, job[1]:job[1] + cols]), jobs)
+        return out if b.ndim == 3 else out[0]
 
 
 def _sums(a, subscripts, b=None):
@@ -163,11 +164,12 @@ def _conv2d_taps(flat, weight, bias, hp, wp):
     if not gemm_available(flat.dtype):  # float16: numpy.matmul inside gemm_into, not worth threads
         for job in jobs:
             band(job)
-    elif small_product(c_out, rows * wp, c):  # each tap's product is small: one BLAS thread each
+    elif small_product(c_out, n * ho * wp, c * kh * kw):  # the whole conv is small: no hand-offs
         with single_threaded_blas():
-            parallel_map(band, jobs)
-    else:  # a single band runs with BLAS's threads; several run on the pool, one BLAS thread each
-        parallel_map(band, jobs)
+            for job in jobs:
+                band(job)
+    else:
+        parallel_map(band, jobs)  # each product on one BLAS thread
     return out
 
 
@@ -424,7 +426,11 @@ def scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget):
     rows = max(1, min(lq, min(budget, ATTENTION_BLOCK_BYTES) // max(1, lk * q.dtype.itemsize)))
     items = [(g, i, min(lq, i + rows)) for g in np.ndindex(*lead) for i in range(0, lq, rows)]
     with single_threaded_blas():
-        parallel_map(block, items)
+        if len(items) * rows * lk * q.dtype.itemsize <= ATTENTION_BLOCK_BYTES:  # small: no hand-offs
+            for item in items:
+                block(item)
+        else:
+            parallel_map(block, items)
     return out
 
 

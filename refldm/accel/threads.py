@@ -80,16 +80,17 @@ def _executor(threads: int) -> ThreadPoolExecutor:
 def parallel_map(fn, items) -> list:
     """[fn(item) for item in items], spread over the host thread pool; the results keep their order.
 
-    While the pool runs, the host BLAS is held to one thread per call (the pool already gives every
-    core a worker). Runs serially with one thread, with a single item, or when called from inside a
+    The host BLAS is held to one thread per call throughout, whether the items run on the pool (which
+    already gives every core a worker) or serially: so every item computes the same bytes for any
+    thread count. Runs serially with one thread, with a single item, or when called from inside a
     pool thread (so a nested call cannot deadlock). An exception in any item is raised here.
     """
     items = list(items)
     threads = num_threads()
-    if threads == 1 or len(items) < 2 or getattr(_Pool.local, "worker", False):
-        return [fn(item) for item in items]
-    executor = _executor(threads)  # a local reference: set_num_threads elsewhere cannot shut it down
     with single_threaded_blas():
+        if threads == 1 or len(items) < 2 or getattr(_Pool.local, "worker", False):
+            return [fn(item) for item in items]
+        executor = _executor(threads)  # a local reference: set_num_threads elsewhere cannot shut it down
         return list(executor.map(fn, items))
 
 
