@@ -1,48 +1,34 @@
-"""The hand-written operations every model is built from: pure functions, arrays in, array out.
+"""The operations every model is built from: pure functions, arrays in, array out, each the equation
+in its docstring written with the array namespace only. This file is the reference; read it top to
+bottom (docs/ops.md explains the math of each op).
 
 Layouts follow PyTorch so checkpoints load without transposes: images are (N, C, H, W), sequences are
 (B, L, D), a conv weight is (C_out, C_in, kH, kW) and a linear weight is (D_out, D_in).
 Every function gets its array namespace ``xp`` from its inputs (`refldm.backend.array_namespace`), so
-the same code runs on NumPy, CuPy, and the test device. docs/ops.md explains the math of each.
+the same code runs on NumPy, CuPy, and the test device.
 
-Speed without hiding the math: matrix products go to BLAS (cuBLAS on a GPU), which uses every core.
-NumPy's elementwise functions use one core and stream the whole array through memory once per
-operation, so on the host the elementwise parts are written as a few in-place passes over a block of
-rows (``_in_blocks``): each block stays in the CPU cache while its passes run, and the blocks are
-spread over a small thread pool (`refldm.backend.parallel_map`). On a GPU a single block covers the
-array, so each pass is one kernel.
+Speed lives elsewhere. On the host (NumPy) an op whose reference would be slow hands its checked
+inputs to the kernel of the same name in `refldm.accel` (threads, BLAS in place, cached blocks), in
+one visible line: ``if accel.active(xp): return accel.<op>(...)``. Each kernel is proven equal to the
+code below it by tests/test_accel.py; ``REFLDM_ACCEL=0`` (or ``refldm.accel.enabled(False)``, or the
+CLI's ``--reference``) runs this file alone. GPU backends always run this file.
 """
 
 from __future__ import annotations
 
 import math
 
-from refldm.backend import (array_namespace, blas_threads_controllable, erf, gemm_available, gemm_into,
-                            is_host, parallel_map, single_threaded_blas)
+from refldm import accel
+from refldm.backend import array_namespace, erf
 
 __all__ = [
     "conv2d", "group_norm", "layer_norm", "linear", "silu", "gelu", "quick_gelu", "geglu", "softmax",
     "scaled_dot_product_attention", "split_heads", "merge_heads", "upsample_nearest2x", "embedding",
-    "timestep_embedding", "ATTENTION_CHUNK_BYTES", "ATTENTION_BLOCK_BYTES", "CONV_CHUNK_BYTES",
-    "CONV_BAND_BYTES", "HOST_BLOCK_BYTES",
+    "timestep_embedding", "ATTENTION_CHUNK_BYTES",
 ]
 
 # Upper bound on the bytes of one block of attention scores (see scaled_dot_product_attention).
 ATTENTION_CHUNK_BYTES = 64 * 2**20
-# On the host, attention works on blocks of scores of about this size (one head, 128 query rows at 4096
-# keys in float32): small enough to stay in the CPU's cache between the products and the softmax
-# passes, large enough for efficient matrix products (measured on one core: 0.5 MiB blocks cost 7%
-# more time, 16 MiB blocks 5% more).
-ATTENTION_BLOCK_BYTES = 2 * 2**20
-# Upper bound on the bytes of the shifted input copies one band of a convolution builds (see conv2d).
-CONV_CHUNK_BYTES = 128 * 2**20
-# On the host, a stride-1 convolution accumulates the output in bands of rows of about this many bytes,
-# so that a band stays in the core's cache across all of its kernel taps (see _conv2d_taps). Measured
-# on the SD VAE decoder's 128-512 channel convolutions: 0.5-1 MiB bands cost 5-30% more time, 4 MiB
-# about the same.
-CONV_BAND_BYTES = 2 * 2**20
-# On the host, elementwise passes run on blocks of about this many bytes (see _in_blocks).
-HOST_BLOCK_BYTES = 512 * 2**10
 
 
 def _fail(op: str, message: str):
@@ -82,36 +68,6 @@ def _padding(padding, op):
     _fail(op, f"padding must be an int, (ph, pw) or ((top, bottom), (left, right)), got {padding!r}")
 
 
-def _in_blocks(xp, n_rows: int, row_bytes: int, work, block_bytes: int = HOST_BLOCK_BYTES):
-    """Call work(i, j) on row ranges [i, j) that together cover range(n_rows), each exactly once.
-
-    On the host (NumPy) the ranges hold about `block_bytes` each and run on the thread pool; on a GPU
-    one call covers all rows. `work` must write only rows i..j-1 of its output.
-    """
-    if not is_host(xp) or n_rows * row_bytes <= block_bytes:
-        work(0, n_rows)
-        return
-    rows = max(1, block_bytes // max(1, row_bytes))
-    parallel_map(lambda i: work(i, min(n_rows, i + rows)), range(0, n_rows, rows))
-
-
-def _elementwise(op: str, x, compute):
-    """out = f(x) elementwise, where compute(xp, xb, ob) writes f(xb) into ob, one block at a time."""
-    _check_float(op, x)
-    xp = array_namespace(x)
-    flat = x.reshape(-1)  # a view when x is contiguous
-    out = xp.empty(flat.shape, dtype=x.dtype)
-    _in_blocks(xp, flat.size, x.dtype.itemsize, lambda i, j: compute(xp, flat[i:j], out[i:j]))
-    return out.reshape(x.shape)
-
-
-def _sums(xp, a, subscripts, b=None):
-    """Sums over the trailing axes by einsum: "ij->i" is sum_j a[i, j], "ij,ij->i" is sum_j a[i, j]^2
-    when b is a. On the host einsum's vectorised loop is about three times faster than xp.sum (whose
-    pairwise summation we do not need at these lengths: the error stays near float32 resolution)."""
-    return xp.einsum(subscripts, a) if b is None else xp.einsum(subscripts, a, b)
-
-
 # --------------------------------------------------------------------------------------------------
 # Convolution
 
@@ -125,13 +81,20 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     ((top, bottom), (left, right)) for asymmetric padding (the SD VAE's downsampler pads (0, 1, 0, 1)).
     Output: (N, C_out, H_out, W_out), H_out = (H + top + bottom - kH) // s_h + 1.
 
-    The paths that compute this same sum: an unpadded 1x1 stride-1 conv is one matrix product over
-    the channels. A stride-1 conv is a sum of matrix products on windows of the flattened padded
-    image (shift-and-accumulate): on the host one product per tap, accumulated in place by BLAS
-    (`_conv2d_taps`); elsewhere kH products on shifted copies (`_conv2d_shifted`). Other strides
-    gather every tap's pixels into one matrix first (im2col, `_conv2d_gathered`). All but the first
-    work in bands of output rows, which bounds their memory.
+    Computed as a sum of per-tap products: for each kernel tap (u, v), the pixels it sees form a
+    strided window of x_pad, and that window times the tap's (C_out, C_in) weights is a matrix product
+    over the channels:  y = b + sum_{u, v} w[:, :, u, v] @ window(u, v).
     """
+    sh, sw, top, bottom, left, right = _check_conv2d(x, weight, bias, stride, padding)
+    hp, wp = x.shape[2] + top + bottom, x.shape[3] + left + right
+    xp = array_namespace(x, weight, bias)
+    if accel.active(xp):
+        return accel.conv2d(x, weight, bias, (sh, sw), (top, bottom, left, right))
+    return _conv2d(xp, x, weight, bias, sh, sw, top, left, hp, wp)
+
+
+def _check_conv2d(x, weight, bias, stride, padding):
+    """conv2d's argument checks; returns (s_h, s_w, top, bottom, left, right)."""
     op = "conv2d"
     if x.ndim != 4 or weight.ndim != 4:
         _fail(op, f"expected x (N, C, H, W) and weight (C_out, C_in, kH, kW), got x {tuple(x.shape)}, "
@@ -153,151 +116,25 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     if hp < kh or wp < kw:
         _fail(op, f"padded input {hp}x{wp} (x {tuple(x.shape)}, padding {padding!r}) is smaller than "
                   f"the {kh}x{kw} kernel")
-    xp = array_namespace(x, weight, bias)
-
-    if kh == kw == 1 and sh == sw == 1 and top == bottom == left == right == 0:
-        # y[n] = W (C_out, C_in) @ x[n] (C_in, H*W)
-        y = xp.matmul(weight.reshape(c_out, c_in), x.reshape(n, c, h * w))  # (N, C_out, H*W)
-        if bias is not None:
-            y += bias.reshape(1, c_out, 1)
-        return y.reshape(n, c_out, h, w)
-
-    flat = _pad_flat(xp, x, top, bottom, left, right, kw - 1)
-    if sh == sw == 1:
-        if is_host(xp) and gemm_available(x.dtype):
-            return _conv2d_taps(xp, flat, weight, bias, hp, wp)
-        return _conv2d_shifted(xp, flat, weight, bias, hp, wp)
-    return _conv2d_gathered(xp, flat, weight, bias, hp, wp, sh, sw)
+    return sh, sw, top, bottom, left, right
 
 
-def _pad_flat(xp, x, top, bottom, left, right, tail):
-    """The zero-padded image, each channel flattened row by row (rows of length wp), `tail` zeros after
-    it: (N, C, hp*wp + tail) with flat[n, c, (top + i)*wp + left + j] = x[n, c, i, j]. Only the border
-    is zeroed, and on the host the channels are filled in blocks on the thread pool."""
+def _conv2d(xp, x, weight, bias, sh, sw, top, left, hp, wp):
+    """conv2d's sum over the taps, on checked inputs (x_pad is hp x wp, x at rows top.., columns left..)."""
     n, c, h, w = x.shape
-    hp, wp = h + top + bottom, w + left + right
-    flat = xp.empty((n * c, hp * wp + tail), dtype=x.dtype)
-    src = x.reshape(n * c, h, w)
-
-    def fill(i, j):
-        img = flat[i:j, : hp * wp].reshape(j - i, hp, wp)
-        img[:, :top] = 0
-        img[:, top + h:] = 0
-        img[:, top:top + h, :left] = 0
-        img[:, top:top + h, left + w:] = 0
-        img[:, top:top + h, left:left + w] = src[i:j]
-        flat[i:j, hp * wp:] = 0
-
-    _in_blocks(xp, n * c, (hp * wp + tail) * x.dtype.itemsize, fill, block_bytes=CONV_BAND_BYTES)
-    return flat.reshape(n, c, hp * wp + tail)
-
-
-def _conv2d_taps(xp, flat, weight, bias, hp, wp):
-    """Stride-1 conv on the host: one BLAS product per kernel tap, accumulated in place.
-
-    Output pixel (i, j) with tap (u, v) reads flat[(i + u)*wp + (j + v)] = flat[i*wp + j + (u*wp + v)]:
-    for a fixed tap, the inputs of output rows r0..r1-1 (computed at all wp columns; the last kw - 1
-    of each row wrap around and are dropped) are one contiguous window of `flat`, starting at
-    (r0 + u)*wp + v. So, for one image n and one band of rows,
-
-        y (C_out, rows*wp) = sum_{u, v} w[:, :, u, v] (C_out, C_in) @ flat[n, :, window(u, v)] (C_in, rows*wp)
-
-    Each term is `gemm_into(..., accumulate=True)`: BLAS reads the window where it lies and adds the
-    product into y, so there is neither a copy of the input nor a temporary per tap. A band is about
-    CONV_BAND_BYTES of output, small enough to stay in cache across its kH*kW products; the bands run
-    on the thread pool, each product on one core.
-    """
-    n, c = flat.shape[:2]
-    c_out, _, kh, kw = weight.shape
-    ho, wo = hp - kh + 1, wp - kw + 1
-    taps = xp.ascontiguousarray(weight.transpose(2, 3, 0, 1))  # taps[u, v] = w[:, :, u, v], (C_out, C_in)
-    rows = max(1, min(ho, CONV_BAND_BYTES // max(1, c_out * wp * flat.dtype.itemsize)))
-    out = xp.empty((n, c_out, ho, wo), dtype=flat.dtype)
-
-    def band(job):
-        i, r0 = job
-        r1 = min(ho, r0 + rows)
-        length = (r1 - r0) * wp
-        y = xp.empty((c_out, length), dtype=flat.dtype)
-        for u in range(kh):
-            for v in range(kw):
-                start = (r0 + u) * wp + v
-                gemm_into(taps[u, v], flat[i, :, start:start + length], y, accumulate=u > 0 or v > 0)
-        y = y.reshape(c_out, r1 - r0, wp)[:, :, :wo]  # drop the kw - 1 wrapped columns
-        if bias is None:
-            out[i, :, r0:r1] = y
-        else:
-            xp.add(y, bias.reshape(c_out, 1, 1), out=out[i, :, r0:r1])
-
-    parallel_map(band, [(i, r0) for i in range(n) for r0 in range(0, ho, rows)])
-    return out
-
-
-def _conv2d_shifted(xp, flat, weight, bias, hp, wp):
-    """Stride-1 conv by shift-and-accumulate on the flattened padded image `flat` (N, C, hp*wp + kw-1).
-
-    Output pixel (i, j) with tap (u, v) reads flat[(i + u)*wp + (j + v)] = flat[i*wp + j + (u*wp + v)]:
-    for a fixed tap, the inputs of all outputs are one contiguous window, shifted by u*wp + v. So
-    computing every output row at all wp columns (the last kw - 1 of each row are dropped) makes each
-    tap a (C_out, C_in) @ (C_in, ho*wp) product on a window, with no im2col matrix.
-    The kw taps of a kernel row differ only by the shift v, so we stack kw copies of the image moved
-    left by v = 0..kw-1 ((N, kw*C_in, ...)); kernel row u is then a single product with
-    K = kw*C_in on the window starting at u*wp, and y is the sum of kH products:
-        y[n, :, i*wp + j] = sum_u W_u (C_out, kw*C_in) @ stacked[n, :, (i + u)*wp + j]
-    with W_u[o, v*C_in + c] = w[o, c, u, v].
-    """
-    n, c = flat.shape[:2]
-    c_out, _, kh, kw = weight.shape
-    ho, wo = hp - kh + 1, wp - kw + 1
-    w_rows = weight.transpose(2, 0, 3, 1).reshape(kh, c_out, kw * c)  # W_u, u = 0..kH-1
-    out = xp.empty((n, c_out, ho, wo), dtype=flat.dtype)
-    band = max(1, min(ho, CONV_CHUNK_BYTES // max(1, n * kw * c * wp * flat.dtype.itemsize) - (kh - 1)))
-    for r0 in range(0, ho, band):  # bands of output rows r0..r1-1, to bound the copies' memory
-        r1 = min(ho, r0 + band)
-        span = (r1 - r0 + kh - 1) * wp  # the flat inputs this band reads
-        stacked = xp.empty((n, kw, c, span), dtype=flat.dtype)
-        for v in range(kw):
-            stacked[:, v] = flat[:, :, r0 * wp + v: r0 * wp + v + span]  # the image moved left by v
-        stacked = stacked.reshape(n, kw * c, span)
-        length = (r1 - r0) * wp
-        y = xp.matmul(w_rows[0], stacked[:, :, :length])  # (N, C_out, rows*wp)
-        for u in range(1, kh):
-            y += xp.matmul(w_rows[u], stacked[:, :, u * wp: u * wp + length])
-        y = y.reshape(n, c_out, r1 - r0, wp)[:, :, :, :wo]  # drop the kw - 1 wrapped columns
-        if bias is None:
-            out[:, :, r0:r1] = y
-        else:
-            xp.add(y, bias.reshape(1, c_out, 1, 1), out=out[:, :, r0:r1])
-    return out
-
-
-def _conv2d_gathered(xp, flat, weight, bias, hp, wp, sh, sw):
-    """Strided conv by im2col: gather each tap's strided pixels, then one matrix product.
-
-    cols[n, (u, v, c), (i, j)] = x_pad[n, c, s_h*i + u, s_w*j + v];   y[n] = W (C_out, kH*kW*C_in) @ cols[n]
-    with W[o, (u, v, c)] = w[o, c, u, v]. For stride 2 cols is kH*kW/4 times the input's size.
-    """
-    n, c = flat.shape[:2]
     c_out, _, kh, kw = weight.shape
     ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-    padded = flat[:, :, : hp * wp].reshape(n, c, hp, wp)
-    w_mat = weight.transpose(0, 2, 3, 1).reshape(c_out, kh * kw * c)
-    out = xp.empty((n, c_out, ho, wo), dtype=flat.dtype)
-    band = max(1, min(ho, CONV_CHUNK_BYTES // max(1, n * kh * kw * c * wo * flat.dtype.itemsize)))
-    for r0 in range(0, ho, band):
-        r1 = min(ho, r0 + band)
-        cols = xp.empty((n, kh, kw, c, r1 - r0, wo), dtype=flat.dtype)
-        for u in range(kh):
-            for v in range(kw):
-                i0 = sh * r0 + u
-                cols[:, u, v] = padded[:, :, i0: i0 + sh * (r1 - r0 - 1) + 1: sh, v: v + sw * (wo - 1) + 1: sw]
-        y = xp.matmul(w_mat, cols.reshape(n, kh * kw * c, (r1 - r0) * wo))  # (N, C_out, rows*wo)
-        y = y.reshape(n, c_out, r1 - r0, wo)
-        if bias is None:
-            out[:, :, r0:r1] = y
-        else:
-            xp.add(y, bias.reshape(1, c_out, 1, 1), out=out[:, :, r0:r1])
-    return out
+    x_pad = xp.zeros((n, c, hp, wp), dtype=x.dtype)
+    x_pad[:, :, top:top + h, left:left + w] = x
+    y = xp.zeros((n, c_out, ho * wo), dtype=x.dtype)
+    for u in range(kh):
+        for v in range(kw):
+            # window[n, c, i, j] = x_pad[n, c, s_h*i + u, s_w*j + v], (N, C_in, H_out, W_out)
+            window = x_pad[:, :, u:u + sh * (ho - 1) + 1:sh, v:v + sw * (wo - 1) + 1:sw]
+            y += xp.matmul(weight[:, :, u, v], window.reshape(n, c, ho * wo))  # (C_out, C_in) @ (N, C_in, Ho*Wo)
+    if bias is not None:
+        y += bias.reshape(1, c_out, 1)
+    return y.reshape(n, c_out, ho, wo)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,11 +144,10 @@ def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
     """Group normalisation (Wu & He, 2018).
 
     The C channels are split into G groups; over each sample's group g (its C/G channels and all
-    positions) with mean mu_g and biased variance var_g:
+    positions) with mean mu_g and biased variance var_g = mean((x - mu_g)^2):
         y = (x - mu_g) / sqrt(var_g + eps) * gamma[c] + beta[c]
 
     x: (N, C, ...) with C divisible by G; weight (gamma), bias (beta): (C,) or None. Output: x's shape.
-    The variance is computed from the centred values (two passes), which keeps float64 exact to ~1e-15.
     """
     op = "group_norm"
     if x.ndim < 2:
@@ -324,32 +160,18 @@ def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
             _fail(op, f"{name} shape {tuple(p.shape)} != ({c},) for x {tuple(x.shape)}")
     _check_float(op, x, weight, bias)
     xp = array_namespace(x, weight, bias)
-    cg = c // num_groups
-    rows = x.reshape(n * num_groups, cg, -1)  # one row per (sample, group): (N*G, C/G, positions)
-    out = xp.empty(rows.shape, dtype=x.dtype)
-    # gamma and beta per (sample, group) row: (N*G, C/G, 1)
-    gamma = None if weight is None else xp.broadcast_to(weight.reshape(1, num_groups, cg),
-                                                        (n, num_groups, cg)).reshape(-1, cg, 1)
-    beta = None if bias is None else xp.broadcast_to(bias.reshape(1, num_groups, cg),
-                                                     (n, num_groups, cg)).reshape(-1, cg, 1)
-
-    size = cg * rows.shape[2]  # values per group
-
-    def work(i, j):
-        xb, ob = rows[i:j], out[i:j]
-        mean = _sums(xp, xb, "ijk->i").reshape(-1, 1, 1) / size           # mu_g, (rows, 1, 1)
-        xp.subtract(xb, mean, out=ob)                                       # x - mu_g
-        var = _sums(xp, ob, "ijk,ijk->i", ob).reshape(-1, 1, 1) / size     # var_g = mean((x - mu_g)^2)
-        rstd = 1.0 / xp.sqrt(var + eps)
-        if gamma is None:
-            ob *= rstd
-        else:
-            ob *= rstd * gamma[i:j]                                          # * gamma[c] / sqrt(var_g + eps)
-        if beta is not None:
-            ob += beta[i:j]                                                  # + beta[c]
-
-    _in_blocks(xp, rows.shape[0], rows[0].size * x.dtype.itemsize, work)
-    return out.reshape(x.shape)
+    if accel.active(xp):
+        return accel.group_norm(x, num_groups, weight, bias, eps)
+    groups = x.reshape(n, num_groups, -1)                               # (N, G, C/G * positions)
+    mu = xp.mean(groups, axis=-1, keepdims=True)                        # mu_g, (N, G, 1)
+    var = xp.mean((groups - mu) ** 2, axis=-1, keepdims=True)           # var_g, (N, G, 1)
+    y = ((groups - mu) / xp.sqrt(var + eps)).reshape(x.shape)
+    per_channel = (1, c) + (1,) * (x.ndim - 2)                          # gamma[c], beta[c] broadcast
+    if weight is not None:
+        y = y * weight.reshape(per_channel)
+    if bias is not None:
+        y = y + bias.reshape(per_channel)
+    return y
 
 
 def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
@@ -368,21 +190,16 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
             _fail(op, f"{name} shape {tuple(p.shape)} != ({d},) for x {tuple(x.shape)}")
     _check_float(op, x, weight, bias)
     xp = array_namespace(x, weight, bias)
-    rows = x.reshape(-1, d)  # (rows, D)
-    out = xp.empty(rows.shape, dtype=x.dtype)
-
-    def work(i, j):
-        xb, ob = rows[i:j], out[i:j]
-        xp.subtract(xb, (_sums(xp, xb, "ij->i") / d).reshape(-1, 1), out=ob)   # x - mean(x)
-        var = _sums(xp, ob, "ij,ij->i", ob).reshape(-1, 1) / d                  # mean((x - mean)^2)
-        ob *= 1.0 / xp.sqrt(var + eps)
-        if weight is not None:
-            ob *= weight
-        if bias is not None:
-            ob += bias
-
-    _in_blocks(xp, rows.shape[0], d * x.dtype.itemsize, work)
-    return out.reshape(x.shape)
+    if accel.active(xp):
+        return accel.layer_norm(x, weight, bias, eps)
+    mean = xp.mean(x, axis=-1, keepdims=True)                           # (..., 1)
+    var = xp.mean((x - mean) ** 2, axis=-1, keepdims=True)              # (..., 1)
+    y = (x - mean) / xp.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,79 +218,25 @@ def linear(x, weight, bias=None):
         _fail(op, f"bias shape {tuple(bias.shape)} != ({weight.shape[0]},) for weight {tuple(weight.shape)}")
     _check_float(op, x, weight, bias)
     xp = array_namespace(x, weight, bias)
+    if accel.active(xp):
+        return accel.linear(x, weight, bias)
     y = xp.matmul(x.reshape(-1, x.shape[-1]), weight.T)  # (rows, D_out)
     if bias is not None:
         y += bias
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
 
 
-def _silu_into(xp, x, out):
-    xp.negative(x, out=out)       # -x
-    xp.exp(out, out=out)          # exp(-x)
-    out += 1.0                    # 1 + exp(-x)
-    xp.divide(x, out, out=out)    # x / (1 + exp(-x))
-
-
 def silu(x):
     """SiLU / swish: silu(x) = x * sigmoid(x) = x / (1 + exp(-x)). Output: x's shape and dtype."""
-    return _elementwise("silu", x, _silu_into)
+    _check_float("silu", x)
+    xp = array_namespace(x)
+    if accel.active(xp):
+        return accel.silu(x)
+    return x / (1.0 + xp.exp(-x))
 
 
 _SQRT_HALF = math.sqrt(0.5)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-# Abramowitz & Stegun, Handbook of Mathematical Functions (1964), formula 7.1.26: for z >= 0
-#   1 - erf(z) = (a1 t + a2 t^2 + a3 t^3 + a4 t^4 + a5 t^5) exp(-z^2),  t = 1 / (1 + p z),
-# with an absolute error <= 1.5e-7, about one float32 rounding step near 1 (torch's vectorised CPU
-# erf uses the same formula).
-_AS_P = 0.3275911
-_AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)  # a1 .. a5
-
-
-def _gelu_as_into(xp, x, out):
-    """Exact-form gelu for float32/float16 on the host, erf by formula 7.1.26 above.
-
-    erf is odd, so x erf(x/sqrt(2)) = |x| erf(|x|/sqrt(2)), and
-        gelu(x) = x/2 (1 + erf(x/sqrt(2))) = (x + |x| (1 - r(t) exp(-x^2/2))) / 2,
-    r(t) = a1 t + ... + a5 t^5, t = 1 / (1 + p |x|/sqrt(2)). Some 20 fast elementwise passes over a
-    cached block instead of SciPy's erf, which costs 12-16 ns of CPU time per element.
-    """
-    a = xp.abs(x)                                    # |x|
-    t = a * (_AS_P * _SQRT_HALF)
-    t += 1.0
-    xp.reciprocal(t, out=t)                          # t = 1 / (1 + p |x|/sqrt(2))
-    xp.multiply(t, _AS_A[4], out=out)                # r(t) by Horner: ((((a5 t + a4) t + a3) t + a2) t + a1) t
-    for coefficient in _AS_A[3::-1]:
-        out += coefficient
-        out *= t
-    xp.multiply(a, a, out=t)
-    t *= -0.5
-    xp.exp(t, out=t)                                 # exp(-x^2/2)
-    out *= t                                         # 1 - erf(|x|/sqrt(2))
-    xp.subtract(1.0, out, out=out)                   # erf(|x|/sqrt(2))
-    out *= a
-    out += x
-    out *= 0.5                                       # (x + |x| erf(|x|/sqrt(2))) / 2
-
-
-def _gelu_into(xp, x, out, approximate):
-    if approximate == "none" and is_host(xp) and x.dtype.itemsize < 8:
-        _gelu_as_into(xp, x, out)
-        return
-    if approximate == "none":
-        xp.multiply(x, _SQRT_HALF, out=out)   # x / sqrt(2)
-        erf(out, out=out)                     # erf(x / sqrt(2)), exact
-    else:
-        xp.multiply(x, x, out=out)            # x^2
-        out *= 0.044715
-        out += 1.0
-        out *= x                              # x + 0.044715 x^3
-        out *= _SQRT_2_OVER_PI
-        xp.tanh(out, out=out)                 # tanh(sqrt(2/pi) (x + 0.044715 x^3))
-    out += 1.0
-    out *= x
-    out *= 0.5                                # x/2 * (1 + ...)
 
 
 def _check_approximate(op, approximate):
@@ -486,24 +249,29 @@ def gelu(x, approximate: str = "none"):
 
     "none":  gelu(x) = x/2 * (1 + erf(x / sqrt(2)))                          (exact)
     "tanh":  gelu(x) = x/2 * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))    (approximation)
-    Output: x's shape and dtype. On the host, float32/float16 evaluate erf by Abramowitz & Stegun
-    7.1.26 (|error| <= 1.5e-7, as torch's CPU kernel does); float64, and every GPU dtype, use the
-    exact erf.
+    Output: x's shape and dtype. (The host's float32 kernel evaluates erf by a polynomial accurate to
+    1.5e-7, as torch's CPU kernel does; see refldm/accel/kernels.py.)
     """
     _check_approximate("gelu", approximate)
-    return _elementwise("gelu", x, lambda xp, xb, ob: _gelu_into(xp, xb, ob, approximate))
-
-
-def _quick_gelu_into(xp, x, out):
-    xp.multiply(x, -1.702, out=out)   # -1.702 x
-    xp.exp(out, out=out)
-    out += 1.0
-    xp.divide(x, out, out=out)        # x / (1 + exp(-1.702 x))
+    _check_float("gelu", x)
+    xp = array_namespace(x)
+    if accel.active(xp):
+        return accel.gelu(x, approximate)
+    if approximate == "none":
+        inner = erf(x * _SQRT_HALF).astype(x.dtype, copy=False)  # SciPy's float16 erf answers in float32
+    else:
+        inner = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
+    return x / 2 * (1.0 + inner)
 
 
 def quick_gelu(x):
-    """OpenAI CLIP's GELU approximation: quick_gelu(x) = x * sigmoid(1.702 x). Output: x's shape."""
-    return _elementwise("quick_gelu", x, _quick_gelu_into)
+    """OpenAI CLIP's GELU approximation: quick_gelu(x) = x * sigmoid(1.702 x) = x / (1 + exp(-1.702 x)).
+    Output: x's shape."""
+    _check_float("quick_gelu", x)
+    xp = array_namespace(x)
+    if accel.active(xp):
+        return accel.quick_gelu(x)
+    return x / (1.0 + xp.exp(-1.702 * x))
 
 
 def geglu(x, weight, bias=None, approximate: str = "none"):
@@ -517,18 +285,11 @@ def geglu(x, weight, bias=None, approximate: str = "none"):
         _fail(op, f"weight must be (2 * D_out, D_in), got {tuple(weight.shape)} (x {tuple(x.shape)})")
     _check_approximate(op, approximate)
     proj = linear(x, weight, bias)  # (..., 2 * D_out)
-    xp = array_namespace(proj)
+    if accel.active(array_namespace(proj)):
+        return accel.geglu(proj, approximate)
     half = weight.shape[0] // 2
-    rows = proj.reshape(-1, 2 * half)
-    out = xp.empty((rows.shape[0], half), dtype=proj.dtype)
-
-    def work(i, j):
-        h, g, ob = rows[i:j, :half], rows[i:j, half:], out[i:j]
-        _gelu_into(xp, g, ob, approximate)   # gelu(g)
-        ob *= h                              # h * gelu(g)
-
-    _in_blocks(xp, rows.shape[0], 2 * half * proj.dtype.itemsize, work)
-    return out.reshape(proj.shape[:-1] + (half,))
+    h, g = proj[..., :half], proj[..., half:]
+    return h * gelu(g, approximate)
 
 
 def softmax(x, axis: int = -1):
@@ -542,22 +303,12 @@ def softmax(x, axis: int = -1):
     if not isinstance(axis, int) or not -x.ndim <= axis < x.ndim:
         _fail(op, f"axis {axis!r} is out of range for x {tuple(x.shape)}")
     xp = array_namespace(x)
-    moved = axis % x.ndim != x.ndim - 1
-    if moved:
-        x = xp.moveaxis(x, axis, -1)
-    rows = x.reshape(-1, x.shape[-1])
-    out = xp.empty(rows.shape, dtype=x.dtype)
-
-    def work(i, j):
-        ob = out[i:j]
-        xp.subtract(rows[i:j], xp.max(rows[i:j], axis=-1, keepdims=True), out=ob)  # x - max(x)
-        xp.exp(ob, out=ob)
-        ob /= xp.sum(ob, axis=-1, keepdims=True)
-
-    if x.shape[-1]:
-        _in_blocks(xp, rows.shape[0], x.shape[-1] * x.dtype.itemsize, work)
-    out = out.reshape(x.shape)
-    return xp.moveaxis(out, -1, axis) if moved else out
+    if accel.active(xp) and axis % x.ndim == x.ndim - 1:
+        return accel.softmax(x)
+    if x.shape[axis] == 0:
+        return x.copy()
+    e = xp.exp(x - xp.max(x, axis=axis, keepdims=True))                # exp(x_i - max(x))
+    return e / xp.sum(e, axis=axis, keepdims=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -576,13 +327,30 @@ def scaled_dot_product_attention(q, k, v, mask=None, is_causal: bool = False, sc
 
     q: (..., Lq, d); k: (..., Lk, d); v: (..., Lk, d_v); the leading axes (batch, heads) must match.
     mask: broadcastable to (..., Lq, Lk). Output: (..., Lq, d_v).
-
-    Three exact rearrangements save time: the scale is folded into q (Lq*d multiplications instead of
-    Lq*Lk); the softmax denominator is applied to the output rows after P V (Lq*d_v divisions instead
-    of Lq*Lk); and the row sums of P come out of the same matrix product, as the last column of
-    P [V | 1]. On the host each block is one head and a few query rows (ATTENTION_BLOCK_BYTES of
-    scores, so the block stays in cache), and blocks run on the thread pool.
     """
+    mask = _check_attention(q, k, v, mask)                              # None, or additive, (..., Lq, Lk)
+    xp = array_namespace(q, k, v, mask)
+    lead, (lq, d), (lk, dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    budget = ATTENTION_CHUNK_BYTES if max_chunk_bytes is None else max_chunk_bytes
+    if accel.active(xp):
+        return accel.scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget)
+    rows = max(1, min(lq, budget // max(1, math.prod(lead) * lk * q.dtype.itemsize)))
+    out = xp.empty(lead + (lq, dv), dtype=q.dtype)
+    for i in range(0, lq, rows):  # query rows i..j-1: at most `budget` bytes of scores at once
+        j = min(lq, i + rows)
+        s = xp.matmul(q[..., i:j, :], xp.swapaxes(k, -1, -2)) * scale  # Q K^T * scale, (..., rows, Lk)
+        if mask is not None:
+            s = s + mask[..., i:j, :]                                   # + M
+        if is_causal:
+            s = s + _causal_mask(xp, i, j, lk, s.dtype)
+        out[..., i:j, :] = xp.matmul(softmax(s), v)                     # softmax(...) V, (..., rows, d_v)
+    return out
+
+
+def _check_attention(q, k, v, mask):
+    """scaled_dot_product_attention's argument checks; returns the mask as an additive float mask
+    broadcast (a view) to (..., Lq, Lk), or None."""
     op = "scaled_dot_product_attention"
     if q.ndim < 2 or k.ndim != q.ndim or v.ndim != q.ndim:
         _fail(op, f"q, k, v must have the same rank >= 2, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
@@ -596,61 +364,17 @@ def scaled_dot_product_attention(q, k, v, mask=None, is_causal: bool = False, sc
         mask = xp.where(mask, xp.asarray(0, dtype=q.dtype), xp.asarray(-xp.inf, dtype=q.dtype))
     _check_float(op, q, k, v, mask)
     xp = array_namespace(q, k, v, mask)
-    lead = q.shape[:-2]
-    lq, d = q.shape[-2:]
-    lk, dv = v.shape[-2:]
+    lead, lq, lk = q.shape[:-2], q.shape[-2], k.shape[-2]
     if mask is not None:
         try:
             mask = xp.broadcast_to(mask, lead + (lq, lk))  # a view: nothing is copied
         except ValueError:
             _fail(op, f"mask {tuple(mask.shape)} does not broadcast to {lead + (lq, lk)} (q {tuple(q.shape)}, "
                       f"k {tuple(k.shape)})")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    qs = q * xp.asarray(scale, dtype=q.dtype)                      # q * scale, (..., Lq, d)
-    kt = xp.swapaxes(k, -1, -2)                                    # K^T, (..., d, Lk)
-    v1 = xp.concatenate([v, xp.ones(lead + (lk, 1), dtype=v.dtype)], axis=-1)  # [V | 1], (..., Lk, d_v+1)
-    out = xp.empty(lead + (lq, dv), dtype=q.dtype)
-
-    def block(g, i, j):
-        """Output rows i..j-1 for the leading index g (a tuple, or Ellipsis for all heads at once)."""
-        s = xp.matmul(qs[g][..., i:j, :], kt[g])                  # scores, (..., rows, Lk)
-        if mask is not None:
-            s += mask[g][..., i:j, :]
-        if is_causal:
-            s += _causal_block(xp, i, j, lk, s.dtype)
-        s -= xp.max(s, axis=-1, keepdims=True)
-        xp.exp(s, out=s)                                           # P up to its row sums
-        o = xp.matmul(s, v1[g])                                    # [P V | P 1], (..., rows, d_v + 1)
-        xp.divide(o[..., :dv], o[..., dv:], out=out[g][..., i:j, :])
-
-    budget = ATTENTION_CHUNK_BYTES if max_chunk_bytes is None else max_chunk_bytes
-    n_lead = math.prod(lead)
-    if is_host(xp) and n_lead > 0 and blas_threads_controllable():
-        # one head at a time, in cache-sized blocks of query rows, spread over the thread pool; each
-        # block's two products run single-threaded (the pool already occupies every core)
-        rows = max(1, min(lq, min(budget, ATTENTION_BLOCK_BYTES) // max(1, lk * q.dtype.itemsize)))
-        items = [(g, i, min(lq, i + rows)) for g in _ndindex(lead) for i in range(0, lq, rows)]
-        with single_threaded_blas():
-            parallel_map(lambda item: block(*item), items)
-    else:
-        # all heads at once, in chunks of query rows within the memory bound (on a GPU: a few kernels)
-        rows = max(1, min(lq, budget // max(1, n_lead * lk * q.dtype.itemsize)))
-        for i in range(0, lq, rows):
-            block(Ellipsis, i, min(lq, i + rows))
-    return out
+    return mask
 
 
-def _ndindex(shape):
-    """Every index tuple of an array of `shape`, in C order (a host-side loop over the leading axes)."""
-    if not shape:
-        yield ()
-        return
-    for first in range(shape[0]):
-        for rest in _ndindex(shape[1:]):
-            yield (first,) + rest
-
-
-def _causal_block(xp, i, j, lk, dtype):
+def _causal_mask(xp, i, j, lk, dtype):
     """Rows i..j-1 of the causal mask: 0 where key <= query, -inf after."""
     rows = xp.arange(i, j).reshape(-1, 1)
     cols = xp.arange(lk).reshape(1, -1)
@@ -678,6 +402,9 @@ def merge_heads(x):
 # --------------------------------------------------------------------------------------------------
 # Resampling and lookups
 
+# --------------------------------------------------------------------------------------------------
+# Resampling and lookups
+
 def upsample_nearest2x(x):
     """Nearest-neighbour 2x upsampling: y[n, c, i, j] = x[n, c, floor(i/2), floor(j/2)].
 
@@ -686,15 +413,9 @@ def upsample_nearest2x(x):
     if x.ndim != 4:
         _fail("upsample_nearest2x", f"expected x (N, C, H, W), got {tuple(x.shape)}")
     xp = array_namespace(x)
-    n, c, h, w = x.shape
-    src = x.reshape(n * c, h, 1, w, 1)
-    y = xp.empty((n * c, h, 2, w, 2), dtype=x.dtype)
-
-    def work(i, j):
-        y[i:j] = src[i:j]  # each pixel into its 2x2 square, by broadcasting
-
-    _in_blocks(xp, n * c, 4 * h * w * x.dtype.itemsize, work)
-    return y.reshape(n, c, 2 * h, 2 * w)
+    if accel.active(xp):
+        return accel.upsample_nearest2x(x)
+    return xp.repeat(xp.repeat(x, 2, axis=2), 2, axis=3)  # each row twice, then each column twice
 
 
 def embedding(ids, table):

@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from refldm import backend, ops  # noqa: E402
+from refldm import accel, ops  # noqa: E402
 
 
 def machine() -> dict:
@@ -44,8 +44,8 @@ def machine() -> dict:
         info["cpu"] = platform.processor() or platform.machine()
     info["cpus_usable"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info["load_average"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-    info["refldm_threads"] = backend.num_threads()
-    info["blas_threads_controllable"] = backend.blas_threads_controllable()
+    info["refldm_threads"] = accel.num_threads()
+    info["blas_threads_controllable"] = accel.blas_threads_controllable()
     info["env"] = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS",
                                               "OMP_NUM_THREADS", "REFLDM_NUM_THREADS") if k in os.environ}
     try:
@@ -153,9 +153,9 @@ def main(argv=None):
     blas_limit = None
     if args.threads:
         torch.set_num_threads(args.threads)
-        backend.set_num_threads(args.threads)
+        accel.set_num_threads(args.threads)
         if args.threads == 1:
-            blas_limit = backend.single_threaded_blas()
+            blas_limit = accel.single_threaded_blas()
             blas_limit.__enter__()
             clock = time.thread_time
     info = machine()

@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from refldm import backend, ops  # noqa: E402
+from refldm import accel, backend, ops  # noqa: E402
 from refldm.models.unet import UNet2DConditionModel  # noqa: E402
 
 SD1 = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
@@ -185,7 +185,8 @@ def main(argv=None):
     ts, tt, tc = torch.from_numpy(sample), torch.from_numpy(t), torch.from_numpy(context)
     print(f"SD 1.x U-Net, float32, batch {args.batch}, latents {args.latent}x{args.latent}; "
           f"torch {torch.__version__} on {torch.get_num_threads()} threads, refldm on "
-          f"{backend.num_threads()} threads, {os.cpu_count()} cores, "
+          f"{accel.num_threads()} threads (accel {'on' if accel.is_enabled() else 'off: REFLDM_ACCEL=0, reference ops'}), "
+          f"{os.cpu_count()} cores, "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '(unset)')}, load average "
           f"{os.getloadavg()[0]:.1f}")
 

@@ -3,6 +3,9 @@
 Each module's ``register`` adds its subcommands and sets ``func`` on them; ``main`` parses and runs.
 User errors (a missing file, a bad shape, an unsupported config) print one line, ``refldm: error: ...``,
 and exit with status 2; they never print a traceback.
+
+Every subcommand, whichever module registers it, also takes ``--reference``: run the pure reference
+ops only (refldm/ops.py, without the host speed layer), the same as ``REFLDM_ACCEL=0``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
+    for command in sub.choices.values():  # added here, so every command gets it, present and future
+        if any("--reference" in action.option_strings for action in command._actions):
+            continue  # a command with its own --reference keeps it (REFLDM_ACCEL=0 still works there)
+        command.add_argument("--reference", action="store_true", dest="reference_ops",
+                             help="run the pure reference ops only, without the host speed layer "
+                                  "(as REFLDM_ACCEL=0; slower, same results within float rounding)")
     return parser
 
 
@@ -39,7 +48,12 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     try:
-        result = args.func(args)
+        if getattr(args, "reference_ops", False):
+            from refldm.backend import accelerated
+            with accelerated(False):
+                result = args.func(args)
+        else:
+            result = args.func(args)
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         message = str(e) if not isinstance(e, KeyError) else f"missing {e}"
         print(f"refldm: error: {message.splitlines()[0] if message else type(e).__name__}", file=sys.stderr)

@@ -304,8 +304,7 @@ def _generate(args, image=None):
     default = "refldm-txt2img.png" if image is None else "refldm-img2img.png"
     path = check_output(default if args.output is None else args.output)  # before the work, not after
     _use_backend(args.backend)
-    blas = backend.single_threaded_blas() if args.model is None else contextlib.nullcontext()
-    with _one_line_warnings(), blas:
+    with _one_line_warnings():
         pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
                              prediction_type=args.prediction_type, dtype=args.dtype, img2img=image is not None)
         refiner, end = _refiner_args(args, pipe)
@@ -539,7 +538,7 @@ def run_demo(args) -> int:
     check_seed(args.seed)
     check_output(args.output)
     _use_backend(args.backend)
-    with _one_line_warnings(), backend.single_threaded_blas():
+    with _one_line_warnings():
         start = time.perf_counter()
         pipe = load_pipeline(None)
         load = time.perf_counter() - start

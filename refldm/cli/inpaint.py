@@ -6,10 +6,8 @@ refldm/pipeline_inpaint.py explains both. The PNG gets the web UIs' parameters t
 
 from __future__ import annotations
 
-import contextlib
 import os
 
-from refldm import backend
 from refldm.cli import generate
 from refldm.cli.adapters import add_adapter_args, apply_adapter_args
 
@@ -54,8 +52,7 @@ def run_inpaint(args) -> int:
     image = _open(args.image, "image").convert("RGB")
     mask = _open(args.mask, "mask")
     generate._use_backend(args.backend)
-    blas = backend.single_threaded_blas() if args.model is None else contextlib.nullcontext()
-    with generate._one_line_warnings(), blas:
+    with generate._one_line_warnings():
         base = generate.load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
                                       prediction_type=args.prediction_type, dtype=args.dtype)
         pipe = StableDiffusionInpaintPipeline(base.vae, base.text_encoder, base.tokenizer, base.unet,

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 import numpy
 
 from refldm import backend, ops
-from refldm import record
 from refldm.config import parse_config
 from refldm.models.blocks import (Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D,
                                   Upsample2D)
@@ -596,18 +595,6 @@ class UNet2DConditionModel(PretrainedModel):
         t = self._timesteps(timestep, b, xp, "float32" if sample.dtype.itemsize < 4 else sample.dtype)  # (B,)
         added = self._added_inputs(added_cond_kwargs, b, xp, sample.dtype)  # None, or (text_embeds, time_ids)
 
-        threads = backend.num_threads()
-        if backend.is_host(xp) and threads > 1 and b % threads == 0 and record.recorder is None:
-            # On the CPU the batch elements (the classifier-free-guidance pair) are independent, so each
-            # thread of the host pool runs the network on its share of the batch with single-threaded
-            # BLAS. Same math; it saves the hand-offs of a multi-threaded BLAS call, which cost a lot
-            # on a busy machine (docs/performance.md, "U-Net"). Not while a trace is recorded, which
-            # must see each module's output once, for the whole batch.
-            n = b // threads
-            parts = backend.parallel_map(
-                lambda i: self.predict(sample[i:i + n], t[i:i + n], context[i:i + n],
-                                       added and tuple(a[i:i + n] for a in added)), range(0, b, n))
-            return xp.concatenate(parts, axis=0)                            # (B, C_out, H, W)
         return self.predict(sample, t, context, added)
 
     def _added_inputs(self, added_cond_kwargs, batch: int, xp, dtype):

@@ -1,0 +1,450 @@
+"""The host (NumPy) versions of the ops that are worth making fast, each equal to its reference in
+refldm/ops.py (tests/test_accel.py proves it op by op).
+
+Every function here takes arguments the op has already checked (shapes, dtypes, paddings) and host
+NumPy arrays, and computes the same equation as the op it accelerates. What makes them fast:
+- Elementwise work runs as a few in-place passes over a block of rows (`in_blocks`): the block stays
+  in the CPU cache while its passes run, and the blocks are spread over the thread pool.
+- A stride-1 convolution is one in-place BLAS product per kernel tap, on windows of the flattened
+  padded image (no im2col matrix, no temporary per tap), in cache-sized bands of output rows.
+- Attention works per head on cache-sized blocks of query rows, folds the scale into q, and gets the
+  softmax row sums out of the same product as P V (as the last column of P [V | 1]).
+- gelu in float32 evaluates erf by a short polynomial instead of SciPy's erf.
+- Small matrix products run on one BLAS thread (waking BLAS's helper threads costs more).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from refldm.accel.blas import gemm_available, gemm_into, single_threaded_blas, small_product
+from refldm.accel.threads import in_blocks, parallel_map
+
+__all__ = ["conv2d", "group_norm", "layer_norm", "linear", "silu", "gelu", "quick_gelu", "geglu", "softmax",
+           "scaled_dot_product_attention", "upsample_nearest2x"]
+
+# Elementwise passes run on blocks of about this many bytes (see in_blocks).
+HOST_BLOCK_BYTES = 512 * 2**10
+# A stride-1 convolution accumulates its output in bands of rows of about this many bytes, so that a
+# band stays in the core's cache across all of its kernel taps. Measured on the SD VAE decoder's
+# 128-512 channel convolutions: 0.5-1 MiB bands cost 5-30% more time, 4 MiB about the same.
+CONV_BAND_BYTES = 2 * 2**20
+# Upper bound on the bytes of the im2col matrix of one band of a strided convolution.
+CONV_CHUNK_BYTES = 128 * 2**20
+# A large matrix product runs in blocks of this many rows (or columns) on the thread pool (see _matmul).
+PRODUCT_BLOCK_ROWS = 512
+# Attention works on blocks of scores of about this size (one head, 128 query rows at 4096 keys in
+# float32): small enough to stay in cache between the products and the softmax passes, large enough
+# for efficient products (on one core: 0.5 MiB blocks cost 7% more time, 16 MiB blocks 5% more).
+ATTENTION_BLOCK_BYTES = 2 * 2**20
+
+
+def _matmul(a, b):
+    """a @ b for 2-D a (M, K) and b (K, N), or a (K, N) times batched b (..., K, N'), on one BLAS thread
+    per product.
+
+    A large product is cut into blocks of PRODUCT_BLOCK_ROWS rows of a (or columns of b) that run on
+    the thread pool: a multi-threaded BLAS call pays for waking and joining its helper threads, which
+    on a busy machine costs up to half of a second core. The blocks depend on the sizes only, and BLAS
+    always runs single-threaded here, so the result never depends on the number of threads, nor on
+    what other threads are doing.
+    """
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    batch = math.prod(b.shape[:-2]) if b.ndim > 2 else 1
+    step = PRODUCT_BLOCK_ROWS
+    with single_threaded_blas():
+        if small_product(batch * m, n, k) or a.ndim != 2 or b.ndim > 3:
+            return np.matmul(a, b)
+        if b.ndim == 2 and m >= 2 * step:                               # blocks of rows of a
+            out = np.empty((m, n), dtype=np.result_type(a, b))
+            parallel_map(lambda i: np.matmul(a[i:i + step], b, out=out[i:i + step]), range(0, m, step))
+            return out
+        b3 = b.reshape((1,) + b.shape) if b.ndim == 2 else b             # (batch, K, N)
+        out = np.empty((b3.shape[0], m, n), dtype=np.result_type(a, b))
+        cols = step if n >= 2 * step else n                             # blocks of columns of b
+        jobs = [(i, j) for i in range(b3.shape[0]) for j in range(0, n, cols)]
+        parallel_map(lambda job: gemm_into(a, b3[job[0], :, job[1]:job[1] + cols],
+                                           out[job[0], :, job[1]:job[1] + cols]), jobs)
+        return out if b.ndim == 3 else out[0]
+
+
+def _sums(a, subscripts, b=None):
+    """Sums over the trailing axes by einsum ("ij->i": sum_j a[i, j]; "ij,ij->i": sum_j a[i, j] b[i, j]):
+    about three times faster than np.sum here. Each row's sum is independent of the other rows."""
+    return np.einsum(subscripts, a) if b is None else np.einsum(subscripts, a, b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Convolution
+
+def conv2d(x, weight, bias, stride, pads):
+    """ops.conv2d on the host. stride: (s_h, s_w); pads: (top, bottom, left, right).
+
+    An unpadded 1x1 stride-1 conv is one product over the channels; a stride-1 conv is one in-place
+    BLAS product per tap (`_conv2d_taps`); other strides gather each tap's pixels first (im2col).
+    """
+    n, c, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    sh, sw = stride
+    top, bottom, left, right = pads
+    if kh == kw == 1 and sh == sw == 1 and top == bottom == left == right == 0:
+        y = _matmul(weight.reshape(c_out, c), x.reshape(n, c, h * w))  # (N, C_out, H*W)
+        if bias is not None:
+            y += bias.reshape(1, c_out, 1)
+        return y.reshape(n, c_out, h, w)
+    hp, wp = h + top + bottom, w + left + right
+    flat = _pad_flat(x, top, bottom, left, right, kw - 1)
+    if sh == sw == 1:
+        return _conv2d_taps(flat, weight, bias, hp, wp)
+    return _conv2d_gathered(flat, weight, bias, hp, wp, sh, sw)
+
+
+def _pad_flat(x, top, bottom, left, right, tail):
+    """The zero-padded image, each channel flattened row by row (rows of length wp), `tail` zeros after
+    it: (N, C, hp*wp + tail) with flat[n, c, (top + i)*wp + left + j] = x[n, c, i, j]. Only the border
+    is zeroed, and the channels are filled in blocks on the thread pool."""
+    n, c, h, w = x.shape
+    hp, wp = h + top + bottom, w + left + right
+    flat = np.empty((n * c, hp * wp + tail), dtype=x.dtype)
+    src = x.reshape(n * c, h, w)
+
+    def fill(i, j):
+        img = flat[i:j, : hp * wp].reshape(j - i, hp, wp)
+        img[:, :top] = 0
+        img[:, top + h:] = 0
+        img[:, top:top + h, :left] = 0
+        img[:, top:top + h, left + w:] = 0
+        img[:, top:top + h, left:left + w] = src[i:j]
+        flat[i:j, hp * wp:] = 0
+
+    in_blocks(n * c, (hp * wp + tail) * x.dtype.itemsize, fill, CONV_BAND_BYTES)
+    return flat.reshape(n, c, hp * wp + tail)
+
+
+def _conv2d_taps(flat, weight, bias, hp, wp):
+    """Stride-1 conv: one BLAS product per kernel tap, accumulated in place.
+
+    Output pixel (i, j) with tap (u, v) reads flat[(i + u)*wp + (j + v)] = flat[i*wp + j + (u*wp + v)]:
+    for a fixed tap, the inputs of output rows r0..r1-1 (computed at all wp columns; the last kw - 1
+    of each row wrap around and are dropped) are one contiguous window of `flat`, starting at
+    (r0 + u)*wp + v. So, for one image n and one band of rows,
+
+        y (C_out, rows*wp) = sum_{u, v} w[:, :, u, v] (C_out, C_in) @ flat[n, :, window(u, v)] (C_in, rows*wp)
+
+    Each term is `gemm_into(..., accumulate=True)`: BLAS reads the window where it lies and adds the
+    product into y, so there is neither a copy of the input nor a temporary per tap. A band is about
+    CONV_BAND_BYTES of output; the bands run on the thread pool, each product on one core.
+    The taps are summed in the same order (u, then v) in every band, whatever the thread count.
+    """
+    n, c = flat.shape[:2]
+    c_out, _, kh, kw = weight.shape
+    ho, wo = hp - kh + 1, wp - kw + 1
+    taps = np.ascontiguousarray(weight.transpose(2, 3, 0, 1))  # taps[u, v] = w[:, :, u, v], (C_out, C_in)
+    rows = max(1, min(ho, CONV_BAND_BYTES // max(1, c_out * wp * flat.dtype.itemsize)))
+    out = np.empty((n, c_out, ho, wo), dtype=flat.dtype)
+
+    def band(job):
+        i, r0 = job
+        r1 = min(ho, r0 + rows)
+        length = (r1 - r0) * wp
+        y = np.empty((c_out, length), dtype=flat.dtype)
+        for u in range(kh):
+            for v in range(kw):
+                start = (r0 + u) * wp + v
+                gemm_into(taps[u, v], flat[i, :, start:start + length], y, accumulate=u > 0 or v > 0)
+        y = y.reshape(c_out, r1 - r0, wp)[:, :, :wo]  # drop the kw - 1 wrapped columns
+        if bias is None:
+            out[i, :, r0:r1] = y
+        else:
+            np.add(y, bias.reshape(c_out, 1, 1), out=out[i, :, r0:r1])
+
+    jobs = [(i, r0) for i in range(n) for r0 in range(0, ho, rows)]
+    if not gemm_available(flat.dtype):  # float16: numpy.matmul inside gemm_into, not worth threads
+        for job in jobs:
+            band(job)
+    elif small_product(c_out, n * ho * wp, c * kh * kw):  # the whole conv is small: no hand-offs
+        with single_threaded_blas():
+            for job in jobs:
+                band(job)
+    else:
+        parallel_map(band, jobs)  # each product on one BLAS thread
+    return out
+
+
+def _conv2d_gathered(flat, weight, bias, hp, wp, sh, sw):
+    """Strided conv by im2col: gather each tap's strided pixels, then one matrix product.
+
+    cols[n, (u, v, c), (i, j)] = x_pad[n, c, s_h*i + u, s_w*j + v];   y[n] = W (C_out, kH*kW*C_in) @ cols[n]
+    with W[o, (u, v, c)] = w[o, c, u, v]. For stride 2 cols is kH*kW/4 times the input's size.
+    """
+    n, c = flat.shape[:2]
+    c_out, _, kh, kw = weight.shape
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    padded = flat[:, :, : hp * wp].reshape(n, c, hp, wp)
+    w_mat = weight.transpose(0, 2, 3, 1).reshape(c_out, kh * kw * c)
+    out = np.empty((n, c_out, ho, wo), dtype=flat.dtype)
+    band = max(1, min(ho, CONV_CHUNK_BYTES // max(1, n * kh * kw * c * wo * flat.dtype.itemsize)))
+    for r0 in range(0, ho, band):
+        r1 = min(ho, r0 + band)
+        cols = np.empty((n, kh, kw, c, r1 - r0, wo), dtype=flat.dtype)
+        for u in range(kh):
+            for v in range(kw):
+                i0 = sh * r0 + u
+                cols[:, u, v] = padded[:, :, i0: i0 + sh * (r1 - r0 - 1) + 1: sh, v: v + sw * (wo - 1) + 1: sw]
+        y = _matmul(w_mat, cols.reshape(n, kh * kw * c, (r1 - r0) * wo))  # (N, C_out, rows*wo)
+        y = y.reshape(n, c_out, r1 - r0, wo)
+        if bias is None:
+            out[:, :, r0:r1] = y
+        else:
+            np.add(y, bias.reshape(1, c_out, 1, 1), out=out[:, :, r0:r1])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation
+
+def group_norm(x, num_groups, weight, bias, eps):
+    """ops.group_norm, per (sample, group) row in cached blocks: mean, centre in place, variance of
+    the centred values (two passes), scale by gamma / sqrt(var + eps), add beta."""
+    n, c = x.shape[:2]
+    cg = c // num_groups
+    rows = x.reshape(n * num_groups, cg, -1)  # one row per (sample, group): (N*G, C/G, positions)
+    out = np.empty(rows.shape, dtype=x.dtype)
+    gamma = None if weight is None else np.broadcast_to(weight.reshape(1, num_groups, cg),
+                                                        (n, num_groups, cg)).reshape(-1, cg, 1)
+    beta = None if bias is None else np.broadcast_to(bias.reshape(1, num_groups, cg),
+                                                     (n, num_groups, cg)).reshape(-1, cg, 1)
+    size = cg * rows.shape[2]  # values per group
+
+    def work(i, j):
+        xb, ob = rows[i:j], out[i:j]
+        mean = _sums(xb, "ijk->i").reshape(-1, 1, 1) / size            # mu_g, (rows, 1, 1)
+        np.subtract(xb, mean, out=ob)                                    # x - mu_g
+        var = _sums(ob, "ijk,ijk->i", ob).reshape(-1, 1, 1) / size      # var_g = mean((x - mu_g)^2)
+        rstd = 1.0 / np.sqrt(var + eps)
+        ob *= rstd if gamma is None else rstd * gamma[i:j]              # * gamma[c] / sqrt(var_g + eps)
+        if beta is not None:
+            ob += beta[i:j]                                              # + beta[c]
+
+    in_blocks(rows.shape[0], rows[0].size * x.dtype.itemsize, work, HOST_BLOCK_BYTES)
+    return out.reshape(x.shape)
+
+
+def layer_norm(x, weight, bias, eps):
+    """ops.layer_norm over the last axis, in cached blocks of rows."""
+    d = x.shape[-1]
+    rows = x.reshape(-1, d)  # (rows, D)
+    out = np.empty(rows.shape, dtype=x.dtype)
+
+    def work(i, j):
+        xb, ob = rows[i:j], out[i:j]
+        np.subtract(xb, (_sums(xb, "ij->i") / d).reshape(-1, 1), out=ob)   # x - mean(x)
+        var = _sums(ob, "ij,ij->i", ob).reshape(-1, 1) / d                  # mean((x - mean)^2)
+        ob *= 1.0 / np.sqrt(var + eps)
+        if weight is not None:
+            ob *= weight
+        if bias is not None:
+            ob += bias
+
+    in_blocks(rows.shape[0], d * x.dtype.itemsize, work, HOST_BLOCK_BYTES)
+    return out.reshape(x.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear layers and activations
+
+def linear(x, weight, bias):
+    """ops.linear: y = x W^T + b, a small product on one BLAS thread."""
+    y = _matmul(x.reshape(-1, x.shape[-1]), weight.T)  # (rows, D_out)
+    if bias is not None:
+        y += bias
+    return y.reshape(x.shape[:-1] + (weight.shape[0],))
+
+
+def _elementwise(x, compute):
+    """out = f(x) elementwise, where compute(xb, ob) writes f(xb) into ob, one cached block at a time."""
+    flat = x.reshape(-1)  # a view when x is contiguous
+    out = np.empty(flat.shape, dtype=x.dtype)
+    in_blocks(flat.size, x.dtype.itemsize, lambda i, j: compute(flat[i:j], out[i:j]), HOST_BLOCK_BYTES)
+    return out.reshape(x.shape)
+
+
+def _silu_into(x, out):
+    np.negative(x, out=out)       # -x
+    np.exp(out, out=out)          # exp(-x)
+    out += 1.0                    # 1 + exp(-x)
+    np.divide(x, out, out=out)    # x / (1 + exp(-x))
+
+
+def silu(x):
+    """ops.silu: x / (1 + exp(-x)), in place on cached blocks."""
+    return _elementwise(x, _silu_into)
+
+
+_SQRT_HALF = math.sqrt(0.5)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+# Abramowitz & Stegun, Handbook of Mathematical Functions (1964), formula 7.1.26: for z >= 0
+#   1 - erf(z) = (a1 t + a2 t^2 + a3 t^3 + a4 t^4 + a5 t^5) exp(-z^2),  t = 1 / (1 + p z),
+# with an absolute error <= 1.5e-7, about one float32 rounding step near 1 (torch's vectorised CPU
+# erf uses the same formula).
+_AS_P = 0.3275911
+_AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)  # a1 .. a5
+
+
+def _gelu_as_into(x, out):
+    """Exact-form gelu for float32/float16, erf by formula 7.1.26 above.
+
+    erf is odd, so x erf(x/sqrt(2)) = |x| erf(|x|/sqrt(2)), and
+        gelu(x) = x/2 (1 + erf(x/sqrt(2))) = (x + |x| (1 - r(t) exp(-x^2/2))) / 2,
+    r(t) = a1 t + ... + a5 t^5, t = 1 / (1 + p |x|/sqrt(2)). Some 20 fast elementwise passes over a
+    cached block instead of SciPy's erf, which costs 12-16 ns of CPU time per element.
+    """
+    a = np.abs(x)                                    # |x|
+    t = a * (_AS_P * _SQRT_HALF)
+    t += 1.0
+    np.reciprocal(t, out=t)                          # t = 1 / (1 + p |x|/sqrt(2))
+    np.multiply(t, _AS_A[4], out=out)                # r(t) by Horner: ((((a5 t + a4) t + a3) t + a2) t + a1) t
+    for coefficient in _AS_A[3::-1]:
+        out += coefficient
+        out *= t
+    np.multiply(a, a, out=t)
+    t *= -0.5
+    np.exp(t, out=t)                                 # exp(-x^2/2)
+    out *= t                                         # 1 - erf(|x|/sqrt(2))
+    np.subtract(1.0, out, out=out)                   # erf(|x|/sqrt(2))
+    out *= a
+    out += x
+    out *= 0.5                                       # (x + |x| erf(|x|/sqrt(2))) / 2
+
+
+def _gelu_into(x, out, approximate):
+    if approximate == "none" and x.dtype.itemsize < 8:
+        _gelu_as_into(x, out)
+        return
+    if approximate == "none":
+        from scipy.special import erf
+        np.multiply(x, _SQRT_HALF, out=out)   # x / sqrt(2)
+        erf(out, out=out)                     # erf(x / sqrt(2)), exact
+    else:
+        np.multiply(x, x, out=out)            # x^2
+        out *= 0.044715
+        out += 1.0
+        out *= x                              # x + 0.044715 x^3
+        out *= _SQRT_2_OVER_PI
+        np.tanh(out, out=out)                 # tanh(sqrt(2/pi) (x + 0.044715 x^3))
+    out += 1.0
+    out *= x
+    out *= 0.5                                # x/2 * (1 + ...)
+
+
+def gelu(x, approximate):
+    """ops.gelu in place on cached blocks; float32/float16 "none" by the erf polynomial above."""
+    return _elementwise(x, lambda xb, ob: _gelu_into(xb, ob, approximate))
+
+
+def _quick_gelu_into(x, out):
+    np.multiply(x, -1.702, out=out)   # -1.702 x
+    np.exp(out, out=out)
+    out += 1.0
+    np.divide(x, out, out=out)        # x / (1 + exp(-1.702 x))
+
+
+def quick_gelu(x):
+    """ops.quick_gelu: x / (1 + exp(-1.702 x)), in place on cached blocks."""
+    return _elementwise(x, _quick_gelu_into)
+
+
+def geglu(proj, approximate):
+    """The gate of ops.geglu: proj (..., 2 D) = [h, g] -> h * gelu(g), in cached blocks of rows."""
+    half = proj.shape[-1] // 2
+    rows = proj.reshape(-1, 2 * half)
+    out = np.empty((rows.shape[0], half), dtype=proj.dtype)
+
+    def work(i, j):
+        h, g, ob = rows[i:j, :half], rows[i:j, half:], out[i:j]
+        _gelu_into(g, ob, approximate)   # gelu(g)
+        ob *= h                          # h * gelu(g)
+
+    in_blocks(rows.shape[0], 2 * half * proj.dtype.itemsize, work, HOST_BLOCK_BYTES)
+    return out.reshape(proj.shape[:-1] + (half,))
+
+
+def softmax(x):
+    """ops.softmax over the last axis, in place on cached blocks of rows."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = np.empty(rows.shape, dtype=x.dtype)
+
+    def work(i, j):
+        ob = out[i:j]
+        np.subtract(rows[i:j], np.max(rows[i:j], axis=-1, keepdims=True), out=ob)  # x - max(x)
+        np.exp(ob, out=ob)
+        ob /= np.sum(ob, axis=-1, keepdims=True)
+
+    if x.shape[-1]:
+        in_blocks(rows.shape[0], x.shape[-1] * x.dtype.itemsize, work, HOST_BLOCK_BYTES)
+    return out.reshape(x.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+
+def scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget):
+    """ops.scaled_dot_product_attention on the host: mask is None or a float array broadcast to
+    (..., Lq, Lk); scale a float; budget the most bytes of scores held at once.
+
+    Three exact rearrangements save time: the scale is folded into q (Lq*d multiplications instead of
+    Lq*Lk); the softmax denominator is applied to the output rows after P V (Lq*d_v divisions instead
+    of Lq*Lk); and the row sums of P come out of the same matrix product, as the last column of
+    P [V | 1]. Each block is one head and a few query rows (ATTENTION_BLOCK_BYTES of scores, so the
+    block stays in cache); the blocks run on the thread pool, each product on one BLAS thread.
+    """
+    lead = q.shape[:-2]
+    lq = q.shape[-2]
+    lk, dv = v.shape[-2:]
+    qs = q * np.asarray(scale, dtype=q.dtype)                      # q * scale, (..., Lq, d)
+    kt = np.swapaxes(k, -1, -2)                                    # K^T, (..., d, Lk)
+    v1 = np.concatenate([v, np.ones(lead + (lk, 1), dtype=v.dtype)], axis=-1)  # [V | 1], (..., Lk, d_v+1)
+    out = np.empty(lead + (lq, dv), dtype=q.dtype)
+    if out.size == 0:
+        return out
+
+    def block(item):
+        g, i, j = item                                             # head index g, query rows i..j-1
+        s = np.matmul(qs[g][i:j], kt[g])                           # scores, (rows, Lk)
+        if mask is not None:
+            s += mask[g][i:j]
+        if is_causal:
+            s[np.arange(lk).reshape(1, -1) > np.arange(i, j).reshape(-1, 1)] = -np.inf
+        s -= np.max(s, axis=-1, keepdims=True)
+        np.exp(s, out=s)                                           # P up to its row sums
+        o = np.matmul(s, v1[g])                                    # [P V | P 1], (rows, d_v + 1)
+        np.divide(o[:, :dv], o[:, dv:], out=out[g][i:j])
+
+    rows = max(1, min(lq, min(budget, ATTENTION_BLOCK_BYTES) // max(1, lk * q.dtype.itemsize)))
+    items = [(g, i, min(lq, i + rows)) for g in np.ndindex(*lead) for i in range(0, lq, rows)]
+    with single_threaded_blas():
+        if len(items) * rows * lk * q.dtype.itemsize <= ATTENTION_BLOCK_BYTES:  # small: no hand-offs
+            for item in items:
+                block(item)
+        else:
+            parallel_map(block, items)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Resampling
+
+def upsample_nearest2x(x):
+    """ops.upsample_nearest2x: each pixel into its 2x2 square, by broadcasting, in blocks of channels."""
+    n, c, h, w = x.shape
+    src = x.reshape(n * c, h, 1, w, 1)
+    y = np.empty((n * c, h, 2, w, 2), dtype=x.dtype)
+
+    def work(i, j):
+        y[i:j] = src[i:j]
+
+    in_blocks(n * c, 4 * h * w * x.dtype.itemsize, work, HOST_BLOCK_BYTES)
+    return y.reshape(n, c, 2 * h, 2 * w)
