@@ -470,6 +470,24 @@ def test_default_model_same_bytes_for_one_and_two_threads(default_pipe):
     np.testing.assert_array_equal(one[0], two[0])
 
 
+@pytest.mark.parametrize("on", [True, False], ids=["accel", "reference"])
+def test_four_threads_on_the_default_pipeline_give_the_sequential_bytes(default_pipe, on):
+    """Issue 12 item 9 with the process's own settings (BLAS and the pool as a user has them): four
+    threads calling one pipeline at 256x256 get exactly the latents of the same calls in sequence."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(seed):
+        return np.asarray(default_pipe("a green triangle", height=256, width=256, num_inference_steps=2,
+                                       guidance_scale=3.0, seed=seed, progress=False).latents)
+
+    with accel.enabled(on):
+        sequential = [run(s) for s in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            parallel = list(pool.map(run, range(4)))
+    for a, b in zip(sequential, parallel):
+        np.testing.assert_array_equal(a, b)
+
+
 # --------------------------------------------------------------------------------------------------
 # layering: who may import what
 

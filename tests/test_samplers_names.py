@@ -76,7 +76,7 @@ def test_txt2img_sampler_name_reaches_the_png_parameters(tmp_path, capsys):
     from refldm.pipeline import StableDiffusionPipeline
 
     out = tmp_path / "out.png"
-    argv = ["txt2img", "-p", "a red circle", "--steps", "3", "--seed", "1", "-W", "32", "-H", "32", "-q",
+    argv = ["txt2img", "-p", "a red circle", "--steps", "3", "--cfg", "7.5", "--seed", "1", "-W", "32", "-H", "32", "-q",
             "--sampler", "DPM++ 2M Karras", "-o", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
     with Image.open(out) as im:
