@@ -249,7 +249,7 @@ class UNetShape:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The U-Net walk: the same order as UNet2DConditionModel.predict (refldm/models/unet.py)
+# The U-Net walk: the same order as UNet2DConditionModel.forward (refldm/models/unet.py)
 # ---------------------------------------------------------------------------------------------------
 
 def count_unet(shape: UNetShape | dict, height: int, width: int, batch: int = 2, text_tokens: int = 77) -> Count:

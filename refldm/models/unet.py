@@ -566,13 +566,8 @@ class UNet2DConditionModel(PretrainedModel):
                              f"batch, got {tuple(t.shape)}")
         return t
 
-    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs: dict | None = None):
-        """Predict the noise (or v) for latents `sample` (B, C_in, H, W) at `timestep` (scalar or (B,))
-        given text embeddings `encoder_hidden_states` (B, S, cross_attention_dim).
-
-        SDXL (addition_embed_type "text_time") also needs ``added_cond_kwargs={"text_embeds": (B, P),
-        "time_ids": (B, n)}``: the pooled text embedding and the micro-conditioning ids (see
-        `added_embedding`), as diffusers' argument of the same name."""
+    def _inputs(self, sample, timestep, encoder_hidden_states, added_cond_kwargs):
+        """Check the inputs; -> (sample, t (B,) in the sinusoid's dtype, context, added or None)."""
         cfg = self.config
         xp = backend.array_namespace(sample, encoder_hidden_states)
         if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
@@ -594,8 +589,7 @@ class UNet2DConditionModel(PretrainedModel):
         # the sinusoid is computed in the model's dtype (float32 for a float16 model)
         t = self._timesteps(timestep, b, xp, "float32" if sample.dtype.itemsize < 4 else sample.dtype)  # (B,)
         added = self._added_inputs(added_cond_kwargs, b, xp, sample.dtype)  # None, or (text_embeds, time_ids)
-
-        return self.predict(sample, t, context, added)
+        return sample, t, context, added
 
     def _added_inputs(self, added_cond_kwargs, batch: int, xp, dtype):
         """Check SDXL's added conditioning: (text_embeds (B, P), time_ids (B, n)) or None without it."""
@@ -648,10 +642,16 @@ class UNet2DConditionModel(PretrainedModel):
         a = xp.concatenate([text_embeds.astype(dtype, copy=False), s], axis=1)  # (B, P + n*A)
         return self.add_embedding(a)                                           # (B, 4*C0)
 
-    def predict(self, sample, t, context, added=None):
-        """The network itself, top to bottom: sample (B, C_in, H, W), t (B,) in the sinusoid's dtype,
-        context (B, S, D_text) -> (B, C_out, H, W). Call the model instead, which checks its inputs."""
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs: dict | None = None):
+        """eps_theta(x_t, t, c), the network top to bottom: latents `sample` (B, C_in, H, W) at `timestep`
+        (scalar or (B,)) given text embeddings `encoder_hidden_states` (B, S, cross_attention_dim)
+        -> the predicted noise (or v) (B, C_out, H, W).
+
+        SDXL (addition_embed_type "text_time") also needs ``added_cond_kwargs={"text_embeds": (B, P),
+        "time_ids": (B, n)}``: the pooled text embedding and the micro-conditioning ids (see
+        `added_embedding`), as diffusers' argument of the same name."""
         cfg = self.config
+        sample, t, context, added = self._inputs(sample, timestep, encoder_hidden_states, added_cond_kwargs)
 
         # 1. time: sinusoid of t, then the MLP
         t_emb = ops.timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
