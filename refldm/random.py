@@ -29,20 +29,20 @@ native/cpu/DistributionTemplates.h, native/cpu/avx_mathfun.h):
 ``kernel="avx2"`` reproduces (3) for float32 as torch on x86; ``kernel="scalar"`` reproduces torch on
 CPUs without AVX2 (ARM, or ``ATEN_CPU_CAPABILITY=default``), calling the C library's ``logf/cosf/sinf``.
 ``kernel="auto"`` picks what torch on this machine picks. ``Generator(seed, mode="numpy")`` is the plain
-NumPy generator instead (not torch-compatible, and no ctypes).
+NumPy generator instead (not torch-compatible, and no C library).
 
 Everything here runs on the host and returns NumPy arrays; move them with ``refldm.backend.asarray``.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import math
 import os
 import platform
 
 import numpy
+
+from refldm import backend
 
 __all__ = ["Generator", "randn", "rand", "default_kernel"]
 
@@ -182,25 +182,6 @@ def _box_muller16_avx(d):
     return numpy.concatenate([radius * cos_t, radius * sin_t], axis=1).reshape(-1)
 
 
-_LIBM = None
-
-
-def _libm():
-    global _LIBM
-    if _LIBM is None:
-        _LIBM = False
-        name = ctypes.util.find_library("m") or ctypes.util.find_library("c")
-        try:
-            lib = ctypes.CDLL(name)
-            for fn in ("logf", "cosf", "sinf"):
-                f = getattr(lib, fn)
-                f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
-            _LIBM = lib
-        except (OSError, AttributeError, TypeError):
-            pass
-    return _LIBM
-
-
 def _box_muller16_scalar(d):
     """Blocks of 16 float32 uniforms -> normals, torch's generic ``NormalFill16<float>`` (C logf/cosf/sinf).
 
@@ -209,7 +190,7 @@ def _box_muller16_scalar(d):
     d = d.reshape(-1, 16)
     u1 = _F32(1) - d[:, :8]
     theta = (2 * math.pi * d[:, 8:].astype(numpy.float64)).astype(_F32)  # double product, rounded to float
-    lib = _libm()
+    lib = backend.libm_float32()  # the C library's logf/cosf/sinf (a platform binding: refldm.backend)
     if lib:
         log = numpy.array([lib.logf(v) for v in u1.ravel().tolist()], _F32).reshape(u1.shape)
         cos = numpy.array([lib.cosf(v) for v in theta.ravel().tolist()], _F32).reshape(u1.shape)
