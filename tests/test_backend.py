@@ -212,7 +212,7 @@ def test_refldm_backend_env_with_a_bad_name_fails_on_first_use_not_at_import():
     assert out.returncode == 0 and out.stdout.strip() == "imported", out.stderr
     out = python("from refldm import backend; backend.asarray([1.0])", REFLDM_BACKEND="tpu")
     last = out.stderr.strip().splitlines()[-1]
-    assert out.returncode != 0 and last.startswith("refldm.backend.BackendError: REFLDM_BACKEND=tpu")
+    assert out.returncode != 0 and last.startswith("refldm.errors.BackendError: REFLDM_BACKEND=tpu")
     assert "'tpu'" in last and "numpy" in last
     out = python("from refldm import backend; backend.use('numpy'); print(backend.name())", REFLDM_BACKEND="tpu")
     assert out.stdout.strip() == "numpy", out.stderr  # an explicit choice replaces the bad variable
@@ -224,7 +224,7 @@ def test_refldm_backend_env_cupy_where_absent_fails_clearly_on_first_use():
     assert out.returncode == 0, out.stderr
     out = python("from refldm import backend; backend.xp()", REFLDM_BACKEND="cupy")
     last = out.stderr.strip().splitlines()[-1]
-    assert out.returncode != 0 and last.startswith("refldm.backend.BackendError: REFLDM_BACKEND=cupy")
+    assert out.returncode != 0 and last.startswith("refldm.errors.BackendError: REFLDM_BACKEND=cupy")
     assert "cupy" in last.lower()
 
 
