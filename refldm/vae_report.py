@@ -345,6 +345,8 @@ def run(args) -> int:
             pixels, notes = load_rgb(path)
             loaded.append((path, pixels, notes))
     vae = AutoencoderKL.from_pretrained(model, dtype=args.dtype)
+    if getattr(args, "tiling", False):
+        vae.enable_tiling()  # tile by tile, as diffusers' enable_tiling (models/vae.py, `_tiled`)
     results, rows = [], []
     for path, pixels, notes in loaded:
         if min(pixels.shape[:2]) < SSIM_WIN:

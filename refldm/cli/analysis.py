@@ -60,6 +60,8 @@ def register(subparsers) -> None:
                    "amplified error and band curve, one row per image")
     p.add_argument("--bands", type=int, default=8, help="radial frequency bands (default 8)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="compute dtype")
+    p.add_argument("--tiling", action="store_true", help="encode and decode tile by tile (vae.enable_tiling(), "
+                   "as diffusers): bounded memory for large images; tile borders are cross-faded")
     p.add_argument("--json", action="store_true", help="print one JSON object per run")
     p.set_defaults(func=run_vae_report)
 
