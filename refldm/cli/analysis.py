@@ -47,7 +47,7 @@ def register(subparsers) -> None:
         description="Encode each image with the VAE (the posterior mean: deterministic), decode it, and "
                     "measure what survived: PSNR on 8-bit RGB, SSIM, the energy kept per radial frequency "
                     "band, edge preservation, and the worst region. Writes a picture with -o. Large images "
-                    "run whole (tiled decoding is not available here yet).")
+                    "run whole, or tile by tile with --tiling.")
     p.add_argument("images", nargs="*", help="image files (PNG, JPEG, ...), each measured at its own size; "
                    "grayscale and RGBA are converted to RGB, sizes not divisible by the VAE's factor are padded "
                    "(both said in a note)")
