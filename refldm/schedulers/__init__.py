@@ -22,6 +22,7 @@ from .dpmsolver import DPMSolverMultistepScheduler
 from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from .heun import HeunDiscreteScheduler
 from .kdpm2 import KDPM2DiscreteScheduler
+from .kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
@@ -29,9 +30,9 @@ from .unipc import UniPCMultistepScheduler
 
 __all__ = [
     "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "DPMSolverMultistepScheduler",
-    "UniPCMultistepScheduler", "LCMScheduler", "SchedulerMixin", "SchedulerOutput", "SigmaScheduler", "SCHEDULERS",
-    "CLASSES", "get_scheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler",
+    "SchedulerMixin", "SchedulerOutput", "SigmaScheduler", "SCHEDULERS", "CLASSES", "get_scheduler",
 ]
 
 # Short names (as on the command line) -> (class, config keys the name implies).
@@ -44,6 +45,7 @@ SCHEDULERS = {
     "euler_a": (EulerAncestralDiscreteScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
     "dpm2": (KDPM2DiscreteScheduler, {}),
+    "dpm2_a": (KDPM2AncestralDiscreteScheduler, {}),
     "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpm++2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "unipc": (UniPCMultistepScheduler, {}),
