@@ -113,6 +113,17 @@ def loop_sigma(name, config, steps=10, t_start=None, generator=True):
     return sample
 
 
+
+def loop_edm(name, config, steps=10):
+    """The EDM schedulers' loop: x = x_deter * init_noise_sigma; for t: x = step(model(scale_model_input(x, t), t),
+    t, x) (the scaled x goes to the model only)."""
+    scheduler = build(name, config)
+    scheduler.set_timesteps(steps)
+    sample = deterministic() * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        sample = scheduler.step(dummy_model(scheduler.scale_model_input(sample, t), t), t, sample).prev_sample
+    return sample
+
 # -- the cases: (diffusers test, loop, scheduler, config, loop arguments, result_sum, result_mean, tolerances) ---
 
 DDPM = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
@@ -130,6 +141,7 @@ UNIPC = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "b
          "solver_order": 2, "solver_type": "bh2", "final_sigmas_type": "sigma_min"}
 LCM = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.0120, "beta_schedule": "scaled_linear",
        "prediction_type": "epsilon"}
+EDM = {"num_train_timesteps": 256, "sigma_min": 0.002, "sigma_max": 80.0}
 V = {"prediction_type": "v_prediction"}
 KARRAS = {"use_karras_sigmas": True}
 ONE_D = (4, 3, 8)
@@ -204,6 +216,9 @@ CASES = [
      18.2030, 1e-1, 1e-3),
     ("kdpm2_ancestral/test_full_loop_with_noise", loop_sigma, "KDPM2AncestralDiscreteScheduler", K1100,
      {"t_start": 8}, 93087.3437, 121.2074, 1e-2, 5e-3),
+    # test_scheduler_edm_euler.py (tolerance 1e-3 on the sum too)
+    ("edm_euler/test_full_loop_no_noise", loop_edm, "EDMEulerScheduler", EDM, {}, 34.1855, 0.044, 1e-3),
+    ("edm_euler/test_full_loop_device", loop_edm, "EDMEulerScheduler", EDM, {}, 34.1855, 0.044, 1e-3),
     # test_scheduler_dpm_multi.py (mean only, except with_noise)
     ("dpm_multi/test_full_loop_no_noise", loop_plain, "DPMSolverMultistepScheduler", DPM, {}, None, 0.3301),
     ("dpm_multi/test_full_loop_with_noise", loop_plain, "DPMSolverMultistepScheduler", DPM,
