@@ -19,6 +19,7 @@ from .base import SchedulerMixin, SchedulerOutput, SigmaScheduler
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .dpmsolver import DPMSolverMultistepScheduler
+from .dpmsolver_singlestep import DPMSolverSinglestepScheduler
 from .edm_euler import EDMEulerScheduler
 from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from .heun import HeunDiscreteScheduler
@@ -33,8 +34,8 @@ __all__ = [
     "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler",
-    "EDMEulerScheduler", "SchedulerMixin", "SchedulerOutput", "SigmaScheduler", "SCHEDULERS", "CLASSES",
-    "get_scheduler",
+    "EDMEulerScheduler", "DPMSolverSinglestepScheduler", "SchedulerMixin", "SchedulerOutput", "SigmaScheduler",
+    "SCHEDULERS", "CLASSES", "get_scheduler",
 ]
 
 # Short names (as on the command line) -> (class, config keys the name implies).
@@ -57,7 +58,7 @@ SCHEDULERS = {
 # diffusers class names -> classes (for a config's "_class_name").
 CLASSES = {cls.__name__: cls for cls, _ in SCHEDULERS.values()}
 # schedulers without a web-UI name, for models trained for them (EDM: sigma_data, c_in / c_skip / c_out)
-CLASSES.update({cls.__name__: cls for cls in (EDMEulerScheduler,)})
+CLASSES.update({cls.__name__: cls for cls in (EDMEulerScheduler, DPMSolverSinglestepScheduler)})
 
 
 def get_scheduler(name: str, config=None, schedule: str | None = None, **overrides):
