@@ -124,6 +124,17 @@ def loop_edm(name, config, steps=10):
         sample = scheduler.step(dummy_model(scheduler.scale_model_input(sample, t), t), t, sample).prev_sample
     return sample
 
+
+def loop_uneven(name, config, steps=50, skip=3):
+    """diffusers' test_full_uneven_loop: the loop of loop_plain over timesteps[skip:], without add_noise (so the
+    first step is not where a singlestep pair starts)."""
+    scheduler = build(name, config)
+    scheduler.set_timesteps(steps)
+    sample = deterministic()
+    for t in scheduler.timesteps[skip:]:
+        sample = scheduler.step(dummy_model(sample, t), t, sample).prev_sample
+    return sample
+
 # -- the cases: (diffusers test, loop, scheduler, config, loop arguments, result_sum, result_mean, tolerances) ---
 
 DDPM = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
@@ -137,6 +148,10 @@ DPM = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "bet
        "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lower_order_final": False,
        "euler_at_final": False, "lambda_min_clipped": -float("inf"), "variance_type": None,
        "final_sigmas_type": "sigma_min"}
+SINGLE = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+          "solver_order": 2, "prediction_type": "epsilon", "thresholding": False, "sample_max_value": 1.0,
+          "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lambda_min_clipped": -float("inf"),
+          "variance_type": None, "final_sigmas_type": "sigma_min"}
 UNIPC = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
          "solver_order": 2, "solver_type": "bh2", "final_sigmas_type": "sigma_min"}
 LCM = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.0120, "beta_schedule": "scaled_linear",
@@ -231,6 +246,18 @@ CASES = [
      {**DPM, **V, **KARRAS}, {}, None, 0.2096),
     ("dpm_multi/test_full_loop_with_lu_and_v_prediction", loop_plain, "DPMSolverMultistepScheduler",
      {**DPM, **V, "use_lu_lambdas": True}, {}, None, 0.1554),
+    # test_scheduler_dpm_single.py (mean only, except with_noise)
+    ("dpm_single/test_full_loop_no_noise", loop_plain, "DPMSolverSinglestepScheduler", SINGLE, {"generator": False},
+     None, 0.2791),
+    ("dpm_single/test_full_loop_with_karras", loop_plain, "DPMSolverSinglestepScheduler", {**SINGLE, **KARRAS},
+     {"generator": False}, None, 0.2248),
+    ("dpm_single/test_full_loop_with_v_prediction", loop_plain, "DPMSolverSinglestepScheduler", {**SINGLE, **V},
+     {"generator": False}, None, 0.1453),
+    ("dpm_single/test_full_loop_with_karras_and_v_prediction", loop_plain, "DPMSolverSinglestepScheduler",
+     {**SINGLE, **V, **KARRAS}, {"generator": False}, None, 0.0649),
+    ("dpm_single/test_full_loop_with_noise", loop_plain, "DPMSolverSinglestepScheduler", SINGLE,
+     {"t_start": 5, "generator": False}, 269.2187, 0.3505),
+    ("dpm_single/test_full_uneven_loop", loop_uneven, "DPMSolverSinglestepScheduler", SINGLE, {}, None, 0.2574),
     # test_scheduler_unipc.py (mean only, except with_noise); the 1-D variant on (4, 3, 8)
     ("unipc/test_full_loop_no_noise", loop_plain, "UniPCMultistepScheduler", UNIPC, {"generator": False}, None,
      0.2464),
