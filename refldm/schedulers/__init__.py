@@ -18,6 +18,7 @@ from . import names
 from .base import SchedulerMixin, SchedulerOutput, SigmaScheduler
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
+from .deis import DEISMultistepScheduler
 from .dpmsolver import DPMSolverMultistepScheduler
 from .dpmsolver_singlestep import DPMSolverSinglestepScheduler
 from .edm_euler import EDMEulerScheduler
@@ -34,8 +35,8 @@ __all__ = [
     "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler",
-    "EDMEulerScheduler", "DPMSolverSinglestepScheduler", "SchedulerMixin", "SchedulerOutput", "SigmaScheduler",
-    "SCHEDULERS", "CLASSES", "get_scheduler",
+    "EDMEulerScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "SchedulerMixin",
+    "SchedulerOutput", "SigmaScheduler", "SCHEDULERS", "CLASSES", "get_scheduler",
 ]
 
 # Short names (as on the command line) -> (class, config keys the name implies).
@@ -52,6 +53,7 @@ SCHEDULERS = {
     "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpm++2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "deis": (DEISMultistepScheduler, {}),
     "lcm": (LCMScheduler, {}),
 }
 

@@ -41,6 +41,8 @@ SAMPLERS = [
     Sampler("ddim", "DDIM", "ddim", "DDIMScheduler", {}, "-"),
     Sampler("pndm", "PLMS", "plms", "PNDMScheduler", {"skip_prk_steps": True}, "-"),
     Sampler("unipc", "UniPC", "uni_pc_bh2", "UniPCMultistepScheduler", {}, "-"),
+    # ComfyUI's "deis" is its own sample_deis (tAB-DEIS by default); diffusers' (and refldm's) is rhoAB log-rho
+    Sampler("deis", "DEIS", "deis", "DEISMultistepScheduler", {}, "-"),
     Sampler("ddpm", "DDPM", "ddpm", "DDPMScheduler", {}, "-"),
     Sampler("lcm", "LCM", "lcm", "LCMScheduler", {}, "sample_lcm"),
 ]
@@ -56,7 +58,7 @@ SCHEDULE_LABELS = {"karras": "Karras", "exponential": "Exponential", "beta": "Be
                    "simple": "Simple", "uniform": "Uniform", "ddim_uniform": "DDIM"}
 # which schedulers take the sigma-grid keys (the others refuse them, naming the key)
 SIGMA_GRID_CLASSES = {"EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
-                      "KDPM2AncestralDiscreteScheduler",
+                      "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler",
                       "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"}
 
 # samplers of the web UIs that refldm does not implement (yet): name -> what diffusers / k-diffusion call it
@@ -66,7 +68,6 @@ MISSING = {
     "DPM++ 3M SDE": ("dpmpp_3m_sde", "none in diffusers; sample_dpmpp_3m_sde"),
     "DPM fast": ("dpm_fast", "none in diffusers; sample_dpm_fast"),
     "DPM adaptive": ("dpm_adaptive", "none in diffusers; sample_dpm_adaptive"),
-    "DEIS": ("deis", "DEISMultistepScheduler; -"),
     "TCD": ("tcd", "TCDScheduler; -"),
     "Restart": ("restart", "none in diffusers; -"),
 }
