@@ -152,6 +152,8 @@ SINGLE = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "
           "solver_order": 2, "prediction_type": "epsilon", "thresholding": False, "sample_max_value": 1.0,
           "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lambda_min_clipped": -float("inf"),
           "variance_type": None, "final_sigmas_type": "sigma_min"}
+DEIS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+        "solver_order": 2}
 UNIPC = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
          "solver_order": 2, "solver_type": "bh2", "final_sigmas_type": "sigma_min"}
 LCM = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.0120, "beta_schedule": "scaled_linear",
@@ -258,6 +260,12 @@ CASES = [
     ("dpm_single/test_full_loop_with_noise", loop_plain, "DPMSolverSinglestepScheduler", SINGLE,
      {"t_start": 5, "generator": False}, 269.2187, 0.3505),
     ("dpm_single/test_full_uneven_loop", loop_uneven, "DPMSolverSinglestepScheduler", SINGLE, {}, None, 0.2574),
+    # test_scheduler_deis.py (mean only, except with_noise; its test_switch runs its own default loop again)
+    ("deis/test_full_loop_no_noise", loop_plain, "DEISMultistepScheduler", DEIS, {"generator": False}, None, 0.23916),
+    ("deis/test_full_loop_with_v_prediction", loop_plain, "DEISMultistepScheduler", {**DEIS, **V},
+     {"generator": False}, None, 0.091),
+    ("deis/test_full_loop_with_noise", loop_plain, "DEISMultistepScheduler", DEIS,
+     {"t_start": 8, "generator": False}, 315.3016, 0.41054),
     # test_scheduler_unipc.py (mean only, except with_noise); the 1-D variant on (4, 3, 8)
     ("unipc/test_full_loop_no_noise", loop_plain, "UniPCMultistepScheduler", UNIPC, {"generator": False}, None,
      0.2464),
@@ -334,3 +342,26 @@ def test_diffusers_full_loop_numbers_with_float64_tables(case, monkeypatch):
     difference = abs(result_sum - expected) / expected
     assert abs(result_sum - expected) >= 1e-2  # a miss at diffusers' tolerance: fixed by float32 tables only
     assert difference <= 1.1 * FLOAT64_MISSES[case[0]], difference
+
+
+
+@pytest.mark.parametrize("table_dtype", ["float32", "float64"])
+def test_switch_from_deis_through_dpm_single_dpm_multi_unipc_and_back(table_dtype):
+    """diffusers' test_scheduler_deis.py test_switch: from_config along DEIS -> DPMSolverSinglestep ->
+    DPMSolverMultistep -> UniPC -> DEIS gives DEIS's default result again (result_mean 0.23916, tolerance 1e-3);
+    here the loop really runs the scheduler at the end of the chain (diffusers' DEIS full_loop rebuilds its own).
+
+    (diffusers' test_scheduler_dpm_single.py test_switch, the chain from DPMSolverSinglestep with
+    final_sigmas_type="sigma_min" through DEIS, is not reproduced: diffusers' configs keep the keys a class does not
+    use, so DEIS carries final_sigmas_type along; refldm's config dataclasses drop them, and the chain comes back
+    with the default "zero".)"""
+    scheduler = rs.DEISMultistepScheduler(**DEIS, table_dtype=table_dtype)
+    for name in ("DPMSolverSinglestepScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                 "DEISMultistepScheduler"):
+        scheduler = getattr(rs, name).from_config(scheduler.config)
+    assert scheduler.config == rs.DEISMultistepScheduler(**DEIS, table_dtype=table_dtype).config
+    scheduler.set_timesteps(10)
+    sample = deterministic()
+    for t in scheduler.timesteps:
+        sample = scheduler.step(dummy_model(sample, t), t, sample).prev_sample
+    assert abs(float(numpy.mean(numpy.abs(sample))) - 0.23916) < 1e-3
