@@ -29,13 +29,14 @@ from .kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
+from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
 
 __all__ = [
     "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler",
-    "EDMEulerScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "SchedulerMixin",
+    "EDMEulerScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "TCDScheduler", "SchedulerMixin",
     "SchedulerOutput", "SigmaScheduler", "SCHEDULERS", "CLASSES", "get_scheduler",
 ]
 
@@ -55,6 +56,7 @@ SCHEDULERS = {
     "unipc": (UniPCMultistepScheduler, {}),
     "deis": (DEISMultistepScheduler, {}),
     "lcm": (LCMScheduler, {}),
+    "tcd": (TCDScheduler, {}),
 }
 
 # diffusers class names -> classes (for a config's "_class_name").

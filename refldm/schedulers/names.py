@@ -45,6 +45,8 @@ SAMPLERS = [
     Sampler("deis", "DEIS", "deis", "DEISMultistepScheduler", {}, "-"),
     Sampler("ddpm", "DDPM", "ddpm", "DDPMScheduler", {}, "-"),
     Sampler("lcm", "LCM", "lcm", "LCMScheduler", {}, "sample_lcm"),
+    # ComfyUI's "tcd" is its own port (sample_tcd, on the model's sigmas); this is diffusers' TCDScheduler
+    Sampler("tcd", "TCD", "tcd", "TCDScheduler", {}, "-"),
 ]
 
 # schedule name (A1111 "Schedule type" / suffix, ComfyUI scheduler) -> config keys; "normal"/"automatic": the model's
@@ -68,7 +70,6 @@ MISSING = {
     "DPM++ 3M SDE": ("dpmpp_3m_sde", "none in diffusers; sample_dpmpp_3m_sde"),
     "DPM fast": ("dpm_fast", "none in diffusers; sample_dpm_fast"),
     "DPM adaptive": ("dpm_adaptive", "none in diffusers; sample_dpm_adaptive"),
-    "TCD": ("tcd", "TCDScheduler; -"),
     "Restart": ("restart", "none in diffusers; -"),
 }
 
