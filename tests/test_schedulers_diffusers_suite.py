@@ -287,6 +287,11 @@ CASES = [
      {**UNIPC, **V, **KARRAS}, {"generator": False, "shape": ONE_D}, None, 0.1944),
     ("unipc_1d/test_full_loop_with_noise", loop_plain, "UniPCMultistepScheduler", UNIPC,
      {"t_start": 8, "generator": False, "shape": ONE_D}, 39.0870, 0.4072),
+    # test_scheduler_tcd.py (eta = 0: deterministic; tolerance 1e-3 on the sum too)
+    ("tcd/test_full_loop_onestep_deter", loop_plain, "TCDScheduler", LCM, {"steps": 1, "step_kwargs": {"eta": 0.0}},
+     29.8715, 0.0389, 1e-3),
+    ("tcd/test_full_loop_multistep_deter", loop_plain, "TCDScheduler", LCM,
+     {"steps": 10, "step_kwargs": {"eta": 0.0}}, 181.2040, 0.2359, 1e-3),
     # test_scheduler_lcm.py (tolerance 1e-3 on the sum too)
     ("lcm/test_full_loop_onestep", loop_plain, "LCMScheduler", LCM, {"steps": 1}, 18.7097, 0.0244, 1e-3),
     ("lcm/test_full_loop_multistep", loop_plain, "LCMScheduler", LCM, {"steps": 10}, 197.7616, 0.2575, 1e-3),
