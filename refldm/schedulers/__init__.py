@@ -21,6 +21,7 @@ from .ddpm import DDPMScheduler
 from .deis import DEISMultistepScheduler
 from .dpmsolver import DPMSolverMultistepScheduler
 from .dpmsolver_singlestep import DPMSolverSinglestepScheduler
+from .edm_dpmsolver import EDMDPMSolverMultistepScheduler
 from .edm_euler import EDMEulerScheduler
 from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from .heun import HeunDiscreteScheduler
@@ -36,8 +37,9 @@ __all__ = [
     "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler",
-    "EDMEulerScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "TCDScheduler", "SchedulerMixin",
-    "SchedulerOutput", "SigmaScheduler", "SCHEDULERS", "CLASSES", "get_scheduler",
+    "EDMEulerScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "TCDScheduler",
+    "EDMDPMSolverMultistepScheduler", "SchedulerMixin", "SchedulerOutput", "SigmaScheduler", "SCHEDULERS", "CLASSES",
+    "get_scheduler",
 ]
 
 # Short names (as on the command line) -> (class, config keys the name implies).
@@ -62,7 +64,8 @@ SCHEDULERS = {
 # diffusers class names -> classes (for a config's "_class_name").
 CLASSES = {cls.__name__: cls for cls, _ in SCHEDULERS.values()}
 # schedulers without a web-UI name, for models trained for them (EDM: sigma_data, c_in / c_skip / c_out)
-CLASSES.update({cls.__name__: cls for cls in (EDMEulerScheduler, DPMSolverSinglestepScheduler)})
+CLASSES.update({cls.__name__: cls for cls in (EDMEulerScheduler, EDMDPMSolverMultistepScheduler,
+                                                  DPMSolverSinglestepScheduler)})
 
 
 def get_scheduler(name: str, config=None, schedule: str | None = None, **overrides):
