@@ -159,6 +159,10 @@ UNIPC = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "b
 LCM = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.0120, "beta_schedule": "scaled_linear",
        "prediction_type": "epsilon"}
 EDM = {"num_train_timesteps": 256, "sigma_min": 0.002, "sigma_max": 80.0}
+EDM_DPM = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5, "num_train_timesteps": 1000, "solver_order": 2,
+           "prediction_type": "epsilon", "thresholding": False, "sample_max_value": 1.0,
+           "algorithm_type": "dpmsolver++", "solver_type": "midpoint", "lower_order_final": False, "euler_at_final": False,
+           "final_sigmas_type": "sigma_min"}
 V = {"prediction_type": "v_prediction"}
 KARRAS = {"use_karras_sigmas": True}
 ONE_D = (4, 3, 8)
@@ -236,6 +240,16 @@ CASES = [
     # test_scheduler_edm_euler.py (tolerance 1e-3 on the sum too)
     ("edm_euler/test_full_loop_no_noise", loop_edm, "EDMEulerScheduler", EDM, {}, 34.1855, 0.044, 1e-3),
     ("edm_euler/test_full_loop_device", loop_edm, "EDMEulerScheduler", EDM, {}, 34.1855, 0.044, 1e-3),
+    # test_scheduler_edm_dpmsolver_multistep.py (mean only, except with_noise)
+    ("edm_dpmsolver/test_full_loop_no_noise", loop_plain, "EDMDPMSolverMultistepScheduler", EDM_DPM,
+     {"generator": False}, None, 0.0001),
+    ("edm_dpmsolver/test_full_loop_with_noise", loop_plain, "EDMDPMSolverMultistepScheduler", EDM_DPM,
+     {"t_start": 5, "generator": False}, 8.1661, 0.0106),
+    ("edm_dpmsolver/test_full_loop_no_noise_thres", loop_plain, "EDMDPMSolverMultistepScheduler",
+     {**EDM_DPM, "thresholding": True, "dynamic_thresholding_ratio": 0.87, "sample_max_value": 0.5},
+     {"generator": False}, None, 0.0080),
+    ("edm_dpmsolver/test_full_loop_with_v_prediction", loop_plain, "EDMDPMSolverMultistepScheduler", {**EDM_DPM, **V},
+     {"generator": False}, None, 0.0092),
     # test_scheduler_dpm_multi.py (mean only, except with_noise)
     ("dpm_multi/test_full_loop_no_noise", loop_plain, "DPMSolverMultistepScheduler", DPM, {}, None, 0.3301),
     ("dpm_multi/test_full_loop_with_noise", loop_plain, "DPMSolverMultistepScheduler", DPM,

@@ -4,7 +4,8 @@ x = x_0 + sigma eps, i.e. with alpha_t = 1 and sigma_t = sigma, so lambda = -log
 sigma_t); the denoised x_0 comes from the EDM preconditioning of edm_euler.py (Karras et al. 2022, Table 1):
 
     x_0 = c_skip x + c_out F(c_in x, log(sigma) / 4)
-    order 1:  x_t = sigma_t/sigma_s x - (e^{-h} - 1) x_0           (SDE: e^{-h} x-factor, noise sigma_t sqrt(1-e^{-2h}) z)
+    order 1:  x_t = sigma_t/sigma_s x - (e^{-h} - 1) x_0
+              (SDE: x_t = sigma_t/sigma_s e^{-h} x + (1 - e^{-2h}) x_0 + sigma_t sqrt(1 - e^{-2h}) z)
     order 2, 3: the multistep corrections of dpmsolver.dpmpp_second_order / dpmpp_third_order.
 
 Sigmas come from a ramp as in EDMEulerScheduler, except that here, as in diffusers, the ramp is torch.linspace in
