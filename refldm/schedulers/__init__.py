@@ -20,6 +20,7 @@ from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .deis import DEISMultistepScheduler
 from .dpmsolver import DPMSolverMultistepScheduler
+from .dpmsolver_sde import DPMSolverSDEScheduler
 from .dpmsolver_singlestep import DPMSolverSinglestepScheduler
 from .edm_dpmsolver import EDMDPMSolverMultistepScheduler
 from .edm_euler import EDMEulerScheduler
@@ -38,8 +39,8 @@ __all__ = [
     "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler",
     "EDMEulerScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "TCDScheduler",
-    "EDMDPMSolverMultistepScheduler", "SchedulerMixin", "SchedulerOutput", "SigmaScheduler", "SCHEDULERS", "CLASSES",
-    "get_scheduler",
+    "EDMDPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "SchedulerMixin", "SchedulerOutput", "SigmaScheduler",
+    "SCHEDULERS", "CLASSES", "get_scheduler",
 ]
 
 # Short names (as on the command line) -> (class, config keys the name implies).
@@ -55,6 +56,7 @@ SCHEDULERS = {
     "dpm2_a": (KDPM2AncestralDiscreteScheduler, {}),
     "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpm++2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpm++sde": (DPMSolverSDEScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
     "deis": (DEISMultistepScheduler, {}),
     "lcm": (LCMScheduler, {}),

@@ -38,6 +38,8 @@ SAMPLERS = [
             {"algorithm_type": "dpmsolver++", "solver_order": 2}, "sample_dpmpp_2m"),
     Sampler("dpm++2m_sde", "DPM++ 2M SDE", "dpmpp_2m_sde", "DPMSolverMultistepScheduler",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, "sample_dpmpp_2m_sde (midpoint)"),
+    # Brownian noise as k-diffusion's (same distribution; its torchsde numbers are not reproduced)
+    Sampler("dpm++sde", "DPM++ SDE", "dpmpp_sde", "DPMSolverSDEScheduler", {}, "sample_dpmpp_sde"),
     Sampler("ddim", "DDIM", "ddim", "DDIMScheduler", {}, "-"),
     Sampler("pndm", "PLMS", "plms", "PNDMScheduler", {"skip_prk_steps": True}, "-"),
     Sampler("unipc", "UniPC", "uni_pc_bh2", "UniPCMultistepScheduler", {}, "-"),
@@ -61,12 +63,12 @@ SCHEDULE_LABELS = {"karras": "Karras", "exponential": "Exponential", "beta": "Be
 # which schedulers take the sigma-grid keys (the others refuse them, naming the key)
 SIGMA_GRID_CLASSES = {"EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
                       "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler",
+                      "DPMSolverSDEScheduler",
                       "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"}
 
 # samplers of the web UIs that refldm does not implement (yet): name -> what diffusers / k-diffusion call it
 MISSING = {
     "DPM++ 2S a": ("dpmpp_2s_ancestral", "none in diffusers; sample_dpmpp_2s_ancestral"),
-    "DPM++ SDE": ("dpmpp_sde", "DPMSolverSDEScheduler; sample_dpmpp_sde"),
     "DPM++ 3M SDE": ("dpmpp_3m_sde", "none in diffusers; sample_dpmpp_3m_sde"),
     "DPM fast": ("dpm_fast", "none in diffusers; sample_dpm_fast"),
     "DPM adaptive": ("dpm_adaptive", "none in diffusers; sample_dpm_adaptive"),
