@@ -18,20 +18,29 @@ from . import names
 from .base import SchedulerMixin, SchedulerOutput, SigmaScheduler
 from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
+from .deis import DEISMultistepScheduler
 from .dpmsolver import DPMSolverMultistepScheduler
+from .dpmsolver_sde import DPMSolverSDEScheduler
+from .dpmsolver_singlestep import DPMSolverSinglestepScheduler
+from .edm_dpmsolver import EDMDPMSolverMultistepScheduler
+from .edm_euler import EDMEulerScheduler
 from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 from .heun import HeunDiscreteScheduler
 from .kdpm2 import KDPM2DiscreteScheduler
+from .kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from .lcm import LCMScheduler
 from .lms import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
+from .tcd import TCDScheduler
 from .unipc import UniPCMultistepScheduler
 
 __all__ = [
     "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "DPMSolverMultistepScheduler",
-    "UniPCMultistepScheduler", "LCMScheduler", "SchedulerMixin", "SchedulerOutput", "SigmaScheduler", "SCHEDULERS",
-    "CLASSES", "get_scheduler",
+    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler",
+    "EDMEulerScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "TCDScheduler",
+    "EDMDPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "SchedulerMixin", "SchedulerOutput", "SigmaScheduler",
+    "SCHEDULERS", "CLASSES", "get_scheduler",
 ]
 
 # Short names (as on the command line) -> (class, config keys the name implies).
@@ -44,14 +53,21 @@ SCHEDULERS = {
     "euler_a": (EulerAncestralDiscreteScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
     "dpm2": (KDPM2DiscreteScheduler, {}),
+    "dpm2_a": (KDPM2AncestralDiscreteScheduler, {}),
     "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpm++2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpm++sde": (DPMSolverSDEScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
+    "deis": (DEISMultistepScheduler, {}),
     "lcm": (LCMScheduler, {}),
+    "tcd": (TCDScheduler, {}),
 }
 
 # diffusers class names -> classes (for a config's "_class_name").
 CLASSES = {cls.__name__: cls for cls, _ in SCHEDULERS.values()}
+# schedulers without a web-UI name, for models trained for them (EDM: sigma_data, c_in / c_skip / c_out)
+CLASSES.update({cls.__name__: cls for cls in (EDMEulerScheduler, EDMDPMSolverMultistepScheduler,
+                                                  DPMSolverSinglestepScheduler)})
 
 
 def get_scheduler(name: str, config=None, schedule: str | None = None, **overrides):

@@ -33,15 +33,22 @@ SAMPLERS = [
     Sampler("heun", "Heun", "heun", "HeunDiscreteScheduler", {}, "sample_heun"),
     Sampler("lms", "LMS", "lms", "LMSDiscreteScheduler", {}, "sample_lms"),
     Sampler("dpm2", "DPM2", "dpm_2", "KDPM2DiscreteScheduler", {}, "sample_dpm_2"),
+    Sampler("dpm2_a", "DPM2 a", "dpm_2_ancestral", "KDPM2AncestralDiscreteScheduler", {}, "sample_dpm_2_ancestral"),
     Sampler("dpm++2m", "DPM++ 2M", "dpmpp_2m", "DPMSolverMultistepScheduler",
             {"algorithm_type": "dpmsolver++", "solver_order": 2}, "sample_dpmpp_2m"),
     Sampler("dpm++2m_sde", "DPM++ 2M SDE", "dpmpp_2m_sde", "DPMSolverMultistepScheduler",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, "sample_dpmpp_2m_sde (midpoint)"),
+    # Brownian noise as k-diffusion's (same distribution; its torchsde numbers are not reproduced)
+    Sampler("dpm++sde", "DPM++ SDE", "dpmpp_sde", "DPMSolverSDEScheduler", {}, "sample_dpmpp_sde"),
     Sampler("ddim", "DDIM", "ddim", "DDIMScheduler", {}, "-"),
     Sampler("pndm", "PLMS", "plms", "PNDMScheduler", {"skip_prk_steps": True}, "-"),
     Sampler("unipc", "UniPC", "uni_pc_bh2", "UniPCMultistepScheduler", {}, "-"),
+    # ComfyUI's "deis" is its own sample_deis (tAB-DEIS by default); diffusers' (and refldm's) is rhoAB log-rho
+    Sampler("deis", "DEIS", "deis", "DEISMultistepScheduler", {}, "-"),
     Sampler("ddpm", "DDPM", "ddpm", "DDPMScheduler", {}, "-"),
     Sampler("lcm", "LCM", "lcm", "LCMScheduler", {}, "sample_lcm"),
+    # ComfyUI's "tcd" is its own port (sample_tcd, on the model's sigmas); this is diffusers' TCDScheduler
+    Sampler("tcd", "TCD", "tcd", "TCDScheduler", {}, "-"),
 ]
 
 # schedule name (A1111 "Schedule type" / suffix, ComfyUI scheduler) -> config keys; "normal"/"automatic": the model's
@@ -55,18 +62,16 @@ SCHEDULE_LABELS = {"karras": "Karras", "exponential": "Exponential", "beta": "Be
                    "simple": "Simple", "uniform": "Uniform", "ddim_uniform": "DDIM"}
 # which schedulers take the sigma-grid keys (the others refuse them, naming the key)
 SIGMA_GRID_CLASSES = {"EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
+                      "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler",
+                      "DPMSolverSDEScheduler",
                       "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"}
 
 # samplers of the web UIs that refldm does not implement (yet): name -> what diffusers / k-diffusion call it
 MISSING = {
     "DPM++ 2S a": ("dpmpp_2s_ancestral", "none in diffusers; sample_dpmpp_2s_ancestral"),
-    "DPM++ SDE": ("dpmpp_sde", "DPMSolverSDEScheduler; sample_dpmpp_sde"),
     "DPM++ 3M SDE": ("dpmpp_3m_sde", "none in diffusers; sample_dpmpp_3m_sde"),
-    "DPM2 a": ("dpm_2_ancestral", "KDPM2AncestralDiscreteScheduler; sample_dpm_2_ancestral"),
     "DPM fast": ("dpm_fast", "none in diffusers; sample_dpm_fast"),
     "DPM adaptive": ("dpm_adaptive", "none in diffusers; sample_dpm_adaptive"),
-    "DEIS": ("deis", "DEISMultistepScheduler; -"),
-    "TCD": ("tcd", "TCDScheduler; -"),
     "Restart": ("restart", "none in diffusers; -"),
 }
 
