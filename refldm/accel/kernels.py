@@ -41,6 +41,16 @@ PRODUCT_BLOCK_ROWS = 512
 ATTENTION_BLOCK_BYTES = 2 * 2**20
 
 
+def _even_blocks(size: int, step: int, align: int = 16) -> int:
+    """The block length for cutting `size` rows (or columns) into an even number of blocks of at most
+    about `step`, each a multiple of `align`: two or more blocks, so that a mid-sized product (the
+    U-Net's 16x16 and 8x8 levels) keeps both cores busy. It depends on the sizes only, never on the
+    thread count, so the bytes of a result do not either."""
+    blocks = max(2, -(-size // step))
+    blocks += blocks % 2
+    return max(align, -(-(-(-size // blocks)) // align) * align)
+
+
 def _matmul(a, b):
     """a @ b for 2-D a (M, K) and b (K, N), or a (K, N) times batched b (..., K, N'), on one BLAS thread
     per product.
@@ -58,12 +68,13 @@ def _matmul(a, b):
         if small_product(batch * m, n, k) or a.ndim != 2 or b.ndim > 3:
             return np.matmul(a, b)
         if b.ndim == 2 and m >= 2 * step:                               # blocks of rows of a
+            rows = _even_blocks(m, step)
             out = np.empty((m, n), dtype=np.result_type(a, b))
-            parallel_map(lambda i: np.matmul(a[i:i + step], b, out=out[i:i + step]), range(0, m, step))
+            parallel_map(lambda i: np.matmul(a[i:i + rows], b, out=out[i:i + rows]), range(0, m, rows))
             return out
         b3 = b.reshape((1,) + b.shape) if b.ndim == 2 else b             # (batch, K, N)
         out = np.empty((b3.shape[0], m, n), dtype=np.result_type(a, b))
-        cols = step if n >= 2 * step else n                             # blocks of columns of b
+        cols = _even_blocks(n, step)                                     # blocks of columns of b
         jobs = [(i, j) for i in range(b3.shape[0]) for j in range(0, n, cols)]
         parallel_map(lambda job: gemm_into(a, b3[job[0], :, job[1]:job[1] + cols],
                                            out[job[0], :, job[1]:job[1] + cols]), jobs)
