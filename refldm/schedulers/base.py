@@ -172,8 +172,13 @@ class SchedulerMixin:
         return numpy.asarray(values, dtype=self.config.table_dtype)
 
     # -- inference steps ---------------------------------------------------------------------------
-    def _check_steps(self, num_inference_steps):
+    def _check_steps(self, num_inference_steps, num_train_timesteps=None):
+        """The step count, checked; `num_train_timesteps` (diffusers' set_timesteps argument of that name)
+        may only repeat the config's, since refldm builds one table per scheduler."""
         n = num_inference_steps
+        if num_train_timesteps not in (None, self.config.num_train_timesteps):
+            raise ValueError(f"{type(self).__name__}.set_timesteps: num_train_timesteps={num_train_timesteps!r} "
+                             f"differs from the config's {self.config.num_train_timesteps}")
         if isinstance(n, bool) or not isinstance(n, (int, numpy.integer)) or n < 1:
             raise ValueError(f"{type(self).__name__}.set_timesteps: num_inference_steps={n!r} must be an integer >= 1")
         if n > self.config.num_train_timesteps:

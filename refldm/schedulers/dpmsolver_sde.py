@@ -87,11 +87,8 @@ class DPMSolverSDEScheduler(SigmaScheduler):
         self.set_timesteps(self.config.num_train_timesteps)  # as diffusers: usable before set_timesteps
 
     def set_timesteps(self, num_inference_steps, device=None, num_train_timesteps=None):
-        n = self._check_steps(num_inference_steps)
+        n = self._check_steps(num_inference_steps, num_train_timesteps)
         c = self.config
-        if num_train_timesteps not in (None, c.num_train_timesteps):
-            raise ValueError(f"{type(self).__name__}.set_timesteps: num_train_timesteps={num_train_timesteps!r} "
-                             f"differs from the config's {c.num_train_timesteps}")
         self.num_inference_steps = n
         # diffusers keeps these timesteps in float64 (even with float32 tables) and interpolates sigma there
         timesteps = schedule.spaced_timesteps(c.timestep_spacing, c.num_train_timesteps, n, c.steps_offset, exact=True)

@@ -43,11 +43,8 @@ class KDPM2AncestralDiscreteScheduler(SigmaScheduler):
         self.set_timesteps(self.config.num_train_timesteps)  # as diffusers: usable before set_timesteps
 
     def set_timesteps(self, num_inference_steps, device=None, num_train_timesteps=None):
-        n = self._check_steps(num_inference_steps)
+        n = self._check_steps(num_inference_steps, num_train_timesteps)
         c = self.config
-        if num_train_timesteps not in (None, c.num_train_timesteps):
-            raise ValueError(f"{type(self).__name__}.set_timesteps: num_train_timesteps={num_train_timesteps!r} "
-                             f"differs from the config's {c.num_train_timesteps}")
         self.num_inference_steps = n
         timesteps, sigmas = self._spaced(n)
         log_sigmas = numpy.log(self.sigmas_table)
