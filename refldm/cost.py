@@ -67,6 +67,7 @@ class Op:
 
     @property
     def flops(self) -> int:
+        """2 x multiply-adds; a norm: NORM_FLOPS_PER_VALUE x the values it writes."""
         return 2 * self.macs if self.kind != "norm" else NORM_FLOPS_PER_VALUE * self.out_values
 
 
@@ -83,6 +84,7 @@ class Count:
 
     @property
     def norm_flops(self) -> int:
+        """The norms' estimated FLOPs (NORM_FLOPS_PER_VALUE per value written), kept apart from `flops`."""
         return sum(op.flops for op in self.ops if op.kind == "norm")
 
     def flops_by_kind(self) -> dict:
@@ -142,11 +144,13 @@ class _Walk:
         return ho, wo
 
     def linear(self, name, tokens, din, dout):
+        """y = x W^T + b on B x tokens rows: B * tokens * D_out * D_in multiply-adds."""
         b = self.b
         self.ops.append(Op(name, "linear", b * tokens * dout * din, b * tokens * din, b * tokens * dout,
                            held=self.held))
 
     def norm(self, name, values):
+        """GroupNorm / LayerNorm over B x values: no products; counted apart (Op.flops)."""
         b = self.b
         self.ops.append(Op(name, "norm", 0, b * values, b * values, held=self.held))
 
