@@ -46,6 +46,21 @@ def log_midpoints(sigmas):
         return numpy.exp(log_prev - (log_prev - log_s) * 0.5)
 
 
+def spaced_sigmas(sched, n: int):
+    """DPM2's (and DPM2 a's) n timesteps and n + 1 sigmas (the last 0), and log of the training sigmas:
+    spaced as the config says, or on its sigma grid (Karras timesteps rounded, as diffusers does for
+    DPM2; exponential / beta not)."""
+    c = sched.config
+    timesteps, sigmas = sched._spaced(n)
+    log_sigmas = numpy.log(sched.sigmas_table)
+    grid = schedule.sigma_grid(c, float(sigmas[-1]), float(sigmas[0]), n)
+    if grid is not None:
+        sigmas = grid
+        timesteps = schedule.sigma_to_t(sigmas, log_sigmas)
+        timesteps = timesteps.round() if c.use_karras_sigmas else timesteps
+    return timesteps, sched._table(numpy.concatenate([sigmas, [0.0]])), log_sigmas
+
+
 class KDPM2DiscreteScheduler(SigmaScheduler):
     """diffusers' KDPM2DiscreteScheduler ("DPM2"; "DPM2 Karras" with use_karras_sigmas=True)."""
 
@@ -58,16 +73,8 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
 
     def set_timesteps(self, num_inference_steps, device=None, num_train_timesteps=None):
         n = self._check_steps(num_inference_steps, num_train_timesteps)
-        c = self.config
         self.num_inference_steps = n
-        timesteps, sigmas = self._spaced(n)
-        log_sigmas = numpy.log(self.sigmas_table)
-        grid = schedule.sigma_grid(c, float(sigmas[-1]), float(sigmas[0]), n)
-        if grid is not None:  # Karras timesteps rounded (as diffusers does for DPM2), exponential / beta not
-            sigmas = grid
-            timesteps = schedule.sigma_to_t(sigmas, log_sigmas)
-            timesteps = timesteps.round() if c.use_karras_sigmas else timesteps
-        sigmas = self._table(numpy.concatenate([sigmas, [0.0]]))  # (n + 1,)
+        timesteps, sigmas, log_sigmas = spaced_sigmas(self, n)
         mids = log_midpoints(sigmas)  # (n + 1,): mids[i] between sigmas[i - 1] and sigmas[i]
         timesteps_mid = self._table(schedule.sigma_to_t(numpy.nan_to_num(mids), log_sigmas))
         timesteps = self._table(timesteps)

@@ -23,7 +23,7 @@ import numpy
 
 from . import schedule
 from .base import SigmaScheduler, noise_like
-from .kdpm2 import KDPM2Config
+from .kdpm2 import KDPM2Config, spaced_sigmas
 from .prediction import x0_from_sigma_prediction
 
 
@@ -44,16 +44,8 @@ class KDPM2AncestralDiscreteScheduler(SigmaScheduler):
 
     def set_timesteps(self, num_inference_steps, device=None, num_train_timesteps=None):
         n = self._check_steps(num_inference_steps, num_train_timesteps)
-        c = self.config
         self.num_inference_steps = n
-        timesteps, sigmas = self._spaced(n)
-        log_sigmas = numpy.log(self.sigmas_table)
-        grid = schedule.sigma_grid(c, float(sigmas[-1]), float(sigmas[0]), n)
-        if grid is not None:  # Karras timesteps rounded (as diffusers does for DPM2 a), exponential / beta not
-            sigmas = grid
-            timesteps = schedule.sigma_to_t(sigmas, log_sigmas)
-            timesteps = timesteps.round() if c.use_karras_sigmas else timesteps
-        sigmas = self._table(numpy.concatenate([sigmas, [0.0]]))  # (n + 1,)
+        timesteps, sigmas, log_sigmas = spaced_sigmas(self, n)  # (n,), (n + 1,) ending in 0
         sigmas_next = numpy.concatenate([sigmas[1:], sigmas[-1:] * 0])  # (n + 1,)
         with numpy.errstate(divide="ignore", invalid="ignore"):  # entry n: sigma = 0, never used
             up = (sigmas_next**2 * (sigmas**2 - sigmas_next**2) / sigmas**2) ** 0.5
