@@ -23,11 +23,11 @@ import threading
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from refldm import accel, ops
-from refldm.accel import blas, kernels
+from refldm.accel import blas, kernels, winograd
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
@@ -98,19 +98,21 @@ def conv_cases(draw):
 
 
 @settings(max_examples=60)
-@given(case=conv_cases(), dtype=DTYPES, tiny_bands=st.booleans())
-def test_conv2d_accel_equals_reference(case, dtype, tiny_bands):
+@given(case=conv_cases(), dtype=DTYPES, tiny_bands=st.booleans(), small_image=st.booleans())
+def test_conv2d_accel_equals_reference(case, dtype, tiny_bands, small_image):
+    """small_image: stride-1 convs as one im2col product (_conv2d_small), else one product per tap."""
     c = case
     x = randn(c["seed"], c["n"], c["c_in"], c["h"], c["w"], dtype=dtype, strided=c["strided"])
     weight = randn(c["seed"] + 1, c["c_out"], c["c_in"], c["kh"], c["kw"], dtype=dtype)
     bias = randn(c["seed"] + 2, c["c_out"], dtype=dtype) if c["bias"] else None
-    saved = kernels.CONV_BAND_BYTES, kernels.CONV_CHUNK_BYTES
+    saved = kernels.CONV_BAND_BYTES, kernels.CONV_CHUNK_BYTES, kernels.SMALL_IMAGE_COLUMNS
     try:
+        kernels.SMALL_IMAGE_COLUMNS = 10**9 if small_image else 0
         if tiny_bands:  # one output row per band: the bands and the im2col chunks must not change a sum
-            kernels.CONV_BAND_BYTES = kernels.CONV_CHUNK_BYTES = 1
+            kernels.CONV_BAND_BYTES, kernels.CONV_CHUNK_BYTES = 1, (2**20 if small_image else 1)
         agree(ops.conv2d, x, weight, bias, stride=c["stride"], padding=c["padding"], dtype=dtype)
     finally:
-        kernels.CONV_BAND_BYTES, kernels.CONV_CHUNK_BYTES = saved
+        kernels.CONV_BAND_BYTES, kernels.CONV_CHUNK_BYTES, kernels.SMALL_IMAGE_COLUMNS = saved
 
 
 def test_conv2d_accel_equals_reference_on_a_large_image():
@@ -119,6 +121,47 @@ def test_conv2d_accel_equals_reference_on_a_large_image():
     agree(ops.conv2d, x, w, b.astype(np.float32), padding=1, dtype=np.float32)
     agree(ops.conv2d, x.astype(np.float64), w.astype(np.float64), b, stride=2, padding=((0, 1), (0, 1)),
           dtype=np.float64)
+
+
+def test_conv2d_accel_equals_reference_on_a_small_image_with_many_channels():
+    """One im2col product (_conv2d_small), in blocks of output channels on the thread pool."""
+    x, w = randn(3, 2, 96, 9, 7, dtype=np.float32), randn(4, 1100, 96, 3, 3, dtype=np.float32)
+    agree(ops.conv2d, x, w, randn(5, 1100).astype(np.float32), padding=1, dtype=np.float32)
+
+
+@settings(max_examples=40)
+@given(n=st.integers(1, 3), c_in=st.integers(1, 6), c_out=st.integers(1, 6), h=st.integers(1, 13),
+       w=st.integers(1, 13), pads=st.sampled_from([(1, 1, 1, 1), (0, 0, 0, 0), (2, 0, 1, 3), (0, 1, 0, 1)]),
+       bias=st.booleans(), strided=st.booleans(), band=st.sampled_from([1, 3, 512]), seed=st.integers(0, 2**31),
+       dtype=DTYPES)
+def test_winograd_conv_equals_reference(n, c_in, c_out, h, w, pads, bias, strided, band, seed, dtype):
+    """3x3 stride-1 convs by F(2x2, 3x3) (accel/winograd.py), forced on for any size: odd and even
+    output sizes (the last tile overhangs), asymmetric paddings, bands of 1 or 3 tile rows, the weight
+    transform in blocks of 5 channel pairs."""
+    top, bottom, left, right = pads
+    assume(h + top + bottom >= 3 and w + left + right >= 3)
+    x = randn(seed, n, c_in, h, w, dtype=dtype, strided=strided)
+    weight = randn(seed + 1, c_out, c_in, 3, 3, dtype=dtype)
+    b = randn(seed + 2, c_out, dtype=dtype) if bias else None
+    saved = (kernels.WINOGRAD_CHANNELS, kernels.WINOGRAD_PIXELS, kernels.SMALL_IMAGE_COLUMNS,
+             winograd.BAND_COLUMNS, winograd.WEIGHT_BLOCK)
+    try:
+        kernels.WINOGRAD_CHANNELS = kernels.WINOGRAD_PIXELS = 1
+        kernels.SMALL_IMAGE_COLUMNS = 0
+        winograd.BAND_COLUMNS, winograd.WEIGHT_BLOCK = band, 5
+        assert kernels._winograd_pays(c_in, c_out, 2, 2, np.dtype(dtype))
+        agree(ops.conv2d, x, weight, b, padding=((top, bottom), (left, right)), dtype=dtype)
+    finally:
+        (kernels.WINOGRAD_CHANNELS, kernels.WINOGRAD_PIXELS, kernels.SMALL_IMAGE_COLUMNS,
+         winograd.BAND_COLUMNS, winograd.WEIGHT_BLOCK) = saved
+
+
+def test_winograd_conv_equals_reference_at_the_default_thresholds():
+    """A conv the default rule sends to F(2x2, 3x3) (320 channels, 64x64), on the thread pool, float32:
+    the same tolerance as every other path."""
+    assert kernels._winograd_pays(320, 320, 64, 64, np.dtype(np.float32))
+    x, w = randn(6, 1, 320, 64, 64, dtype=np.float32), (randn(7, 320, 320, 3, 3) / 50).astype(np.float32)
+    agree(ops.conv2d, x, w, randn(8, 320).astype(np.float32), padding=1, dtype=np.float32)
 
 
 @settings(max_examples=40)
@@ -326,18 +369,22 @@ def test_numpy_blas_gemm_is_found_where_openblas_is():
 
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-13), (np.float16, 1e-2)])
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_gemm_into_matches_matmul_on_windows(dtype, tol, accumulate):
-    """Windows of larger arrays (row strides != row lengths), accumulate or overwrite, every dtype
-    (float16 takes the NumPy fallback); the parts of C outside the window are never touched."""
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gemm_into_matches_matmul_on_windows(dtype, tol, accumulate, transposed):
+    """Windows of larger arrays (row strides != row lengths), accumulate or overwrite, B as it lies or
+    given transposed (N, K), every dtype (float16 takes the NumPy fallback); the parts of C outside the
+    window are never touched."""
     rng = np.random.default_rng(3)
     for m, k, n in [(1, 1, 1), (4, 7, 5), (33, 65, 17), (128, 96, 300)]:
         big_a = rng.standard_normal((m, k + 5)).astype(dtype)
-        big_b = rng.standard_normal((k, n + 9)).astype(dtype)
+        big_b = rng.standard_normal((n, k + 9) if transposed else (k, n + 9)).astype(dtype)
         big_c = rng.standard_normal((m + 2, n + 4)).astype(dtype)
-        a, b, c = big_a[:, 3:3 + k], big_b[:, 2:2 + n], big_c[1:1 + m, 4:]
+        a, b, c = big_a[:, 3:3 + k], big_b[:, 2:2 + (k if transposed else n)], big_c[1:1 + m, 4:]
         before = big_c.copy()
-        expected = (c.astype(np.float64) if accumulate else 0.0) + a.astype(np.float64) @ b.astype(np.float64)
-        accel.gemm_into(a, b, c, accumulate=accumulate)
+        b_math = b.T if transposed else b
+        expected = (c.astype(np.float64) if accumulate else 0.0) + a.astype(np.float64) @ b_math.astype(np.float64)
+        assert blas._gemm_ready(a, b, c, transposed) == accel.gemm_available(dtype)
+        accel.gemm_into(a, b, c, accumulate=accumulate, b_transposed=transposed)
         scale = np.abs(expected).max()
         assert np.abs(c - expected).max() <= tol * scale * max(1, k)
         outside = np.ones(big_c.shape, dtype=bool)

@@ -116,7 +116,7 @@ _CBLAS_GEMM = {  # dtype -> symbols, ILP64 (64-bit integers, the "64_" suffix) a
     numpy.dtype(numpy.float32): ("scipy_cblas_sgemm64_", "cblas_sgemm64_", "scipy_cblas_sgemm", "cblas_sgemm"),
     numpy.dtype(numpy.float64): ("scipy_cblas_dgemm64_", "cblas_dgemm64_", "scipy_cblas_dgemm", "cblas_dgemm"),
 }
-_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS = 101, 111
+_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_TRANS = 101, 111, 112
 
 
 def _find_gemm():
@@ -139,11 +139,12 @@ def _find_gemm():
     return found
 
 
-def _call_gemm(fn, a, b, c, beta):
+def _call_gemm(fn, a, b, c, beta, b_transposed=False):
+    """c = a @ b + beta c, or a @ b^T + beta c; b as it lies, (K, N), or (N, K) when transposed."""
     item = a.itemsize
     m, k = a.shape
-    n = b.shape[1]
-    fn(_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_NO_TRANS, m, n, k, 1.0,
+    n = b.shape[0] if b_transposed else b.shape[1]
+    fn(_CBLAS_ROW_MAJOR, _CBLAS_NO_TRANS, _CBLAS_TRANS if b_transposed else _CBLAS_NO_TRANS, m, n, k, 1.0,
        a.ctypes.data, a.strides[0] // item, b.ctypes.data, b.strides[0] // item,
        beta, c.ctypes.data, c.strides[0] // item)
 
@@ -155,22 +156,27 @@ def _gemm_self_test(fn, dtype) -> bool:
     b = rng.standard_normal((5, 11)).astype(dtype)[:, 1:4]     # (5, 3), leading dimension 11
     c = rng.standard_normal((5, 6)).astype(dtype)
     expected = c[:, 1:4] + a @ b
+    bt = numpy.ascontiguousarray(b.T)
+    expected_t = a @ b
+    out_t = numpy.empty((5, 3), dtype=dtype)
     try:
         _call_gemm(fn, a, b, c[:, 1:4], 1.0)
+        _call_gemm(fn, a, bt, out_t, 0.0, b_transposed=True)
     except Exception:  # noqa: BLE001 - any failure means: do not use it
         return False
-    return bool(numpy.allclose(c[:, 1:4], expected, rtol=1e-5, atol=1e-5))
+    return bool(numpy.allclose(c[:, 1:4], expected, rtol=1e-5, atol=1e-5)
+                and numpy.allclose(out_t, expected_t, rtol=1e-5, atol=1e-5))
 
 
-def _gemm_ready(a, b, c):
-    """True when the host BLAS can run c = a @ b + beta c on these arrays as they lie."""
+def _gemm_ready(a, b, c, b_transposed=False):
+    """True when the host BLAS can run c = a @ b + beta c (a @ b^T + beta c) on these arrays as they lie."""
     if not (type(a) is type(b) is type(c) is numpy.ndarray and a.ndim == b.ndim == c.ndim == 2):
         return False
     if not (a.dtype == b.dtype == c.dtype) or a.dtype not in _CBLAS_GEMM or not c.flags.writeable:
         return False
     if not (a.flags.aligned and b.flags.aligned and c.flags.aligned):
         return False
-    (m, k), (k2, n) = a.shape, b.shape
+    (m, k), (k2, n) = a.shape, (b.shape[::-1] if b_transposed else b.shape)
     if k2 != k or c.shape != (m, n) or 0 in (m, n, k):
         return False
     item = a.itemsize
@@ -193,17 +199,19 @@ def gemm_available(dtype) -> bool:
     return dtype in _Blas.gemm
 
 
-def gemm_into(a, b, c, accumulate: bool = False) -> None:
-    """c = a @ b  (accumulate=False)  or  c += a @ b  (accumulate=True), for 2-D arrays, in place.
+def gemm_into(a, b, c, accumulate: bool = False, b_transposed: bool = False) -> None:
+    """c = a @ b  (accumulate=False)  or  c += a @ b  (accumulate=True), for 2-D arrays, in place;
+    with b_transposed=True, b is given as (N, K) and the product is a @ b^T.
 
     a: (M, K), b: (K, N), c: (M, N). The rows of each may be a window of a larger row-major array
     (unit stride along a row, any stride between rows). On the host, float32 and float64 go straight
     to the BLAS gemm (C = alpha A B + beta C with alpha = 1, beta = 0 or 1): no temporary, no copy of
     a window. Everything else (float16, other strides) computes the same with numpy.matmul.
     """
-    if _gemm_ready(a, b, c):
-        _call_gemm(_Blas.gemm[a.dtype], a, b, c, 1.0 if accumulate else 0.0)
+    if _gemm_ready(a, b, c, b_transposed):
+        _call_gemm(_Blas.gemm[a.dtype], a, b, c, 1.0 if accumulate else 0.0, b_transposed)
     else:
+        b = b.T if b_transposed else b
         if accumulate:
             c += numpy.matmul(a, b)
         else:

@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+from refldm.accel import winograd
 from refldm.accel.blas import gemm_available, gemm_into, single_threaded_blas, small_product
 from refldm.accel.threads import in_blocks, parallel_map
 
@@ -31,8 +32,23 @@ HOST_BLOCK_BYTES = 512 * 2**10
 # band stays in the core's cache across all of its kernel taps. Measured on the SD VAE decoder's
 # 128-512 channel convolutions: 0.5-1 MiB bands cost 5-30% more time, 4 MiB about the same.
 CONV_BAND_BYTES = 2 * 2**20
-# Upper bound on the bytes of the im2col matrix of one band of a strided convolution.
+# Upper bound on the bytes of the im2col matrix of one band of a strided convolution, and of a small
+# image's whole im2col matrix (_conv2d_small).
 CONV_CHUNK_BYTES = 128 * 2**20
+# A stride-1 convolution whose output has at most this many pixels over the whole batch (N Ho Wo) runs
+# as one im2col product (_conv2d_small) instead of one product per tap. Measured on one core with SD's
+# 3x3 convolutions at batch 2: 8x8 images (1280 channels) take 44% of the per-tap time, 16x16 71-76%,
+# 32x32 (640 channels) 91%; at 64x64 the per-tap form is 10% faster.
+SMALL_IMAGE_COLUMNS = 2048
+# 3x3 stride-1 convolutions with at least WINOGRAD_CHANNELS input and output channels and at least
+# WINOGRAD_PIXELS output pixels per image run by Winograd's F(2x2, 3x3) (winograd.py), in float32 and
+# float64. Measured on one core (AVX2 EPYC, OpenBLAS Haswell kernels), time against the per-tap form:
+# SD's U-Net at 64x64 (batch 2) 320->320 0.67x, 640->320 0.85x, 640->640 0.61x; the VAE's 512->512 at
+# 128x128 0.74x; but 640->640 at 32x32 0.99x and 256->256 at 256x256 1.16x (with few channels, or few
+# tiles per band, the transforms cost as much as the products save). WINOGRAD = False turns it off.
+WINOGRAD = True
+WINOGRAD_CHANNELS = 320
+WINOGRAD_PIXELS = 64 * 64
 # A large matrix product runs in blocks of this many rows (or columns) on the thread pool (see _matmul).
 PRODUCT_BLOCK_ROWS = 512
 # Attention works on blocks of scores of about this size (one head, 128 query rows at 4096 keys in
@@ -93,8 +109,11 @@ def _sums(a, subscripts, b=None):
 def conv2d(x, weight, bias, stride, pads):
     """ops.conv2d on the host. stride: (s_h, s_w); pads: (top, bottom, left, right).
 
-    An unpadded 1x1 stride-1 conv is one product over the channels; a stride-1 conv is one in-place
-    BLAS product per tap (`_conv2d_taps`); other strides gather each tap's pixels first (im2col).
+    An unpadded 1x1 stride-1 conv is one product over the channels; a stride-1 conv of a small image
+    is one im2col product (`_conv2d_small`); a larger 3x3 one runs by Winograd's F(2x2, 3x3)
+    (`winograd.conv3x3`, 2.25 times fewer multiply-adds), other kernel sizes as one in-place BLAS
+    product per tap (`_conv2d_taps`); other strides gather each tap's pixels first (im2col,
+    `_conv2d_gathered`).
     """
     n, c, h, w = x.shape
     c_out, _, kh, kw = weight.shape
@@ -106,6 +125,10 @@ def conv2d(x, weight, bias, stride, pads):
             y += bias.reshape(1, c_out, 1)
         return y.reshape(n, c_out, h, w)
     hp, wp = h + top + bottom, w + left + right
+    if sh == sw == 1 and _small_image(n, c, hp - kh + 1, wp - kw + 1, kh * kw, x.dtype.itemsize):
+        return _conv2d_small(x, weight, bias, pads)
+    if sh == sw == 1 and kh == kw == 3 and _winograd_pays(c, c_out, hp - 2, wp - 2, x.dtype):
+        return winograd.conv3x3(x, weight, bias, pads)
     flat = _pad_flat(x, top, bottom, left, right, kw - 1)
     if sh == sw == 1:
         return _conv2d_taps(flat, weight, bias, hp, wp)
@@ -181,6 +204,54 @@ def _conv2d_taps(flat, weight, bias, hp, wp):
                 band(job)
     else:
         parallel_map(band, jobs)  # each product on one BLAS thread
+    return out
+
+
+def _winograd_pays(c_in, c_out, ho, wo, dtype) -> bool:
+    """True when a 3x3 stride-1 conv runs faster by F(2x2, 3x3) than per tap (see WINOGRAD_CHANNELS)."""
+    return (WINOGRAD and min(c_in, c_out) >= WINOGRAD_CHANNELS and ho * wo >= WINOGRAD_PIXELS
+            and gemm_available(dtype))
+
+
+def _small_image(n, c, ho, wo, taps, itemsize) -> bool:
+    """True when a stride-1 conv is better done as one im2col product: few output pixels (the per-tap
+    products would then be thin, and BLAS would pack the weight once per tap and image), and an im2col
+    matrix of bounded size."""
+    return taps > 1 and n * ho * wo <= SMALL_IMAGE_COLUMNS and c * taps * n * ho * wo * itemsize <= CONV_CHUNK_BYTES
+
+
+def _conv2d_small(x, weight, bias, pads):
+    """Stride-1 conv of a small image as one product, with the columns ordered (c, u, v) so that the
+    weight is used as it lies, (C_out, C_in kH kW), without a copy:
+
+        cols[(c, u, v), (n, i, j)] = x_pad[n, c, i + u, j + v]
+        y (C_out, N Ho Wo) = w.reshape(C_out, C_in kH kW) @ cols,   out[n, o, i, j] = y[o, (n, i, j)] + b[o]
+
+    The padded image and the columns are built in blocks of channels on the thread pool; the product
+    runs in blocks of output channels (_matmul).
+    """
+    n, c, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    top, bottom, left, right = pads
+    hp, wp = h + top + bottom, w + left + right
+    ho, wo = hp - kh + 1, wp - kw + 1
+    cols = np.empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
+    src = x.transpose(1, 0, 2, 3)  # (C, N, H, W), a view
+
+    def fill(i, j):
+        padded = np.zeros((j - i, n, hp, wp), dtype=x.dtype)
+        padded[:, :, top:top + h, left:left + w] = src[i:j]
+        for u in range(kh):
+            for v in range(kw):
+                cols[i:j, u, v] = padded[:, :, u:u + ho, v:v + wo]
+
+    in_blocks(c, kh * kw * n * ho * wo * x.dtype.itemsize, fill, CONV_BAND_BYTES)
+    y = _matmul(weight.reshape(c_out, c * kh * kw), cols.reshape(c * kh * kw, n * ho * wo))
+    y = y.reshape(c_out, n, ho, wo).transpose(1, 0, 2, 3)  # (N, C_out, Ho, Wo), a view
+    if bias is None:
+        return np.ascontiguousarray(y)
+    out = np.empty((n, c_out, ho, wo), dtype=x.dtype)
+    np.add(y, bias.reshape(1, c_out, 1, 1), out=out)
     return out
 
 
