@@ -40,6 +40,13 @@ SAMPLERS = [
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, "sample_dpmpp_2m_sde (midpoint)"),
     # Brownian noise as k-diffusion's (same distribution; its torchsde numbers are not reproduced)
     Sampler("dpm++sde", "DPM++ SDE", "dpmpp_sde", "DPMSolverSDEScheduler", {}, "sample_dpmpp_sde"),
+    # k-diffusion's samplers that diffusers lacks: refldm's own classes (refldm/schedulers/ksampler.py)
+    Sampler("dpm++2s_a", "DPM++ 2S a", "dpmpp_2s_ancestral", "DPMPP2SAncestralScheduler", {},
+            "sample_dpmpp_2s_ancestral"),
+    # Brownian-tree noise in k-diffusion: the same distribution (independent normals per step), not its numbers
+    Sampler("dpm++3m_sde", "DPM++ 3M SDE", "dpmpp_3m_sde", "DPMPP3MSDEScheduler", {}, "sample_dpmpp_3m_sde"),
+    Sampler("dpm_fast", "DPM fast", "dpm_fast", "DPMFastScheduler", {}, "sample_dpm_fast"),
+    Sampler("dpm_adaptive", "DPM adaptive", "dpm_adaptive", "DPMAdaptiveScheduler", {}, "sample_dpm_adaptive"),
     Sampler("ddim", "DDIM", "ddim", "DDIMScheduler", {}, "-"),
     Sampler("pndm", "PLMS", "plms", "PNDMScheduler", {"skip_prk_steps": True}, "-"),
     Sampler("unipc", "UniPC", "uni_pc_bh2", "UniPCMultistepScheduler", {}, "-"),
@@ -63,15 +70,11 @@ SCHEDULE_LABELS = {"karras": "Karras", "exponential": "Exponential", "beta": "Be
 # which schedulers take the sigma-grid keys (the others refuse them, naming the key)
 SIGMA_GRID_CLASSES = {"EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
                       "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler",
-                      "DPMSolverSDEScheduler",
+                      "DPMSolverSDEScheduler", "DPMPP2SAncestralScheduler", "DPMPP3MSDEScheduler",
                       "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"}
 
 # samplers of the web UIs that refldm does not implement (yet): name -> what diffusers / k-diffusion call it
 MISSING = {
-    "DPM++ 2S a": ("dpmpp_2s_ancestral", "none in diffusers; sample_dpmpp_2s_ancestral"),
-    "DPM++ 3M SDE": ("dpmpp_3m_sde", "none in diffusers; sample_dpmpp_3m_sde"),
-    "DPM fast": ("dpm_fast", "none in diffusers; sample_dpm_fast"),
-    "DPM adaptive": ("dpm_adaptive", "none in diffusers; sample_dpm_adaptive"),
     "Restart": ("restart", "none in diffusers; -"),
 }
 
