@@ -123,7 +123,7 @@ def sample(model_fn, scheduler, latents, timesteps=None, *, guidance_scale: floa
         raise ValueError("sample: guidance_rescale needs guidance_scale")
     xp = backend.array_namespace(latents)
     takes_generator = _accepts(scheduler.step, "generator")
-    total = len(timesteps)
+    total = len(timesteps) if hasattr(timesteps, "__len__") else None
     if isinstance(scheduler.timesteps, list):  # DPM adaptive: step() appends the model calls it decides on
         if timesteps is not scheduler.timesteps:
             raise ValueError(f"sample: {type(scheduler).__name__} chooses its timesteps as it goes; "

@@ -314,8 +314,9 @@ def test_the_built_in_unet_agrees_with_k_diffusion(k, name):
 
 # -- pipelines, CLI, names ----------------------------------------------------------------------------------------
 
-PIPELINE_NAMES = {"DPM++ 2S a": (2, -1), "DPM++ 2S a Karras": (2, -1), "DPM++ 3M SDE Karras": (1, 0), "DPM fast": (1, 0),
-                  "dpmpp_2s_ancestral": (2, -1), "dpmpp_3m_sde": (1, 0), "dpm_fast": (1, 0)}
+# name -> (model calls per step, extra): 2S a calls the model twice per step but once on the last
+PIPELINE_NAMES = {"DPM++ 2S a": (2, -1), "DPM++ 2S a Karras": (2, -1), "DPM++ 3M SDE Karras": (1, 0),
+                  "DPM fast": (1, 0), "dpmpp_2s_ancestral": (2, -1), "dpmpp_3m_sde": (1, 0), "dpm_fast": (1, 0)}
 
 
 @pytest.fixture(scope="module")
@@ -435,3 +436,26 @@ def test_bad_custom_sigmas_and_tolerances():
         sched.set_timesteps(3, sigmas=[2.0, 1.0, 0.0])
     with pytest.raises(ValueError, match="schedule 'karras' needs a sigma sampler; DPM fast"):
         rs.get_scheduler("DPM fast Karras")
+
+
+@pytest.mark.parametrize("name", ["DPM++ 2S a", "DPM++ 3M SDE Karras", "DPM fast", "DPM adaptive"])
+def test_every_backend_gives_the_numpy_result(on_backend, name):
+    """float32 on each backend (numpy, the fake device, cupy on a GPU) equals the host NumPy run (to float32 rounding:
+    a GPU may round its sums differently)."""
+    from refldm import backend
+    from refldm.random import Generator
+
+    def model(x, t):
+        return backend.array_namespace(x).tanh(x) * 0.5 + numpy.float32(float(t) / 2000)
+
+    def run():
+        sched = rs.get_scheduler(name, SD)
+        sched.set_timesteps(6)
+        x = backend.asarray(numpy.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype("float32"))
+        out = sample(model, sched, x * float(sched.init_noise_sigma), generator=Generator(3), progress=False)
+        assert out.dtype == numpy.float32
+        return backend.to_numpy(out)
+    ours = run()
+    with backend.use("numpy"):
+        ref = run()
+    assert rel_err(ours, ref) <= 1e-6

@@ -71,7 +71,8 @@ def embedded_error(x_low, x_high, x_prev, rtol, atol):
     embedded pair, in units of the tolerance (module docstring)."""
     xp = backend.array_namespace(x_low)
     delta = xp.maximum(rtol * xp.maximum(xp.abs(x_low), xp.abs(x_prev)), atol)
-    return float(xp.linalg.norm(((x_low - x_high) / delta).reshape(-1))) / x_low.size**0.5
+    q = (x_low - x_high) / delta
+    return float(backend.to_numpy(xp.sqrt(xp.sum(q * q)))) / x_low.size**0.5
 
 
 @dataclasses.dataclass

@@ -33,8 +33,12 @@ from .ksampler import KSamplerScheduler, KSigmaGridConfig, lam, step_sigmas
 
 
 def dpmpp_3m_sde_update(sample, denoised, history, h, eta):
-    """The deterministic part of the step (module docstring): e^{-h_eta} x + (1 - e^{-h_eta}) D_i + phi_2 d_1 - phi_3 d_2,
-    `history` = [(D_{i-1}, h_{i-1}), (D_{i-2}, h_{i-2})] as far as they exist (k-diffusion's sample_dpmpp_3m_sde)."""
+    """The deterministic part of the step (module docstring; k-diffusion's sample_dpmpp_3m_sde):
+
+        e^{-h_eta} x + (1 - e^{-h_eta}) D_i + phi_2 d_1 - phi_3 d_2
+
+    `history` = [(D_{i-1}, h_{i-1}), (D_{i-2}, h_{i-2})] as far as they exist (d_2 = 0 with one, d_1 = d_2 = 0 with
+    none)."""
     h_eta = h * (eta + 1)
     x = math.exp(-h_eta) * sample + (-math.expm1(-h_eta)) * denoised
     phi_2 = math.expm1(-h_eta) / h_eta + 1

@@ -142,8 +142,8 @@ class KSamplerScheduler(SigmaScheduler):
 
     def _noise(self, sample, generator, sigma, sigma_next):
         """Standard normal noise for the step sigma -> sigma_next: from ``self.noise_sampler(sigma, sigma_next)`` if
-        one was set after set_timesteps (k-diffusion's noise_sampler argument), else drawn from `generator`
-        (refldm.random, deterministic for a seed)."""
+        one is set (k-diffusion's noise_sampler argument; it must return an array like the sample), else drawn
+        from `generator` (refldm.random, deterministic for a seed)."""
         if self.noise_sampler is not None:
             return self.noise_sampler(sigma, sigma_next)
         return noise_like(sample, generator)
