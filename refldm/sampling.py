@@ -114,7 +114,8 @@ def sample(model_fn, scheduler, latents, timesteps=None, *, guidance_scale: floa
 
     Per step: x_in = scale_model_input(x, t); pred = model_fn(x_in, t) (guided as in the module docstring when
     guidance_scale is set); x = scheduler.step(pred, t, x, generator=..., **step_kwargs).prev_sample.
-    ``callback(i, t, x)`` runs after each step; if it returns an array, that replaces x.
+    ``callback(i, t, x)`` runs after each step; if it returns an array, that replaces x. A scheduler whose
+    ``timesteps`` is a Python list (DPM adaptive) appends the model calls it decides on while this loop iterates it.
     ``progress=False`` silences the tqdm bar. With a trace on (`refldm.record`), step i records
     ``steps.<i>.timestep``, ``.model_input``, ``.unet.<layer>``, ``.noise_pred``, ``.latents`` (x), ``.guided``
     (pred), ``.prev_sample`` and ``.pred_original_sample``."""

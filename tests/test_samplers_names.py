@@ -51,6 +51,13 @@ def test_karras_schedule_changes_the_sigmas_as_diffusers_documents():
     assert karras.sigmas[-2] < plain.sigmas[-2]
 
 
+@pytest.mark.parametrize("alias, key", [("dpmpp_3m_sde_gpu karras", "dpm++3m_sde"), ("dpmpp_2m_sde_gpu", "dpm++2m_sde"),
+                                        ("dpmpp_sde_gpu", "dpm++sde"), ("k_euler_a", "euler_a")])
+def test_comfyui_gpu_and_old_a1111_aliases(alias, key):
+    assert type(rs.get_scheduler(alias, SD_CONFIG)) is type(rs.get_scheduler(key, SD_CONFIG))
+    assert names.label(alias).startswith(names.label(key))
+
+
 def test_unknown_and_missing_names_are_one_clear_line():
     with pytest.raises(ValueError, match=r"unknown sampler 'Eular'; choose one of Euler, Euler a, .*DPM\+\+ 2M"):
         rs.get_scheduler("Eular")

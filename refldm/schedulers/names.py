@@ -83,13 +83,19 @@ def _norm(name: str) -> str:
     return " ".join(str(name).replace("_", " ").replace("-", " ").lower().split())
 
 
+# more spellings: ComfyUI's "_gpu" samplers are the same solvers with the Brownian noise drawn on the GPU (refldm
+# draws its noise with refldm.random wherever the arrays live); A1111's old "k_" names
+ALIASES = {"dpmpp_sde_gpu": "dpm++sde", "dpmpp_2m_sde_gpu": "dpm++2m_sde", "dpmpp_3m_sde_gpu": "dpm++3m_sde",
+           "k_euler": "euler", "k_euler_a": "euler_a"}
+
+
 def _index():
     out = {}
     for s in SAMPLERS:
         for alias in (s.key, s.label, s.comfy, s.cls):
             out.setdefault(_norm(alias), s)
-    out.setdefault(_norm("k_euler"), SAMPLERS[0])
-    out.setdefault(_norm("k_euler_a"), SAMPLERS[1])
+    for alias, key in ALIASES.items():
+        out.setdefault(_norm(alias), out[_norm(key)])
     return out
 
 
