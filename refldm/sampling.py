@@ -129,7 +129,7 @@ def sample(model_fn, scheduler, latents, timesteps=None, *, guidance_scale: floa
         if timesteps is not scheduler.timesteps:
             raise ValueError(f"sample: {type(scheduler).__name__} chooses its timesteps as it goes; "
                              "pass timesteps=None (or scheduler.timesteps itself), not a copy or a part")
-        total = None  # unknown in advance: the loop below runs while the list grows
+        total = float("inf")  # tqdm's "unknown": the loop below runs while the list grows
     x = latents
     for i, t in enumerate(tqdm(timesteps, total=total, disable=not progress, desc=type(scheduler).__name__)):
         x_in = scheduler.scale_model_input(x, t)
