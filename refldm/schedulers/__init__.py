@@ -61,6 +61,8 @@ SCHEDULERS = {
     "dpm2_a": (KDPM2AncestralDiscreteScheduler, {}),
     "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpm++2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpm++2m_sde_heun": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2,
+                                                        "solver_type": "heun"}),
     "dpm++sde": (DPMSolverSDEScheduler, {}),
     # k-diffusion's samplers without a diffusers class (refldm's own classes, same calling convention)
     "dpm++2s_a": (DPMPP2SAncestralScheduler, {}),

@@ -38,6 +38,9 @@ SAMPLERS = [
             {"algorithm_type": "dpmsolver++", "solver_order": 2}, "sample_dpmpp_2m"),
     Sampler("dpm++2m_sde", "DPM++ 2M SDE", "dpmpp_2m_sde", "DPMSolverMultistepScheduler",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, "sample_dpmpp_2m_sde (midpoint)"),
+    Sampler("dpm++2m_sde_heun", "DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", "DPMSolverMultistepScheduler",
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"},
+            "sample_dpmpp_2m_sde (heun)"),
     # Brownian noise as k-diffusion's (same distribution; its torchsde numbers are not reproduced)
     Sampler("dpm++sde", "DPM++ SDE", "dpmpp_sde", "DPMSolverSDEScheduler", {}, "sample_dpmpp_sde"),
     # k-diffusion's samplers that diffusers lacks: refldm's own classes (refldm/schedulers/ksampler.py)
@@ -86,6 +89,7 @@ def _norm(name: str) -> str:
 # more spellings: ComfyUI's "_gpu" samplers are the same solvers with the Brownian noise drawn on the GPU (refldm
 # draws its noise with refldm.random wherever the arrays live); A1111's old "k_" names
 ALIASES = {"dpmpp_sde_gpu": "dpm++sde", "dpmpp_2m_sde_gpu": "dpm++2m_sde", "dpmpp_3m_sde_gpu": "dpm++3m_sde",
+           "dpmpp_2m_sde_heun_gpu": "dpm++2m_sde_heun",
            "k_euler": "euler", "k_euler_a": "euler_a"}
 
 
