@@ -69,7 +69,8 @@ def img2img_timesteps(scheduler, num_inference_steps: int, strength: float):
     n = int(num_inference_steps)
     init_timestep = min(int(n * strength), n)
     t_start = max(n - init_timestep, 0)
-    timesteps = scheduler.timesteps[t_start * scheduler.order:]
+    # t_start = 0 keeps the scheduler's own object: DPM adaptive's list grows as it samples
+    timesteps = scheduler.timesteps[t_start * scheduler.order:] if t_start else scheduler.timesteps
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(t_start * scheduler.order)
     return timesteps, n - t_start
@@ -113,7 +114,8 @@ def sample(model_fn, scheduler, latents, timesteps=None, *, guidance_scale: floa
 
     Per step: x_in = scale_model_input(x, t); pred = model_fn(x_in, t) (guided as in the module docstring when
     guidance_scale is set); x = scheduler.step(pred, t, x, generator=..., **step_kwargs).prev_sample.
-    ``callback(i, t, x)`` runs after each step; if it returns an array, that replaces x.
+    ``callback(i, t, x)`` runs after each step; if it returns an array, that replaces x. A scheduler whose
+    ``timesteps`` is a Python list (DPM adaptive) appends the model calls it decides on while this loop iterates it.
     ``progress=False`` silences the tqdm bar. With a trace on (`refldm.record`), step i records
     ``steps.<i>.timestep``, ``.model_input``, ``.unet.<layer>``, ``.noise_pred``, ``.latents`` (x), ``.guided``
     (pred), ``.prev_sample`` and ``.pred_original_sample``."""
@@ -122,8 +124,14 @@ def sample(model_fn, scheduler, latents, timesteps=None, *, guidance_scale: floa
         raise ValueError("sample: guidance_rescale needs guidance_scale")
     xp = backend.array_namespace(latents)
     takes_generator = _accepts(scheduler.step, "generator")
+    total = len(timesteps) if hasattr(timesteps, "__len__") else None
+    if isinstance(scheduler.timesteps, list):  # DPM adaptive: step() appends the model calls it decides on
+        if timesteps is not scheduler.timesteps:
+            raise ValueError(f"sample: {type(scheduler).__name__} chooses its timesteps as it goes; "
+                             "pass timesteps=None (or scheduler.timesteps itself), not a copy or a part")
+        total = float("inf")  # tqdm's "unknown": the loop below runs while the list grows
     x = latents
-    for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=type(scheduler).__name__)):
+    for i, t in enumerate(tqdm(timesteps, total=total, disable=not progress, desc=type(scheduler).__name__)):
         x_in = scheduler.scale_model_input(x, t)
         if guidance_scale is None:
             pred = _model_call(model_fn, x_in, t, i)

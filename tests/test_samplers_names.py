@@ -51,11 +51,18 @@ def test_karras_schedule_changes_the_sigmas_as_diffusers_documents():
     assert karras.sigmas[-2] < plain.sigmas[-2]
 
 
+@pytest.mark.parametrize("alias, key", [("dpmpp_3m_sde_gpu karras", "dpm++3m_sde"), ("dpmpp_2m_sde_gpu", "dpm++2m_sde"),
+                                        ("dpmpp_sde_gpu", "dpm++sde"), ("k_euler_a", "euler_a")])
+def test_comfyui_gpu_and_old_a1111_aliases(alias, key):
+    assert type(rs.get_scheduler(alias, SD_CONFIG)) is type(rs.get_scheduler(key, SD_CONFIG))
+    assert names.label(alias).startswith(names.label(key))
+
+
 def test_unknown_and_missing_names_are_one_clear_line():
     with pytest.raises(ValueError, match=r"unknown sampler 'Eular'; choose one of Euler, Euler a, .*DPM\+\+ 2M"):
         rs.get_scheduler("Eular")
-    with pytest.raises(ValueError, match=r"sampler 'DPM\+\+ 2S a Karras' .* is not implemented in refldm"):
-        rs.get_scheduler("DPM++ 2S a Karras")
+    with pytest.raises(ValueError, match=r"sampler 'Restart' .* is not implemented in refldm"):
+        rs.get_scheduler("Restart")
     with pytest.raises(ValueError, match="unknown schedule 'polyexp'; choose one of normal, .*karras"):
         rs.get_scheduler("euler", schedule="polyexp")
     with pytest.raises(ValueError, match="schedule 'karras' needs a sigma sampler; DDIM"):
@@ -67,7 +74,8 @@ def test_refldm_samplers_lists_the_names_with_their_equivalents(capsys):
     out = capsys.readouterr().out
     assert "DPM++ 2M Karras" in out and "dpmpp_2m + karras" in out and "use_karras_sigmas=True" in out
     assert "sample_dpmpp_2m" in out and "Euler a" in out and "euler_ancestral" in out
-    assert "not implemented in refldm" in out and "DPM++ 2S a" in out
+    assert "not implemented in refldm" in out and "Restart" in out
+    assert "DPM++ 2S a Karras" in out and "dpmpp_3m_sde + karras" in out and "sample_dpm_adaptive" in out
 
 
 def test_txt2img_sampler_name_reaches_the_png_parameters(tmp_path, capsys):

@@ -22,6 +22,10 @@ from .deis import DEISMultistepScheduler
 from .dpmsolver import DPMSolverMultistepScheduler
 from .dpmsolver_sde import DPMSolverSDEScheduler
 from .dpmsolver_singlestep import DPMSolverSinglestepScheduler
+from .dpm_adaptive import DPMAdaptiveScheduler
+from .dpm_fast import DPMFastScheduler
+from .dpmpp_2s_ancestral import DPMPP2SAncestralScheduler
+from .dpmpp_3m_sde import DPMPP3MSDEScheduler
 from .edm_dpmsolver import EDMDPMSolverMultistepScheduler
 from .edm_euler import EDMEulerScheduler
 from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
@@ -39,7 +43,8 @@ __all__ = [
     "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler",
     "EDMEulerScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "TCDScheduler",
-    "EDMDPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "SchedulerMixin", "SchedulerOutput", "SigmaScheduler",
+    "EDMDPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "DPMPP2SAncestralScheduler", "DPMPP3MSDEScheduler",
+    "DPMFastScheduler", "DPMAdaptiveScheduler", "SchedulerMixin", "SchedulerOutput", "SigmaScheduler",
     "SCHEDULERS", "CLASSES", "get_scheduler",
 ]
 
@@ -56,7 +61,14 @@ SCHEDULERS = {
     "dpm2_a": (KDPM2AncestralDiscreteScheduler, {}),
     "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpm++2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpm++2m_sde_heun": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2,
+                                                        "solver_type": "heun"}),
     "dpm++sde": (DPMSolverSDEScheduler, {}),
+    # k-diffusion's samplers without a diffusers class (refldm's own classes, same calling convention)
+    "dpm++2s_a": (DPMPP2SAncestralScheduler, {}),
+    "dpm++3m_sde": (DPMPP3MSDEScheduler, {}),
+    "dpm_fast": (DPMFastScheduler, {}),
+    "dpm_adaptive": (DPMAdaptiveScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
     "deis": (DEISMultistepScheduler, {}),
     "lcm": (LCMScheduler, {}),

@@ -323,6 +323,7 @@ class SigmaAddNoise:
     """add_noise for schedulers indexed by step (the sigma-based ones)."""
 
     variance_preserving = False  # DPM-Solver and UniPC step on x_t itself, not on x_t / sqrt(abar)
+    noise_sigmas_attr = "sigmas"  # the table of sigma by step index (the k-diffusion ports: by model call)
 
     def add_noise(self, original_samples, noise, timesteps):
         """x = x_0 + sigma eps with sigma at the step of each timestep (or at begin_index, for img2img);
@@ -335,7 +336,7 @@ class SigmaAddNoise:
             indices = [self._step_index] * len(t)
         else:
             indices = [self._begin_index] * len(t)
-        sigma = numpy.asarray(self.sigmas)[indices]
+        sigma = numpy.asarray(getattr(self, self.noise_sigmas_attr))[indices]
         if self.variance_preserving:
             alpha = 1 / (sigma**2 + 1) ** 0.5
             return (broadcast_coefficient(alpha, original_samples) * original_samples

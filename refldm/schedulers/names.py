@@ -38,8 +38,18 @@ SAMPLERS = [
             {"algorithm_type": "dpmsolver++", "solver_order": 2}, "sample_dpmpp_2m"),
     Sampler("dpm++2m_sde", "DPM++ 2M SDE", "dpmpp_2m_sde", "DPMSolverMultistepScheduler",
             {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}, "sample_dpmpp_2m_sde (midpoint)"),
+    Sampler("dpm++2m_sde_heun", "DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", "DPMSolverMultistepScheduler",
+            {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"},
+            "sample_dpmpp_2m_sde (heun)"),
     # Brownian noise as k-diffusion's (same distribution; its torchsde numbers are not reproduced)
     Sampler("dpm++sde", "DPM++ SDE", "dpmpp_sde", "DPMSolverSDEScheduler", {}, "sample_dpmpp_sde"),
+    # k-diffusion's samplers that diffusers lacks: refldm's own classes (refldm/schedulers/ksampler.py)
+    Sampler("dpm++2s_a", "DPM++ 2S a", "dpmpp_2s_ancestral", "DPMPP2SAncestralScheduler", {},
+            "sample_dpmpp_2s_ancestral"),
+    # Brownian-tree noise in k-diffusion: the same distribution (independent normals per step), not its numbers
+    Sampler("dpm++3m_sde", "DPM++ 3M SDE", "dpmpp_3m_sde", "DPMPP3MSDEScheduler", {}, "sample_dpmpp_3m_sde"),
+    Sampler("dpm_fast", "DPM fast", "dpm_fast", "DPMFastScheduler", {}, "sample_dpm_fast"),
+    Sampler("dpm_adaptive", "DPM adaptive", "dpm_adaptive", "DPMAdaptiveScheduler", {}, "sample_dpm_adaptive"),
     Sampler("ddim", "DDIM", "ddim", "DDIMScheduler", {}, "-"),
     Sampler("pndm", "PLMS", "plms", "PNDMScheduler", {"skip_prk_steps": True}, "-"),
     Sampler("unipc", "UniPC", "uni_pc_bh2", "UniPCMultistepScheduler", {}, "-"),
@@ -63,15 +73,11 @@ SCHEDULE_LABELS = {"karras": "Karras", "exponential": "Exponential", "beta": "Be
 # which schedulers take the sigma-grid keys (the others refuse them, naming the key)
 SIGMA_GRID_CLASSES = {"EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler",
                       "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler",
-                      "DPMSolverSDEScheduler",
+                      "DPMSolverSDEScheduler", "DPMPP2SAncestralScheduler", "DPMPP3MSDEScheduler",
                       "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"}
 
 # samplers of the web UIs that refldm does not implement (yet): name -> what diffusers / k-diffusion call it
 MISSING = {
-    "DPM++ 2S a": ("dpmpp_2s_ancestral", "none in diffusers; sample_dpmpp_2s_ancestral"),
-    "DPM++ 3M SDE": ("dpmpp_3m_sde", "none in diffusers; sample_dpmpp_3m_sde"),
-    "DPM fast": ("dpm_fast", "none in diffusers; sample_dpm_fast"),
-    "DPM adaptive": ("dpm_adaptive", "none in diffusers; sample_dpm_adaptive"),
     "Restart": ("restart", "none in diffusers; -"),
 }
 
@@ -80,13 +86,20 @@ def _norm(name: str) -> str:
     return " ".join(str(name).replace("_", " ").replace("-", " ").lower().split())
 
 
+# more spellings: ComfyUI's "_gpu" samplers are the same solvers with the Brownian noise drawn on the GPU (refldm
+# draws its noise with refldm.random wherever the arrays live); A1111's old "k_" names
+ALIASES = {"dpmpp_sde_gpu": "dpm++sde", "dpmpp_2m_sde_gpu": "dpm++2m_sde", "dpmpp_3m_sde_gpu": "dpm++3m_sde",
+           "dpmpp_2m_sde_heun_gpu": "dpm++2m_sde_heun",
+           "k_euler": "euler", "k_euler_a": "euler_a"}
+
+
 def _index():
     out = {}
     for s in SAMPLERS:
         for alias in (s.key, s.label, s.comfy, s.cls):
             out.setdefault(_norm(alias), s)
-    out.setdefault(_norm("k_euler"), SAMPLERS[0])
-    out.setdefault(_norm("k_euler_a"), SAMPLERS[1])
+    for alias, key in ALIASES.items():
+        out.setdefault(_norm(alias), out[_norm(key)])
     return out
 
 
