@@ -228,6 +228,15 @@ CASES = [
      {"generator": False}, 0.00015, 1.9869554535034695e-07, 1e-2, 1e-2),
     ("heun/test_full_loop_with_noise", loop_sigma, "HeunDiscreteScheduler", K1100,
      {"t_start": 8, "generator": False}, 75074.8906, 97.7538),
+    # test_scheduler_kdpm2_discrete.py (CPU numbers; the v-prediction mean 6.1112e-10 is the CPU one)
+    ("kdpm2/test_full_loop_with_v_prediction", loop_sigma, "KDPM2DiscreteScheduler", {**K1100, **V},
+     {"generator": False}, 4.6934e-07, 6.1112e-10),
+    ("kdpm2/test_full_loop_no_noise", loop_sigma, "KDPM2DiscreteScheduler", K1100, {"generator": False}, 20.4125,
+     0.0266),
+    ("kdpm2/test_full_loop_device", loop_sigma, "KDPM2DiscreteScheduler", K1100, {"generator": False}, 20.4125,
+     0.0266),
+    ("kdpm2/test_full_loop_with_noise", loop_sigma, "KDPM2DiscreteScheduler", K1100,
+     {"t_start": 8, "generator": False}, 70408.4062, 91.6776),
     # test_scheduler_kdpm2_ancestral.py (noise from torch.manual_seed(0); mean tolerance 5e-3 where diffusers has it)
     ("kdpm2_ancestral/test_full_loop_no_noise", loop_sigma, "KDPM2AncestralDiscreteScheduler", K1100, {}, 13979.9433,
      18.2030, 1e-2, 5e-3),
@@ -342,6 +351,7 @@ FLOAT64_MISSES = {
     "lms/test_full_loop_with_noise": 7.7e-6,
     "euler/test_full_loop_with_noise": 1.3e-6,
     "heun/test_full_loop_with_noise": 3.2e-7,
+    "kdpm2/test_full_loop_with_noise": 1.8e-6,
     # DPM2 a: sums of ~1e4 (x stays at sigma_max scale with this dummy model) against a 1e-2 tolerance
     "kdpm2_ancestral/test_full_loop_no_noise": 8.5e-7,
     "kdpm2_ancestral/test_full_loop_with_noise": 1.7e-7,
