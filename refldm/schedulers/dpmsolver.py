@@ -33,6 +33,22 @@ def _lambda(alpha: float, sigma: float) -> float:
     return math.inf if sigma == 0 else math.log(alpha) - math.log(sigma)
 
 
+def step_length(lam_t: float, lam_s: float) -> float:
+    """h = lambda_t - lambda_s, the step's length in lambda. A last step from sigma_min to a final sigma_min
+    (final_sigmas_type="sigma_min" after a grid that ends on sigma_min: Karras, Lu, EDM) has h = 0 in exact
+    arithmetic, but the grid's rounding (the Karras formula evaluated at its end, float32 tables) can leave sigma_t
+    a hair above sigma_s, so h a hair below 0, where the SDE noise scale sqrt(1 - e^{-2h}) is undefined (diffusers
+    then gives NaN, or a finite x where its float32 logs of the two sigmas happen to round to one value). Such an h
+    is 0: the step leaves x unchanged. A sigma that really rises is an error."""
+    h = lam_t - lam_s
+    if h >= 0:
+        return h
+    if h < -1e-5:
+        raise ValueError(f"a solver step would raise the noise level (lambda {lam_s!r} -> {lam_t!r}); the sigmas "
+                         "must decrease")
+    return 0.0
+
+
 def dpmpp_first_order(x, x0, alpha_t, sigma_t, sigma_s, h, noise=None):
     """DPM-Solver++(1), the first-order solver, which is DDIM (Lu et al. 2022, sec. 4):
         x_t = sigma_t / sigma_s x_s - alpha_t (e^{-h} - 1) x_0
@@ -270,9 +286,9 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
         sig = [self._scalar(self.sigmas[j]) for j in (i + 1, i, i - 1, i - 2)]
         (alpha_t, sigma_t), (alpha_s0, sigma_s0), (alpha_s1, sigma_s1), (alpha_s2, sigma_s2) = map(alpha_sigma, sig)
         lam_t, lam_s0 = _lambda(alpha_t, sigma_t), _lambda(alpha_s0, sigma_s0)
-        h = lam_t - lam_s0
+        h = step_length(lam_t, lam_s0)
         data = c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
-        if h == 0:  # a zero-length step (Karras sigmas ending on sigma_min twice) leaves x unchanged
+        if h == 0:  # a zero-length step (a grid ending on sigma_min, then sigma_min again) leaves x unchanged
             prev_sample = sample
         elif c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
             if data:

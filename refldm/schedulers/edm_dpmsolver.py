@@ -21,7 +21,7 @@ import numpy
 
 from . import schedule
 from .base import check_choice, dynamic_threshold, noise_like
-from .dpmsolver import dpmpp_first_order, dpmpp_second_order, dpmpp_third_order
+from .dpmsolver import dpmpp_first_order, dpmpp_second_order, dpmpp_third_order, step_length
 from .edm_euler import EDMEulerConfig, EDMEulerScheduler
 
 
@@ -104,9 +104,9 @@ class EDMDPMSolverMultistepScheduler(EDMEulerScheduler):
         noise = noise_like(model_output, generator) if c.algorithm_type == "sde-dpmsolver++" else None
         sig = [self._scalar(self.sigmas[j]) for j in (i + 1, i, i - 1, i - 2)]  # sigma_t, sigma_s0, s1, s2
         lam = [math.inf if s == 0 else -math.log(s) for s in sig]  # lambda = log(1 / sigma): alpha = 1
-        h = lam[0] - lam[1]
+        h = step_length(lam[0], lam[1])
         one = self._scalar(1.0)
-        if h == 0:  # a zero-length step (sigma_min to final sigma_min) leaves x unchanged, as in dpmsolver.py
+        if h == 0:  # a zero-length step (sigma_min to final sigma_min) leaves x unchanged (dpmsolver.step_length)
             prev_sample = sample
         elif c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
             prev_sample = dpmpp_first_order(sample, self.model_outputs[-1], one, sig[0], sig[1], h, noise)
