@@ -19,7 +19,6 @@ import numpy
 import pytest
 
 from refldm import schedulers as rs
-from refldm.config import ConfigError
 from refldm.schedulers.base import DIFFUSERS_SCHEDULER_KEYS, SchedulerMixin, passed_on
 
 CLASSES = sorted((c for c in vars(rs).values()
