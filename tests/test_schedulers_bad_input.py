@@ -20,6 +20,7 @@ import pytest
 
 from refldm import schedulers as rs
 from refldm.schedulers.base import DIFFUSERS_SCHEDULER_KEYS, SchedulerMixin, passed_on
+from tests.conftest import require
 
 CLASSES = sorted((c for c in vars(rs).values()
                   if isinstance(c, type) and issubclass(c, SchedulerMixin) and c.__name__.endswith("Scheduler")
@@ -129,3 +130,35 @@ def test_custom_sigmas_with_nan(sigmas):
 ])
 def test_unknown_sampler_and_schedule_names_list_the_valid_ones(name, schedule, pattern):
     refused(lambda: rs.get_scheduler(name, schedule=schedule), pattern)
+
+
+def _diffusers_scheduler_keys():
+    """{class name: its __init__ keys} for every scheduler class in installed diffusers' source (read, not imported:
+    DPMSolverSDEScheduler's module needs torchsde)."""
+    import ast
+    import glob
+    import os
+
+    diffusers = require("diffusers")
+    folder = os.path.join(os.path.dirname(diffusers.__file__), "schedulers")
+    keys = {}
+    for path in glob.glob(os.path.join(folder, "scheduling_*.py")):
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Scheduler"):
+                for item in node.body:
+                    if isinstance(item, ast.FunctionDef) and item.name == "__init__":
+                        args = item.args.args[1:] + item.args.kwonlyargs
+                        keys[node.name] = {a.arg for a in args}
+    return keys
+
+
+def test_each_class_takes_exactly_its_diffusers_keys_and_knows_every_other():
+    """A refldm class takes the keys of diffusers' class of that name (implemented, or UNSUPPORTED: accepted at
+    diffusers' default only) plus table_dtype; DIFFUSERS_SCHEDULER_KEYS, the keys from_config carries along unused,
+    holds every key of every diffusers scheduler, so no diffusers config is refused for a key of another class."""
+    keys = _diffusers_scheduler_keys()
+    assert set().union(*keys.values()) <= DIFFUSERS_SCHEDULER_KEYS
+    for cls in CLASSES:
+        assert cls.config_keys() == keys[cls.__name__] | {"table_dtype"}, cls.__name__

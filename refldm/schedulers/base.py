@@ -34,16 +34,17 @@ from refldm.config import ConfigError, parse_config
 
 from . import schedule
 
-# Every __init__ argument of the diffusers schedulers (diffusers 0.42). A key here that a class does not
-# declare is one diffusers would ignore for that class, so refldm ignores it too.
+# Every __init__ argument of the diffusers schedulers (diffusers 0.42; tests/test_schedulers_bad_input.py checks
+# it). A key here that a class does not declare is one diffusers would ignore for that class: from_config carries
+# it along unused (and passes it on), the constructor refuses it.
 DIFFUSERS_SCHEDULER_KEYS = frozenset("""
 algorithm_type alpha_cum_end alpha_cum_start base_image_seq_len base_shift beta_end beta_schedule beta_start
 block_length clip_denoised clip_sample clip_sample_range correct_steps corrector_k corrector_order
 corrector_selection corrector_selection_tau corrector_steps disable_corrector dynamic_thresholding_ratio
 editing_threshold entropy_bound eps eta euler_at_final final_sigmas_type final_step_size_scale flow_shift gamma
 gamma_cum_end gamma_cum_start interpolation_type invert_sigmas lambda_min_clipped lower_order_final
-mask_token_id masking_schedule max_image_seq_len max_shift minimal_topk n_grid noise_mode num_inference_steps
-num_policy_substeps num_train_timesteps num_vec_classes original_inference_steps predict_x0 prediction_type
+mask_token_id masking_schedule max_image_seq_len max_shift minimal_topk n_grid noise_mode noise_sampler_seed
+num_inference_steps num_policy_substeps num_train_timesteps num_vec_classes original_inference_steps predict_x0 prediction_type
 predictor_order rescale_betas_zero_snr rho s s_churn s_max s_min s_noise sample_max_value sampling_eps
 scale_factors scaler schedule_mode scheduler_type set_alpha_to_one shift shift_terminal sigma_data sigma_max
 sigma_min sigma_schedule skip_prk_steps snr snr_shift_scale solver_order solver_p solver_type stage_range stages
