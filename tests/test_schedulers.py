@@ -418,7 +418,8 @@ _DIFFUSERS_FIELDS.update({"PNDMScheduler": (), "DPMSolverMultistepScheduler": ()
 
 
 def test_sd15_style_config_file_round_trip(tmp_path):
-    """from_pretrained reads scheduler_config.json; foreign keys (of other schedulers) are ignored as diffusers does."""
+    """from_pretrained reads scheduler_config.json; foreign keys (of other schedulers) are carried along unused, as
+    diffusers does."""
     config = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
               "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
               "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
@@ -596,10 +597,16 @@ def test_unsupported_config_values_name_the_key(key, value):
         rs.DDPMScheduler.from_config({key: value})
 
 
-def test_unknown_config_key_is_an_error_but_other_schedulers_keys_are_ignored():
+def test_unknown_config_key_is_an_error_but_other_schedulers_keys_are_carried_unused():
     with pytest.raises(ConfigError, match="'use_magic'"):
         rs.EulerDiscreteScheduler.from_config({"use_magic": True})
-    rs.EulerDiscreteScheduler.from_config({"skip_prk_steps": True, "solver_order": 3})  # foreign: ignored
+    euler = rs.EulerDiscreteScheduler.from_config({"skip_prk_steps": True, "solver_order": 3})  # foreign: carried
+    assert euler.config == rs.EulerDiscreteScheduler().config
+    assert rs.DPMSolverMultistepScheduler.from_config(euler.config).config.solver_order == 3
+    with pytest.raises(ConfigError, match="unknown config key 'solver_order' .value 3.: a key of other diffusers"):
+        rs.EulerDiscreteScheduler(solver_order=3)  # passed explicitly: refused, as diffusers' constructor does
+    with pytest.raises(ConfigError, match="'solver_order'"):
+        rs.EulerDiscreteScheduler.from_config({}, solver_order=3)  # an override is explicit too
     with pytest.raises(ConfigError, match="timestep_type"):  # this class's key, not implemented
         rs.EulerDiscreteScheduler.from_config({"timestep_type": "continuous"})
     with pytest.raises(ConfigError, match="algorithm_type='dpmsolver' needs final_sigmas_type='sigma_min'"):

@@ -11,11 +11,25 @@ They are run with `table_dtype="float32"` (diffusers' float32 tables and step sc
 float64 tables most of them agree too; the ones that do not are listed in FLOAT64_MISSES with the measured size
 of the difference (docs/schedulers.md explains why: float32 cancellation in diffusers' tables).
 
-None of this needs torch or diffusers installed: it is a check against recorded numbers.
+Ported: every full-loop result_sum / result_mean of diffusers' suite for the 18 classes refldm has (74 cases in
+CASES, and the five test_switch chains in SWITCHES), except:
+
+- DPMSolverSDEScheduler (test_scheduler_dpm_sde.py, 4 cases): its numbers come from torchsde's Brownian tree
+  (BrownianTreeNoiseSampler with the loop's seed), which refldm does not reproduce bit for bit (it draws the same
+  joint distribution from its own generator); its deterministic parts are checked step by step against diffusers
+  given the same noise in tests/test_schedulers_dpmsolver_sde.py.
+- the numbers diffusers asserts only on CUDA/XPU/MPS (Heun, DPM2 and DPM++ SDE have per-device branches): the CPU
+  ones are ported.
+- the suites of classes refldm does not have (DDIMInverse, DDIMParallel, DDPMParallel, DPMSolverMultistepInverse,
+  SASolver, CMStochasticIterative, IPNDM, UnCLIP).
+
+Apart from test_switch_chain_configs_are_diffusers_configs, none of this needs torch or diffusers installed: it is
+a check against recorded numbers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy
@@ -23,6 +37,8 @@ import pytest
 
 from refldm import schedulers as rs
 from refldm.random import Generator
+from refldm.schedulers.base import passed_on
+from tests.conftest import require
 
 
 def deterministic(shape=(4, 3, 8, 8), flip=False):
@@ -228,6 +244,15 @@ CASES = [
      {"generator": False}, 0.00015, 1.9869554535034695e-07, 1e-2, 1e-2),
     ("heun/test_full_loop_with_noise", loop_sigma, "HeunDiscreteScheduler", K1100,
      {"t_start": 8, "generator": False}, 75074.8906, 97.7538),
+    # test_scheduler_kdpm2_discrete.py (CPU numbers; the v-prediction mean 6.1112e-10 is the CPU one)
+    ("kdpm2/test_full_loop_with_v_prediction", loop_sigma, "KDPM2DiscreteScheduler", {**K1100, **V},
+     {"generator": False}, 4.6934e-07, 6.1112e-10),
+    ("kdpm2/test_full_loop_no_noise", loop_sigma, "KDPM2DiscreteScheduler", K1100, {"generator": False}, 20.4125,
+     0.0266),
+    ("kdpm2/test_full_loop_device", loop_sigma, "KDPM2DiscreteScheduler", K1100, {"generator": False}, 20.4125,
+     0.0266),
+    ("kdpm2/test_full_loop_with_noise", loop_sigma, "KDPM2DiscreteScheduler", K1100,
+     {"t_start": 8, "generator": False}, 70408.4062, 91.6776),
     # test_scheduler_kdpm2_ancestral.py (noise from torch.manual_seed(0); mean tolerance 5e-3 where diffusers has it)
     ("kdpm2_ancestral/test_full_loop_no_noise", loop_sigma, "KDPM2AncestralDiscreteScheduler", K1100, {}, 13979.9433,
      18.2030, 1e-2, 5e-3),
@@ -342,6 +367,7 @@ FLOAT64_MISSES = {
     "lms/test_full_loop_with_noise": 7.7e-6,
     "euler/test_full_loop_with_noise": 1.3e-6,
     "heun/test_full_loop_with_noise": 3.2e-7,
+    "kdpm2/test_full_loop_with_noise": 1.8e-6,
     # DPM2 a: sums of ~1e4 (x stays at sigma_max scale with this dummy model) against a 1e-2 tolerance
     "kdpm2_ancestral/test_full_loop_no_noise": 8.5e-7,
     "kdpm2_ancestral/test_full_loop_with_noise": 1.7e-7,
@@ -364,23 +390,74 @@ def test_diffusers_full_loop_numbers_with_float64_tables(case, monkeypatch):
 
 
 
-@pytest.mark.parametrize("table_dtype", ["float32", "float64"])
-def test_switch_from_deis_through_dpm_single_dpm_multi_unipc_and_back(table_dtype):
-    """diffusers' test_scheduler_deis.py test_switch: from_config along DEIS -> DPMSolverSinglestep ->
-    DPMSolverMultistep -> UniPC -> DEIS gives DEIS's default result again (result_mean 0.23916, tolerance 1e-3);
-    here the loop really runs the scheduler at the end of the chain (diffusers' DEIS full_loop rebuilds its own).
+# diffusers' test_switch cases: a full loop on the first scheduler, then from_config along the chain, and the same
+# loop on the scheduler at its end; both give the first one's result_mean (tolerance 1e-3). diffusers' configs
+# keep the keys a class does not use (its "hidden" config), so e.g. DEIS carries final_sigmas_type="sigma_min" from
+# DPMSolverSinglestep to DPMSolverMultistep; refldm's from_config does the same (refldm.schedulers.base).
+SWITCHES = [
+    ("dpm_single/test_switch", "DPMSolverSinglestepScheduler", SINGLE, (4, 3, 8, 8), 0.2791,
+     ("DEISMultistepScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+      "DPMSolverSinglestepScheduler")),
+    ("dpm_multi/test_switch", "DPMSolverMultistepScheduler", DPM, (4, 3, 8, 8), 0.3301,
+     ("DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+      "DPMSolverMultistepScheduler")),
+    ("unipc/test_switch", "UniPCMultistepScheduler", UNIPC, (4, 3, 8, 8), 0.2464,
+     ("DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
+      "UniPCMultistepScheduler")),
+    ("unipc_1d/test_switch", "UniPCMultistepScheduler", UNIPC, ONE_D, 0.2441,
+     ("DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
+      "UniPCMultistepScheduler")),
+    ("deis/test_switch", "DEISMultistepScheduler", DEIS, (4, 3, 8, 8), 0.23916,
+     ("DPMSolverSinglestepScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+      "DEISMultistepScheduler")),
+]
 
-    (diffusers' test_scheduler_dpm_single.py test_switch, the chain from DPMSolverSinglestep with
-    final_sigmas_type="sigma_min" through DEIS, is not reproduced: diffusers' configs keep the keys a class does not
-    use, so DEIS carries final_sigmas_type along; refldm's config dataclasses drop them, and the chain comes back
-    with the default "zero".)"""
-    scheduler = rs.DEISMultistepScheduler(**DEIS, table_dtype=table_dtype)
-    for name in ("DPMSolverSinglestepScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
-                 "DEISMultistepScheduler"):
-        scheduler = getattr(rs, name).from_config(scheduler.config)
-    assert scheduler.config == rs.DEISMultistepScheduler(**DEIS, table_dtype=table_dtype).config
-    scheduler.set_timesteps(10)
-    sample = deterministic()
+
+def loop_on(scheduler, shape, steps=10):
+    """diffusers' full_loop(scheduler=...): the plain loop of loop_plain, on the scheduler given (the dpm_multi
+    suite passes a generator; every link here is deterministic, so none is needed)."""
+    scheduler.set_timesteps(steps)
+    sample = deterministic(shape)
     for t in scheduler.timesteps:
         sample = scheduler.step(dummy_model(sample, t), t, sample).prev_sample
-    assert abs(float(numpy.mean(numpy.abs(sample))) - 0.23916) < 1e-3
+    return sample
+
+
+def chain(first, config, links, table_dtype):
+    schedulers = [getattr(rs, first)(**config, table_dtype=table_dtype)]
+    for name in links:
+        schedulers.append(getattr(rs, name).from_config(schedulers[-1].config))
+    return schedulers
+
+
+@pytest.mark.parametrize("table_dtype", ["float32", "float64"])
+@pytest.mark.parametrize("case", SWITCHES, ids=[c[0] for c in SWITCHES])
+def test_diffusers_switch_chains_come_back_to_the_first_result(case, table_dtype):
+    _, first, config, shape, expected_mean, links = case
+    schedulers = chain(first, config, links, table_dtype)
+    assert schedulers[-1].config == schedulers[0].config
+    for scheduler in (schedulers[0], schedulers[-1]):
+        result_mean = float(numpy.mean(numpy.abs(loop_on(scheduler, shape))))
+        assert abs(result_mean - expected_mean) < 1e-3, (type(scheduler).__name__, result_mean)
+
+
+@pytest.mark.parametrize("case", SWITCHES, ids=[c[0] for c in SWITCHES])
+def test_switch_chain_configs_are_diffusers_configs(case):
+    """At every link of the chain, refldm's config holds diffusers' values, and what refldm passes on to the next
+    from_config (the keys given, not left at default, plus the carried ones) is what diffusers passes on (its
+    config less _use_default_values and private keys)."""
+    diffusers = require("diffusers")
+    _, first, config, _, _, links = case
+    ours = chain(first, config, links, "float64")
+    theirs = [getattr(diffusers, first)(**config)]
+    for name in links:
+        theirs.append(getattr(diffusers, name).from_config(theirs[-1].config))
+    for our, their in zip(ours, theirs):
+        their_config = dict(their.config)
+        defaults = set(their_config.get("_use_default_values", []))
+        for field in dataclasses.fields(our.config):
+            if field.name in their_config:
+                assert getattr(our.config, field.name) == their_config[field.name], (type(our).__name__, field.name)
+        passed = {k: v for k, v in passed_on(our.config).items() if k != "table_dtype"}
+        expected = {k: v for k, v in their_config.items() if not k.startswith("_") and k not in defaults}
+        assert passed == expected, type(our).__name__

@@ -80,3 +80,30 @@ def test_refuses_what_it_does_not_implement_in_one_line():
     with pytest.raises(ConfigError, match="algorithm_type='sde-dpmsolver\\+\\+' has no third-order step"):
         rs.EDMDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3)
     assert isinstance(rs.get_scheduler("EDMDPMSolverMultistepScheduler"), rs.EDMDPMSolverMultistepScheduler)
+
+
+@pytest.mark.parametrize("table_dtype", ["float32", "float64"])
+@pytest.mark.parametrize("sigma_min", [0.002, 0.0292, 0.5])
+def test_sde_last_step_from_sigma_min_to_sigma_min_is_zero_length(sigma_min, table_dtype):
+    """With final_sigmas_type="sigma_min" the last step goes from the ramp's end, sigma_min by the Karras formula,
+    to sigma_min: zero length in exact arithmetic. Rounding (here the float32 Karras formula) leaves the first
+    sigma a hair below the second, h < 0, where the SDE noise scale sqrt(1 - e^{-2h}) is undefined: this was a bare
+    "math domain error". diffusers gives NaN for sigma_min 0.0292 and 0.5 and a finite x for 0.002 (its float32
+    logs of the two sigmas round to one value). refldm's step leaves x unchanged (dpmsolver.step_length); where
+the rounding goes the other way (h a hair above 0) the step is taken and barely moves x."""
+    config = {"algorithm_type": "sde-dpmsolver++", "sigma_min": sigma_min, "final_sigmas_type": "sigma_min",
+              "table_dtype": table_dtype}
+    scheduler, _, trajectory = run_refldm(NAME, config, 10, 0, dtype=table_dtype)
+    assert abs(scheduler.sigmas[-2] - scheduler.sigmas[-1]) <= 1e-6 * sigma_min  # the zero-length step
+    assert all(numpy.isfinite(x).all() for x in trajectory)
+    assert rel_err(trajectory[-1], trajectory[-2]) <= 1e-6  # unchanged where h rounds below 0, else barely moved
+
+
+def test_sde_last_step_agrees_with_diffusers_where_diffusers_is_finite():
+    """sigma_min=0.002 (diffusers' default), float32 tables: the whole trajectory as diffusers', at float32
+    precision (diffusers' last step multiplies x by sigma_t / sigma_s = 1 + 2.4e-7 where refldm keeps x)."""
+    config = {"algorithm_type": "sde-dpmsolver++", "final_sigmas_type": "sigma_min"}
+    _, _, ref = run_diffusers(NAME, config, 10, 0, dtype="float32")
+    _, _, ours = run_refldm(NAME, {**config, "table_dtype": "float32"}, 10, 0, dtype="float32")
+    assert numpy.isfinite(ref[-1]).all()
+    assert max(rel_err(a, b) for a, b in zip(ours, ref)) <= 1e-5

@@ -86,5 +86,7 @@ def test_refuses_bad_config_in_one_line():
         rs.EDMEulerScheduler(prediction_type="sample")
     with pytest.raises(ConfigError, match="unknown config key 'sigma_foo'"):
         rs.EDMEulerScheduler(sigma_foo=1.0)
-    rs.EDMEulerScheduler(beta_schedule="scaled_linear")  # other schedulers' keys are ignored, as in diffusers
+    with pytest.raises(ConfigError, match="unknown config key 'beta_schedule' .value 'scaled_linear'.: a key of other"):
+        rs.EDMEulerScheduler(beta_schedule="scaled_linear")  # passed on purpose: refused (diffusers: TypeError)
+    rs.EDMEulerScheduler.from_config({"beta_schedule": "scaled_linear"})  # in a config: carried along, as diffusers
     assert isinstance(rs.get_scheduler("EDMEulerScheduler", {"beta_schedule": "scaled_linear"}), rs.EDMEulerScheduler)

@@ -133,3 +133,23 @@ def test_options_diffusers_refuses_are_refused():
         rs.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min")
     with pytest.raises(ConfigError, match="timestep_type='continuous' is not implemented"):
         rs.EulerDiscreteScheduler(timestep_type="continuous")
+
+
+@pytest.mark.parametrize("table_dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name,config", [
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_lu_lambdas": True}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver", "use_karras_sigmas": True}),
+    ("DPMSolverSinglestepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    ("EDMDPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "sigma_min": 0.5}),
+])
+def test_sde_solvers_take_the_zero_length_last_step_of_a_grid_ending_on_sigma_min(name, config, table_dtype):
+    """final_sigmas_type="sigma_min" after a grid that ends on sigma_min: the last step has h = 0 in exact
+    arithmetic and h a hair below 0 after rounding, where sqrt(1 - e^{-2h}) was a bare "math domain error" (float64
+    Karras / Lu grids, float32 EDM ramps). It now leaves x (almost: h may round above 0) unchanged."""
+    scheduler = getattr(rs, name)(**config, final_sigmas_type="sigma_min", table_dtype=table_dtype)
+    scheduler.set_timesteps(5)
+    x = numpy.random.default_rng(0).standard_normal((1, 2, 3, 3)) * float(scheduler.init_noise_sigma)
+    trajectory = _trajectory(scheduler, x, "numpy")
+    assert all(numpy.isfinite(t).all() for t in trajectory)
+    assert rel_err(trajectory[-1], trajectory[-2]) <= 1e-6

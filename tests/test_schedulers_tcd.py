@@ -77,6 +77,6 @@ def test_output_fields_and_refusals():
         scheduler.step(x, scheduler.timesteps[2], x, eta=1.5)
     with pytest.raises(ConfigError, match="clip_sample=True is not implemented"):
         rs.TCDScheduler(clip_sample=True)
-    with pytest.raises(ValueError, match="custom timesteps must be descending"):
+    with pytest.raises(ValueError, match="custom timesteps must be strictly decreasing"):
         scheduler.set_timesteps(timesteps=[10, 500])
     assert isinstance(rs.get_scheduler("tcd"), rs.TCDScheduler)

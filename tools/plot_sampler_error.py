@@ -60,7 +60,7 @@ COMMON = {"timestep_spacing": "trailing", "steps_offset": 0, "final_sigmas_type"
 def solve(pipe, context, noise, name, steps, extra):
     """The final latent of sampler `name` with `steps` steps, and its number of model evaluations."""
     base = name.replace("DPM++ 3M", "DPM++ 2M")
-    scheduler = rs.get_scheduler(base, pipe.scheduler_config, **COMMON, **extra)
+    scheduler = rs.get_scheduler(base, {**pipe.scheduler_config, **COMMON}, **extra)  # COMMON: where a class has it
     scheduler.set_timesteps(steps)
     latents = noise * float(scheduler.init_noise_sigma)
     x = sample(lambda x, t: pipe.unet(x, t, context), scheduler, latents, guidance_scale=GUIDANCE, progress=False)

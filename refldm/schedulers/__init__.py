@@ -86,8 +86,8 @@ def get_scheduler(name: str, config=None, schedule: str | None = None, **overrid
     """A scheduler by name, built from `config` (a scheduler_config.json dict or another scheduler's .config) plus
     the keys the name implies, plus `overrides`. `name` is a short name ("euler", "dpm++2m"), a diffusers class
     name, or a web-UI name: A1111's "DPM++ 2M Karras" / "Euler a", ComfyUI's "dpmpp_2m" with schedule="karras"
-    (or "dpmpp_2m karras"); see refldm.schedulers.names. Keys of other schedulers in `config` are ignored, as in
-    diffusers' from_config."""
+    (or "dpmpp_2m karras"); see refldm.schedulers.names. Keys of other schedulers in `config` are carried along
+    unused, as in diffusers' from_config; the keys the name implies and `overrides` must be the class's own."""
     if name in CLASSES and schedule is None:
         cls, implied = CLASSES[name], {}
     else:
@@ -95,8 +95,6 @@ def get_scheduler(name: str, config=None, schedule: str | None = None, **overrid
         cls = CLASSES[class_name]
     if config is None:
         config = {}
-    elif dataclasses.is_dataclass(config):
-        config = dataclasses.asdict(config)
-    elif not isinstance(config, dict):
+    elif not (dataclasses.is_dataclass(config) or isinstance(config, dict)):
         raise ConfigError(f"get_scheduler: config must be a dict, got {type(config).__name__}")
-    return cls.from_config({**config, **implied, **overrides})
+    return cls.from_config(config, **{**implied, **overrides})  # the name's keys and overrides: explicit

@@ -3,10 +3,19 @@ and the bookkeeping of which step we are on. The math lives in the per-family mo
 
 Config keys. A scheduler is built from a diffusers ``scheduler_config.json``. Each class declares a dataclass
 of the keys it implements (with diffusers' defaults for that class) and ``UNSUPPORTED``: keys diffusers has for
-this class that refldm implements only at their default. Keys that belong to *other* diffusers schedulers are
-ignored, as diffusers ignores them, so the usual swap works:
+this class that refldm implements only at their default. Two ways in, as in diffusers:
 
-    EulerDiscreteScheduler.from_config(pndm.config)      # skip_prk_steps etc. mean nothing to Euler
+- ``Scheduler(**keys)`` takes only this class's keys: any other key is an error naming the key and its value
+  (diffusers' constructor refuses it too), so a key passed on purpose never goes unused.
+- ``Scheduler.from_config(config)`` (and ``from_pretrained``) takes a whole config: keys that belong to *other*
+  diffusers schedulers are kept, unused, and passed on by the next ``from_config`` (diffusers' "hidden" config),
+  so the usual swaps work and a chain of swaps comes back to the keys it started from:
+
+      EulerDiscreteScheduler.from_config(pndm.config)      # skip_prk_steps etc. mean nothing to Euler
+      DEIS.from_config(dpm_single.config)                  # final_sigmas_type rides along to the next class
+
+  Keys left at their default are not passed on (diffusers' ``_use_default_values``): the next class uses its
+  own default. Keyword overrides (``from_config(config, key=value)``) are explicit, hence this class's keys.
 
 Any other key, or an unsupported value, is an error naming the key.
 """
@@ -25,16 +34,17 @@ from refldm.config import ConfigError, parse_config
 
 from . import schedule
 
-# Every __init__ argument of the diffusers schedulers (diffusers 0.42). A key here that a class does not
-# declare is one diffusers would ignore for that class, so refldm ignores it too.
+# Every __init__ argument of the diffusers schedulers (diffusers 0.42; tests/test_schedulers_bad_input.py checks
+# it). A key here that a class does not declare is one diffusers would ignore for that class: from_config carries
+# it along unused (and passes it on), the constructor refuses it.
 DIFFUSERS_SCHEDULER_KEYS = frozenset("""
 algorithm_type alpha_cum_end alpha_cum_start base_image_seq_len base_shift beta_end beta_schedule beta_start
 block_length clip_denoised clip_sample clip_sample_range correct_steps corrector_k corrector_order
 corrector_selection corrector_selection_tau corrector_steps disable_corrector dynamic_thresholding_ratio
 editing_threshold entropy_bound eps eta euler_at_final final_sigmas_type final_step_size_scale flow_shift gamma
 gamma_cum_end gamma_cum_start interpolation_type invert_sigmas lambda_min_clipped lower_order_final
-mask_token_id masking_schedule max_image_seq_len max_shift minimal_topk n_grid noise_mode num_inference_steps
-num_policy_substeps num_train_timesteps num_vec_classes original_inference_steps predict_x0 prediction_type
+mask_token_id masking_schedule max_image_seq_len max_shift minimal_topk n_grid noise_mode noise_sampler_seed
+num_inference_steps num_policy_substeps num_train_timesteps num_vec_classes original_inference_steps predict_x0 prediction_type
 predictor_order rescale_betas_zero_snr rho s s_churn s_max s_min s_noise sample_max_value sampling_eps
 scale_factors scaler schedule_mode scheduler_type set_alpha_to_one shift shift_terminal sigma_data sigma_max
 sigma_min sigma_schedule skip_prk_steps snr snr_shift_scale solver_order solver_p solver_type stage_range stages
@@ -79,6 +89,16 @@ class BaseConfig:
             raise ValueError(f"steps_offset={self.steps_offset!r} must be an integer >= 0")
 
 
+def passed_on(config) -> dict:
+    """A scheduler's config as diffusers' from_config hands it to the next class: the keys that were given (not
+    those left at their default), with their values, plus the keys carried along unused. A Config built by hand
+    (not by a scheduler) passes on every field."""
+    given = getattr(config, "_given", None)
+    if given is None:
+        return dataclasses.asdict(config)
+    return {**getattr(config, "_carried", {}), **{k: getattr(config, k) for k in given}}
+
+
 def check_choice(key, value, choices):
     if value not in choices:
         raise ValueError(f"{key}={value!r} is not supported (choose one of {', '.join(map(repr, choices))})")
@@ -107,6 +127,7 @@ class SchedulerMixin:
     Config = BaseConfig
     UNSUPPORTED: dict = {}  # key -> the only value refldm accepts (diffusers' default)
     RENAMED: dict = {}  # key -> {diffusers' deprecated value: the value diffusers maps it to}
+    NOT_KEYS: tuple = ()  # fields of the shared Config that diffusers' class lacks (kept at default, never read)
     order = 1
     output_fields = ("prev_sample", "pred_original_sample")
 
@@ -119,23 +140,42 @@ class SchedulerMixin:
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
+    def config_keys(cls):
+        """The keys this class takes: its config fields (less NOT_KEYS) and the UNSUPPORTED ones."""
+        return ({f.name for f in dataclasses.fields(cls.Config)} - set(cls.NOT_KEYS)) | set(cls.UNSUPPORTED)
+
+    @classmethod
     def _parse(cls, config: dict):
+        """This class's keys -> its Config; the keys given (not left at default) are remembered for from_config."""
         config = dict(config)
         for key, mapping in cls.RENAMED.items():
             if config.get(key) in mapping:
                 config[key] = mapping[config[key]]
-        own = {f.name for f in dataclasses.fields(cls.Config)} | set(cls.UNSUPPORTED)
-        ignored = DIFFUSERS_SCHEDULER_KEYS - own
-        return parse_config(cls.Config, config, ignored=ignored, fixed=cls.UNSUPPORTED, where=cls.__name__)
+        keys = cls.config_keys()
+        for key, value in config.items():
+            if key not in keys and not key.startswith("_"):
+                why = ("a key of other diffusers schedulers; from_config carries such keys along unused"
+                       if key in DIFFUSERS_SCHEDULER_KEYS else "refldm does not implement it")
+                raise ConfigError(f"{cls.__name__}: unknown config key {key!r} (value {value!r}): {why}")
+        parsed = parse_config(cls.Config, config, fixed=cls.UNSUPPORTED, where=cls.__name__)
+        parsed._given = frozenset(k for k in config if k in keys and k not in cls.UNSUPPORTED)
+        parsed._carried = {k: v for k, v in config.items() if k in cls.UNSUPPORTED}  # at their only value
+        return parsed
 
     @classmethod
     def from_config(cls, config, **overrides):
-        """Build from a diffusers scheduler config (a dict, or another scheduler's ``.config``)."""
+        """Build from a diffusers scheduler config (a dict, or another scheduler's ``.config``): this class's keys
+        are used, other diffusers schedulers' keys are carried along unused (see the module docstring)."""
         if dataclasses.is_dataclass(config):
-            config = dataclasses.asdict(config)
+            config = passed_on(config)
         elif not isinstance(config, dict):
             raise ConfigError(f"{cls.__name__}.from_config: expected a dict, got {type(config).__name__}")
-        return cls(**{**config, **overrides})
+        keys = cls.config_keys()
+        hidden = {k: v for k, v in config.items()
+                  if k not in keys and k in DIFFUSERS_SCHEDULER_KEYS and k not in overrides}
+        scheduler = cls(**{**{k: v for k, v in config.items() if k not in hidden}, **overrides})
+        scheduler.config._carried = {**scheduler.config._carried, **hidden}
+        return scheduler
 
     @classmethod
     def from_pretrained(cls, folder, subfolder: str | None = None, **overrides):

@@ -8,7 +8,8 @@ import math
 import numpy
 
 from . import schedule
-from .base import AlphaAddNoise, BaseConfig, SchedulerMixin, check_choice, clip, dynamic_threshold, noise_like
+from .base import (AlphaAddNoise, BaseConfig, SchedulerMixin, check_choice, check_custom_timesteps, clip,
+                   dynamic_threshold, noise_like)
 from .prediction import predict_x0
 
 
@@ -61,10 +62,8 @@ class DDPMScheduler(AlphaAddNoise, SchedulerMixin):
         if timesteps is not None:
             if num_inference_steps is not None:
                 raise ValueError("DDPMScheduler.set_timesteps: pass num_inference_steps or timesteps, not both")
-            timesteps = numpy.asarray(timesteps, dtype=numpy.int64)
-            if numpy.any(numpy.diff(timesteps) >= 0) or timesteps[0] >= self.config.num_train_timesteps:
-                raise ValueError("DDPMScheduler.set_timesteps: custom timesteps must be descending and "
-                                 f"below num_train_timesteps={self.config.num_train_timesteps}")
+            timesteps = check_custom_timesteps("DDPMScheduler.set_timesteps", timesteps,
+                                               self.config.num_train_timesteps)
             self.custom_timesteps = True
             self.num_inference_steps = len(timesteps)
             self.timesteps = timesteps

@@ -27,7 +27,7 @@ import numpy
 
 from . import schedule
 from .base import BaseConfig, SchedulerMixin, SigmaAddNoise, check_choice, dynamic_threshold
-from .dpmsolver import _lambda, alpha_sigma
+from .dpmsolver import _lambda, alpha_sigma, multistep_order
 from .prediction import eps_from_x0, predict_x0
 
 
@@ -150,15 +150,10 @@ class DEISMultistepScheduler(SigmaAddNoise, SchedulerMixin):
             self._init_step_index(timestep)
         c = self.config
         i, n = self._step_index, len(self.timesteps)
-        lower_order_final = i == n - 1 and c.lower_order_final and n < 15
-        lower_order_second = i == n - 2 and c.lower_order_final and n < 15
+        order = multistep_order(c.solver_order, self.lower_order_nums,
+                                last=i == n - 1 and c.lower_order_final and n < 15,
+                                second_last=i == n - 2 and c.lower_order_final and n < 15)
         self.model_outputs = self.model_outputs[1:] + [self.convert_model_output(model_output, sample)]
-        if c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
-            order = 1
-        elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
-            order = 2
-        else:
-            order = 3
         alphas, sigmas = zip(*(alpha_sigma(self._scalar(self.sigmas[j])) for j in range(i + 1, i - order, -1)))
         prev_sample = deis_update(sample, self.model_outputs[::-1][:order], alphas, sigmas)
         if self.lower_order_nums < c.solver_order:

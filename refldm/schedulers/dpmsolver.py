@@ -33,6 +33,33 @@ def _lambda(alpha: float, sigma: float) -> float:
     return math.inf if sigma == 0 else math.log(alpha) - math.log(sigma)
 
 
+def step_length(lam_t: float, lam_s: float) -> float:
+    """h = lambda_t - lambda_s, the step's length in lambda. A last step from sigma_min to a final sigma_min
+    (final_sigmas_type="sigma_min" after a grid that ends on sigma_min: Karras, Lu, EDM) has h = 0 in exact
+    arithmetic, but the grid's rounding (the Karras formula evaluated at its end, float32 tables) can leave sigma_t
+    a hair above sigma_s, so h a hair below 0, where the SDE noise scale sqrt(1 - e^{-2h}) is undefined (diffusers
+    then gives NaN, or a finite x where its float32 logs of the two sigmas happen to round to one value). Such an h
+    is 0: the step leaves x unchanged. A sigma that really rises is an error."""
+    h = lam_t - lam_s
+    if h >= 0:
+        return h
+    if h < -1e-5:
+        raise ValueError(f"a solver step would raise the noise level (lambda {lam_s!r} -> {lam_t!r}); the sigmas "
+                         "must decrease")
+    return 0.0
+
+
+def multistep_order(solver_order: int, lower_order_nums: int, last: bool, second_last: bool) -> int:
+    """The order of a multistep update (DPM-Solver, DEIS, EDM DPM-Solver): solver_order, lowered at the start while
+    fewer earlier outputs are stored (lower_order_nums of them: orders 1, 2, ... warm up), and to 1 / 2 at the
+    last / second-to-last step when the config asks (lower_order_final, euler_at_final, a final sigma of 0)."""
+    if solver_order == 1 or lower_order_nums < 1 or last:
+        return 1
+    if solver_order == 2 or lower_order_nums < 2 or second_last:
+        return 2
+    return 3
+
+
 def dpmpp_first_order(x, x0, alpha_t, sigma_t, sigma_s, h, noise=None):
     """DPM-Solver++(1), the first-order solver, which is DDIM (Lu et al. 2022, sec. 4):
         x_t = sigma_t / sigma_s x_s - alpha_t (e^{-h} - 1) x_0
@@ -259,9 +286,10 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
             self._init_step_index(timestep)
         c = self.config
         i, n = self._step_index, len(self.timesteps)
-        lower_order_final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15)
-                                            or c.final_sigmas_type == "zero")
-        lower_order_second = i == n - 2 and c.lower_order_final and n < 15
+        order = multistep_order(c.solver_order, self.lower_order_nums,
+                                last=i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15)
+                                                     or c.final_sigmas_type == "zero"),
+                                second_last=i == n - 2 and c.lower_order_final and n < 15)
         m = self.convert_model_output(model_output, sample)
         self.model_outputs = self.model_outputs[1:] + [m]
         noise = None
@@ -270,16 +298,16 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
         sig = [self._scalar(self.sigmas[j]) for j in (i + 1, i, i - 1, i - 2)]
         (alpha_t, sigma_t), (alpha_s0, sigma_s0), (alpha_s1, sigma_s1), (alpha_s2, sigma_s2) = map(alpha_sigma, sig)
         lam_t, lam_s0 = _lambda(alpha_t, sigma_t), _lambda(alpha_s0, sigma_s0)
-        h = lam_t - lam_s0
+        h = step_length(lam_t, lam_s0)
         data = c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
-        if h == 0:  # a zero-length step (Karras sigmas ending on sigma_min twice) leaves x unchanged
+        if h == 0:  # a zero-length step (a grid ending on sigma_min, then sigma_min again) leaves x unchanged
             prev_sample = sample
-        elif c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
+        elif order == 1:
             if data:
                 prev_sample = dpmpp_first_order(sample, m, alpha_t, sigma_t, sigma_s0, h, noise)
             else:
                 prev_sample = dpm_first_order(sample, m, alpha_t, sigma_t, alpha_s0, h, noise)
-        elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
+        elif order == 2:
             h_0 = lam_s0 - _lambda(alpha_s1, sigma_s1)
             m0, m1 = self.model_outputs[-1], self.model_outputs[-2]
             if data:

@@ -24,7 +24,8 @@ DPM-Solver (noise prediction) swaps alpha and sigma and e^{-h} for e^{h} as in d
 multiplies x by e^{-h}, uses (1 - e^{-2h}) and adds sigma_t sqrt(1 - e^{-2h}) z.
 
 As diffusers: the timesteps are always spaced "linspace" (n + 1 points, the smallest dropped; this class has no
-timestep_spacing / steps_offset keys in diffusers, so they are ignored); an n not divisible by solver_order, or
+timestep_spacing / steps_offset keys in diffusers: from_config carries them along unused, the constructor refuses
+them); an n not divisible by solver_order, or
 final_sigmas_type="zero", makes lower_order_final true (diffusers rewrites its config for that; refldm keeps the
 config and decides per set_timesteps call).
 """
@@ -39,7 +40,7 @@ import numpy
 from . import schedule
 from .base import (BaseConfig, SchedulerMixin, SigmaAddNoise, check_choice, check_custom_timesteps, dynamic_threshold,
                    noise_like)
-from .dpmsolver import _lambda, alpha_sigma
+from .dpmsolver import _lambda, alpha_sigma, step_length
 from .prediction import predict_eps, predict_x0
 
 
@@ -67,7 +68,9 @@ def singlestep_update(algorithm, solver_type, x, ms, alphas, sigmas, noise=None)
     k = len(ms)
     lam = [_lambda(a, s) for a, s in zip(alphas, sigmas)]  # lambda_t, then lambda at each output (oldest first)
     alpha_t, sigma_t, alpha_s, sigma_s = alphas[0], sigmas[0], alphas[1], sigmas[1]
-    h = lam[0] - lam[1]  # (c1, c2 below divide by h: evaluated only for orders 2 and 3)
+    h = step_length(lam[0], lam[1])  # (c1, c2 below divide by h: evaluated only for orders 2 and 3)
+    if h == 0:  # a zero-length last step (sigma_min to the final sigma_min) leaves x unchanged
+        return x
     if algorithm == "dpmsolver++":
         em = math.exp(-h) - 1.0
         base, c0, half = (sigma_t / sigma_s) * x, -(alpha_t * em), -0.5 * (alpha_t * em)
@@ -143,6 +146,7 @@ class DPMSolverSinglestepScheduler(SigmaAddNoise, SchedulerMixin):
                    "use_dynamic_shifting": False, "time_shift_type": "exponential"}
     RENAMED = {"solver_type": {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"},  # as diffusers does
                "algorithm_type": {"deis": "dpmsolver++"}}
+    NOT_KEYS = ("timestep_spacing", "steps_offset")  # always "linspace", as diffusers
     output_fields = ("prev_sample",)
     variance_preserving = True
 

@@ -21,7 +21,7 @@ import numpy
 
 from . import schedule
 from .base import check_choice, dynamic_threshold, noise_like
-from .dpmsolver import dpmpp_first_order, dpmpp_second_order, dpmpp_third_order
+from .dpmsolver import dpmpp_first_order, dpmpp_second_order, dpmpp_third_order, multistep_order, step_length
 from .edm_euler import EDMEulerConfig, EDMEulerScheduler
 
 
@@ -97,20 +97,21 @@ class EDMDPMSolverMultistepScheduler(EDMEulerScheduler):
             self._init_step_index(timestep)
         c = self.config
         i, n = self._step_index, len(self.timesteps)
-        lower_order_final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15)
-                                            or c.final_sigmas_type == "zero")
-        lower_order_second = i == n - 2 and c.lower_order_final and n < 15
+        order = multistep_order(c.solver_order, self.lower_order_nums,
+                                last=i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15)
+                                                     or c.final_sigmas_type == "zero"),
+                                second_last=i == n - 2 and c.lower_order_final and n < 15)
         self.model_outputs = self.model_outputs[1:] + [self.convert_model_output(model_output, sample)]
         noise = noise_like(model_output, generator) if c.algorithm_type == "sde-dpmsolver++" else None
         sig = [self._scalar(self.sigmas[j]) for j in (i + 1, i, i - 1, i - 2)]  # sigma_t, sigma_s0, s1, s2
         lam = [math.inf if s == 0 else -math.log(s) for s in sig]  # lambda = log(1 / sigma): alpha = 1
-        h = lam[0] - lam[1]
+        h = step_length(lam[0], lam[1])
         one = self._scalar(1.0)
-        if h == 0:  # a zero-length step (sigma_min to final sigma_min) leaves x unchanged, as in dpmsolver.py
+        if h == 0:  # a zero-length step (sigma_min to final sigma_min) leaves x unchanged (dpmsolver.step_length)
             prev_sample = sample
-        elif c.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
+        elif order == 1:
             prev_sample = dpmpp_first_order(sample, self.model_outputs[-1], one, sig[0], sig[1], h, noise)
-        elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
+        elif order == 2:
             prev_sample = dpmpp_second_order(sample, self.model_outputs[-1], self.model_outputs[-2], one, sig[0],
                                              sig[1], h, lam[1] - lam[2], c.solver_type, noise)
         else:

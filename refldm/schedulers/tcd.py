@@ -22,7 +22,7 @@ import math
 
 import numpy
 
-from .base import AlphaAddNoise, BaseConfig, SchedulerMixin, SchedulerOutput, noise_like
+from .base import AlphaAddNoise, BaseConfig, SchedulerMixin, SchedulerOutput, check_custom_timesteps, noise_like
 from .prediction import predict_eps, predict_x0
 
 
@@ -83,10 +83,7 @@ class TCDScheduler(AlphaAddNoise, SchedulerMixin):
         else:  # as diffusers: every training timestep
             origin = numpy.arange(0, int(c.num_train_timesteps * strength))
         if timesteps is not None:
-            t = numpy.asarray(timesteps, dtype=numpy.int64).reshape(-1)
-            if t.size == 0 or numpy.any(numpy.diff(t) >= 0) or t[0] >= c.num_train_timesteps or t[-1] < 0:
-                raise ValueError(f"{where}: custom timesteps must be descending integers in "
-                                 f"[0, {c.num_train_timesteps - 1}], got {t.tolist()}")
+            t = check_custom_timesteps(where, timesteps, c.num_train_timesteps)
             self.num_inference_steps = len(t)
             self.custom_timesteps = True
             init = min(int(len(t) * strength), len(t))
