@@ -2,8 +2,9 @@
 
 NumPy's elementwise functions run on one core, and a multi-threaded BLAS call pays for waking and
 joining its helper threads on every call. The accelerated ops therefore cut their work into
-independent blocks (bands of rows, one head's query rows, ...) and hand the blocks to this pool;
-ufuncs and BLAS release the GIL while they run. A block's result never depends on which thread ran
+independent blocks (bands of rows, one head's query rows, ...) that the calling thread and the
+pool's helper threads take one at a time (the caller works too, so a nested call cannot deadlock and
+no block waits for a thread to wake up); ufuncs and BLAS release the GIL while they run. A block's result never depends on which thread ran
 it or how many threads there are: the blocks are fixed by byte sizes, not by the thread count.
 
     REFLDM_NUM_THREADS=4            # environment, read on first use (default: the CPUs this process may use)
@@ -12,9 +13,10 @@ it or how many threads there are: the blocks are fixed by byte sizes, not by the
 
 from __future__ import annotations
 
+import itertools
 import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 from refldm.accel.blas import single_threaded_blas
 from refldm.accel.errors import AccelError
@@ -39,59 +41,123 @@ def _threads_from_env() -> int:
 
 
 class _Pool:
+    """Helper threads that take work from a shared queue of jobs. The calling thread always works too,
+    so `threads` threads compute with threads - 1 helpers."""
+
+    def __init__(self, helpers: int):
+        self.helpers = helpers
+        self.queue = queue.SimpleQueue()
+        for k in range(helpers):
+            threading.Thread(target=self._serve, name=f"refldm-{k}", daemon=True).start()
+
+    def _serve(self):
+        while True:
+            job = self.queue.get()
+            if job is None:  # retired (set_num_threads): leave
+                return
+            job.work()
+
+    def retire(self):
+        for _ in range(self.helpers):
+            self.queue.put(None)
+
+
+class _State:
     threads = None    # read from the environment on first use
-    executor = None   # (threads, ThreadPoolExecutor), made on first parallel call
+    pool = None       # the _Pool for `threads`, made on first parallel call
     lock = threading.Lock()
-    local = threading.local()  # .worker is True inside a pool thread
 
 
 def num_threads() -> int:
     """How many host threads the accelerated ops use (REFLDM_NUM_THREADS, else the number of CPUs this
     process may run on). A bad REFLDM_NUM_THREADS raises AccelError here, naming the variable."""
-    if _Pool.threads is None:
-        _Pool.threads = _threads_from_env()
-    return _Pool.threads
+    if _State.threads is None:
+        _State.threads = _threads_from_env()
+    return _State.threads
 
 
 def set_num_threads(n: int) -> None:
     """Set the number of host threads (1 = everything on the calling thread).
 
     Safe while other threads compute: a call already running keeps the pool it started with; the next
-    call makes a pool of the new size. A pool nobody uses any more ends its threads when it is
-    garbage-collected (concurrent.futures does that).
+    call makes a pool of the new size, and the old pool's helpers leave once its queue is empty.
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"set_num_threads: expected a positive integer, got {n!r}")
-    _Pool.threads = n
+    _State.threads = n
 
 
-def _mark_worker():
-    _Pool.local.worker = True
+def _pool(threads: int) -> _Pool:
+    with _State.lock:
+        if _State.pool is None or _State.pool.helpers != threads - 1:
+            if _State.pool is not None:
+                _State.pool.retire()
+            _State.pool = _Pool(threads - 1)
+        return _State.pool
 
 
-def _executor(threads: int) -> ThreadPoolExecutor:
-    with _Pool.lock:
-        if _Pool.executor is None or _Pool.executor[0] != threads:
-            _Pool.executor = (threads, ThreadPoolExecutor(threads, thread_name_prefix="refldm",
-                                                          initializer=_mark_worker))
-        return _Pool.executor[1]
+class _Job:
+    """fn over items, taken one at a time by whichever thread asks next (the caller and the helpers)."""
+
+    def __init__(self, fn, items):
+        self.fn, self.items = fn, items
+        self.results = [None] * len(items)
+        self.errors = {}                     # item index -> exception
+        self.taken = itertools.count()       # next() is atomic: each index goes to exactly one thread
+        self.left = len(items)
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+    def work(self):
+        while (i := next(self.taken)) < len(self.items):
+            try:
+                self.results[i] = self.fn(self.items[i])
+            except BaseException as e:  # noqa: BLE001 - raised by the caller, see parallel_map
+                self.errors[i] = e
+            with self.lock:
+                self.left -= 1
+                if self.left == 0:
+                    self.done.set()
+
+    def wait(self, pool: _Pool):
+        """Until every item is finished; meanwhile run other jobs' items from the queue (a helper
+        busy with a nested job's caller never leaves queued work waiting on it)."""
+        while not self.done.is_set():
+            try:
+                other = pool.queue.get_nowait()
+            except queue.Empty:
+                self.done.wait(0.0005)
+                continue
+            if other is None:        # a retirement notice meant for a helper: pass it on
+                pool.queue.put(None)
+                self.done.wait(0.0005)
+                continue
+            other.work()
 
 
 def parallel_map(fn, items) -> list:
-    """[fn(item) for item in items], spread over the host thread pool; the results keep their order.
+    """[fn(item) for item in items], spread over the host threads; the results keep their order.
 
-    The host BLAS is held to one thread per call throughout, whether the items run on the pool (which
-    already gives every core a worker) or serially: so every item computes the same bytes for any
-    thread count. Runs serially with one thread, with a single item, or when called from inside a
-    pool thread (so a nested call cannot deadlock). An exception in any item is raised here.
+    The calling thread takes items like every helper, so a call made from inside an item (a nested
+    call) cannot deadlock, and uses the helpers that are free. The host BLAS is held to one thread per
+    call throughout, so every item computes the same bytes whichever thread runs it and for any thread
+    count. Runs serially with one thread or a single item. An exception in an item is raised here
+    (the one of the lowest item index), after all the other items have finished.
     """
     items = list(items)
     threads = num_threads()
     with single_threaded_blas():
-        if threads == 1 or len(items) < 2 or getattr(_Pool.local, "worker", False):
+        if threads == 1 or len(items) < 2:
             return [fn(item) for item in items]
-        executor = _executor(threads)  # a local reference: set_num_threads elsewhere cannot shut it down
-        return list(executor.map(fn, items))
+        pool = _pool(threads)  # a local reference: set_num_threads elsewhere cannot take it away
+        job = _Job(fn, items)
+        for _ in range(min(pool.helpers, len(items) - 1)):
+            pool.queue.put(job)
+        job.work()
+        job.wait(pool)
+        if job.errors:
+            raise job.errors[min(job.errors)]
+        return job.results
 
 
 def in_blocks(n_rows: int, row_bytes: int, work, block_bytes: int) -> None:
@@ -107,9 +173,8 @@ def in_blocks(n_rows: int, row_bytes: int, work, block_bytes: int) -> None:
 
 def _after_fork_in_child():
     """A forked child has none of the parent's threads: forget the pool."""
-    _Pool.executor = None
-    _Pool.local = threading.local()
-    _Pool.lock = threading.Lock()
+    _State.pool = None
+    _State.lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
