@@ -16,16 +16,17 @@ once with `pipe.vae.enable_tiling()`. Each case runs in its own subprocess (clea
 
 - peak RSS (the process's VmHWM) over the whole generation, and its rise over the RSS once the weights
   are loaded (activations and workspace);
-- per phase (text encoders, denoising loop, VAE decode): its wall time and its own peak. The phases
-  are marked without changing the pipeline: the peak (VmHWM) is reset through /proc/self/clear_refs at
-  the U-Net's first call (the end of the text encoding) and around `pipe.decode_latents`.
+- per phase (text encoders, which also covers the time ids and the starting noise; denoising loop;
+  VAE decode, with the conversion to uint8): its wall time and its own peak. The phases are marked
+  without changing the pipeline: the peak (VmHWM) is reset through /proc/self/clear_refs at the
+  U-Net's first call (the end of the text encoding) and around `pipe.decode_latents`.
 
 Tiling and SDXL: the tile side is the VAE config's `sample_size`, which is 1024 for SDXL's VAE (as in
 diffusers), so at 1024x1024 the image is one tile and `enable_tiling()` alone changes nothing. The tiled
-case therefore uses --tile (default 512 pixels: 64-latent tiles, 3x3 of them at 1024x1024, as diffusers'
-``vae.tile_sample_min_size = 512`` does); `--tile 1024` measures SDXL's own setting.
+case therefore uses --tile (default 512 pixels: 64-latent tiles, 3x3 of them at 1024x1024; in diffusers,
+``vae.tile_sample_min_size = 512; vae.tile_latent_min_size = 64``); `--tile 1024` measures SDXL's own setting.
 
-    python tools/mem_sdxl.py                            # full size: both cases, ~14 GB each; see below
+    python tools/mem_sdxl.py                            # full size: both cases, each building the 13.9 GB of weights
     python tools/mem_sdxl.py --tiling on                # only the tiled case
     python tools/mem_sdxl.py --scale 8 --size 256 --tile 128   # 1/8-width parts: checks the tool in seconds
 
@@ -291,8 +292,9 @@ def summary_row(r: dict) -> str:
     cells = [f"{phases[p][0]:.1f} s, +{phases[p][1] / MIB - base / MIB:,.0f} MiB"
              for p in ("text encoders", "denoising loop", "VAE decode")]
     label = f"tiled VAE, {r['tile']}-pixel tiles" if r["tiling"] else "whole-image decode"
+    total = sum(sec for _, sec, _ in r["phases"])
     return (f"| {r['size']}x{r['size']}, {label} | {_mib(peak)} | {_mib(peak - base)} | {name} | "
-            + " | ".join(cells) + " |")
+            + " | ".join(cells) + f" | {total:.1f} s |")
 
 
 def main(argv=None):
@@ -349,8 +351,8 @@ def main(argv=None):
                 results.append(json.load(f))
 
     print("\n| case | peak RSS | peak above the loaded weights | phase of the peak | text encoders | "
-          f"denoising loop ({args.steps} step{'s' if args.steps > 1 else ''}) | VAE decode |")
-    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+          f"denoising loop ({args.steps} step{'s' if args.steps > 1 else ''}) | VAE decode | generation |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for r in results:
         print(summary_row(r))
     print(f"\n(phase cells: wall time, and the phase's peak above the loaded weights; weights "
