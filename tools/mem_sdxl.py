@@ -55,7 +55,7 @@ import numpy as np
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from tools.bench_sdxl import SDXL_BASE, mem_available_gb, scaled_config  # noqa: E402
+from tools.bench_sdxl import mem_available_gb, scaled_config  # noqa: E402
 from tools.bench_unet import PeakMemory, _status_kb  # noqa: E402
 
 # stabilityai/stable-diffusion-xl-base-1.0: text_encoder/, text_encoder_2/, vae/ and scheduler/ configs
@@ -346,7 +346,8 @@ def main(argv=None):
                    "--tile", str(args.tile), "--seed", str(args.seed)]
             done = subprocess.run(cmd)
             if done.returncode != 0:
-                sys.exit(f"mem_sdxl: the {case!r} case failed (exit status {done.returncode})")
+                killed = " (killed: out of memory?)" if done.returncode == -9 else ""
+                sys.exit(f"mem_sdxl: the {case!r} case failed (exit status {done.returncode}{killed})")
             with open(path) as f:
                 results.append(json.load(f))
 
