@@ -7,6 +7,7 @@ Both models share one set of weights: refldm's arrays are views of the torch ten
     python tools/bench_unet.py                  # torch, then refldm: time, GFLOP/s, peak memory
     python tools/bench_unet.py --profile        # and where refldm's time goes, per op
     python tools/bench_unet.py --skip-torch --latent 32
+    python tools/bench_unet.py --rounds 4           # torch and refldm alternating, 4 times each
 
 FLOPs are counted by torch.utils.flop_counter on the diffusers forward (matrix products, convolutions
 and attention, 2 per multiply-add; elementwise work is not counted), so GFLOP/s is that count over
@@ -32,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from refldm import accel, backend, ops  # noqa: E402
+from refldm import accel, ops  # noqa: E402
 from refldm.models.unet import UNet2DConditionModel  # noqa: E402
 
 SD1 = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
@@ -170,6 +171,10 @@ def main(argv=None):
     parser.add_argument("--latent", type=int, default=64, help="latent height and width (64 = 512x512 images)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--runs", type=int, default=1, help="timed runs of each (torch after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="instead of --runs: alternate one torch and one refldm step this many times and "
+                             "report each side's fastest and median (a machine whose speed drifts then "
+                             "affects both sides alike)")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--profile", action="store_true", help="also print refldm's time per op")
     parser.add_argument("--seed", type=int, default=0)
@@ -205,6 +210,9 @@ def main(argv=None):
     print(f"FLOPs per step (torch.utils.flop_counter): {flops / 1e12:.3f} TFLOP")
 
     results = {}
+    if args.rounds:
+        _alternate(args, model, (ts, tt, tc), (sample, t, context), ref, flops)
+        return
     if not args.skip_torch:
         times, cpus = [], []
         for _ in range(args.runs):
@@ -244,6 +252,40 @@ def main(argv=None):
               f"{results['refldm'][1] / results['torch'][1]:.2f}x in CPU time")
     if args.profile:
         timer.report(sum(cpus), args.runs)
+
+
+def _alternate(args, model, torch_inputs, inputs, ref, flops):
+    """--rounds: torch, refldm, torch, refldm, ... on the same weights; min and median per side."""
+    import statistics
+
+    import torch
+
+    unet = UNet2DConditionModel.from_config(dict(model.config))
+    unet.load_state_dict({k: v.detach().numpy() for k, v in model.state_dict().items()}, dtype="float32",
+                         source="torch model")
+    times = {"torch": [], "refldm": []}
+    for r in range(args.rounds):
+        for name in ("torch", "refldm"):
+            t0 = time.perf_counter()
+            if name == "torch":
+                with torch.no_grad():
+                    model(*torch_inputs)
+            else:
+                out = unet(*inputs)
+            times[name].append(time.perf_counter() - t0)
+        print(f"round {r + 1}: torch {times['torch'][-1]:.2f} s, refldm {times['refldm'][-1]:.2f} s, "
+              f"ratio {times['refldm'][-1] / times['torch'][-1]:.2f}, load average {os.getloadavg()[0]:.1f}",
+              flush=True)
+    err = float(np.max(np.abs(out - ref)) / np.max(np.abs(ref)))
+    print(f"refldm vs torch: relative error {err:.2e}")
+    print("\n| implementation | fastest step (s) | median step (s) | GFLOP/s (fastest) |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, ts in times.items():
+        print(f"| {name} | {min(ts):.2f} | {statistics.median(ts):.2f} | {flops / min(ts) / 1e9:.0f} |")
+    ratios = [b / a for a, b in zip(times["torch"], times["refldm"])]
+    print(f"\nrefldm / torch: {min(times['refldm']) / min(times['torch']):.2f}x fastest against fastest, "
+          f"{statistics.median(times['refldm']) / statistics.median(times['torch']):.2f}x median against "
+          f"median, per round {', '.join(f'{x:.2f}' for x in ratios)}")
 
 
 class _nothing:

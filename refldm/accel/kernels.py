@@ -6,9 +6,10 @@ NumPy arrays, and computes the same equation as the op it accelerates. What make
 - Elementwise work runs as a few in-place passes over a block of rows (`in_blocks`): the block stays
   in the CPU cache while its passes run, and the blocks are spread over the thread pool.
 - A stride-1 convolution is one in-place BLAS product per kernel tap, on windows of the flattened
-  padded image (no im2col matrix, no temporary per tap), in cache-sized bands of output rows.
-- Attention works per head on cache-sized blocks of query rows, folds the scale into q, and gets the
-  softmax row sums out of the same product as P V (as the last column of P [V | 1]).
+  padded image (no im2col matrix, no temporary per tap), in cache-sized bands of output rows; on a
+  small image it is one im2col product, and a large 3x3 one runs by Winograd's F(2x2, 3x3).
+- Attention works per head on cache-sized blocks of query rows, folds the scale into q, and divides
+  by the softmax row sums after the product P V.
 - gelu in float32 evaluates erf by a short polynomial instead of SciPy's erf.
 - Small matrix products run on one BLAS thread (waking BLAS's helper threads costs more).
 """
@@ -67,33 +68,47 @@ def _even_blocks(size: int, step: int, align: int = 16) -> int:
     return max(align, -(-(-(-size // blocks)) // align) * align)
 
 
-def _matmul(a, b):
-    """a @ b for 2-D a (M, K) and b (K, N), or a (K, N) times batched b (..., K, N'), on one BLAS thread
-    per product.
+def _matmul(a, b, bias=None):
+    """a @ b (+ bias, added to every row) for 2-D a (M, K) and b (K, N), or a (K, N) times batched b
+    (..., K, N'), on one BLAS thread per product.
 
     A large product is cut into blocks of PRODUCT_BLOCK_ROWS rows of a (or columns of b) that run on
-    the thread pool: a multi-threaded BLAS call pays for waking and joining its helper threads, which
-    on a busy machine costs up to half of a second core. The blocks depend on the sizes only, and BLAS
-    always runs single-threaded here, so the result never depends on the number of threads, nor on
-    what other threads are doing.
+    the thread pool, each adding its part of the bias while it is in cache: a multi-threaded BLAS call
+    pays for waking and joining its helper threads, which on a busy machine costs up to half of a
+    second core. The blocks depend on the sizes only, and BLAS always runs single-threaded here, so the
+    result never depends on the number of threads, nor on what other threads are doing.
     """
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     batch = math.prod(b.shape[:-2]) if b.ndim > 2 else 1
     step = PRODUCT_BLOCK_ROWS
     with single_threaded_blas():
         if small_product(batch * m, n, k) or a.ndim != 2 or b.ndim > 3:
-            return np.matmul(a, b)
+            out = np.matmul(a, b)
+            if bias is not None:
+                out += bias
+            return out
         if b.ndim == 2 and m >= 2 * step:                               # blocks of rows of a
             rows = _even_blocks(m, step)
             out = np.empty((m, n), dtype=np.result_type(a, b))
-            parallel_map(lambda i: np.matmul(a[i:i + rows], b, out=out[i:i + rows]), range(0, m, rows))
+
+            def row_block(i):
+                np.matmul(a[i:i + rows], b, out=out[i:i + rows])
+                if bias is not None:
+                    out[i:i + rows] += bias
+
+            parallel_map(row_block, range(0, m, rows))
             return out
         b3 = b.reshape((1,) + b.shape) if b.ndim == 2 else b             # (batch, K, N)
         out = np.empty((b3.shape[0], m, n), dtype=np.result_type(a, b))
         cols = _even_blocks(n, step)                                     # blocks of columns of b
-        jobs = [(i, j) for i in range(b3.shape[0]) for j in range(0, n, cols)]
-        parallel_map(lambda job: gemm_into(a, b3[job[0], :, job[1]:job[1] + cols],
-                                           out[job[0], :, job[1]:job[1] + cols]), jobs)
+
+        def column_block(job):
+            i, j = job
+            gemm_into(a, b3[i, :, j:j + cols], out[i, :, j:j + cols])
+            if bias is not None:
+                out[i, :, j:j + cols] += bias[j:j + cols]
+
+        parallel_map(column_block, [(i, j) for i in range(b3.shape[0]) for j in range(0, n, cols)])
         return out if b.ndim == 3 else out[0]
 
 
@@ -339,9 +354,7 @@ def layer_norm(x, weight, bias, eps):
 
 def linear(x, weight, bias):
     """ops.linear: y = x W^T + b, a small product on one BLAS thread."""
-    y = _matmul(x.reshape(-1, x.shape[-1]), weight.T)  # (rows, D_out)
-    if bias is not None:
-        y += bias
+    y = _matmul(x.reshape(-1, x.shape[-1]), weight.T, bias)  # (rows, D_out)
     return y.reshape(x.shape[:-1] + (weight.shape[0],))
 
 
@@ -477,18 +490,16 @@ def scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget):
     """ops.scaled_dot_product_attention on the host: mask is None or a float array broadcast to
     (..., Lq, Lk); scale a float; budget the most bytes of scores held at once.
 
-    Three exact rearrangements save time: the scale is folded into q (Lq*d multiplications instead of
-    Lq*Lk); the softmax denominator is applied to the output rows after P V (Lq*d_v divisions instead
-    of Lq*Lk); and the row sums of P come out of the same matrix product, as the last column of
-    P [V | 1]. Each block is one head and a few query rows (ATTENTION_BLOCK_BYTES of scores, so the
-    block stays in cache); the blocks run on the thread pool, each product on one BLAS thread.
+    Two exact rearrangements save time: the scale is folded into q (Lq*d multiplications instead of
+    Lq*Lk), and the softmax denominator is applied to the output rows after P V (Lq*d_v divisions
+    instead of Lq*Lk). Each block is one head and a few query rows (ATTENTION_BLOCK_BYTES of scores, so
+    the block stays in cache); the blocks run on the thread pool, each product on one BLAS thread.
     """
     lead = q.shape[:-2]
     lq = q.shape[-2]
     lk, dv = v.shape[-2:]
     qs = q * np.asarray(scale, dtype=q.dtype)                      # q * scale, (..., Lq, d)
     kt = np.swapaxes(k, -1, -2)                                    # K^T, (..., d, Lk)
-    v1 = np.concatenate([v, np.ones(lead + (lk, 1), dtype=v.dtype)], axis=-1)  # [V | 1], (..., Lk, d_v+1)
     out = np.empty(lead + (lq, dv), dtype=q.dtype)
     if out.size == 0:
         return out
@@ -502,8 +513,8 @@ def scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget):
             s[np.arange(lk).reshape(1, -1) > np.arange(i, j).reshape(-1, 1)] = -np.inf
         s -= np.max(s, axis=-1, keepdims=True)
         np.exp(s, out=s)                                           # P up to its row sums
-        o = np.matmul(s, v1[g])                                    # [P V | P 1], (rows, d_v + 1)
-        np.divide(o[:, :dv], o[:, dv:], out=out[g][i:j])
+        o = np.matmul(s, v[g], out=out[g][i:j])                    # P V, (rows, d_v)
+        o /= _sums(s, "ij->i").reshape(-1, 1)                      # / sum_j P_ij
 
     rows = max(1, min(lq, min(budget, ATTENTION_BLOCK_BYTES) // max(1, lk * q.dtype.itemsize)))
     items = [(g, i, min(lq, i + rows)) for g in np.ndindex(*lead) for i in range(0, lq, rows)]
