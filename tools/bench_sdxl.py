@@ -19,7 +19,6 @@ jobs and CPU time is the steadier figure.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from refldm import backend  # noqa: E402
 from refldm.models.unet import UNet2DConditionModel  # noqa: E402
-from tools.bench_unet import OpTimer, PeakMemory, _nothing  # noqa: E402
+from tools.bench_unet import OpTimer, PeakMemory, _nothing, build_torch_unet  # noqa: E402
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the keys that differ from diffusers' defaults)
 SDXL_BASE = dict(
@@ -64,25 +63,6 @@ def mem_available_gb() -> float:
     return float("nan")
 
 
-def build_torch_unet(config: dict, seed: int):
-    import torch
-    import diffusers
-
-    with torch.device("meta"):
-        model = diffusers.UNet2DConditionModel(**config)
-    model = model.to_empty(device="cpu").eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
-            elif "norm" in name and name.endswith("weight"):
-                p.normal_(1.0, 0.1, generator=gen)
-            else:
-                p.normal_(0.0, 0.1, generator=gen)
-    return model
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--latent", type=int, default=128, help="latent height and width (128 = 1024x1024)")
@@ -104,7 +84,7 @@ def main(argv=None):
 
     import torch
 
-    model = build_torch_unet(config, args.seed)
+    model = build_torch_unet(args.seed, config)
     n_params = sum(p.numel() for p in model.parameters())
     rng = np.random.default_rng(args.seed)
     b, lat = args.batch, args.latent

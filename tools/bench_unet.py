@@ -65,13 +65,15 @@ class PeakMemory:
         return False
 
 
-def build_torch_unet(seed: int):
+def build_torch_unet(seed: int, config: dict = SD1):
+    """diffusers' U-Net for `config`, with random weights: N(0, 1/fan_in) for matrices and kernels,
+    N(1, 0.1) for norm scales, N(0, 0.1) for the rest (tools/bench_sdxl.py uses it too)."""
     import torch
     import diffusers
 
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = diffusers.UNet2DConditionModel(**SD1)
+        model = diffusers.UNet2DConditionModel(**config)
     model = model.to_empty(device="cpu").eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
