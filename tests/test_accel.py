@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import pathlib
 import subprocess
@@ -149,7 +150,7 @@ def test_winograd_conv_equals_reference(n, c_in, c_out, h, w, pads, bias, stride
         kernels.WINOGRAD_CHANNELS = kernels.WINOGRAD_PIXELS = 1
         kernels.SMALL_IMAGE_COLUMNS = 0
         winograd.BAND_COLUMNS, winograd.WEIGHT_BLOCK = band, 5
-        assert kernels._winograd_pays(c_in, c_out, 2, 2, np.dtype(dtype))
+        assert kernels._winograd_pays(n, c_in, c_out, 2, 2, np.dtype(dtype))
         agree(ops.conv2d, x, weight, b, padding=((top, bottom), (left, right)), dtype=dtype)
     finally:
         (kernels.WINOGRAD_CHANNELS, kernels.WINOGRAD_PIXELS, kernels.SMALL_IMAGE_COLUMNS,
@@ -157,11 +158,26 @@ def test_winograd_conv_equals_reference(n, c_in, c_out, h, w, pads, bias, stride
 
 
 def test_winograd_conv_equals_reference_at_the_default_thresholds():
-    """A conv the default rule sends to F(2x2, 3x3) (320 channels, 64x64), on the thread pool, float32:
-    the same tolerance as every other path."""
-    assert kernels._winograd_pays(320, 320, 64, 64, np.dtype(np.float32))
-    x, w = randn(6, 1, 320, 64, 64, dtype=np.float32), (randn(7, 320, 320, 3, 3) / 50).astype(np.float32)
-    agree(ops.conv2d, x, w, randn(8, 320).astype(np.float32), padding=1, dtype=np.float32)
+    """Convs the default rule sends to F(2x2, 3x3) (320 channels at 64x64; batch 2 at 16x16, the
+    smallest), on the thread pool, float32: the same tolerance as every other path; and the same bytes
+    on one thread as on four (the bands and the products' blocks depend on the sizes only)."""
+    f32 = np.dtype(np.float32)
+    assert not kernels._winograd_pays(1, 320, 320, 16, 16, f32) and not kernels._winograd_pays(2, 320, 320, 8, 8, f32)
+    assert not kernels._winograd_pays(2, 256, 320, 64, 64, f32)
+    for n, size in ((1, 64), (2, 16)):
+        assert kernels._winograd_pays(n, 320, 320, size, size, f32)
+        x, w = randn(6, n, 320, size, size, dtype=np.float32), (randn(7, 320, 320, 3, 3) / 50).astype(np.float32)
+        fast, _ = agree(ops.conv2d, x, w, randn(8, 320).astype(np.float32), padding=1, dtype=np.float32)
+        saved = accel.num_threads()
+        try:
+            accel.set_num_threads(1)
+            one = ops.conv2d(x, w, randn(8, 320).astype(np.float32), padding=1)
+            accel.set_num_threads(4)
+            four = ops.conv2d(x, w, randn(8, 320).astype(np.float32), padding=1)
+        finally:
+            accel.set_num_threads(saved)
+        np.testing.assert_array_equal(one, fast)
+        np.testing.assert_array_equal(four, fast)
 
 
 @settings(max_examples=40)
@@ -275,6 +291,43 @@ def test_attention_accel_equals_reference_on_long_sequences():
     """Many (head, query-block) items on the thread pool; SD's self-attention at 32x32 latents, smaller."""
     q, k, v = (randn(i, 2, 3, 1024, 40, dtype=np.float32) for i in range(3))
     agree(ops.scaled_dot_product_attention, q, k, v, dtype=np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("regime", ["small", "large", "mixed", "spread", "huge_v"])
+def test_attention_softmax_shift(regime, dtype):
+    """The kernel skips the max subtraction in a row whose max lies within
+    [SHIFT_FREE_LOW, SHIFT_FREE_HIGH] (kernels.scaled_dot_product_attention). Each regime puts the
+    scores where one branch or the other must be right: "large" row maxima overflow exp unshifted (the
+    result would be inf or NaN); "mixed" has rows of both kinds in one block; "spread" has maxima inside
+    the window but scores far below -87 (they underflow in float32 unshifted); "huge_v" makes P V
+    overflow unless shifted (the kernel redoes those rows shifted)."""
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((2, 300, 16)).astype(dtype) for _ in range(3))
+    q /= np.linalg.norm(q, axis=-1, keepdims=True)
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)                      # scores = cosines * scale
+    big = 160.0 if dtype == np.float32 else 1600.0                     # exp(0.6 big) overflows unshifted
+    scale = {"small": 10.0, "large": big, "mixed": 10.0, "spread": 150.0, "huge_v": 10.0}[regime]
+    if regime == "mixed":
+        q[:, ::2] *= big / 10.0                                         # every other row like "large"
+    if regime == "spread":                                              # every row: one score 45, the rest
+        q[:] = q[:, :1]                                                 # below -87 (they underflow unshifted)
+        k[:, 0] = 0.3 * q[:, 0]
+        k[:, 1:] = -q[:, :1] * rng.uniform(0.6, 1.0, (2, 299, 1)).astype(dtype)
+    if regime == "huge_v":
+        v *= 1e35 if dtype == np.float32 else 1e305                     # e^8 |v| overflows
+    maxima = np.max(np.einsum("hid,hjd->hij", q, k) * scale, axis=-1)
+    if regime == "large":
+        assert maxima.min() > kernels.SHIFT_FREE_HIGH                    # every row needs the shift
+    if regime == "small":
+        assert np.abs(maxima).max() <= kernels.SHIFT_FREE_HIGH
+    if regime == "mixed":
+        assert maxima[:, ::2].max() > 0.6 * big and np.abs(maxima[:, 1::2]).max() <= kernels.SHIFT_FREE_HIGH
+    if regime == "spread":
+        assert np.allclose(maxima, 45) and (np.einsum("hid,hjd->hij", q, k)[:, :, 1:] * scale).max() < -87
+    attention = functools.partial(ops.scaled_dot_product_attention, scale=scale)  # (agree has its own `scale`)
+    fast, reference = agree(attention, q, k, v, dtype=dtype)
+    assert np.isfinite(reference).all() and np.isfinite(fast).all()
 
 
 @settings(max_examples=30)

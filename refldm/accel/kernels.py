@@ -7,7 +7,7 @@ NumPy arrays, and computes the same equation as the op it accelerates. What make
   in the CPU cache while its passes run, and the blocks are spread over the thread pool.
 - A stride-1 convolution is one in-place BLAS product per kernel tap, on windows of the flattened
   padded image (no im2col matrix, no temporary per tap), in cache-sized bands of output rows; on a
-  small image it is one im2col product, and a large 3x3 one runs by Winograd's F(2x2, 3x3).
+  small image it is one im2col product, and a 3x3 one with many channels runs by Winograd's F(2x2, 3x3).
 - Attention works per head on cache-sized blocks of query rows, folds the scale into q, and divides
   by the softmax row sums after the product P V.
 - gelu in float32 evaluates erf by a short polynomial instead of SciPy's erf.
@@ -42,20 +42,32 @@ CONV_CHUNK_BYTES = 128 * 2**20
 # 32x32 (640 channels) 91%; at 64x64 the per-tap form is 10% faster.
 SMALL_IMAGE_COLUMNS = 2048
 # 3x3 stride-1 convolutions with at least WINOGRAD_CHANNELS input and output channels and at least
-# WINOGRAD_PIXELS output pixels per image run by Winograd's F(2x2, 3x3) (winograd.py), in float32 and
-# float64. Measured on one core (AVX2 EPYC, OpenBLAS Haswell kernels), time against the per-tap form:
-# SD's U-Net at 64x64 (batch 2) 320->320 0.67x, 640->320 0.85x, 640->640 0.61x; the VAE's 512->512 at
-# 128x128 0.74x; but 640->640 at 32x32 0.99x and 256->256 at 256x256 1.16x (with few channels, or few
-# tiles per band, the transforms cost as much as the products save). WINOGRAD = False turns it off.
+# WINOGRAD_PIXELS output pixels over the batch (N Ho Wo) run by Winograd's F(2x2, 3x3) (winograd.py), in
+# float32 and float64. Measured (AVX2 EPYC, OpenBLAS Haswell kernels, 2 threads, batch 2), time against the path
+# each conv took before:
+#   against one im2col product (_conv2d_small): 640->640 at 32x32 0.59x, 1280->1280 at 32x32 0.65x,
+#   960->640 at 32x32 0.59x, 1280->1280 at 16x16 0.84-0.89x, 2560->1280 at 16x16 0.82x; but 1280->1280
+#   at 8x8 1.4x (16 tiles per image make thin products) and, with batch 1, 1.2x at 16x16 (one band:
+#   its transforms run on one thread); batch 1 at 32x32 0.73x, at 64x64 0.59x;
+#   against one product per tap: SD's U-Net at 64x64 320->320 0.67x, 640->320 0.85x, 640->640 0.61x,
+#   the VAE's 512->512 at 128x128 0.74x; but 256->256 at 256x256 1.16x (few channels).
+# WINOGRAD = False turns it off.
 WINOGRAD = True
 WINOGRAD_CHANNELS = 320
-WINOGRAD_PIXELS = 64 * 64
+WINOGRAD_PIXELS = 2 * 16 * 16
 # A large matrix product runs in blocks of this many rows (or columns) on the thread pool (see _matmul).
 PRODUCT_BLOCK_ROWS = 512
 # Attention works on blocks of scores of about this size (one head, 128 query rows at 4096 keys in
 # float32): small enough to stay in cache between the products and the softmax passes, large enough
 # for efficient products (on one core: 0.5 MiB blocks cost 7% more time, 16 MiB blocks 5% more).
 ATTENTION_BLOCK_BYTES = 2 * 2**20
+# Attention skips the softmax's max subtraction in a row whose max lies within
+# [SHIFT_FREE_LOW, SHIFT_FREE_HIGH] (see scaled_dot_product_attention): exp(s) <= e^60 (about 1.1e26)
+# cannot overflow float32 (largest number 3.4e38), nor can a row sum over fewer than 10^12 keys; the
+# largest term of the row is at least e^-30, far above the underflow threshold; and a score that
+# underflows (s < -87 in float32) weighs less than e^-57 (1.7e-25) against its row's largest term, so
+# leaving it out cannot change a float32 or float64 sum. SD's attention maxima lie far inside.
+SHIFT_FREE_LOW, SHIFT_FREE_HIGH = -30.0, 60.0
 
 
 def _even_blocks(size: int, step: int, align: int = 16) -> int:
@@ -124,11 +136,11 @@ def _sums(a, subscripts, b=None):
 def conv2d(x, weight, bias, stride, pads):
     """ops.conv2d on the host. stride: (s_h, s_w); pads: (top, bottom, left, right).
 
-    An unpadded 1x1 stride-1 conv is one product over the channels; a stride-1 conv of a small image
-    is one im2col product (`_conv2d_small`); a larger 3x3 one runs by Winograd's F(2x2, 3x3)
-    (`winograd.conv3x3`, 2.25 times fewer multiply-adds), other kernel sizes as one in-place BLAS
-    product per tap (`_conv2d_taps`); other strides gather each tap's pixels first (im2col,
-    `_conv2d_gathered`).
+    An unpadded 1x1 stride-1 conv is one product over the channels; a 3x3 stride-1 conv with many
+    channels and pixels runs by Winograd's F(2x2, 3x3) (`winograd.conv3x3`, 2.25 times fewer
+    multiply-adds); another stride-1 conv of a small image is one im2col product (`_conv2d_small`),
+    of a larger one one in-place BLAS product per tap (`_conv2d_taps`); other strides gather each
+    tap's pixels first (im2col, `_conv2d_gathered`).
     """
     n, c, h, w = x.shape
     c_out, _, kh, kw = weight.shape
@@ -140,10 +152,10 @@ def conv2d(x, weight, bias, stride, pads):
             y += bias.reshape(1, c_out, 1)
         return y.reshape(n, c_out, h, w)
     hp, wp = h + top + bottom, w + left + right
+    if sh == sw == 1 and kh == kw == 3 and _winograd_pays(n, c, c_out, hp - 2, wp - 2, x.dtype):
+        return winograd.conv3x3(x, weight, bias, pads)
     if sh == sw == 1 and _small_image(n, c, hp - kh + 1, wp - kw + 1, kh * kw, x.dtype.itemsize):
         return _conv2d_small(x, weight, bias, pads)
-    if sh == sw == 1 and kh == kw == 3 and _winograd_pays(c, c_out, hp - 2, wp - 2, x.dtype):
-        return winograd.conv3x3(x, weight, bias, pads)
     flat = _pad_flat(x, top, bottom, left, right, kw - 1)
     if sh == sw == 1:
         return _conv2d_taps(flat, weight, bias, hp, wp)
@@ -222,9 +234,9 @@ def _conv2d_taps(flat, weight, bias, hp, wp):
     return out
 
 
-def _winograd_pays(c_in, c_out, ho, wo, dtype) -> bool:
-    """True when a 3x3 stride-1 conv runs faster by F(2x2, 3x3) than per tap (see WINOGRAD_CHANNELS)."""
-    return (WINOGRAD and min(c_in, c_out) >= WINOGRAD_CHANNELS and ho * wo >= WINOGRAD_PIXELS
+def _winograd_pays(n, c_in, c_out, ho, wo, dtype) -> bool:
+    """True when a 3x3 stride-1 conv runs faster by F(2x2, 3x3) (see WINOGRAD_CHANNELS)."""
+    return (WINOGRAD and min(c_in, c_out) >= WINOGRAD_CHANNELS and n * ho * wo >= WINOGRAD_PIXELS
             and gemm_available(dtype))
 
 
@@ -490,10 +502,18 @@ def scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget):
     """ops.scaled_dot_product_attention on the host: mask is None or a float array broadcast to
     (..., Lq, Lk); scale a float; budget the most bytes of scores held at once.
 
-    Two exact rearrangements save time: the scale is folded into q (Lq*d multiplications instead of
-    Lq*Lk), and the softmax denominator is applied to the output rows after P V (Lq*d_v divisions
-    instead of Lq*Lk). Each block is one head and a few query rows (ATTENTION_BLOCK_BYTES of scores, so
-    the block stays in cache); the blocks run on the thread pool, each product on one BLAS thread.
+    Three exact rearrangements save time:
+    - the scale is folded into q (Lq*d multiplications instead of Lq*Lk);
+    - the softmax denominator is applied to the output rows after P V (Lq*d_v divisions instead of
+      Lq*Lk);
+    - softmax(s)_j = exp(s_j - c) / sum_k exp(s_k - c) holds for any shift c. The reference shifts by
+      the row's max, so that exp cannot overflow. A row whose max lies within
+      [SHIFT_FREE_LOW, SHIFT_FREE_HIGH] takes c = 0 instead: exp(s) can then neither overflow nor lose
+      a term that matters, and the block saves its pass of subtractions. Each row decides for itself,
+      so its result never depends on the other rows; a row whose unshifted P V overflows (|v| near the
+      dtype's largest number) is done again shifted.
+    Each block is one head and a few query rows (ATTENTION_BLOCK_BYTES of scores, so the block stays in
+    cache); the blocks run on the thread pool, each product on one BLAS thread.
     """
     lead = q.shape[:-2]
     lq = q.shape[-2]
@@ -503,18 +523,47 @@ def scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget):
     out = np.empty(lead + (lq, dv), dtype=q.dtype)
     if out.size == 0:
         return out
+    # float16 always shifts (its largest number is 65504), and so does a single key (shifted, its
+    # weight is exactly 1 and the output exactly v, as in the reference)
+    may_skip = q.dtype.itemsize >= 4 and lk >= 2
+
+    def scores(g, rows):
+        """Q K^T * scale + mask for the query rows `rows` (a slice or an index array) of head g."""
+        s = np.matmul(qs[g][rows], kt[g])                          # (rows, Lk)
+        if mask is not None:
+            s += mask[g][rows]
+        if is_causal:
+            s[np.arange(lk).reshape(1, -1) > np.arange(lq)[rows].reshape(-1, 1)] = -np.inf
+        return s
+
+    def weighted_values(s, v_g, o):
+        """o = softmax(s) V from shifted (or unshifted) scores s, which it overwrites."""
+        np.exp(s, out=s)                                           # P up to its row sums
+        np.matmul(s, v_g, out=o)                                   # P V, (rows, d_v)
+        o /= _sums(s, "ij->i").reshape(-1, 1)                      # / sum_j P_ij
 
     def block(item):
         g, i, j = item                                             # head index g, query rows i..j-1
-        s = np.matmul(qs[g][i:j], kt[g])                           # scores, (rows, Lk)
-        if mask is not None:
-            s += mask[g][i:j]
-        if is_causal:
-            s[np.arange(lk).reshape(1, -1) > np.arange(i, j).reshape(-1, 1)] = -np.inf
-        s -= np.max(s, axis=-1, keepdims=True)
-        np.exp(s, out=s)                                           # P up to its row sums
-        o = np.matmul(s, v[g], out=out[g][i:j])                    # P V, (rows, d_v)
-        o /= _sums(s, "ij->i").reshape(-1, 1)                      # / sum_j P_ij
+        s = scores(g, slice(i, j))
+        m = np.max(s, axis=-1, keepdims=True)                      # the row maxima
+        shift = (~((m >= SHIFT_FREE_LOW) & (m <= SHIFT_FREE_HIGH))).ravel() if may_skip else None
+        o = out[g][i:j]
+        if shift is None or shift.all():
+            s -= m                                                 # the reference's shift (NaN, -inf maxima too)
+            weighted_values(s, v[g], o)
+            return
+        if shift.any():
+            rows = np.flatnonzero(shift)
+            s[rows] -= m[rows]
+        with np.errstate(over="ignore", invalid="ignore"):         # an overflow here is redone below
+            weighted_values(s, v[g], o)
+        redo = np.flatnonzero(~shift & ~np.isfinite(o).all(axis=1))  # unshifted rows that overflowed
+        if redo.size:
+            s = scores(g, i + redo)
+            s -= np.max(s, axis=-1, keepdims=True)
+            o_redo = np.empty((redo.size, dv), dtype=o.dtype)
+            weighted_values(s, v[g], o_redo)
+            o[redo] = o_redo
 
     rows = max(1, min(lq, min(budget, ATTENTION_BLOCK_BYTES) // max(1, lk * q.dtype.itemsize)))
     items = [(g, i, min(lq, i + rows)) for g in np.ndindex(*lead) for i in range(0, lq, rows)]

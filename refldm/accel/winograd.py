@@ -115,8 +115,7 @@ def conv3x3(x, weight, bias, pads):
             d[r0 + top - 2 * t0: r1 + top - 2 * t0, left:left + w] = x[i, :, r0:r1].transpose(1, 2, 0)
         v = _input_transform(d, bt, tw).reshape(16, bt * tw, c)
         m = np.empty((16, bt * tw, c_out), dtype=x.dtype)
-        for k in range(16):
-            gemm_into(v[k], u[k], m[k], b_transposed=True)     # M[k]^T = V[k]^T @ U[k]^T
+        parallel_map(lambda k: gemm_into(v[k], u[k], m[k], b_transposed=True), range(16))  # M[k]^T = V[k]^T @ U[k]^T
         y = _output_transform(m.reshape(4, 4, bt, tw, c_out))  # (2, 2, bt, tw, C_out)
         for r in range(2):
             for s in range(2):
@@ -130,3 +129,4 @@ def conv3x3(x, weight, bias, pads):
 
     parallel_map(work, [(i, t0) for i in range(n) for t0 in range(0, th, band)])
     return out
+
