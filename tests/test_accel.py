@@ -134,27 +134,28 @@ def test_conv2d_accel_equals_reference_on_a_small_image_with_many_channels():
 @given(n=st.integers(1, 3), c_in=st.integers(1, 6), c_out=st.integers(1, 6), h=st.integers(1, 13),
        w=st.integers(1, 13), pads=st.sampled_from([(1, 1, 1, 1), (0, 0, 0, 0), (2, 0, 1, 3), (0, 1, 0, 1)]),
        bias=st.booleans(), strided=st.booleans(), band=st.sampled_from([1, 3, 512]), seed=st.integers(0, 2**31),
-       dtype=DTYPES)
-def test_winograd_conv_equals_reference(n, c_in, c_out, h, w, pads, bias, strided, band, seed, dtype):
+       dtype=DTYPES, split=st.booleans())
+def test_winograd_conv_equals_reference(n, c_in, c_out, h, w, pads, bias, strided, band, seed, dtype, split):
     """3x3 stride-1 convs by F(2x2, 3x3) (accel/winograd.py), forced on for any size: odd and even
     output sizes (the last tile overhangs), asymmetric paddings, bands of 1 or 3 tile rows, the weight
-    transform in blocks of 5 channel pairs."""
+    transform in blocks of 5 channel pairs; with split, U held for a few output channels at a time."""
     top, bottom, left, right = pads
     assume(h + top + bottom >= 3 and w + left + right >= 3)
     x = randn(seed, n, c_in, h, w, dtype=dtype, strided=strided)
     weight = randn(seed + 1, c_out, c_in, 3, 3, dtype=dtype)
     b = randn(seed + 2, c_out, dtype=dtype) if bias else None
     saved = (kernels.WINOGRAD_CHANNELS, kernels.WINOGRAD_PIXELS, kernels.SMALL_IMAGE_COLUMNS,
-             winograd.BAND_COLUMNS, winograd.WEIGHT_BLOCK)
+             winograd.BAND_COLUMNS, winograd.WEIGHT_BLOCK, winograd.WEIGHT_BYTES)
     try:
         kernels.WINOGRAD_CHANNELS = kernels.WINOGRAD_PIXELS = 1
         kernels.SMALL_IMAGE_COLUMNS = 0
         winograd.BAND_COLUMNS, winograd.WEIGHT_BLOCK = band, 5
+        winograd.WEIGHT_BYTES = 2 * 16 * c_in * np.dtype(dtype).itemsize if split else 2**40  # 2 channels
         assert kernels._winograd_pays(n, c_in, c_out, 2, 2, np.dtype(dtype))
         agree(ops.conv2d, x, weight, b, padding=((top, bottom), (left, right)), dtype=dtype)
     finally:
         (kernels.WINOGRAD_CHANNELS, kernels.WINOGRAD_PIXELS, kernels.SMALL_IMAGE_COLUMNS,
-         winograd.BAND_COLUMNS, winograd.WEIGHT_BLOCK) = saved
+         winograd.BAND_COLUMNS, winograd.WEIGHT_BLOCK, winograd.WEIGHT_BYTES) = saved
 
 
 def test_winograd_conv_equals_reference_at_the_default_thresholds():

@@ -30,13 +30,16 @@ from __future__ import annotations
 import numpy as np
 
 from refldm.accel.blas import gemm_into
-from refldm.accel.threads import parallel_map
+from refldm.accel.threads import num_threads, parallel_map
 
-__all__ = ["conv3x3", "weight_transform", "BAND_COLUMNS", "WEIGHT_BLOCK"]
+__all__ = ["conv3x3", "weight_transform", "BAND_COLUMNS", "WEIGHT_BLOCK", "WEIGHT_BYTES"]
 
 # Tiles per band: one band of tile rows of one image is transformed, multiplied (16 products of
 # BAND_COLUMNS columns) and transformed back on one thread; the bands run on the thread pool.
 BAND_COLUMNS = 512
+# The transformed weight U (16 C_out C_in values) is held at most this many bytes at a time: a larger
+# one is done in blocks of output channels, each of which transforms the input again.
+WEIGHT_BYTES = 64 * 2**20
 
 
 # kron(G, G): row 4 a + b, column 3 i + j holds G[a, i] G[b, j]; its entries are 0, +-1/4, +-1/2 and 1.
@@ -95,10 +98,18 @@ def conv3x3(x, weight, bias, pads):
     Each image is cut into bands of tile rows (about BAND_COLUMNS tiles each); a band is padded and
     laid out channels last, transformed, multiplied by U (16 products on one BLAS thread,
     M[k]^T (tiles, C_out) = V[k]^T (tiles, C_in) @ U[k]^T) and transformed back; the bands run on the
-    thread pool. The bands depend on the sizes only.
+    thread pool, and where there are fewer bands than threads, so do each band's 16 products. The bands
+    depend on the sizes only (the products' bytes do not depend on the thread that runs them). A
+    weight whose U would take more than WEIGHT_BYTES runs in blocks of output channels.
     """
     n, c, h, w = x.shape
     c_out = weight.shape[0]
+    blocks = -(-16 * c_out * c * x.dtype.itemsize // WEIGHT_BYTES)  # U in at most WEIGHT_BYTES at once
+    if blocks > 1:
+        per = -(-c_out // blocks)
+        parts = [conv3x3(x, weight[o:o + per], None if bias is None else bias[o:o + per], pads)
+                 for o in range(0, c_out, per)]
+        return np.concatenate(parts, axis=1)
     top, bottom, left, right = pads
     ho, wo = h + top + bottom - 2, w + left + right - 2
     th, tw = -(-ho // 2), -(-wo // 2)                          # tiles down and across (the last may overhang)
@@ -115,7 +126,12 @@ def conv3x3(x, weight, bias, pads):
             d[r0 + top - 2 * t0: r1 + top - 2 * t0, left:left + w] = x[i, :, r0:r1].transpose(1, 2, 0)
         v = _input_transform(d, bt, tw).reshape(16, bt * tw, c)
         m = np.empty((16, bt * tw, c_out), dtype=x.dtype)
-        parallel_map(lambda k: gemm_into(v[k], u[k], m[k], b_transposed=True), range(16))  # M[k]^T = V[k]^T @ U[k]^T
+        products = (lambda k: gemm_into(v[k], u[k], m[k], b_transposed=True))  # M[k]^T = V[k]^T @ U[k]^T
+        if few_bands:                                          # the 16 products on the pool instead
+            parallel_map(products, range(16))
+        else:                                                  # (a band per thread: less memory held)
+            for k in range(16):
+                products(k)
         y = _output_transform(m.reshape(4, 4, bt, tw, c_out))  # (2, 2, bt, tw, C_out)
         for r in range(2):
             for s in range(2):
@@ -127,6 +143,8 @@ def conv3x3(x, weight, bias, pads):
                 else:
                     np.add(src, bias.reshape(c_out, 1, 1), out=dest)
 
-    parallel_map(work, [(i, t0) for i in range(n) for t0 in range(0, th, band)])
+    jobs = [(i, t0) for i in range(n) for t0 in range(0, th, band)]
+    few_bands = len(jobs) < num_threads()
+    parallel_map(work, jobs)
     return out
 
