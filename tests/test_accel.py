@@ -331,6 +331,26 @@ def test_attention_softmax_shift(regime, dtype):
     assert np.isfinite(reference).all() and np.isfinite(fast).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_attention_rows_do_not_depend_on_their_block(dtype):
+    """A block whose rows all have |q_i| max|k_j| <= SHIFT_FREE_BOUND skips the pass that finds the row
+    maxima; one long query row sends its whole block through that pass. Every other row must come out
+    bit for bit the same either way (and both runs agree with the reference)."""
+    rng = np.random.default_rng(9)
+    q, k, v = (rng.standard_normal((3, 200, 24)).astype(dtype) for _ in range(3))
+    q /= np.linalg.norm(q, axis=-1, keepdims=True)
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    attention = functools.partial(ops.scaled_dot_product_attention, scale=20.0)
+    assert 20.0 <= kernels.SHIFT_FREE_BOUND                              # every row bounded
+    bounded, _ = agree(attention, q, k, v, dtype=dtype)
+    q[1, 7] *= 5.0                                                      # bound 100: this head's block finds maxima
+    mixed, _ = agree(attention, q, k, v, dtype=dtype)
+    keep = np.ones(mixed.shape[:2], dtype=bool)
+    keep[1, 7] = False
+    np.testing.assert_array_equal(mixed[keep], bounded[keep])
+    assert not np.array_equal(mixed[1, 7], bounded[1, 7])
+
+
 @settings(max_examples=30)
 @given(n=st.integers(1, 2), c=st.integers(1, 4), h=st.integers(1, 9), w=st.integers(1, 9),
        strided=st.booleans(), seed=st.integers(0, 2**31), dtype=DTYPES)

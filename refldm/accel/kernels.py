@@ -68,6 +68,10 @@ ATTENTION_BLOCK_BYTES = 2 * 2**20
 # underflows (s < -87 in float32) weighs less than e^-57 (1.7e-25) against its row's largest term, so
 # leaving it out cannot change a float32 or float64 sum. SD's attention maxima lie far inside.
 SHIFT_FREE_LOW, SHIFT_FREE_HIGH = -30.0, 60.0
+# A block whose rows all have |q_i| max_j |k_j| <= SHIFT_FREE_BOUND (after the scale) skips the pass
+# that finds the row maxima too: each row's max then lies within +-29, inside the window with room for
+# rounding, so the row comes out exactly as if its max had been found.
+SHIFT_FREE_BOUND = 29.0
 
 
 def _even_blocks(size: int, step: int, align: int = 16) -> int:
@@ -511,7 +515,8 @@ def scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget):
       [SHIFT_FREE_LOW, SHIFT_FREE_HIGH] takes c = 0 instead: exp(s) can then neither overflow nor lose
       a term that matters, and the block saves its pass of subtractions. Each row decides for itself,
       so its result never depends on the other rows; a row whose unshifted P V overflows (|v| near the
-      dtype's largest number) is done again shifted.
+      dtype's largest number) is done again shifted. Without a mask, a block whose rows all have
+      |q_i| max_j |k_j| <= SHIFT_FREE_BOUND (so |s_ij| <= 29) skips the pass finding the maxima too.
     Each block is one head and a few query rows (ATTENTION_BLOCK_BYTES of scores, so the block stays in
     cache); the blocks run on the thread pool, each product on one BLAS thread.
     """
@@ -526,6 +531,11 @@ def scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget):
     # float16 always shifts (its largest number is 65504), and so does a single key (shifted, its
     # weight is exactly 1 and the output exactly v, as in the reference)
     may_skip = q.dtype.itemsize >= 4 and lk >= 2
+    if may_skip and mask is None:
+        # |s_ij| <= |q_i| |k_j| (Cauchy-Schwarz): a row whose bound is at most SHIFT_FREE_BOUND has its
+        # max inside the window, so it needs no max to be found
+        q_norms = np.sqrt(_sums(qs, "...i,...i->...", qs)).astype(np.float64)             # (..., Lq)
+        k_norm = np.sqrt(np.max(_sums(k, "...i,...i->...", k), axis=-1)).astype(np.float64)  # (...,)
 
     def scores(g, rows):
         """Q K^T * scale + mask for the query rows `rows` (a slice or an index array) of head g."""
@@ -545,8 +555,11 @@ def scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget):
     def block(item):
         g, i, j = item                                             # head index g, query rows i..j-1
         s = scores(g, slice(i, j))
-        m = np.max(s, axis=-1, keepdims=True)                      # the row maxima
-        shift = (~((m >= SHIFT_FREE_LOW) & (m <= SHIFT_FREE_HIGH))).ravel() if may_skip else None
+        if may_skip and mask is None and q_norms[g][i:j].max() * k_norm[g] <= SHIFT_FREE_BOUND:
+            shift = np.zeros(j - i, dtype=bool)                    # every row bounded: no max pass
+        else:
+            m = np.max(s, axis=-1, keepdims=True)                  # the row maxima
+            shift = (~((m >= SHIFT_FREE_LOW) & (m <= SHIFT_FREE_HIGH))).ravel() if may_skip else None
         o = out[g][i:j]
         if shift is None or shift.all():
             s -= m                                                 # the reference's shift (NaN, -inf maxima too)
