@@ -39,7 +39,7 @@ import numpy as np
 
 from refldm.backend import to_numpy
 
-__all__ = ["CLIPTokenizer", "TokenizerError", "bytes_to_unicode"]
+__all__ = ["CLIPTokenizer", "TokenizerError", "bytes_to_unicode", "clip_vocab"]
 
 END_OF_WORD = "</w>"
 CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
@@ -71,6 +71,20 @@ def bytes_to_unicode() -> dict:
             table[b] = chr(256 + shifted)
             shifted += 1
     return table  # printable bytes first, then the shifted ones: CLIP's vocabulary order
+
+
+def clip_vocab(merges) -> list:
+    """The vocabulary that CLIP's merges imply, in CLIP's id order: the 256 byte characters, the same
+    with </w>, each merge joined (a merge whose result is already there adds nothing), then
+    <|startoftext|> and <|endoftext|>. Token i of the list has id i."""
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + END_OF_WORD for c in chars]
+    seen = set(vocab)
+    for left, right in merges:
+        if left + right not in seen:
+            vocab.append(left + right)
+            seen.add(left + right)
+    return vocab + ["<|startoftext|>", "<|endoftext|>"]
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -148,14 +148,19 @@ GRIDS = [{}, {"use_karras_sigmas": True}, {"use_exponential_sigmas": True}, {"ti
 @given(steps=st.integers(1, 12), grid=st.sampled_from(GRIDS), eta=st.sampled_from([0.0, 0.5, 1.0, 1.7]),
        s_noise=st.sampled_from([1.0, 0.7]), seed=st.integers(0, 2**16))
 def test_dpmpp_2s_ancestral_equals_k_diffusion(k, steps, grid, eta, s_noise, seed):
+    noisy_sampler_equals_k_diffusion(rs.DPMPP2SAncestralScheduler, k.sample_dpmpp_2s_ancestral, steps, grid, eta,
+                                     s_noise, seed)
+
+
+def noisy_sampler_equals_k_diffusion(scheduler_class, k_sampler, steps, grid, eta, s_noise, seed):
+    """The scheduler and k-diffusion's sampler, on the same sigmas, model and noise, give the same steps."""
     import torch
-    sched = rs.DPMPP2SAncestralScheduler(**{**SD, **grid}, eta=eta, s_noise=s_noise)
+    sched = scheduler_class(**{**SD, **grid}, eta=eta, s_noise=s_noise)
     sched.set_timesteps(steps)
     eps, x = analytic_eps(sched.sigmas_table), start(sched, seed)
     ours, our_denoised = run_refldm(sched, eps, x, our_noise := SharedNoise(seed))
-    ref, ref_denoised = run_k(k.sample_dpmpp_2s_ancestral, eps, sched.sigmas_table, x,
-                              ref_noise := SharedNoise(seed, as_torch=True), sigmas=torch.from_numpy(sched.sigmas),
-                              eta=eta, s_noise=s_noise)
+    ref, ref_denoised = run_k(k_sampler, eps, sched.sigmas_table, x, ref_noise := SharedNoise(seed, as_torch=True),
+                              sigmas=torch.from_numpy(sched.sigmas), eta=eta, s_noise=s_noise)
     assert_same(ours, ref, our_denoised, ref_denoised, our_noise, ref_noise)
 
 
@@ -163,15 +168,7 @@ def test_dpmpp_2s_ancestral_equals_k_diffusion(k, steps, grid, eta, s_noise, see
 @given(steps=st.integers(2, 15), grid=st.sampled_from(GRIDS), eta=st.sampled_from([0.0, 0.5, 1.0]),
        s_noise=st.sampled_from([1.0, 0.7]), seed=st.integers(0, 2**16))
 def test_dpmpp_3m_sde_equals_k_diffusion(k, steps, grid, eta, s_noise, seed):
-    import torch
-    sched = rs.DPMPP3MSDEScheduler(**{**SD, **grid}, eta=eta, s_noise=s_noise)
-    sched.set_timesteps(steps)
-    eps, x = analytic_eps(sched.sigmas_table), start(sched, seed)
-    ours, our_denoised = run_refldm(sched, eps, x, our_noise := SharedNoise(seed))
-    ref, ref_denoised = run_k(k.sample_dpmpp_3m_sde, eps, sched.sigmas_table, x,
-                              ref_noise := SharedNoise(seed, as_torch=True), sigmas=torch.from_numpy(sched.sigmas),
-                              eta=eta, s_noise=s_noise)
-    assert_same(ours, ref, our_denoised, ref_denoised, our_noise, ref_noise)
+    noisy_sampler_equals_k_diffusion(rs.DPMPP3MSDEScheduler, k.sample_dpmpp_3m_sde, steps, grid, eta, s_noise, seed)
 
 
 def test_dpmpp_3m_sde_single_step_returns_the_denoised():

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from refldm.tokenizer import CLIPTokenizer, TokenizerError, _scan, bytes_to_unicode, normalize
+from refldm.tokenizer import CLIPTokenizer, TokenizerError, _scan, bytes_to_unicode, clip_vocab, normalize
 from tests.conftest import require
 
 CLIP_BPE = Path(__file__).resolve().parent / "data" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"
@@ -31,19 +31,6 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # ---------------------------------------------------------------------------------------------------------
 # Building tokenizer folders
-
-
-def clip_vocab(merges) -> list:
-    """CLIP's vocabulary order: the 256 byte characters, the same with </w>, each merge joined, then the
-    two special tokens (a merge whose result is already there adds nothing)."""
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars]
-    seen = set(vocab)
-    for left, right in merges:
-        if left + right not in seen:
-            vocab.append(left + right)
-            seen.add(left + right)
-    return vocab + [BOS, EOS]
 
 
 def write_folder(folder: Path, merges, pad_token=EOS, model_max_length=77) -> Path:

@@ -130,17 +130,10 @@ def random_weights(model, rng) -> dict:
 
 def clip_tokenizer(pad_token: str):
     """refldm's CLIPTokenizer with CLIP's real BPE (tests/data/clip-bpe): vocabulary 49,408 as in SDXL's."""
-    from refldm.tokenizer import CLIPTokenizer, bytes_to_unicode
+    from refldm.tokenizer import CLIPTokenizer, clip_vocab
     lines = gzip.open(CLIP_BPE).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars]
-    seen = set(vocab)
-    for left, right in merges:
-        if left + right not in seen:
-            vocab.append(left + right)
-            seen.add(left + right)
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = clip_vocab(merges)
     return CLIPTokenizer({t: i for i, t in enumerate(vocab)}, merges, pad_token=pad_token, source=CLIP_BPE)
 
 

@@ -531,7 +531,8 @@ def scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget):
     # float16 always shifts (its largest number is 65504), and so does a single key (shifted, its
     # weight is exactly 1 and the output exactly v, as in the reference)
     may_skip = q.dtype.itemsize >= 4 and lk >= 2
-    if may_skip and mask is None:
+    may_bound = may_skip and mask is None
+    if may_bound:
         # |s_ij| <= |q_i| |k_j| (Cauchy-Schwarz): a row whose bound is at most SHIFT_FREE_BOUND has its
         # max inside the window, so it needs no max to be found
         q_norms = np.sqrt(_sums(qs, "...i,...i->...", qs)).astype(np.float64)             # (..., Lq)
@@ -555,7 +556,7 @@ def scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget):
     def block(item):
         g, i, j = item                                             # head index g, query rows i..j-1
         s = scores(g, slice(i, j))
-        if may_skip and mask is None and q_norms[g][i:j].max() * k_norm[g] <= SHIFT_FREE_BOUND:
+        if may_bound and q_norms[g][i:j].max() * k_norm[g] <= SHIFT_FREE_BOUND:
             shift = np.zeros(j - i, dtype=bool)                    # every row bounded: no max pass
         else:
             m = np.max(s, axis=-1, keepdims=True)                  # the row maxima
