@@ -10,13 +10,12 @@ Every other module asks this one (or its input arrays) for the array namespace `
 A REFLDM_BACKEND that cannot run here (CuPy missing, an unknown name) does not stop the import: the
 first use of the backend raises BackendError, one line naming the variable.
 
-The host thread pool and BLAS controls are not here: they belong to the speed layer, `refldm.accel`
-(the names num_threads, set_num_threads, parallel_map, single_threaded_blas, gemm_into stay importable
-from here for older code). ``accelerated(False)`` is `refldm.accel.enabled(False)`: run the reference
-ops only, as REFLDM_ACCEL=0 does; the CLI's ``--reference`` calls it.
+The host thread pool, BLAS controls and C-library bindings are not here: they belong to the speed
+layer, `refldm.accel` (``refldm.accel.enabled(False)`` runs the reference ops only, as REFLDM_ACCEL=0
+does; the CLI's ``--reference`` calls it). This module knows the array namespace and nothing else.
 
 A third backend, ``"fakegpu"``, exists for tests: NumPy arrays wrapped as if they lived on another
-device (see ``refldm/fakedevice.py``). It fails, as CuPy would, on implicit host conversion and on
+device (see ``refldm/testing/fakedevice.py``). It fails, as CuPy would, on implicit host conversion and on
 mixing host and device arrays, so CPU-only CI catches code that would break on a GPU.
 """
 
@@ -26,16 +25,9 @@ import os
 
 import numpy
 
-# The host thread pool and BLAS controls live in the speed layer; these names stay importable from
-# here for code written against earlier versions.
-from refldm.accel import (blas_threads_controllable, gemm_available, gemm_into, num_threads,
-                          parallel_map, set_num_threads, single_threaded_blas)
-from refldm.accel import enabled as accelerated
-
 __all__ = [
     "use", "name", "xp", "array_namespace", "asarray", "to_numpy", "resolve_dtype", "erf",
-    "is_host", "num_threads", "set_num_threads", "parallel_map", "single_threaded_blas",
-    "blas_threads_controllable", "gemm_into", "gemm_available", "accelerated", "BackendError", "BACKENDS",
+    "is_host", "BackendError", "BACKENDS",
 ]
 
 BACKENDS = ("numpy", "cupy", "fakegpu")
@@ -50,7 +42,7 @@ def _load(name: str):
     if name == "numpy":
         return numpy
     if name == "fakegpu":
-        from refldm import fakedevice
+        from refldm.testing import fakedevice
         return fakedevice
     if name == "cupy":
         try:
@@ -207,29 +199,3 @@ def _use_from_env():
 
 
 _use_from_env()
-
-
-# --------------------------------------------------------------------------------------------------------
-# The C library's float32 math, for refldm.random's torch-compatible noise on CPUs where torch uses its
-# scalar kernel (logf/cosf/sinf give the same bits as torch there). A platform binding, so it lives here.
-
-_LIBM = None
-
-
-def libm_float32():
-    """The C math library with ``logf``, ``cosf``, ``sinf`` set up for float32 calls, or None where none loads."""
-    global _LIBM
-    if _LIBM is None:
-        import ctypes
-        import ctypes.util
-        _LIBM = False
-        name = ctypes.util.find_library("m") or ctypes.util.find_library("c")
-        try:
-            lib = ctypes.CDLL(name)
-            for fn in ("logf", "cosf", "sinf"):
-                f = getattr(lib, fn)
-                f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
-            _LIBM = lib
-        except (OSError, AttributeError, TypeError):
-            pass
-    return _LIBM or None

@@ -3,7 +3,7 @@
 Each names what is at fault in one line (the file, the key, the value). They subclass the built-in
 errors a caller would expect (a bad file or value is a ValueError), so ``except ValueError`` catches
 them, and the CLI prints them as ``refldm: error: ...``. Every module that raises one imports it from
-here; the old homes (``refldm.weights.WeightsError``, ``refldm.config.ConfigError``, ...) still export
+here; the old homes (``refldm.checkpoints.weights.WeightsError``, ``refldm.checkpoints.config.ConfigError``, ...) still export
 the same class.
 """
 

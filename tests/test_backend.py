@@ -1,4 +1,4 @@
-"""The backend switch (refldm/backend.py) and the fake device (refldm/fakedevice.py).
+"""The backend switch (refldm/backend.py) and the fake device (refldm/testing/fakedevice.py).
 
 The fake device exists so that CPU-only CI fails where CuPy would: these tests pin down that it does
 refuse implicit host conversion and host/device mixing, and that the switch itself behaves (call and
@@ -14,7 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from refldm import backend, fakedevice
+from refldm import backend
+from refldm.testing import fakedevice
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -200,7 +201,7 @@ def test_refldm_backend_env_selects_the_backend_at_import():
     out = python("from refldm import backend; print(backend.name(), type(backend.asarray([1.0])).__module__)",
                  REFLDM_BACKEND="fakegpu")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["fakegpu", "refldm.fakedevice"]
+    assert out.stdout.split() == ["fakegpu", "refldm.testing.fakedevice"]
     out = python("from refldm import backend; print(backend.name())")
     assert out.stdout.strip() == "numpy"
 
@@ -232,7 +233,7 @@ def test_refldm_backend_env_cupy_where_absent_fails_clearly_on_first_use():
 def test_refldm_num_threads_env_bad_value_fails_on_first_use(value):
     out = python("from refldm import accel; print(accel.num_threads())", REFLDM_NUM_THREADS="3")
     assert out.stdout.strip() == "3", out.stderr
-    out = python("import refldm, refldm.backend, refldm.ops; print('imported')", REFLDM_NUM_THREADS=value)
+    out = python("import refldm, refldm.backend, refldm.core.ops; print('imported')", REFLDM_NUM_THREADS=value)
     assert out.returncode == 0, out.stderr
     out = python("from refldm import accel; accel.num_threads()", REFLDM_NUM_THREADS=value)
     last = out.stderr.strip().splitlines()[-1]

@@ -18,7 +18,7 @@ PROMPT = "a photo of a red cat"
 @pytest.fixture(autouse=True, scope="module")
 def _one_blas_thread():
     """The tiny models' matrices are small: one BLAS thread is fastest, and robust on a shared machine."""
-    from refldm.backend import single_threaded_blas
+    from refldm.accel import single_threaded_blas
     with single_threaded_blas():
         yield
 
@@ -51,7 +51,7 @@ def parse_parameters(text: str) -> dict:
 
 
 def test_txt2img_writes_png_with_webui_parameters(tiny_folder, tmp_path, capsys):
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     out = tmp_path / "out.png"
     rc, stdout, err = run(capsys, "txt2img", "-m", tiny_folder, "-p", PROMPT, "-n", "blurry, dark", "--steps", "3",
                           "--cfg", "6.5", "--seed", "42", "--sampler", "euler", "-W", "40", "-H", "32", "-o", str(out),
@@ -97,8 +97,8 @@ def test_img2img_and_default_seed(tiny_folder, tmp_path, capsys):
 
 
 def test_info_on_folder_and_single_file(tiny_folder, tmp_path, capsys):
-    from refldm import convert, weights
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.checkpoints import convert, weights
+    from refldm.pipelines.sd import StableDiffusionPipeline
     rc, stdout, err = run(capsys, "info", tiny_folder)
     assert rc == 0, err
     pipe = StableDiffusionPipeline.from_pretrained(tiny_folder)
@@ -122,7 +122,7 @@ def test_info_on_folder_and_single_file(tiny_folder, tmp_path, capsys):
 
 
 def test_txt2img_from_a_single_file_with_config(tiny_folder, tmp_path, capsys):
-    from refldm import convert, weights
+    from refldm.checkpoints import convert, weights
     parts, configs = {}, {}
     for part, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
                        ("text_encoder", "model")):
@@ -301,7 +301,7 @@ def test_jpeg_output_is_jpeg_with_the_parameters(tiny_folder, tmp_path, capsys):
 
 def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
     """A crash or Ctrl-C in the middle of writing leaves the old file whole and no stray temporary file."""
-    from refldm.images import save_pil
+    from refldm.core.images import save_pil
     out = tmp_path / "out.png"
     Image.new("RGB", (8, 8), (1, 2, 3)).save(out)
     before = out.read_bytes()
@@ -337,7 +337,7 @@ def test_killed_process_leaves_the_previous_file(tmp_path):
     out = tmp_path / "out.png"
     Image.new("RGB", (8, 8), (1, 2, 3)).save(out)
     before = out.read_bytes()
-    script = ("import os, signal\nfrom PIL import Image\nfrom refldm.images import atomic_write\n"
+    script = ("import os, signal\nfrom PIL import Image\nfrom refldm.core.images import atomic_write\n"
               "def write(f):\n    f.write(b'partial')\n    f.flush()\n    os.kill(os.getpid(), signal.SIGKILL)\n"
               f"atomic_write({str(out)!r}, write)\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -401,7 +401,7 @@ def test_huge_size_is_refused_before_the_work_saying_what_it_takes(tiny_folder, 
 
 
 def test_long_runs_announce_an_estimated_time(tiny_folder, capsys):
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(tiny_folder)
     generate.check_resources(pipe, 1, 2048, 2048, 25, 7.5, announce_after_s=0)
     err = capsys.readouterr().err
@@ -433,7 +433,7 @@ def test_image_input_errors_name_the_file(tmp_path, capsys, no_work, monkeypatch
 
 
 def test_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
-    from refldm.images import load_image
+    from refldm.core.images import load_image
     values = np.array([[0, 257 * 64, 257 * 128, 65535]], dtype=np.uint16)
     path = tmp_path / "gray16.png"
     Image.fromarray(values).save(path)
@@ -467,7 +467,7 @@ def test_bad_latents_are_one_line_before_allocating(tmp_path, capsys, no_work):
 def test_decode_refuses_what_does_not_fit_in_memory(monkeypatch):
     from refldm.cli import vae as vae_cli
     from refldm.models.vae import AutoencoderKL
-    from refldm.pipeline import TooLargeError
+    from refldm.pipelines.sd import TooLargeError
     vae = AutoencoderKL({"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
                          "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4})
     monkeypatch.setattr(vae_cli, "available_memory", lambda: 8 * 2 ** 30)

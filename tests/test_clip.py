@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from refldm import backend, trace
-from refldm.config import ConfigError
+from refldm import backend
+from refldm.crosscheck import trace
+from refldm.checkpoints.config import ConfigError
 from refldm.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextOutput
-from refldm.weights import WeightsError, load_file, save_file
+from refldm.checkpoints.weights import WeightsError, load_file, save_file
 from tests.conftest import require
 
 TOL64, TOL32 = 1e-10, 1e-4

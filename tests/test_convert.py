@@ -1,11 +1,11 @@
 """Original single-file checkpoints: refldm's key table against diffusers' own single-file loader.
 
 A tiny SD folder is built by diffusers (tests/test_pipeline.py `build_tiny_sd`), written as an original
-CompVis-layout single file with `refldm.convert.to_original`, and loaded back two ways:
+CompVis-layout single file with `refldm.checkpoints.convert.to_original`, and loaded back two ways:
 
 - by diffusers' ``StableDiffusionPipeline.from_single_file(path, config=folder)``, whose key mapping
   (diffusers/loaders/single_file_utils.py) is written independently of refldm's table;
-- by refldm's `StableDiffusionPipeline.from_single_file` (`refldm.convert.from_original`).
+- by refldm's `StableDiffusionPipeline.from_single_file` (`refldm.checkpoints.convert.from_original`).
 
 Both must give back every weight of the folder bit for bit: the renaming, the VAE's 1x1-conv <-> linear
 reshape and OpenCLIP's fused q/k/v are exact operations. SD 1.x (CLIP ViT-L layout) and SD 2.x
@@ -20,7 +20,7 @@ import re
 import numpy as np
 import pytest
 
-from refldm import convert, weights
+from refldm.checkpoints import convert, weights
 from tests.conftest import require
 from tests.test_pipeline import build_tiny_sd
 
@@ -30,7 +30,7 @@ STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "t
 @pytest.fixture(autouse=True, scope="module")
 def _one_blas_thread():
     """The tiny models' matrices are small: one BLAS thread is fastest, and robust on a shared machine."""
-    from refldm.backend import single_threaded_blas
+    from refldm.accel import single_threaded_blas
     with single_threaded_blas():
         yield
 
@@ -104,7 +104,7 @@ def test_refldm_from_original_inverts_to_original(single_file):
 
 def test_refldm_pipeline_from_single_file_loads_every_weight(single_file):
     """The pipeline built from the single file holds exactly the folder's weights."""
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     kind, folder, parts, _, path = single_file
     pipe = StableDiffusionPipeline.from_single_file(path, config=folder)
     for part, ref in parts.items():
@@ -207,7 +207,7 @@ def test_table_maps_sd15_reference_keys():
 
 
 def test_single_file_pipeline_draws_the_folders_image(single_file):
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     kind, folder, _, _, path = single_file
     kwargs = dict(height=32, width=32, num_inference_steps=2, seed=4, scheduler="ddim", progress=False)
     a = StableDiffusionPipeline.from_single_file(path, config=folder)("a red cat", **kwargs)
@@ -226,7 +226,7 @@ def _with_unused_last_resblock(state, n):
 def test_single_file_without_config_infers_it(single_file, tmp_path):
     """No config folder: the architecture comes from the shapes; the tokenizer must be named, and an
     SD 2.x file must say its prediction type. The image is then the folder's image."""
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     kind, folder, _, configs, path = single_file
     if kind == "sd2":
         state = _with_unused_last_resblock(weights.load_file(path), configs["text_encoder"]["num_hidden_layers"])

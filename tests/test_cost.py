@@ -1,4 +1,4 @@
-"""refldm.cost against torch.utils.flop_counter on diffusers' models, and ``refldm cost`` on the command line.
+"""refldm.analysis.cost against torch.utils.flop_counter on diffusers' models, and ``refldm cost`` on the command line.
 
 diffusers' models are built on the meta device (shapes only, no memory, no arithmetic), where
 scaled_dot_product_attention runs its math decomposition (two bmm calls), so FlopCounterMode counts the
@@ -15,7 +15,7 @@ import os
 
 import pytest
 
-from refldm import cost
+from refldm.analysis import cost
 from refldm.cli import main
 from tests.conftest import require
 
@@ -196,7 +196,7 @@ def test_flops_by_block_and_by_kind_add_up_to_the_total():
 
 def test_torch_counts_attention_on_meta_but_not_the_cpu_flash_kernel():
     """Why the agreement tests run on meta: there SDPA decomposes into two bmm calls that torch counts
-    (2 B H L S d multiply-adds, as refldm.cost); on CPU tensors torch 2.13's flash kernel counts 0."""
+    (2 B H L S d multiply-adds, as refldm.analysis.cost); on CPU tensors torch 2.13's flash kernel counts 0."""
     torch = require("torch")
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refldm.backend import single_threaded_blas
-from refldm.images import to_tensor, to_uint8
+from refldm.accel import single_threaded_blas
+from refldm.core.images import to_tensor, to_uint8
 
 FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "refldm", "default_model")
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}

@@ -126,11 +126,11 @@ def _show(cycle):
 def test_the_graph_reader_sees_the_imports_it_must():
     """Guards the reader itself: function-level, relative and table imports are all edges."""
     assert len(MODULES) > 20 and "refldm.models.unet" in MODULES
-    assert "refldm.weights" in GRAPH["refldm.nn"]  # from_pretrained's loader
+    assert "refldm.checkpoints.weights" in GRAPH["refldm.core.nn"]  # from_pretrained's loader
     assert "refldm.schedulers.base" in GRAPH["refldm.schedulers.ddim"]  # relative: from .base import
-    assert "refldm.models.unet" in GRAPH["refldm.pipeline"]  # imported inside a function
+    assert "refldm.models.unet" in GRAPH["refldm.pipelines.sd"]  # imported inside a function
     assert "refldm.cli.trace" in GRAPH["refldm.cli"]  # the CLI's table of subcommand modules
-    assert "refldm.pipeline" in GRAPH["refldm"]  # the lazy table
+    assert "refldm.pipelines.sd" in GRAPH["refldm"]  # the lazy table
     assert find_cycle({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b": 1}, "b": {}, "c": {"a": 1, "b": 1}}) is None
 
@@ -150,20 +150,20 @@ def _reachable(name: str) -> set:
     return seen
 
 
-@pytest.mark.parametrize("name", ["refldm.errors", "refldm.record"])
+@pytest.mark.parametrize("name", ["refldm.errors", "refldm.core.record"])
 def test_the_bottom_modules_import_nothing_from_refldm(name):
     """The error classes and the recording hook: anything may import them, so they import nothing."""
     assert GRAPH[name] == {}, f"{name} imports {sorted(GRAPH[name])}"
 
 
-CROSS_CHECK = {"refldm.trace", "refldm.compare"}  # the cross-checking layer: above the library
+CROSS_CHECK = {"refldm.crosscheck.trace", "refldm.crosscheck.compare"}  # the cross-checking layer: above the library
 
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if n.startswith(("refldm.models", "refldm.schedulers"))
-                                        or n in {"refldm.nn", "refldm.ops", "refldm.weights", "refldm.pipeline",
-                                                 "refldm.sampling", "refldm.backend", "refldm.config"}))
+                                        or n in {"refldm.core.nn", "refldm.core.ops", "refldm.checkpoints.weights", "refldm.pipelines.sd",
+                                                 "refldm.pipelines.sampling", "refldm.backend", "refldm.checkpoints.config"}))
 def test_the_library_does_not_reach_up_into_the_cross_checking_layer_or_the_cli(name):
-    """Models, samplers and the pipeline record through `refldm.record` only; they never import the
+    """Models, samplers and the pipeline record through `refldm.core.record` only; they never import the
     tracing functions, the comparison or the CLI (those sit on top and import the library)."""
     above = sorted(m for m in _reachable(name) if m in CROSS_CHECK or m.startswith("refldm.cli"))
     assert not above, f"{name} reaches {above}"
@@ -171,7 +171,9 @@ def test_the_library_does_not_reach_up_into_the_cross_checking_layer_or_the_cli(
 
 def test_the_error_classes_have_one_home_and_keep_their_old_names():
     """Each error class is defined once, in `refldm.errors`; the modules that raised it before still export it."""
-    from refldm import backend, config, errors, tokenizer, weights
+    from refldm import backend, errors
+    from refldm.checkpoints import config, weights
+    from refldm.models import tokenizer
 
     assert weights.WeightsError is errors.WeightsError and issubclass(errors.WeightsError, ValueError)
     assert config.ConfigError is errors.ConfigError and issubclass(errors.ConfigError, ValueError)
@@ -180,3 +182,97 @@ def test_the_error_classes_have_one_home_and_keep_their_old_names():
     defined = {name: [m for m in MODULES if f"class {name}(" in MODULES[m].read_text(encoding="utf-8")]
                for name in errors.__all__}
     assert defined == {name: ["refldm.errors"] for name in errors.__all__}
+
+
+# --------------------------------------------------------------------------------------------------
+# The layers: one folder each, bottom to top. A module imports only from its own layer or the layers
+# below it (refldm/__init__.py, the package facade with its lazy table, stands above them all).
+
+LAYERS = [
+    {"refldm.about", "refldm.errors", "refldm.files"},  # leaves: anything may import them
+    {"refldm.testing"},                                  # test doubles (the backend loads fakedevice by name)
+    {"refldm.backend"},                                  # the array namespace
+    {"refldm.accel"},                                    # the speed layer (threads, BLAS, ctypes)
+    {"refldm.checkpoints"},                              # safetensors, configs, key conversion
+    {"refldm.core"},                                     # ops, nn, random, record, images
+    {"refldm.models", "refldm.schedulers"},
+    {"refldm.adapters"},
+    {"refldm.pipelines"},
+    {"refldm.crosscheck", "refldm.analysis"},
+    {"refldm.cli", "refldm.__main__"},
+]
+# The speed layer plugs in at these places only: the ops' dispatch, the C library's float32 math for
+# torch-compatible noise, and the CLI's --reference switch. Models, schedulers, pipelines never see it.
+ACCEL_USERS = {"refldm.core.ops", "refldm.core.random", "refldm.cli"}
+
+
+def layer_of(module: str) -> int | None:
+    for rank, layer in enumerate(LAYERS):
+        if any(module == top or module.startswith(top + ".") for top in layer):
+            return rank
+    return None
+
+
+def layer_violations(graph: dict) -> list:
+    """Every edge that reaches up a layer, or into the speed layer from a place not in ACCEL_USERS."""
+    bad = []
+    for name, deps in graph.items():
+        mine = layer_of(name)
+        if mine is None:
+            continue
+        for dep, line in deps.items():
+            theirs = layer_of(dep)
+            if theirs is not None and theirs > mine:
+                bad.append(f"{name} -> {dep} (line {line}): layer {mine} imports layer {theirs}")
+            if layer_of(dep) == layer_of("refldm.accel") and layer_of(name) != theirs and name not in ACCEL_USERS:
+                bad.append(f"{name} -> {dep} (line {line}): only {sorted(ACCEL_USERS)} plug in the speed layer")
+    return sorted(bad)
+
+
+def test_every_module_has_a_layer():
+    homeless = sorted(n for n in MODULES if layer_of(n) is None and n != "refldm")
+    assert not homeless, f"modules in no layer (add the folder to LAYERS): {homeless}"
+
+
+def test_each_layer_imports_only_the_layers_below_it():
+    """A folder imports its own layer and the layers below it, never above.
+
+    The check can fail: a models module that imported a pipeline, or a pipeline that imported the speed
+    layer, is reported, as the synthetic graphs below show (a rule broken on purpose).
+    """
+    assert layer_violations(GRAPH) == []
+    broken = dict(GRAPH)
+    broken["refldm.models.unet"] = {**GRAPH["refldm.models.unet"], "refldm.pipelines.sd": 1}
+    broken["refldm.pipelines.sd"] = {**GRAPH["refldm.pipelines.sd"], "refldm.accel.kernels": 2}
+    broken["refldm.core.ops"] = {**GRAPH["refldm.core.ops"], "refldm.models.blocks": 3}
+    found = layer_violations(broken)
+    assert [v.split(" (")[0] for v in found] == ["refldm.core.ops -> refldm.models.blocks",
+                                                  "refldm.models.unet -> refldm.pipelines.sd",
+                                                  "refldm.pipelines.sd -> refldm.accel.kernels"], found
+
+
+def test_each_layer_folder_states_what_it_may_import():
+    for layer in LAYERS:
+        for top in layer:
+            path = PACKAGE.parent / (top.replace(".", "/") + "/__init__.py")
+            if path.exists():
+                assert "May import:" in path.read_text(encoding="utf-8"), f"{path} has no 'May import:' line"
+
+
+def test_the_cli_holds_no_math():
+    """The CLI parses arguments and prints; no array math (numpy's linear algebra, FFTs, exp) lives there."""
+    math_calls = ("np.exp(", "np.matmul(", "np.einsum(", "np.fft.", "np.linalg.", "xp.exp(")
+    for path in sorted((PACKAGE / "cli").glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        found = [c for c in math_calls if c in text]
+        assert not found, f"{path.name} computes {found}: move the math into a library layer"
+
+
+def test_old_flat_module_paths_are_aliases_of_the_moved_modules():
+    """`import refldm.pipeline` (the 0.1 layout) gives the module now at refldm/pipelines/sd.py."""
+    import importlib
+
+    import refldm
+    for old, new in refldm._MOVED.items():
+        assert importlib.import_module(f"refldm.{old}") is importlib.import_module(new), old
+        assert getattr(refldm, old) is importlib.import_module(new), old

@@ -22,7 +22,7 @@ SIZE = 32
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_blas_thread():
-    from refldm.backend import single_threaded_blas
+    from refldm.accel import single_threaded_blas
     with single_threaded_blas():
         yield
 
@@ -99,7 +99,7 @@ def test_padding_mask_crop_same_image_as_diffusers(folders):
     from PIL import Image
 
     from refldm import StableDiffusionInpaintPipeline
-    from refldm.pipeline_inpaint import crop_region
+    from refldm.pipelines.inpaint import crop_region
     yy, xx = np.mgrid[0:40, 0:48]
     image = Image.fromarray(np.stack([xx * 5, yy * 6, (xx + yy) * 2], -1).astype(np.uint8))
     m = np.zeros((40, 48), np.uint8)
@@ -126,7 +126,7 @@ def test_padding_mask_crop_same_image_as_diffusers(folders):
 
 def test_mask_of_another_size_or_colour_is_converted_and_said(folders):
     from refldm import StableDiffusionInpaintPipeline
-    from refldm.pipeline_inpaint import prepare_mask
+    from refldm.pipelines.inpaint import prepare_mask
     with pytest.warns(UserWarning, match="resized to the image"):
         big = prepare_mask(mask_image(64), (SIZE, SIZE))
     with pytest.warns(UserWarning, match="RGB, not single-channel; converted to grey"):

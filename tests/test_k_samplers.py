@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refldm import schedulers as rs
-from refldm.sampling import sample
+from refldm.pipelines.sampling import sample
 from refldm.schedulers import schedule
 from tests.conftest import require
 from tests.kdiffusion import load_sampling
@@ -98,7 +98,7 @@ def k_denoiser(eps_model, sigmas_table, prediction_type="epsilon"):
 
 
 def run_refldm(sched, eps_model, x, noise):
-    """refldm.sampling.sample with the noise sampler; also the denoised value of each step's (or trial's) first
+    """refldm.pipelines.sampling.sample with the noise sampler; also the denoised value of each step's (or trial's) first
     model call, as k-diffusion's callback reports it."""
     sched.noise_sampler = noise
     denoised = []
@@ -339,7 +339,7 @@ PIPELINE_NAMES = {"DPM++ 2S a": (2, -1), "DPM++ 2S a Karras": (2, -1), "DPM++ 3M
 @pytest.fixture(scope="module")
 def default_pipe():
     import refldm
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     return StableDiffusionPipeline.from_pretrained(refldm.DEFAULT_MODEL)
 
 
@@ -388,7 +388,7 @@ def test_inpaint_pipeline_runs_the_k_samplers(default_pipe):
     import refldm
     from PIL import Image
 
-    from refldm.pipeline_inpaint import StableDiffusionInpaintPipeline
+    from refldm.pipelines.inpaint import StableDiffusionInpaintPipeline
     pipe = StableDiffusionInpaintPipeline.from_pretrained(refldm.DEFAULT_MODEL)
     image = Image.fromarray((numpy.random.default_rng(0).random((32, 32, 3)) * 255).astype(numpy.uint8))
     mask = numpy.zeros((32, 32), numpy.uint8)
@@ -400,7 +400,7 @@ def test_inpaint_pipeline_runs_the_k_samplers(default_pipe):
 
 
 def test_sdxl_pipeline_runs_the_k_samplers(tmp_path):
-    from refldm.pipeline_xl import StableDiffusionXLPipeline
+    from refldm.pipelines.sdxl import StableDiffusionXLPipeline
     from tests.test_sdxl_pipeline import build_tiny_sdxl
     pipe = StableDiffusionXLPipeline.from_pretrained(build_tiny_sdxl(tmp_path / "xl", seed=0))
     for name in ("DPM++ 2S a", "DPM++ 3M SDE Karras", "DPM fast"):
@@ -463,7 +463,7 @@ def test_every_backend_gives_the_numpy_result(on_backend, name):
     """float32 on each backend (numpy, the fake device, cupy on a GPU) equals the host NumPy run (to float32 rounding:
     a GPU may round its sums differently)."""
     from refldm import backend
-    from refldm.random import Generator
+    from refldm.core.random import Generator
 
     def model(x, t):
         return backend.array_namespace(x).tanh(x) * 0.5 + numpy.float32(float(t) / 2000)

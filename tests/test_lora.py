@@ -1,4 +1,4 @@
-"""LoRA (refldm/lora.py): the same outputs as diffusers' load_lora_weights + set_adapters / fuse_lora.
+"""LoRA (refldm/adapters/lora.py): the same outputs as diffusers' load_lora_weights + set_adapters / fuse_lora.
 
 The tiny random-weight SD folder of tests/test_pipeline.py gets two LoRA files written here:
 - diffusers / PEFT format: peft's LoraConfig adapters (random A and B, init_lora_weights=False) on the
@@ -39,7 +39,7 @@ PROMPT_IDS = [[300, 301, 302, 303, 304]]
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_blas_thread():
-    from refldm.backend import single_threaded_blas
+    from refldm.accel import single_threaded_blas
     with single_threaded_blas():
         yield
 
@@ -84,7 +84,7 @@ def files(folder, tmp_path_factory):
     # kohya: module names from the refldm models, "." -> "_"
     from refldm.models.clip import CLIPTextModel
     from refldm.models.unet import UNet2DConditionModel
-    from refldm.lora import _layers_of
+    from refldm.adapters.lora import _layers_of
     unet = UNet2DConditionModel.from_pretrained(f"{folder}/unet")
     te = CLIPTextModel.from_pretrained(f"{folder}/text_encoder")
     rng = np.random.default_rng(7)
@@ -104,7 +104,7 @@ def files(folder, tmp_path_factory):
         tensors[f"{name}.lora_down.weight"] = down.astype(np.float32)
         tensors[f"{name}.lora_up.weight"] = (0.3 * up / rank ** 0.5).astype(np.float32)
         tensors[f"{name}.alpha"] = np.asarray(1.5, dtype=np.float32)  # one alpha for all (see below)
-    from refldm.weights import save_file
+    from refldm.checkpoints.weights import save_file
     save_file(tensors, out / "kohya.safetensors")
     return {"diffusers": str(out / "dif" / "pytorch_lora_weights.safetensors"), "kohya": str(out / "kohya.safetensors")}
 
@@ -156,8 +156,8 @@ def _rel(a, b):
                                           ("both", True)])
 def test_lora_matches_diffusers_in_float64(folder, files, reference64, which, merge):
     """Adapters at their scales: text encoder and U-Net outputs within 1e-10 relative of diffusers'."""
-    from refldm.lora import apply_loras
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.adapters.lora import apply_loras
+    from refldm.pipelines.sd import StableDiffusionPipeline
     names = {"diffusers": ["d"], "kohya": ["k"], "both": ["d", "k"]}[which]
     scales = [SCALES[0] if n == "d" else SCALES[1] for n in names]
     reference64.set_adapters(names, scales)
@@ -175,8 +175,8 @@ def test_lora_matches_diffusers_in_float64(folder, files, reference64, which, me
 
 def test_fuse_lora_matches_merge(folder, files, reference64):
     """diffusers' fuse_lora(lora_scale=s) on one adapter equals apply_loras(merge=True) at scale s."""
-    from refldm.lora import apply_loras
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.adapters.lora import apply_loras
+    from refldm.pipelines.sd import StableDiffusionPipeline
     reference64.set_adapters(["d"], [1.0])
     reference64.fuse_lora(lora_scale=0.5, adapter_names=["d"])
     try:
@@ -192,8 +192,8 @@ def test_fuse_lora_matches_merge(folder, files, reference64):
 
 
 def test_unmerge_restores_every_weight_bit_for_bit(folder, files):
-    from refldm.lora import adapted_layers, apply_loras, remove_loras
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.adapters.lora import adapted_layers, apply_loras, remove_loras
+    from refldm.pipelines.sd import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype="float64")
     before = {p: {k: v.copy() for k, v in getattr(pipe, p).state_dict().items()} for p in ("unet", "text_encoder")}
     apply_loras(pipe, [(files["diffusers"], 0.7), (files["kohya"], -0.4)], merge=True)
@@ -214,8 +214,8 @@ def test_same_image_as_diffusers_with_two_loras(folder, files):
     torch = require("torch")
     diffusers = require("diffusers")
     _allow_old_peft()
-    from refldm.lora import apply_loras
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.adapters.lora import apply_loras
+    from refldm.pipelines.sd import StableDiffusionPipeline
     ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     ref.set_progress_bar_config(disable=True)
     ref.scheduler = diffusers.EulerDiscreteScheduler.from_config(ref.scheduler.config)
@@ -241,7 +241,7 @@ def test_same_image_as_diffusers_with_two_loras(folder, files):
 
 @pytest.fixture
 def pipe32(folder):
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     return StableDiffusionPipeline.from_pretrained(folder)
 
 
@@ -250,7 +250,7 @@ def _snapshot(pipe):
 
 
 def _unchanged(pipe, snap):
-    from refldm.lora import adapted_layers
+    from refldm.adapters.lora import adapted_layers
     assert not adapted_layers(pipe)
     for part, state in snap.items():
         for k, v in getattr(pipe, part).state_dict().items():
@@ -258,13 +258,13 @@ def _unchanged(pipe, snap):
 
 
 def _write(path, tensors, metadata=None):
-    from refldm.weights import save_file
+    from refldm.checkpoints.weights import save_file
     save_file({k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}, path, metadata=metadata)
     return str(path)
 
 
 def test_keys_matching_no_layer_are_named_and_refused(pipe32, files, tmp_path):
-    from refldm.lora import LoRAError, apply_loras
+    from refldm.adapters.lora import LoRAError, apply_loras
     bad = _write(tmp_path / "sdxl.safetensors", {
         "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": np.zeros((2, 16)),
         "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": np.zeros((16, 2)),
@@ -277,7 +277,7 @@ def test_keys_matching_no_layer_are_named_and_refused(pipe32, files, tmp_path):
 
 
 def test_shape_mismatch_is_refused(pipe32, tmp_path):
-    from refldm.lora import LoRAError, apply_loras
+    from refldm.adapters.lora import LoRAError, apply_loras
     key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     bad = _write(tmp_path / "shape.safetensors", {f"{key}.lora_A.weight": np.ones((4, 17)),
                                                   f"{key}.lora_B.weight": np.ones((16, 4))})
@@ -293,7 +293,7 @@ def test_shape_mismatch_is_refused(pipe32, tmp_path):
 
 
 def test_second_text_encoder_is_refused(pipe32, tmp_path):
-    from refldm.lora import LoRAError, apply_loras
+    from refldm.adapters.lora import LoRAError, apply_loras
     bad = _write(tmp_path / "te2.safetensors", {
         "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": np.ones((2, 32)),
         "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": np.ones((32, 2))})
@@ -304,8 +304,8 @@ def test_second_text_encoder_is_refused(pipe32, tmp_path):
 
 
 def test_pickles_and_other_adapter_kinds_are_refused(pipe32, tmp_path):
-    from refldm.lora import LoRAError, load_lora
-    from refldm.weights import WeightsError
+    from refldm.adapters.lora import LoRAError, load_lora
+    from refldm.checkpoints.weights import WeightsError
     (tmp_path / "x.pt").write_bytes(b"\x80\x04not opened")
     with pytest.raises(WeightsError, match="refusing a pickle-based checkpoint"):
         load_lora(tmp_path / "x.pt")
@@ -323,7 +323,7 @@ def test_pickles_and_other_adapter_kinds_are_refused(pipe32, tmp_path):
 def test_kohya_and_diffusers_names_agree(pipe32, tmp_path):
     """The same tensors under kohya and diffusers names (attention and MLP of the text encoder, a U-Net
     conv) give the same weights bit for bit: the two key schemes reach the same layers."""
-    from refldm.lora import apply_loras, remove_loras
+    from refldm.adapters.lora import apply_loras, remove_loras
     rng = np.random.default_rng(0)
     layers = {"text_encoder": ["encoder.layers.0.self_attn.q_proj", "encoder.layers.2.self_attn.out_proj",
                                "encoder.layers.1.mlp.fc2"],
@@ -331,7 +331,7 @@ def test_kohya_and_diffusers_names_agree(pipe32, tmp_path):
     kohya, dif = {}, {}
     for target, keys in layers.items():
         model = getattr(pipe32, target)
-        from refldm.lora import _layers_of
+        from refldm.adapters.lora import _layers_of
         table = _layers_of(model)
         for key in keys:
             w = table[key].weight
@@ -353,7 +353,7 @@ def test_kohya_and_diffusers_names_agree(pipe32, tmp_path):
 
 def test_alpha_rules(tmp_path):
     """kohya: factor alpha / r, alpha = r when absent; diffusers: metadata lora_alpha, alpha_pattern, rsLoRA."""
-    from refldm.lora import load_lora
+    from refldm.adapters.lora import load_lora
     k = _write(tmp_path / "k.safetensors", {"lora_unet_conv_in.lora_down.weight": np.ones((4, 4, 3, 3)),
                                             "lora_unet_conv_in.lora_up.weight": np.ones((16, 4, 1, 1)),
                                             "lora_unet_conv_in.alpha": np.asarray(2.0),
@@ -383,8 +383,8 @@ def test_cli_lora_flag_and_prompt_tag_give_the_merged_image(folder, files, tmp_p
 
     from refldm.cli import main
     from refldm.cli.adapters import extract_lora_tags, parse_lora_flag
-    from refldm.lora import apply_loras
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.adapters.lora import apply_loras
+    from refldm.pipelines.sd import StableDiffusionPipeline
     assert parse_lora_flag("a/b.safetensors:0.5") == ("a/b.safetensors", 0.5)
     assert parse_lora_flag("C:/x.safetensors") == ("C:/x.safetensors", 1.0)
     assert extract_lora_tags("a cat <lora:style:0.6> on <lora:b:0.5:1.2>") == \
@@ -409,8 +409,8 @@ def test_cli_lora_flag_and_prompt_tag_give_the_merged_image(folder, files, tmp_p
 def test_fake_device_gives_the_same_outputs(folder, files):
     """On the fake GPU (arrays that refuse implicit host conversion) LoRAs apply, run and come off."""
     from refldm import backend
-    from refldm.lora import apply_loras, remove_loras
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.adapters.lora import apply_loras, remove_loras
+    from refldm.pipelines.sd import StableDiffusionPipeline
     x, ids = _inputs()
     x = x.astype(np.float32)
     outputs = []

@@ -1,4 +1,4 @@
-"""Property tests for refldm/ops.py (everything but attention, which has tests/test_ops_attention.py).
+"""Property tests for refldm/core/ops.py (everything but attention, which has tests/test_ops_attention.py).
 
 Each op is checked three ways, on every backend of the `on_backend` fixture (numpy, the fake device,
 cupy where present):
@@ -23,7 +23,8 @@ import scipy.special
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from refldm import backend, ops
+from refldm import backend
+from refldm.core import ops
 from tests.conftest import require
 
 TOL = {np.float64: 1e-10, np.float32: 1e-5}  # relative error, max|a - b| / max|b|

@@ -1,4 +1,4 @@
-"""Property tests for refldm.ops.scaled_dot_product_attention, on every backend of `on_backend`.
+"""Property tests for refldm.core.ops.scaled_dot_product_attention, on every backend of `on_backend`.
 
 Reference: explicit loops over the leading (batch, head) index computing softmax(Q K^T * scale + M) V
 with scipy.special.softmax, in float64 (relative error <= 1e-10); torch's
@@ -18,7 +18,8 @@ import scipy.special
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from refldm import backend, ops
+from refldm import accel, backend
+from refldm.core import ops
 from tests.conftest import require
 from tests.test_ops import TOL, check_out, dev, randn, rel, torch_of
 
@@ -140,14 +141,14 @@ def test_chunked_attention_equals_unchunked(on_backend, case):
 def test_attention_long_sequence_blocks_and_threads(on_backend, threads):
     """Long enough for many host blocks; the thread count must not change a single bit."""
     q, k, v = randn(0, 2, 2, 700, 8), randn(1, 2, 2, 500, 8), randn(2, 2, 2, 500, 5)
-    before = backend.num_threads()
+    before = accel.num_threads()
     try:
-        backend.set_num_threads(1)
+        accel.set_num_threads(1)
         serial = backend.to_numpy(sdpa(dev(q), dev(k), dev(v)))
-        backend.set_num_threads(threads)
+        accel.set_num_threads(threads)
         y = sdpa(dev(q), dev(k), dev(v))
     finally:
-        backend.set_num_threads(before)
+        accel.set_num_threads(before)
     np.testing.assert_array_equal(backend.to_numpy(y), serial)
     assert rel(y, attention_reference(q, k, v)) <= 1e-10
 

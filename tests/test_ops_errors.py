@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refldm import backend, ops
+from refldm import backend
+from refldm.core import ops
 
 
 def a(*shape, dtype=np.float32):

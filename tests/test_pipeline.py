@@ -155,7 +155,7 @@ def build_tiny_sd(folder, kind="sd1", seed=0, conventional=False, as_saved=False
 @pytest.fixture(autouse=True, scope="module")
 def _one_blas_thread():
     """The tiny models' matrices are small: one BLAS thread is fastest, and robust on a shared machine."""
-    from refldm.backend import single_threaded_blas
+    from refldm.accel import single_threaded_blas
     with single_threaded_blas():
         yield
 
@@ -198,7 +198,7 @@ def reference(tiny_folder, torch_one_thread):
 
 @pytest.fixture(scope="module")
 def pipe(tiny_folder):
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     return StableDiffusionPipeline.from_pretrained(tiny_folder)
 
 
@@ -329,7 +329,7 @@ def test_seed_fixes_the_image_and_prompt_changes_it(pipe):
 
 
 def test_given_latents_are_used(pipe):
-    from refldm.random import randn
+    from refldm.core.random import randn
     noise = randn((1, 4, SIZE // 4, SIZE // 4), seed=11)
     kwargs = dict(height=SIZE, width=SIZE, num_inference_steps=3, scheduler="euler", progress=False)
     a = pipe(PROMPT, latents=noise, **kwargs)
@@ -356,7 +356,7 @@ def test_size_not_multiple_of_8_is_refused(pipe, size):
 
 
 def test_nan_latents_stop_naming_the_step(pipe):
-    from refldm.pipeline import NonFiniteLatentsError
+    from refldm.pipelines.sd import NonFiniteLatentsError
     bad = np.zeros((1, 4, SIZE // 4, SIZE // 4), np.float32)
     bad[0, 0, 0, 0] = np.nan
     with pytest.raises(NonFiniteLatentsError, match=r"after step 1 of 3") as e:
@@ -379,7 +379,7 @@ def test_img2img_strength_bounds(pipe):
 
 
 def test_folder_missing_a_part_is_named(tiny_folder, tmp_path):
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in os.listdir(tiny_folder):
@@ -391,7 +391,7 @@ def test_folder_missing_a_part_is_named(tiny_folder, tmp_path):
 
 
 def test_pickle_checkpoints_are_refused_unopened(tmp_path):
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     path = tmp_path / "model.ckpt"
     path.write_bytes(b"\x80\x04not really a pickle")
     with pytest.raises(ValueError, match="safetensors"):
@@ -399,7 +399,7 @@ def test_pickle_checkpoints_are_refused_unopened(tmp_path):
 
 
 def test_truncated_weights_are_named(tiny_folder, tmp_path):
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     broken = tmp_path / "truncated"
     broken.mkdir()
     for name in os.listdir(tiny_folder):
@@ -417,7 +417,7 @@ def test_truncated_weights_are_named(tiny_folder, tmp_path):
 def test_fake_device_gives_the_same_pixels(tiny_folder, pipe):
     """On the fake GPU (arrays that refuse implicit host conversion) the pipeline runs and agrees."""
     from refldm import backend
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     kwargs = dict(height=SIZE, width=SIZE, num_inference_steps=2, scheduler="euler", seed=2, progress=False)
     ref = pipe(PROMPT, **kwargs)
     ref_i2i = pipe(PROMPT, image=gradient_image(), strength=0.5, num_inference_steps=4, scheduler="dpm++2m",
@@ -444,7 +444,7 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 def test_default_model_same_image_as_diffusers(torch_one_thread):
     torch = torch_one_thread
     diffusers = require("diffusers")
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     prompts = ["a large red circle in the center on a white background",
                "a small blue square in the top left on a black background"]
     # the folder stores float16 weights; both libraries compute in float32 here
@@ -470,7 +470,7 @@ def test_folder_saved_by_current_diffusers_loads_with_the_same_ids(tmp_path, tor
     """transformers 5 saves tokenizer.json (no vocab.json / merges.txt): refldm reads it, same ids."""
     transformers = require("transformers")
     from refldm import CLIPTokenizer
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     folder = build_tiny_sd(tmp_path / "saved", as_saved=True)
     files = set(os.listdir(os.path.join(folder, "tokenizer")))
     assert "tokenizer.json" in files and "vocab.json" not in files and "merges.txt" not in files
@@ -519,7 +519,7 @@ def test_seed_outside_torch_range_is_refused(pipe, seed):
 
 def test_largest_seed_gives_torchs_noise():
     torch = require("torch")
-    from refldm.random import randn
+    from refldm.core.random import randn
     seed = 2 ** 64 - 1
     ref = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(seed)).numpy()
     np.testing.assert_array_equal(randn((1, 4, 8, 8), seed=seed), ref)
@@ -551,8 +551,8 @@ def test_float64_run_can_start_from_the_float32_noise(tiny_folder):
     """The noise is drawn per dtype (as torch does): one seed gives float64 other noise than float32.
     noise_dtype="float32" draws the float32 noise and upcasts it, so a float64 golden run starts from
     exactly the float32 run's noise."""
-    from refldm.pipeline import StableDiffusionPipeline
-    from refldm.random import randn
+    from refldm.pipelines.sd import StableDiffusionPipeline
+    from refldm.core.random import randn
     pipe64 = StableDiffusionPipeline.from_pretrained(tiny_folder, dtype="float64")
     kwargs = dict(height=SIZE, width=SIZE, num_inference_steps=2, scheduler="euler", progress=False)
     noise32 = randn((1, 4, SIZE // 4, SIZE // 4), seed=9, dtype="float32")
@@ -567,7 +567,7 @@ def test_float64_run_can_start_from_the_float32_noise(tiny_folder):
 
 def test_default_model_folder_is_public_and_loads():
     import refldm
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     assert os.path.isfile(os.path.join(refldm.DEFAULT_MODEL, "model_index.json"))
     pipe = StableDiffusionPipeline.from_pretrained(refldm.DEFAULT_MODEL)
     assert pipe.default_size == 64 and pipe.name == "refldm-default"

@@ -1,4 +1,4 @@
-"""The web UI's prompt syntax (refldm/prompt_weighting.py).
+"""The web UI's prompt syntax (refldm/adapters/prompt_weighting.py).
 
 The parser is checked on a table of prompts whose expected (text, weight) pieces are written out here
 from the web UI's documented rules (the examples in the docstring of its prompt_parser.
@@ -48,14 +48,14 @@ TABLE = [
 
 @pytest.mark.parametrize("prompt, expected", TABLE)
 def test_parser_follows_the_web_ui_rules(prompt, expected):
-    from refldm.prompt_weighting import parse_prompt_attention
+    from refldm.adapters.prompt_weighting import parse_prompt_attention
     got = parse_prompt_attention(prompt)
     assert [t for t, _ in got] == [t for t, _ in expected]
     assert [w for _, w in got] == pytest.approx([w for _, w in expected], rel=1e-12)
 
 
 def test_a_weight_that_is_not_a_number_is_one_clear_error():
-    from refldm.prompt_weighting import PromptSyntaxError, parse_prompt_attention
+    from refldm.adapters.prompt_weighting import PromptSyntaxError, parse_prompt_attention
     with pytest.raises(PromptSyntaxError, match=r"prompt weight '1.2.3' in '\:1.2.3\)' is not a number"):
         parse_prompt_attention("(a:1.2.3)")
 
@@ -71,12 +71,12 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe64(folder):
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     return StableDiffusionPipeline.from_pretrained(folder, dtype="float64")
 
 
 def test_chunks_of_75_with_start_end_and_padding(pipe64):
-    from refldm.prompt_weighting import chunk_tokens
+    from refldm.adapters.prompt_weighting import chunk_tokens
     tok = pipe64.tokenizer
     bos, eos, cat, dog, comma = tok.bos_token_id, tok.eos_token_id, tok.vocab["cat</w>"], tok.vocab["dog</w>"], \
         tok.vocab[",</w>"]
@@ -103,7 +103,7 @@ def test_chunks_of_75_with_start_end_and_padding(pipe64):
 
 def test_weights_scale_the_embeddings_and_the_mean_is_restored(pipe64):
     """z'' = z * w * mean(z) / mean(z * w), per chunk, on the text encoder's last hidden state."""
-    from refldm.prompt_weighting import chunk_tokens, encode_weighted
+    from refldm.adapters.prompt_weighting import chunk_tokens, encode_weighted
     prompt = "a (red:1.5) [cat] on the ((white)) background"
     got = np.asarray(encode_weighted(pipe64.tokenizer, pipe64.text_encoder, prompt))[0]   # (77, D)
     (ids, w), = chunk_tokens(pipe64.tokenizer, prompt)
@@ -115,7 +115,7 @@ def test_weights_scale_the_embeddings_and_the_mean_is_restored(pipe64):
 
 
 def test_plain_prompt_gives_the_plain_embeddings(pipe64):
-    from refldm.prompt_weighting import encode_prompts
+    from refldm.adapters.prompt_weighting import encode_prompts
     prompts, negatives = ["a photo of a red cat, on the white background"], ["blue dog"]
     cond, uncond = encode_prompts(pipe64, prompts, negatives, "webui")
     np.testing.assert_array_equal(np.asarray(cond), np.asarray(pipe64.encode_prompt(prompts)))
@@ -127,7 +127,7 @@ def test_clip_skip_matches_diffusers(folder, pipe64):
     negative prompt at the last layer); float64, 1e-10 relative."""
     torch = require("torch")
     diffusers = require("diffusers")
-    from refldm.prompt_weighting import encode_prompts
+    from refldm.adapters.prompt_weighting import encode_prompts
     ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     ref.text_encoder.to(torch.float64)
     # diffusers 0.42 reaches the final layer norm as text_encoder.text_model.final_layer_norm, an attribute
@@ -147,7 +147,7 @@ def test_clip_skip_matches_diffusers(folder, pipe64):
 
 
 def test_long_weighted_prompt_runs_through_the_pipeline(folder):
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     seen = []
     unet = pipe.unet
@@ -170,8 +170,8 @@ def test_long_weighted_prompt_runs_through_the_pipeline(folder):
 
 def test_sd2_padding_token_follows_the_first_end_token(tmp_path):
     """SD 2.x pads with "!" (id 0), not the end token: after the first end token of each chunk, padding."""
-    from refldm.prompt_weighting import chunk_tokens
-    from refldm.tokenizer import CLIPTokenizer
+    from refldm.adapters.prompt_weighting import chunk_tokens
+    from refldm.models.tokenizer import CLIPTokenizer
     from tests.test_pipeline import write_tiny_tokenizer
     write_tiny_tokenizer(tmp_path / "tok", pad_token="!")
     tok = CLIPTokenizer.from_pretrained(tmp_path / "tok")

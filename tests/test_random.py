@@ -1,4 +1,4 @@
-"""refldm.random reproduces torch's CPU generator bit for bit: MT19937 words, the float32/float64 uniform, the
+"""refldm.core.random reproduces torch's CPU generator bit for bit: MT19937 words, the float32/float64 uniform, the
 scalar Box-Muller for fewer than 16 values (with its cached second value), the blocks of 16 (with the redrawn
 tail), the AVX2 float32 kernel that torch uses on x86 and the scalar one it uses elsewhere."""
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refldm.random import Generator, default_kernel, rand, randn
+from refldm.core.random import Generator, default_kernel, rand, randn
 from tests.conftest import require
 
 DTYPES = ["float32", "float64", "float16"]

@@ -81,7 +81,7 @@ def test_refldm_samplers_lists_the_names_with_their_equivalents(capsys):
 def test_txt2img_sampler_name_reaches_the_png_parameters(tmp_path, capsys):
     """--sampler "DPM++ 2M Karras" on the built-in model: the PNG records the A1111 label, and the image is
     the one the Python API gives for the same name (and for its ComfyUI spelling)."""
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
 
     out = tmp_path / "out.png"
     argv = ["txt2img", "-p", "a red circle", "--steps", "3", "--cfg", "7.5", "--seed", "1", "-W", "32", "-H", "32", "-q",

@@ -1,4 +1,4 @@
-"""The sampling loop (refldm/sampling.py): guidance formula, loop vs. diffusers' pipeline loop, callback,
+"""The sampling loop (refldm/pipelines/sampling.py): guidance formula, loop vs. diffusers' pipeline loop, callback,
 progress bar, img2img timesteps for a strength, starting noise."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from refldm import backend
 from refldm import schedulers as rs
-from refldm.random import Generator
-from refldm.sampling import (classifier_free_guidance, img2img_latents, img2img_timesteps, initial_latents,
+from refldm.core.random import Generator
+from refldm.pipelines.sampling import (classifier_free_guidance, img2img_latents, img2img_timesteps, initial_latents,
                              rescale_guidance, sample)
 from tests.conftest import require
 from tests.test_schedulers import NAMES, float64_reference, rel_err
@@ -51,7 +51,7 @@ def test_guidance_rescale_equals_diffusers():
                                   "EulerAncestralDiscreteScheduler"])
 def test_guided_sampling_loop_equals_diffusers_pipeline_loop(name):
     """The loop of StableDiffusionPipeline (scale input, batch twice, guidance, step with the generator) in
-    float64 diffusers against refldm.sampling.sample."""
+    float64 diffusers against refldm.pipelines.sampling.sample."""
     torch = require("torch")
     diffusers = require("diffusers")
     config = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1,

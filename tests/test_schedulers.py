@@ -31,9 +31,9 @@ from hypothesis import strategies as st
 
 from refldm import backend
 from refldm import schedulers as rs
-from refldm.config import ConfigError
-from refldm.random import Generator
-from refldm.sampling import img2img_latents, img2img_timesteps
+from refldm.checkpoints.config import ConfigError
+from refldm.core.random import Generator
+from refldm.pipelines.sampling import img2img_latents, img2img_timesteps
 from refldm.schedulers import schedule
 from refldm.schedulers.prediction import eps_from_v, v_from_x0_eps, x0_from_eps, x0_from_v
 from tests.conftest import require

@@ -5,7 +5,7 @@ written there.
 The numbers are facts from diffusers' tests; the loops below are written for refldm after the loops there: the
 same dummy model (x t / (t + 1)), the same deterministic sample (arange / numel laid out as (C, H, W, B) and
 moved to (B, C, H, W)), the same configs, step counts, img2img starts and seeds. The stochastic loops draw
-from refldm.random.Generator(0), which gives torch.manual_seed(0)'s numbers.
+from refldm.core.random.Generator(0), which gives torch.manual_seed(0)'s numbers.
 
 They are run with `table_dtype="float32"` (diffusers' float32 tables and step scalars). With refldm's default
 float64 tables most of them agree too; the ones that do not are listed in FLOAT64_MISSES with the measured size
@@ -36,7 +36,7 @@ import numpy
 import pytest
 
 from refldm import schedulers as rs
-from refldm.random import Generator
+from refldm.core.random import Generator
 from refldm.schedulers.base import passed_on
 from tests.conftest import require
 

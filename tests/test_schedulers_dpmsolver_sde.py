@@ -24,7 +24,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from refldm import schedulers as rs
-from refldm.config import ConfigError
+from refldm.checkpoints.config import ConfigError
 from refldm.schedulers.dpmsolver_sde import BrownianIncrements
 from tests.conftest import require
 from tests.test_schedulers import FLOAT64_REL, MODULES, _common, _grid, float64_reference, rel_err, synthetic_model

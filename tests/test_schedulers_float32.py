@@ -19,7 +19,7 @@ import numpy
 import pytest
 
 from refldm import schedulers as rs
-from refldm.config import ConfigError
+from refldm.checkpoints.config import ConfigError
 from tests.conftest import require
 from tests.test_schedulers import NAMES, rel_err, run_diffusers, run_refldm
 

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refldm import schedulers as rs
-from refldm.config import ConfigError
-from refldm.random import Generator
+from refldm.checkpoints.config import ConfigError
+from refldm.core.random import Generator
 from tests.conftest import require
 from tests.test_schedulers import FLOAT64_REL, float64_reference, rel_err, synthetic_model
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from refldm import schedulers as rs
-from refldm.config import ConfigError
+from refldm.checkpoints.config import ConfigError
 from tests.test_schedulers import FLOAT64_REL, MODULES, _common, float64_reference, rel_err, run_diffusers, run_refldm
 
 NAME = "TCDScheduler"

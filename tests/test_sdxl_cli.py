@@ -15,7 +15,7 @@ from tests.test_sdxl_pipeline import PROMPT, build_tiny_sdxl
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_blas_thread():
-    from refldm.backend import single_threaded_blas
+    from refldm.accel import single_threaded_blas
     with single_threaded_blas():
         yield
 
@@ -27,7 +27,7 @@ def folders(tmp_path_factory):
 
 
 def test_txt2img_detects_sdxl_and_refiner_matches_the_python_api(folders, tmp_path, capsys):
-    from refldm.pipeline_xl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from refldm.pipelines.sdxl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
     base, refiner = folders
     out = tmp_path / "xl.png"
     rc, stdout, err = run(capsys, "txt2img", "-m", base, "--refiner", refiner, "--denoising-end", "0.75", "-p",
@@ -48,7 +48,7 @@ def test_txt2img_detects_sdxl_and_refiner_matches_the_python_api(folders, tmp_pa
 
 
 def test_info_shows_both_text_encoders_and_tokenizers(folders, capsys):
-    from refldm.pipeline_xl import StableDiffusionXLPipeline
+    from refldm.pipelines.sdxl import StableDiffusionXLPipeline
     rc, stdout, err = run(capsys, "info", folders[0])
     assert rc == 0, err
     pipe = StableDiffusionXLPipeline.from_pretrained(folders[0])
@@ -81,7 +81,7 @@ def test_bad_input_is_one_line(folders, tmp_path, capsys, which, extra, match):
 
 def test_single_file_with_config_and_img2img_on_sdxl(folders, tmp_path, capsys):
     import os
-    from refldm import convert, weights
+    from refldm.checkpoints import convert, weights
     from tests.test_pipeline import gradient_image
     base = folders[0]
     parts = {p: weights.load_state(weights.find_weights(os.path.join(base, p), stem)) for p, stem in

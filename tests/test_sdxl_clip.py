@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refldm.config import ConfigError
+from refldm.checkpoints.config import ConfigError
 from refldm.models.clip import CLIPTextModelWithProjection
 from tests.conftest import require
 from tests.test_clip import TOL32, TOL64, rel

@@ -1,4 +1,4 @@
-"""SDXL single-file checkpoints: refldm/convert.py's key table for conditioner.embedders.* and label_emb.
+"""SDXL single-file checkpoints: refldm/checkpoints/convert.py's key table for conditioner.embedders.* and label_emb.
 
 A single file is written from a tiny diffusers SDXL folder with `convert.to_original` (fused in_proj,
 text_projection transposed, label_emb), then loaded by refldm's StableDiffusionXLPipeline.from_single_file and by
@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from refldm import convert, weights
+from refldm.checkpoints import convert, weights
 from tests.conftest import require
 from tests.test_sdxl_pipeline import build_tiny_sdxl
 
@@ -46,7 +46,7 @@ def test_file_has_the_original_sdxl_layout(folder_and_file):
 
 
 def test_refldm_single_file_loads_the_folder_weights(folder_and_file):
-    from refldm.pipeline_xl import StableDiffusionXLPipeline
+    from refldm.pipelines.sdxl import StableDiffusionXLPipeline
     folder, path, _ = folder_and_file
     a = StableDiffusionXLPipeline.from_single_file(path, config=folder)
     b = StableDiffusionXLPipeline.from_pretrained(folder)
@@ -85,13 +85,13 @@ def test_not_sd_nor_sdxl_and_refiner_files_are_named(tmp_path):
 
 
 def test_sd_pipeline_points_sdxl_files_to_the_xl_pipeline(folder_and_file):
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     with pytest.raises(ValueError, match="StableDiffusionXLPipeline.from_single_file"):
         StableDiffusionPipeline.from_single_file(folder_and_file[1])
 
 
 def test_sdxl_file_without_config_is_a_clear_error(folder_and_file):
-    from refldm.pipeline_xl import StableDiffusionXLPipeline
+    from refldm.pipelines.sdxl import StableDiffusionXLPipeline
     with pytest.raises(ValueError, match="give config=an SDXL diffusers folder"):
         StableDiffusionXLPipeline.from_single_file(folder_and_file[1])
 

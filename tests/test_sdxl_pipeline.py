@@ -5,7 +5,7 @@ with the "text_time" added embedding, a CLIPTextModel and a CLIPTextModelWithPro
 the second padding with "!"), saved with save_pretrained and loaded by both libraries. Same prompt, seed,
 steps, guidance: the 8-bit images must agree to 2/255 per pixel (float32 arithmetic in another order moves
 a few values by one rounding step, never more). refldm draws the same noise as torch's CPU generator
-(refldm/random.py), so passing the seed is enough, as in tests/test_pipeline.py.
+(refldm/core/random.py), so passing the seed is enough, as in tests/test_pipeline.py.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def build_tiny_sdxl(folder, refiner=False, seed=0):
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    from refldm.backend import single_threaded_blas
+    from refldm.accel import single_threaded_blas
     torch = require("torch")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -127,7 +127,7 @@ def reference(folders):
 
 @pytest.fixture(scope="module")
 def pipes(folders):
-    from refldm.pipeline_xl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from refldm.pipelines.sdxl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
     base = StableDiffusionXLPipeline.from_pretrained(folders[0])
     i2i = StableDiffusionXLImg2ImgPipeline.from_pretrained(folders[0])
     refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(folders[1])
@@ -246,7 +246,7 @@ def test_long_prompt_2_warns_and_is_truncated(pipes):
 
 def test_folder_with_text_encoder_2_but_no_tokenizer_2_is_refused(folders, tmp_path):
     import json
-    from refldm.pipeline_xl import StableDiffusionXLPipeline
+    from refldm.pipelines.sdxl import StableDiffusionXLPipeline
     broken = tmp_path / "broken"
     shutil.copytree(folders[0], broken)
     index = json.loads((broken / "model_index.json").read_text())
@@ -258,7 +258,7 @@ def test_folder_with_text_encoder_2_but_no_tokenizer_2_is_refused(folders, tmp_p
 
 
 def test_refiner_as_base_and_sd_folder_are_refused(folders, tmp_path):
-    from refldm.pipeline_xl import StableDiffusionXLPipeline
+    from refldm.pipelines.sdxl import StableDiffusionXLPipeline
     with pytest.raises(ValueError, match="refiner.*StableDiffusionXLImg2ImgPipeline"):
         StableDiffusionXLPipeline.from_pretrained(folders[1])
     from tests.test_pipeline import build_tiny_sd
@@ -302,8 +302,8 @@ def test_refiner_denoising_start_bounds_and_base_time_ids_on_refiner(pipes):
 def test_float16_pipeline_decodes_in_float32_and_stays_close_to_float32(folders):
     """The VAE says force_upcast: the float16 pipeline decodes in float32. From the same starting noise the
     float16 image stays near the float32 one (a sanity bound for float16 arithmetic, not an agreement test)."""
-    from refldm.pipeline_xl import StableDiffusionXLPipeline
-    from refldm.random import randn
+    from refldm.pipelines.sdxl import StableDiffusionXLPipeline
+    from refldm.core.random import randn
     noise = randn((1, 4, 8, 8), seed=5)
     p16 = StableDiffusionXLPipeline.from_pretrained(folders[0], dtype="float16")
     p32 = StableDiffusionXLPipeline.from_pretrained(folders[0])
@@ -314,7 +314,7 @@ def test_float16_pipeline_decodes_in_float32_and_stays_close_to_float32(folders)
 
 
 def test_sd_pipeline_points_sdxl_folders_to_the_xl_pipeline(folders):
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
     for folder in folders:
         with pytest.raises(ValueError, match="an SDXL folder.*StableDiffusionXLPipeline") as e:
             StableDiffusionPipeline.from_pretrained(folder)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from refldm import trace
+from refldm.crosscheck import trace
 from refldm.cli import main as cli_main
 from tests.conftest import require
 from tests.test_sdxl_unet import tiny_sdxl_config

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from refldm import backend
-from refldm.config import ConfigError
+from refldm.checkpoints.config import ConfigError
 from refldm.models.unet import UNet2DConditionModel
 from tests.conftest import require
 from tests.test_unet import TOL32, TOL64, build_diffusers_unet, float64_timesteps, rel_err, torch_threads
@@ -116,7 +116,7 @@ def check_agreement(config, cases, seed=0):
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_blas_thread():
-    from refldm.backend import single_threaded_blas
+    from refldm.accel import single_threaded_blas
     with single_threaded_blas():
         yield
 

@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from refldm.images import unscale_latents
+from refldm.core.images import unscale_latents
 from refldm.models.vae import AutoencoderKL, NonFiniteImageError, decode_checked, needs_upcast, upcast
-from refldm.random import randn
+from refldm.core.random import randn
 from tests.conftest import require
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from refldm.cli.vae import compression
 from refldm.models.vae import AutoencoderKL
-from refldm.weights import load_into
+from refldm.checkpoints.weights import load_into
 
 SD = {"block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
       "up_block_types": ["UpDecoderBlock2D"] * 4, "layers_per_block": 2}

@@ -1,4 +1,4 @@
-"""Textual inversion (refldm/textual_inversion.py): the same token ids and text embeddings as diffusers'
+"""Textual inversion (refldm/adapters/textual_inversion.py): the same token ids and text embeddings as diffusers'
 ``load_textual_inversion`` + ``encode_prompt``, for the three file formats and multi-vector embeddings.
 
 Tolerance: the text embeddings in float64 within 1e-10 relative (max |a - b| / max |b|); the ids equal.
@@ -23,7 +23,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """{name: (path, token for diffusers, tensors to hand diffusers)} in the three formats."""
-    from refldm.weights import save_file
+    from refldm.checkpoints.weights import save_file
     out = tmp_path_factory.mktemp("ti-files")
     rng = np.random.default_rng(1)
     made = {}
@@ -50,9 +50,9 @@ PROMPTS = ["a photo of <cat-toy> on the white background", "<style> cat, <style>
 def test_same_ids_and_embeddings_as_diffusers(folder, files):
     torch = require("torch")
     diffusers = require("diffusers")
-    from refldm.textual_inversion import load_textual_inversion
-    from refldm.pipeline import StableDiffusionPipeline
-    from refldm.weights import load_file
+    from refldm.adapters.textual_inversion import load_textual_inversion
+    from refldm.pipelines.sd import StableDiffusionPipeline
+    from refldm.checkpoints.weights import load_file
     ref = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     pipe = StableDiffusionPipeline.from_pretrained(folder, dtype="float64")
     before = len(pipe.tokenizer)
@@ -82,8 +82,8 @@ def test_same_ids_and_embeddings_as_diffusers(folder, files):
 
 
 def test_multi_vector_token_takes_n_positions(folder, files):
-    from refldm.textual_inversion import load_textual_inversion
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.adapters.textual_inversion import load_textual_inversion
+    from refldm.pipelines.sd import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     assert load_textual_inversion(pipe, files["multi"][0]) == ["<style>", "<style>_1", "<style>_2"]
     ids = pipe.tokenize(["<style> cat"])[0].tolist()
@@ -103,9 +103,9 @@ def _same(pipe, state):
 
 
 def test_bad_embeddings_are_refused_and_change_nothing(folder, files, tmp_path):
-    from refldm.textual_inversion import TextualInversionError, load_textual_inversion
-    from refldm.pipeline import StableDiffusionPipeline
-    from refldm.weights import WeightsError, save_file
+    from refldm.adapters.textual_inversion import TextualInversionError, load_textual_inversion
+    from refldm.pipelines.sd import StableDiffusionPipeline
+    from refldm.checkpoints.weights import WeightsError, save_file
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     state = _state(pipe)
     save_file({"<wide>": np.ones((2, 768), np.float32)}, tmp_path / "wide.safetensors")
@@ -134,8 +134,8 @@ def test_cli_embedding_and_webui_syntax(folder, files, tmp_path):
     from PIL import Image
 
     from refldm.cli import main
-    from refldm.pipeline import StableDiffusionPipeline
-    from refldm.textual_inversion import load_textual_inversion
+    from refldm.pipelines.sd import StableDiffusionPipeline
+    from refldm.adapters.textual_inversion import load_textual_inversion
     prompt = "a (<style>:1.2) cat BREAK [dog]"
     assert main(["txt2img", "-m", folder, "--steps", "2", "-W", "32", "-H", "32", "--seed", "2", "-q",
                  "-p", prompt, "--embedding", str(files["multi"][0]), "--prompt-syntax", "webui", "--clip-skip", "1",

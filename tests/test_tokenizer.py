@@ -1,4 +1,4 @@
-"""refldm.tokenizer.CLIPTokenizer: the same ids as transformers' CLIPTokenizer.
+"""refldm.models.tokenizer.CLIPTokenizer: the same ids as transformers' CLIPTokenizer.
 
 transformers 5 has one CLIP tokenizer, backed by the `tokenizers` library (``CLIPTokenizerFast`` is the
 same class); transformers 4's pure-Python one is gone, so that one is the reference. Two vocabularies:
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from refldm.tokenizer import CLIPTokenizer, TokenizerError, _scan, bytes_to_unicode, clip_vocab, normalize
+from refldm.models.tokenizer import CLIPTokenizer, TokenizerError, _scan, bytes_to_unicode, clip_vocab, normalize
 from tests.conftest import require
 
 CLIP_BPE = Path(__file__).resolve().parent / "data" / "clip-bpe" / "bpe_simple_vocab_16e6.txt.gz"

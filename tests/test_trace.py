@@ -1,5 +1,5 @@
-"""The cross-checking toolkit: recording (`refldm.record`), trace files and tracing (`refldm.trace`),
-comparison (`refldm.compare`), and refldm-vs-diffusers layer by layer.
+"""The cross-checking toolkit: recording (`refldm.core.record`), trace files and tracing (`refldm.crosscheck.trace`),
+comparison (`refldm.crosscheck.compare`), and refldm-vs-diffusers layer by layer.
 
 Agreement tests: a random-weight tiny VAE and UNet are built in diffusers, saved, traced in refldm
 (float64) and in diffusers with forward hooks (tools/trace_diffusers.py) on the same inputs; every
@@ -20,11 +20,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refldm import record, trace
+from refldm.core import record
+from refldm.crosscheck import trace
 from refldm.cli import main as cli_main
-from refldm.compare import compare, layer_error
-from refldm.nn import Module, ModuleList
-from refldm.weights import load_file, save_file
+from refldm.crosscheck.compare import compare, layer_error
+from refldm.core.nn import Module, ModuleList
+from refldm.checkpoints.weights import load_file, save_file
 from tests.conftest import require
 
 F64_RTOL = 1e-10  # float64 agreement: max|a-b| / max|b|
@@ -119,7 +120,7 @@ def test_include_scope_and_note():
 
 
 def test_trace_keeps_the_recording_names_it_always_exported():
-    """`refldm.trace` started recordings before the hook moved to `refldm.record`; its names still work."""
+    """`refldm.crosscheck.trace` started recordings before the hook moved to `refldm.core.record`; its names still work."""
     assert trace.Recorder is record.Recorder and trace.note is record.value and trace.scope is record.scope
     assert trace.main_array is record.main_array and trace.ROOT == record.ROOT == "<root>"
     assert trace.recorder is None
@@ -402,7 +403,7 @@ def tiny_pipeline(tmp_path_factory):
     from tests.test_pipeline import build_tiny_sd
 
     folder = build_tiny_sd(tmp_path_factory.mktemp("sd"))
-    from refldm.pipeline import StableDiffusionPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
 
     return folder, StableDiffusionPipeline.from_pretrained(folder, dtype="float64")
 
@@ -437,8 +438,8 @@ def _under(names, prefix):
 
 
 def test_a_plain_recording_of_a_pipeline_call_names_every_part_and_step(tiny_pipeline):
-    """The sampler and the pipeline name what they record themselves (`refldm.record` calls in
-    refldm/sampling.py and refldm/pipeline.py): a plain recording around an ordinary call, with no
+    """The sampler and the pipeline name what they record themselves (`refldm.core.record` calls in
+    refldm/pipelines/sampling.py and refldm/pipelines/sd.py): a plain recording around an ordinary call, with no
     `trace_pipeline`, gives every step's values and every layer of every part, under the names that
     tools/trace_diffusers.py gives diffusers' modules. A renamed scope or value fails here."""
     _, pipe = tiny_pipeline
@@ -507,8 +508,8 @@ def test_tracing_never_swaps_a_pipeline_attribute(tiny_pipeline, monkeypatch):
 
 
 def test_the_sampler_records_its_steps_without_a_pipeline():
-    """`refldm.sampling.sample` alone, with a plain function for a model, records the step names."""
-    from refldm.sampling import sample
+    """`refldm.pipelines.sampling.sample` alone, with a plain function for a model, records the step names."""
+    from refldm.pipelines.sampling import sample
     from refldm.schedulers import get_scheduler
 
     def run():

@@ -27,10 +27,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refldm import backend
-from refldm.config import ConfigError
+from refldm import accel, backend
+from refldm.checkpoints.config import ConfigError
 from refldm.models.unet import UNet2DConditionModel
-from refldm.weights import WeightsError
+from refldm.checkpoints.weights import WeightsError
 from tests.conftest import require
 
 TOL64 = 1e-10
@@ -278,21 +278,21 @@ def test_scalar_timestep_equals_repeated_per_element_timestep(small_unet):
 def test_batch_parallel_path_matches_the_serial_path_and_traces_whole_batches(small_unet):
     """On the host with 2 threads a batch of 2 runs as two halves on the pool; with 1 thread, as one
     batch. Same result; and a recorded trace sees each module once, with the whole batch."""
-    from refldm import trace
+    from refldm.crosscheck import trace
 
     folder, _, (sample, t, context) = small_unet
     sample = np.ascontiguousarray(sample[:, :, :16, :16])
     unet = UNet2DConditionModel.from_pretrained(folder, dtype="float64")
-    before = backend.num_threads()
+    before = accel.num_threads()
     try:
-        backend.set_num_threads(2)
+        accel.set_num_threads(2)
         parallel = unet(sample, t, context)
         with trace.record() as rec:
             traced = unet(sample, t, context)
-        backend.set_num_threads(1)
+        accel.set_num_threads(1)
         serial = unet(sample, t, context)
     finally:
-        backend.set_num_threads(before)
+        accel.set_num_threads(before)
     assert rel_err(parallel, serial) <= TOL64
     assert rel_err(traced, serial) <= TOL64
     assert rec.activations["conv_out"].shape == serial.shape
@@ -404,7 +404,7 @@ def test_bad_inputs_are_errors_naming_the_input(tiny_folder):
 
 
 def test_missing_weight_is_an_error_naming_the_key(tiny_folder, tmp_path):
-    from refldm.weights import load_file, save_file
+    from refldm.checkpoints.weights import load_file, save_file
 
     state = load_file(os.path.join(tiny_folder, "diffusion_pytorch_model.safetensors"))
     del state["mid_block.attentions.0.transformer_blocks.0.attn2.to_v.weight"]

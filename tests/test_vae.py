@@ -15,8 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from refldm import backend, images
-from refldm.config import ConfigError
+from refldm import backend
+from refldm.core import images
+from refldm.checkpoints.config import ConfigError
 from refldm.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D
 from refldm.models.vae import (
     AutoencoderKL,
@@ -24,8 +25,8 @@ from refldm.models.vae import (
     DiagonalGaussianDistribution,
     convert_legacy_keys,
 )
-from refldm.nn import Module
-from refldm.weights import WeightsError, load_file, load_into, save_file
+from refldm.core.nn import Module
+from refldm.checkpoints.weights import WeightsError, load_file, load_into, save_file
 from tests.conftest import require
 
 F64, F32 = 1e-10, 1e-4
@@ -179,9 +180,9 @@ def test_config_variants_match_diffusers(tmp_path, variant):
 
 
 def test_intermediate_activations_match_diffusers(tiny):
-    """refldm.trace records each module's output under its checkpoint key: compare two with diffusers' hooks."""
+    """refldm.crosscheck.trace records each module's output under its checkpoint key: compare two with diffusers' hooks."""
     torch = require("torch")
-    from refldm.trace import record
+    from refldm.crosscheck.trace import record
 
     folder, model = tiny
     m = copy.deepcopy(model).double()
@@ -333,7 +334,7 @@ def test_sample_with_a_seed_matches_diffusers_generator():
     torch = require("torch")
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution as Ref
 
-    from refldm.random import Generator
+    from refldm.core.random import Generator
 
     params = np.random.default_rng(7).standard_normal((1, 8, 16, 12)).astype(np.float32)
     want = Ref(torch.from_numpy(params)).sample(generator=torch.Generator().manual_seed(42)).numpy()

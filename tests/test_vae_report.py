@@ -1,4 +1,4 @@
-"""refldm.vae_report's metrics against independent implementations and invariants; ``refldm vae-report``."""
+"""refldm.analysis.vae_report's metrics against independent implementations and invariants; ``refldm vae-report``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refldm import probe_images, vae_report
+from refldm.analysis import probe_images, vae_report
 from refldm.cli import main
 from tests.conftest import require
 

@@ -1,4 +1,4 @@
-"""refldm/weights.py under attack: truncated files, lying headers, wrong shapes, missing and extra keys.
+"""refldm/checkpoints/weights.py under attack: truncated files, lying headers, wrong shapes, missing and extra keys.
 
 Every malformed input must give one WeightsError naming the file (and the key, where there is one):
 never another exception, never a silently wrong array. Valid fp32 / fp16 / bf16 files must load
@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from refldm import backend
 from refldm.models.blocks import Conv2d, GroupNorm
-from refldm.nn import Module
-from refldm.weights import (
+from refldm.core.nn import Module
+from refldm.checkpoints.weights import (
     WeightsError,
     find_weights,
     load_file,

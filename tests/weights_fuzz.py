@@ -19,7 +19,7 @@ import struct
 
 import numpy as np
 
-from refldm.weights import WeightsError, load_file, read_header
+from refldm.checkpoints.weights import WeightsError, load_file, read_header
 
 DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL", "C64",
           "F8_E5M2", "F8_E4M3", "F8_E8M0", "F6_E2M3", "F6_E3M2", "F4", "f32", "F31", "", "Q8"]

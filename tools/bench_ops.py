@@ -31,7 +31,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from refldm import accel, ops  # noqa: E402
+from refldm import accel  # noqa: E402
+from refldm.core import ops
 
 
 def machine() -> dict:

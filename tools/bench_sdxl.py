@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from refldm import backend  # noqa: E402
+from refldm import accel, backend  # noqa: E402
 from refldm.models.unet import UNet2DConditionModel  # noqa: E402
 from tools.bench_unet import OpTimer, PeakMemory, _nothing, build_torch_unet  # noqa: E402
 
@@ -98,7 +98,7 @@ def main(argv=None):
     tadded = {"text_embeds": torch.from_numpy(text_embeds), "time_ids": torch.from_numpy(time_ids)}
     print(f"SDXL base U-Net (1/{args.scale} width, {n_params:,} parameters), float32, batch {b}, latents {lat}x{lat}, "
           f"text ({b}, 77, {config['cross_attention_dim']}); torch {torch.__version__} on "
-          f"{torch.get_num_threads()} threads, refldm on {backend.num_threads()} threads, {os.cpu_count()} cores, "
+          f"{torch.get_num_threads()} threads, refldm on {accel.num_threads()} threads, {os.cpu_count()} cores, "
           f"{free:.1f} GB available, load average {os.getloadavg()[0]:.1f}")
 
     from torch.utils import flop_counter

@@ -33,7 +33,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from refldm import accel, ops  # noqa: E402
+from refldm import accel  # noqa: E402
+from refldm.core import ops
 from refldm.models.unet import UNet2DConditionModel  # noqa: E402
 
 SD1 = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)

@@ -130,7 +130,7 @@ def random_weights(model, rng) -> dict:
 
 def clip_tokenizer(pad_token: str):
     """refldm's CLIPTokenizer with CLIP's real BPE (tests/data/clip-bpe): vocabulary 49,408 as in SDXL's."""
-    from refldm.tokenizer import CLIPTokenizer, clip_vocab
+    from refldm.models.tokenizer import CLIPTokenizer, clip_vocab
     lines = gzip.open(CLIP_BPE).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
     vocab = clip_vocab(merges)
@@ -142,7 +142,7 @@ def build_pipeline(scale: int, seed: int):
     from refldm.models.clip import CLIPTextModel, CLIPTextModelWithProjection
     from refldm.models.unet import UNet2DConditionModel
     from refldm.models.vae import AutoencoderKL
-    from refldm.pipeline_xl import StableDiffusionXLPipeline
+    from refldm.pipelines.sdxl import StableDiffusionXLPipeline
 
     cfgs = configs(scale)
     classes = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel,
@@ -245,10 +245,10 @@ def machine() -> str:
     except OSError:
         pass
     total = _meminfo_gb("MemTotal")
-    from refldm import backend
+    from refldm import accel, backend
     return (f"{cpu}, {os.cpu_count()} cores, {total:.1f} GiB RAM, {mem_available_gb():.1f} GiB available, "
             f"load average {os.getloadavg()[0]:.1f}; Python {platform.python_version()}, NumPy {np.__version__}, "
-            f"refldm on {backend.num_threads()} threads, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '-')}")
+            f"refldm on {accel.num_threads()} threads, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '-')}")
 
 
 def _meminfo_gb(field: str) -> float:

@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from refldm import trace
-from refldm.compare import compare
+from refldm.crosscheck import trace
+from refldm.crosscheck.compare import compare
 
 
 def build_unet(folder, width: int = 64, seed: int = 0):

@@ -32,9 +32,9 @@ import matplotlib.pyplot as plt
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from refldm import schedulers as rs
 from refldm.cli.generate import DEFAULT_MODEL
-from refldm.pipeline import StableDiffusionPipeline
-from refldm.random import randn
-from refldm.sampling import sample
+from refldm.pipelines.sd import StableDiffusionPipeline
+from refldm.core.random import randn
+from refldm.pipelines.sampling import sample
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "docs", "img")
 PROMPTS = ["a large red circle in the center on a white background",

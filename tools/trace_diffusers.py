@@ -33,9 +33,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from refldm import record
-from refldm import trace as rtrace
-from refldm.compare import compare
+from refldm.core import record
+from refldm.crosscheck import trace as rtrace
+from refldm.crosscheck.compare import compare
 
 DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-4, "float16": 1e-2}
 
@@ -164,7 +164,7 @@ def trace_like(reference: rtrace.Trace, folder=None, model=None, names=None,
                float64_timestep: bool = True, dtype: str | None = None) -> rtrace.Trace:
     """Trace the diffusers model of `folder` (or `model`) on the part, dtype and inputs of `reference`.
 
-    Records the names of `reference` (or `names`); returns a `refldm.trace.Trace` with the same metadata
+    Records the names of `reference` (or `names`); returns a `refldm.crosscheck.trace.Trace` with the same metadata
     layout, producer "diffusers <version>". `dtype` overrides the reference's dtype (e.g. run diffusers
     in float32 to measure it against a float64 golden trace).
     """
@@ -224,9 +224,9 @@ class _StepCounter:
 
 
 class _RecordingScheduler:
-    """Stands in for diffusers' scheduler in its pipeline (whose code cannot call `refldm.record`): records
+    """Stands in for diffusers' scheduler in its pipeline (whose code cannot call `refldm.core.record`): records
     each step's input latents, guided noise prediction and outputs under the names refldm's sampler uses
-    (`refldm.sampling.sample`), and counts steps."""
+    (`refldm.pipelines.sampling.sample`), and counts steps."""
 
     def __init__(self, scheduler, counter: _StepCounter):
         import functools
@@ -257,7 +257,7 @@ class _RecordingScheduler:
 
 
 def trace_pipeline_like(reference: rtrace.Trace, folder, float64_timestep: bool = True) -> rtrace.Trace:
-    """Run diffusers' StableDiffusionPipeline as `refldm.trace.trace_pipeline` ran refldm's, with the same names.
+    """Run diffusers' StableDiffusionPipeline as `refldm.crosscheck.trace.trace_pipeline` ran refldm's, with the same names.
 
     Same prompt, negative prompt, size, steps, guidance scale and starting noise (``input/noise``); the
     torch generator is seeded and advanced past that noise, as refldm's was. The scheduler is the folder's
@@ -300,7 +300,7 @@ def trace_pipeline_like(reference: rtrace.Trace, folder, float64_timestep: bool 
     def unet_input(module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         t = args[1] if len(args) > 1 else kwargs["timestep"]
-        i = counter.i  # as refldm.sampling records a step's model input
+        i = counter.i  # as refldm.pipelines.sampling records a step's model input
         record.value(f"steps.{i}.timestep", np.asarray(t.detach().cpu().numpy(), dtype=np.float64))
         record.value(f"steps.{i}.model_input", sample.detach().cpu().numpy())
 

@@ -4,7 +4,7 @@
 
 Each figure is one ``refldm vae-report`` run on image files written to a temporary folder: three
 images from the built-in model's own training distribution (tools/train_tiny/data.py: one flat-coloured
-shape per 64x64 image), then the probe images of refldm/probe_images.py at 128x128. The numbers
+shape per 64x64 image), then the probe images of refldm/analysis/probe_images.py at 128x128. The numbers
 printed are the ones the page quotes.
 """
 
@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools", "train_tiny"))
 
-from refldm import probe_images  # noqa: E402
+from refldm.analysis import probe_images  # noqa: E402
 from refldm.cli import main  # noqa: E402
 
 FIGURES = {

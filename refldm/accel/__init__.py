@@ -1,6 +1,6 @@
 """The speed layer: everything that exists only to make the host (NumPy) ops fast.
 
-refldm/ops.py is the reference: each op computes the equation in its docstring with the array
+refldm/core/ops.py is the reference: each op computes the equation in its docstring with the array
 namespace alone. On the host, an op whose reference would be slow hands its (already checked) inputs
 to the kernel of the same name here, in one visible line at the top of the op:
 
@@ -10,7 +10,10 @@ to the kernel of the same name here, in one visible line at the top of the op:
 What lives here: the thread pool (`threads`), the host BLAS's thread count and an in-place gemm
 through ctypes (`blas`), and the fast kernels (`kernels`: per-tap in-place convolution, blocked
 attention, in-place elementwise passes, the float32 erf polynomial). tests/test_accel.py proves every
-kernel equal to its reference op. Models, samplers, the pipeline and the CLI never import this package.
+kernel equal to its reference op. Models, samplers and the pipelines never import this package; the
+CLI imports it for ``--reference`` only.
+
+May import: nothing from refldm but itself and refldm.errors (it works on plain NumPy arrays).
 
 The switch (the reference runs everywhere when it is off; GPU backends always run the reference):
 

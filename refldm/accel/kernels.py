@@ -1,5 +1,5 @@
 """The host (NumPy) versions of the ops that are worth making fast, each equal to its reference in
-refldm/ops.py (tests/test_accel.py proves it op by op).
+refldm/core/ops.py (tests/test_accel.py proves it op by op).
 
 Every function here takes arguments the op has already checked (shapes, dtypes, paddings) and host
 NumPy arrays, and computes the same equation as the op it accelerates. What makes them fast:

@@ -4,8 +4,10 @@ Each module's ``register`` adds its subcommands and sets ``func`` on them; ``mai
 User errors (a missing file, a bad shape, an unsupported config) print one line, ``refldm: error: ...``,
 and exit with status 2; they never print a traceback.
 
+May import: any layer. Holds no math: argument parsing, checks of the arguments, printing.
+
 Every subcommand, whichever module registers it, also takes ``--reference``: run the pure reference
-ops only (refldm/ops.py, without the host speed layer), the same as ``REFLDM_ACCEL=0``.
+ops only (refldm/core/ops.py, without the host speed layer), the same as ``REFLDM_ACCEL=0``.
 """
 
 from __future__ import annotations
@@ -25,13 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "latent diffusion (Stable Diffusion).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)  # a broken subcommand fails loudly, never hides
     for command in sub.choices.values():  # added here, so every command gets it, present and future
         if any("--reference" in action.option_strings for action in command._actions):
             continue  # a command with its own --reference keeps it (REFLDM_ACCEL=0 still works there)
@@ -49,7 +45,7 @@ def main(argv=None) -> int:
         return 2
     try:
         if getattr(args, "reference_ops", False):
-            from refldm.backend import accelerated
+            from refldm.accel import enabled as accelerated
             with accelerated(False):
                 result = args.func(args)
         else:

@@ -5,7 +5,7 @@
                              at multiplier TE for the text encoder and UNET (default TE) for the U-Net;
                              the tag is removed from the prompt text (with --lora-dir)
     --embedding FILE         a textual-inversion embedding (repeatable)
-    --prompt-syntax webui    (word:1.3), [word], BREAK, prompts over 75 tokens (refldm/prompt_weighting.py)
+    --prompt-syntax webui    (word:1.3), [word], BREAK, prompts over 75 tokens (refldm/adapters/prompt_weighting.py)
     --clip-skip K            condition on the text encoder's K-th layer from the end (diffusers' clip_skip)
 
 `add_adapter_args(parser)` adds them; `apply_adapter_args(args, pipe)` loads what they name into the
@@ -66,8 +66,8 @@ def extract_lora_tags(prompt: str) -> tuple[str, list]:
 
 def apply_adapter_args(args, pipe) -> tuple[str, dict]:
     """Load --embedding, --lora and the prompt's <lora:...> tags into `pipe`; (prompt, call kwargs)."""
-    from refldm.lora import LoRA, apply_loras, load_lora
-    from refldm.textual_inversion import load_textual_inversion
+    from refldm.adapters.lora import LoRA, apply_loras, load_lora
+    from refldm.adapters.textual_inversion import load_textual_inversion
     for path in getattr(args, "embedding", None) or []:
         load_textual_inversion(pipe, path)
     loras = [parse_lora_flag(v) for v in getattr(args, "lora", None) or []]

@@ -5,8 +5,8 @@
     refldm cost path/to/unet/config.json --measure
     refldm vae-report photo.png -m path/to/vae -o report.png
 
-``cost`` counts one U-Net step on the latent and on pixels (refldm/cost.py); ``vae-report`` encodes and
-decodes images and measures what survived (refldm/vae_report.py). docs/why-latent.md reads both.
+``cost`` counts one U-Net step on the latent and on pixels (refldm/analysis/cost.py); ``vae-report`` encodes and
+decodes images and measures what survived (refldm/analysis/vae_report.py). docs/why-latent.md reads both.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def register(subparsers) -> None:
                    "grayscale and RGBA are converted to RGB, sizes not divisible by the VAE's factor are padded "
                    "(both said in a note)")
     p.add_argument("--probes", action="store_true", help="also run the built-in test images (thin lines, "
-                   "text, zone plate, checkerboards, flat colours, gradient, noise; refldm/probe_images.py)")
+                   "text, zone plate, checkerboards, flat colours, gradient, noise; refldm/analysis/probe_images.py)")
     p.add_argument("--probe-size", type=int, default=128, help="side of the probe images (default 128)")
     p.add_argument("-m", "--model", default=None, help="VAE folder or pipeline folder with vae/ (default: "
                    "the built-in model's VAE)")
@@ -72,7 +72,7 @@ def register(subparsers) -> None:
 
 def cost_figures(model=None, height=512, width=512, steps=25, batch=2, tokens=77, dtype="float16") -> dict:
     """Everything ``refldm cost`` prints, as a dict (the --json object)."""
-    from refldm import cost
+    from refldm.analysis import cost
 
     for name, v in (("height", height), ("width", width), ("steps", steps), ("batch", batch),
                     ("tokens", tokens)):
@@ -187,7 +187,8 @@ def measure_step(model, size: int, batch: int, tokens: int) -> dict:
     size x size image and on its pixels; report the counted FLOPs and seconds of each."""
     import numpy as np
 
-    from refldm import backend, cost
+    from refldm import backend
+    from refldm.analysis import cost
     from refldm.models.unet import UNet2DConditionModel
 
     unet_cfg, vae_cfg, where = cost.find_configs(model)
@@ -244,6 +245,6 @@ def _print_measure(m) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 def run_vae_report(args) -> int:
-    from refldm import vae_report
+    from refldm.analysis import vae_report
 
     return vae_report.run(args)

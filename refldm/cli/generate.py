@@ -176,9 +176,9 @@ def _use_backend(name):
 def load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=None, dtype="float32",
                   img2img=False):
     """The pipeline for MODEL: a diffusers folder, a single .safetensors file, or None for the embedded model."""
-    from refldm.pipeline import StableDiffusionPipeline
-    from refldm.pipeline_xl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, is_sdxl_folder
-    from refldm.weights import refuse_pickle
+    from refldm.pipelines.sd import StableDiffusionPipeline
+    from refldm.pipelines.sdxl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, is_sdxl_folder
+    from refldm.checkpoints.weights import refuse_pickle
     if model is None:
         if not os.path.isfile(os.path.join(DEFAULT_MODEL, "model_index.json")):
             raise OSError(f"the embedded model is missing ({DEFAULT_MODEL}); reinstall refldm or give -m MODEL")
@@ -195,8 +195,8 @@ def load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=No
         raise OSError(f"{model}: no such model folder or file")
     if not model.lower().endswith(".safetensors"):
         raise ValueError(f"{model}: not a model folder nor a .safetensors file")
-    from refldm import convert
-    from refldm.weights import read_header
+    from refldm.checkpoints import convert
+    from refldm.checkpoints.weights import read_header
     if convert.detect(read_header(model)[0]) == "sdxl":  # conditioner.embedders.* keys
         return StableDiffusionXLPipeline.from_single_file(model, config=config, dtype=dtype)
     return StableDiffusionPipeline.from_single_file(model, config=config, tokenizer=tokenizer, dtype=dtype,
@@ -213,13 +213,13 @@ def sampler_label(pipe, name) -> str:
         return str(key)
 
 
-from refldm.images import parameters_text  # noqa: E402  (the web UIs' format; also used by the pipeline)
+from refldm.core.images import parameters_text  # noqa: E402  (the web UIs' format; also used by the pipeline)
 
 
 def save_png(image, path, parameters: str | None = None) -> None:
     """Write a PIL image with the ``parameters`` text (a PNG tEXt/iTXt chunk; EXIF UserComment in a JPEG),
-    atomically: the file is complete or untouched (refldm.images.save_pil)."""
-    from refldm.images import check_output, save_pil
+    atomically: the file is complete or untouched (refldm.core.images.save_pil)."""
+    from refldm.core.images import check_output, save_pil
     save_pil(image, check_output(path), parameters)
 
 
@@ -282,7 +282,7 @@ def check_resources(pipe, batch, height, width, steps, cfg, *, announce_after_s:
     """Before a run: refuse it when its estimated memory exceeds what the machine has (saying what it would
     take), and print an estimated time when it looks long."""
     from refldm.cli.resources import available_memory, matmul_throughput
-    from refldm.pipeline import TooLargeError
+    from refldm.pipelines.sd import TooLargeError
     height = pipe.default_size if height is None else height
     width = pipe.default_size if width is None else width
     cost = pipe.estimate(batch, height, width, steps, cfg)
@@ -298,7 +298,7 @@ def check_resources(pipe, batch, height, width, steps, cfg, *, announce_after_s:
 
 
 def _generate(args, image=None):
-    from refldm.images import check_output
+    from refldm.core.images import check_output
     _check_generation_args(args)
     resolve_defaults(args)
     default = "refldm-txt2img.png" if image is None else "refldm-img2img.png"
@@ -353,7 +353,7 @@ def _refiner_args(args, pipe):
         if end is not None:
             raise ValueError("--denoising-end needs --refiner FOLDER (the model that finishes the schedule)")
         return None, None
-    from refldm.pipeline_xl import StableDiffusionXLImg2ImgPipeline, is_sdxl_folder
+    from refldm.pipelines.sdxl import StableDiffusionXLImg2ImgPipeline, is_sdxl_folder
     if getattr(pipe, "text_encoder_2", None) is None:
         raise ValueError("--refiner needs an SDXL base model (-m SDXL_FOLDER)")
     if not os.path.isdir(refiner) or not is_sdxl_folder(refiner):
@@ -366,7 +366,7 @@ def _refiner_args(args, pipe):
 
 
 def run_img2img(args) -> int:
-    from refldm.images import load_image
+    from refldm.core.images import load_image
     if not os.path.isfile(args.image):
         raise OSError(f"{args.image}: no such image file")
     if not 0.0 <= args.strength <= 1.0:
@@ -381,8 +381,8 @@ def run_img2img(args) -> int:
 
 def describe_model(model=None) -> dict:
     """{part: {"config": ..., "parameters": n, "dtypes": [...]}} of a folder or single file, without loading it."""
-    from refldm import convert
-    from refldm.weights import find_weights, read_config, read_header, refuse_pickle
+    from refldm.checkpoints import convert
+    from refldm.checkpoints.weights import find_weights, read_config, read_header, refuse_pickle
     if model is None:
         model = DEFAULT_MODEL
     refuse_pickle(model)
@@ -526,7 +526,7 @@ def captioned_grid(images, captions, columns=3, scale=3):
 
 
 def run_demo(args) -> int:
-    from refldm.images import check_output
+    from refldm.core.images import check_output
     prompts = list(args.prompt or DEMO_PROMPTS)
     steps = DEMO_STEPS if args.steps is None else args.steps
     cfg = DEMO_CFG if args.cfg is None else args.cfg

@@ -1,7 +1,7 @@
 """``refldm inpaint -i IN.png --mask MASK.png -p PROMPT -o out.png``: repaint the white part of the mask.
 
 The model may be an inpainting model (9-channel U-Net) or an ordinary one (masked blending each step);
-refldm/pipeline_inpaint.py explains both. The PNG gets the web UIs' parameters text, as txt2img's.
+refldm/pipelines/inpaint.py explains both. The PNG gets the web UIs' parameters text, as txt2img's.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ def _open(path, what):
 
 
 def run_inpaint(args) -> int:
-    from refldm.pipeline_inpaint import StableDiffusionInpaintPipeline
+    from refldm.pipelines.inpaint import StableDiffusionInpaintPipeline
     if not 0.0 < args.strength <= 1.0:
         raise ValueError(f"--strength must lie in (0, 1], got {args.strength}")
-    from refldm.images import check_output
+    from refldm.core.images import check_output
     generate._check_generation_args(args)
     generate.resolve_defaults(args)
     path = check_output(args.output or "refldm-inpaint.png")  # before the work, not after

@@ -4,14 +4,14 @@
     refldm trace MODEL --part unet --inputs golden.safetensors -o mine.safetensors   # float32, same inputs
     refldm compare mine.safetensors golden.safetensors --rtol 1e-4
 
-The trace file is a plain safetensors file (see `refldm.trace`); docs/crosscheck.md shows the workflow.
+The trace file is a plain safetensors file (see `refldm.crosscheck.trace`); docs/crosscheck.md shows the workflow.
 """
 
 from __future__ import annotations
 
 import os
 
-from refldm import trace
+from refldm.crosscheck import trace
 
 
 def register(subparsers) -> None:
@@ -81,7 +81,7 @@ def run_trace(args) -> int:
 
 
 def run_compare(args) -> int:
-    from refldm.compare import compare
+    from refldm.crosscheck.compare import compare
 
     result = compare(args.a, args.b, rtol=args.rtol, names=args.names)
     if not result.rows:

@@ -58,7 +58,7 @@ def register(subparsers) -> None:
 
 
 def _encode(args) -> int:
-    from refldm import images
+    from refldm.core import images
     from refldm.backend import to_numpy
     from refldm.models.vae import AutoencoderKL
 
@@ -107,7 +107,7 @@ def read_latent(path, max_bytes: int | None = None):
     if need > have:
         raise ValueError(f"{path}: the header says {tuple(shape)} {dtype} ({_bytes(need)}) but the file holds "
                          f"{_bytes(have)}; truncated or corrupted")
-    from refldm.pipeline import TooLargeError
+    from refldm.pipelines.sd import TooLargeError
     limit = available_memory() if max_bytes is None else max_bytes
     if limit is not None and need > limit:
         raise TooLargeError(f"{path}: a {tuple(shape)} latent takes {_bytes(need)}, more than the "
@@ -116,7 +116,8 @@ def read_latent(path, max_bytes: int | None = None):
 
 
 def _decode(args) -> int:
-    from refldm import backend, images
+    from refldm import backend
+    from refldm.core import images
     from refldm.models.vae import AutoencoderKL
 
     z = read_latent(args.latent)
@@ -154,7 +155,7 @@ def check_decode_memory(vae, shape, dtype, announce_after_s: float = 30.0) -> No
     """Refuse a decode that would not fit in memory (estimated from the sizes), before it starts; print
     an estimated time when it looks long."""
     from refldm import backend
-    from refldm.pipeline import TooLargeError, estimate_decode_bytes
+    from refldm.pipelines.sd import TooLargeError, estimate_decode_bytes
 
     if backend.name() != "numpy":
         return
@@ -166,7 +167,7 @@ def check_decode_memory(vae, shape, dtype, announce_after_s: float = 30.0) -> No
         raise TooLargeError(f"decoding {n} latent(s) of {h}x{w} into {w * f}x{h * f} images needs about "
                           f"{_bytes(need)} of memory; this machine has {_bytes(have)} available")
     from refldm.cli.resources import matmul_throughput
-    from refldm.pipeline import estimate_decode_flops
+    from refldm.pipelines.sd import estimate_decode_flops
     flops = estimate_decode_flops(vae.config, shape)
     seconds = flops / (0.5 * matmul_throughput())
     if seconds > announce_after_s:

@@ -12,22 +12,22 @@ Blocks:
     Downsample2D(channels, padding)             conv (3x3, stride 2)
     Upsample2D(channels)                        conv (3x3), after nearest 2x upsampling
 
-A model builds a tree of these and calls ``assign_names()`` on its root; `refldm.weights.load_into`
+A model builds a tree of these and calls ``assign_names()`` on its root; `refldm.checkpoints.weights.load_into`
 then fills every ``Param`` from the checkpoint. See docs/vae.md and docs/unet.md for the math.
 """
 
 from __future__ import annotations
 
-from refldm import ops
+from refldm.core import ops
 from refldm.backend import array_namespace
-from refldm.nn import Module, Param
+from refldm.core.nn import Module, Param
 
 __all__ = ["Conv2d", "Linear", "GroupNorm", "LayerNorm", "Embedding", "ResnetBlock2D", "Downsample2D", "Upsample2D",
            "upsample_nearest"]
 
 
 class Conv2d(Module):
-    """A 2-D convolution layer: y = conv2d(x, weight) + bias (see `refldm.ops.conv2d`).
+    """A 2-D convolution layer: y = conv2d(x, weight) + bias (see `refldm.core.ops.conv2d`).
 
     padding: an int, or ((top, bottom), (left, right)) for asymmetric zero padding.
     """
@@ -55,7 +55,7 @@ class Linear(Module):
 
 
 class GroupNorm(Module):
-    """Group normalisation with a learned per-channel scale and shift (see `refldm.ops.group_norm`)."""
+    """Group normalisation with a learned per-channel scale and shift (see `refldm.core.ops.group_norm`)."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
         self.weight = Param(num_channels)
@@ -68,7 +68,7 @@ class GroupNorm(Module):
 
 
 class LayerNorm(Module):
-    """Layer normalisation over the last axis with a learned scale and shift (see `refldm.ops.layer_norm`)."""
+    """Layer normalisation over the last axis with a learned scale and shift (see `refldm.core.ops.layer_norm`)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         self.weight = Param(dim)
@@ -80,7 +80,7 @@ class LayerNorm(Module):
 
 
 class Embedding(Module):
-    """A lookup table: y = weight[ids]; weight (V, D) (see `refldm.ops.embedding`)."""
+    """A lookup table: y = weight[ids]; weight (V, D) (see `refldm.core.ops.embedding`)."""
 
     def __init__(self, num: int, dim: int):
         self.weight = Param(num, dim)

@@ -16,7 +16,7 @@ Keys: ``embeddings.token_embedding.weight``, ``embeddings.position_embedding.wei
 ``encoder.layers.N.{layer_norm1,self_attn.{q,k,v,out}_proj,layer_norm2,mlp.fc1,mlp.fc2}.{weight,bias}``,
 ``final_layer_norm.{weight,bias}``: transformers 5's names. Checkpoints written by transformers 4 (every
 Stable Diffusion ``text_encoder/`` folder on the Hub) put ``text_model.`` in front of each; both load.
-docs/text_encoder.md explains the math; the tokenizer is `refldm.tokenizer.CLIPTokenizer`.
+docs/text_encoder.md explains the math; the tokenizer is `refldm.models.tokenizer.CLIPTokenizer`.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refldm import backend, ops
-from refldm.config import ConfigError, parse_config
+from refldm import backend
+from refldm.core import ops
+from refldm.checkpoints.config import ConfigError, parse_config
 from refldm.models.blocks import Embedding, LayerNorm, Linear
-from refldm.nn import Module, ModuleList, Param, PretrainedModel
-from refldm.weights import WeightsError
+from refldm.core.nn import Module, ModuleList, Param, PretrainedModel
+from refldm.checkpoints.weights import WeightsError
 
 __all__ = ["CLIPTextConfig", "CLIPTextModel", "CLIPTextOutput", "CLIPTextWithProjectionConfig",
            "CLIPTextModelWithProjection", "CLIPTextModelOutput"]

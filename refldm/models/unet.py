@@ -31,11 +31,12 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from refldm import backend, ops
-from refldm.config import parse_config
+from refldm import backend
+from refldm.core import ops
+from refldm.checkpoints.config import parse_config
 from refldm.models.blocks import (Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D,
                                   Upsample2D)
-from refldm.nn import Module, ModuleList, PretrainedModel
+from refldm.core.nn import Module, ModuleList, PretrainedModel
 
 __all__ = [
     "UNet2DConditionModel", "UNet2DConditionConfig", "TimestepEmbedding", "Transformer2DModel",

@@ -10,7 +10,7 @@
                conv_out                                                   -> image (N, 3, H, W)
 
 Attribute names are the checkpoint keys (``encoder.down_blocks.1.resnets.0.conv1.weight``...), the
-config is diffusers' ``vae/config.json``. docs/vae.md explains the math; refldm/images.py converts
+config is diffusers' ``vae/config.json``. docs/vae.md explains the math; refldm/core/images.py converts
 images and applies the scaling factor.
 """
 
@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from refldm import backend, ops
-from refldm.config import parse_config
+from refldm import backend
+from refldm.core import ops
+from refldm.checkpoints.config import parse_config
 from refldm.models.blocks import (
     Conv2d,
     Downsample2D,
@@ -29,7 +30,7 @@ from refldm.models.blocks import (
     ResnetBlock2D,
     Upsample2D,
 )
-from refldm.nn import Module, ModuleList, PretrainedModel
+from refldm.core.nn import Module, ModuleList, PretrainedModel
 
 __all__ = ["AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussianDistribution", "VAEAttention",
            "convert_legacy_keys", "NonFiniteImageError", "needs_upcast", "upcast", "decode_checked",
@@ -52,7 +53,7 @@ class AutoencoderKLConfig:
     latent_channels: int = 4
     norm_num_groups: int = 32
     sample_size: int | list = 32           # the training resolution; no effect on the math
-    scaling_factor: float = 0.18215        # latents are multiplied by this after encoding (refldm/images.py)
+    scaling_factor: float = 0.18215        # latents are multiplied by this after encoding (refldm/core/images.py)
     shift_factor: float | None = None      # ... and shifted by this first (SD3, Flux); None for SD 1.x/2.x/XL
     latents_mean: list | None = None       # per-channel normalisation some pipelines apply instead
     latents_std: list | None = None
@@ -115,16 +116,16 @@ class DiagonalGaussianDistribution:
     def sample(self, noise=None, generator=None):
         """A draw z = mean + std * eps, eps ~ N(0, I).
 
-        Give `noise` (an array of mean's shape: eps itself), or `generator`: a `refldm.random.Generator`
+        Give `noise` (an array of mean's shape: eps itself), or `generator`: a `refldm.core.random.Generator`
         (or an int seed for one), whose torch-compatible stream reproduces
         ``posterior.sample(generator=torch.Generator().manual_seed(seed))`` in diffusers.
         """
         if noise is None:
             if generator is None:
                 raise ValueError("DiagonalGaussianDistribution.sample: give noise=array or generator="
-                                 "refldm.random.Generator(seed) (refldm has no hidden global random state)")
+                                 "refldm.core.random.Generator(seed) (refldm has no hidden global random state)")
             if isinstance(generator, int):
-                from refldm.random import Generator
+                from refldm.core.random import Generator
                 generator = Generator(generator)
             noise = generator.randn(tuple(self.mean.shape), dtype=self.mean.dtype.name)
         if tuple(noise.shape) != tuple(self.mean.shape):
@@ -283,7 +284,7 @@ class AutoencoderKL(PretrainedModel):
     """The SD VAE. ``vae.encode(images)`` -> `DiagonalGaussianDistribution`; ``vae.decode(latents)`` -> images.
 
     Neither applies ``config.scaling_factor``: as in diffusers, the pipeline multiplies the encoded
-    latent by it and divides before decoding (`refldm.images.scale_latents` / `unscale_latents`).
+    latent by it and divides before decoding (`refldm.core.images.scale_latents` / `unscale_latents`).
     """
 
     def __init__(self, config: AutoencoderKLConfig | dict | None = None):
@@ -342,7 +343,7 @@ class AutoencoderKL(PretrainedModel):
             raise ValueError(f"AutoencoderKL.{what}: expected {channels} channels, got shape {tuple(x.shape)}")
         if x.dtype.kind != "f":
             raise ValueError(f"AutoencoderKL.{what}: expected a float array, got {x.dtype} (convert uint8 "
-                             "images with refldm.images.to_tensor, which maps [0, 255] to [-1, 1])")
+                             "images with refldm.core.images.to_tensor, which maps [0, 255] to [-1, 1])")
         if self.dtype is None:
             raise ValueError(f"AutoencoderKL.{what}: no weights loaded; use AutoencoderKL.from_pretrained")
         if backend.array_namespace(x) is not backend.xp():
@@ -427,7 +428,7 @@ class AutoencoderKL(PretrainedModel):
     def decode(self, latents):
         """latents (N, latent_channels, h, w), already divided by scaling_factor -> images (N, 3, h*f, w*f).
 
-        The output is what the decoder computes: nominally in [-1, 1], not clipped (`refldm.images`
+        The output is what the decoder computes: nominally in [-1, 1], not clipped (`refldm.core.images`
         clips when converting to uint8).
         """
         z = self._input(latents, self.config.latent_channels, "decode")

@@ -5,14 +5,16 @@
     scheduler = get_scheduler("dpm++2m", scheduler.config)        # swap, keeping the model's schedule
     scheduler = get_scheduler("DPM++ 2M Karras", scheduler.config)  # the web UIs' names (refldm.schedulers.names)
 
-See docs/schedulers.md for the math and refldm/sampling.py for the loop that drives them.
+See docs/schedulers.md for the math and refldm/pipelines/sampling.py for the loop that drives them.
+
+May import: refldm.core (noise), refldm.checkpoints (config), refldm.backend, refldm.errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from refldm.config import ConfigError
+from refldm.checkpoints.config import ConfigError
 
 from . import names
 from .base import SchedulerMixin, SchedulerOutput, SigmaScheduler

@@ -29,8 +29,8 @@ import os
 import numpy
 
 from refldm import backend
-from refldm import random as refldm_random
-from refldm.config import ConfigError, parse_config
+from refldm.core import random as refldm_random
+from refldm.checkpoints.config import ConfigError, parse_config
 
 from . import schedule
 
@@ -235,7 +235,7 @@ class SchedulerMixin:
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0):
-        """Start at this index of ``timesteps`` (img2img: see refldm.sampling.img2img_timesteps)."""
+        """Start at this index of ``timesteps`` (img2img: see refldm.pipelines.sampling.img2img_timesteps)."""
         self._begin_index = int(begin_index)
 
     def _need_timesteps(self):
@@ -328,7 +328,7 @@ def dynamic_threshold(x0, ratio: float, max_value: float):
 
 def noise_like(sample, generator=None, dtype=None):
     """Standard normal noise shaped like `sample`, drawn on the host from `generator` (torch-compatible
-    refldm.random.Generator, a list of them, or a numpy Generator) in `dtype`, moved to sample's device."""
+    refldm.core.random.Generator, a list of them, or a numpy Generator) in `dtype`, moved to sample's device."""
     dtype = sample.dtype if dtype is None else dtype
     noise = refldm_random.randn(tuple(sample.shape), generator=generator, dtype=numpy.dtype(dtype).name)
     return to_device(noise, sample)

@@ -20,7 +20,7 @@ lambda(sigma_min). As k-diffusion, every trial, repeated or not, starts with a f
 
 So the number of model calls depends on the model: ``set_timesteps`` plans the first trial only (its
 num_inference_steps is not used, as in A1111), and each trial's last ``step`` appends the next trial's model calls to
-``timesteps`` (a Python list that grows while ``refldm.sampling.sample`` iterates over it). ``info`` counts steps,
+``timesteps`` (a Python list that grows while ``refldm.pipelines.sampling.sample`` iterates over it). ``info`` counts steps,
 nfe, n_accept and n_reject as k-diffusion's return_info; ``trials`` lists each trial's lambda_s, lambda_t, error,
 next h and whether it was accepted. The result is x at sigma_min. img2img is not implemented.
 """

@@ -21,7 +21,7 @@ to sigma_next = 0 returns D_i. eta = 0 is the ODE solver DPM-Solver++(3M).
 
 Noise: k-diffusion draws z from a Brownian tree (torchsde) over [sigma_min, sigma_max]; the steps' intervals do not
 overlap, so its z are independent standard normals, one per step. refldm draws that same distribution from
-refldm.random (the `generator` of step, deterministic for a seed); the numbers of torchsde's tree are not
+refldm.core.random (the `generator` of step, deterministic for a seed); the numbers of torchsde's tree are not
 reproduced. A ``noise_sampler(sigma, sigma_next)`` set after set_timesteps replaces it (k-diffusion's argument).
 """
 

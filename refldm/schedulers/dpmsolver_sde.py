@@ -17,7 +17,7 @@ The noise z of the two stages are increments of one Brownian motion W(sigma) ove
 [sigma_next, sigma], divided by the square roots of their lengths: each standard normal, correlated with
 coefficient sqrt((sigma - sigma_mid) / (sigma - sigma_next)), and independent across steps. diffusers draws them
 from torchsde's Brownian tree (seeded by noise_sampler_seed), whose numbers cannot be reproduced without torchsde;
-refldm draws the same joint distribution exactly (BrownianIncrements) from refldm.random.Generator(noise_sampler_seed).
+refldm draws the same joint distribution exactly (BrownianIncrements) from refldm.core.random.Generator(noise_sampler_seed).
 Like diffusers, a ``noise_sampler(sigma, sigma_next)`` set after set_timesteps replaces it.
 """
 
@@ -27,7 +27,7 @@ import dataclasses
 
 import numpy
 
-from refldm import random as refldm_random
+from refldm.core import random as refldm_random
 
 from . import schedule
 from .base import BaseConfig, SigmaScheduler, to_device

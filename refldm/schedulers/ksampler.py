@@ -4,7 +4,7 @@ k-diffusion arguments that refldm takes as config keys.
 
 Each of these schedulers keeps diffusers' calling convention: ``set_timesteps`` plans the model calls, and
 ``timesteps`` holds one entry per model call (the training timestep of that call's sigma), so
-``refldm.sampling.sample`` and the pipelines run them as any other scheduler. A step that needs several model
+``refldm.pipelines.sampling.sample`` and the pipelines run them as any other scheduler. A step that needs several model
 calls (a singlestep solver) is cut into stages: every ``step`` call takes one model output and returns the point
 where the model is called next (like DPM2 and Heun), the last stage of a step returning x at the next sigma.
 
@@ -143,7 +143,7 @@ class KSamplerScheduler(SigmaScheduler):
     def _noise(self, sample, generator, sigma, sigma_next):
         """Standard normal noise for the step sigma -> sigma_next: from ``self.noise_sampler(sigma, sigma_next)`` if
         one is set (k-diffusion's noise_sampler argument; it must return an array like the sample), else drawn
-        from `generator` (refldm.random, deterministic for a seed)."""
+        from `generator` (refldm.core.random, deterministic for a seed)."""
         if self.noise_sampler is not None:
             return self.noise_sampler(sigma, sigma_next)
         return noise_like(sample, generator)

@@ -87,7 +87,7 @@ def _norm(name: str) -> str:
 
 
 # more spellings: ComfyUI's "_gpu" samplers are the same solvers with the Brownian noise drawn on the GPU (refldm
-# draws its noise with refldm.random wherever the arrays live); A1111's old "k_" names
+# draws its noise with refldm.core.random wherever the arrays live); A1111's old "k_" names
 ALIASES = {"dpmpp_sde_gpu": "dpm++sde", "dpmpp_2m_sde_gpu": "dpm++2m_sde", "dpmpp_3m_sde_gpu": "dpm++3m_sde",
            "dpmpp_2m_sde_heun_gpu": "dpm++2m_sde_heun",
            "k_euler": "euler", "k_euler_a": "euler_a"}

@@ -20,8 +20,8 @@ Base + refiner ("ensemble of expert denoisers"): the base runs the first 80% of 
     out = base("an astronaut", seed=1, num_inference_steps=40, denoising_end=0.8, output_type="latent")
     image = refiner("an astronaut", image=out.latents, seed=1, num_inference_steps=40, denoising_start=0.8).images[0]
 
-The same conventions as `refldm.pipeline.StableDiffusionPipeline`: the output object, the timings, the
-NaN checks, the seeded noise (refldm.random reproduces torch's CPU generator), schedulers by name.
+The same conventions as `refldm.pipelines.sd.StableDiffusionPipeline`: the output object, the timings, the
+NaN checks, the seeded noise (refldm.core.random reproduces torch's CPU generator), schedulers by name.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ import time
 from PIL import Image
 
 from refldm import backend
-from refldm.images import scale_latents
-from refldm.pipeline import NonFiniteLatentsError, StableDiffusionPipeline, StableDiffusionPipelineOutput
-from refldm.sampling import img2img_latents, img2img_timesteps, initial_latents, sample
-from refldm.weights import WeightsError, read_config
+from refldm.core.images import scale_latents
+from refldm.pipelines.sd import NonFiniteLatentsError, StableDiffusionPipeline, StableDiffusionPipelineOutput
+from refldm.pipelines.sampling import img2img_latents, img2img_timesteps, initial_latents, sample
+from refldm.checkpoints.weights import WeightsError, read_config
 
 __all__ = ["StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "XL_PARTS", "is_sdxl_folder"]
 
@@ -112,7 +112,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         from refldm.models.clip import CLIPTextModel, CLIPTextModelWithProjection
         from refldm.models.unet import UNet2DConditionModel
         from refldm.models.vae import AutoencoderKL
-        from refldm.tokenizer import CLIPTokenizer
+        from refldm.models.tokenizer import CLIPTokenizer
 
         folder = os.fspath(folder)
         if os.path.isfile(folder):
@@ -162,17 +162,17 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     @classmethod
     def from_single_file(cls, path, config=None, dtype="float32"):
         """Load an original SDXL base single-file ``.safetensors`` (model.diffusion_model.*, first_stage_model.*,
-        conditioner.embedders.{0,1}.*; the key table is in refldm/convert.py).
+        conditioner.embedders.{0,1}.*; the key table is in refldm/checkpoints/convert.py).
 
         config: an SDXL diffusers folder whose configs, tokenizers and scheduler describe the file's model
         (as diffusers' ``from_single_file(path, config=...)``); refldm does not read SDXL configs off the
         tensor shapes. Pickle files are refused, never opened."""
-        from refldm import convert
+        from refldm.checkpoints import convert
         from refldm.models.clip import CLIPTextModel, CLIPTextModelWithProjection
         from refldm.models.unet import UNet2DConditionModel
         from refldm.models.vae import AutoencoderKL
-        from refldm.tokenizer import CLIPTokenizer
-        from refldm.weights import load_file
+        from refldm.models.tokenizer import CLIPTokenizer
+        from refldm.checkpoints.weights import load_file
 
         path = os.fspath(path)
         state = load_file(path)
@@ -279,7 +279,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 
     def _prepare(self, prompt, prompt_2, negative_prompt, negative_prompt_2, seed, generator,
                  num_inference_steps, denoising_start=None, denoising_end=None):
-        from refldm.random import Generator
+        from refldm.core.random import Generator
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
@@ -300,7 +300,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 
     def _denoise(self, latents, sched, timesteps, context, text_embeds, time_ids, guidance_scale, guidance_rescale,
                  do_cfg, generator, callback, progress, denoising_end):
-        """The loop (refldm/sampling.py) with the added conditioning; timesteps cut at denoising_end as diffusers:
+        """The loop (refldm/pipelines/sampling.py) with the added conditioning; timesteps cut at denoising_end as diffusers:
         keep t >= round(T - denoising_end * T), T = num_train_timesteps."""
         if denoising_end is not None:
             big_t = sched.config.num_train_timesteps

@@ -14,7 +14,7 @@ with a note. The *first* such layer in execution order is where to look: every l
 layer sees its error. `growth` says how much a layer's error exceeds anything before it; its largest
 value marks where error grows fastest (an ill-conditioned op, or a bug that the tolerance hides).
 
-    from refldm.compare import compare
+    from refldm.crosscheck.compare import compare
     report = compare("mine.safetensors", "golden_f64.safetensors", rtol=1e-4)
     print(report)                  # per-layer table and summary
     report.first_bad.name          # e.g. "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from refldm import trace as _trace
+from refldm.crosscheck import trace as _trace
 
 
 @dataclasses.dataclass
@@ -168,7 +168,7 @@ def _as_trace(t):
 def compare(a, b, rtol: float = 1e-4, names=None) -> Comparison:
     """Compare trace `a` with reference trace `b` layer by layer (see the module docstring).
 
-    `a`, `b`: trace file paths, `refldm.trace.Trace`s, `Recorder`s or {name: array} dicts.
+    `a`, `b`: trace file paths, `refldm.crosscheck.trace.Trace`s, `Recorder`s or {name: array} dicts.
     `names`: optional glob patterns restricting the layers compared.
     """
     import fnmatch

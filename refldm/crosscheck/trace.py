@@ -3,7 +3,7 @@
 A *trace* is every module output of one forward pass, in execution order, each under the checkpoint
 key prefix of the module that produced it::
 
-    with refldm.trace.record() as t:
+    with refldm.crosscheck.trace.record() as t:
         unet(sample, timestep, encoder_hidden_states)
     t.activations   # {"conv_in": ..., "time_embedding.linear_1": ..., ..., "conv_out": ..., "<root>": ...}
 
@@ -13,14 +13,14 @@ Names follow the checkpoint keys, hence diffusers' ``named_modules()``:
 recording (a UNet called once per sampler step) gets ``name``, ``name#2``, ``name#3``, ... in call
 order. The model's own output is recorded under ``<root>`` (its key prefix is empty).
 
-The recording itself is `refldm.record`, a hook with no dependencies that the library calls:
-`refldm.nn.Module.__call__` hands it every module output, `refldm.sampling.sample` each step's values,
+The recording itself is `refldm.core.record`, a hook with no dependencies that the library calls:
+`refldm.core.nn.Module.__call__` hands it every module output, `refldm.pipelines.sampling.sample` each step's values,
 the pipeline names its parts with ``record.scope``. This module sits above the library: it starts a
 recording, runs a model or the pipeline unchanged (nothing is patched or wrapped), and reads and
 writes trace files. Outputs are recorded after ``forward`` returns, so the order is post-order:
 children before parents, exactly the order in which PyTorch forward hooks fire. That is what lets a
 trace from diffusers (``tools/trace_diffusers.py``) be compared name by name with one from refldm
-(`refldm.compare`).
+(`refldm.crosscheck.compare`).
 
 `trace_part` runs one part of a model folder (what ``refldm trace --part unet`` does);
 `trace_pipeline` runs the whole text-to-image pipeline and records, at every sampler step, the
@@ -43,9 +43,9 @@ import numpy as np
 
 from refldm import backend
 from refldm.about import __version__
-from refldm import record as _record
-from refldm.record import ROOT, Recorder, base_name, main_array, scope
-from refldm.weights import load_file, read_config, read_header, save_file
+from refldm.core import record as _record
+from refldm.core.record import ROOT, Recorder, base_name, main_array, scope
+from refldm.checkpoints.weights import load_file, read_config, read_header, save_file
 
 __all__ = ["record", "Recorder", "scope", "note", "main_array", "base_name", "ROOT", "Trace", "save", "load",
            "save_trace", "PARTS", "part_inputs", "part_folder", "make_inputs", "load_part", "run_part", "trace_part",
@@ -60,13 +60,13 @@ def record(include=None) -> Recorder:
     return Recorder(include)
 
 
-note = _record.value  # record a value that is not a module output (the older name of `refldm.record.value`)
+note = _record.value  # record a value that is not a module output (the older name of `refldm.core.record.value`)
 
 
 def __getattr__(name: str):
-    if name == "recorder":  # the active Recorder lives in refldm.record; read it there, live
+    if name == "recorder":  # the active Recorder lives in refldm.core.record; read it there, live
         return _record.recorder
-    raise AttributeError(f"module 'refldm.trace' has no attribute {name!r}")
+    raise AttributeError(f"module 'refldm.crosscheck.trace' has no attribute {name!r}")
 
 
 class Trace:
@@ -265,7 +265,7 @@ def run_part(model, part: str, inputs: dict, dtype="float32"):
 
 def trace_part(folder, part: str, dtype="float32", inputs: dict | None = None, include=None, model=None,
                seed: int = 0, **shape) -> Trace:
-    """Trace one part of a model folder; returns a `Trace` ready for `save` or `refldm.compare.compare`.
+    """Trace one part of a model folder; returns a `Trace` ready for `save` or `refldm.crosscheck.compare.compare`.
 
     inputs: {name: array} to use (e.g. another trace's ``.inputs``), else random ones from `make_inputs`
     (seed, shape: batch, height, width, seq_len, timestep). model: an already loaded refldm model.
@@ -328,10 +328,10 @@ def trace_pipeline(folder=None, prompt: str = "", negative_prompt=None, steps: i
     A wrong U-Net shows first in ``noise_pred``; a wrong scheduler in ``prev_sample`` with a right ``guided``.
     """
     if pipe is None:
-        from refldm.pipeline import StableDiffusionPipeline
+        from refldm.pipelines.sd import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype)
-    from refldm.random import Generator
+    from refldm.core.random import Generator
 
     # The starting noise x_T is drawn in float32 whatever the compute dtype, so that a float32 run and
     # its float64 golden start from the same numbers (a float64 draw of torch's stream differs). The
@@ -343,7 +343,7 @@ def trace_pipeline(folder=None, prompt: str = "", negative_prompt=None, steps: i
         raise ValueError(f"height and width must be positive multiples of {f}, got {width}x{height}")
     generator = Generator(seed)
     noise = generator.randn((1, pipe.unet.config.in_channels, height // f, width // f), dtype="float32")
-    # the pipeline and the sampler name what they record themselves (refldm.record): nothing is patched
+    # the pipeline and the sampler name what they record themselves (refldm.core.record): nothing is patched
     with record(PIPELINE_INCLUDE if include is None else include) as rec:
         pipe(prompt, negative_prompt=negative_prompt, height=height, width=width,
              num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,

@@ -26,6 +26,7 @@ import tempfile
 import numpy as np
 
 from refldm import backend
+from refldm.files import atomic_write
 
 __all__ = ["to_tensor", "to_uint8", "to_pil", "load_image", "save_image", "save_pil", "scale_latents",
            "unscale_latents", "check_output", "atomic_write", "parameters_text"]
@@ -175,30 +176,6 @@ def check_output(path, suffixes=None, what: str = "output") -> str:
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise PermissionError(f"{path}: exists and is not writable")
     return path
-
-
-def atomic_write(path, write) -> None:
-    """Run write(file) on a temporary file in the target's folder, then rename it over `path`.
-
-    A crash, SIGKILL or Ctrl-C during the write leaves the previous file intact (and at worst a stray
-    ``.NAME.*.tmp``), never a truncated `path`. The new file gets the permissions a plain open() would.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_pil(image, path, parameters: str | None = None) -> None:

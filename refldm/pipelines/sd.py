@@ -32,10 +32,12 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from refldm import backend, convert, record
-from refldm.images import scale_latents, to_tensor, to_uint8, unscale_latents
-from refldm.sampling import img2img_latents, img2img_timesteps, initial_latents, sample
-from refldm.weights import WeightsError, load_file, read_config
+from refldm import backend
+from refldm.checkpoints import convert
+from refldm.core import record
+from refldm.core.images import scale_latents, to_tensor, to_uint8, unscale_latents
+from refldm.pipelines.sampling import img2img_latents, img2img_timesteps, initial_latents, sample
+from refldm.checkpoints.weights import WeightsError, load_file, read_config
 
 __all__ = ["StableDiffusionPipeline", "StableDiffusionPipelineOutput", "NonFiniteLatentsError",
            "TooLargeError", "PARTS", "estimate_unet_bytes", "estimate_decode_bytes", "estimate_unet_flops",
@@ -73,7 +75,7 @@ class StableDiffusionPipelineOutput:
         """Write the images with their generation parameters (a PNG ``parameters`` chunk, as the CLI and the
         web UIs write it; EXIF UserComment for .jpg / .webp), atomically. One image: `path`; several:
         NAME-0.png, NAME-1.png, ... (or only image `index` to `path`). Returns the paths written."""
-        from refldm.images import check_output, save_pil
+        from refldm.core.images import check_output, save_pil
         path = os.fspath(path)
         chosen = range(len(self.images)) if index is None else [index]
         if len(chosen) == 1:
@@ -108,7 +110,7 @@ def estimate_unet_bytes(config, batch: int, h: int, w: int, itemsize: int = 4) -
     """Peak memory of one U-Net call on `batch` latents of h x w, roughly: the skip connections kept for the
     up path, plus the working arrays of the largest level (ResNet temporaries and the transformer's
     feed-forward, 8 channels wide per channel with GEGLU), plus one chunk of attention scores."""
-    from refldm import ops
+    from refldm.core import ops
     skips, work = 0, 0
     for i, (c, hi, wi, _) in enumerate(_levels(config, h, w)):
         n = batch * c * hi * wi
@@ -157,11 +159,11 @@ def estimate_unet_flops(config, batch: int, h: int, w: int) -> float:
 
 
 def _models():
-    """The model classes (imported here, so that `refldm.pipeline` imports without loading them all)."""
+    """The model classes (imported here, so that `refldm.pipelines.sd` imports without loading them all)."""
     from refldm.models.clip import CLIPTextModel
     from refldm.models.unet import UNet2DConditionModel
     from refldm.models.vae import AutoencoderKL
-    from refldm.tokenizer import CLIPTokenizer
+    from refldm.models.tokenizer import CLIPTokenizer
     return UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer
 
 
@@ -193,7 +195,7 @@ class StableDiffusionPipeline:
         index = read_config(folder, "model_index.json")
         if (index.get("text_encoder_2") or [None])[-1] is not None:
             raise WeightsError(f"{folder}: an SDXL folder (it has text_encoder_2); load it with "
-                               "StableDiffusionXLPipeline (refldm.pipeline_xl)")
+                               "StableDiffusionXLPipeline (refldm.pipelines.sdxl)")
         for part in PARTS:
             if not os.path.isdir(os.path.join(folder, part)):
                 raise WeightsError(f"{folder}: the model folder has no {part}/ (a Stable Diffusion folder needs "
@@ -225,7 +227,7 @@ class StableDiffusionPipeline:
 
         config: a diffusers SD folder whose configs (and tokenizer and scheduler) describe the file's model,
         as diffusers' ``from_single_file(path, config=...)``. Without it the configs are read off the tensor
-        shapes (`refldm.convert.infer_configs`), and then `tokenizer` must name a CLIP tokenizer folder
+        shapes (`refldm.checkpoints.convert.infer_configs`), and then `tokenizer` must name a CLIP tokenizer folder
         (vocab.json + merges.txt): a single file holds no vocabulary. For SD 2.x without `config`,
         `prediction_type` must say "epsilon" (the -base models) or "v_prediction" (the 768-v models):
         the weights do not tell. Pickle files (.ckpt, .pt, .bin) are refused, never opened.
@@ -287,7 +289,7 @@ class StableDiffusionPipeline:
         A longer prompt is cut to fit, and the tokenizer warns naming what was dropped (as diffusers does).
         """
         if getattr(self.tokenizer, "added_tokens_encoder", None):  # textual-inversion tokens: t -> "t t_1 ..."
-            from refldm.textual_inversion import expand_prompt
+            from refldm.adapters.textual_inversion import expand_prompt
             prompts = [expand_prompt(self.tokenizer, p) for p in prompts]
         return self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                               return_tensors="np")["input_ids"]
@@ -334,7 +336,7 @@ class StableDiffusionPipeline:
         """Generate images. See the module docstring for the loop; diffusers' argument names and defaults.
 
         prompt / negative_prompt: a string or a list (one per image). "" is allowed (unconditional); a
-        negative prompt of None means "", as in diffusers. seed or generator (a `refldm.random.Generator`)
+        negative prompt of None means "", as in diffusers. seed or generator (a `refldm.core.random.Generator`)
         make the noise; with neither, a random seed is drawn and returned in the output. latents: your own
         starting noise (B, 4, H/8, W/8), multiplied by the scheduler's init_noise_sigma as in diffusers.
         image + strength: img2img; the image is encoded, noised to the timestep that `strength` selects
@@ -347,10 +349,10 @@ class StableDiffusionPipeline:
         (docs/pipeline.md). The images carry their generation parameters in ``image.info["parameters"]``;
         ``out.save(path)`` writes them into the file.
         prompt_syntax="webui": the AUTOMATIC1111 web UI's (word:1.3) weights, BREAK and prompts over 75
-        tokens (refldm/prompt_weighting.py); clip_skip=k: the text encoder's k-th layer from the end, as
+        tokens (refldm/adapters/prompt_weighting.py); clip_skip=k: the text encoder's k-th layer from the end, as
         diffusers' clip_skip.
         """
-        from refldm.random import Generator
+        from refldm.core.random import Generator
         timings = {}
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -386,8 +388,8 @@ class StableDiffusionPipeline:
 
         # 1. text -> embeddings: (B, 77) ids -> (B, 77, D); with CFG, one batch [uncond; cond] of 2B
         start = time.perf_counter()
-        if prompt_syntax != "plain" or clip_skip:  # refldm/prompt_weighting.py: (B, 77 * chunks, D) each
-            from refldm.prompt_weighting import encode_prompts
+        if prompt_syntax != "plain" or clip_skip:  # refldm/adapters/prompt_weighting.py: (B, 77 * chunks, D) each
+            from refldm.adapters.prompt_weighting import encode_prompts
             cond, uncond = encode_prompts(self, prompts, negatives if do_cfg else None, prompt_syntax, clip_skip)
         else:
             cond = self.encode_prompt(prompts)                              # (B, 77, D)
@@ -412,7 +414,7 @@ class StableDiffusionPipeline:
                 if noise_dtype is None or noise_dtype == dtype:
                     latents = initial_latents(latent_shape, sched, generator=generator, dtype=dtype)  # eps * sigma
                 else:  # eps drawn in noise_dtype, upcast, then scaled in the pipeline's dtype
-                    from refldm.random import randn
+                    from refldm.core.random import randn
                     eps = randn(latent_shape, generator=generator, dtype=noise_dtype)
                     latents = backend.asarray(eps, dtype=dtype) * float(sched.init_noise_sigma)
             else:
@@ -436,7 +438,7 @@ class StableDiffusionPipeline:
             latents = img2img_latents(sched, x0, timesteps, generator=generator)  # add_noise(x0, eps, t_0)
             timings["image encode"] = time.perf_counter() - start
 
-        # 3. the denoising loop (refldm/sampling.py): per step, with CFG, one U-Net batch of 2B:
+        # 3. the denoising loop (refldm/pipelines/sampling.py): per step, with CFG, one U-Net batch of 2B:
         #    eps_u, eps_c = unet(scale(x_t), t, [c_uncond; c]);  eps = eps_u + w (eps_c - eps_u);  x = step(eps)
         start = time.perf_counter()
         n_steps = len(timesteps)
@@ -471,7 +473,7 @@ class StableDiffusionPipeline:
 
     def _parameters(self, prompt, negative, steps, sampler, cfg, seed, width, height, strength) -> str:
         """The web UIs' parameters text for one image (the format `refldm txt2img` writes)."""
-        from refldm.images import parameters_text
+        from refldm.core.images import parameters_text
         from refldm.schedulers import names
         key = sampler or self.scheduler_config.get("_class_name", "")
         try:

@@ -4,7 +4,7 @@ gives, computed without torch.
 A diffusers image is fixed by its seed because every random number comes from torch's CPU generator.
 refldm reproduces that stream, so the same seed gives the same starting latent, bit for bit:
 
-    from refldm.random import Generator, randn
+    from refldm.core.random import Generator, randn
     x = randn((1, 4, 64, 64), seed=42)          # == torch.randn(..., generator=torch.Generator().manual_seed(42))
     g = Generator(42)                            # a continuing stream, like one torch.Generator:
     a, b = g.randn((3,)), g.randn((2, 8))        # == two successive torch.randn calls on that generator
@@ -43,6 +43,7 @@ import platform
 import numpy
 
 from refldm import backend
+from refldm.accel.libm import libm_float32
 
 __all__ = ["Generator", "randn", "rand", "default_kernel"]
 
@@ -190,7 +191,7 @@ def _box_muller16_scalar(d):
     d = d.reshape(-1, 16)
     u1 = _F32(1) - d[:, :8]
     theta = (2 * math.pi * d[:, 8:].astype(numpy.float64)).astype(_F32)  # double product, rounded to float
-    lib = backend.libm_float32()  # the C library's logf/cosf/sinf (a platform binding: refldm.backend)
+    lib = libm_float32()  # the C library's logf/cosf/sinf (a ctypes binding: refldm.accel.libm)
     if lib:
         log = numpy.array([lib.logf(v) for v in u1.ravel().tolist()], _F32).reshape(u1.shape)
         cos = numpy.array([lib.cosf(v) for v in theta.ravel().tolist()], _F32).reshape(u1.shape)
@@ -224,14 +225,14 @@ _DTYPES = {"float32": numpy.float32, "float64": numpy.float64, "float16": numpy.
 def _dtype_name(dtype) -> str:
     name = dtype if isinstance(dtype, str) else numpy.dtype(dtype).name
     if name not in _DTYPES:
-        raise ValueError(f"refldm.random: unsupported dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+        raise ValueError(f"refldm.core.random: unsupported dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
     return name
 
 
 def _shape(shape) -> tuple:
     shape = (shape,) if isinstance(shape, (int, numpy.integer)) else tuple(int(s) for s in shape)
     if any(s < 0 for s in shape):
-        raise ValueError(f"refldm.random: negative size in shape {shape}")
+        raise ValueError(f"refldm.core.random: negative size in shape {shape}")
     return shape
 
 
@@ -245,9 +246,9 @@ class Generator:
 
     def __init__(self, seed: int | None = None, mode: str = "torch", kernel: str = "auto"):
         if mode not in ("torch", "numpy"):
-            raise ValueError(f"refldm.random.Generator: unknown mode {mode!r}; choose 'torch' or 'numpy'")
+            raise ValueError(f"refldm.core.random.Generator: unknown mode {mode!r}; choose 'torch' or 'numpy'")
         if kernel not in ("auto", "avx2", "scalar"):
-            raise ValueError(f"refldm.random.Generator: unknown kernel {kernel!r}; choose 'auto', 'avx2' or 'scalar'")
+            raise ValueError(f"refldm.core.random.Generator: unknown kernel {kernel!r}; choose 'auto', 'avx2' or 'scalar'")
         self.mode = mode
         self.kernel = default_kernel() if kernel == "auto" else kernel
         self.manual_seed(DEFAULT_SEED if seed is None else seed)
@@ -256,9 +257,9 @@ class Generator:
         """Restart the stream from `seed`, 0..2**64-1 (as ``torch.Generator.manual_seed``); returns self.
         Other integers are refused rather than wrapped: 2**64 would silently give seed 0's noise."""
         if isinstance(seed, bool) or not isinstance(seed, (int, numpy.integer)):
-            raise ValueError(f"refldm.random: seed must be an integer, got {seed!r}")
+            raise ValueError(f"refldm.core.random: seed must be an integer, got {seed!r}")
         if not 0 <= int(seed) <= 2**64 - 1:  # torch's range; wrapping would give another seed's noise silently
-            raise ValueError(f"refldm.random: seed {int(seed)} is outside 0..2**64-1 (18446744073709551615)")
+            raise ValueError(f"refldm.core.random: seed {int(seed)} is outside 0..2**64-1 (18446744073709551615)")
         self._seed = int(seed)
         self._next_normal = None  # torch's next_double_normal_sample
         if self.mode == "torch":
@@ -338,7 +339,7 @@ class Generator:
 
 def _draw(kind, shape, seed, generator, dtype):
     if seed is not None and generator is not None:
-        raise ValueError("refldm.random: pass either seed or generator, not both")
+        raise ValueError("refldm.core.random: pass either seed or generator, not both")
     if generator is None:
         generator = Generator(int(numpy.random.SeedSequence().entropy % 2**63) if seed is None else seed)
     if isinstance(generator, (list, tuple)):  # one generator per batch element, as diffusers' randn_tensor
@@ -346,14 +347,14 @@ def _draw(kind, shape, seed, generator, dtype):
         if len(generator) == 1:
             return _draw(kind, shape, None, generator[0], dtype)
         if not shape or len(generator) != shape[0]:
-            raise ValueError(f"refldm.random: {len(generator)} generators for shape {shape}; "
+            raise ValueError(f"refldm.core.random: {len(generator)} generators for shape {shape}; "
                              "give one generator per batch element (shape[0])")
         return numpy.concatenate([_draw(kind, (1,) + shape[1:], None, g, dtype) for g in generator], axis=0)
     if isinstance(generator, numpy.random.Generator):
         values = generator.standard_normal(_shape(shape)) if kind == "randn" else generator.random(_shape(shape))
         return values.astype(_DTYPES[_dtype_name(dtype)])
     if not isinstance(generator, Generator):
-        raise ValueError(f"refldm.random: generator must be a refldm.random.Generator, a list of them or a "
+        raise ValueError(f"refldm.core.random: generator must be a refldm.core.random.Generator, a list of them or a "
                          f"numpy.random.Generator, got {type(generator).__name__}")
     return getattr(generator, kind)(shape, dtype)
 

@@ -1,9 +1,9 @@
 """The recording hook: named intermediate values, kept when a recorder is active, free when not.
 
 The library calls this module at the places worth looking at; the cross-checking toolkit
-(`refldm.trace`) turns a recording on and writes it to a trace file. Three kinds of call:
+(`refldm.crosscheck.trace`) turns a recording on and writes it to a trace file. Three kinds of call:
 
-    module output   `refldm.nn.Module.__call__` hands every module's output to the active recorder,
+    module output   `refldm.core.nn.Module.__call__` hands every module's output to the active recorder,
                     under the module's checkpoint key prefix (``down_blocks.1.attentions.0``)
     value           ``record.value("steps.3.guided", eps)``: a value that is no module's output
                     (a sampler step's latents, the guided noise prediction)

@@ -39,6 +39,8 @@ import dataclasses
 import json
 import os
 
+from refldm.about import DEFAULT_MODEL
+
 __all__ = ["Op", "Count", "UNetShape", "VAEShape", "count_unet", "count_vae", "find_configs",
            "NORM_FLOPS_PER_VALUE", "SD_VAE_CONFIG"]
 
@@ -478,7 +480,7 @@ def find_configs(model=None) -> tuple:
     config.json file. A folder or file without a U-Net config raises ValueError naming it.
     """
     if model is None:
-        model = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+        model = DEFAULT_MODEL
     model = os.fspath(model)
     if not os.path.exists(model):
         raise FileNotFoundError(f"{model}: no such file or folder")

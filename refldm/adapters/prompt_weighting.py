@@ -26,7 +26,7 @@ diffusers' plain behaviour (one 77-token window, longer prompts cut). The algori
    counts: the shorter one gets empty chunks ([start] + 76 x [end], weights 1), encoded the same way
    (the web UI's "pad prompt/negative prompt to be same length" option).
 
-Textual-inversion tokens are cut out whole by the tokenizer (refldm/textual_inversion.py) and expanded to
+Textual-inversion tokens are cut out whole by the tokenizer (refldm/adapters/textual_inversion.py) and expanded to
 their n tokens before parsing, as diffusers does; the web UI keeps an embedding's vectors in one chunk,
 refldm lets a chunk boundary fall between them (a difference only for prompts over 75 tokens).
 """
@@ -194,7 +194,7 @@ def encode_prompts(pipe, prompts: list, negatives: list | None, syntax: str = "w
         cond = _encode_ids(pipe.text_encoder, pipe.tokenize(list(prompts)), clip_skip)      # (B, 77, D)
         uncond = None if negatives is None else _encode_ids(pipe.text_encoder, pipe.tokenize(list(negatives)), None)
         return cond, uncond
-    from refldm.textual_inversion import expand_prompt
+    from refldm.adapters.textual_inversion import expand_prompt
     texts = [expand_prompt(pipe.tokenizer, p) for p in list(prompts) + list(negatives or [])]
     n = max(len(chunk_tokens(pipe.tokenizer, t)) for t in texts)
     rows = [encode_weighted(pipe.tokenizer, pipe.text_encoder, t, clip_skip, chunks=n) for t in texts]

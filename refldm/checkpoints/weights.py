@@ -282,7 +282,7 @@ def save_file(tensors: dict, path, metadata: dict | None = None) -> None:
         for c in chunks:
             f.write(c)
 
-    from refldm.images import atomic_write
+    from refldm.files import atomic_write
     atomic_write(path, write)  # a temporary file renamed over `path`: never a half-written checkpoint
 
 
@@ -326,7 +326,7 @@ def load_state(paths) -> dict:
 
 
 def load_into(model, state: dict, dtype="float32", source: str = "checkpoint"):
-    """Check `state` against the declared tensors of `model` (a `refldm.nn.Module`) and put the arrays into it.
+    """Check `state` against the declared tensors of `model` (a `refldm.core.nn.Module`) and put the arrays into it.
 
     Every expected key must be present with the expected shape and no key may be left over; a mismatch
     raises one WeightsError listing the keys at fault. Arrays are cast to `dtype` (fp16 / bf16 files are

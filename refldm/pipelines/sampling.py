@@ -17,8 +17,9 @@ import inspect
 import numpy
 from tqdm.auto import tqdm
 
-from refldm import backend, record
-from refldm import random as refldm_random
+from refldm import backend
+from refldm.core import record
+from refldm.core import random as refldm_random
 
 __all__ = [
     "classifier_free_guidance", "rescale_guidance", "initial_latents", "img2img_timesteps", "img2img_latents",
@@ -48,7 +49,7 @@ def rescale_guidance(pred_guided, pred_cond, guidance_rescale: float):
 def initial_latents(shape, scheduler, seed=None, generator=None, dtype="float32"):
     """Starting noise for text-to-image: randn(shape) * scheduler.init_noise_sigma, on the active backend.
 
-    With `seed` (or a refldm.random.Generator) the noise equals diffusers' for the same seed."""
+    With `seed` (or a refldm.core.random.Generator) the noise equals diffusers' for the same seed."""
     noise = refldm_random.randn(shape, seed=seed, generator=generator, dtype=dtype)
     return backend.asarray(noise) * float(scheduler.init_noise_sigma)
 
@@ -98,7 +99,7 @@ def _accepts(fn, name):
 
 
 def _model_call(model_fn, x_in, t, i):
-    """model_fn(x_in, t), recorded when a trace is on (`refldm.record`) as ``steps.<i>.timestep``,
+    """model_fn(x_in, t), recorded when a trace is on (`refldm.core.record`) as ``steps.<i>.timestep``,
     ``.model_input``, ``.unet.<layer>`` (the model's own layers) and ``.noise_pred`` (its output)."""
     record.value(f"steps.{i}.timestep", float(t))
     record.value(f"steps.{i}.model_input", x_in)
@@ -116,7 +117,7 @@ def sample(model_fn, scheduler, latents, timesteps=None, *, guidance_scale: floa
     guidance_scale is set); x = scheduler.step(pred, t, x, generator=..., **step_kwargs).prev_sample.
     ``callback(i, t, x)`` runs after each step; if it returns an array, that replaces x. A scheduler whose
     ``timesteps`` is a Python list (DPM adaptive) appends the model calls it decides on while this loop iterates it.
-    ``progress=False`` silences the tqdm bar. With a trace on (`refldm.record`), step i records
+    ``progress=False`` silences the tqdm bar. With a trace on (`refldm.core.record`), step i records
     ``steps.<i>.timestep``, ``.model_input``, ``.unet.<layer>``, ``.noise_pred``, ``.latents`` (x), ``.guided``
     (pred), ``.prev_sample`` and ``.pred_original_sample``."""
     timesteps = scheduler.timesteps if timesteps is None else timesteps

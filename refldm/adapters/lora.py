@@ -36,8 +36,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refldm import backend, ops
-from refldm.weights import WeightsError, read_header, load_file
+from refldm import backend
+from refldm.core import ops
+from refldm.checkpoints.weights import WeightsError, read_header, load_file
 
 __all__ = ["LoRA", "LoRALayer", "LoRAError", "load_lora", "apply_loras", "remove_loras", "adapted_layers"]
 

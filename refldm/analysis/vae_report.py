@@ -31,6 +31,8 @@ import os
 
 import numpy as np
 
+from refldm.about import DEFAULT_MODEL
+
 __all__ = ["psnr", "ssim", "band_energy", "edge_correlation", "worst_region", "reconstruct", "measure",
            "draw_report", "run"]
 
@@ -158,7 +160,7 @@ def worst_region(a, b, tile: int | None = None) -> dict:
 def reconstruct(vae, pixels, dtype="float32"):
     """(H, W, 3) uint8 -> (reconstruction (H, W, 3) uint8, notes). Sizes that are not a multiple of the
     VAE's factor are padded by repeating the edge pixels, then cropped back (and a note says so)."""
-    from refldm import images
+    from refldm.core import images
 
     notes = []
     h, w = pixels.shape[:2]
@@ -310,7 +312,7 @@ def draw_report(rows, path, title: str, note: str | None = None) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 def _default_vae():
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model", "vae")
+    return os.path.join(DEFAULT_MODEL, "vae")
 
 
 def _jsonable(v):
@@ -324,7 +326,7 @@ def _jsonable(v):
 
 def run(args) -> int:
     """``refldm vae-report``: see refldm/cli/analysis.py for the arguments."""
-    from refldm import probe_images
+    from refldm.analysis import probe_images
     from refldm.models.vae import AutoencoderKL
 
     if args.bands < 1:

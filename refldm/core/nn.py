@@ -1,11 +1,11 @@
 """The smallest module system that lets a model's attribute names *be* its checkpoint keys.
 
 A model is a tree of `Module`s. A leaf tensor is declared as ``self.weight = Param(out, in)``; the
-loader (`refldm.weights`) walks the tree, finds ``conv_in.weight``, ``down_blocks.0.resnets.1.norm1.bias``
+loader (`refldm.checkpoints.weights`) walks the tree, finds ``conv_in.weight``, ``down_blocks.0.resnets.1.norm1.bias``
 and so on, checks each against the checkpoint, and replaces every `Param` with the loaded array. After
 loading, ``self.weight`` is a plain array of the active backend and ``forward`` reads it directly.
 
-Calling a module runs ``forward``; when a recording is on (`refldm.record`, started by `refldm.trace`),
+Calling a module runs ``forward``; when a recording is on (`refldm.core.record`, started by `refldm.crosscheck.trace`),
 the output is recorded under the module's key prefix. With none on this costs one ``is None`` test per call.
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 
-from refldm import record
+from refldm.core import record
 from refldm.backend import resolve_dtype
-from refldm.weights import find_weights, load_into, load_state, read_config
+from refldm.checkpoints.weights import find_weights, load_into, load_state, read_config
 
 
 class Param:

@@ -38,11 +38,11 @@ import numpy as np
 from PIL import Image
 
 from refldm import backend
-from refldm import random as refldm_random
-from refldm.images import scale_latents
+from refldm.core import random as refldm_random
+from refldm.core.images import scale_latents
 from refldm.models.blocks import upsample_nearest
-from refldm.pipeline import NonFiniteLatentsError, StableDiffusionPipeline, StableDiffusionPipelineOutput
-from refldm.sampling import img2img_latents, img2img_timesteps, sample
+from refldm.pipelines.sd import NonFiniteLatentsError, StableDiffusionPipeline, StableDiffusionPipelineOutput
+from refldm.pipelines.sampling import img2img_latents, img2img_timesteps, sample
 
 __all__ = ["StableDiffusionInpaintPipeline", "prepare_mask", "crop_region", "resize_and_fill", "paste_back"]
 
@@ -165,7 +165,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         noise; below 1 from the image noised to the strength's timestep (as img2img). padding_mask_crop=p:
         repaint only the box around the mask grown by p pixels, scaled to (width, height) (default: the
         image's size), then pasted back (diffusers' "inpaint only masked" mode)."""
-        from refldm.prompt_weighting import encode_prompts
+        from refldm.adapters.prompt_weighting import encode_prompts
         if image is None or mask_image is None:
             raise ValueError("inpainting needs image= and mask_image=")
         original_image, original_mask, box = image, mask_image, None

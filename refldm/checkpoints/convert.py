@@ -220,7 +220,7 @@ def original_key(table: str, key: str, shape: Shape) -> Target:
         joined = ".".join(p for p in (prefix, leaf) if p)
         conv1x1 = leaves is VAE_ATTENTION and rest.endswith("weight") and not rest.startswith("group_norm")
         return Target(_PREFIXES[table] + joined, conv1x1=conv1x1)
-    raise ConversionError(f"no rule in refldm/convert.py maps {table} key {key!r} to an original checkpoint key")
+    raise ConversionError(f"no rule in refldm/checkpoints/convert.py maps {table} key {key!r} to an original checkpoint key")
 
 
 # ---------------------------------------------------------------------------------------------------------------

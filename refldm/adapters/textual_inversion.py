@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from refldm.weights import WeightsError, load_file, refuse_pickle
+from refldm.checkpoints.weights import WeightsError, load_file, refuse_pickle
 
 __all__ = ["load_embedding", "load_textual_inversion", "expand_prompt", "TextualInversionError"]
 
