@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from refldm.cli import main
 from refldm.core import pnginfo
 from refldm.core.images import parameters_text, save_pil
+from tests.conftest import require
 
 A1111_TEXT = """masterpiece, a castle on a hill, <lora:add_detail:0.6>, (sunset:1.2)
 <lora:film grain:0.35:0.8>
@@ -293,3 +294,42 @@ def test_png_info_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["png-info", str(comfy), "--strict"]) == 2
     err = capsys.readouterr().err
     assert "nodes refldm does not run: 14: FaceDetailer" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sd_parsers_reads_every_field_refldm_writes(tmp_path):
+    """A real metadata reader (the sd-parsers package) reads refldm's parameters text with the values refldm
+    meant: the prompts, the sampler, the model and its hash, and every other field. (sd-parsers splits the
+    fields line at every comma and does not unquote, so values holding a comma are outside this check.)"""
+    sd_parsers = require("sd_parsers")
+    from PIL import Image
+
+    base = pnginfo.parse_parameters(parameters_text("a red circle", "blurry", 20, "DPM++ 2M", 7.5, 12345, 512, 384,
+                                                    "v1-5", strength=0.7))
+    base.update(schedule_type="Karras", model_hash="6ce0161689", clip_skip=2, rng="NV", ensd=31337,
+                variation_seed=9, variation_seed_strength=0.25, seed_resize_from=[512, 448], hires_upscale=2.0,
+                hires_steps=10, hires_upscaler="Latent (nearest-exact)", defaults=[])
+    text = pnginfo.format_parameters(base)
+    path = tmp_path / "r.png"
+    save_pil(Image.fromarray(numpy.zeros((8, 8, 3), numpy.uint8)), path, parameters=text)
+    info = sd_parsers.ParserManager().parse(str(path))
+    assert info is not None and info.generator.name == "AUTOMATIC1111"
+    (sampler,) = info.samplers
+    theirs = dict(info.metadata)
+    back = {"scheduler": "Schedule type", "cfg_scale": "CFG scale", "seed": "Seed", "steps": "Steps", "ensd": "ENSD"}
+    theirs.update({back[k]: v for k, v in sampler.parameters.items()})
+    theirs.update({"Sampler": sampler.name, "Model": sampler.model.name, "Model hash": sampler.model.hash})
+    ours = {name.strip(): value.strip() for name, value in pnginfo._FIELD.findall(text.splitlines()[-1])}
+    assert len(ours) == 19 and theirs == ours
+    assert [p.value for p in sampler.prompts] == ["a red circle"]
+    assert [p.value for p in sampler.negative_prompts] == ["blurry"]
+
+
+def test_parameters_text_writes_the_hash_and_the_noise_fields_the_reader_reads():
+    text = parameters_text("p", None, 20, "Euler a", 7.0, 5, 512, 512, "m", model_hash="6ce0161689",
+                           fields={"RNG": "NV", "ENSD": 31337, "Variation seed": 6, "Variation seed strength": 0.25,
+                                   "Seed resize from": "448x448", "Hires upscaler": "x, y", "Clip skip": None})
+    assert "Size: 512x512, Model hash: 6ce0161689, Model: m" in text and 'Hires upscaler: "x, y"' in text
+    s = pnginfo.parse_parameters(text)
+    assert (s["model_hash"], s["rng"], s["ensd"], s["variation_seed"]) == ("6ce0161689", "NV", 31337, 6)
+    assert (s["variation_seed_strength"], s["seed_resize_from"], s["hires_upscaler"]) == (0.25, [448, 448], "x, y")
+    assert s["defaults"] == ["clip_skip"]
