@@ -304,7 +304,8 @@ COMFYUI_NODES = {
 
 
 def _is_link(value) -> bool:
-    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], (str, int)) and isinstance(value[1], int)
+    return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], (str, int))
+            and isinstance(value[1], int))
 
 
 class _Graph:
@@ -345,7 +346,8 @@ class _Graph:
             try:
                 value = kind(value)
             except (TypeError, ValueError):
-                raise ValueError(f"prompt: node {node_id} input {name!r} = {value!r} is not a {kind.__name__}") from None
+                raise ValueError(f"prompt: node {node_id} input {name!r} = {value!r} "
+                                 f"is not a {kind.__name__}") from None
         return value
 
     def text(self, link, what):
@@ -354,7 +356,8 @@ class _Graph:
             raise ValueError(f"prompt: the {what} is not linked to a node")
         node_id, node = self.node(link, what)
         if node["class_type"] != "CLIPTextEncode":
-            raise ValueError(f"prompt: the {what} comes from node {node_id} ({node['class_type']}), not a CLIPTextEncode")
+            raise ValueError(f"prompt: the {what} comes from node {node_id} ({node['class_type']}), "
+                             "not a CLIPTextEncode")
         return self.value(node_id, "text", str)
 
 
@@ -443,7 +446,8 @@ def parse_comfyui_prompt(graph) -> dict:
         while _is_link(link) and hops < 64:
             mid, mnode = g.node(link, f"model of node {node_id}")
             if mnode["class_type"] in ("LoraLoader", "LoraLoaderModelOnly"):
-                entry = {"name": g.value(mid, "lora_name", str), "strength_model": g.value(mid, "strength_model", float)}
+                entry = {"name": g.value(mid, "lora_name", str),
+                         "strength_model": g.value(mid, "strength_model", float)}
                 if mnode["class_type"] == "LoraLoader":
                     entry["strength_clip"] = g.value(mid, "strength_clip", float)
                 loras.append(entry)

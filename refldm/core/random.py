@@ -389,8 +389,8 @@ class Generator:
                              f"{', '.join(repr(m) for m in MODES)}")
         if kernel not in ("auto", "avx2", "scalar"):
             raise ValueError(f"refldm.core.random.Generator: unknown kernel {kernel!r}; choose 'auto', 'avx2' or 'scalar'")
-        if cuda_threads is not None and (isinstance(cuda_threads, bool) or not isinstance(cuda_threads, (int, numpy.integer))
-                                         or cuda_threads < 1):
+        if cuda_threads is not None and (isinstance(cuda_threads, bool) or cuda_threads < 1
+                                         or not isinstance(cuda_threads, (int, numpy.integer))):
             raise ValueError(f"refldm.core.random.Generator: cuda_threads must be a positive integer (the GPU's "
                              f"SM count x max threads per SM), got {cuda_threads!r}")
         self.mode = mode
