@@ -136,7 +136,7 @@ def test_unseeded_draws_differ_and_manual_seed_restarts():
     (lambda: randn((2,), dtype="int8"), "unsupported dtype 'int8'"),
     (lambda: randn((2, -1), seed=0), "negative size"),
     (lambda: Generator(1.5), "seed must be an integer"),
-    (lambda: Generator(1, mode="cuda"), "unknown mode 'cuda'"),
+    (lambda: Generator(1, mode="gpu"), "unknown mode 'gpu'"),
     (lambda: Generator(1, kernel="sse"), "unknown kernel 'sse'"),
     (lambda: randn((3, 2), generator=[Generator(1), Generator(2)]), "2 generators for shape \\(3, 2\\)"),
     (lambda: randn((2,), generator=object()), "generator must be"),

@@ -20,6 +20,7 @@ import sys
 _MODULES = ("refldm.cli.generate", "refldm.cli.vae", "refldm.cli.trace", "refldm.cli.analysis",
             "refldm.cli.samplers")
 _MODULES += ("refldm.cli.inpaint",)  # inpainting (refldm/cli/inpaint.py)
+_MODULES += ("refldm.cli.pnginfo",)  # png-info: settings read back from an image (refldm/cli/pnginfo.py)
 
 
 def build_parser() -> argparse.ArgumentParser:

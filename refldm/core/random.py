@@ -31,6 +31,12 @@ CPUs without AVX2 (ARM, or ``ATEN_CPU_CAPABILITY=default``), calling the C libra
 ``kernel="auto"`` picks what torch on this machine picks. ``Generator(seed, mode="numpy")`` is the plain
 NumPy generator instead (not torch-compatible, and no C library).
 
+**The GPU stream.** ``Generator(seed, mode="cuda")`` / ``randn(shape, seed=s, mode="cuda")`` gives the
+numbers of ``torch.randn(shape, device="cuda")`` after ``torch.manual_seed(s)``: NVIDIA's Philox 4x32-10
+counter-based generator with curand's Box-Muller, computed on the host exactly as AUTOMATIC1111's "NV"
+random source does (its ``modules/rng_philox.py``; stable-diffusion.cpp's ``--rng cuda`` is a port of it).
+See :func:`philox4x32_10` and :func:`philox_randn` for the algorithm, its sources and its size limit.
+
 Everything here runs on the host and returns NumPy arrays; move them with ``refldm.backend.asarray``.
 """
 
@@ -45,7 +51,7 @@ import numpy
 from refldm import backend
 from refldm.accel.libm import libm_float32
 
-__all__ = ["Generator", "randn", "rand", "default_kernel"]
+__all__ = ["Generator", "randn", "rand", "default_kernel", "philox4x32_10", "philox_randn", "MODES"]
 
 DEFAULT_SEED = 67280421310721  # torch.Generator().initial_seed() of a fresh generator
 _F32 = numpy.float32
@@ -216,6 +222,127 @@ def _box_muller16_f64(d):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The GPU stream: Philox 4x32-10 and curand's Box-Muller (torch.randn on CUDA, A1111's "NV" source)
+# ---------------------------------------------------------------------------------------------------
+
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # the two round multipliers
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # the key increments (Weyl constants: golden ratio, sqrt(3) - 1)
+# curand's CURAND_2POW32_INV (2^-32 exactly, as float32) and the same times 2 pi, a float64 product rounded
+# to float32, as A1111 writes them: np.array([2.3283064e-10 * 6.2831855], dtype=np.float32) (bits 0x30c90fdb)
+_TWO_POW32_INV = float(numpy.float32(2.3283064e-10))
+_TWO_POW32_INV_2PI = float(numpy.float32(2.3283064e-10 * 6.2831855))
+_MASK32 = 0xFFFFFFFF
+
+
+def philox4x32_10(counter, key):
+    """Philox 4x32 with 10 rounds (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11;
+    Random123 ``philox4x32_R``; curand's ``curandStatePhilox4_32_10_t``): four 32-bit words from a 128-bit
+    counter and a 64-bit key.
+
+    ``counter``: four uint32 arrays (c0, c1, c2, c3) of one shape; ``key``: (k0, k1), integers or arrays.
+    One round, with hi/lo the upper/lower 32 bits of a 64-bit product:
+
+        (c0, c1, c2, c3) <- (hi(M1 c2) ^ c1 ^ k0,  lo(M1 c2),  hi(M0 c0) ^ c3 ^ k1,  lo(M0 c0))
+
+    with M0 = 0xD2511F53, M1 = 0xCD9E8D57. Ten rounds; between two rounds the key is bumped,
+    (k0, k1) <- (k0 + 0x9E3779B9, k1 + 0xBB67AE85) mod 2^32, so round r (0..9) uses key + r W.
+    Returns the four output words as uint32 arrays.
+    """
+    c0, c1, c2, c3 = (numpy.asarray(c, numpy.uint32) for c in counter)
+    k0, k1 = (numpy.asarray(k, numpy.uint64) & numpy.uint64(_MASK32) for k in key)
+    m0, m1 = numpy.uint64(PHILOX_M[0]), numpy.uint64(PHILOX_M[1])
+    w0, w1 = numpy.uint64(PHILOX_W[0]), numpy.uint64(PHILOX_W[1])
+    shift, mask = numpy.uint64(32), numpy.uint64(_MASK32)
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + w0) & mask, (k1 + w1) & mask
+        p0 = c0.astype(numpy.uint64) * m0  # exact: 32 x 32 -> 64 bits
+        p1 = c2.astype(numpy.uint64) * m1
+        c0, c1, c2, c3 = (((p1 >> shift) ^ c1 ^ k0).astype(numpy.uint32), (p1 & mask).astype(numpy.uint32),
+                          ((p0 >> shift) ^ c3 ^ k1).astype(numpy.uint32), (p0 & mask).astype(numpy.uint32))
+    return c0, c1, c2, c3
+
+
+def _philox_box_muller(x, y):
+    """curand's ``_curand_box_muller`` on word pairs (x, y), in float64 as A1111's NumPy code computes it:
+
+        u = x 2^-32 + 2^-33                 in (0, 1]   (never 0: the log is finite)
+        v = y (2 pi 2^-32) + (2 pi 2^-33)   in (0, 2 pi]
+        (first, second) = sqrt(-2 ln u) (sin v, cos v)
+
+    with the two scale constants rounded to float32 first (their float32 values enter the float64 sums).
+    Returns (first, second) in float64; each is rounded to float32 once, at the end.
+    """
+    u = x.astype(numpy.float64) * _TWO_POW32_INV + _TWO_POW32_INV / 2
+    v = y.astype(numpy.float64) * _TWO_POW32_INV_2PI + _TWO_POW32_INV_2PI / 2
+    s = numpy.sqrt(-2.0 * numpy.log(u))
+    return s * numpy.sin(v), s * numpy.cos(v)
+
+
+def philox_randn(n: int, seed: int, offset: int = 0, threads: int | None = None):
+    """n float32 standard normals of torch's CUDA generator, as A1111's "NV" source computes them on a CPU.
+
+    The algorithm (torch ``aten/src/ATen/native/cuda/DistributionTemplates.h`` ``distribution_nullary_kernel``
+    and ``normal_kernel``; curand ``curand_kernel.h`` ``curand_init`` / ``curand_normal4``; A1111
+    ``modules/rng_philox.py``; stable-diffusion.cpp ``rng_philox.hpp``):
+
+    - **key** = the 64-bit seed split into two words, low word first: (seed mod 2^32, seed >> 32).
+    - **counter** of element i = (offset, 0, i mod 2^32, i >> 32): curand_init(seed, subsequence=i,
+      offset) puts the subsequence (the CUDA thread's index) in words 2-3 and offset / 4 in words 0-1;
+      torch advances its Philox offset by 4 per call, so word 0 counts the calls made on the generator.
+    - **Philox 4x32-10** (:func:`philox4x32_10`) turns the counter into four words (w0, w1, w2, w3).
+    - **Box-Muller** on (w0, w1): element i = sqrt(-2 ln u) sin v (:func:`_philox_box_muller`); the cos
+      partner and the second pair (w2, w3) are not used.
+    - the generator's offset then moves on by 1 (by ceil(n / (4 threads)) with a thread count, below).
+
+    **The size limit.** torch launches min(n, T) CUDA threads, T = (number of SMs) x (max threads per SM),
+    and gives each thread one ``curand_normal4`` (four normals) per loop turn, spread a grid stride apart:
+    element t + k T (k = 0..3) takes the k-th of thread t's four values, the next turn uses counter word
+    0 + 1. For n <= T every element is its own thread's first value, which is what A1111's "NV" source and
+    the default here (``threads=None``) compute for any n. Beyond T the real GPU stream depends on the GPU:
+    T = 40,960 on a T4 (40 SMs x 1024), 43,008 on an RTX 3060, 69,632 on an RTX 2080 Ti, 125,952 on an
+    RTX 3090, 196,608 on an RTX 4090, 221,184 on an A100, 270,336 on an H100 SXM. An SD 1.x 512x512 latent
+    (1 x 4 x 64 x 64 = 16,384 values) and 768x768 (36,864) are safe on every GPU; SDXL's 1024x1024
+    (65,536) is safe on a 2080 Ti and above, not on a T4 or 3060. Give ``threads=T`` to reproduce what a
+    given GPU drew for a larger tensor ("GPU" source); A1111's "NV" images always use ``threads=None``.
+
+    **Precision.** The Box-Muller step runs in float64 (NumPy promotes uint32 x float32 to float64 in
+    A1111's code) and is rounded to float32 once: bit for bit A1111's "NV"; within about 1e-6 relative of
+    the GPU itself, whose curand computes in float32 with its fast sin/log; stable-diffusion.cpp's port
+    computes in float32 too and agrees to a few float32 ulps.
+    """
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"refldm.core.random: negative size {n}")
+    if threads is not None and int(threads) < 1:
+        raise ValueError(f"refldm.core.random: threads must be a positive thread count, got {threads}")
+    key = (int(seed) & _MASK32, (int(seed) >> 32) & _MASK32)
+    out = numpy.empty(n, numpy.float32)
+    if n == 0:
+        return out
+    stride = n if threads is None else min(n, int(threads))
+    turns = -(-n // (4 * stride))
+    index = numpy.arange(stride, dtype=numpy.uint64)
+    sub_lo = (index & numpy.uint64(_MASK32)).astype(numpy.uint32)
+    sub_hi = (index >> numpy.uint64(32)).astype(numpy.uint32)
+    zeros = numpy.zeros(stride, numpy.uint32)
+    for turn in range(turns):
+        c0 = numpy.full(stride, (int(offset) + turn) & _MASK32, numpy.uint32)
+        w0, w1, w2, w3 = philox4x32_10((c0, zeros, sub_lo, sub_hi), key)
+        first, second = _philox_box_muller(w0, w1)
+        values = (first, second) + (_philox_box_muller(w2, w3) if stride < n else ())  # the other pair
+        for k, value in enumerate(values):  # element base + k * stride takes thread t's k-th value
+            start = turn * 4 * stride + k * stride
+            if start >= n:
+                break
+            take = min(stride, n - start)
+            out[start:start + take] = value[:take]
+            if stride == n:  # one thread per element: only the first value is used
+                break
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
 # The generator
 # ---------------------------------------------------------------------------------------------------
 
@@ -236,21 +363,39 @@ def _shape(shape) -> tuple:
     return shape
 
 
+MODES = ("torch", "cuda", "numpy")
+
+
 class Generator:
     """A random stream that, in ``mode="torch"``, equals a ``torch.Generator("cpu").manual_seed(seed)``.
 
     Successive ``randn``/``rand`` calls continue the stream exactly as successive torch calls on one
-    generator do (including the cached second Box-Muller value of small draws). ``mode="numpy"`` is
-    ``numpy.random.default_rng(seed)`` instead.
+    generator do (including the cached second Box-Muller value of small draws).
+
+    ``mode="cuda"``: the stream of torch's CUDA generator after ``manual_seed(seed)`` (Philox 4x32-10,
+    :func:`philox_randn`), as AUTOMATIC1111's "NV" source computes it; each ``randn`` call moves the
+    Philox offset on by one, as A1111's generator and torch's (for tensors up to 4 x ``cuda_threads``)
+    do. ``cuda_threads``: the thread count T of the GPU to imitate for tensors larger than T (see
+    :func:`philox_randn`); None, the default, is A1111's "NV" (and the GPU for every tensor up to its T).
+    float32 and float16 (the float32 values rounded) only; ``rand`` is not provided in this mode.
+
+    ``mode="numpy"`` is ``numpy.random.default_rng(seed)`` instead.
     """
 
-    def __init__(self, seed: int | None = None, mode: str = "torch", kernel: str = "auto"):
-        if mode not in ("torch", "numpy"):
-            raise ValueError(f"refldm.core.random.Generator: unknown mode {mode!r}; choose 'torch' or 'numpy'")
+    def __init__(self, seed: int | None = None, mode: str = "torch", kernel: str = "auto",
+                 cuda_threads: int | None = None):
+        if mode not in MODES:
+            raise ValueError(f"refldm.core.random.Generator: unknown mode {mode!r}; choose one of "
+                             f"{', '.join(repr(m) for m in MODES)}")
         if kernel not in ("auto", "avx2", "scalar"):
             raise ValueError(f"refldm.core.random.Generator: unknown kernel {kernel!r}; choose 'auto', 'avx2' or 'scalar'")
+        if cuda_threads is not None and (isinstance(cuda_threads, bool) or cuda_threads < 1
+                                         or not isinstance(cuda_threads, (int, numpy.integer))):
+            raise ValueError(f"refldm.core.random.Generator: cuda_threads must be a positive integer (the GPU's "
+                             f"SM count x max threads per SM), got {cuda_threads!r}")
         self.mode = mode
         self.kernel = default_kernel() if kernel == "auto" else kernel
+        self.cuda_threads = None if cuda_threads is None else int(cuda_threads)
         self.manual_seed(DEFAULT_SEED if seed is None else seed)
 
     def manual_seed(self, seed: int) -> "Generator":
@@ -262,9 +407,10 @@ class Generator:
             raise ValueError(f"refldm.core.random: seed {int(seed)} is outside 0..2**64-1 (18446744073709551615)")
         self._seed = int(seed)
         self._next_normal = None  # torch's next_double_normal_sample
+        self.offset = 0  # mode "cuda": Philox counter word 0, one per randn call
         if self.mode == "torch":
             self._bits = _mt19937(self._seed)
-        else:
+        elif self.mode == "numpy":
             self._rng = numpy.random.default_rng(self._seed)
         return self
 
@@ -301,6 +447,14 @@ class Generator:
         n = int(numpy.prod(shape, dtype=numpy.int64))
         if self.mode == "numpy":
             return self._rng.standard_normal(n).astype(_DTYPES[name]).reshape(shape)
+        if self.mode == "cuda":
+            if name == "float64":
+                raise ValueError("refldm.core.random: mode 'cuda' makes float32 noise (as A1111's NV source); "
+                                 "ask for float32 or float16")
+            values = philox_randn(n, self._seed, self.offset, self.cuda_threads)
+            stride = n if self.cuda_threads is None else min(n, self.cuda_threads)
+            self.offset = (self.offset + max(1, -(-n // (4 * max(stride, 1))))) & _MASK32
+            return values.astype(_DTYPES[name]).reshape(shape)
         if n < 16:
             values = numpy.array([self._normal_scalar() for _ in range(n)], numpy.float64)
             if name == "float16":
@@ -328,6 +482,9 @@ class Generator:
         n = int(numpy.prod(shape, dtype=numpy.int64))
         if self.mode == "numpy":
             return self._rng.random(n).astype(_DTYPES[name]).reshape(shape)
+        if self.mode == "cuda":
+            raise ValueError("refldm.core.random: mode 'cuda' provides randn only (the initial noise); "
+                             "use mode 'torch' for uniform values")
         if name == "float64":
             return self._uniform64(n).reshape(shape)
         values = self._uniform32(n)
@@ -337,11 +494,14 @@ class Generator:
         return values.reshape(shape)
 
 
-def _draw(kind, shape, seed, generator, dtype):
+def _draw(kind, shape, seed, generator, dtype, mode=None):
     if seed is not None and generator is not None:
         raise ValueError("refldm.core.random: pass either seed or generator, not both")
+    if mode is not None and generator is not None:
+        raise ValueError("refldm.core.random: pass mode with a seed only; a generator keeps its own mode")
     if generator is None:
-        generator = Generator(int(numpy.random.SeedSequence().entropy % 2**63) if seed is None else seed)
+        generator = Generator(int(numpy.random.SeedSequence().entropy % 2**63) if seed is None else seed,
+                              mode="torch" if mode is None else mode)
     if isinstance(generator, (list, tuple)):  # one generator per batch element, as diffusers' randn_tensor
         shape = _shape(shape)
         if len(generator) == 1:
@@ -359,16 +519,17 @@ def _draw(kind, shape, seed, generator, dtype):
     return getattr(generator, kind)(shape, dtype)
 
 
-def randn(shape, seed: int | None = None, generator=None, dtype="float32"):
+def randn(shape, seed: int | None = None, generator=None, dtype="float32", mode: str | None = None):
     """Standard normal noise of `shape` as a host NumPy array.
 
     ``randn(shape, seed=s)`` equals ``torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s))``;
+    ``randn(shape, seed=s, mode="cuda")`` the same on torch's CUDA generator (A1111's "NV" source);
     ``generator=`` continues a :class:`Generator` (or a list of them, one per batch element, as diffusers
     allows; or a ``numpy.random.Generator`` for plain NumPy noise). Neither: a fresh, unseeded stream.
     """
-    return _draw("randn", shape, seed, generator, dtype)
+    return _draw("randn", shape, seed, generator, dtype, mode)
 
 
-def rand(shape, seed: int | None = None, generator=None, dtype="float32"):
+def rand(shape, seed: int | None = None, generator=None, dtype="float32", mode: str | None = None):
     """Uniform [0, 1) values of `shape`, as ``torch.rand`` on a seeded CPU generator (see :func:`randn`)."""
-    return _draw("rand", shape, seed, generator, dtype)
+    return _draw("rand", shape, seed, generator, dtype, mode)
