@@ -164,9 +164,12 @@ def relative_position_bucket(relative_position, num_buckets: int = 32, max_dista
                                   min(n - 1, e + floor( log(|r| / e) / log(max_distance / e) * (n - e) ))  else )
 
     Distances below e get a bucket each; farther ones share log-spaced buckets, and every distance
-    >= max_distance falls into the last one. The logarithm is evaluated in float32, as in transformers,
-    so that distances on a bucket boundary (with the defaults, |r| = 16: 2 log2(2) = 2 exactly) land in
-    the same bucket. relative_position: integer array (host); returns int64 buckets in [0, num_buckets).
+    >= max_distance falls into the last one. The expression is evaluated in float32, as transformers
+    does. Where it is an integer (a distance exactly on a bucket boundary: |r| = 16, 32, 64 with the
+    defaults) the last bit of float32 log(|r| / e) decides the side; NumPy's float32 log and torch's
+    (SLEEF) agree on every distance for the published configuration (32 buckets, 128) and disagreed by
+    one ulp on 9 of 36,713 (num_buckets, max_distance) pairs searched (float64 would differ on 29).
+    relative_position: integer array (host); returns int64 buckets in [0, num_buckets).
     """
     r = np.asarray(relative_position, dtype=np.int64)
     n = num_buckets // 2
