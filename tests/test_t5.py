@@ -286,3 +286,16 @@ def test_padding_is_invisible_to_the_kept_tokens():
     alone = model(ids[:, :4]).last_hidden_state
     assert np.abs(padded - alone).max() <= 1e-12
     assert np.abs(model(ids).last_hidden_state[:, :4] - alone).max() > 1e-3  # unmasked padding is attended to
+
+
+def test_trace_names_follow_transformers_modules(tiny_folder):
+    from refldm.crosscheck import trace
+    model, folder = tiny_folder
+    mine_model = T5EncoderModel.from_pretrained(folder, dtype="float64")
+    with trace.record() as t:
+        mine_model(np.arange(1, 13).reshape(1, -1))
+    mine = set(t.activations) - {trace.ROOT}
+    theirs = {name for name, _ in model.named_modules()}
+    assert mine <= theirs, mine - theirs
+    assert {"encoder.embed_tokens", "encoder.block.0.layer.0.SelfAttention.q", "encoder.block.2.layer.1.DenseReluDense",
+            "encoder.final_layer_norm", "encoder"} <= mine

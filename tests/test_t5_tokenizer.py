@@ -50,14 +50,14 @@ SYLLABLES = ["ka", "to", "ri", "an", "the", "ing", "ph", "ot", "o", "ca", "t", "
              "al", "st", "er", "A", "Á", "é", "fi", "TM", "hPa", "!", "?", ".", ",", "-", "ß", "ж", "Ω", "B", "ガ"]
 
 
-def train(byte_fallback: bool) -> bytes:
+def train(byte_fallback: bool, model_type: str = "unigram") -> bytes:
     """A small unigram spiece.model trained by sentencepiece (ids: <pad> 0, </s> 1, <unk> 2, as T5's)."""
     spm = require("sentencepiece")
     rng = random.Random(0)
     words = ["".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(400)]
     lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(3000)]
     out = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=out, model_type="unigram",
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=out, model_type=model_type,
                                    vocab_size=600 if byte_fallback else 300, hard_vocab_limit=False,
                                    byte_fallback=byte_fallback, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
                                    character_coverage=1.0, minloglevel=2, num_threads=1)
@@ -302,3 +302,16 @@ def test_the_files_normalizer_and_pre_tokenizer_do_not_change_transformers_ids(m
     mine = T5TokenizerFast.from_pretrained(old)
     for prompt in PROMPTS:
         assert mine.encode(prompt) == theirs(prompt)["input_ids"] == reference(prompt)["input_ids"], prompt
+
+
+def test_a_sentencepiece_bpe_model_is_refused_in_one_line(tmp_path):
+    (tmp_path / "spiece.model").write_bytes(train(False, model_type="bpe"))
+    with pytest.raises(TokenizerError, match=r"spiece.model: a SentencePiece BPE model; T5's tokenizer is a UNIGRAM"):
+        T5TokenizerFast.from_pretrained(tmp_path)
+
+
+def test_the_clip_tokenizer_folder_is_refused_in_one_line():
+    from refldm.about import DEFAULT_MODEL
+    import os
+    with pytest.raises(TokenizerError, match=r"no tokenizer.json nor spiece.model \(found .*: not a T5 tokenizer\)"):
+        T5TokenizerFast.from_pretrained(os.path.join(DEFAULT_MODEL, "tokenizer"))

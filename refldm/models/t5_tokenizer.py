@@ -531,15 +531,22 @@ class T5TokenizerFast:
                                                                    "sentencepiece.bpe.model", "vocab.txt"))
             raise TokenizerError(f"{folder}: no tokenizer.json nor spiece.model"
                                  + (f" (found {', '.join(others)}: not a T5 tokenizer)" if others else ""))
-        for entry in list(config.get("additional_special_tokens") or []) + list(
-                (config.get("added_tokens_decoder") or {}).values()):
+        # the special tokens tokenizer_config.json lists (transformers 4: additional_special_tokens and
+        # added_tokens_decoder; transformers 5: extra_special_tokens, a list or a {name: token} object)
+        listed = []
+        for key in ("additional_special_tokens", "extra_special_tokens", "added_tokens_decoder"):
+            value = config.get(key) or []
+            listed.extend(value.values() if isinstance(value, dict) else value)
+        ids_of = {}
+        for i, (piece, _) in enumerate(vocab):
+            ids_of.setdefault(piece, i)
+        for entry in listed:
             content = entry.get("content") if isinstance(entry, dict) else entry
             if isinstance(content, str) and content not in added:
-                ids = [i for i, (p, _) in enumerate(vocab) if p == content]
-                if not ids:
+                if content not in ids_of:
                     raise TokenizerError(f"{folder}: added token {content!r} is not in the vocabulary; refldm "
                                          "implements added tokens that are vocabulary pieces only")
-                added[content] = ids[0]
+                added[content] = ids_of[content]
         limit = config.get("model_max_length", NO_LIMIT)
         if isinstance(limit, float) and limit >= NO_LIMIT:
             limit = NO_LIMIT
