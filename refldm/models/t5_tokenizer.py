@@ -25,7 +25,8 @@ Files: ``tokenizer.json`` (the `tokenizers` library's file; its Unigram model's 
 score] pairs, unk_id, byte_fallback, and its Precompiled normaliser's charsmap) is read when present, as
 transformers does; else ``spiece.model``, the SentencePiece model, a protobuf parsed here by hand
 (`read_spiece_model`). transformers 5 builds the same pipeline (steps 1-5) from either file, whatever
-normaliser and pre-tokeniser tokenizer.json spells out, and so does refldm. tokenizer_config.json /
+normaliser and pre-tokeniser tokenizer.json spells out, and so does refldm; except that transformers'
+T5 tokenizer turns byte fallback off, where refldm (and the sentencepiece library) follow the file. tokenizer_config.json /
 special_tokens_map.json give the special tokens and model_max_length. Standard library and NumPy only.
 """
 
