@@ -248,7 +248,8 @@ def test_config_errors_name_the_key():
         T5EncoderModel.from_config({**TINY, "feed_forward_proj": "gated-mish"})
     with pytest.raises(ConfigError, match=r"feed_forward_proj='double-gated-gelu' is not 'ACT' or 'gated-ACT'"):
         T5EncoderModel.from_config({**TINY, "feed_forward_proj": "double-gated-gelu"})
-    assert T5EncoderModel.from_config(XXL).config.d_ff == 10240  # every key of the shipped config is known
+    config = T5EncoderModel.from_config(XXL).config  # every key of the shipped config is known
+    assert isinstance(config, T5Config) and (config.d_ff, config.activation, config.is_gated) == (10240, "gelu_new", True)
 
 
 def random_state(model, seed=0):

@@ -30,11 +30,12 @@ PROMPTS = [
     "1234567890 4k 1024x768 3.14", "unknown ßþ Ω ж", "</s> in text <pad> <unk>", "x\u2581y literal metaspace",
     "\u3000ideographic space", "zero\u200bwidth\u200djoin", "a" * 300, "toka rimo " * 60, "\u0600a prepend",
     "ＡＢ\u0301 fullwidth and accent", "e\u0301\u0301 two marks", "ｶﾞ halfwidth", "Ａ\u0301", "tab\tcontrol\x07bell",
+    "<extra_id_0> sentinels <extra_id_99>",
 ]
 # Where the sentencepiece library's ids differ from transformers' (and refldm's), and why:
 SENTENCEPIECE_DIFFERS = {
     # the added tokens </s>, <pad>, <unk> are cut out of the raw text first (sentencepiece spells them out)
-    "</s> in text <pad> <unk>": "added tokens",
+    "</s> in text <pad> <unk>": "added tokens", "<extra_id_0> sentinels <extra_id_99>": "added tokens",
     # a grapheme cluster under 6 bytes is replaced by its *shortest* prefix's mapping, the rest of the
     # cluster dropped (tokenizers' Precompiled); sentencepiece takes the longest match and keeps the rest
     "ＡＢ\u0301 fullwidth and accent": "cluster", "e\u0301\u0301 two marks": "cluster", "Ａ\u0301": "cluster",
@@ -258,6 +259,20 @@ def test_a_tokenizer_file_of_another_kind_is_one_clear_line(tmp_path, case):
 def test_graphemes_join_marks_and_crlf_but_not_across_controls():
     assert graphemes("e\u0301x\r\n\u0301a\u0903\u0600b") == ["e\u0301", "x", "\r\n", "\u0301", "a\u0903", "\u0600b"]
     assert graphemes("\u1100\u1161\u11a8\uac00") == ["\u1100\u1161\u11a8", "\uac00"]  # Hangul L V T, then LV
+
+
+# Characters for which the UAX #29 rules refldm leaves out (emoji ZWJ sequences, flags, Indic conjuncts)
+# do not come into play: letters, CJK, Hangul jamo and syllables, marks, spacing marks, prepend, controls.
+CLUSTER_ALPHABET = ["a", "Z", "é", "東", "\u0301", "\u0308", "\u20e3", "\ufe0f", "\u200d", "\u200c", "\u0903",
+                    "\u0e33", "\u0600", "\r", "\n", "\t", "\x07", "\u200b", "\u1100", "\u1161", "\u11a8",
+                    "\uac00", "\uac01", "\uff9e", "\U0001F3FD", "\U000E0041", " "]
+
+
+@settings(max_examples=200)
+@given(text=st.lists(st.sampled_from(CLUSTER_ALPHABET), max_size=12).map("".join))
+def test_graphemes_equal_the_regex_modules_clusters(text):
+    regex = require("regex")  # installed with transformers; its \X implements UAX #29 in full
+    assert graphemes(text) == regex.findall(r"\X", text)
 
 
 def test_protobuf_reader_handles_negative_ids_and_unknown_fields(tmp_path):

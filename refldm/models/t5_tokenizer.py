@@ -26,8 +26,9 @@ score] pairs, unk_id, byte_fallback, and its Precompiled normaliser's charsmap) 
 transformers does; else ``spiece.model``, the SentencePiece model, a protobuf parsed here by hand
 (`read_spiece_model`). transformers 5 builds the same pipeline (steps 1-5) from either file, whatever
 normaliser and pre-tokeniser tokenizer.json spells out, and so does refldm; except that transformers'
-T5 tokenizer turns byte fallback off, where refldm (and the sentencepiece library) follow the file. tokenizer_config.json /
-special_tokens_map.json give the special tokens and model_max_length. Standard library and NumPy only.
+T5 tokenizer turns byte fallback off, where refldm (and the sentencepiece library) follow the file.
+tokenizer_config.json / special_tokens_map.json give the special tokens and model_max_length. Standard
+library and NumPy only.
 """
 
 from __future__ import annotations
@@ -526,7 +527,8 @@ class T5TokenizerFast:
             # control and user-defined pieces are added tokens in transformers, and so are the extra ids
             added = {p: i for i, (p, _, kind) in enumerate(model.pieces) if kind in ("CONTROL", "USER_DEFINED")}
             added.update({p: len(model.pieces) + k for k, (p, _) in enumerate(vocab[len(model.pieces):])})
-            unk_id, byte_fallback, charsmap, source = model.unk_id, model.byte_fallback, model.precompiled_charsmap, spiece
+            unk_id, byte_fallback, charsmap = model.unk_id, model.byte_fallback, model.precompiled_charsmap
+            source = spiece
         else:
             others = sorted(n for n in os.listdir(folder) if n in ("vocab.json", "merges.txt", "tokenizer.model",
                                                                    "sentencepiece.bpe.model", "vocab.txt"))
