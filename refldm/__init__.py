@@ -28,6 +28,8 @@ _LAZY = {
     "CLIPTextModel": "refldm.models.clip",
     "CLIPTextModelWithProjection": "refldm.models.clip",
     "CLIPTokenizer": "refldm.models.tokenizer",
+    "T5EncoderModel": "refldm.models.t5",
+    "T5TokenizerFast": "refldm.models.t5_tokenizer",
     "StableDiffusionPipeline": "refldm.pipelines.sd",
     "StableDiffusionXLPipeline": "refldm.pipelines.sdxl",
     "StableDiffusionXLImg2ImgPipeline": "refldm.pipelines.sdxl",
