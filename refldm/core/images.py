@@ -29,7 +29,7 @@ from refldm import backend
 from refldm.files import atomic_write
 
 __all__ = ["to_tensor", "to_uint8", "to_pil", "load_image", "save_image", "save_pil", "scale_latents",
-           "unscale_latents", "check_output", "atomic_write", "parameters_text"]
+           "unscale_latents", "check_output", "atomic_write"]
 
 
 def to_tensor(images, dtype="float32"):
@@ -119,26 +119,6 @@ def save_image(x, path, parameters: str | None = None):
     if len(images) != 1:
         raise ValueError(f"save_image: expected one image, got a batch of {len(images)}")
     save_pil(images[0], path, parameters)
-
-
-def parameters_text(prompt, negative, steps, sampler, cfg, seed, width, height, model, strength=None) -> str:
-    """The generation parameters in the Stable Diffusion web UIs' format (their "PNG info" parses it):
-
-        a red circle
-        Negative prompt: blurry
-        Steps: 20, Sampler: Euler, CFG scale: 7.5, Seed: 1, Size: 512x512, Model: v1-5, Denoising strength: 0.7
-    """
-    lines = [prompt]
-    if negative:
-        lines.append(f"Negative prompt: {negative}")
-    fields = [f"Steps: {steps}", f"Sampler: {sampler}", f"CFG scale: {cfg:g}", f"Seed: {seed}",
-              f"Size: {width}x{height}", f"Model: {model}"]
-    if strength is not None:
-        fields.append(f"Denoising strength: {strength:g}")
-    from refldm.about import __version__
-    fields.append(f"Version: refldm {__version__}")
-    lines.append(", ".join(fields))
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------------
