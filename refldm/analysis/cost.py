@@ -36,8 +36,13 @@ The same walk is the one cost model of a run: ``estimate_pipeline(pipe, batch, h
 (and ``estimate_decode`` for the VAE alone) gives the peak memory and the FLOPs that `refldm txt2img`,
 `img2img`, `inpaint` and `decode` check against the machine before they start (refldm/cli/common.py):
 
-    bytes = weights + max(U-Net call, VAE decode),  each = itemsize * peak_chunked + one attention chunk
+    bytes = weights + max(U-Net call, VAE decode),
+            each = WORKING_SET * itemsize * peak_chunked + one chunk of attention scores
     flops = steps * U-Net call (batch 2B with guidance) + VAE decode
+
+WORKING_SET = 2 covers what the walk leaves out (a layer's temporaries: the normalised copy, the activation,
+buffers), measured: refldm's SD 1.x U-Net step holds 225 MiB above the weights where the walk counts 110 MB,
+its VAE decode to 512x512 about 1.0 GiB where the walk counts 0.55 GiB (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ import os
 from refldm.about import DEFAULT_MODEL
 
 __all__ = ["Op", "Count", "UNetShape", "VAEShape", "count_unet", "count_vae", "find_configs", "estimate_generation",
-           "estimate_pipeline", "estimate_decode",
+           "estimate_pipeline", "estimate_decode", "WORKING_SET",
            "NORM_FLOPS_PER_VALUE", "SD_VAE_CONFIG"]
 
 # GroupNorm / LayerNorm per value: mean (1 add), variance (subtract, square, add), normalise
@@ -431,6 +436,9 @@ def _vae_mid(t: _Walk, name, s: VAEShape, c, hw):
 # What a run costs, before it starts: the estimates the CLI checks against the machine
 # ---------------------------------------------------------------------------------------------------
 
+WORKING_SET = 2  # measured live memory / the walk's peak_chunked values (see the module docstring)
+
+
 def _chunk_bytes() -> int:
     """The attention scores refldm holds at once (refldm/core/ops.py chunks the score matrix to this size)."""
     from refldm.core import ops
@@ -439,11 +447,11 @@ def _chunk_bytes() -> int:
 
 def estimate_decode(vae_config, shape, itemsize: int = 4) -> dict:
     """{"bytes", "flops"} of decoding latents of `shape` (N, C, h, w): the decoder walk's largest live set
-    (chunked attention: the score matrix held one chunk at a time) and its products."""
+    (chunked attention: the score matrix held one chunk at a time), times WORKING_SET, and its products."""
     n, _, h, w = shape
     s = vae_config if isinstance(vae_config, VAEShape) else VAEShape.from_config(vae_config)
     _, dec = count_vae(s, h * s.factor, w * s.factor, n)
-    return {"bytes": itemsize * dec.peak_chunked_values + _chunk_bytes(), "flops": dec.flops}
+    return {"bytes": WORKING_SET * itemsize * dec.peak_chunked_values + _chunk_bytes(), "flops": dec.flops}
 
 
 def estimate_generation(unet_config, vae_config, batch: int, height: int, width: int, steps: int,
@@ -458,7 +466,7 @@ def estimate_generation(unet_config, vae_config, batch: int, height: int, width:
     unet_batch = batch * (2 if guidance_scale > 1 else 1)
     unet = count_unet(unet_config, h, w, unet_batch, text_tokens)
     decode = estimate_decode(vae, (batch, vae.latent_channels, h, w), itemsize)
-    peak = max(itemsize * unet.peak_chunked_values + _chunk_bytes(), decode["bytes"])
+    peak = max(WORKING_SET * itemsize * unet.peak_chunked_values + _chunk_bytes(), decode["bytes"])
     return {"bytes": weight_bytes + peak, "flops": steps * unet.flops + decode["flops"]}
 
 

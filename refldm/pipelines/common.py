@@ -373,10 +373,12 @@ class DiffusionPipeline:
     """The parts every latent-diffusion pipeline has and uses alike: `vae`, `unet`, `scheduler_config`,
     `configs` (the raw config.json dicts), `name`, `dtype`. Subclasses add their text encoders and calls."""
 
-    vae = unet = None
-    scheduler_config: dict = {}
-    configs: dict = {}
-    name = "model"
+    vae: object                # AutoencoderKL
+    unet: object               # UNet2DConditionModel
+    scheduler_config: dict     # a fresh scheduler is built from it for each call
+    configs: dict              # the raw config.json dicts of the parts (for `refldm info`)
+    name: str                  # the model's name, as the parameters text records it
+    dtype: object              # numpy dtype of the arrays
 
     @property
     def vae_scale_factor(self) -> int:
