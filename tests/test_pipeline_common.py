@@ -144,8 +144,8 @@ def test_the_parameters_record_writes_the_web_uis_text():
     made = common.GenerationParameters("a cat", "", 20, "DPM++ 2M Karras", 7.5, None, 512, 768, "v1-5",
                                        strength=0.7, extra={"Refiner": "r"})
     assert made.text() == ("a cat\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: unknown, "
-                           f"Size: 512x768, Model: v1-5, Denoising strength: 0.7, Version: refldm {refldm.__version__}, "
-                           "Refiner: r")
+                           "Size: 512x768, Model: v1-5, Denoising strength: 0.7, "
+                           f"Version: refldm {refldm.__version__}, Refiner: r")
     assert made.replace(negative_prompt="blur", seed=3).text().startswith("a cat\nNegative prompt: blur\nSteps: 20")
 
 

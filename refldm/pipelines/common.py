@@ -51,7 +51,8 @@ def parameters_text(prompt, negative, steps, sampler, cfg, seed, width, height, 
 
         a red circle
         Negative prompt: blurry
-        Steps: 20, Sampler: Euler, CFG scale: 7.5, Seed: 1, Size: 512x512, Model: v1-5, Denoising strength: 0.7, Version: refldm 0.1.0
+        Steps: 20, Sampler: Euler, CFG scale: 7.5, Seed: 1, Size: 512x512, Model: v1-5, Denoising strength: 0.7,
+        Version: refldm 0.1.0        (one line, broken here to fit)
 
     `extra` {key: value}: more "Key: value" fields, after the version (SDXL's sizes, the refiner)."""
     lines = [prompt]
@@ -373,12 +374,14 @@ class DiffusionPipeline:
     """The parts every latent-diffusion pipeline has and uses alike: `vae`, `unet`, `scheduler_config`,
     `configs` (the raw config.json dicts), `name`, `dtype`. Subclasses add their text encoders and calls."""
 
-    vae: object                # AutoencoderKL
-    unet: object               # UNet2DConditionModel
-    scheduler_config: dict     # a fresh scheduler is built from it for each call
-    configs: dict              # the raw config.json dicts of the parts (for `refldm info`)
-    name: str                  # the model's name, as the parameters text records it
-    dtype: object              # numpy dtype of the arrays
+    def __init__(self, vae, unet, scheduler_config: dict, configs: dict | None = None, name: str = "model",
+                 dtype="float32"):
+        self.vae = vae                                  # AutoencoderKL
+        self.unet = unet                                # UNet2DConditionModel
+        self.scheduler_config = dict(scheduler_config)  # a fresh scheduler is built from it for each call
+        self.configs = configs or {}                    # the raw config.json dicts of the parts (`refldm info`)
+        self.name = name                                # the model's name, as the parameters text records it
+        self.dtype = backend.resolve_dtype(dtype)
 
     @property
     def vae_scale_factor(self) -> int:

@@ -33,7 +33,7 @@ from refldm.core import record
 from refldm.core.images import scale_latents
 from refldm.errors import TooLargeError  # noqa: F401  (its old home; the CLI raises it, refldm.analysis.cost estimates)
 from refldm.pipelines import common
-from refldm.pipelines.common import NonFiniteLatentsError, StableDiffusionPipelineOutput
+from refldm.pipelines.common import NonFiniteLatentsError, StableDiffusionPipelineOutput  # noqa: F401
 from refldm.pipelines.sampling import img2img_latents, img2img_timesteps, sample
 from refldm.checkpoints.weights import WeightsError, load_file, read_config
 
@@ -60,14 +60,9 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler_config: dict, configs: dict | None = None,
                  name: str = "model", dtype="float32"):
-        self.vae = vae
+        super().__init__(vae, unet, scheduler_config, configs, name=name, dtype=dtype)
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
-        self.unet = unet
-        self.scheduler_config = dict(scheduler_config)  # a fresh scheduler is built from it for each call
-        self.configs = configs or {}  # the raw config.json dicts of the parts (for `refldm info`)
-        self.name = name
-        self.dtype = backend.resolve_dtype(dtype)
 
     # -- loading ------------------------------------------------------------------------------------------------
 

@@ -87,14 +87,9 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler_config: dict,
                  configs: dict | None = None, name: str = "model", dtype="float32",
                  force_zeros_for_empty_prompt: bool = True, requires_aesthetics_score: bool = False):
-        self.vae = vae
+        super().__init__(vae, unet, scheduler_config, configs, name=name, dtype=dtype)
         self.text_encoder = text_encoder  # None for a refiner (encoder 2 alone)
         self.tokenizer = tokenizer
-        self.unet = unet
-        self.scheduler_config = dict(scheduler_config)  # a fresh scheduler is built from it for each call
-        self.configs = configs or {}  # the raw config.json dicts of the parts (for `refldm info`)
-        self.name = name
-        self.dtype = backend.resolve_dtype(dtype)
         self.text_encoder_2 = text_encoder_2
         self.tokenizer_2 = tokenizer_2
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
