@@ -9,7 +9,7 @@ the same class.
 
 from __future__ import annotations
 
-__all__ = ["WeightsError", "ConfigError", "TokenizerError", "BackendError"]
+__all__ = ["WeightsError", "ConfigError", "TokenizerError", "BackendError", "TooLargeError"]
 
 
 class WeightsError(ValueError):
@@ -26,3 +26,7 @@ class TokenizerError(ValueError):
 
 class BackendError(RuntimeError):
     """A backend was asked for that cannot run here."""
+
+
+class TooLargeError(ValueError):
+    """A run would need more memory than the machine has (estimated from the sizes before it starts)."""

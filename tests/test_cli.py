@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from refldm.cli import common as cli_common  # load_pipeline finds the embedded model here
 from refldm.cli import generate, main
 from tests.test_pipeline import build_tiny_sd
 
@@ -143,7 +144,7 @@ def test_txt2img_from_a_single_file_with_config(tiny_folder, tmp_path, capsys):
 
 def test_demo_writes_one_captioned_png_and_reports_the_path(tiny_folder, tmp_path, capsys, monkeypatch):
     """The demo on the tiny folder standing in for the embedded model (the real one is tested below)."""
-    monkeypatch.setattr(generate, "DEFAULT_MODEL", tiny_folder)
+    monkeypatch.setattr(cli_common, "DEFAULT_MODEL", tiny_folder)
     out = tmp_path / "demo.png"
     rc, stdout, err = run(capsys, "demo", "-o", str(out), "--steps", "2", "-p", "a red cat", "-p", "a blue dog",
                           "-q")
@@ -156,7 +157,7 @@ def test_demo_writes_one_captioned_png_and_reports_the_path(tiny_folder, tmp_pat
 
 
 def test_txt2img_without_model_uses_the_embedded_one(tiny_folder, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(generate, "DEFAULT_MODEL", tiny_folder)
+    monkeypatch.setattr(cli_common, "DEFAULT_MODEL", tiny_folder)
     out = tmp_path / "default.png"
     rc, _, err = run(capsys, "txt2img", "-p", "", "--steps", "1", "-o", str(out), "-q")
     assert rc == 0, err
@@ -376,7 +377,7 @@ def test_too_many_steps_for_the_schedule_is_one_line(tiny_folder, tmp_path, caps
 
 def test_builtin_model_defaults_are_its_recommended_settings(tiny_folder, tmp_path, capsys, monkeypatch):
     """Without -m the built-in model's measured settings (25 steps, CFG 3); explicit flags still win."""
-    monkeypatch.setattr(generate, "DEFAULT_MODEL", tiny_folder)
+    monkeypatch.setattr(cli_common, "DEFAULT_MODEL", tiny_folder)
     out = tmp_path / "d.png"
     rc, _, err = run(capsys, "txt2img", "-p", "x", "-o", str(out), "-q")
     assert rc == 0, err
@@ -406,8 +407,9 @@ def test_long_runs_announce_an_estimated_time(tiny_folder, capsys):
     generate.check_resources(pipe, 1, 2048, 2048, 25, 7.5, announce_after_s=0)
     err = capsys.readouterr().err
     assert "2048x2048, 25 steps: estimated" in err and "minutes" in err
-    small = pipe.estimate(1, 32, 32, 25, 7.5)
-    big = pipe.estimate(1, 2048, 2048, 25, 7.5)
+    from refldm.analysis.cost import estimate_pipeline  # the one cost model (refldm/analysis/cost.py)
+    small = estimate_pipeline(pipe, 1, 32, 32, 25, 7.5)
+    big = estimate_pipeline(pipe, 1, 2048, 2048, 25, 7.5)
     assert big["flops"] > 4096 * small["flops"] and big["bytes"] > small["bytes"]
 
 

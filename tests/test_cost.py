@@ -225,3 +225,22 @@ def test_docs_quote_the_numbers_refldm_cost_prints():
     quoted += [_si(xl[k]) for k in ("latent_step_flops", "pixel_step_flops", "latent_loop_flops", "pixel_loop_flops",
                                     "vae_decode_flops", "latent_total_flops")]
     assert [q for q in quoted if q not in page] == []
+
+
+def test_the_run_estimate_is_the_walk():
+    """The CLI's estimate before a run (refldm/cli/common.py check_resources) is this module's walk: steps U-Net
+    calls at batch 2B plus one decode; memory the larger live set times WORKING_SET, near what refldm holds
+    (docs/performance.md: 225 MiB above the weights for SD 1.x's U-Net step, about 1 GiB for its decode)."""
+    from refldm.models.unet import UNet2DConditionModel
+    unet, vae = _read("sd15"), cost.find_configs(os.path.join(CONFIGS, "sd15"))[1]
+    est = cost.estimate_generation(unet, vae, 1, 512, 512, 25, 7.5, itemsize=4, weight_bytes=10)
+    step = cost.count_unet(unet, 64, 64, 2, 77)
+    _, decode = cost.count_vae(vae, 512, 512, 1)
+    assert est["flops"] == 25 * step.flops + decode.flops
+    assert 200 * 2 ** 20 < cost.WORKING_SET * 4 * step.peak_chunked_values < 250 * 2 ** 20
+    assert 0.9 * 2 ** 30 < est["bytes"] - 10 < 1.2 * 2 ** 30
+    no_cfg = cost.estimate_generation(unet, vae, 1, 512, 512, 25, 1.0)
+    assert no_cfg["flops"] == 25 * cost.count_unet(unet, 64, 64, 1, 77).flops + decode.flops
+    # a loaded model's config dataclass walks as its config.json does
+    parsed = UNet2DConditionModel.parse_config(unet, "sd15")
+    assert cost.count_unet(parsed, 64, 64, 2, 77).flops == step.flops

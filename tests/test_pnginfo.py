@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from refldm.cli import main
 from refldm.core import pnginfo
-from refldm.core.images import parameters_text, save_pil
+from refldm.core.images import save_pil
+from refldm.pipelines.common import parameters_text
 from tests.conftest import require
 
 A1111_TEXT = """masterpiece, a castle on a hill, <lora:add_detail:0.6>, (sunset:1.2)

@@ -31,6 +31,18 @@ Activation memory of one step (inference, no gradients), in values:
 
 ``count_unet(config, height, width)`` and ``count_vae(config, height, width)`` return a `Count`;
 `refldm cost` (refldm/cli/analysis.py) prints them; docs/why-latent.md reads the numbers.
+
+The same walk is the one cost model of a run: ``estimate_pipeline(pipe, batch, height, width, steps, cfg)``
+(and ``estimate_decode`` for the VAE alone) gives the peak memory and the FLOPs that `refldm txt2img`,
+`img2img`, `inpaint` and `decode` check against the machine before they start (refldm/cli/common.py):
+
+    bytes = weights + max(U-Net call, VAE decode),
+            each = WORKING_SET * itemsize * peak_chunked + one chunk of attention scores
+    flops = steps * U-Net call (batch 2B with guidance) + VAE decode
+
+WORKING_SET = 2 covers what the walk leaves out (a layer's temporaries: the normalised copy, the activation,
+buffers), measured: refldm's SD 1.x U-Net step holds 225 MiB above the weights where the walk counts 110 MB,
+its VAE decode to 512x512 about 1.0 GiB where the walk counts 0.55 GiB (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -41,7 +53,8 @@ import os
 
 from refldm.about import DEFAULT_MODEL
 
-__all__ = ["Op", "Count", "UNetShape", "VAEShape", "count_unet", "count_vae", "find_configs",
+__all__ = ["Op", "Count", "UNetShape", "VAEShape", "count_unet", "count_vae", "find_configs", "estimate_generation",
+           "estimate_pipeline", "estimate_decode", "WORKING_SET",
            "NORM_FLOPS_PER_VALUE", "SD_VAE_CONFIG"]
 
 # GroupNorm / LayerNorm per value: mean (1 add), variance (subtract, square, add), normalise
@@ -167,14 +180,6 @@ class _Walk:
 # The U-Net's shape, read from config.json with diffusers' defaults
 # ---------------------------------------------------------------------------------------------------
 
-def _levels(value, n, key):
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise ValueError(f"unet config: {key} has {len(value)} entries but there are {n} levels")
-        return list(value)
-    return [value] * n
-
-
 @dataclasses.dataclass
 class UNetShape:
     """What the cost depends on, from a UNet2DConditionModel config.json (SD 1.x, 2.x, SDXL)."""
@@ -199,55 +204,25 @@ class UNetShape:
     downsample_padding: int
 
     @classmethod
-    def from_config(cls, cfg: dict, where: str = "unet config") -> UNetShape:
-        c = cfg.get("block_out_channels", [320, 640, 1280, 1280])
-        n = len(c)
-        down = cfg.get("down_block_types", ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
-        up = cfg.get("up_block_types", ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
-        for key, types, known in (("down_block_types", down, ("CrossAttnDownBlock2D", "DownBlock2D")),
-                                  ("up_block_types", up, ("CrossAttnUpBlock2D", "UpBlock2D"))):
-            if len(types) != n:
-                raise ValueError(f"{where}: {key} has {len(types)} entries but block_out_channels has {n}")
-            for t in types:
-                if t not in known:
-                    raise ValueError(f"{where}: {key}: block type {t!r} is not counted "
-                                     f"(only {', '.join(known)})")
-        mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
-        if mid != "UNetMidBlock2DCrossAttn":
-            raise ValueError(f"{where}: mid_block_type={mid!r} is not counted (only 'UNetMidBlock2DCrossAttn')")
-        if cfg.get("num_attention_heads") is not None:
-            raise ValueError(f"{where}: num_attention_heads={cfg['num_attention_heads']!r} is refused by "
-                             "diffusers' UNet2DConditionModel; the heads are in attention_head_dim")
-        extra = cfg.get("addition_embed_type")
-        if extra not in (None, "text_time"):
-            raise ValueError(f"{where}: addition_embed_type={extra!r} is not counted (only null and 'text_time')")
-        for key in ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim"):
-            if cfg.get(key) is not None:
-                raise ValueError(f"{where}: {key}={cfg[key]!r} is not counted (only null)")
-        if extra == "text_time" and not cfg.get("projection_class_embeddings_input_dim"):
-            raise ValueError(f"{where}: addition_embed_type='text_time' needs "
-                             "projection_class_embeddings_input_dim (2816 for SDXL)")
-        tlayers = _levels(cfg.get("transformer_layers_per_block", 1), n, "transformer_layers_per_block")
-        rev = cfg.get("reverse_transformer_layers_per_block")
-        rev = list(reversed(tlayers)) if rev is None else _levels(rev, n, "reverse_transformer_layers_per_block")
-        heads = _levels(cfg.get("attention_head_dim", 8), n, "attention_head_dim")
-        for i, (ch, h) in enumerate(zip(c, heads)):
-            if h < 1 or ch % h:
-                raise ValueError(f"{where}: attention_head_dim[{i}]={h} (the number of heads) does not divide "
-                                 f"block_out_channels[{i}]={ch}")
+    def from_config(cls, cfg, where: str = "unet config") -> UNetShape:
+        """From a config.json dict (read as `UNet2DConditionModel` reads it: diffusers' defaults, unsupported
+        keys refused naming them) or from a loaded model's `UNet2DConditionConfig` (``unet.config``)."""
+        from refldm.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+        c = cfg if isinstance(cfg, UNet2DConditionConfig) else UNet2DConditionModel.parse_config(dict(cfg), where)
+        rev = c.reverse_transformer_layers_per_block
         return cls(
-            in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
-            block_out_channels=list(c), down_block_types=list(down), up_block_types=list(up),
-            layers_per_block=_levels(cfg.get("layers_per_block", 2), n, "layers_per_block"),
-            transformer_layers_per_block=tlayers, reverse_transformer_layers_per_block=rev, heads=heads,
-            cross_attention_dim=_levels(cfg.get("cross_attention_dim", 1280), n, "cross_attention_dim"),
-            only_cross_attention=_levels(cfg.get("only_cross_attention", False), n, "only_cross_attention"),
-            use_linear_projection=bool(cfg.get("use_linear_projection", False)),
-            time_embed_dim=cfg.get("time_embedding_dim") or 4 * c[0],
-            addition_embed_type=extra,
-            projection_class_embeddings_input_dim=cfg.get("projection_class_embeddings_input_dim"),
-            conv_in_kernel=cfg.get("conv_in_kernel", 3), conv_out_kernel=cfg.get("conv_out_kernel", 3),
-            downsample_padding=cfg.get("downsample_padding", 1))
+            in_channels=c.in_channels, out_channels=c.out_channels, block_out_channels=list(c.block_out_channels),
+            down_block_types=list(c.down_block_types), up_block_types=list(c.up_block_types),
+            layers_per_block=list(c.layers_per_block),
+            transformer_layers_per_block=list(c.transformer_layers_per_block),
+            reverse_transformer_layers_per_block=list(reversed(c.transformer_layers_per_block)) if rev is None
+            else list(rev),
+            heads=list(c.attention_head_dim), cross_attention_dim=list(c.cross_attention_dim),
+            only_cross_attention=list(c.only_cross_attention), use_linear_projection=bool(c.use_linear_projection),
+            time_embed_dim=c.time_embedding_dim, addition_embed_type=c.addition_embed_type,
+            projection_class_embeddings_input_dim=c.projection_class_embeddings_input_dim,
+            conv_in_kernel=c.conv_in_kernel, conv_out_kernel=c.conv_out_kernel,
+            downsample_padding=c.downsample_padding)
 
     def on_pixels(self, channels: int = 3) -> UNetShape:
         """The same network with conv_in / conv_out taking and giving `channels` (an RGB image)."""
@@ -258,9 +233,10 @@ class UNetShape:
 # The U-Net walk: the same order as UNet2DConditionModel.forward (refldm/models/unet.py)
 # ---------------------------------------------------------------------------------------------------
 
-def count_unet(shape: UNetShape | dict, height: int, width: int, batch: int = 2, text_tokens: int = 77) -> Count:
+def count_unet(shape, height: int, width: int, batch: int = 2, text_tokens: int = 77) -> Count:
     """The ops of one U-Net call on a (batch, in_channels, height, width) sample with
-    `text_tokens` text embeddings per batch element (77 for CLIP)."""
+    `text_tokens` text embeddings per batch element (77 for CLIP). shape: a `UNetShape`, a config.json
+    dict or a model's `UNet2DConditionConfig`."""
     s = shape if isinstance(shape, UNetShape) else UNetShape.from_config(shape)
     if height < 1 or width < 1:
         raise ValueError(f"cost: the U-Net's input must be at least 1x1, got {height}x{width}")
@@ -386,23 +362,21 @@ class VAEShape:
     post_quant_conv: bool
 
     @classmethod
-    def from_config(cls, cfg: dict, where: str = "vae config") -> VAEShape:
-        c = list(cfg.get("block_out_channels", [64]))
-        for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            for kind in cfg.get(key, [want] * len(c)):
-                if kind != want:
-                    raise ValueError(f"{where}: {key}: block type {kind!r} is not counted (only {want!r})")
-        return cls(cfg.get("in_channels", 3), cfg.get("out_channels", 3), cfg.get("latent_channels", 4), c,
-                   cfg.get("layers_per_block", 1), cfg.get("mid_block_add_attention", True),
-                   cfg.get("use_quant_conv", True), cfg.get("use_post_quant_conv", True))
+    def from_config(cls, cfg, where: str = "vae config") -> VAEShape:
+        """From a config.json dict (read as `AutoencoderKL` reads it) or a loaded VAE's `AutoencoderKLConfig`."""
+        from refldm.models.vae import AutoencoderKL, AutoencoderKLConfig
+        c = cfg if isinstance(cfg, AutoencoderKLConfig) else AutoencoderKL.parse_config(dict(cfg), where)
+        return cls(c.in_channels, c.out_channels, c.latent_channels, list(c.block_out_channels), c.layers_per_block,
+                   c.mid_block_add_attention, c.use_quant_conv, c.use_post_quant_conv)
 
     @property
     def factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
-def count_vae(shape: VAEShape | dict, height: int, width: int, batch: int = 1) -> tuple:
-    """(encode Count, decode Count) for `batch` images of height x width (multiples of the factor)."""
+def count_vae(shape, height: int, width: int, batch: int = 1) -> tuple:
+    """(encode Count, decode Count) for `batch` images of height x width (multiples of the factor). shape: a
+    `VAEShape`, a config.json dict or a model's `AutoencoderKLConfig`."""
     s = shape if isinstance(shape, VAEShape) else VAEShape.from_config(shape)
     f = s.factor
     if height < 1 or width < 1 or height % f or width % f:
@@ -456,6 +430,57 @@ def _vae_mid(t: _Walk, name, s: VAEShape, c, hw):
         t.attention(a, 1, length, length, c)
         t.linear(f"{a}.to_out.0", length, c, c)
     _resnet(t, f"{name}.resnets.1", c, c, hw)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a run costs, before it starts: the estimates the CLI checks against the machine
+# ---------------------------------------------------------------------------------------------------
+
+WORKING_SET = 2  # measured live memory / the walk's peak_chunked values (see the module docstring)
+
+
+def _chunk_bytes() -> int:
+    """The attention scores refldm holds at once (refldm/core/ops.py chunks the score matrix to this size)."""
+    from refldm.core import ops
+    return ops.ATTENTION_CHUNK_BYTES
+
+
+def estimate_decode(vae_config, shape, itemsize: int = 4) -> dict:
+    """{"bytes", "flops"} of decoding latents of `shape` (N, C, h, w): the decoder walk's largest live set
+    (chunked attention: the score matrix held one chunk at a time), times WORKING_SET, and its products."""
+    n, _, h, w = shape
+    s = vae_config if isinstance(vae_config, VAEShape) else VAEShape.from_config(vae_config)
+    _, dec = count_vae(s, h * s.factor, w * s.factor, n)
+    return {"bytes": WORKING_SET * itemsize * dec.peak_chunked_values + _chunk_bytes(), "flops": dec.flops}
+
+
+def estimate_generation(unet_config, vae_config, batch: int, height: int, width: int, steps: int,
+                        guidance_scale: float, itemsize: int = 4, weight_bytes: int = 0,
+                        text_tokens: int = 77) -> dict:
+    """{"bytes": peak memory, "flops": total products} of generating `batch` images of height x width: the
+    weights, then the larger of one U-Net call (batch 2B with classifier-free guidance, guidance_scale > 1)
+    and the decode; `steps` U-Net calls and one decode."""
+    vae = vae_config if isinstance(vae_config, VAEShape) else VAEShape.from_config(vae_config)
+    f = vae.factor
+    h, w = -(-height // f), -(-width // f)
+    unet_batch = batch * (2 if guidance_scale > 1 else 1)
+    unet = count_unet(unet_config, h, w, unet_batch, text_tokens)
+    decode = estimate_decode(vae, (batch, vae.latent_channels, h, w), itemsize)
+    peak = max(WORKING_SET * itemsize * unet.peak_chunked_values + _chunk_bytes(), decode["bytes"])
+    return {"bytes": weight_bytes + peak, "flops": steps * unet.flops + decode["flops"]}
+
+
+def estimate_pipeline(pipe, batch: int, height: int, width: int, steps: int, guidance_scale: float) -> dict:
+    """`estimate_generation` for a loaded pipeline (SD, SDXL, inpainting): its configs, dtype, weights and
+    text length. Rough (the elementwise temporaries are not counted), for refusing what cannot fit and
+    announcing long runs."""
+    itemsize = pipe.dtype.itemsize
+    models = [getattr(pipe, part, None) for part in ("unet", "vae", "text_encoder", "text_encoder_2")]
+    weights = sum(m.num_parameters() for m in models if m is not None) * itemsize
+    tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+    tokens = int(getattr(tokenizer, "model_max_length", 77) or 77)
+    return estimate_generation(pipe.unet.config, pipe.vae.config, batch, height, width, steps, guidance_scale,
+                               itemsize, weights, tokens)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from refldm.cli import generate
+from refldm.cli import common
 from refldm.cli.adapters import add_adapter_args, apply_adapter_args
 
 
@@ -16,7 +16,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("inpaint", help="repaint the masked part of an image under a prompt",
                               description="Repaint where the mask is white (>= 128) and keep the rest; works "
                                           "with inpainting models (9-channel U-Net) and ordinary ones.")
-    generate._add_model_args(p)
+    common.add_model_args(p)
     p.add_argument("-i", "--image", required=True, help="input image (its sides must be multiples of 8)")
     p.add_argument("--mask", required=True, help="mask image: white = repaint, black = keep (resized and "
                                                  "converted to grey if needed)")
@@ -24,7 +24,7 @@ def register(subparsers) -> None:
                    help="1 repaints from pure noise (default); lower keeps more of the image under the mask")
     p.add_argument("--padding-mask-crop", type=int, default=None, metavar="PIXELS",
                    help="inpaint only the box around the mask, grown by PIXELS, at full resolution, then paste it back")
-    generate._add_generation_args(p)
+    common.add_generation_args(p)
     add_adapter_args(p)
     p.set_defaults(func=run_inpaint)
 
@@ -46,25 +46,24 @@ def run_inpaint(args) -> int:
     if not 0.0 < args.strength <= 1.0:
         raise ValueError(f"--strength must lie in (0, 1], got {args.strength}")
     from refldm.core.images import check_output
-    generate._check_generation_args(args)
-    generate.resolve_defaults(args)
+    common.check_generation_args(args)
+    common.resolve_defaults(args)
     path = check_output(args.output or "refldm-inpaint.png")  # before the work, not after
     image = _open(args.image, "image").convert("RGB")
     mask = _open(args.mask, "mask")
-    generate._use_backend(args.backend)
-    with generate._one_line_warnings():
-        base = generate.load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
+    common.use_backend(args.backend)
+    with common.one_line_warnings():
+        base = common.load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
                                       prediction_type=args.prediction_type, dtype=args.dtype)
         pipe = StableDiffusionInpaintPipeline(base.vae, base.text_encoder, base.tokenizer, base.unet,
                                               base.scheduler_config, base.configs, name=base.name, dtype=args.dtype)
         prompt, kwargs = apply_adapter_args(args, pipe)
         out = pipe(prompt, image=image, mask_image=mask, negative_prompt=args.negative, strength=args.strength,
-                   padding_mask_crop=args.padding_mask_crop, num_inference_steps=args.steps, guidance_scale=args.cfg, seed=args.seed, sampler=args.sampler,
-                   progress=not args.quiet, **kwargs)
+                   padding_mask_crop=args.padding_mask_crop, num_inference_steps=args.steps,
+                   guidance_scale=args.cfg, seed=args.seed, sampler=args.sampler, progress=not args.quiet, **kwargs)
     img = out.images[0]
-    text = generate.parameters_text(args.prompt, args.negative, args.steps, generate.sampler_label(pipe, args.sampler),
-                                    args.cfg, out.seed, img.width, img.height, pipe.name, strength=args.strength)
-    generate.save_png(img, path, text)
+    text = out.generation[0].replace(prompt=args.prompt).text()  # the pipeline's, with the prompt as typed
+    common.save_png(img, path, text)
     print(f"wrote {path} ({img.width}x{img.height}, seed {out.seed}, {args.steps} steps, "
           f"denoise {out.timings.get('denoise', 0):.2f} s)")
     return 0

@@ -107,7 +107,7 @@ def read_latent(path, max_bytes: int | None = None):
     if need > have:
         raise ValueError(f"{path}: the header says {tuple(shape)} {dtype} ({_bytes(need)}) but the file holds "
                          f"{_bytes(have)}; truncated or corrupted")
-    from refldm.pipelines.sd import TooLargeError
+    from refldm.errors import TooLargeError
     limit = available_memory() if max_bytes is None else max_bytes
     if limit is not None and need > limit:
         raise TooLargeError(f"{path}: a {tuple(shape)} latent takes {_bytes(need)}, more than the "
@@ -155,11 +155,13 @@ def check_decode_memory(vae, shape, dtype, announce_after_s: float = 30.0) -> No
     """Refuse a decode that would not fit in memory (estimated from the sizes), before it starts; print
     an estimated time when it looks long."""
     from refldm import backend
-    from refldm.pipelines.sd import TooLargeError, estimate_decode_bytes
+    from refldm.analysis.cost import estimate_decode
+    from refldm.errors import TooLargeError
 
     if backend.name() != "numpy":
         return
-    need = estimate_decode_bytes(vae.config, shape, np.dtype(dtype).itemsize)
+    cost = estimate_decode(vae.config, shape, np.dtype(dtype).itemsize)  # refldm/analysis/cost.py's decoder walk
+    need = cost["bytes"]
     have = available_memory()
     n, _, h, w = shape
     f = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -167,8 +169,7 @@ def check_decode_memory(vae, shape, dtype, announce_after_s: float = 30.0) -> No
         raise TooLargeError(f"decoding {n} latent(s) of {h}x{w} into {w * f}x{h * f} images needs about "
                           f"{_bytes(need)} of memory; this machine has {_bytes(have)} available")
     from refldm.cli.resources import matmul_throughput
-    from refldm.pipelines.sd import estimate_decode_flops
-    flops = estimate_decode_flops(vae.config, shape)
+    flops = cost["flops"]
     seconds = flops / (0.5 * matmul_throughput())
     if seconds > announce_after_s:
         import sys

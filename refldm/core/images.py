@@ -29,7 +29,7 @@ from refldm import backend
 from refldm.files import atomic_write
 
 __all__ = ["to_tensor", "to_uint8", "to_pil", "load_image", "save_image", "save_pil", "scale_latents",
-           "unscale_latents", "check_output", "atomic_write", "parameters_text"]
+           "unscale_latents", "check_output", "atomic_write"]
 
 
 def to_tensor(images, dtype="float32"):
@@ -119,42 +119,6 @@ def save_image(x, path, parameters: str | None = None):
     if len(images) != 1:
         raise ValueError(f"save_image: expected one image, got a batch of {len(images)}")
     save_pil(images[0], path, parameters)
-
-
-def parameters_text(prompt, negative, steps, sampler, cfg, seed, width, height, model, strength=None,
-                    model_hash=None, fields=None) -> str:
-    """The generation parameters in the Stable Diffusion web UIs' format (their "PNG info" parses it):
-
-        a red circle
-        Negative prompt: blurry
-        Steps: 20, Sampler: Euler, CFG scale: 7.5, Seed: 1, Size: 512x512, Model hash: 6ce0161689, Model: v1-5,
-        Denoising strength: 0.7, RNG: NV, Version: refldm 0.2
-
-    (one line in the file). `model_hash`: the web UI's short hash of the checkpoint file
-    (``refldm.core.pnginfo.model_hash``). `fields`: further web-UI fields, name -> value, in order
-    (``{"RNG": "NV", "ENSD": 31337, "Variation seed": 5, "Variation seed strength": 0.3}``); a value
-    holding a comma, colon or quote is JSON-quoted as the web UI does; None values are left out.
-    refldm.core.pnginfo.parse_parameters reads the text back.
-    """
-    from refldm.core.pnginfo import quote_value
-
-    lines = [prompt]
-    if negative:
-        lines.append(f"Negative prompt: {negative}")
-    items = [f"Steps: {steps}", f"Sampler: {sampler}", f"CFG scale: {cfg:g}", f"Seed: {seed}",
-             f"Size: {width}x{height}"]
-    if model_hash:
-        items.append(f"Model hash: {model_hash}")
-    items.append(f"Model: {model}")
-    if strength is not None:
-        items.append(f"Denoising strength: {strength:g}")
-    for name, value in (fields or {}).items():
-        if value is not None:
-            items.append(f"{name}: {quote_value(f'{value:g}' if isinstance(value, float) else value)}")
-    from refldm.about import __version__
-    items.append(f"Version: refldm {__version__}")
-    lines.append(", ".join(items))
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------------

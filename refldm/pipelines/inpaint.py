@@ -30,7 +30,6 @@ scaled back and pasted over the original where the mask is (`crop_region`, `resi
 
 from __future__ import annotations
 
-import secrets
 import time
 import warnings
 
@@ -41,7 +40,9 @@ from refldm import backend
 from refldm.core import random as refldm_random
 from refldm.core.images import scale_latents
 from refldm.models.blocks import upsample_nearest
-from refldm.pipelines.sd import NonFiniteLatentsError, StableDiffusionPipeline, StableDiffusionPipelineOutput
+from refldm.pipelines import common
+from refldm.pipelines.common import StableDiffusionPipelineOutput
+from refldm.pipelines.sd import StableDiffusionPipeline
 from refldm.pipelines.sampling import img2img_latents, img2img_timesteps, sample
 
 __all__ = ["StableDiffusionInpaintPipeline", "prepare_mask", "crop_region", "resize_and_fill", "paste_back"]
@@ -153,14 +154,19 @@ def paste_back(mask_image, original, generated, box):
 
 
 class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
-    """``pipe(prompt, image=..., mask_image=...)``: the masked part repainted (see the module docstring)."""
+    """``pipe(prompt, image=..., mask_image=...)``: the masked part repainted (see the module docstring).
+
+    An SD pipeline with another call: the same folder, loaders and text encoding as
+    `StableDiffusionPipeline` (diffusers loads both from one folder); the frame of the call (checks, seed,
+    NaN guard, output and parameters text) is `refldm.pipelines.common`, as for every pipeline."""
 
     def __call__(self, prompt="", image=None, mask_image=None, negative_prompt=None, strength: float = 1.0,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, seed: int | None = None,
                  generator=None, sampler: str | None = None, padding_mask_crop: int | None = None,
                  height: int | None = None, width: int | None = None, callback=None,
                  progress: bool = True, prompt_syntax: str = "plain",
-                 clip_skip: int | None = None, scheduler: str | None = None) -> StableDiffusionPipelineOutput:
+                 clip_skip: int | None = None, scheduler: str | None = None, num_images_per_prompt: int = 1,
+                 output_type: str = "pil") -> StableDiffusionPipelineOutput:
         """image: PIL (sides multiples of 8); mask_image: PIL, white = repaint. strength 1 starts from pure
         noise; below 1 from the image noised to the strength's timestep (as img2img). padding_mask_crop=p:
         repaint only the box around the mask grown by p pixels, scaled to (width, height) (default: the
@@ -168,6 +174,14 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         from refldm.adapters.prompt_weighting import encode_prompts
         if image is None or mask_image is None:
             raise ValueError("inpainting needs image= and mask_image=")
+        size = None
+        if height is not None or width is not None:  # the size of the repainted box (padding_mask_crop)
+            full = image.size if hasattr(image, "size") and not hasattr(image, "shape") else \
+                (np.shape(image)[1], np.shape(image)[0])
+            size = (full[1] if height is None else height, full[0] if width is None else width)
+        call = common.prologue(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
+                               height=size and size[0], width=size and size[1], strength=strength,
+                               num_images_per_prompt=num_images_per_prompt, output_type=output_type)
         original_image, original_mask, box = image, mask_image, None
         if padding_mask_crop is not None:  # inpaint the box around the mask, at the image's size
             if isinstance(image, np.ndarray):
@@ -183,14 +197,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         if channels not in (latent_c, 2 * latent_c + 1):
             raise ValueError(f"the U-Net has {channels} input channels; inpainting needs {latent_c} (blending) or "
                              f"{2 * latent_c + 1} (an inpainting U-Net: latents + mask + masked-image latents)")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        batch = len(prompts)
-        negatives = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
-        if generator is None:
-            if seed is None:
-                seed = secrets.randbelow(2 ** 32)
-            generator = refldm_random.Generator(seed)
-        do_cfg = guidance_scale > 1.0
+        prompts, negatives = call.prompts, call.negatives or [""] * call.batch
+        batch, steps, do_cfg, generator = call.batch, call.steps, call.do_cfg, call.generator
         dtype = self.dtype.name
         timings = {}
         xp = backend.xp()
@@ -210,11 +218,11 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         mask = upsample_nearest(mask_full, (height // f, width // f))                 # (1, 1, h, w)
 
         # 3. timesteps, and the random draws in diffusers' order: image latents, noise, masked-image latents
-        sched = self.make_scheduler(sampler if sampler is not None else scheduler)  # scheduler=: old spelling
-        sched.set_timesteps(num_inference_steps)
-        timesteps, steps_left = img2img_timesteps(sched, num_inference_steps, strength)
+        sched, sampler = self.scheduler_for(sampler, scheduler, steps)
+        timesteps, steps_left = img2img_timesteps(sched, steps, strength)
         if steps_left < 1:
-            raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run")
+            raise ValueError(f"strength {strength} with {steps} steps leaves no step to run; "
+                             "raise strength or the number of steps")
         start = time.perf_counter()
         z_image = None
         if channels == latent_c or strength < 1.0:
@@ -239,10 +247,10 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
             return self.unet(x, t, context)
 
         n_steps = len(timesteps)
+        guard = common.nan_guard(n_steps)
 
         def after_step(i, t, x):
-            if not bool(xp.all(xp.isfinite(x))):
-                raise NonFiniteLatentsError(f"the latents hold NaN or inf after step {i + 1} of {n_steps}")
+            guard(i, t, x)
             if channels == latent_c:
                 kept = z_image
                 if i < n_steps - 1:                                                   # noised to the next t
@@ -257,10 +265,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
                          generator=generator, callback=after_step, progress=progress)
         timings["denoise"] = time.perf_counter() - start
 
-        start = time.perf_counter()
-        pixels = self.decode_latents(latents)
-        images = [Image.fromarray(p) for p in pixels]
-        if box is not None:
-            images = [paste_back(original_mask, original_image, im, box) for im in images]
-        timings["decode"] = time.perf_counter() - start
-        return StableDiffusionPipelineOutput(images=images, latents=latents, seed=seed, timings=timings)
+        # 5. latents -> pixels (pasted back into the original for padding_mask_crop), with the parameters text
+        paste = None if box is None else (lambda images: [paste_back(original_mask, original_image, im, box)
+                                                          for im in images])
+        made = common.GenerationParameters("", "", steps, self.sampler_label(sampler), guidance_scale, call.seed,
+                                           width, height, self.name, strength=strength)
+        return common.finish(self, latents, call, timings, made, postprocess=paste)

@@ -24,138 +24,25 @@ arrays), so calls from several threads are independent and give what the same ca
 
 from __future__ import annotations
 
-import math
 import os
-import secrets
 import time
-from dataclasses import dataclass, field
-
-from PIL import Image
 
 from refldm import backend
 from refldm.checkpoints import convert
 from refldm.core import record
-from refldm.core.images import scale_latents, to_tensor, to_uint8, unscale_latents
-from refldm.pipelines.sampling import img2img_latents, img2img_timesteps, initial_latents, sample
+from refldm.core.images import scale_latents
+from refldm.errors import TooLargeError  # noqa: F401  (its old home; the CLI raises it, refldm.analysis.cost estimates)
+from refldm.pipelines import common
+from refldm.pipelines.common import NonFiniteLatentsError, StableDiffusionPipelineOutput  # noqa: F401
+from refldm.pipelines.sampling import img2img_latents, img2img_timesteps, sample
 from refldm.checkpoints.weights import WeightsError, load_file, read_config
 
-__all__ = ["StableDiffusionPipeline", "StableDiffusionPipelineOutput", "NonFiniteLatentsError",
-           "TooLargeError", "PARTS", "estimate_unet_bytes", "estimate_decode_bytes", "estimate_unet_flops",
-           "estimate_decode_flops"]
+__all__ = ["StableDiffusionPipeline", "StableDiffusionPipelineOutput", "NonFiniteLatentsError", "TooLargeError",
+           "PARTS"]
 
 # The folders of a diffusers SD pipeline and the class model_index.json names for each.
 PARTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
          "tokenizer": "CLIPTokenizer", "scheduler": None}
-
-
-class NonFiniteLatentsError(RuntimeError):
-    """The latents became NaN or inf during denoising."""
-
-
-class TooLargeError(ValueError):
-    """A run would need more memory than the machine has (estimated from the sizes before it starts)."""
-
-
-@dataclass
-class StableDiffusionPipelineOutput:
-    """What a pipeline call returns.
-
-    images: one PIL image per prompt. latents: the final latents (B, 4, H/8, W/8), before the division by
-    the VAE's scaling factor, as an array of the active backend. seed: the seed the noise came from.
-    timings: seconds spent per stage ("text encode", "denoise", "decode"; img2img adds "image encode").
-    """
-
-    images: list
-    latents: object
-    seed: int | None = None
-    timings: dict = field(default_factory=dict)
-    parameters: list = field(default_factory=list)  # per image, the web UIs' "parameters" text
-
-    def save(self, path, index: int | None = None) -> list:
-        """Write the images with their generation parameters (a PNG ``parameters`` chunk, as the CLI and the
-        web UIs write it; EXIF UserComment for .jpg / .webp), atomically. One image: `path`; several:
-        NAME-0.png, NAME-1.png, ... (or only image `index` to `path`). Returns the paths written."""
-        from refldm.core.images import check_output, save_pil
-        path = os.fspath(path)
-        chosen = range(len(self.images)) if index is None else [index]
-        if len(chosen) == 1:
-            names = [path]
-        else:
-            stem, ext = os.path.splitext(path)
-            names = [f"{stem}-{i}{ext}" for i in chosen]
-        for name in names:
-            check_output(name)
-        for name, i in zip(names, chosen):
-            save_pil(self.images[i], name, self.parameters[i] if i < len(self.parameters) else None)
-        return names
-
-
-# -- what a run costs, from the sizes alone (for refusing a run that cannot fit before it starts) ------------
-
-
-def _levels(config, h: int, w: int):
-    """(channels, height, width, has attention) of each U-Net level for a latent of h x w."""
-    out = []
-    for i, c in enumerate(config.block_out_channels):
-        has_attn = "CrossAttn" in config.down_block_types[i]
-        out.append((c, -(-h // 2 ** i), -(-w // 2 ** i), has_attn))
-    return out
-
-
-def _per_level(value, i):
-    return value[i] if isinstance(value, (list, tuple)) else value
-
-
-def estimate_unet_bytes(config, batch: int, h: int, w: int, itemsize: int = 4) -> int:
-    """Peak memory of one U-Net call on `batch` latents of h x w, roughly: the skip connections kept for the
-    up path, plus the working arrays of the largest level (ResNet temporaries and the transformer's
-    feed-forward, 8 channels wide per channel with GEGLU), plus one chunk of attention scores."""
-    from refldm.core import ops
-    skips, work = 0, 0
-    for i, (c, hi, wi, _) in enumerate(_levels(config, h, w)):
-        n = batch * c * hi * wi
-        skips += n * (_per_level(config.layers_per_block, i) + 1)
-        work = max(work, 12 * n)
-    return itemsize * (skips + work) + ops.ATTENTION_CHUNK_BYTES
-
-
-def estimate_decode_bytes(vae_config, shape, itemsize: int = 4) -> int:
-    """Peak memory of decoding latents of `shape` (N, C, h, w), roughly: at full size, a ResNet's input,
-    output and normalised copy at the top level's width, and the upsampled input from the level below."""
-    n, _, h, w = shape
-    chans = list(vae_config.block_out_channels)
-    f = 2 ** (len(chans) - 1)
-    top, below = chans[0], chans[1] if len(chans) > 1 else chans[0]
-    return itemsize * n * (h * f) * (w * f) * (4 * top + 2 * below + 6)
-
-
-def estimate_decode_flops(vae_config, shape) -> float:
-    """Floating-point operations of decoding latents of `shape` (N, C, h, w), roughly: per decoder level,
-    its ResNets' 3x3 convolutions (layers_per_block + 1 ResNets of two convs, 18 c^2 per pixel each) and
-    the mid block's attention over the h x w latent grid (4 (hw)^2 c)."""
-    n, _, h, w = shape
-    chans = list(vae_config.block_out_channels)[::-1]  # the decoder runs from the widest, coarsest level up
-    lpb = vae_config.layers_per_block
-    total = 4 * (h * w) ** 2 * chans[0] + 2 * 2 * 18 * chans[0] ** 2 * h * w
-    for i, c in enumerate(chans):
-        hw = h * w * 4 ** i
-        total += 2 * 18 * c * c * hw * 2 * (lpb + 1)
-    return n * total
-
-
-def estimate_unet_flops(config, batch: int, h: int, w: int) -> float:
-    """Floating-point operations of one U-Net call, roughly: its 3x3 convolutions (18 c^2 per pixel each:
-    two per ResNet, 2 x layers_per_block down and 2 x (layers_per_block + 1) up) and, at levels with
-    attention, the attention products (4 (hw)^2 c) and the transformer's matrix products (~24 c^2 per token)."""
-    total = 0.0
-    for i, (c, hi, wi, has_attn) in enumerate(_levels(config, h, w)):
-        hw = hi * wi
-        lpb = _per_level(config.layers_per_block, i)
-        resnets = 2 * lpb + 1 + (1 if i == len(config.block_out_channels) - 1 else 0)
-        total += 2 * 18 * c * c * hw * resnets
-        if has_attn:
-            total += (4 * hw * hw * c + 24 * hw * c * c) * (2 * lpb + 1)
-    return batch * total
 
 
 def _models():
@@ -167,19 +54,15 @@ def _models():
     return UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer
 
 
-class StableDiffusionPipeline:
-    """The parts of Stable Diffusion and the loop that joins them (see the module docstring)."""
+class StableDiffusionPipeline(common.DiffusionPipeline):
+    """The parts of Stable Diffusion and the loop that joins them (see the module docstring); what every
+    pipeline shares (decoding, schedulers, the checks, the output) is `refldm.pipelines.common`."""
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler_config: dict, configs: dict | None = None,
                  name: str = "model", dtype="float32"):
-        self.vae = vae
+        super().__init__(vae, unet, scheduler_config, configs, name=name, dtype=dtype)
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
-        self.unet = unet
-        self.scheduler_config = dict(scheduler_config)  # a fresh scheduler is built from it for each call
-        self.configs = configs or {}  # the raw config.json dicts of the parts (for `refldm info`)
-        self.name = name
-        self.dtype = backend.resolve_dtype(dtype)
 
     # -- loading ------------------------------------------------------------------------------------------------
 
@@ -271,18 +154,6 @@ class StableDiffusionPipeline:
 
     # -- the parts of a call ------------------------------------------------------------------------------------
 
-    @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent pixel along a side: 2 ** (VAE levels - 1) = 8 for SD."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def default_size(self) -> int:
-        """The image side the U-Net was trained at: unet sample_size * vae_scale_factor (512 for SD 1.x)."""
-        size = self.configs.get("unet", {}).get("sample_size", 64)
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        return int(size) * self.vae_scale_factor
-
     def tokenize(self, prompts: list[str], max_length: int | None = None):
         """Token ids (B, 77): [bos] + BPE ids + [eos], padded to the tokenizer's model_max_length.
 
@@ -300,31 +171,6 @@ class StableDiffusionPipeline:
         with record.scope("text_encoder"):                             # trace names: text_encoder.<layer>
             return self.text_encoder(ids).last_hidden_state            # (B, 77, D)
 
-    def make_scheduler(self, name: str | None = None):
-        """A fresh scheduler for a sampler name ("DPM++ 2M Karras", "euler", "dpmpp_2m karras"; `refldm samplers`
-        lists them) or the folder's own class."""
-        from refldm.schedulers import get_scheduler
-        return get_scheduler(name or self.scheduler_config.get("_class_name"), self.scheduler_config)
-
-    def decode_latents(self, latents):
-        """Latents (B, 4, h, w) -> uint8 pixels (B, H, W, 3) on the host, rounded exactly as diffusers does."""
-        from refldm.models.vae import decode_checked
-        # in float32 when a float16 VAE says force_upcast; NaN/inf in the image is an error (models/vae.py)
-        with record.scope("vae"):                                             # trace names: vae.<layer>
-            image = decode_checked(self.vae, unscale_latents(latents, self.vae.config))  # (B, 3, H, W), ~[-1, 1]
-        return to_uint8(image)                                               # round(255 clip(x/2 + 1/2))
-
-    def preprocess_image(self, image):
-        """A PIL image (or uint8 array (H, W, 3)) -> (1, 3, H, W) in [-1, 1] on the active backend.
-        H and W must be multiples of 8 (diffusers would resize silently; refldm asks you to)."""
-        x = to_tensor(image, dtype=self.dtype.name)                          # (1, 3, H, W)
-        h, w = x.shape[2], x.shape[3]
-        f = max(8, self.vae_scale_factor)
-        if h % f or w % f:
-            raise ValueError(f"the input image is {w}x{h}; its width and height must be multiples of {f} "
-                             "(resize or crop it)")
-        return x
-
     # -- a call ---------------------------------------------------------------------------------------------------
 
     def __call__(self, prompt="", negative_prompt=None, height: int | None = None, width: int | None = None,
@@ -332,7 +178,8 @@ class StableDiffusionPipeline:
                  generator=None, sampler: str | None = None, latents=None, image=None, strength: float = 0.8,
                  callback=None, progress: bool = True, noise_dtype: str | None = None,
                  prompt_syntax: str = "plain", clip_skip: int | None = None,
-                 scheduler: str | None = None) -> StableDiffusionPipelineOutput:
+                 scheduler: str | None = None, num_images_per_prompt: int = 1,
+                 output_type: str = "pil") -> StableDiffusionPipelineOutput:
         """Generate images. See the module docstring for the loop; diffusers' argument names and defaults.
 
         prompt / negative_prompt: a string or a list (one per image). "" is allowed (unconditional); a
@@ -347,43 +194,30 @@ class StableDiffusionPipeline:
         float64 pipeline other noise than a float32 one; noise_dtype="float32" on a float64 pipeline draws
         the float32 noise and upcasts it, so a float64 "golden" run starts where the float32 run starts
         (docs/pipeline.md). The images carry their generation parameters in ``image.info["parameters"]``;
-        ``out.save(path)`` writes them into the file.
+        ``out.save(path)`` writes them into the file. num_images_per_prompt: images per prompt (as diffusers);
+        output_type="latent": the latents alone, no decode.
         prompt_syntax="webui": the AUTOMATIC1111 web UI's (word:1.3) weights, BREAK and prompts over 75
         tokens (refldm/adapters/prompt_weighting.py); clip_skip=k: the text encoder's k-th layer from the end, as
         diffusers' clip_skip.
         """
-        from refldm.core.random import Generator
         timings = {}
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        batch = len(prompts)
-        if negative_prompt is None:
-            negatives = [""] * batch
-        else:
-            negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
-            if len(negatives) != batch:
-                raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts")
-        if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps \
-                or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
-        num_inference_steps = int(num_inference_steps)
-        if not math.isfinite(float(guidance_scale)):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        size = None if image is not None else (self.default_size if height is None else height,
+                                               self.default_size if width is None else width)
+        call = common.prologue(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
+                               height=size and size[0], width=size and size[1],
+                               strength=strength if image is not None else None,
+                               num_images_per_prompt=num_images_per_prompt, output_type=output_type)
         if noise_dtype not in (None, "float16", "float32", "float64"):
             raise ValueError(f"noise_dtype={noise_dtype!r}; choose 'float16', 'float32' or 'float64'")
         if image is not None:
+            if latents is not None:
+                raise ValueError("give either image (img2img) or latents, not both")
             init = self.preprocess_image(image)                             # (1, 3, H, W) in [-1, 1]
             height, width = init.shape[2], init.shape[3]
-        height = self.default_size if height is None else int(height)
-        width = self.default_size if width is None else int(width)
-        if height % 8 or width % 8 or height < 8 or width < 8:
-            raise ValueError(f"height and width must be positive multiples of 8, got {width}x{height}")
-        if generator is None:
-            if seed is None:
-                seed = secrets.randbelow(2 ** 32)
-            generator = Generator(seed)
-        do_cfg = guidance_scale > 1.0
+        else:
+            height, width = call.height, call.width
+        prompts, negatives = call.prompts, call.negatives or [""] * call.batch  # None: "", as diffusers
+        batch, steps, do_cfg, generator = call.batch, call.steps, call.do_cfg, call.generator
         dtype = self.dtype.name
 
         # 1. text -> embeddings: (B, 77) ids -> (B, 77, D); with CFG, one batch [uncond; cond] of 2B
@@ -402,32 +236,17 @@ class StableDiffusionPipeline:
         timings["text encode"] = time.perf_counter() - start
 
         # 2. the timesteps and the starting latents x_T (B, 4, H/8, W/8)
-        sampler = sampler if sampler is not None else scheduler                 # scheduler=: the old spelling
-        sched = self.make_scheduler(sampler)
-        sched.set_timesteps(num_inference_steps)
-        self._check_schedule(sched, num_inference_steps, sampler)
+        sched, sampler = self.scheduler_for(sampler, scheduler, steps)
         timesteps = sched.timesteps
         latent_shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,
                         width // self.vae_scale_factor)
         if image is None:
-            if latents is None:
-                if noise_dtype is None or noise_dtype == dtype:
-                    latents = initial_latents(latent_shape, sched, generator=generator, dtype=dtype)  # eps * sigma
-                else:  # eps drawn in noise_dtype, upcast, then scaled in the pipeline's dtype
-                    from refldm.core.random import randn
-                    eps = randn(latent_shape, generator=generator, dtype=noise_dtype)
-                    latents = backend.asarray(eps, dtype=dtype) * float(sched.init_noise_sigma)
-            else:
-                if tuple(latents.shape) != latent_shape:
-                    raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {latent_shape}")
-                latents = backend.asarray(latents, dtype=dtype) * float(sched.init_noise_sigma)
+            latents = common.initial_noise(latent_shape, sched, generator, dtype, latents, noise_dtype)  # eps * sigma
         else:
-            if latents is not None:
-                raise ValueError("give either image (img2img) or latents, not both")
             # img2img starts part-way: strength s runs the last int(s * n) of the n steps
-            timesteps, steps_left = img2img_timesteps(sched, num_inference_steps, strength)
+            timesteps, steps_left = img2img_timesteps(sched, steps, strength)
             if steps_left < 1:
-                raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run; "
+                raise ValueError(f"strength {strength} with {steps} steps leaves no step to run; "
                                  "raise strength or the number of steps")
             start = time.perf_counter()
             with record.scope("vae"):
@@ -441,14 +260,10 @@ class StableDiffusionPipeline:
         # 3. the denoising loop (refldm/pipelines/sampling.py): per step, with CFG, one U-Net batch of 2B:
         #    eps_u, eps_c = unet(scale(x_t), t, [c_uncond; c]);  eps = eps_u + w (eps_c - eps_u);  x = step(eps)
         start = time.perf_counter()
-        n_steps = len(timesteps)
+        guard = common.nan_guard(len(timesteps))
 
         def after_step(i, t, x):
-            xp = backend.array_namespace(x)
-            if not bool(xp.all(xp.isfinite(x))):
-                raise NonFiniteLatentsError(
-                    f"the latents hold NaN or inf after step {i + 1} of {n_steps} (timestep {float(t):g}); "
-                    "stopped. Try float32 rather than float16, another sampler, or a lower guidance scale")
+            guard(i, t, x)
             if callback is not None:
                 callback(i, t, x)
 
@@ -457,77 +272,13 @@ class StableDiffusionPipeline:
                          callback=after_step, progress=progress)
         timings["denoise"] = time.perf_counter() - start
 
-        # 4. latents -> pixels
-        start = time.perf_counter()
-        pixels = self.decode_latents(latents)                                 # (B, H, W, 3) uint8
-        images = [Image.fromarray(p) for p in pixels]
-        timings["decode"] = time.perf_counter() - start
-        parameters = []
-        for k, im in enumerate(images):
-            text = self._parameters(prompts[k], negatives[k], num_inference_steps, sampler, guidance_scale,
-                                    seed, im.width, im.height, None if image is None else strength)
-            im.info["parameters"] = text
-            parameters.append(text)
-        return StableDiffusionPipelineOutput(images=images, latents=latents, seed=seed, timings=timings,
-                                             parameters=parameters)
-
-    def _parameters(self, prompt, negative, steps, sampler, cfg, seed, width, height, strength) -> str:
-        """The web UIs' parameters text for one image (the format `refldm txt2img` writes)."""
-        from refldm.core.images import parameters_text
-        from refldm.schedulers import names
-        key = sampler or self.scheduler_config.get("_class_name", "")
-        try:
-            label = names.label(key)  # the web UIs' name ("DPM++ 2M Karras")
-        except ValueError:
-            label = str(key)
-        return parameters_text(prompt, negative, steps, label, cfg, "unknown" if seed is None else seed,
-                               width, height, self.name, strength=strength)
-
-    def estimate(self, batch: int, height: int, width: int, steps: int, guidance_scale: float) -> dict:
-        """What a call would cost, from the sizes: {"bytes": peak memory, "flops": total operations}.
-        Rough (within a factor of about 2), for refusing what cannot fit and announcing long runs."""
-        f = self.vae_scale_factor
-        h, w = -(-height // f), -(-width // f)
-        unet_batch = batch * (2 if guidance_scale > 1 else 1)
-        itemsize = self.dtype.itemsize
-        weights = sum(m.num_parameters() for m in (self.unet, self.vae, self.text_encoder)) * itemsize
-        peak = max(estimate_unet_bytes(self.unet.config, unet_batch, h, w, itemsize),
-                   estimate_decode_bytes(self.vae.config, (batch, 4, h, w), itemsize))
-        flops = estimate_unet_flops(self.unet.config, unet_batch, h, w) * steps
-        return {"bytes": weights + peak, "flops": flops}
-
-    def _check_schedule(self, sched, steps: int, name) -> None:
-        """Every timestep must be one the model was trained on (0 .. num_train_timesteps - 1); too many
-        steps for a spacing with an offset (steps_offset=1 makes 1000 steps start at t = 1000) are refused
-        here with the largest count that works, rather than failing inside the loop."""
-        import numpy as np
-        train = int(self.scheduler_config.get("num_train_timesteps", 1000))
-        t = np.asarray(backend.to_numpy(sched.timesteps), dtype=np.float64)
-        if t.size and (t.max() <= train - 1 + 1e-9) and t.min() >= 0:
-            return
-        ok = steps - 1
-        while ok > 1:
-            trial = self.make_scheduler(name)
-            trial.set_timesteps(ok)
-            u = np.asarray(backend.to_numpy(trial.timesteps), dtype=np.float64)
-            if u.size and u.max() <= train - 1 + 1e-9 and u.min() >= 0:
-                break
-            ok -= 1
-        raise ValueError(f"{steps} steps reach timestep {t.max():g}, past the {train} training timesteps of this "
-                         f"schedule (timestep_spacing={self.scheduler_config.get('timestep_spacing', 'leading')!r}, "
-                         f"steps_offset={self.scheduler_config.get('steps_offset', 0)}); use at most {ok} steps")
+        # 4. latents -> pixels, each image with its parameters text
+        made = common.GenerationParameters("", "", steps, self.sampler_label(sampler), guidance_scale, call.seed,
+                                           width, height, self.name, strength=None if image is None else strength)
+        return common.finish(self, latents, call, timings, made)
 
     # -- description -----------------------------------------------------------------------------------------------
 
     def describe(self) -> dict:
         """{part: {"class", "parameters", "dtype", "config"}} for `refldm info`."""
-        out = {}
-        for part in ("unet", "vae", "text_encoder"):
-            model = getattr(self, part)
-            out[part] = {"class": type(model).__name__, "parameters": model.num_parameters(),
-                         "dtype": self.dtype.name, "config": self.configs.get(part, {})}
-        tok = self.tokenizer
-        out["tokenizer"] = {"class": type(tok).__name__,
-                            "vocabulary": len(getattr(tok, "encoder", getattr(tok, "vocab", {})) or {})}
-        out["scheduler"] = {"class": self.scheduler_config.get("_class_name"), "config": self.scheduler_config}
-        return out
+        return self.describe_parts(("unet", "vae", "text_encoder"), [("tokenizer", ())])

@@ -20,22 +20,21 @@ Base + refiner ("ensemble of expert denoisers"): the base runs the first 80% of 
     out = base("an astronaut", seed=1, num_inference_steps=40, denoising_end=0.8, output_type="latent")
     image = refiner("an astronaut", image=out.latents, seed=1, num_inference_steps=40, denoising_start=0.8).images[0]
 
-The same conventions as `refldm.pipelines.sd.StableDiffusionPipeline`: the output object, the timings, the
-NaN checks, the seeded noise (refldm.core.random reproduces torch's CPU generator), schedulers by name.
+The frame every pipeline shares (the argument checks, the seed, the NaN guard, the decode, the output with its
+parameters text) is `refldm.pipelines.common`; this file holds SDXL's own parts: its folder layout, the two text
+encoders, the micro-conditioning and the refiner's share of the schedule.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import time
-
-from PIL import Image
 
 from refldm import backend
 from refldm.core.images import scale_latents
-from refldm.pipelines.sd import NonFiniteLatentsError, StableDiffusionPipeline, StableDiffusionPipelineOutput
-from refldm.pipelines.sampling import img2img_latents, img2img_timesteps, initial_latents, sample
+from refldm.pipelines import common
+from refldm.pipelines.common import StableDiffusionPipelineOutput
+from refldm.pipelines.sampling import img2img_latents, img2img_timesteps, sample
 from refldm.checkpoints.weights import WeightsError, read_config
 
 __all__ = ["StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "XL_PARTS", "is_sdxl_folder"]
@@ -62,16 +61,6 @@ def _listed(index: dict, part: str) -> bool:
     return entry is not None and not (isinstance(entry, list) and entry[-1] is None)
 
 
-def _strings(value, batch: int, what: str):
-    """A string or a list of strings -> a list of `batch` strings (None stays None)."""
-    if value is None:
-        return None
-    values = [value] * batch if isinstance(value, str) else list(value)
-    if len(values) != batch or not all(isinstance(v, str) for v in values):
-        raise ValueError(f"{what}: give one string, or a list of {batch} strings (one per prompt)")
-    return values
-
-
 def _fraction(value, what: str):
     if value is None:
         return None
@@ -91,13 +80,16 @@ def _pair(value, default, what: str):
     return pair
 
 
-class StableDiffusionXLPipeline(StableDiffusionPipeline):
-    """SDXL text to image: two text encoders, the pooled embedding and the time ids (module docstring)."""
+class StableDiffusionXLPipeline(common.DiffusionPipeline):
+    """SDXL text to image: two text encoders, the pooled embedding and the time ids (module docstring).
+    What every pipeline shares (decoding, schedulers, the checks, the output) is `refldm.pipelines.common`."""
 
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler_config: dict,
                  configs: dict | None = None, name: str = "model", dtype="float32",
                  force_zeros_for_empty_prompt: bool = True, requires_aesthetics_score: bool = False):
-        super().__init__(vae, text_encoder, tokenizer, unet, scheduler_config, configs, name=name, dtype=dtype)
+        super().__init__(vae, unet, scheduler_config, configs, name=name, dtype=dtype)
+        self.text_encoder = text_encoder  # None for a refiner (encoder 2 alone)
+        self.tokenizer = tokenizer
         self.text_encoder_2 = text_encoder_2
         self.tokenizer_2 = tokenizer_2
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
@@ -278,25 +270,19 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     # -- a call -------------------------------------------------------------------------------------------------
 
     def _prepare(self, prompt, prompt_2, negative_prompt, negative_prompt_2, seed, generator,
-                 num_inference_steps, denoising_start=None, denoising_end=None):
-        from refldm.core.random import Generator
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        batch = len(prompts)
-        texts = (prompts, _strings(prompt_2, batch, "prompt_2"), _strings(negative_prompt, batch, "negative_prompt"),
-                 _strings(negative_prompt_2, batch, "negative_prompt_2"))
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+                 num_inference_steps, guidance_scale, *, size=None, strength=None, num_images_per_prompt=1,
+                 output_type="pil", denoising_start=None, denoising_end=None):
+        """The shared checks (`refldm.pipelines.common.prologue`), then SDXL's own: the second prompts and the
+        fractions of the schedule. -> (Call, denoising_start, denoising_end)."""
+        call = common.prologue(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
+                               height=size and size[0], width=size and size[1], strength=strength,
+                               num_images_per_prompt=num_images_per_prompt, output_type=output_type,
+                               texts=(("prompt_2", prompt_2), ("negative_prompt_2", negative_prompt_2)))
         start = _fraction(denoising_start, "denoising_start")
         end = _fraction(denoising_end, "denoising_end")
         if start is not None and end is not None and start >= end:
             raise ValueError(f"denoising_start={start} must be below denoising_end={end}")
-        if generator is None:
-            if seed is None:
-                seed = secrets.randbelow(2 ** 32)
-            generator = Generator(seed)
-        return texts, seed, generator, start, end
+        return call, start, end
 
     def _denoise(self, latents, sched, timesteps, context, text_embeds, time_ids, guidance_scale, guidance_rescale,
                  do_cfg, generator, callback, progress, denoising_end):
@@ -306,15 +292,11 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             big_t = sched.config.num_train_timesteps
             cutoff = int(round(big_t - denoising_end * big_t))
             timesteps = timesteps[:sum(1 for t in timesteps if float(t) >= cutoff)]
-        n_steps = len(timesteps)
+        guard = common.nan_guard(len(timesteps))
         added = {"text_embeds": text_embeds, "time_ids": time_ids}
 
         def after_step(i, t, x):
-            xp = backend.array_namespace(x)
-            if not bool(xp.all(xp.isfinite(x))):
-                raise NonFiniteLatentsError(
-                    f"the latents hold NaN or inf after step {i + 1} of {n_steps} (timestep {float(t):g}); "
-                    "stopped. Try float32 rather than float16, another sampler, or a lower guidance scale")
+            guard(i, t, x)
             if callback is not None:
                 callback(i, t, x)
 
@@ -330,14 +312,12 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         rows = [negative_ids] * batch + [ids] * batch if do_cfg else [ids] * batch
         return backend.asarray(rows, dtype=self.dtype)
 
-    def _finish(self, latents, seed, timings, output_type):
-        if output_type == "latent":
-            return StableDiffusionPipelineOutput(images=[], latents=latents, seed=seed, timings=timings)
-        start = time.perf_counter()
-        pixels = self.decode_latents(latents)                              # (B, H, W, 3) uint8
-        images = [Image.fromarray(p) for p in pixels]
-        timings["decode"] = time.perf_counter() - start
-        return StableDiffusionPipelineOutput(images=images, latents=latents, seed=seed, timings=timings)
+    def _record(self, call, sampler, original, crop, target, strength=None):
+        """The parameters record of a call: the web UIs' fields, then SDXL's sizes (width x height)."""
+        extra = {"Original size": f"{original[1]}x{original[0]}", "Target size": f"{target[1]}x{target[0]}",
+                 "Crop": f"{crop[1]}x{crop[0]}"}
+        return common.GenerationParameters("", "", call.steps, self.sampler_label(sampler), call.guidance_scale,
+                                           call.seed, 0, 0, self.name, strength=strength, extra=extra)
 
     def __call__(self, prompt="", prompt_2=None, negative_prompt=None, negative_prompt_2=None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
@@ -346,7 +326,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                  negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
                  clip_skip: int | None = None, seed: int | None = None, generator=None, sampler: str | None = None,
                  latents=None, output_type: str = "pil", callback=None,
-                 progress: bool = True, scheduler: str | None = None) -> StableDiffusionPipelineOutput:
+                 progress: bool = True, scheduler: str | None = None,
+                 num_images_per_prompt: int = 1) -> StableDiffusionPipelineOutput:
         """Text to image with diffusers' SDXL arguments and defaults (guidance 5.0, 1024x1024 for SDXL).
 
         original_size / target_size default to (height, width), crops_coords_top_left to (0, 0); the
@@ -354,18 +335,16 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         negative_original_size and negative_target_size are given). denoising_end in (0, 1): stop there
         (for a refiner to continue; with output_type="latent" the images are skipped). callback(i, t, x)
         after every step; latents: your own starting noise (B, 4, H/8, W/8), times init_noise_sigma.
+        The checks, the seed, the output and its parameters text: `refldm.pipelines.common`.
         """
-        if output_type not in ("pil", "latent"):
-            raise ValueError(f"output_type={output_type!r}: only 'pil' and 'latent'")
-        (prompts, prompts_2, negatives, negatives_2), seed, generator, _, end = self._prepare(
-            prompt, prompt_2, negative_prompt, negative_prompt_2, seed, generator, num_inference_steps,
-            denoising_end=denoising_end)
-        batch = len(prompts)
-        height = self.default_size if height is None else int(height)
-        width = self.default_size if width is None else int(width)
-        if height % 8 or width % 8 or height < 8 or width < 8:
-            raise ValueError(f"height and width must be positive multiples of 8, got {width}x{height}")
-        do_cfg = guidance_scale > 1.0
+        size = (self.default_size if height is None else height, self.default_size if width is None else width)
+        call, _, end = self._prepare(prompt, prompt_2, negative_prompt, negative_prompt_2, seed, generator,
+                                     num_inference_steps, guidance_scale, size=size,
+                                     num_images_per_prompt=num_images_per_prompt, output_type=output_type,
+                                     denoising_end=denoising_end)
+        prompts, negatives, generator, do_cfg = call.prompts, call.negatives, call.generator, call.do_cfg
+        prompts_2, negatives_2 = call.texts["prompt_2"], call.texts["negative_prompt_2"]
+        batch, height, width = call.batch, call.height, call.width
         timings = {}
 
         # 1. text: (2B, 77, D1 + D2) context and (2B, P) pooled embeddings; the time ids (2B, 6)
@@ -384,42 +363,24 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         timings["text encode"] = time.perf_counter() - start
 
         # 2. the schedule and the starting noise x_T (B, 4, H/8, W/8)
-        sched = self.make_scheduler(sampler if sampler is not None else scheduler)  # scheduler=: old spelling
-        sched.set_timesteps(num_inference_steps)
+        sched, sampler = self.scheduler_for(sampler, scheduler, call.steps)
         latent_shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,
                         width // self.vae_scale_factor)
-        dtype = self.dtype.name
-        if latents is None:
-            latents = initial_latents(latent_shape, sched, generator=generator, dtype=dtype)
-        else:
-            if tuple(latents.shape) != latent_shape:
-                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {latent_shape}")
-            latents = backend.asarray(latents, dtype=dtype) * float(sched.init_noise_sigma)
+        latents = common.initial_noise(latent_shape, sched, generator, self.dtype.name, latents)  # eps * sigma
 
         # 3. the loop, 4. the decode
         start = time.perf_counter()
         latents = self._denoise(latents, sched, sched.timesteps, context, text_embeds, time_ids, guidance_scale,
                                 guidance_rescale, do_cfg, generator, callback, progress, end)
         timings["denoise"] = time.perf_counter() - start
-        return self._finish(latents, seed, timings, output_type)
+        return common.finish(self, latents, call, timings, self._record(call, sampler, original, crop, target))
 
     # -- description --------------------------------------------------------------------------------------------
 
     def describe(self) -> dict:
         """{part: {...}} for `refldm info`: both text encoders and both tokenizers."""
-        out = {}
-        for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
-            model = getattr(self, part)
-            if model is not None:
-                out[part] = {"class": type(model).__name__, "parameters": model.num_parameters(),
-                             "dtype": self.dtype.name, "config": self.configs.get(part, {})}
-        for part in ("tokenizer", "tokenizer_2"):
-            tok = getattr(self, part)
-            if tok is not None:
-                out[part] = {"class": type(tok).__name__, "pad_token": tok.pad_token,
-                             "vocabulary": len(getattr(tok, "encoder", getattr(tok, "vocab", {})) or {})}
-        out["scheduler"] = {"class": self.scheduler_config.get("_class_name"), "config": self.scheduler_config}
-        return out
+        return self.describe_parts(("unet", "vae", "text_encoder", "text_encoder_2"),
+                                   [("tokenizer", ("pad_token",)), ("tokenizer_2", ("pad_token",))])
 
 
 class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
@@ -433,7 +394,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                  negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
                  aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, clip_skip: int | None = None,
                  seed: int | None = None, generator=None, sampler: str | None = None, output_type: str = "pil",
-                 callback=None, progress: bool = True, scheduler: str | None = None) -> StableDiffusionPipelineOutput:
+                 callback=None, progress: bool = True, scheduler: str | None = None,
+                 num_images_per_prompt: int = 1) -> StableDiffusionPipelineOutput:
         """Image to image with diffusers' SDXL arguments and defaults (strength 0.3, guidance 5.0).
 
         image: a PIL image / uint8 array (encoded by the VAE, then noised to the timestep `strength`
@@ -444,15 +406,13 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
         """
         if image is None:
             raise ValueError("image is required (a PIL image, a uint8 array, or latents (B, 4, h, w))")
-        if output_type not in ("pil", "latent"):
-            raise ValueError(f"output_type={output_type!r}: only 'pil' and 'latent'")
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
-            raise ValueError(f"strength={strength!r} must lie in [0, 1]")
-        (prompts, prompts_2, negatives, negatives_2), seed, generator, begin, end = self._prepare(
-            prompt, prompt_2, negative_prompt, negative_prompt_2, seed, generator, num_inference_steps,
-            denoising_start=denoising_start, denoising_end=denoising_end)
-        batch = len(prompts)
-        do_cfg = guidance_scale > 1.0
+        call, begin, end = self._prepare(prompt, prompt_2, negative_prompt, negative_prompt_2, seed, generator,
+                                         num_inference_steps, guidance_scale, strength=strength,
+                                         num_images_per_prompt=num_images_per_prompt, output_type=output_type,
+                                         denoising_start=denoising_start, denoising_end=denoising_end)
+        prompts, negatives, generator, do_cfg = call.prompts, call.negatives, call.generator, call.do_cfg
+        prompts_2, negatives_2 = call.texts["prompt_2"], call.texts["negative_prompt_2"]
+        batch, steps = call.batch, call.steps
         dtype = self.dtype.name
         timings = {}
 
@@ -489,12 +449,11 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
         timings["text encode"] = time.perf_counter() - start
 
         # 2. the schedule: strength's tail, or everything below denoising_start
-        sched = self.make_scheduler(sampler if sampler is not None else scheduler)  # scheduler=: old spelling
-        sched.set_timesteps(num_inference_steps)
+        sched, sampler = self.scheduler_for(sampler, scheduler, steps)
         if begin is None:
-            timesteps, steps_left = img2img_timesteps(sched, num_inference_steps, strength)
+            timesteps, steps_left = img2img_timesteps(sched, steps, strength)
             if steps_left < 1:
-                raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run; "
+                raise ValueError(f"strength {strength} with {steps} steps leaves no step to run; "
                                  "raise strength or the number of steps")
         else:
             timesteps = self.timesteps_from(sched, begin)
@@ -517,7 +476,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
         latents = self._denoise(latents, sched, timesteps, context, text_embeds, time_ids, guidance_scale,
                                 guidance_rescale, do_cfg, generator, callback, progress, end)
         timings["denoise"] = time.perf_counter() - start
-        return self._finish(latents, seed, timings, output_type)
+        made = self._record(call, sampler, original, crop, target, strength=strength if begin is None else None)
+        return common.finish(self, latents, call, timings, made)
 
     @staticmethod
     def timesteps_from(sched, denoising_start: float):

@@ -1,0 +1,222 @@
+"""What the generating subcommands share (txt2img, img2img, inpaint, demo): their flags, the checks of the
+flags' values, loading the model a -m names, the memory and time check before a run, writing the image.
+
+Argument parsing and checking only: the models, the pipelines and the cost model are the library's
+(refldm.pipelines, refldm.analysis.cost); the messages name the flag at fault.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import warnings
+
+from refldm import backend
+from refldm.about import DEFAULT_MODEL  # the folder of the model shipped inside the package
+
+__all__ = ["sampler_name", "add_model_args", "add_generation_args", "one_line_warnings", "use_backend",
+           "load_pipeline", "save_png", "check_seed", "check_cfg", "check_steps", "check_text",
+           "check_generation_args", "resolve_defaults", "check_resources", "gib", "STEPS", "CFG", "CFG_RANGE",
+           "SEED_MAX", "DEMO_STEPS", "DEMO_CFG", "DEMO_SAMPLER"]
+
+# the settings tools/train_tiny/evaluate.py measures the embedded model's quality with
+DEMO_STEPS = 25
+DEMO_CFG = 3.0  # measured best for colour on the default model (docs/default-model.md)
+DEMO_SAMPLER = None  # the model's own scheduler (DDIM)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the flags
+
+
+def sampler_name(value):
+    """--sampler: any name refldm.schedulers.names knows, checked before the model loads."""
+    from refldm.schedulers import names
+    try:
+        names.resolve(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def add_model_args(p, *, model_flag=True):
+    if model_flag:
+        p.add_argument("-m", "--model", default=None,
+                       help="a diffusers SD folder or an SD 1.x/2.x single-file .safetensors "
+                            "(default: the model shipped with refldm)")
+    p.add_argument("--config", default=None,
+                   help="for a single file: a diffusers folder with the model's configs, tokenizer and scheduler")
+    p.add_argument("--tokenizer", default=None, help="for a single file without --config: a CLIP tokenizer folder")
+    p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                   help="for an SD 2.x single file without --config (the weights do not tell)")
+    p.add_argument("--backend", choices=("numpy", "cupy"), default=None,
+                   help="where the arrays live (default: numpy, or $REFLDM_BACKEND)")
+    p.add_argument("--dtype", choices=("float32", "float64", "float16"), default="float32")
+
+
+# defaults for a model given with -m (diffusers' own); the built-in model uses DEMO_STEPS / DEMO_CFG
+STEPS = 20
+CFG = 7.5
+CFG_RANGE = (0.0, 100.0)  # a finite guidance scale; beyond ~30 images saturate, 1e30 is flat grey
+SEED_MAX = 2 ** 64 - 1    # torch's seed range, 0..2**64-1 (refldm.pipelines.common.SEED_MAX)
+
+
+def add_generation_args(p):
+    p.add_argument("-p", "--prompt", required=True, help='the prompt ("" for an unconditional image)')
+    p.add_argument("-n", "--negative", default=None, help="the negative prompt (default: none)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"denoising steps (default {STEPS}; {DEMO_STEPS} for the built-in model)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help=f"classifier-free guidance scale in [{CFG_RANGE[0]:g}, {CFG_RANGE[1]:g}] (default {CFG:g}; "
+                        f"{DEMO_CFG:g} for the built-in model; <= 1 turns guidance off)")
+    p.add_argument("--seed", type=int, default=None, help="noise seed, 0..2**64-1 (default: random, printed)")
+    p.add_argument("--sampler", default=None, type=sampler_name,
+                   help='sampler by name, as the web UIs write it ("DPM++ 2M Karras", "Euler a", "dpmpp_2m karras") '
+                        "or refldm's (euler, dpm++2m); `refldm samplers` lists them (default: the model's own)")
+    p.add_argument("-o", "--output", default=None, help="output image: .png (with the parameters chunk), .jpg, "
+                                                         ".webp, ... (default refldm-txt2img.png / refldm-img2img.png)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checks, loading, writing
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Show warnings (a prompt cut to 77 tokens, ...) as one line each on stderr, without source lines."""
+    old = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"refldm: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            yield
+    finally:
+        warnings.showwarning = old
+
+
+def use_backend(name):
+    if name:
+        backend.use(name)
+
+
+def load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=None, dtype="float32",
+                  img2img=False):
+    """The pipeline for MODEL: a diffusers folder, a single .safetensors file, or None for the embedded model."""
+    from refldm.pipelines.sd import StableDiffusionPipeline
+    from refldm.pipelines.sdxl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, is_sdxl_folder
+    from refldm.checkpoints.weights import refuse_pickle
+    if model is None:
+        if not os.path.isfile(os.path.join(DEFAULT_MODEL, "model_index.json")):
+            raise OSError(f"the embedded model is missing ({DEFAULT_MODEL}); reinstall refldm or give -m MODEL")
+        pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, dtype=dtype)
+        pipe.name = "refldm-default"
+        return pipe
+    refuse_pickle(model)
+    if os.path.isdir(model) and is_sdxl_folder(model):  # SDXL: a text_encoder_2 in model_index.json
+        cls = StableDiffusionXLImg2ImgPipeline if img2img else StableDiffusionXLPipeline
+        return cls.from_pretrained(model, dtype=dtype)
+    if os.path.isdir(model):
+        return StableDiffusionPipeline.from_pretrained(model, dtype=dtype)
+    if not os.path.exists(model):
+        raise OSError(f"{model}: no such model folder or file")
+    if not model.lower().endswith(".safetensors"):
+        raise ValueError(f"{model}: not a model folder nor a .safetensors file")
+    from refldm.checkpoints import convert
+    from refldm.checkpoints.weights import read_header
+    if convert.detect(read_header(model)[0]) == "sdxl":  # conditioner.embedders.* keys
+        return StableDiffusionXLPipeline.from_single_file(model, config=config, dtype=dtype)
+    return StableDiffusionPipeline.from_single_file(model, config=config, tokenizer=tokenizer, dtype=dtype,
+                                                    prediction_type=prediction_type)
+
+
+def save_png(image, path, parameters: str | None = None) -> None:
+    """Write a PIL image with the ``parameters`` text (a PNG tEXt/iTXt chunk; EXIF UserComment in a JPEG),
+    atomically: the file is complete or untouched (refldm.core.images.save_pil)."""
+    from refldm.core.images import check_output, save_pil
+    save_pil(image, check_output(path), parameters)
+
+
+def check_seed(seed, flag="--seed"):
+    """The pipelines' own seed check (refldm.pipelines.common), naming the flag."""
+    from refldm.pipelines.common import check_seed as check
+    check(seed, flag)
+
+
+def check_cfg(cfg, flag="--cfg"):
+    if cfg is not None and not (math.isfinite(cfg) and CFG_RANGE[0] <= cfg <= CFG_RANGE[1]):
+        raise ValueError(f"{flag} {cfg:g} is outside [{CFG_RANGE[0]:g}, {CFG_RANGE[1]:g}] (values <= 1 turn "
+                         "guidance off; 3 to 15 are usual)")
+
+
+def check_steps(steps, flag="--steps"):
+    if steps is not None and steps < 1:
+        raise ValueError(f"{flag} must be >= 1, got {steps}")
+
+
+def resolve_defaults(args):
+    """--steps / --cfg not given: the built-in model's recommended settings, or diffusers' for -m MODEL."""
+    builtin = getattr(args, "model", None) is None
+    if args.steps is None:
+        args.steps = DEMO_STEPS if builtin else STEPS
+    if args.cfg is None:
+        args.cfg = DEMO_CFG if builtin else CFG
+
+
+def check_text(text, flag):
+    """Command-line text arrives as UTF-8; a byte that is not (Python keeps it as a lone surrogate) is refused."""
+    if text is None:
+        return
+    for i, ch in enumerate(text):
+        if "\udc80" <= ch <= "\udcff":
+            raise ValueError(f"{flag} holds byte 0x{ord(ch) - 0xdc00:02x} at character {i}, which is not UTF-8; "
+                             "give the text in UTF-8")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{flag} holds a character that is not valid Unicode at position {e.start}") from None
+
+
+def check_generation_args(args):
+    check_text(args.prompt, "--prompt")
+    check_text(args.negative, "--negative")
+    check_steps(args.steps)
+    check_cfg(args.cfg)
+    check_seed(args.seed)
+    for flag in ("width", "height"):
+        value = getattr(args, flag, None)
+        if value is not None and (value < 8 or value % 8):
+            raise ValueError(f"--{flag} must be a positive multiple of 8, got {value}")
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
+
+
+def check_resources(pipe, batch, height, width, steps, cfg, *, announce_after_s: float = 30.0) -> None:
+    """Before a run: refuse it when its estimated memory exceeds what the machine has (saying what it would
+    take), and print an estimated time when it looks long. The estimate is refldm.analysis.cost's walk of
+    the pipeline's own networks (`estimate_pipeline`)."""
+    from refldm.analysis.cost import estimate_pipeline
+    from refldm.cli.resources import available_memory, matmul_throughput
+    from refldm.errors import TooLargeError
+    height = pipe.default_size if height is None else height
+    width = pipe.default_size if width is None else width
+    cost = estimate_pipeline(pipe, batch, height, width, steps, cfg)
+    have = available_memory() if backend.name() == "numpy" else None
+    if have is not None and cost["bytes"] > have:
+        raise TooLargeError(f"{width}x{height} with batch {batch} needs about {gib(cost['bytes'])} of memory "
+                            f"(estimated from the sizes); this machine has {gib(have)} available. Use a "
+                            "smaller size")
+    seconds = cost["flops"] / (0.5 * matmul_throughput())  # the U-Net runs at about half the speed of a plain matmul
+    if seconds > announce_after_s:
+        print(f"refldm: {width}x{height}, {steps} steps: estimated {seconds / 60:.1f} minutes "
+              f"({cost['flops'] / 1e12:.3g} TFLOP) and {gib(cost['bytes'])} of memory", file=sys.stderr)
