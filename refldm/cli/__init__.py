@@ -20,6 +20,7 @@ import sys
 _MODULES = ("refldm.cli.generate", "refldm.cli.vae", "refldm.cli.trace", "refldm.cli.analysis",
             "refldm.cli.samplers")
 _MODULES += ("refldm.cli.inpaint",)  # inpainting (refldm/cli/inpaint.py)
+_MODULES += ("refldm.cli.vectors",)  # conformance vectors and verify (refldm/cli/vectors.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
