@@ -54,7 +54,7 @@ def register(subparsers) -> None:
                    help="how the candidate names its tensors: as the cases (default) or by original key prefix")
     v.add_argument("--map", metavar="FILE", help="a JSON object {candidate name: case name} ('*' in both for "
                                                  "the same text) for a port's own names")
-    v.add_argument("--precision", choices=["float32", "float16"], default="float32",
+    v.add_argument("--precision", choices=["float32", "float16", "float64"], default="float32",
                    help="which tolerance column applies: the precision the port computes in (default float32)")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
     v.add_argument("--report", metavar="FILE", help="also write a self-contained HTML page with a plot of the "

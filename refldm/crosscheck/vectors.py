@@ -19,7 +19,7 @@ text encoder's golden output), so a port can check each part on its own, in any 
 Each case in the manifest holds: ``name``, ``group``, ``part``, ``layer``, ``module`` (the diffusers /
 transformers module path), ``original`` (the original checkpoint's key prefix, where one module maps to one),
 ``inputs`` (the tensor names of the group's inputs, in call order), ``output``, ``shape``, ``dtype``,
-``tolerance`` ({"float32": .., "float16": ..}: the largest relative error a port computing in that dtype may
+``tolerance`` ({"float32": .., "float16": .., "float64": ..}: the largest relative error a port computing in that dtype may
 make, rel = max|a - b| / max|b|; docs/porting.md justifies each), ``description``, ``docs`` and
 ``provenance`` (refldm version, the model config's SHA-256, the seed).
 
@@ -60,18 +60,19 @@ DOCS = "docs/"  # links are relative to the refldm repository
 
 # Relative-error tolerances (rel = max|a - b| / max|b|) for a port computing in float32 and in float16,
 # by kind of case. docs/porting.md, "What the tolerances mean", derives each.
-TOLERANCES = {
-    "tokens": (0.0, 0.0),                   # token ids and masks: integers, exact
-    "prompt_weights": (1e-6, 1e-3),         # products of 1.1: a few roundings
-    "text_encoder": (1e-4, 2e-2),
-    "vae": (1e-4, 2e-2),
-    "unet": (1e-4, 2e-2),
-    "scheduler_table": (1e-5, 2e-3),        # tables of 1000 cumulative products, then interpolation
-    "scheduler_step": (1e-5, 2e-3),         # a few fused multiply-adds per element per step
-    "noise": (1e-6, 1e-3),                  # a seed stream: the same numbers up to libm's last bit
-    "pipeline": (1e-3, 5e-2),               # every part above, over several steps, then the decoder
-    "image_uint8": (2.0 / 255 + 1e-9, 4.0 / 255 + 1e-9),  # 8-bit pixels: at most 2 (4) levels off
+TOLERANCES = {  # kind of case: (float32, float16, float64)
+    "tokens": (0.0, 0.0, 0.0),                    # token ids and masks: integers, exact
+    "prompt_weights": (1e-6, 1e-3, 1e-12),        # products of 1.1: a few roundings
+    "text_encoder": (1e-4, 2e-2, 1e-10),
+    "vae": (1e-4, 2e-2, 1e-10),
+    "unet": (1e-4, 2e-2, 1e-10),
+    "scheduler_table": (1e-5, 2e-3, 1e-12),       # tables of 1000 cumulative products, then interpolation
+    "scheduler_step": (1e-5, 2e-3, 1e-12),        # a few fused multiply-adds per element per step
+    "noise": (1e-6, 1e-3, 1e-6),                  # a seed stream: the same numbers up to libm's last bit
+    "pipeline": (1e-3, 5e-2, 1e-8),               # every part above, over several steps, then the decoder
+    "image_uint8": (2.0 / 255 + 1e-9, 4.0 / 255 + 1e-9, 1.0 / 255 + 1e-9),  # 8-bit pixels: levels off
 }
+PRECISIONS = ("float32", "float16", "float64")
 
 DOC_PAGES = {"tokenizer": "text_encoder.md", "text_encoder": "text_encoder.md", "vae": "vae.md", "unet": "unet.md",
              "scheduler": "schedulers.md", "noise": "pipeline.md", "pipeline": "pipeline.md"}
@@ -421,8 +422,7 @@ def _tolerance(part: str, layer: str) -> dict:
         key = "image_uint8"
     else:
         key = part
-    f32, f16 = TOLERANCES[key]
-    return {"float32": f32, "float16": f16}
+    return dict(zip(PRECISIONS, TOLERANCES[key]))
 
 
 def _module(part: str, group: dict, layer: str) -> str:
@@ -432,7 +432,9 @@ def _module(part: str, group: dict, layer: str) -> str:
     if part == "text_encoder":
         if layer in ("penultimate_hidden_state", "last_hidden_state", "pooled"):
             return ""
-        return layer if layer.startswith("text_projection") else "text_model." + layer
+        # transformers 5 nests the layers under text_model in CLIPTextModelWithProjection, not in CLIPTextModel
+        nested = group["args"]["encoder"] == "text_encoder_2" and not layer.startswith("text_projection")
+        return "text_model." + layer if nested else layer
     if part == "vae":
         return "" if layer.startswith("latent_dist") else layer
     return ""
@@ -491,13 +493,12 @@ class _Writer:
             name = f"{gid}/{layer}"
             desc, page = _describe(part, group, layer)
             module = _module(part, group, layer)
-            orig = original_prefix(self.info, net, module.replace("text_model.", "", 1), self._keys(net)) \
+            orig = original_prefix(self.info, net, module.removeprefix("text_model."), self._keys(net)) \
                 if module else ""
             self.tensors[part][name] = value
             self.cases.append({
                 "name": name, "group": gid, "part": part, "layer": layer, "module": module, "original": orig,
-                "inputs": [v for k, v in group["inputs"].items() if k != "text"] if part != "tokenizer"
-                else [group["inputs"]["text"]],
+                "inputs": _case_inputs(part, layer, group),
                 "output": name, "file": f"{part}.safetensors", "shape": list(value.shape), "dtype": value.dtype.name,
                 "tolerance": _tolerance(part, layer), "description": desc, "docs": DOCS + page,
                 "provenance": {"refldm": __version__, "config_sha256": self.hash,
@@ -682,7 +683,20 @@ def generate(folder, out_dir, parts=None, dtype="float64", size: int | None = No
 def _call_order(item):
     name, _ = item
     stem, _, i = name.partition(".")
-    return (int(i) if i.isdigit() else -1, stem)
+    return (int(i) if i.isdigit() else -1, 0 if stem == "sample" else 1)
+
+
+def _case_inputs(part: str, layer: str, group: dict) -> list:
+    """The tensor names of a case's inputs: the group's, in call order; a scheduler call's own two."""
+    names = group["inputs"]
+    if part == "tokenizer":
+        return [names["text"]]
+    if part == "scheduler":
+        if "." not in layer:
+            return []  # tables: set_timesteps(steps) alone
+        i = layer.split(".")[0][len("step"):]
+        return [names[f"sample.{i}"], names[f"model_output.{i}"]]  # earlier calls first: multistep state
+    return [v for k, v in names.items() if k != "text"]
 
 
 def generate_tiny(kind: str, out_dir, **kwargs) -> dict:
@@ -730,17 +744,16 @@ class Case:
 
     @property
     def input_names(self) -> list:
-        """The group's input names, in call order ("sample", "timestep", ...)."""
-        group = self.bundle.group(self.group)
-        return [k for k in group["inputs"] if k != "text" or self.part == "tokenizer"]
+        """The names of the case's inputs, in call order ("sample", "timestep", ...; "text" for the tokenizer)."""
+        return [n.split("/input/", 1)[1] for n in self.entry["inputs"]]
 
     @property
     def inputs(self) -> list:
-        """The group's inputs in call order: arrays (the tokenizer's input is the prompt, a str)."""
-        group = self.bundle.group(self.group)
+        """The case's inputs in call order, as arrays (the tokenizer's input is the prompt, a str). A
+        scheduler call's inputs are (sample, model_output); its timestep is the table's entry of that call."""
         if self.part == "tokenizer":
-            return [group["text"]]
-        return [self.bundle.tensor(self.part, group["inputs"][k]) for k in self.input_names]
+            return [self.bundle.group(self.group)["text"]]
+        return [self.bundle.tensor(self.part, n) for n in self.entry["inputs"]]
 
     @property
     def input_dict(self) -> dict:
