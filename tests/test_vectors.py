@@ -336,3 +336,19 @@ def test_diffusers_with_forward_hooks_passes_and_planted_bugs_fail_first_at_the_
         # and in float32 terms too: each is far above float32's tolerance, except the eps (see docs/porting.md)
         if bug != "groupnorm_eps":
             assert r.first_failure.rel > 1e-4, (bug, r.first_failure)
+
+
+def test_the_worked_example_port_passes_and_its_planted_bug_is_found(bundle, tmp_path):
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "examples", "port_vae_decoder.py")
+    spec = importlib.util.spec_from_file_location("port_vae_decoder", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main([bundle, str(tmp_path / "mine")]) == 0
+    r = verify(bundle, tmp_path / "mine", precision="float64")
+    assert r.ok and len(r.provided) == len(vectors.load(bundle).cases_of("vae.decode"))
+    assert example.main([bundle, str(tmp_path / "bad"), "--bug"]) == 0
+    assert cli_main(["verify", bundle, str(tmp_path / "bad"), "--precision", "float64"]) == 1
+    r = verify(bundle, tmp_path / "bad", precision="float64")
+    assert r.first_failure.name == "vae.decode/decoder.mid_block.attentions.0.to_out.0"
+    assert r.last_pass_before_failure.name == "vae.decode/decoder.mid_block.attentions.0.to_v"
