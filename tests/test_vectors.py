@@ -19,7 +19,7 @@ import pytest
 
 from refldm.cli import main as cli_main
 from refldm.crosscheck import vectors
-from refldm.crosscheck.verify import CandidateError, read_candidate, verify
+from refldm.crosscheck.verify import verify
 from tests.conftest import require
 
 

@@ -41,7 +41,9 @@ def register(subparsers) -> None:
                    "or blocks, resnets and attentions only ('blocks', default for a full model)")
     p.add_argument("--candidate", metavar="BUNDLE", help="instead: run refldm on BUNDLE's inputs and write its "
                    "outputs as a candidate file (what `refldm verify` scores)")
-    p.set_defaults(func=run_vectors)
+    # the reference ops alone, as --reference: the speed layer picks its kernels by machine, and a bundle must
+    # not depend on the machine (refldm/cli/__init__.py's main applies it)
+    p.set_defaults(func=run_vectors, reference_ops=True)
 
     v = subparsers.add_parser(
         "verify", help="score a port's outputs against a conformance bundle",
@@ -117,9 +119,7 @@ def run_vectors(args) -> int:
     kwargs["detail"] = args.detail or ("all" if args.tiny else "blocks")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"{args.out}: exists and is not a folder")
-    from refldm.accel import enabled as accelerated
-    # the goldens come from the reference ops alone (as --reference): the speed layer picks kernels by machine
-    with warnings.catch_warnings(), accelerated(False):
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the suite's over-long prompt is cut on purpose
         if args.tiny:
             manifest = vectors.generate_tiny(args.tiny, args.out, **kwargs)

@@ -180,7 +180,6 @@ def build(kind: str, folder) -> str:
     Also writes ``original.safetensors`` beside the parts: the same weights under the original (LDM /
     single-file) key names (`refldm.checkpoints.convert.to_original`).
     """
-    from refldm.checkpoints import convert
     from refldm.models.clip import CLIPTextModel, CLIPTextModelWithProjection
     from refldm.models.unet import UNet2DConditionModel
     from refldm.models.vae import AutoencoderKL

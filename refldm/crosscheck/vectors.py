@@ -52,7 +52,7 @@ from refldm.checkpoints.weights import load_file, read_config, read_header, save
 from refldm.core.record import Recorder
 
 __all__ = ["FORMAT", "PARTS", "TOLERANCES", "PROMPTS", "SAMPLERS", "PIPELINE_SAMPLERS", "generate", "generate_tiny",
-           "load", "Bundle", "Case", "VectorMismatch", "BundleError", "run_refldm", "save_candidate", "Models"]
+           "load", "Bundle", "Case", "score", "CaseResult", "VectorMismatch", "BundleError", "run_refldm", "save_candidate", "Models"]
 
 FORMAT = "refldm-vectors/1"
 PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler", "noise", "pipeline")  # data-flow order
@@ -731,6 +731,46 @@ class CaseResult:
         return self.status == "pass"
 
 
+def score(case, output, precision: str = "float32") -> CaseResult:
+    """Score one candidate array against a case: rel = max|a - b| / max|b| in float64 against the case's
+    tolerance for `precision`. Another size fails naming the expected shape; the same size in another view
+    is compared row-major (noted); NaN / inf where the golden value is finite fails naming the index; a
+    dtype that is no real number fails."""
+    if precision not in ("float32", "float16", "float64"):
+        raise ValueError(f"precision={precision!r}; choose 'float32', 'float16' or 'float64'")
+    tol = float(case.tolerance[precision])
+    expected = np.asarray(case.expected)
+    a = np.asarray(backend.to_numpy(output)) if hasattr(output, "shape") else np.asarray(output)
+    if a.dtype.kind not in "biuf":
+        return CaseResult(case.name, "FAIL", math.inf, math.inf, tol,
+                          f"dtype {a.dtype} is not a real number type (expected {expected.dtype.name}, "
+                          f"shape {tuple(expected.shape)})")
+    shape, want = tuple(a.shape), tuple(expected.shape)
+    note = ""
+    if shape != want:
+        if a.size != expected.size:
+            return CaseResult(case.name, "FAIL", math.inf, math.inf, tol,
+                              f"shape {shape}, expected {want}")
+        # the same number of values in another view ((N, C, H*W) for (N, C, H, W), a dropped batch axis):
+        # compared in row-major order, so a real layout difference still fails on the values
+        note = f"shape {shape} compared row-major as {want}"
+        a = a.reshape(want)
+    a = a.astype(np.float64)
+    b = expected.astype(np.float64)
+    bad = ~np.isfinite(a) & np.isfinite(b)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        kind = "NaN" if np.isnan(a[where]) else "inf"
+        return CaseResult(case.name, "FAIL", math.inf, math.inf, tol,
+                          f"{kind} at index {where} ({int(bad.sum())} non-finite values)")
+    if a.size == 0:
+        return CaseResult(case.name, "pass", 0.0, 0.0, tol, note)
+    max_abs = float(np.max(np.abs(a - b)))
+    max_ref = float(np.max(np.abs(b)))
+    rel = (0.0 if max_abs == 0 else math.inf) if max_ref == 0 else max_abs / max_ref
+    return CaseResult(case.name, "pass" if rel <= tol else "FAIL", max_abs, rel, tol, note)
+
+
 class Case:
     """One case of a bundle: its manifest entry, its inputs and golden output as arrays, `check`."""
 
@@ -764,8 +804,7 @@ class Case:
         return self.bundle.tensor(self.part, self.entry["output"])
 
     def score(self, output, precision: str = "float32") -> CaseResult:
-        """Compare `output` with the golden output (see `refldm.crosscheck.verify.score`)."""
-        from refldm.crosscheck.verify import score
+        """Compare `output` with the golden output (see `score`)."""
         return score(self, output, precision)
 
     def check(self, output, precision: str = "float32", strict: bool = True) -> CaseResult:

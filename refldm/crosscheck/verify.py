@@ -27,8 +27,7 @@ import re
 
 import numpy as np
 
-from refldm import backend
-from refldm.crosscheck.vectors import BundleError, CaseResult, load  # noqa: F401 (BundleError: re-exported)
+from refldm.crosscheck.vectors import BundleError, CaseResult, load, score  # noqa: F401 (re-exported)
 
 __all__ = ["CandidateError", "read_candidate", "resolve_names", "score", "verify", "Verification"]
 
@@ -128,43 +127,6 @@ def resolve_names(bundle, names, mode: str = "diffusers", mapping=None) -> dict:
     if mode != "diffusers":
         raise ValueError(f"names={mode!r}; choose 'diffusers' or 'original'")
     return {n: n for n in names}
-
-
-def score(case, output, precision: str = "float32") -> CaseResult:
-    """Score one candidate array against a case (see the module docstring)."""
-    if precision not in ("float32", "float16", "float64"):
-        raise ValueError(f"precision={precision!r}; choose 'float32', 'float16' or 'float64'")
-    tol = float(case.tolerance[precision])
-    expected = np.asarray(case.expected)
-    a = np.asarray(backend.to_numpy(output)) if hasattr(output, "shape") else np.asarray(output)
-    if a.dtype.kind not in "biuf":
-        return CaseResult(case.name, "FAIL", math.inf, math.inf, tol,
-                          f"dtype {a.dtype} is not a real number type (expected {expected.dtype.name}, "
-                          f"shape {tuple(expected.shape)})")
-    shape, want = tuple(a.shape), tuple(expected.shape)
-    note = ""
-    if shape != want:
-        if a.size != expected.size:
-            return CaseResult(case.name, "FAIL", math.inf, math.inf, tol,
-                              f"shape {shape}, expected {want}")
-        # the same number of values in another view ((N, C, H*W) for (N, C, H, W), a dropped batch axis):
-        # compared in row-major order, so a real layout difference still fails on the values
-        note = f"shape {shape} compared row-major as {want}"
-        a = a.reshape(want)
-    a = a.astype(np.float64)
-    b = expected.astype(np.float64)
-    bad = ~np.isfinite(a) & np.isfinite(b)
-    if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        kind = "NaN" if np.isnan(a[where]) else "inf"
-        return CaseResult(case.name, "FAIL", math.inf, math.inf, tol,
-                          f"{kind} at index {where} ({int(bad.sum())} non-finite values)")
-    if a.size == 0:
-        return CaseResult(case.name, "pass", 0.0, 0.0, tol, note)
-    max_abs = float(np.max(np.abs(a - b)))
-    max_ref = float(np.max(np.abs(b)))
-    rel = (0.0 if max_abs == 0 else math.inf) if max_ref == 0 else max_abs / max_ref
-    return CaseResult(case.name, "pass" if rel <= tol else "FAIL", max_abs, rel, tol, note)
 
 
 class Verification:
