@@ -88,8 +88,15 @@ def test_bundle_lists_every_part_in_data_flow_order_with_what_a_porter_needs(bun
 
 
 def test_the_same_command_writes_the_same_bytes(bundle, tmp_path):
+    """Again, in another process with another hash seed, BLAS thread count and speed-layer setting."""
+    import subprocess
+    import sys
     again = tmp_path / "again"
-    assert cli_main(["vectors", "--tiny", "sd15", "--out", str(again)]) == 0
+    env = dict(os.environ, PYTHONHASHSEED="12345", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
+               REFLDM_ACCEL="1" if os.environ.get("REFLDM_ACCEL") == "0" else "0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-m", "refldm", "vectors", "--tiny", "sd15", "--out", str(again)], check=True,
+                   env=env, cwd=root, capture_output=True)
     assert _files_hash(again) == _files_hash(bundle)
 
 
@@ -352,3 +359,19 @@ def test_the_worked_example_port_passes_and_its_planted_bug_is_found(bundle, tmp
     r = verify(bundle, tmp_path / "bad", precision="float64")
     assert r.first_failure.name == "vae.decode/decoder.mid_block.attentions.0.to_out.0"
     assert r.last_pass_before_failure.name == "vae.decode/decoder.mid_block.attentions.0.to_v"
+
+
+def test_a_refldm_trace_on_a_groups_inputs_is_a_candidate(bundle, tmp_path, capsys):
+    from refldm.crosscheck import trace
+    b = vectors.load(bundle)
+    case = b.case("unet.t500.uncond/output")
+    t = trace.trace_part(os.path.join(bundle, "model"), "unet", dtype="float32", inputs=case.input_dict)
+    path = tmp_path / "trace.safetensors"
+    trace.save_trace(path, t)
+    assert cli_main(["verify", bundle, str(path), "--group", "unet.t500.uncond"]) == 0
+    out = capsys.readouterr().out
+    assert "unet.t500.uncond/output" in out and "does not know" not in out
+    r = verify(bundle, path, group="unet.t500.uncond")
+    assert len(r.provided) == len(b.cases_of("unet.t500.uncond")) - 1  # all but time_proj, which no module returns
+    assert cli_main(["verify", bundle, str(path), "--group", "unet.t7.cond"]) == 2
+    assert "no group 'unet.t7.cond'" in capsys.readouterr().err

@@ -56,6 +56,8 @@ def register(subparsers) -> None:
                    help="how the candidate names its tensors: as the cases (default) or by original key prefix")
     v.add_argument("--map", metavar="FILE", help="a JSON object {candidate name: case name} ('*' in both for "
                                                  "the same text) for a port's own names")
+    v.add_argument("--group", metavar="GROUP", help="the candidate is one pass, named without the group: a trace "
+                   "file of `refldm trace` or tools/trace_diffusers.py (e.g. --group unet.t500.cond)")
     v.add_argument("--precision", choices=["float32", "float16", "float64"], default="float32",
                    help="which tolerance column applies: the precision the port computes in (default float32)")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -137,7 +139,8 @@ def run_vectors(args) -> int:
 def run_verify(args) -> int:
     from refldm.crosscheck.verify import verify
 
-    result = verify(args.bundle, args.candidate, names=args.names, mapping=args.map, precision=args.precision)
+    result = verify(args.bundle, args.candidate, names=args.names, mapping=args.map, precision=args.precision,
+                    group=args.group)
     if args.report:
         from refldm.files import atomic_write
         page = result.html().encode("utf-8")

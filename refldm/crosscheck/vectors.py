@@ -94,7 +94,9 @@ PROMPTS = (
 WEBUI_PROMPTS = (10,)  # indices of PROMPTS also encoded with the web UI's weighting syntax
 TEXT_PROMPTS = (0, 1)  # prompts run through the text encoders: the cond prompt and the empty (uncond) one
 TIMESTEPS = (999, 500, 1)
-SAMPLERS = ("ddim", "pndm", "lms", "euler", "heun", "dpm++2m", "DPM++ 2M Karras", "unipc")
+# samplers by name (`refldm samplers`), "|key=value" adds a scheduler option
+SAMPLERS = ("ddim", "ddim|timestep_spacing=trailing", "pndm", "lms", "euler", "euler|timestep_spacing=linspace",
+            "heun", "dpm++2m", "DPM++ 2M Karras", "unipc")
 TABLE_STEPS = (10, 25)  # step counts whose tables are stored beside --steps
 PIPELINE_SAMPLERS = ("ddim", "euler", "dpm++2m")
 NOISE_SEEDS = (0, 42, 2**32 + 7)
@@ -303,10 +305,31 @@ def run_unet(models, group, inputs):
     return first
 
 
-def run_scheduler(models, group, inputs):
+def _sampler(spec: str) -> tuple[str, dict]:
+    """"euler|timestep_spacing=trailing" -> ("euler", {"timestep_spacing": "trailing"})."""
+    name, *options = spec.split("|")
+    out = {}
+    for o in options:
+        key, _, value = o.partition("=")
+        out[key] = json.loads(value) if value in ("true", "false") or value.replace(".", "").isdigit() else value
+    return name, out
+
+
+def _sampler_key(spec: str) -> str:
+    name, options = _sampler(spec)
+    parts = [name.lower().replace(" ", "_").replace("+", "p")] + [str(v) for v in options.values()]
+    return "_".join(parts)
+
+
+def make_scheduler(models, spec: str):
     from refldm.schedulers import get_scheduler
+    name, options = _sampler(spec)
+    return get_scheduler(name, models.configs["scheduler"], **options)
+
+
+def run_scheduler(models, group, inputs):
     args = group["args"]
-    sched = get_scheduler(args["sampler"], models.configs["scheduler"])
+    sched = make_scheduler(models, args["sampler"])
     sched.set_timesteps(args["steps"])
     out = {"timesteps": np.asarray(_np(sched.timesteps), dtype=np.float64)}
     if getattr(sched, "sigmas", None) is not None:
@@ -637,13 +660,12 @@ def generate(folder, out_dir, parts=None, dtype="float64", size: int | None = No
     if "scheduler" in parts:
         shape = (1, 4, latent, latent)
         for s in samplers:
-            key = s.lower().replace(" ", "_").replace("+", "p")
+            key = _sampler_key(s)
             for n in sorted({steps, *TABLE_STEPS}):
                 if n != steps:
                     w.add("scheduler", f"scheduler.{key}.n{n}", {"sampler": s, "steps": n, "run": False}, {})
                     continue
-                from refldm.schedulers import get_scheduler
-                sched = get_scheduler(s, models.configs["scheduler"])
+                sched = make_scheduler(models, s)
                 sched.set_timesteps(n)
                 calls = len(sched.timesteps)
                 srng = np.random.default_rng(SEED + 1)
@@ -670,7 +692,7 @@ def generate(folder, out_dir, parts=None, dtype="float64", size: int | None = No
         from refldm.core.random import Generator
         noise = Generator(SEED).randn((1, 4, latent, latent), dtype="float32").astype(np.float64)
         for s in pipeline_samplers:
-            key = s.lower().replace(" ", "_").replace("+", "p")
+            key = _sampler_key(s)
             w.add("pipeline", f"pipeline.{key}", {"sampler": s, "steps": steps, "size": size, "guidance_scale": 7.5,
                                                   "negative_prompt": ""},
                   {"noise": noise}, text=prompts[0])

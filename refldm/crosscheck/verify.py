@@ -108,9 +108,19 @@ def _apply_map(names, mapping: dict, cases: set, where: str) -> dict:
     return out
 
 
-def resolve_names(bundle, names, mode: str = "diffusers", mapping=None) -> dict:
-    """{candidate name: case name} for the candidate's tensor names."""
+def resolve_names(bundle, names, mode: str = "diffusers", mapping=None, group: str | None = None) -> dict:
+    """{candidate name: case name} for the candidate's tensor names.
+
+    group: the candidate is one pass named without the group (a trace file of `refldm trace` or
+    tools/trace_diffusers.py): ``conv_in`` -> ``<group>/conv_in``, ``<root>`` -> ``<group>/output``; a trace's
+    ``input/*`` tensors are skipped.
+    """
     cases = {c.name for c in bundle.cases}
+    if group is not None:
+        if not any(c.group == group for c in bundle.cases):
+            groups = list(dict.fromkeys(c.group for c in bundle.cases))
+            raise CandidateError(f"the bundle has no group {group!r} (it has {', '.join(groups[:4])}, ...)")
+        return {n: f"{group}/{'output' if n == '<root>' else n}" for n in names if not n.startswith("input/")}
     if mapping is not None:
         where = mapping if isinstance(mapping, str) else "map"
         mapping = _read_map(mapping) if isinstance(mapping, (str, os.PathLike)) else dict(mapping)
@@ -228,13 +238,15 @@ class Verification:
         return _html_report(self)
 
 
-def verify(bundle, candidate, names: str = "diffusers", mapping=None, precision: str = "float32") -> Verification:
-    """Score `candidate` (a path or {name: array}) against `bundle` (a path or a Bundle)."""
+def verify(bundle, candidate, names: str = "diffusers", mapping=None, precision: str = "float32",
+           group: str | None = None) -> Verification:
+    """Score `candidate` (a path or {name: array}) against `bundle` (a path or a Bundle); `group`: see
+    `resolve_names`."""
     if isinstance(bundle, (str, os.PathLike)):
         bundle = load(bundle)
     label = os.fspath(candidate) if isinstance(candidate, (str, os.PathLike)) else "candidate"
     tensors = read_candidate(candidate) if isinstance(candidate, (str, os.PathLike)) else dict(candidate)
-    names_map = resolve_names(bundle, list(tensors), names, mapping)
+    names_map = resolve_names(bundle, list(tensors), names, mapping, group)
     known = {c.name for c in bundle.cases}
     by_case, extra = {}, []
     for cand_name, case_name in names_map.items():
@@ -242,7 +254,7 @@ def verify(bundle, candidate, names: str = "diffusers", mapping=None, precision:
             by_case[case_name] = tensors[cand_name]
         else:
             extra.append(cand_name)
-    extra += [n for n in tensors if n not in names_map]
+    extra += [n for n in tensors if n not in names_map and not (group and n.startswith("input/"))]
     if not by_case:
         shown = ", ".join(list(tensors)[:3])
         raise CandidateError(f"{label}: provides none of the bundle's {len(known)} cases (its names: {shown}"
