@@ -72,6 +72,7 @@ def test_bundle_lists_every_part_in_data_flow_order_with_what_a_porter_needs(bun
                  "text_encoder.p00/penultimate_hidden_state", "text_encoder.p00/pooled", "vae.encode/quant_conv",
                  "unet.t1.uncond/time_proj", "unet.t500.cond/output", "scheduler.dpmpp_2m_karras.n3/sigmas",
                  "scheduler.dpmpp_2m_karras.n25/timesteps", "scheduler.heun.n3/step4.prev_sample",
+                 "scheduler.euler_a.n3/step2.prev_sample",
                  "noise.torch.seed42/randn.float32.avx2", "noise.torch.seed42/randn.small.then",
                  "pipeline.euler/steps.2.prev_sample", "pipeline.ddim/image_uint8"):
         assert want in names, want
@@ -137,6 +138,7 @@ def test_python_loop_checks_a_port_case_by_case(bundle, refldm_f32):
     step = b.case("scheduler.euler.n3/step1.prev_sample")
     assert step.input_names == ["sample.1", "model_output.1"]
     assert b.case("scheduler.euler.n3/sigmas").inputs == []
+    assert b.case("scheduler.euler_a.n3/step0.prev_sample").input_names == ["sample.0", "model_output.0", "noise.0"]
     bad = refldm_f32["unet.t500.cond/mid_block"] * (1 + 1e-3)
     with pytest.raises(vectors.VectorMismatch, match=r"unet.t500.cond/mid_block: rel 1.0\d*e-03 > tolerance"):
         b.case("unet.t500.cond/mid_block").check(bad)

@@ -96,7 +96,8 @@ TEXT_PROMPTS = (0, 1)  # prompts run through the text encoders: the cond prompt 
 TIMESTEPS = (999, 500, 1)
 # samplers by name (`refldm samplers`), "|key=value" adds a scheduler option
 SAMPLERS = ("ddim", "ddim|timestep_spacing=trailing", "pndm", "lms", "euler", "euler|timestep_spacing=linspace",
-            "heun", "dpm++2m", "DPM++ 2M Karras", "unipc")
+            "heun", "dpm++2m", "DPM++ 2M Karras", "unipc", "ddpm", "euler_a", "dpm++2m_sde")
+STOCHASTIC = ("ddpm", "euler_a", "dpm++2m_sde")  # their step adds noise: given per call as input noise.<i>
 TABLE_STEPS = (10, 25)  # step counts whose tables are stored beside --steps
 PIPELINE_SAMPLERS = ("ddim", "euler", "dpm++2m")
 NOISE_SEEDS = (0, 42, 2**32 + 7)
@@ -327,6 +328,25 @@ def make_scheduler(models, spec: str):
     return get_scheduler(name, models.configs["scheduler"], **options)
 
 
+def _given_noise(noise, where):
+    """A generator whose next draw is `noise` (the noise given for one scheduler call), then none."""
+    from refldm.core.random import Generator
+
+    class GivenNoise(Generator):
+        def __init__(self):  # no stream of its own: the draw is given
+            self.noise = noise
+
+        def randn(self, shape, dtype="float32"):
+            if self.noise is None:
+                raise RuntimeError(f"{where}: the step drew noise twice; one draw per call is supported")
+            value, self.noise = self.noise, None
+            if tuple(value.shape) != tuple(shape):
+                raise ValueError(f"{where}: the step drew noise of shape {tuple(shape)}, given {value.shape}")
+            return np.asarray(value, dtype=dtype)
+
+    return GivenNoise()
+
+
 def run_scheduler(models, group, inputs):
     args = group["args"]
     sched = make_scheduler(models, args["sampler"])
@@ -344,7 +364,11 @@ def run_scheduler(models, group, inputs):
         x = prev if x is None else backend.asarray(x, dtype=dt)
         eps = backend.asarray(inputs[f"model_output.{i}"], dtype=dt)
         out[f"step{i}.scaled_model_input"] = _np(sched.scale_model_input(x, t))
-        prev = sched.step(eps, t, x).prev_sample
+        if f"noise.{i}" in inputs:  # a stochastic step: its noise draw returns the given noise
+            g = _given_noise(np.asarray(inputs[f"noise.{i}"]), f"{group.get('id', 'scheduler')} call {i}")
+            prev = sched.step(eps, t, x, generator=g).prev_sample
+        else:
+            prev = sched.step(eps, t, x).prev_sample
         out[f"step{i}.prev_sample"] = _np(prev)
     return out
 
@@ -673,6 +697,8 @@ def generate(folder, out_dir, parts=None, dtype="float64", size: int | None = No
                 eps = [srng.standard_normal(shape) for _ in range(calls)]
                 # the sample of call i is the golden prev_sample of call i - 1: run the chain once to get them
                 inputs = {"sample.0": x, **{f"model_output.{i}": eps[i] for i in range(calls)}}
+                if _sampler(s)[0] in STOCHASTIC:
+                    inputs.update({f"noise.{i}": srng.standard_normal(shape) for i in range(calls)})
                 args = {"sampler": s, "steps": n, "run": True}
                 chain = run_scheduler(models, {"args": args}, inputs)
                 for i in range(1, calls):
@@ -705,7 +731,7 @@ def generate(folder, out_dir, parts=None, dtype="float64", size: int | None = No
 def _call_order(item):
     name, _ = item
     stem, _, i = name.partition(".")
-    return (int(i) if i.isdigit() else -1, 0 if stem == "sample" else 1)
+    return (int(i) if i.isdigit() else -1, {"sample": 0, "model_output": 1}.get(stem, 2))
 
 
 def _case_inputs(part: str, layer: str, group: dict) -> list:
@@ -717,7 +743,8 @@ def _case_inputs(part: str, layer: str, group: dict) -> list:
         if "." not in layer:
             return []  # tables: set_timesteps(steps) alone
         i = layer.split(".")[0][len("step"):]
-        return [names[f"sample.{i}"], names[f"model_output.{i}"]]  # earlier calls first: multistep state
+        return [names[f"sample.{i}"], names[f"model_output.{i}"]] + ([names[f"noise.{i}"]] if f"noise.{i}" in names
+                                                                      else [])  # earlier calls first: multistep state
     return [v for k, v in names.items() if k != "text"]
 
 
