@@ -3,6 +3,7 @@
     refldm vectors MODEL --out bundle/                 # float64 goldens of every part of a diffusers folder
     refldm vectors --tiny sd15 --out tiny-sd15/        # a tiny random-weight model, its weights included
     refldm vectors --candidate bundle/ --out mine.safetensors   # refldm itself (float32) as a candidate
+    refldm vectors MODEL --candidate bundle/ --out mine.safetensors   # ... of a bundle without weights
     refldm verify bundle/ mine.safetensors [--names original | --map names.json] [--json] [--report r.html]
 
 docs/porting.md shows the workflow; `refldm.crosscheck.vectors` and `refldm.crosscheck.verify` hold the code.
@@ -22,7 +23,8 @@ def register(subparsers) -> None:
         "vectors", help="write a conformance bundle: golden inputs and outputs of every part of a model",
         description="Run every part of a model in float64 on fixed inputs and write each layer's output, with "
                     "its inputs, tolerances and provenance, as manifest.json + safetensors files (docs/porting.md).")
-    p.add_argument("model", nargs="?", help="a diffusers model folder (not with --tiny or --candidate)")
+    p.add_argument("model", nargs="?", help="a diffusers model folder (not with --tiny; with --candidate: the model "
+                                            "to run, default the bundle's own weights)")
     p.add_argument("--out", "-o", required=True, help="the bundle folder to write (or, with --candidate, the "
                                                       "candidate .safetensors file)")
     p.add_argument("--tiny", choices=["sd15", "sd2-v", "sdxl", "sdxl-refiner", "inpaint"],
@@ -96,8 +98,8 @@ def run_vectors(args) -> int:
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
     if args.candidate:
-        if args.model or args.tiny:
-            raise ValueError("--candidate runs refldm on a bundle; give no MODEL or --tiny with it")
+        if args.tiny:
+            raise ValueError("--candidate runs refldm on a bundle's inputs; --tiny does not go with it")
         parts = args.parts.split(",") if args.parts else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -518,8 +518,9 @@ class _Writer:
             self.keys[part] = [k for k, *_ in model.params()] if model is not None else []
         return self.keys[part]
 
-    def add(self, part, gid, args, inputs, text=None, seed=None, net=None):
-        """Run group `gid` on `inputs` and add its outputs as cases; returns the outputs."""
+    def add(self, part, gid, args, inputs, text=None, seed=None, net=None, keep=None):
+        """Run group `gid` on `inputs` and add its outputs as cases (those `keep(layer)` accepts); returns
+        every output."""
         group = {"id": gid, "part": part, "args": args, "inputs": {}}
         if text is not None:
             group["text"] = text
@@ -536,6 +537,8 @@ class _Writer:
         self.groups.append(group)
         net = net or part
         for layer, value in outputs.items():
+            if keep is not None and not keep(layer):
+                continue
             value = np.ascontiguousarray(value)
             name = f"{gid}/{layer}"
             desc, page = _describe(part, group, layer)
@@ -562,7 +565,8 @@ class _Writer:
                 files[part] = fname
         manifest = {"format": FORMAT, "refldm_version": __version__,
                     "relative_error": "rel = max|a - b| / max|b| over the case's elements, in float64 "
-                                      "(b the golden tensor); a case passes when rel <= tolerance[dtype]",
+                                      "(b the golden tensor; max|b| is 255 for uint8 images); a case passes "
+                                      "when rel <= tolerance[the precision the port computes in]",
                     **extra, "config_sha256": self.hash, "configs": self.models.configs, "files": files,
                     "groups": self.groups, "cases": self.cases}
         text = json.dumps(manifest, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
@@ -611,16 +615,13 @@ def generate(folder, out_dir, parts=None, dtype="float64", size: int | None = No
     options = {"parts": parts, "dtype": dtype, "size": size, "steps": steps, "seed": SEED, "detail": detail,
                "prompts": prompts}
     w = _Writer(models, options)
-    keep = (lambda layer: True) if detail == "all" else (lambda layer: len(layer.split(".")) <= 4)
+    # "blocks": the U-Net's and the VAE's modules at most four names deep (blocks, resnets, attentions)
+    keep = None if detail == "all" else (lambda layer: len(layer.split(".")) <= 4)
     rng = np.random.default_rng(SEED)
     latent = size // factor
     text_prompts = [prompts[i] for i in TEXT_PROMPTS if i < len(prompts)] or prompts[:1]
     tokens, encoded = {}, {}
     toks = [p.replace("text_encoder", "tokenizer") for p in models.text_encoders]
-
-    def trimmed(start):  # drop (in "blocks" detail) the cases added since `start`
-        if detail == "blocks":
-            w.cases[start:] = [c for c in w.cases[start:] if keep(c["layer"]) or c["part"] not in ("unet", "vae")]
 
     # 1. tokenizer(s): ids and masks over the prompt suite; the web UI's weighting
     for tok in toks:
@@ -639,21 +640,16 @@ def generate(folder, out_dir, parts=None, dtype="float64", size: int | None = No
     for enc, tok in zip(models.text_encoders, toks):
         for j, p in enumerate(text_prompts):
             ids = tokens[(tok, p)]
-            group = {"args": {"encoder": enc}}
             if "text_encoder" in parts:
                 out = w.add("text_encoder", f"{enc}.p{prompts.index(p):02d}", {"encoder": enc},
                             {"input_ids": ids}, net=enc)
             else:
-                out = run_text_encoder(models, group, {"input_ids": ids})
+                out = run_text_encoder(models, {"args": {"encoder": enc}}, {"input_ids": ids})
             encoded[(enc, j)] = out
     # 3. VAE: encode the fixed image, decode its posterior mean
-    image = _test_image(size)
-    if "vae" in parts or "unet" in parts:
-        start = len(w.cases)
-        if "vae" in parts:
-            enc_out = w.add("vae", "vae.encode", {"direction": "encode"}, {"images": image})
-            w.add("vae", "vae.decode", {"direction": "decode"}, {"latents": enc_out["latent_dist.mean"]})
-        trimmed(start)
+    if "vae" in parts:
+        enc_out = w.add("vae", "vae.encode", {"direction": "encode"}, {"images": _test_image(size)}, keep=keep)
+        w.add("vae", "vae.decode", {"direction": "decode"}, {"latents": enc_out["latent_dist.mean"]}, keep=keep)
     # 4. U-Net: every module at a few timesteps, cond and uncond
     if "unet" in parts:
         cfg = models.configs["unet"]
@@ -675,11 +671,9 @@ def generate(folder, out_dir, parts=None, dtype="float64", size: int | None = No
                 context = encoded[(models.text_encoders[0], j)]["last_hidden_state"]
                 extra_in = {}
             for t in timesteps:
-                start = len(w.cases)
                 w.add("unet", f"unet.t{t}.{cond}", {"timestep": t, "cond": cond},
                       {"sample": sample, "timestep": np.asarray([float(t)]), "encoder_hidden_states": context,
-                       **extra_in})
-                trimmed(start)
+                       **extra_in}, keep=keep)
     # 5. schedulers: tables for a few step counts; steps on fixed model outputs
     if "scheduler" in parts:
         shape = (1, 4, latent, latent)
@@ -815,7 +809,7 @@ def score(case, output, precision: str = "float32") -> CaseResult:
     if a.size == 0:
         return CaseResult(case.name, "pass", 0.0, 0.0, tol, note)
     max_abs = float(np.max(np.abs(a - b)))
-    max_ref = float(np.max(np.abs(b)))
+    max_ref = 255.0 if expected.dtype == np.uint8 else float(np.max(np.abs(b)))  # 8-bit images: levels / 255
     rel = (0.0 if max_abs == 0 else math.inf) if max_ref == 0 else max_abs / max_ref
     return CaseResult(case.name, "pass" if rel <= tol else "FAIL", max_abs, rel, tol, note)
 
