@@ -101,7 +101,11 @@ def test_the_same_command_writes_the_same_bytes(bundle, tmp_path):
     assert _files_hash(again) == _files_hash(bundle)
 
 
-def test_refldm_float32_passes_its_float64_bundle(bundle, refldm_f32):
+def test_refldm_float32_passes_its_float64_bundle(bundle, refldm_f32, tmp_path, capsys):
+    out = tmp_path / "refldm.safetensors"
+    assert cli_main(["vectors", "--candidate", bundle, "--parts", "vae", "--out", str(out)]) == 0
+    assert cli_main(["verify", bundle, str(out)]) == 0
+    assert "every case provided passes" in capsys.readouterr().out
     r = verify(bundle, refldm_f32)
     assert r.ok, r.summary_lines()
     assert r.counts()["pass"] == len(r.results) > 1000
@@ -259,6 +263,15 @@ def test_vectors_cli_errors_and_options(tmp_path, capsys):
     assert b.case("tokenizer.p02/input_ids").inputs == ["üñí 🐱"]
     assert b.case("scheduler.ddim.n2/step1.prev_sample").expected.dtype == np.float32
     assert b.manifest["configs"]["scheduler"]["prediction_type"] == "v_prediction"
+    # --detail blocks: modules at most four names deep, and only those tensors are stored
+    out = tmp_path / "blocks"
+    assert cli_main(["vectors", "--tiny", "sd15", "--parts", "unet", "--detail", "blocks", "--out", str(out)]) == 0
+    b = vectors.load(out)
+    layers = {c.layer for c in b}
+    assert "down_blocks.0.resnets.0" in layers and "time_proj" in layers and "output" in layers
+    assert max(len(x.split(".")) for x in layers) == 4
+    stored = [k for k in b.tensors("unet") if "/input/" not in k]
+    assert sorted(stored) == sorted(c.name for c in b)
 
 
 @pytest.mark.parametrize("kind", ["sdxl", "sdxl-refiner", "inpaint"])
