@@ -390,3 +390,19 @@ def test_a_refldm_trace_on_a_groups_inputs_is_a_candidate(bundle, tmp_path, caps
     assert len(r.provided) == len(b.cases_of("unet.t500.uncond")) - 1  # all but time_proj, which no module returns
     assert cli_main(["verify", bundle, str(path), "--group", "unet.t7.cond"]) == 2
     assert "no group 'unet.t7.cond'" in capsys.readouterr().err
+
+
+def test_transformers_tokenizer_passes_every_token_case(bundle):
+    transformers = require("transformers")
+    b = vectors.load(bundle)
+    tok = transformers.CLIPTokenizer.from_pretrained(os.path.join(bundle, "model", "tokenizer"))
+    cand = {}
+    for c in b:
+        if c.part == "tokenizer" and c.layer in ("input_ids", "attention_mask"):
+            out = tok([c.inputs[0]], padding="max_length", max_length=77, truncation=True, return_tensors="np")
+            cand[c.name] = out[c.layer]
+    r = verify(bundle, cand)
+    assert r.ok and len(r.provided) == 2 * len(vectors.PROMPTS)
+    cand["tokenizer.p03/input_ids"] = cand["tokenizer.p03/input_ids"].copy()
+    cand["tokenizer.p03/input_ids"][0, 5] += 1  # one token off: tokens are exact
+    assert verify(bundle, cand).first_failure.name == "tokenizer.p03/input_ids"

@@ -234,8 +234,9 @@ def build(kind: str, folder) -> str:
             index[part] = [None, None]
             index[part.replace("text_encoder", "tokenizer")] = [None, None]
     if xl:
-        index.update(force_zeros_for_empty_prompt=kind == "sdxl", requires_aesthetics_score=kind == "sdxl-refiner",
-                     add_watermarker=False)
+        index.update(force_zeros_for_empty_prompt=kind == "sdxl", add_watermarker=False)
+        if kind == "sdxl-refiner":
+            index["requires_aesthetics_score"] = True
     else:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     _json(os.path.join(folder, "model_index.json"), index)
