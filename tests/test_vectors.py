@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from refldm.cli import main as cli_main
 from refldm.crosscheck import vectors
@@ -406,3 +407,19 @@ def test_transformers_tokenizer_passes_every_token_case(bundle):
     cand["tokenizer.p03/input_ids"] = cand["tokenizer.p03/input_ids"].copy()
     cand["tokenizer.p03/input_ids"][0, 5] += 1  # one token off: tokens are exact
     assert verify(bundle, cand).first_failure.name == "tokenizer.p03/input_ids"
+
+
+@settings(max_examples=8)
+@given(data=st.data())
+def test_any_case_perturbed_beyond_its_tolerance_is_the_first_failure(bundle, refldm_f32, data):
+    b = vectors.load(bundle)
+    floats = [c for c in b if c.tolerance["float32"] > 0 and c.part != "pipeline"]
+    case = data.draw(st.sampled_from(floats))
+    scale = data.draw(st.floats(2.0, 1e3))
+    golden = case.expected.astype(np.float64)
+    bad = np.array(refldm_f32[case.name], dtype=np.float64)
+    i = data.draw(st.integers(0, bad.size - 1))
+    bad.flat[i] += scale * case.tolerance["float32"] * float(np.max(np.abs(golden)))
+    r = verify(b, {**refldm_f32, case.name: bad})
+    assert r.first_failure.name == case.name
+    assert r.first_failure.rel == pytest.approx(scale * case.tolerance["float32"], rel=0.1)
