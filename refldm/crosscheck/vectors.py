@@ -211,9 +211,11 @@ def original_prefix(info: dict, part: str, layer: str, keys=()) -> str:
         k = t.key
         if info["refiner"] and k.startswith(convert.XL_OPEN_CLIP_PREFIX):
             k = "conditioner.embedders.0.model." + k[len(convert.XL_OPEN_CLIP_PREFIX):]
-        return k, t.third
+        return k, t.third, t.transpose
 
     got = one(layer + ".weight") if layer else None
+    if got and got[2]:  # OpenCLIP's text_projection: a bare parameter, stored transposed (x @ P)
+        return got[0]
     if got and got[1] is None and got[0].endswith(".weight"):
         return got[0][: -len(".weight")]
     if got and got[1] is not None:
@@ -228,7 +230,11 @@ def original_prefix(info: dict, part: str, layer: str, keys=()) -> str:
         while n < min(len(common), len(parts) - 1) and common[n] == parts[n]:
             n += 1
         common = common[:n]
-    return ".".join(common)
+    joined = ".".join(common)
+    network = convert._PREFIXES[table].rstrip(".")
+    if info["refiner"] and table == "xl_open_clip":
+        network = "conditioner.embedders.0.model"
+    return "" if len(joined) <= len(network) else joined  # nothing more specific than the network itself
 
 
 # ---------------------------------------------------------------------------------------------------
