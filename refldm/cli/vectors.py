@@ -62,6 +62,7 @@ def register(subparsers) -> None:
                    "file of `refldm trace` or tools/trace_diffusers.py (e.g. --group unet.t500.cond)")
     v.add_argument("--precision", choices=["float32", "float16", "float64"], default="float32",
                    help="which tolerance column applies: the precision the port computes in (default float32)")
+    v.add_argument("--summary", action="store_true", help="print only the counts and the first failing case")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
     v.add_argument("--report", metavar="FILE", help="also write a self-contained HTML page with a plot of the "
                                                     "error along the network")
@@ -152,7 +153,8 @@ def run_verify(args) -> int:
     else:
         print(f"bundle {args.bundle} ({len(result.results)} cases); candidate {args.candidate} "
               f"({len(result.provided)} provided)")
-        print(result.table())
-        print()
+        if not args.summary:
+            print(result.table())
+            print()
         print("\n".join(result.summary_lines()))
     return 0 if result.ok else 1
