@@ -316,3 +316,98 @@ def test_lora_tag_outside_the_lora_dir_is_refused(tmp_path):
     code = main(["txt2img", "-p", "a <lora:../outside:1> circle", "--lora-dir", str(tmp_path / "loras"),
                  "--steps", "1", "-o", str(tmp_path / "out.png")])
     assert code == 2 and not (tmp_path / "out.png").exists()
+
+
+def test_a_transposed_single_file_tensor_loads_c_contiguous():
+    """SDXL's OpenCLIP text_projection is stored transposed in a single file; a transposed view would
+    make BLAS sum in another order than the folder's C-ordered array (1.6e-5 apart in the latents)."""
+    from refldm.checkpoints import convert
+    configs = {"unet": {}, "vae": {}, "text_encoder_2": {"num_hidden_layers": 1}}
+    key = convert.original_key("xl_open_clip", "text_projection.weight", convert.shape_of(configs)).key
+    stored = np.arange(12, dtype=np.float32).reshape(3, 4)
+    out = convert.from_original({key: stored}, {"text_encoder_2": ["text_projection.weight"]}, configs, "sdxl")
+    value = out["text_encoder_2"]["text_projection.weight"]
+    np.testing.assert_array_equal(value, stored.T)
+    assert value.flags["C_CONTIGUOUS"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the CLI: every bad size, count or value one line with a non-zero exit, before any work
+
+@pytest.mark.parametrize("argv, message", [
+    (["trace", "--part", "vae-decode", "-o", "{tmp}/t.png"], "a trace is a safetensors file"),
+    (["trace", "--part", "vae-decode", "-o", "{tmp}/t.safetensors", "--batch", "1000000"], "--batch must lie in 1..256"),
+    (["trace", "--part", "text-encoder", "-o", "{tmp}/t.safetensors", "--seq-len", "100000000"], "--seq-len must lie"),
+    (["trace", "--part", "unet", "-o", "{tmp}/t.safetensors", "--timestep", "nan"], "--timestep must be a finite"),
+    (["trace", "--part", "unet", "-o", "{tmp}/t.safetensors", "--timestep", "inf"], "--timestep must be a finite"),
+    (["compare", "{tmp}/a.safetensors", "{tmp}/a.safetensors", "--rtol", "inf"], "--rtol must be a finite number > 0"),
+    (["cost", "--measure", "--measure-size", "100000"], "--measure-size 100000 is over 2048"),
+    (["vae-report", "--probes", "--bands", "1000000000"], "--bands must lie in 1..1024"),
+    (["vae-report", "--probes", "--probe-size", "100000"], "--probe-size must lie in"),
+])
+def test_cli_bounds_are_one_line(tmp_path, capsys, argv, message):
+    from refldm.cli import main
+    save_file({"x": np.zeros(2, np.float32)}, tmp_path / "a.safetensors")
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "t.png").exists() and not (tmp_path / "t.safetensors").exists()
+
+
+def test_decompression_bombs_are_one_line(tmp_path, capsys):
+    """A PNG whose header claims 100000 x 100000 pixels: refused by name in inpaint (image and mask) and
+    vae-report, as img2img and encode already did."""
+    import struct
+    import zlib
+    from refldm.cli import main
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    from PIL import Image
+    Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
+    for argv in (["inpaint", "-i", str(bomb), "--mask", str(tmp_path / "ok.png"), "-p", "x"],
+                 ["inpaint", "-i", str(tmp_path / "ok.png"), "--mask", str(bomb), "-p", "x"],
+                 ["vae-report", str(bomb)]):
+        code = main(argv + (["-o", str(tmp_path / "out.png")] if argv[0] == "inpaint" else []))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "too large to open safely" in err and len(err.splitlines()) == 1, (argv, err)
+
+
+def test_threads_beyond_the_bound_are_one_line(monkeypatch):
+    from refldm.accel import AccelError, threads
+    monkeypatch.setenv("REFLDM_NUM_THREADS", "100000")
+    with pytest.raises(AccelError, match="REFLDM_NUM_THREADS must be an integer from 1 to 1024"):
+        threads._threads_from_env()
+    with pytest.raises(ValueError, match="from 1 to 1024"):
+        threads.set_num_threads(100000)
+
+
+def test_trace_metadata_of_the_wrong_type_is_one_line(tmp_path):
+    from refldm.crosscheck import trace
+    for field, value in (("order", '{"a": 1}'), ("inputs", "5"), ("order", "[1, 2]")):
+        save_file({"x": np.zeros(2, np.float32)}, tmp_path / "t.safetensors", metadata={field: value})
+        with pytest.raises(ValueError, match=f"trace metadata '{field}' must be a JSON list"):
+            trace.load(tmp_path / "t.safetensors")
+
+
+def test_interrupted_atomic_write_leaves_no_temporary_file(tmp_path):
+    from refldm.files import atomic_write
+
+    def write(f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "out.png", write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_encode_and_decode_default_to_the_built_in_vae(tmp_path):
+    from PIL import Image
+    from refldm.cli import main
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "in.png")
+    assert main(["encode", str(tmp_path / "in.png"), "-o", str(tmp_path / "z.npy")]) == 0
+    assert np.load(tmp_path / "z.npy").shape[-2:] == (8, 8)
+    assert main(["decode", str(tmp_path / "z.npy"), "-o", str(tmp_path / "out.png")]) == 0

@@ -169,6 +169,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         if image is None or mask_image is None:
             raise ValueError("inpainting needs image= and mask_image=")
         original_image, original_mask, box = image, mask_image, None
+        if padding_mask_crop is not None and (isinstance(padding_mask_crop, bool) or not isinstance(
+                padding_mask_crop, int) or padding_mask_crop < 0):
+            raise ValueError(f"padding_mask_crop={padding_mask_crop!r} must be an integer >= 0 (pixels of margin)")
         if padding_mask_crop is not None:  # inpaint the box around the mask, at the image's size
             if isinstance(image, np.ndarray):
                 original_image = image = Image.fromarray(image)
