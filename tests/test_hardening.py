@@ -294,7 +294,6 @@ def test_bad_tokenizer_configs_are_one_line(tmp_path, changes, message):
 
 def test_bad_tokenizer_json_is_one_line(tmp_path):
     from refldm.models.tokenizer import CLIPTokenizer, TokenizerError
-    from tests.conftest import require  # noqa: F401  (no torch needed: the JSON is built from the folder)
     folder = _tokenizer_folder(tmp_path)
     with pytest.raises(TokenizerError, match="nested too deeply"):
         CLIPTokenizer.from_pretrained(_tokenizer_folder(tmp_path / "deep", fast="[" * 100_000 + "]" * 100_000))
