@@ -219,7 +219,7 @@ CONFIG_MUTANTS = [
     ("vae", "sample_size", []), ("vae", "layers_per_block", 10**9), ("vae", "block_out_channels", [0]),
     ("vae", "block_out_channels", [[[[64]]]]), ("vae", "scaling_factor", math.nan), ("vae", "force_upcast", "x"),
     ("unet", "freq_shift", math.inf), ("unet", "norm_eps", 0.0), ("unet", "layers_per_block", 10**9),
-    ("unet", "cross_attention_dim", {"a": 1}), ("unet", "in_channels", True),
+    ("unet", "cross_attention_dim", {"a": 1}), ("unet", "in_channels", True), ("unet", "mid_block_type", {}),
     ("text_encoder", "layer_norm_eps", math.inf), ("text_encoder", "num_hidden_layers", 10**9),
     ("text_encoder", "hidden_size", 1.5), ("text_encoder", "max_position_embeddings", 10**20),
     ("scheduler", "beta_start", 1), ("scheduler", "beta_start", -0.1), ("scheduler", "num_train_timesteps", 10**12),

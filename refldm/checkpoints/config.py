@@ -162,6 +162,8 @@ def _scalar(key, value, kinds, rules, where):
 
 def _shallow(key, value, where):
     """`value` if it is a scalar or a flat list; nesting deeper than two lists is refused (never recursed)."""
+    if isinstance(value, dict):
+        raise ConfigError(f"{where}: {key}={short(value)} is an object where a value belongs")
     if isinstance(value, (list, tuple)):
         for item in value:
             if isinstance(item, (list, tuple)) and any(isinstance(v, (list, tuple, dict)) for v in item):
