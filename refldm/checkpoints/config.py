@@ -167,7 +167,7 @@ def _shallow(key, value, where):
     if isinstance(value, (list, tuple)):
         for item in value:
             if isinstance(item, (list, tuple)) and any(isinstance(v, (list, tuple, dict)) for v in item):
-                _nested(key, where)
+                raise ConfigError(f"{where}: {key}={short(value)} is nested too deeply")
             if isinstance(item, dict):
                 raise ConfigError(f"{where}: {key} holds an object where values belong")
     return value
