@@ -707,13 +707,15 @@ def test_reference_switch_from_the_environment_and_the_cli(tmp_path):
     assert np.abs(pixels[0] - pixels[1]).max() <= 1 and np.abs(pixels[0] - pixels[2]).max() <= 1
 
 
-def test_every_command_takes_reference_and_main_restores_the_switch(monkeypatch):
+def test_every_computing_command_takes_reference_and_main_restores_the_switch(monkeypatch):
+    """Every command that runs ops takes --reference; those that only print facts or compare files do not."""
     from refldm import cli as refldm_cli
     parser = refldm_cli.build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     assert sub.choices
     for name, command in sub.choices.items():
-        assert any("--reference" in a.option_strings for a in command._actions), name
+        has = any("--reference" in a.option_strings for a in command._actions)
+        assert has == (name not in refldm_cli.COMPUTE_NOTHING), name
     seen = []
     monkeypatch.setattr(refldm_cli, "build_parser", lambda: parser)
     sub.choices["demo"].set_defaults(func=lambda args: seen.append(accel.is_enabled()) or 0)

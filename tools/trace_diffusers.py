@@ -276,9 +276,15 @@ def trace_pipeline_like(reference: rtrace.Trace, folder, float64_timestep: bool 
                                                              requires_safety_checker=False).to(dt)
     name = meta.get("scheduler")
     if name and name != "None" and name != type(pipe.scheduler).__name__:
-        if not hasattr(diffusers, name):
-            raise ValueError(f"scheduler {name!r} of the reference trace is not a diffusers class name")
-        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+        options = {}
+        if not hasattr(diffusers, name):  # a web-UI / refldm sampler name ("euler", "DPM++ 2M Karras"), as the CLI takes
+            from refldm.schedulers import names
+            cls_name, options, _, _ = names.resolve(name)
+            if not hasattr(diffusers, cls_name):
+                raise ValueError(f"sampler {name!r} of the reference trace is refldm's {cls_name}, which diffusers "
+                                 "has not (k-diffusion's sampler): no diffusers run to compare with")
+            name = cls_name
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **options)
     scheduler = _float64_schedule(pipe.scheduler) if dtype == "float64" else pipe.scheduler
     counter = _StepCounter()
     object.__setattr__(pipe, "scheduler", _RecordingScheduler(scheduler, counter))

@@ -21,6 +21,8 @@ import threading
 from refldm.accel.blas import single_threaded_blas
 from refldm.accel.errors import AccelError
 
+MAX_THREADS = 1024  # far above any CPU's cores; more threads than this only exhaust the process's limits
+
 __all__ = ["num_threads", "set_num_threads", "parallel_map", "in_blocks"]
 
 
@@ -31,8 +33,8 @@ def _threads_from_env() -> int:
             n = int(value)
         except ValueError:
             n = 0
-        if n < 1:
-            raise AccelError(f"REFLDM_NUM_THREADS must be a positive integer, got {value!r}")
+        if not 1 <= n <= MAX_THREADS:
+            raise AccelError(f"REFLDM_NUM_THREADS must be an integer from 1 to {MAX_THREADS}, got {value!r}")
         return n
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -82,8 +84,8 @@ def set_num_threads(n: int) -> None:
     Safe while other threads compute: a call already running keeps the pool it started with; the next
     call makes a pool of the new size, and the old pool's helpers leave once its queue is empty.
     """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"set_num_threads: expected a positive integer, got {n!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"set_num_threads: expected an integer from 1 to {MAX_THREADS}, got {n!r}")
     _State.threads = n
 
 

@@ -45,6 +45,9 @@ __all__ = ["LoRA", "LoRALayer", "LoRAError", "load_lora", "apply_loras", "remove
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
 DIFFUSERS_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
+# The largest |alpha| or |scale| accepted: far beyond any trained LoRA (alpha is at most a few hundred),
+# and small enough that alpha * scale * B A cannot overflow float64 before the finiteness check.
+MAX_ALPHA = 1e6
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the PEFT LoraConfig of each part, as JSON
 # Keys of other adapter kinds, refused by name rather than reported as "matches no layer".
 OTHER_KINDS = {"hada_w1_a": "LoHa", "lokr_w1": "LoKr", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
@@ -154,7 +157,8 @@ def _read_kohya(state: dict, path: str) -> list:
             alpha = down.shape[0]  # no alpha: alpha = rank, a factor of 1 (kohya's and diffusers' rule)
         elif np.asarray(alpha).size != 1:
             raise LoRAError(f"{path}: {name}.alpha has shape {tuple(np.shape(alpha))}; expected one number")
-        layers.append(LoRALayer(target, module, down, up, float(np.asarray(alpha, dtype=np.float64).reshape(()))))
+        alpha = _finite_number(float(np.asarray(alpha, dtype=np.float64).reshape(())), f"{path}: {name}.alpha")
+        layers.append(LoRALayer(target, module, down, up, alpha))
     return layers  # module keys still in kohya's underscore form; `_resolve` maps them to the model's
 
 
@@ -164,11 +168,14 @@ def _read_diffusers(state: dict, metadata: dict, path: str) -> list:
     if metadata.get(METADATA_KEY):
         try:
             raw = json.loads(metadata[METADATA_KEY])
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:
             raise LoRAError(f"{path}: header metadata {METADATA_KEY} is not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise LoRAError(f"{path}: header metadata {METADATA_KEY} must be a JSON object, not "
+                            f"{type(raw).__name__}")
         for key, value in raw.items():
             part, _, field = key.partition(".")
-            configs.setdefault(part, {})[field] = value
+            configs.setdefault(part, {})[field] = _metadata_value(path, key, field, value)
     groups = {}
     for key, value in state.items():
         m = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key)
@@ -195,6 +202,38 @@ def _read_diffusers(state: dict, metadata: dict, path: str) -> list:
     return layers
 
 
+def _metadata_value(path, key, field, value):
+    """One PEFT config field of the metadata, checked for its type: numbers finite, flags booleans,
+    alpha_pattern a {regex: finite number} table whose patterns compile."""
+    where = f"{path}: header metadata {METADATA_KEY}: {key}"
+    if field == "lora_alpha":
+        return _finite_number(value, where)
+    if field in ("use_rslora", "use_dora"):
+        if not isinstance(value, bool):
+            raise LoRAError(f"{where} must be true or false, not {value!r}")
+        return value
+    if field == "alpha_pattern":
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise LoRAError(f"{where} must be an object of {{pattern: alpha}}, not {type(value).__name__}")
+        for pattern, alpha in value.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise LoRAError(f"{where}: {pattern!r} is not a valid regular expression ({e})") from None
+            _finite_number(alpha, f"{where}[{pattern!r}]")
+        return value
+    return value  # other PEFT fields (r, target_modules, ...) are not read
+
+
+def _finite_number(value, where):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)) \
+            or abs(float(value)) > MAX_ALPHA:
+        raise LoRAError(f"{where} must be a finite number of magnitude <= {MAX_ALPHA:g}, not {value!r}")
+    return float(value)
+
+
 def _pair(down, up, name, path, down_key, up_key):
     if down is None or up is None:
         missing = down_key if down is None else up_key
@@ -206,6 +245,13 @@ def _pair(down, up, name, path, down_key, up_key):
                         "a rank-r pair ((r, in) and (out, r), or (r, in, k, k) and (out, r, 1, 1))")
     if down.ndim == 4 and up.shape[2:] != (1, 1):
         raise LoRAError(f"{path}: {name}: {up_key} {tuple(up.shape)} must be a 1x1 kernel (out, r, 1, 1)")
+    if rank < 1:
+        raise LoRAError(f"{path}: {name}: rank 0 ({down_key} {tuple(down.shape)}): a LoRA layer needs rank >= 1")
+    for key, array in ((down_key, down), (up_key, up)):
+        if not np.issubdtype(array.dtype, np.floating):
+            raise LoRAError(f"{path}: {name}.{key} has dtype {array.dtype}; expected floating point")
+        if not np.all(np.isfinite(array)):
+            raise LoRAError(f"{path}: {name}.{key} holds NaN or inf")
     return down, up
 
 
@@ -279,48 +325,71 @@ def apply_loras(pipe_or_models, loras, merge: bool = True) -> None:
 
     merge=True: W <- W + scale * (alpha / r) * B A, computed in float64 and added in the weight's dtype
     (diffusers' ``fuse_lora``). merge=False: the layer keeps W and adds scale * (alpha / r) * B(A(x)) in
-    its forward pass (diffusers' ``set_adapters``). Several LoRAs add up. A file that is refused leaves the
-    model unchanged; every file is checked before the first one is applied.
+    its forward pass (diffusers' ``set_adapters``). Several LoRAs add up.
+
+    Every file is read and checked, and every new weight (or branch) computed and checked finite in the
+    weight's dtype, before the first layer changes: a refusal leaves every weight bit for bit as it was.
     """
     models = _models(pipe_or_models)
     plans = []
     for item, scale in loras:
         lora = item if isinstance(item, LoRA) else load_lora(item)
-        if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise LoRAError(f"{lora.path}: scale {scale!r} must be a finite number")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+                or abs(scale) > MAX_ALPHA:
+            raise LoRAError(f"{lora.path}: scale {scale!r} must be a finite number of magnitude <= {MAX_ALPHA:g}")
         plans.append((lora, float(scale), _resolve(lora, models)))
-    for lora, scale, matched in plans:
-        for layer, module in matched:
-            if merge:
-                _merge(module, layer, scale)
-            else:
-                _attach(module, layer, scale)
-    if not merge:
-        for model in models.values():
-            _route_geglu(model)
+    if merge:
+        new_weights = {}  # id(module) -> (module, W + the sum of its deltas), all computed before any change
+        for lora, scale, matched in plans:
+            for layer, module in matched:
+                _, w = new_weights.get(id(module), (module, module.weight))
+                new_weights[id(module)] = (module, _merged(w, layer, scale, lora.path))
+        for module, w in new_weights.values():
+            if "_lora_original" not in vars(module):
+                module._lora_original = module.weight  # the array itself, kept for an exact restore
+            module.weight = w                          # a new array; the original stays untouched
+        return
+    branches = [(module, _branch(module, layer, scale, lora.path)) for lora, scale, matched in plans
+                for layer, module in matched]
+    for module, branch in branches:
+        _attach(module, branch)
+    for model in models.values():
+        _route_geglu(model)
 
 
-def _merge(module, layer: LoRALayer, scale: float) -> None:
-    w = module.weight
-    if "_lora_original" not in vars(module):
-        module._lora_original = w  # the array itself, kept for an exact restore
+def _merged(w, layer: LoRALayer, scale: float, path: str):
+    """W + scale * factor * B A in W's dtype, refused where any value is not finite there."""
     delta = (scale * layer.delta()).reshape(w.shape)           # float64 on the host
-    module.weight = w + backend.asarray(delta, dtype=w.dtype)  # a new array; the original stays untouched
+    merged = w + backend.asarray(delta, dtype=w.dtype)
+    if not bool(backend.array_namespace(merged).all(backend.array_namespace(merged).isfinite(merged))):
+        raise LoRAError(f"{path}: {layer.target}:{layer.key}: the merged weight overflows {w.dtype} "
+                        f"(scale {scale:g} * alpha/r {layer.factor:g} * B A); refused, nothing changed")
+    return merged
 
 
-def _attach(module, layer: LoRALayer, scale: float) -> None:
-    """Add the branch scale * factor * B(A(x)) to this module's forward pass."""
+def _branch(module, layer: LoRALayer, scale: float, path: str):
+    """(down, up, s) in the layer's dtype and shapes, s = scale * factor; refused where not finite."""
     w = module.weight
+    s = scale * layer.factor
     down = backend.asarray(layer.down, dtype=w.dtype)
     up = backend.asarray(layer.up, dtype=w.dtype)
+    xp = backend.array_namespace(down)
+    if not (math.isfinite(s) and bool(xp.all(xp.isfinite(down))) and bool(xp.all(xp.isfinite(up)))):
+        raise LoRAError(f"{path}: {layer.target}:{layer.key}: the branch overflows {w.dtype}; refused, "
+                        "nothing changed")
     if down.ndim == 2 and w.ndim == 4:  # linear LoRA on a 1x1 conv: the same map, as 1x1 kernels
         down, up = down.reshape(down.shape + (1, 1)), up.reshape(up.shape + (1, 1))
     if down.ndim == 4 and w.ndim == 2:  # 1x1 conv LoRA on a linear layer
         down, up = down.reshape(down.shape[:2]), up.reshape(up.shape[:2])
+    return down, up, s
+
+
+def _attach(module, branch) -> None:
+    """Add the branch s * B(A(x)) (from `_branch`) to this module's forward pass."""
     if "_lora_branches" not in vars(module):
         module._lora_branches = []
         module.forward = _forward_with_branches.__get__(module)
-    module._lora_branches.append((down, up, scale * layer.factor))
+    module._lora_branches.append(branch)
 
 
 def _forward_with_branches(self, x):

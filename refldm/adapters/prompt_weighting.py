@@ -39,10 +39,14 @@ import numpy as np
 
 from refldm import backend
 
-__all__ = ["parse_prompt_attention", "chunk_tokens", "encode_weighted", "encode_prompts", "PromptSyntaxError"]
+__all__ = ["parse_prompt_attention", "chunk_tokens", "chunk_length", "encode_weighted", "encode_prompts", "PromptSyntaxError"]
 
 ROUND, SQUARE = 1.1, 1 / 1.1
-CHUNK = 75                 # prompt tokens per chunk; + start + end = 77
+CHUNK = 75                 # prompt tokens per chunk for a 77-position text encoder; + start + end = 77
+# The largest |weight| (after nesting): far beyond any useful emphasis (the web UI's useful range is about
+# 0-2), and small enough that weight * z (CLIP's states reach about 30) stays finite even in float16's
+# neighbour float32 arithmetic. A larger one is refused, never turned into inf downstream.
+MAX_WEIGHT = 1e6
 COMMA_BACKTRACK = 20       # the web UI's default comma_padding_backtrack
 # One token of the syntax per match, tried in this order: the escapes, a lone backslash, the openers,
 # ":w)" (a weight closing a round bracket, spaces allowed around w), the closers, a run of plain text, ":".
@@ -83,6 +87,9 @@ def parse_prompt_attention(text: str) -> list:
                 value = float(weight)
             except ValueError:
                 raise PromptSyntaxError(f"prompt weight {weight!r} in {token!r} is not a number") from None
+            if not abs(value) <= MAX_WEIGHT:
+                raise PromptSyntaxError(f"prompt weight {weight!r} in {token!r} is out of range: a weight's "
+                                        f"magnitude must be at most {MAX_WEIGHT:g}")
             scale_from(rounds.pop(), value)
         elif token == ")" and rounds:
             scale_from(rounds.pop(), ROUND)
@@ -99,6 +106,10 @@ def parse_prompt_attention(text: str) -> list:
         scale_from(start, SQUARE)
     if not pieces:
         pieces = [["", 1.0]]
+    for text_piece, weight in pieces:               # nested weights multiply: ((x:1e4):1e4) is 1e8
+        if weight != -1 and not abs(weight) <= MAX_WEIGHT:
+            raise PromptSyntaxError(f"prompt weight {weight:g} of {text_piece.strip()!r} (nested brackets "
+                                    f"multiply) is out of range: at most {MAX_WEIGHT:g}")
     merged = [pieces[0]]
     for piece in pieces[1:]:                        # join neighbours of equal weight
         if piece[1] == merged[-1][1]:
@@ -108,8 +119,10 @@ def parse_prompt_attention(text: str) -> list:
     return merged
 
 
-def chunk_tokens(tokenizer, prompt: str, backtrack: int = COMMA_BACKTRACK) -> list:
-    """A prompt -> [(ids (77,), weights (77,)), ...], one pair per chunk (module docstring, step 2)."""
+def chunk_tokens(tokenizer, prompt: str, backtrack: int = COMMA_BACKTRACK, chunk: int = CHUNK) -> list:
+    """A prompt -> [(ids (chunk + 2,), weights (chunk + 2,)), ...], one pair per chunk (module docstring,
+    step 2). `chunk` is the text encoder's positions minus 2 (75 for CLIP's 77; `chunk_length`)."""
+    CHUNK = chunk  # noqa: N806  (the module docstring's 75, for this text encoder)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     comma = tokenizer.vocab.get(",</w>")
     pieces = parse_prompt_attention(prompt)
@@ -157,9 +170,17 @@ def _encode_ids(text_encoder, ids, clip_skip):
     return text_encoder.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
 
 
+def chunk_length(tokenizer, text_encoder) -> int:
+    """Prompt tokens per chunk: the text encoder's positions (and the tokenizer's length) minus start and end
+    (75 for SD's 77; 30 for the built-in model's 32)."""
+    positions = getattr(text_encoder.config, "max_position_embeddings", CHUNK + 2)
+    return min(positions, getattr(tokenizer, "model_max_length", positions) or positions) - 2
+
+
 def encode_weighted(tokenizer, text_encoder, prompt: str, clip_skip: int | None = None, chunks: int = 0):
-    """One prompt -> (77 * n, D) by steps 2-5; `chunks` pads with empty chunks up to that many."""
-    pairs = chunk_tokens(tokenizer, prompt)
+    """One prompt -> (L * n, D) by steps 2-5 (L = 77 for SD); `chunks` pads with empty chunks up to that many."""
+    CHUNK = chunk_length(tokenizer, text_encoder)  # noqa: N806
+    pairs = chunk_tokens(tokenizer, prompt, chunk=CHUNK)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     while len(pairs) < chunks:                       # empty chunk: [start] + 76 x [end], weights 1
         empty = [bos] + [eos] * (CHUNK + 1)
@@ -196,7 +217,8 @@ def encode_prompts(pipe, prompts: list, negatives: list | None, syntax: str = "w
         return cond, uncond
     from refldm.adapters.textual_inversion import expand_prompt
     texts = [expand_prompt(pipe.tokenizer, p) for p in list(prompts) + list(negatives or [])]
-    n = max(len(chunk_tokens(pipe.tokenizer, t)) for t in texts)
+    length = chunk_length(pipe.tokenizer, pipe.text_encoder)
+    n = max(len(chunk_tokens(pipe.tokenizer, t, chunk=length)) for t in texts)
     rows = [encode_weighted(pipe.tokenizer, pipe.text_encoder, t, clip_skip, chunks=n) for t in texts]
     z = backend.array_namespace(rows[0]).concatenate(rows, axis=0)           # (B or 2B, 77 n, D)
     b = len(prompts)

@@ -28,6 +28,10 @@ import numpy as np
 
 from refldm.checkpoints.weights import WeightsError, load_file, refuse_pickle
 
+# The largest |value| an embedding vector may hold: float16's largest finite number. Word embeddings of a
+# trained CLIP are of order 0.01-1; 65504 is already far outside anything learned.
+MAX_EMBEDDING_VALUE = 65504.0
+
 __all__ = ["load_embedding", "load_textual_inversion", "expand_prompt", "TextualInversionError"]
 
 
@@ -64,7 +68,16 @@ def load_embedding(path, token: str | None = None, width: int | None = None) -> 
         raise TextualInversionError(f"{path}: the embedding has shape {tuple(vectors.shape)}; expected (D,) or (n, D)")
     if not np.all(np.isfinite(vectors)):
         raise TextualInversionError(f"{path}: the embedding holds NaN or inf")
-    return (token or name), vectors
+    largest = float(np.max(np.abs(vectors)))
+    if largest > MAX_EMBEDDING_VALUE:
+        raise TextualInversionError(f"{path}: the embedding holds a value of magnitude {largest:.3g}, over "
+                                    f"{MAX_EMBEDDING_VALUE:g} (it would overflow the text encoder's float16 "
+                                    "arithmetic; a trained embedding's values are of order 1)")
+    token = name if token is None else token
+    if not isinstance(token, str) or not token.strip() or token != token.strip() or any(c.isspace() for c in token):
+        raise TextualInversionError(f"{path}: token {token!r} must be a non-empty word without spaces "
+                                    "(give another with token=...)")
+    return token, vectors
 
 
 def load_textual_inversion(pipe, path, token: str | None = None) -> list[str]:

@@ -199,8 +199,10 @@ def load_rgb(path):
             return np.asarray(im.convert("RGB"), dtype=np.uint8), notes
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such file") from None
-    except UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image PIL can read") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: image too large to open safely ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"{path}: not an image PIL can read ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -324,13 +326,19 @@ def _jsonable(v):
     return "inf" if isinstance(v, float) and math.isinf(v) else v
 
 
+MAX_BANDS = 1024        # more radial bands than this are narrower than one frequency step of any image here
+MAX_PROBE_SIZE = 2048   # a 2048x2048 probe already takes minutes and GBs through the VAE on a CPU
+
+
 def run(args) -> int:
     """``refldm vae-report``: see refldm/cli/analysis.py for the arguments."""
     from refldm.analysis import probe_images
     from refldm.models.vae import AutoencoderKL
 
-    if args.bands < 1:
-        raise ValueError(f"vae-report: --bands must be positive, got {args.bands}")
+    if not 1 <= args.bands <= MAX_BANDS:
+        raise ValueError(f"vae-report: --bands must lie in 1..{MAX_BANDS}, got {args.bands}")
+    if args.probes and not SSIM_WIN <= args.probe_size <= MAX_PROBE_SIZE:
+        raise ValueError(f"vae-report: --probe-size must lie in {SSIM_WIN}..{MAX_PROBE_SIZE}, got {args.probe_size}")
     inputs = [(path, None) for path in args.images]
     if args.probes:
         inputs += [(f"probe:{name}", name) for name in probe_images.PROBES]

@@ -299,7 +299,7 @@ def from_original(state: dict, expected: dict, configs: dict, kind: str, source:
                 n = value.shape[0] // 3
                 value = value[t.third * n:(t.third + 1) * n]
             elif t.transpose:
-                value = value.T
+                value = np.ascontiguousarray(value.T)  # a C-ordered copy: the same bytes as a folder load
             elif t.conv1x1 and value.ndim == 4:
                 if value.shape[2:] != (1, 1):
                     raise ConversionError(f"{source}: {t.key} has shape {value.shape}, expected a 1x1 convolution")

@@ -366,6 +366,8 @@ def read_config(folder, name: str = "config.json") -> dict:
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise WeightsError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise WeightsError(f"{path}: JSON nested too deeply to be a config") from None
     if not isinstance(config, dict):
         raise WeightsError(f"{path}: expected a JSON object")
     return config

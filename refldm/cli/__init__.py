@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # the subcommand modules, in the order their commands appear in --help
@@ -24,14 +25,18 @@ _MODULES += ("refldm.cli.pnginfo",)  # png-info: settings read back from an imag
 _MODULES += ("refldm.cli.vectors",)  # conformance vectors and verify (refldm/cli/vectors.py)
 
 
+# Commands that print facts or compare files: no op runs, so --reference would mean nothing there.
+COMPUTE_NOTHING = {"sizes", "samplers", "compare", "info", "png-info"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refldm", description="A NumPy reference implementation of "
                                      "latent diffusion (Stable Diffusion).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _MODULES:
         importlib.import_module(name).register(sub)  # a broken subcommand fails loudly, never hides
-    for command in sub.choices.values():  # added here, so every command gets it, present and future
-        if any("--reference" in action.option_strings for action in command._actions):
+    for name, command in sub.choices.items():  # added here, so every computing command gets it
+        if name in COMPUTE_NOTHING or any("--reference" in action.option_strings for action in command._actions):
             continue  # a command with its own --reference keeps it (REFLDM_ACCEL=0 still works there)
         command.add_argument("--reference", action="store_true", dest="reference_ops",
                              help="run the pure reference ops only, without the host speed layer "
@@ -52,6 +57,11 @@ def main(argv=None) -> int:
                 result = args.func(args)
         else:
             result = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `refldm info | head -2`: the reader left; say nothing, as other tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         message = str(e) if not isinstance(e, KeyError) else f"missing {e}"
         print(f"refldm: error: {message.splitlines()[0] if message else type(e).__name__}", file=sys.stderr)

@@ -77,6 +77,10 @@ def apply_adapter_args(args, pipe) -> tuple[str, dict]:
         if folder is None:
             raise ValueError(f"<lora:{name}:...> in the prompt needs --lora-dir (the folder of {name}.safetensors)")
         path = os.path.join(folder, name + ".safetensors")
+        inside = os.path.realpath(folder)
+        if os.path.isabs(name) or os.path.commonpath([inside, os.path.realpath(path)]) != inside:
+            raise ValueError(f"<lora:{name}:...>: names a file outside --lora-dir {folder}; a LoRA name is "
+                             "resolved inside that folder only")
         if not os.path.isfile(path):
             raise OSError(f"<lora:{name}:...>: {path} does not exist")
         lora = load_lora(path)

@@ -70,6 +70,9 @@ def register(subparsers) -> None:
 # cost
 # ---------------------------------------------------------------------------------------------------
 
+MAX_MEASURE_SIZE = 2048
+
+
 def cost_figures(model=None, height=512, width=512, steps=25, batch=2, tokens=77, dtype="float16") -> dict:
     """Everything ``refldm cost`` prints, as a dict (the --json object)."""
     from refldm.analysis import cost
@@ -196,6 +199,9 @@ def measure_step(model, size: int, batch: int, tokens: int) -> dict:
     f = vae.factor
     if size < f or size % f:
         raise ValueError(f"cost: --measure-size {size} is not a positive multiple of the VAE's factor {f}")
+    if size > MAX_MEASURE_SIZE:
+        raise ValueError(f"cost: --measure-size {size} is over {MAX_MEASURE_SIZE} (one step at that size takes "
+                         "minutes and GBs on a CPU; the counted figures need no --measure)")
     shape = cost.UNetShape.from_config(unet_cfg, where=where)
     if shape.addition_embed_type is not None:
         raise ValueError(f"cost --measure: {where} has addition_embed_type={shape.addition_embed_type!r} "

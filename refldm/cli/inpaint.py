@@ -6,7 +6,6 @@ refldm/pipelines/inpaint.py explains both. The PNG gets the web UIs' parameters 
 
 from __future__ import annotations
 
-import os
 
 from refldm.cli import common
 from refldm.cli.adapters import add_adapter_args, apply_adapter_args
@@ -30,15 +29,8 @@ def register(subparsers) -> None:
 
 
 def _open(path, what):
-    from PIL import Image, UnidentifiedImageError
-    if not os.path.isfile(path):
-        raise OSError(f"{path}: no such {what} file")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except UnidentifiedImageError:
-        raise ValueError(f"{path}: not an image file PIL can read") from None
+    from refldm.core.images import open_image
+    return open_image(path, what)  # missing, unreadable or decompression-bomb files: one line
 
 
 def run_inpaint(args) -> int:

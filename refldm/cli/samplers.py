@@ -12,6 +12,11 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_samplers)
 
 
+# k-diffusion's samplers that diffusers has no class for: refldm's own classes (refldm/schedulers/ksampler.py,
+# dpm_fast.py, dpm_adaptive.py, dpmpp_*.py), marked "*" so nobody looks for them in diffusers.
+REFLDM_ONLY = {"DPMPP2SAncestralScheduler", "DPMPP3MSDEScheduler", "DPMFastScheduler", "DPMAdaptiveScheduler"}
+
+
 def _keys(config: dict) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in config.items()) or "the model's own"
 
@@ -19,8 +24,9 @@ def _keys(config: dict) -> str:
 def run_samplers(args) -> int:
     from refldm.schedulers import names
 
-    header = ("A1111", "ComfyUI", "refldm --sampler", "diffusers class (config)", "k-diffusion")
-    rows = [header] + names.table()
+    header = ("A1111", "ComfyUI", "refldm --sampler", "class (config); * refldm's own", "k-diffusion")
+    rows = [header] + [row[:3] + (("* " if row[3].split("(")[0] in REFLDM_ONLY else "") + row[3],) + row[4:]
+                       for row in names.table()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])

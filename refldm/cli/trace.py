@@ -19,7 +19,8 @@ def register(subparsers) -> None:
         "trace", help="record every layer's output of a model part into a safetensors trace file",
         description="Run one part of a model folder with tracing on and write every module's output, "
                     "named by its checkpoint key prefix, to a safetensors file (inputs and config in it).")
-    p.add_argument("model_folder", help="a diffusers pipeline folder, or the part's own folder (unet/, vae/, ...)")
+    p.add_argument("model_folder", nargs="?", default=None, help="a diffusers pipeline folder, or the part's "
+                   "own folder (unet/, vae/, ...); default: the built-in model")
     p.add_argument("--part", required=True, choices=list(trace.PARTS) + ["pipeline"],
                    help="what to run: the U-Net, the VAE encoder or decoder, the text encoder, or the whole "
                         "pipeline (per-step latents, noise predictions and guidance outputs too)")
@@ -57,11 +58,34 @@ def register(subparsers) -> None:
     c.set_defaults(func=run_compare)
 
 
+# The largest value each size option takes (a trace keeps every layer's output in memory: far beyond
+# these, no machine holds it; the estimate below refuses what this machine cannot hold before any work).
+LIMITS = {"batch": 256, "height": 4096, "width": 4096, "seq_len": 16384, "steps": 1000}
+
+
 def run_trace(args) -> int:
-    for name in ("batch", "height", "width", "seq_len", "steps"):
+    import math
+
+    if args.model_folder is None:
+        from refldm.about import DEFAULT_MODEL
+        args.model_folder = DEFAULT_MODEL
+
+    from refldm.cli.resources import available_memory
+    for name, limit in LIMITS.items():
         value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if value is not None and not 1 <= value <= limit:
+            raise ValueError(f"--{name.replace('_', '-')} must lie in 1..{limit}, got {value}")
+    if not math.isfinite(args.timestep):
+        raise ValueError(f"--timestep must be a finite number, got {args.timestep}")
+    if not args.output.lower().endswith(".safetensors"):
+        raise ValueError(f"{args.output}: a trace is a safetensors file; name it *.safetensors")
+    # rough lower bound of what the trace holds: every layer's output is at least the input array
+    values = args.batch * (args.height or 64) * (args.width or 64) * max(args.seq_len or 77, 1)
+    need = values * {"float16": 2, "float32": 4, "float64": 8}[args.dtype]
+    have = available_memory()
+    if have and need > have:
+        raise ValueError(f"--batch {args.batch} with these sizes needs at least {need / 2**30:.1f} GiB for the "
+                         f"inputs alone; this machine has {have / 2**30:.1f} GiB available")
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise ValueError(f"{args.output}: folder {out_dir} does not exist")
@@ -81,7 +105,11 @@ def run_trace(args) -> int:
 
 
 def run_compare(args) -> int:
+    import math
+
     from refldm.crosscheck.compare import compare
+    if not (math.isfinite(args.rtol) and args.rtol > 0):
+        raise ValueError(f"--rtol must be a finite number > 0, got {args.rtol}")
 
     result = compare(args.a, args.b, rtol=args.rtol, names=args.names)
     if not result.rows:

@@ -24,8 +24,8 @@ def register(subparsers) -> None:
         description="Encode an image (height and width divisible by 8) into a latent (N, 4, H/8, W/8) "
                     "saved as .npy. " + SCALING)
     p.add_argument("image", help="input image file (PNG, JPEG, ...); converted to RGB")
-    p.add_argument("-m", "--model", required=True, help="VAE folder (config.json + diffusion_pytorch_model."
-                   "safetensors) or a pipeline folder with a vae/ subfolder")
+    p.add_argument("-m", "--model", default=None, help="VAE folder (config.json + diffusion_pytorch_model."
+                   "safetensors) or a pipeline folder with a vae/ subfolder (default: the built-in model's VAE)")
     p.add_argument("-o", "--output", required=True, help="output .npy file")
     p.add_argument("--sample", action="store_true", help="draw z = mean + std * noise instead of the mean")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise for --sample (torch-compatible)")
@@ -38,7 +38,8 @@ def register(subparsers) -> None:
         description="Decode a latent (N, 4, h, w) or (4, h, w) .npy file into an image of 8h x 8w pixels. "
                     + SCALING)
     p.add_argument("latent", help="input .npy file (float array; read without pickle)")
-    p.add_argument("-m", "--model", required=True, help="VAE folder or pipeline folder with vae/")
+    p.add_argument("-m", "--model", default=None, help="VAE folder or pipeline folder with vae/ (default: the "
+                   "built-in model's VAE)")
     p.add_argument("-o", "--output", required=True, help="output image (PNG, ...); a batch of N > 1 "
                    "latents writes NAME-0.png, NAME-1.png, ...")
     p.add_argument("--unscaled", action="store_true", help="the latent is a raw VAE latent (no scaling_factor)")
@@ -66,7 +67,7 @@ def _encode(args) -> int:
     if args.seed is not None and not 0 <= args.seed <= 2 ** 64 - 1:
         raise ValueError(f"--seed {args.seed} is outside 0..2**64-1")
     image = images.load_image(args.image)
-    vae = AutoencoderKL.from_pretrained(args.model, dtype=args.dtype)
+    vae = AutoencoderKL.from_pretrained(_vae_folder(args.model), dtype=args.dtype)
     vae.latent_shape(1, image.height, image.width)  # clear error for a size not divisible by 8
     posterior = vae.encode(images.to_tensor(image, dtype=args.dtype))
     z = posterior.sample(generator=args.seed) if args.sample else posterior.mode()
@@ -133,7 +134,7 @@ def _decode(args) -> int:
         names = [f"{stem}-{i}{ext}" for i in range(len(z))]
     for name in names:  # before the work, not after
         images.check_output(name)
-    vae = AutoencoderKL.from_pretrained(args.model, dtype=args.dtype)
+    vae = AutoencoderKL.from_pretrained(_vae_folder(args.model), dtype=args.dtype)
     c = vae.config.latent_channels
     if z.shape[1] != c:
         raise ValueError(f"{args.latent}: expected a latent of shape (N, {c}, h, w) or ({c}, h, w), "
@@ -211,3 +212,10 @@ def _sizes(args) -> int:
           f"{f * f * args.channels} values, kept as {args.latent_channels}")
     return 0
 
+
+def _vae_folder(model):
+    """-m, or the built-in model's VAE when no -m is given (as txt2img and the others default)."""
+    import os
+
+    from refldm.about import DEFAULT_MODEL
+    return os.path.join(DEFAULT_MODEL, "vae") if model is None else model

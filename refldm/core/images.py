@@ -86,6 +86,25 @@ def to_pil(x):
     return [Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p) for p in to_uint8(x)]
 
 
+def open_image(path, what: str = "image"):
+    """Read an image file as a PIL image in its own mode, fully decoded (one clear error if it is missing,
+    not an image, truncated, or over PIL's decompression-bomb limit: never a traceback)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such {what} file") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"{path}: is a folder, not an {what} file") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path}: {what} too large to open safely ({e})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # SyntaxError: some broken headers in PIL
+        raise ValueError(f"{path}: not a readable {what} ({e})") from None
+
+
 def load_image(path):
     """Read an image file as an RGB PIL image (one clear error if it is missing or not an image).
 

@@ -123,8 +123,13 @@ def load(path) -> Trace:
     try:
         order = json.loads(metadata.get("order", "null"))
         input_names = json.loads(metadata.get("inputs", "[]"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{path}: trace metadata 'order' or 'inputs' is not valid JSON ({e})") from None
+    for name, value in (("order", order), ("inputs", input_names)):
+        if not (value is None and name == "order") and not (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ValueError(f"{path}: trace metadata {name!r} must be a JSON list of tensor names, not "
+                             f"{type(value).__name__}")
     inputs = {k: tensors.pop(INPUT_PREFIX + k) for k in input_names if INPUT_PREFIX + k in tensors}
     for key in [k for k in tensors if k.startswith(INPUT_PREFIX)]:
         inputs[key[len(INPUT_PREFIX):]] = tensors.pop(key)

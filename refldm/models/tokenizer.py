@@ -50,6 +50,7 @@ PATTERN_SPECIALS = {"<|startoftext|>": ("<|", "startoftext", "|>"), "<|endoftext
 DEFAULT_SPECIALS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
                     "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}  # transformers' defaults
 NO_LIMIT = int(1e30)  # transformers' model_max_length when the folder sets none
+MAX_LENGTH = 1 << 16  # the longest sequence a tokenizer may pad to (text encoders have 77-512 positions)
 
 
 from refldm.errors import TokenizerError  # one home for the error classes
@@ -184,7 +185,8 @@ class CLIPTokenizer:
             token = getattr(self, name)
             if token not in self.vocab:
                 raise TokenizerError(f"{source}: {name} {token!r} is not in vocab.json")
-        if not isinstance(model_max_length, int) or model_max_length < 2:
+        if not isinstance(model_max_length, int) or isinstance(model_max_length, bool) or not (
+                2 <= model_max_length <= MAX_LENGTH or model_max_length == NO_LIMIT):
             raise TokenizerError(f"{source}: model_max_length={model_max_length!r} must be an integer >= 2")
         self.model_max_length = model_max_length
         self.byte_encoder = bytes_to_unicode()
@@ -234,8 +236,12 @@ class CLIPTokenizer:
                 raise TokenizerError(f"{folder}: {name} {value!r} is not a token string")
         _check_added_tokens(folder, config, vocab, added_fast)
         limit = config.get("model_max_length", NO_LIMIT)
-        if isinstance(limit, float) and limit >= NO_LIMIT:
-            limit = NO_LIMIT
+        if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit >= NO_LIMIT:
+            limit = NO_LIMIT  # transformers' "no limit" (int(1e30), written as 1e30 or 1000000000000000019884624838656)
+        elif not isinstance(limit, int) or isinstance(limit, bool) or not 2 <= limit <= MAX_LENGTH:
+            raise TokenizerError(f"{os.path.join(folder, 'tokenizer_config.json')}: model_max_length="
+                                 f"{_short(limit)} must be an integer from 2 to {MAX_LENGTH} (or transformers' "
+                                 "1e30 for no limit)")
         return cls(vocab, merges, model_max_length=limit, source=folder, **tokens)
 
     # -- text -> tokens -> ids
@@ -413,8 +419,10 @@ class CLIPTokenizer:
 
     def _limit(self, max_length):
         limit = self.model_max_length if max_length is None else max_length
-        if not isinstance(limit, int) or limit < 0:
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
             raise TokenizerError(f"CLIPTokenizer: max_length={max_length!r} must be a non-negative integer")
+        if max_length is not None and limit > MAX_LENGTH:
+            raise TokenizerError(f"CLIPTokenizer: max_length={max_length} is over {MAX_LENGTH} tokens")
         if limit >= NO_LIMIT:
             raise TokenizerError("CLIPTokenizer: the folder sets no model_max_length; pass max_length")
         return limit
@@ -435,6 +443,8 @@ def _read_json(path, required: bool = False) -> dict:
             data = json.load(f)
     except (OSError, ValueError) as e:
         raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise TokenizerError(f"{path}: JSON nested too deeply to be a tokenizer file") from None
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object")
     return data
@@ -466,11 +476,14 @@ def _check_added_tokens(folder, config: dict, vocab: dict, added_fast: dict | No
     """Refuse added tokens outside vocab.json (textual-inversion tokens, ...): they are not implemented."""
     added = dict(added_fast or {})
     decoder = config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise TokenizerError(f"{folder}: tokenizer_config.json's added_tokens_decoder must be an object of "
+                             f"{{id: token}}, not {_short(decoder)}")
     for key, value in decoder.items():
         content = value.get("content") if isinstance(value, dict) else value
         added[content] = key
     added_path = os.path.join(folder, "added_tokens.json")
-    added.update({k: v for k, v in _read_json(added_path).items()})
+    added.update(_read_json(added_path))
     for content, key in added.items():
         try:
             same = vocab.get(content) == int(key)
@@ -546,7 +559,10 @@ def _read_tokenizer_json(path) -> tuple[dict, list, dict]:
             raise TokenizerError(f"{path}: merge #{number} {_short(merge)} is not a pair of symbols")
         merges.append((parts[0], parts[1]))
     added = {}
-    for entry in data.get("added_tokens") or []:
+    entries = data.get("added_tokens") or []
+    if not isinstance(entries, list):
+        raise TokenizerError(f"{path}: added_tokens must be a list of token objects, not {_short(entries)}")
+    for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
             raise TokenizerError(f"{path}: added_tokens entry {_short(entry)} has no content string")
         added[entry["content"]] = entry.get("id")

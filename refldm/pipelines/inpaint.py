@@ -183,6 +183,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
                                height=size and size[0], width=size and size[1], strength=strength,
                                num_images_per_prompt=num_images_per_prompt, output_type=output_type)
         original_image, original_mask, box = image, mask_image, None
+        if padding_mask_crop is not None and (isinstance(padding_mask_crop, bool) or not isinstance(
+                padding_mask_crop, int) or padding_mask_crop < 0):
+            raise ValueError(f"padding_mask_crop={padding_mask_crop!r} must be an integer >= 0 (pixels of margin)")
         if padding_mask_crop is not None:  # inpaint the box around the mask, at the image's size
             if isinstance(image, np.ndarray):
                 original_image = image = Image.fromarray(image)

@@ -30,7 +30,7 @@ import numpy
 
 from refldm import backend
 from refldm.core import random as refldm_random
-from refldm.checkpoints.config import ConfigError, parse_config
+from refldm.checkpoints.config import ConfigError, parse_config, short
 
 from . import schedule
 
@@ -149,14 +149,14 @@ class SchedulerMixin:
         """This class's keys -> its Config; the keys given (not left at default) are remembered for from_config."""
         config = dict(config)
         for key, mapping in cls.RENAMED.items():
-            if config.get(key) in mapping:
+            if isinstance(config.get(key), str) and config[key] in mapping:
                 config[key] = mapping[config[key]]
         keys = cls.config_keys()
         for key, value in config.items():
             if key not in keys and not key.startswith("_"):
                 why = ("a key of other diffusers schedulers; from_config carries such keys along unused"
                        if key in DIFFUSERS_SCHEDULER_KEYS else "refldm does not implement it")
-                raise ConfigError(f"{cls.__name__}: unknown config key {key!r} (value {value!r}): {why}")
+                raise ConfigError(f"{cls.__name__}: unknown config key {key!r} (value {short(value)}): {why}")
         parsed = parse_config(cls.Config, config, fixed=cls.UNSUPPORTED, where=cls.__name__)
         parsed._given = frozenset(k for k in config if k in keys and k not in cls.UNSUPPORTED)
         parsed._carried = {k: v for k, v in config.items() if k in cls.UNSUPPORTED}  # at their only value
