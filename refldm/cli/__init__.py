@@ -26,7 +26,7 @@ _MODULES += ("refldm.cli.vectors",)  # conformance vectors and verify (refldm/cl
 
 
 # Commands that print facts or compare files: no op runs, so --reference would mean nothing there.
-COMPUTE_NOTHING = {"sizes", "samplers", "compare", "info", "png-info"}
+COMPUTE_NOTHING = {"sizes", "samplers", "compare", "info", "png-info", "verify"}
 
 
 def build_parser() -> argparse.ArgumentParser:
