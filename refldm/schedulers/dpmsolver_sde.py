@@ -30,7 +30,7 @@ import numpy
 from refldm.core import random as refldm_random
 
 from . import schedule
-from .base import BaseConfig, SigmaScheduler, to_device
+from .base import BaseConfig, SigmaScheduler, ancestral_split, to_device
 from .prediction import x0_from_sigma_prediction
 
 
@@ -81,10 +81,7 @@ class DPMSolverSDEScheduler(SigmaScheduler):
 
     Config = DPMSolverSDEConfig
     order = 2
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.set_timesteps(self.config.num_train_timesteps)  # as diffusers: usable before set_timesteps
+    steps_at_init = "num_train_timesteps"  # as diffusers: usable before set_timesteps
 
     def set_timesteps(self, num_inference_steps, device=None, num_train_timesteps=None):
         n = self._check_steps(num_inference_steps, num_train_timesteps)
@@ -110,8 +107,7 @@ class DPMSolverSDEScheduler(SigmaScheduler):
         self.sample = None
         self.mid_point_sigma = None
         self.noise_sampler = None
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
 
     @property
     def state_in_first_order(self) -> bool:
@@ -119,15 +115,13 @@ class DPMSolverSDEScheduler(SigmaScheduler):
 
     def scale_model_input(self, sample, timestep):
         """x / sqrt(sigma^2 + 1), with sigma the midpoint's on the second call of a step."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         sigma = self._scalar(self.sigmas[self._step_index]) if self.state_in_first_order else self.mid_point_sigma
         return sample / (sigma**2 + 1) ** 0.5
 
     def step(self, model_output, timestep, sample, return_dict=True, s_noise=1.0):
         """One stage of the step (module docstring)."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         if self.noise_sampler is None:
             self.noise_sampler = BrownianIncrements(sample, self.config.noise_sampler_seed)
         i = self._step_index
@@ -147,8 +141,7 @@ class DPMSolverSDEScheduler(SigmaScheduler):
             else:
                 sample = self.sample
             sigma_from, sigma_to = f(numpy.exp(-t)), f(numpy.exp(-t_next))
-            sigma_up = min(sigma_to, f((sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5))
-            sigma_down = f((sigma_to**2 - sigma_up**2) ** 0.5)
+            sigma_down, sigma_up = ancestral_split(sigma_from, sigma_to)
             t_down = f(-numpy.log(sigma_down))
             prev_sample = f(numpy.exp(-t_down) / numpy.exp(-t)) * sample - f(numpy.expm1(t - t_down)) * x0
             noise = self.noise_sampler(sigma_from, sigma_to)

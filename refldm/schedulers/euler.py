@@ -12,7 +12,8 @@ import dataclasses
 import numpy
 
 from . import schedule
-from .base import BaseConfig, SigmaScheduler, check_choice, check_custom_sigmas, check_custom_timesteps, noise_like
+from .base import (BaseConfig, SigmaScheduler, ancestral_split, check_choice, check_custom_sigmas,
+                   check_custom_timesteps, noise_like)
 from .prediction import x0_from_sigma_prediction
 
 
@@ -21,16 +22,6 @@ def euler_step(sample, x0, sigma, sigma_next):
     without the second-order correction)."""
     derivative = (sample - x0) / sigma
     return sample + derivative * (sigma_next - sigma)
-
-
-def ancestral_sigmas(sigma_from, sigma_to):
-    """Split the step sigma_from -> sigma_to into a deterministic step to sigma_down and fresh noise sigma_up:
-    sigma_up = sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2), sigma_down = sqrt(sigma_to^2 - sigma_up^2),
-    so sigma_down^2 + sigma_up^2 = sigma_to^2 (ancestral sampling, Ho et al. 2020 eq. 7 in sigma form;
-    k-diffusion's get_ancestral_step with eta = 1)."""
-    sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-    sigma_down = max(sigma_to**2 - sigma_up**2, 0.0) ** 0.5  # = sigma_to^2 / sigma_from >= 0; clamp rounding
-    return sigma_down, sigma_up
 
 
 @dataclasses.dataclass
@@ -99,8 +90,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
              generator=None, return_dict=True):
         """Euler step; with s_churn > 0 first raise sigma to sigma_hat = sigma (1 + gamma) by adding noise
         (Karras et al. 2022, Algorithm 2, lines 4-6)."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         sigma = self._scalar(self.sigmas[self._step_index])
         sigma_next = self._scalar(self.sigmas[self._step_index + 1])
         gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
@@ -136,12 +126,11 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         """x_next = x + (sigma_down - sigma) d + sigma_up z (noise is drawn at every step, as diffusers does)."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         sigma = self._scalar(self.sigmas[self._step_index])
         sigma_to = self._scalar(self.sigmas[self._step_index + 1])
         x0 = x0_from_sigma_prediction(self.config.prediction_type, model_output, sample, sigma)
-        sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_to)
+        sigma_down, sigma_up = ancestral_split(sigma, sigma_to)
         prev_sample = euler_step(sample, x0, sigma, sigma_down)
         prev_sample = prev_sample + noise_like(model_output, generator) * sigma_up
         self._step_index += 1

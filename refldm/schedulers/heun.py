@@ -39,10 +39,7 @@ class HeunDiscreteScheduler(SigmaScheduler):
 
     Config = HeunConfig
     order = 2
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.set_timesteps(self.config.num_train_timesteps)  # as diffusers: usable before set_timesteps
+    steps_at_init = "num_train_timesteps"  # as diffusers: usable before set_timesteps
 
     def set_timesteps(self, num_inference_steps=None, device=None, num_train_timesteps=None, timesteps=None):
         """n timesteps spaced as config.timestep_spacing (or custom descending `timesteps`), sigma interpolated
@@ -82,8 +79,7 @@ class HeunDiscreteScheduler(SigmaScheduler):
 
     def step(self, model_output, timestep, sample, return_dict=True):
         """First call of a pair: Euler predictor (stores d_i, dt, x_i); second call: trapezoidal corrector."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         c = self.config
         if self.state_in_first_order:
             sigma = self._scalar(self.sigmas[self._step_index])

@@ -66,10 +66,7 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
 
     Config = KDPM2Config
     order = 2
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.set_timesteps(self.config.num_train_timesteps)  # as diffusers: usable before set_timesteps
+    steps_at_init = "num_train_timesteps"  # as diffusers: usable before set_timesteps
 
     def set_timesteps(self, num_inference_steps, device=None, num_train_timesteps=None):
         n = self._check_steps(num_inference_steps, num_train_timesteps)
@@ -83,8 +80,7 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
         pairs = numpy.stack([timesteps_mid[1:-1], timesteps[1:]], axis=-1).reshape(-1)  # (mid_i, t_i) for i >= 1
         self.timesteps = numpy.concatenate([timesteps[:1], pairs])  # (2n - 1,)
         self.sample = None
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
 
     @property
     def state_in_first_order(self) -> bool:
@@ -92,8 +88,7 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
 
     def scale_model_input(self, sample, timestep):
         """x / sqrt(sigma^2 + 1), with sigma the midpoint's on the second call of a step."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         table = self.sigmas if self.state_in_first_order else self.sigmas_interpol
         sigma = self._scalar(table[self._step_index])
         return sample / (sigma**2 + 1) ** 0.5
@@ -101,9 +96,7 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
     def step(self, model_output, timestep, sample, return_dict=True):
         """First call: Euler to the log-midpoint (stores x); second call: the full step with the midpoint's
         derivative (module docstring)."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._locate_step(timestep)
         if self.state_in_first_order:
             sigma, sigma_mid = self._scalar(self.sigmas[i]), self._scalar(self.sigmas_interpol[i + 1])
             x0 = x0_from_sigma_prediction(self.config.prediction_type, model_output, sample, sigma)

@@ -51,10 +51,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
     """diffusers' LMSDiscreteScheduler: x_{i+1} = x_i + sum_j c_ij d_{i-j}, d = (x - x_0) / sigma, order <= 4."""
 
     Config = LMSConfig
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.set_timesteps(self.config.num_train_timesteps)  # as diffusers: usable before set_timesteps
+    steps_at_init = "num_train_timesteps"  # as diffusers: usable before set_timesteps
 
     def set_timesteps(self, num_inference_steps, device=None):
         n = self._check_steps(num_inference_steps)
@@ -69,9 +66,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
         self.derivatives = []
 
     def step(self, model_output, timestep, sample, order=4, return_dict=True):
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._locate_step(timestep)
         sigma = self._scalar(self.sigmas[i])
         x0 = x0_from_sigma_prediction(self.config.prediction_type, model_output, sample, sigma)
         self.derivatives.append((sample - x0) / sigma)
