@@ -359,6 +359,21 @@ def ancestral_split(sigma_from, sigma_to, eta=1.0):
     return max(sigma_to**2 - sigma_up**2, 0.0) ** 0.5, sigma_up
 
 
+def churn(sample, sigma, num_steps, s_churn, s_tmin, s_tmax, s_noise, generator, like):
+    """Raise the noise level before an Euler step (Karras et al. 2022, Algorithm 2, lines 4-6):
+
+        gamma = min(s_churn / N, sqrt(2) - 1) where s_tmin <= sigma <= s_tmax (else 0),   sigma_hat = sigma (1 + gamma),
+        x_hat = x + s_noise sqrt(sigma_hat^2 - sigma^2) z
+
+    with N = num_steps and z drawn like `like` from `generator`. Returns (x_hat, sigma_hat); gamma = 0 leaves x."""
+    gamma = min(s_churn / num_steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    sigma_hat = sigma * (gamma + 1)
+    if gamma > 0:
+        noise = noise_like(like, generator)
+        sample = sample + (noise * s_noise) * (sigma_hat**2 - sigma**2) ** 0.5
+    return sample, sigma_hat
+
+
 def dynamic_threshold(x0, ratio: float, max_value: float):
     """Dynamic thresholding (Saharia et al. 2022, "Photorealistic Text-to-Image Diffusion Models with Deep Language
     Understanding" (Imagen), sec. 2.3): per sample, s = the `ratio` quantile of |x_0| clamped to [1, max_value];
@@ -444,6 +459,19 @@ class SigmaAddNoise:
             return (broadcast_coefficient(alpha, original_samples) * original_samples
                     + broadcast_coefficient(sigma * alpha, original_samples) * noise)
         return original_samples + noise * broadcast_coefficient(sigma, original_samples)
+
+
+class TwoCallStep:
+    """For the samplers with two model calls per step (DPM2, DPM2 a, DPM++ SDE; diffusers' order = 2): between the
+    calls, ``sample`` holds x at the step's start."""
+
+    order = 2
+    sample = None
+
+    @property
+    def state_in_first_order(self) -> bool:
+        """True at the first model call of a step."""
+        return self.sample is None
 
 
 class SigmaScheduler(SigmaAddNoise, SchedulerMixin):

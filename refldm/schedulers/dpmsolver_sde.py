@@ -30,7 +30,7 @@ import numpy
 from refldm.core import random as refldm_random
 
 from . import schedule
-from .base import BaseConfig, SigmaScheduler, ancestral_split, to_device
+from .base import BaseConfig, SigmaScheduler, TwoCallStep, ancestral_split, to_device
 from .prediction import x0_from_sigma_prediction
 
 
@@ -76,11 +76,10 @@ class DPMSolverSDEConfig(BaseConfig):
         schedule.check_one_sigma_grid(self)
 
 
-class DPMSolverSDEScheduler(SigmaScheduler):
+class DPMSolverSDEScheduler(TwoCallStep, SigmaScheduler):
     """diffusers' DPMSolverSDEScheduler ("DPM++ SDE"; "DPM++ SDE Karras" with use_karras_sigmas=True)."""
 
     Config = DPMSolverSDEConfig
-    order = 2
     steps_at_init = "num_train_timesteps"  # as diffusers: usable before set_timesteps
 
     def set_timesteps(self, num_inference_steps, device=None, num_train_timesteps=None):
@@ -108,10 +107,6 @@ class DPMSolverSDEScheduler(SigmaScheduler):
         self.mid_point_sigma = None
         self.noise_sampler = None
         self._reset_step_index()
-
-    @property
-    def state_in_first_order(self) -> bool:
-        return self.sample is None
 
     def scale_model_input(self, sample, timestep):
         """x / sqrt(sigma^2 + 1), with sigma the midpoint's on the second call of a step."""

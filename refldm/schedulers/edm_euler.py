@@ -26,7 +26,7 @@ import math
 import numpy
 
 from . import schedule
-from .base import SchedulerMixin, SigmaAddNoise, check_choice, noise_like
+from .base import SchedulerMixin, SigmaAddNoise, check_choice, churn
 
 
 @dataclasses.dataclass
@@ -137,11 +137,8 @@ class EDMEulerScheduler(SigmaAddNoise, SchedulerMixin):
         self._locate_step(timestep)
         sigma = self._scalar(self.sigmas[self._step_index])
         sigma_next = self._scalar(self.sigmas[self._step_index + 1])
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            noise = noise_like(model_output, generator)
-            sample = sample + (noise * s_noise) * (sigma_hat**2 - sigma**2) ** 0.5
+        sample, sigma_hat = churn(sample, sigma, len(self.sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise, generator,
+                                  model_output)
         x0 = pred_original_sample
         if x0 is None:
             x0 = self.precondition_outputs(sample, model_output, sigma_hat)

@@ -13,7 +13,7 @@ import numpy
 
 from . import schedule
 from .base import (BaseConfig, SigmaScheduler, ancestral_split, check_choice, check_custom_sigmas,
-                   check_custom_timesteps, noise_like)
+                   check_custom_timesteps, churn, noise_like)
 from .prediction import x0_from_sigma_prediction
 
 
@@ -93,11 +93,8 @@ class EulerDiscreteScheduler(SigmaScheduler):
         self._locate_step(timestep)
         sigma = self._scalar(self.sigmas[self._step_index])
         sigma_next = self._scalar(self.sigmas[self._step_index + 1])
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            noise = noise_like(model_output, generator)
-            sample = sample + (noise * s_noise) * (sigma_hat**2 - sigma**2) ** 0.5
+        sample, sigma_hat = churn(sample, sigma, len(self.sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise, generator,
+                                  model_output)
         if self.config.prediction_type == "v_prediction":  # diffusers uses sigma, not sigma_hat, here
             x0 = x0_from_sigma_prediction("v_prediction", model_output, sample, sigma)
         else:

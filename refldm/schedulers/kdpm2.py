@@ -19,7 +19,7 @@ import dataclasses
 import numpy
 
 from . import schedule
-from .base import BaseConfig, SigmaScheduler
+from .base import BaseConfig, SigmaScheduler, TwoCallStep
 from .prediction import x0_from_sigma_prediction
 
 
@@ -46,6 +46,11 @@ def log_midpoints(sigmas):
         return numpy.exp(log_prev - (log_prev - log_s) * 0.5)
 
 
+def interleave(values):
+    """(v_0, v_1, ..., v_n) -> (v_0, v_1, v_1, v_2, v_2, ..., v_n, v_n, v_n): one entry per call of step (2n + 2)."""
+    return numpy.concatenate([values[:1], values[1:].repeat(2), values[-1:]])
+
+
 def spaced_sigmas(sched, n: int):
     """DPM2's (and DPM2 a's) n timesteps and n + 1 sigmas (the last 0), and log of the training sigmas:
     spaced as the config says, or on its sigma grid (Karras timesteps rounded, as diffusers does for
@@ -61,11 +66,10 @@ def spaced_sigmas(sched, n: int):
     return timesteps, sched._table(numpy.concatenate([sigmas, [0.0]])), log_sigmas
 
 
-class KDPM2DiscreteScheduler(SigmaScheduler):
+class KDPM2DiscreteScheduler(TwoCallStep, SigmaScheduler):
     """diffusers' KDPM2DiscreteScheduler ("DPM2"; "DPM2 Karras" with use_karras_sigmas=True)."""
 
     Config = KDPM2Config
-    order = 2
     steps_at_init = "num_train_timesteps"  # as diffusers: usable before set_timesteps
 
     def set_timesteps(self, num_inference_steps, device=None, num_train_timesteps=None):
@@ -75,16 +79,11 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
         mids = log_midpoints(sigmas)  # (n + 1,): mids[i] between sigmas[i - 1] and sigmas[i]
         timesteps_mid = self._table(schedule.sigma_to_t(numpy.nan_to_num(mids), log_sigmas))
         timesteps = self._table(timesteps)
-        self.sigmas = numpy.concatenate([sigmas[:1], sigmas[1:].repeat(2), sigmas[-1:]])  # (2n + 2,)
-        self.sigmas_interpol = numpy.concatenate([mids[:1], mids[1:].repeat(2), mids[-1:]])
+        self.sigmas, self.sigmas_interpol = interleave(sigmas), interleave(mids)  # (2n + 2,)
         pairs = numpy.stack([timesteps_mid[1:-1], timesteps[1:]], axis=-1).reshape(-1)  # (mid_i, t_i) for i >= 1
         self.timesteps = numpy.concatenate([timesteps[:1], pairs])  # (2n - 1,)
         self.sample = None
         self._reset_step_index()
-
-    @property
-    def state_in_first_order(self) -> bool:
-        return self.sample is None
 
     def scale_model_input(self, sample, timestep):
         """x / sqrt(sigma^2 + 1), with sigma the midpoint's on the second call of a step."""

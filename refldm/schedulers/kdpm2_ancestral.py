@@ -22,21 +22,15 @@ from __future__ import annotations
 import numpy
 
 from . import schedule
-from .base import SigmaScheduler, ancestral_split, noise_like
-from .kdpm2 import KDPM2Config, spaced_sigmas
+from .base import SigmaScheduler, TwoCallStep, ancestral_split, noise_like
+from .kdpm2 import KDPM2Config, interleave, spaced_sigmas
 from .prediction import x0_from_sigma_prediction
 
 
-def interleave(values):
-    """(v_0, v_1, ..., v_n) -> (v_0, v_1, v_1, v_2, v_2, ..., v_n, v_n, v_n): one entry per call of step (2n + 2)."""
-    return numpy.concatenate([values[:1], values[1:].repeat(2), values[-1:]])
-
-
-class KDPM2AncestralDiscreteScheduler(SigmaScheduler):
+class KDPM2AncestralDiscreteScheduler(TwoCallStep, SigmaScheduler):
     """diffusers' KDPM2AncestralDiscreteScheduler ("DPM2 a"; "DPM2 a Karras" with use_karras_sigmas=True)."""
 
     Config = KDPM2Config  # the same keys and defaults as DPM2 in diffusers
-    order = 2
     steps_at_init = "num_train_timesteps"  # as diffusers: usable before set_timesteps
 
     def set_timesteps(self, num_inference_steps, device=None, num_train_timesteps=None):
@@ -58,10 +52,6 @@ class KDPM2AncestralDiscreteScheduler(SigmaScheduler):
         self.timesteps = numpy.concatenate([timesteps[:1], pairs])  # (2n - 1,)
         self.sample = None
         self._reset_step_index()
-
-    @property
-    def state_in_first_order(self) -> bool:
-        return self.sample is None
 
     def scale_model_input(self, sample, timestep):
         """x / sqrt(sigma^2 + 1), with sigma the midpoint's on the second call of a step."""

@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy
 
+from . import schedule
 from .base import AlphaScheduler, BaseConfig, clip, dynamic_threshold, noise_like
 from .prediction import predict_x0
 
@@ -55,15 +56,7 @@ class LCMScheduler(AlphaScheduler):
                              f"num_train_timesteps={c.num_train_timesteps}")
         k = c.num_train_timesteps // original
         origin = numpy.asarray(list(range(1, int(original * strength) + 1))) * k - 1
-        if len(origin) // n < 1:
-            raise ValueError(f"LCMScheduler.set_timesteps: num_inference_steps={n} is more than "
-                             f"original_inference_steps x strength = {original} x {strength}")
-        if n > original:
-            raise ValueError(f"LCMScheduler.set_timesteps: num_inference_steps={n} is larger than "
-                             f"original_inference_steps={original}")
-        origin = origin[::-1].copy()
-        indices = numpy.floor(numpy.linspace(0, len(origin), num=n, endpoint=False)).astype(numpy.int64)
-        self.timesteps = origin[indices].astype(numpy.int64)
+        self.timesteps = schedule.consistency_timesteps("LCMScheduler.set_timesteps", origin, n, original, strength)
         self.num_inference_steps = n
         self._reset_step_index()
 

@@ -22,6 +22,7 @@ import math
 
 import numpy
 
+from . import schedule
 from .base import AlphaScheduler, BaseConfig, SchedulerOutput, check_custom_timesteps, noise_like
 from .prediction import predict_eps, predict_x0
 
@@ -82,15 +83,7 @@ class TCDScheduler(AlphaScheduler):
             self.timesteps = t[max(len(t) - init, 0):]
         else:
             n = self._check_steps(num_inference_steps)
-            if len(origin) // n < 1:
-                raise ValueError(f"{where}: num_inference_steps={n} is more than original_inference_steps x "
-                                 f"strength = {original} x {strength}")
-            if n > original:
-                raise ValueError(f"{where}: num_inference_steps={n} is larger than original_inference_steps="
-                                 f"{original}")
-            origin = origin[::-1].copy()
-            indices = numpy.floor(numpy.linspace(0, len(origin), num=n, endpoint=False)).astype(numpy.int64)
-            self.timesteps = origin[indices].astype(numpy.int64)
+            self.timesteps = schedule.consistency_timesteps(where, origin, n, original, strength)
             self.num_inference_steps = n
         self._reset_step_index()
 
