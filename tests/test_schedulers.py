@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import inspect
 import json
@@ -93,7 +94,8 @@ def float64_reference(name):
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        yield
+        with numpy2_tensor_protocol():
+            yield
     finally:
         torch.set_default_dtype(default)
         for k, v in saved.items():
@@ -132,6 +134,15 @@ def numpy2_tensor_protocol():
                 setattr(tensor, k, saved[k])
             else:
                 delattr(tensor, k)
+
+
+def with_numpy2_tensor_protocol(test):
+    """Decorator: run a test that drives diffusers schedulers inside numpy2_tensor_protocol()."""
+    @functools.wraps(test)
+    def wrapped(*args, **kwargs):
+        with numpy2_tensor_protocol():
+            return test(*args, **kwargs)
+    return wrapped
 
 
 def synthetic_model(x, t):
