@@ -89,6 +89,25 @@ class BaseConfig:
             raise ValueError(f"steps_offset={self.steps_offset!r} must be an integer >= 0")
 
 
+@dataclasses.dataclass
+class SigmaGridKeys:
+    """The keys of the web UIs' schedule names (schedule.sigma_grid): Karras, exponential or beta sigmas, at most one
+    on (each config checks it with schedule.check_one_sigma_grid)."""
+
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+
+
+@dataclasses.dataclass
+class ThresholdingKeys:
+    """Dynamic thresholding of the x_0 prediction (dynamic_threshold below)."""
+
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+
+
 def passed_on(config) -> dict:
     """A scheduler's config as diffusers' from_config hands it to the next class: the keys that were given (not
     those left at their default), with their values, plus the keys carried along unused. A Config built by hand

@@ -7,7 +7,7 @@ import dataclasses
 import numpy
 
 from . import schedule
-from .base import AlphaScheduler, BaseConfig, clip, dynamic_threshold, noise_like
+from .base import AlphaScheduler, BaseConfig, ThresholdingKeys, clip, dynamic_threshold, noise_like
 from .prediction import eps_from_x0, predict_eps, predict_x0
 
 
@@ -26,15 +26,12 @@ def ddim_update(x0, eps, abar_prev, sigma_t):
 
 
 @dataclasses.dataclass
-class DDIMConfig(BaseConfig):
+class DDIMConfig(ThresholdingKeys, BaseConfig):
     timestep_spacing: str = "leading"
     clip_sample: bool = True
     clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True
     rescale_betas_zero_snr: bool = False
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
 
 
 class DDIMScheduler(AlphaScheduler):

@@ -8,7 +8,8 @@ import math
 import numpy
 
 from . import schedule
-from .base import AlphaScheduler, BaseConfig, check_choice, check_custom_timesteps, clip, dynamic_threshold, noise_like
+from .base import (AlphaScheduler, BaseConfig, ThresholdingKeys, check_choice, check_custom_timesteps, clip,
+                   dynamic_threshold, noise_like)
 from .prediction import predict_x0
 
 
@@ -27,15 +28,12 @@ def ddpm_posterior(x0, sample, abar_t, abar_prev):
 
 
 @dataclasses.dataclass
-class DDPMConfig(BaseConfig):
+class DDPMConfig(ThresholdingKeys, BaseConfig):
     timestep_spacing: str = "leading"
     variance_type: str = "fixed_small"
     clip_sample: bool = True
     clip_sample_range: float = 1.0
     rescale_betas_zero_snr: bool = False
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()

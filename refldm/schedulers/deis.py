@@ -26,7 +26,7 @@ import math
 import numpy
 
 from . import schedule
-from .base import BaseConfig, check_choice
+from .base import BaseConfig, SigmaGridKeys, ThresholdingKeys, check_choice
 from .multistep import MultistepScheduler, alpha_sigma, half_log_snr
 
 
@@ -68,17 +68,11 @@ def deis_update(x, ms, alphas, sigmas):
 
 
 @dataclasses.dataclass
-class DEISConfig(BaseConfig):
+class DEISConfig(SigmaGridKeys, ThresholdingKeys, BaseConfig):
     solver_order: int = 2
     algorithm_type: str = "deis"
     solver_type: str = "logrho"
     lower_order_final: bool = True
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -123,8 +117,7 @@ class DEISMultistepScheduler(MultistepScheduler):
         self._need_timesteps()
         c = self.config
         i, n = self._locate_step(timestep), len(self.timesteps)
-        order = self._order(last=i == n - 1 and c.lower_order_final and n < 15,
-                            second_last=i == n - 2 and c.lower_order_final and n < 15)
+        order = self._order(i, n)
         self._remember(self.convert_model_output(model_output, sample))
         alphas, sigmas = zip(*(alpha_sigma(self._scalar(self.sigmas[j])) for j in range(i + 1, i - order, -1)))
         prev_sample = deis_update(sample, self.model_outputs[::-1][:order], alphas, sigmas)

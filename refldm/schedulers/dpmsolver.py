@@ -17,7 +17,7 @@ import math
 import numpy
 
 from . import schedule
-from .base import BaseConfig, check_choice, check_custom_timesteps, noise_like
+from .base import BaseConfig, SigmaGridKeys, ThresholdingKeys, check_choice, check_custom_timesteps, noise_like
 from .multistep import MultistepScheduler, alpha_sigma, half_log_snr, step_length
 
 
@@ -122,22 +122,16 @@ def dpm_third_order(x, m0, m1, m2, alpha_t, sigma_t, alpha_s0, h, h_0, h_1):
 
 
 @dataclasses.dataclass
-class DPMSolverConfig(BaseConfig):
+class DPMSolverConfig(SigmaGridKeys, ThresholdingKeys, BaseConfig):
     solver_order: int = 2
     algorithm_type: str = "dpmsolver++"
     solver_type: str = "midpoint"
     lower_order_final: bool = True
     euler_at_final: bool = False
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     use_lu_lambdas: bool = False
     final_sigmas_type: str = "zero"
     lambda_min_clipped: float = -float("inf")
     rescale_betas_zero_snr: bool = False
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
 
     ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 
@@ -216,9 +210,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         self._need_timesteps()
         c = self.config
         i, n = self._locate_step(timestep), len(self.timesteps)
-        order = self._order(last=i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15)
-                                                 or c.final_sigmas_type == "zero"),
-                            second_last=i == n - 2 and c.lower_order_final and n < 15)
+        order = self._order(i, n)
         m = self.convert_model_output(model_output, sample)
         self._remember(m)
         noise = None

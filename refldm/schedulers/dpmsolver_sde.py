@@ -30,7 +30,7 @@ import numpy
 from refldm.core import random as refldm_random
 
 from . import schedule
-from .base import BaseConfig, SigmaScheduler, TwoCallStep, ancestral_split, to_device
+from .base import BaseConfig, SigmaGridKeys, SigmaScheduler, TwoCallStep, ancestral_split, to_device
 from .prediction import x0_from_sigma_prediction
 
 
@@ -62,12 +62,9 @@ class BrownianIncrements:
 
 
 @dataclasses.dataclass
-class DPMSolverSDEConfig(BaseConfig):
+class DPMSolverSDEConfig(SigmaGridKeys, BaseConfig):
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     noise_sampler_seed: int | None = None
     PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers: "sample" not implemented
 

@@ -38,7 +38,7 @@ import math
 import numpy
 
 from . import schedule
-from .base import BaseConfig, check_choice, check_custom_timesteps, noise_like
+from .base import BaseConfig, SigmaGridKeys, ThresholdingKeys, check_choice, check_custom_timesteps, noise_like
 from .multistep import MultistepScheduler, alpha_sigma, half_log_snr, step_length
 
 
@@ -106,19 +106,13 @@ def singlestep_update(algorithm, solver_type, x, ms, alphas, sigmas, noise=None)
 
 
 @dataclasses.dataclass
-class DPMSolverSinglestepConfig(BaseConfig):
+class DPMSolverSinglestepConfig(SigmaGridKeys, ThresholdingKeys, BaseConfig):
     solver_order: int = 2
     algorithm_type: str = "dpmsolver++"
     solver_type: str = "midpoint"
     lower_order_final: bool = False
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     final_sigmas_type: str = "zero"
     lambda_min_clipped: float = -float("inf")
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()

@@ -20,18 +20,15 @@ import math
 import numpy
 
 from . import schedule
-from .base import check_choice, noise_like
+from .base import ThresholdingKeys, check_choice, noise_like
 from .dpmsolver import dpmpp_first_order, dpmpp_second_order, dpmpp_third_order
 from .edm_euler import EDMEulerConfig, EDMEulerScheduler
 from .multistep import MultistepHistory, step_length
 
 
 @dataclasses.dataclass
-class EDMDPMSolverConfig(EDMEulerConfig):
+class EDMDPMSolverConfig(ThresholdingKeys, EDMEulerConfig):
     solver_order: int = 2
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
     algorithm_type: str = "dpmsolver++"
     solver_type: str = "midpoint"
     lower_order_final: bool = True
@@ -93,9 +90,7 @@ class EDMDPMSolverMultistepScheduler(MultistepHistory, EDMEulerScheduler):
         self._need_timesteps()
         c = self.config
         i, n = self._locate_step(timestep), len(self.timesteps)
-        order = self._order(last=i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15)
-                                                 or c.final_sigmas_type == "zero"),
-                            second_last=i == n - 2 and c.lower_order_final and n < 15)
+        order = self._order(i, n)
         self._remember(self.convert_model_output(model_output, sample))
         noise = noise_like(model_output, generator) if c.algorithm_type == "sde-dpmsolver++" else None
         sig = [self._scalar(self.sigmas[j]) for j in (i + 1, i, i - 1, i - 2)]  # sigma_t, sigma_s0, s1, s2

@@ -12,7 +12,7 @@ import dataclasses
 import numpy
 
 from . import schedule
-from .base import (BaseConfig, SigmaScheduler, ancestral_split, check_choice, check_custom_sigmas,
+from .base import (BaseConfig, SigmaGridKeys, SigmaScheduler, ancestral_split, check_choice, check_custom_sigmas,
                    check_custom_timesteps, churn, noise_like)
 from .prediction import x0_from_sigma_prediction
 
@@ -25,10 +25,7 @@ def euler_step(sample, x0, sigma, sigma_next):
 
 
 @dataclasses.dataclass
-class EulerConfig(BaseConfig):
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
+class EulerConfig(SigmaGridKeys, BaseConfig):
     interpolation_type: str = "linear"
     sigma_min: float | None = None
     sigma_max: float | None = None

@@ -7,7 +7,7 @@ import dataclasses
 import numpy
 
 from . import schedule
-from .base import BaseConfig, SigmaScheduler, check_custom_timesteps, clip
+from .base import BaseConfig, SigmaGridKeys, SigmaScheduler, check_custom_timesteps, clip
 from .prediction import x0_from_sigma_prediction
 
 
@@ -19,12 +19,9 @@ def heun_correct(sample_start, derivative_start, sample_end, x0_end, sigma_end, 
 
 
 @dataclasses.dataclass
-class HeunConfig(BaseConfig):
+class HeunConfig(SigmaGridKeys, BaseConfig):
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     clip_sample: bool = False
     clip_sample_range: float = 1.0
 

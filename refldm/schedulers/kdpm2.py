@@ -19,17 +19,14 @@ import dataclasses
 import numpy
 
 from . import schedule
-from .base import BaseConfig, SigmaScheduler, TwoCallStep
+from .base import BaseConfig, SigmaGridKeys, SigmaScheduler, TwoCallStep
 from .prediction import x0_from_sigma_prediction
 
 
 @dataclasses.dataclass
-class KDPM2Config(BaseConfig):
+class KDPM2Config(SigmaGridKeys, BaseConfig):
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers: "sample" not implemented
 
     def __post_init__(self):

@@ -23,7 +23,7 @@ import math
 import numpy
 
 from . import schedule
-from .base import BaseConfig, SigmaScheduler, check_custom_sigmas, noise_like
+from .base import BaseConfig, SigmaGridKeys, SigmaScheduler, check_custom_sigmas, noise_like
 from .prediction import x0_from_sigma_prediction
 
 
@@ -63,12 +63,9 @@ class KSamplerConfig(BaseConfig):
 
 
 @dataclasses.dataclass
-class KSigmaGridConfig(KSamplerConfig):
+class KSigmaGridConfig(SigmaGridKeys, KSamplerConfig):
     """For the samplers that step along a sigma list: the sigma grids of the web UIs' schedule names."""
 
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
 
     def __post_init__(self):
         super().__post_init__()

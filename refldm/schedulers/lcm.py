@@ -8,7 +8,7 @@ import dataclasses
 import numpy
 
 from . import schedule
-from .base import AlphaScheduler, BaseConfig, clip, dynamic_threshold, noise_like
+from .base import AlphaScheduler, BaseConfig, ThresholdingKeys, clip, dynamic_threshold, noise_like
 from .prediction import predict_x0
 
 
@@ -23,7 +23,7 @@ def consistency_scalings(timestep, timestep_scaling=10.0, sigma_data=0.5):
 
 
 @dataclasses.dataclass
-class LCMConfig(BaseConfig):
+class LCMConfig(ThresholdingKeys, BaseConfig):
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
@@ -34,9 +34,6 @@ class LCMConfig(BaseConfig):
     set_alpha_to_one: bool = True
     timestep_scaling: float = 10.0
     rescale_betas_zero_snr: bool = False
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
 
 
 class LCMScheduler(AlphaScheduler):

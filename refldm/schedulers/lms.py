@@ -9,7 +9,7 @@ import numpy
 from scipy import integrate
 
 from . import schedule
-from .base import BaseConfig, SigmaScheduler
+from .base import BaseConfig, SigmaGridKeys, SigmaScheduler
 from .prediction import x0_from_sigma_prediction
 
 
@@ -37,10 +37,7 @@ def lms_coefficient(sigmas, order: int, i: int, j: int) -> float:
 
 
 @dataclasses.dataclass
-class LMSConfig(BaseConfig):
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
+class LMSConfig(SigmaGridKeys, BaseConfig):
 
     def __post_init__(self):
         super().__post_init__()

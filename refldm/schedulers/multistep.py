@@ -87,9 +87,14 @@ class MultistepHistory:
         if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1
 
-    def _order(self, last: bool, second_last: bool) -> int:
-        """This step's order (multistep_order): warm-up at the start, lower at the end where asked."""
-        return multistep_order(self.config.solver_order, self.lower_order_nums, last, second_last)
+    def _order(self, i: int, n: int) -> int:
+        """The order of step i of n (multistep_order): warming up at the start; with lower_order_final and fewer than
+        15 steps, 2 and 1 at the last two steps; 1 at the last step with euler_at_final or a final sigma of 0."""
+        c = self.config
+        final = c.lower_order_final and n < 15
+        last = i == n - 1 and (getattr(c, "euler_at_final", False) or final
+                               or getattr(c, "final_sigmas_type", None) == "zero")
+        return multistep_order(c.solver_order, self.lower_order_nums, last, i == n - 2 and final)
 
     def _alpha_sigma_at(self, index):
         """(alpha_t, sigma_t) at step `index` of ``sigmas``."""

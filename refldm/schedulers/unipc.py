@@ -14,7 +14,7 @@ import math
 import numpy
 
 from . import schedule
-from .base import BaseConfig, check_choice
+from .base import BaseConfig, SigmaGridKeys, ThresholdingKeys, check_choice
 from .multistep import MultistepScheduler, half_log_snr
 
 
@@ -44,22 +44,16 @@ def _combine(weights, arrays):
 
 
 @dataclasses.dataclass
-class UniPCConfig(BaseConfig):
+class UniPCConfig(SigmaGridKeys, ThresholdingKeys, BaseConfig):
     solver_order: int = 2
     predict_x0: bool = True
     solver_type: str = "bh2"
     lower_order_final: bool = True
     disable_corrector: list = dataclasses.field(default_factory=list)
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     sigma_min: float | None = None
     sigma_max: float | None = None
     final_sigmas_type: str = "zero"
     rescale_betas_zero_snr: bool = False
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
