@@ -440,6 +440,7 @@ def test_stochastic_schedulers_use_the_same_noise_as_diffusers(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@with_numpy2_tensor_protocol
 def test_step_output_fields_and_return_dict_false_match_diffusers(name):
     """step() returns an object with .prev_sample (and .pred_original_sample / .denoised where diffusers has
     them); return_dict=False gives diffusers' tuple, in the same order."""
@@ -452,6 +453,7 @@ def test_step_output_fields_and_return_dict_false_match_diffusers(name):
     t_ref, t_ours = ref.timesteps[0], ours.timesteps[0]
     takes_generator = "generator" in inspect.signature(ref.step).parameters
     kwargs = {"generator": torch.Generator().manual_seed(0)} if takes_generator else {}
+    ref.scale_model_input(torch.from_numpy(x), t_ref)  # diffusers' calling convention (LMS warns without it)
     ref_tuple = ref.step(torch.from_numpy(x), t_ref, torch.from_numpy(x), return_dict=False, **kwargs)
     kwargs = {"generator": Generator(0)} if takes_generator else {}
     our_tuple = ours.step(x, t_ours, x, return_dict=False, **kwargs)

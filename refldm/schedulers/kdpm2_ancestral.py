@@ -39,7 +39,7 @@ class KDPM2AncestralDiscreteScheduler(TwoCallStep, SigmaScheduler):
         timesteps, sigmas, log_sigmas = spaced_sigmas(self, n)  # (n,), (n + 1,) ending in 0
         sigmas_next = numpy.concatenate([sigmas[1:], sigmas[-1:] * 0])  # (n + 1,)
         with numpy.errstate(divide="ignore", invalid="ignore"):  # entry n: sigma = 0, never used
-            down, up = ancestral_split(sigmas, sigmas_next)  # = sigma_next^2 / sigma and the rest
+            down, up = ancestral_split(sigmas, sigmas_next)  # elementwise: down = sigma_next^2 / sigma
             down[-1] = 0
             log_s, log_down = numpy.log(sigmas), numpy.log(down)
             mids = numpy.exp(log_down - (log_down - log_s) * 0.5)  # torch.lerp(log_s, log_down, 1/2)
