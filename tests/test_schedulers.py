@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import inspect
 import json
@@ -93,11 +94,55 @@ def float64_reference(name):
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        yield
+        with numpy2_tensor_protocol():
+            yield
     finally:
         torch.set_default_dtype(default)
         for k, v in saved.items():
             setattr(module, k, v)
+
+
+@contextlib.contextmanager
+def numpy2_tensor_protocol():
+    """Give torch tensors NumPy 2's array-protocol signatures while a diffusers reference runs.
+
+    diffusers' KDPM2 (and its ancestral twin) hands torch tensors to NumPy functions: ``np.log(np.maximum(sigma,
+    1e-10))`` in ``_sigma_to_t``, once per interpolated sigma, and ``np.array(tensor)`` in set_timesteps. NumPy 2 calls
+    ``tensor.__array_wrap__(array, context, return_scalar)`` and ``tensor.__array__(dtype, copy=...)``; torch's
+    methods take ``(array)`` and ``(dtype)`` only, so NumPy retries the old call and emits a DeprecationWarning each
+    time: ~2,000 per KDPM2 construction (its constructor plans 1,000 steps), 183,720 in test_schedulers_kdpm2.py.
+    Here the two methods accept NumPy 2's arguments and call torch's own with what torch takes (the copy NumPy asks
+    for is made here), which is what NumPy's fallback does: the same arrays, without the warnings."""
+    torch = require("torch")
+    tensor = torch.Tensor
+    saved = {k: tensor.__dict__[k] for k in ("__array_wrap__", "__array__") if k in tensor.__dict__}
+    wrap, to_array = tensor.__array_wrap__, tensor.__array__
+
+    def __array_wrap__(self, array, context=None, return_scalar=False):
+        return wrap(self, array)
+
+    def __array__(self, dtype=None, copy=None):
+        array = to_array(self, dtype)
+        return array.copy() if copy else array
+
+    tensor.__array_wrap__, tensor.__array__ = __array_wrap__, __array__
+    try:
+        yield
+    finally:
+        for k in ("__array_wrap__", "__array__"):
+            if k in saved:
+                setattr(tensor, k, saved[k])
+            else:
+                delattr(tensor, k)
+
+
+def with_numpy2_tensor_protocol(test):
+    """Decorator: run a test that drives diffusers schedulers inside numpy2_tensor_protocol()."""
+    @functools.wraps(test)
+    def wrapped(*args, **kwargs):
+        with numpy2_tensor_protocol():
+            return test(*args, **kwargs)
+    return wrapped
 
 
 def synthetic_model(x, t):
@@ -114,6 +159,11 @@ def _step_kwargs(fn, extra, generator):
 
 def run_diffusers(name, config, steps, seed, strength=None, step_kwargs=None, dtype="float64"):
     """Trajectory of diffusers' scheduler on the synthetic model; img2img start for `strength` as its pipelines."""
+    with numpy2_tensor_protocol():
+        return _run_diffusers(name, config, steps, seed, strength, step_kwargs, dtype)
+
+
+def _run_diffusers(name, config, steps, seed, strength, step_kwargs, dtype):
     torch = require("torch")
     diffusers = require("diffusers")
     from diffusers.utils.torch_utils import randn_tensor
@@ -320,8 +370,9 @@ def _timesteps_vs_installed(name, case):
     inherit the relative error of diffusers' float32 sigma_min, up to ~3e-4 (rtol 1e-3)."""
     diffusers = require("diffusers")
     config, steps, _, _, _ = case
-    ref = getattr(diffusers, name).from_config(config)
-    ref.set_timesteps(steps)
+    with numpy2_tensor_protocol():
+        ref = getattr(diffusers, name).from_config(config)
+        ref.set_timesteps(steps)
     ours = getattr(rs, name).from_config(config)
     ours.set_timesteps(steps)
     ref_t = ref.timesteps.numpy().astype(numpy.float64)
@@ -389,6 +440,7 @@ def test_stochastic_schedulers_use_the_same_noise_as_diffusers(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@with_numpy2_tensor_protocol
 def test_step_output_fields_and_return_dict_false_match_diffusers(name):
     """step() returns an object with .prev_sample (and .pred_original_sample / .denoised where diffusers has
     them); return_dict=False gives diffusers' tuple, in the same order."""
@@ -401,6 +453,7 @@ def test_step_output_fields_and_return_dict_false_match_diffusers(name):
     t_ref, t_ours = ref.timesteps[0], ours.timesteps[0]
     takes_generator = "generator" in inspect.signature(ref.step).parameters
     kwargs = {"generator": torch.Generator().manual_seed(0)} if takes_generator else {}
+    ref.scale_model_input(torch.from_numpy(x), t_ref)  # diffusers' calling convention (LMS warns without it)
     ref_tuple = ref.step(torch.from_numpy(x), t_ref, torch.from_numpy(x), return_dict=False, **kwargs)
     kwargs = {"generator": Generator(0)} if takes_generator else {}
     our_tuple = ours.step(x, t_ours, x, return_dict=False, **kwargs)

@@ -21,7 +21,7 @@ import pytest
 from refldm import schedulers as rs
 from refldm.checkpoints.config import ConfigError
 from tests.conftest import require
-from tests.test_schedulers import NAMES, rel_err, run_diffusers, run_refldm
+from tests.test_schedulers import NAMES, rel_err, run_diffusers, run_refldm, with_numpy2_tensor_protocol
 
 CONFIGS = [
     {"beta_schedule": "linear"},
@@ -53,6 +53,7 @@ def pair(name, config):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
 @pytest.mark.parametrize("name", NAMES)
+@with_numpy2_tensor_protocol
 def test_float32_tables_are_diffusers_tables(name, config):
     ref, ours = pair(name, config)
     for attr in ("betas", "alphas_cumprod"):
@@ -72,6 +73,7 @@ def test_float32_tables_are_diffusers_tables(name, config):
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "PNDMScheduler"])
+@with_numpy2_tensor_protocol
 def test_float32_rescaled_zero_snr_tables_agree_at_float32_precision(name):
     """Measured: 2.9e-6 of the largest beta (the cancellation amplifies torch's 1-ulp sqrt about 50 times)."""
     ref, ours = pair(name, RESCALED)
@@ -80,6 +82,7 @@ def test_float32_rescaled_zero_snr_tables_agree_at_float32_precision(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@with_numpy2_tensor_protocol
 def test_float32_tables_trajectory_tracks_installed_diffusers_closer_than_float64(name):
     """20 steps of SD's schedule in float32 against diffusers as installed: float32 tables bring refldm to within
     2e-6 relative (the remaining difference: the order of float32 operations and torch's sqrt), at least as

@@ -13,75 +13,76 @@ May import: refldm.core (noise), refldm.checkpoints (config), refldm.backend, re
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
-from refldm.checkpoints.config import ConfigError
+from refldm.errors import ConfigError
 
-from . import names
-from .base import SchedulerMixin, SchedulerOutput, SigmaScheduler
-from .ddim import DDIMScheduler
-from .ddpm import DDPMScheduler
-from .deis import DEISMultistepScheduler
-from .dpmsolver import DPMSolverMultistepScheduler
-from .dpmsolver_sde import DPMSolverSDEScheduler
-from .dpmsolver_singlestep import DPMSolverSinglestepScheduler
-from .dpm_adaptive import DPMAdaptiveScheduler
-from .dpm_fast import DPMFastScheduler
-from .dpmpp_2s_ancestral import DPMPP2SAncestralScheduler
-from .dpmpp_3m_sde import DPMPP3MSDEScheduler
-from .edm_dpmsolver import EDMDPMSolverMultistepScheduler
-from .edm_euler import EDMEulerScheduler
-from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
-from .heun import HeunDiscreteScheduler
-from .kdpm2 import KDPM2DiscreteScheduler
-from .kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
-from .lcm import LCMScheduler
-from .lms import LMSDiscreteScheduler
-from .pndm import PNDMScheduler
-from .tcd import TCDScheduler
-from .unipc import UniPCMultistepScheduler
-
-__all__ = [
-    "DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler",
-    "EDMEulerScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "TCDScheduler",
-    "EDMDPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "DPMPP2SAncestralScheduler", "DPMPP3MSDEScheduler",
-    "DPMFastScheduler", "DPMAdaptiveScheduler", "SchedulerMixin", "SchedulerOutput", "SigmaScheduler",
-    "SCHEDULERS", "CLASSES", "get_scheduler",
-]
-
-# Short names (as on the command line) -> (class, config keys the name implies).
-SCHEDULERS = {
-    "ddpm": (DDPMScheduler, {}),
-    "ddim": (DDIMScheduler, {}),
-    "pndm": (PNDMScheduler, {"skip_prk_steps": True}),  # PLMS, as Stable Diffusion ships it
-    "lms": (LMSDiscreteScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
-    "dpm2": (KDPM2DiscreteScheduler, {}),
-    "dpm2_a": (KDPM2AncestralDiscreteScheduler, {}),
-    "dpm++2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpm++2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
-    "dpm++2m_sde_heun": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2,
-                                                        "solver_type": "heun"}),
-    "dpm++sde": (DPMSolverSDEScheduler, {}),
-    # k-diffusion's samplers without a diffusers class (refldm's own classes, same calling convention)
-    "dpm++2s_a": (DPMPP2SAncestralScheduler, {}),
-    "dpm++3m_sde": (DPMPP3MSDEScheduler, {}),
-    "dpm_fast": (DPMFastScheduler, {}),
-    "dpm_adaptive": (DPMAdaptiveScheduler, {}),
-    "unipc": (UniPCMultistepScheduler, {}),
-    "deis": (DEISMultistepScheduler, {}),
-    "lcm": (LCMScheduler, {}),
-    "tcd": (TCDScheduler, {}),
+# Every scheduler class -> the module that defines it. Importing refldm.schedulers imports none of them: a class is
+# imported on first use (``refldm.schedulers.EulerDiscreteScheduler``, ``get_scheduler``), so a run loads its own
+# scheduler only. Adding a scheduler is one line here (and one in names.SAMPLERS for a web-UI / short name).
+SCHEDULER_MODULES = {
+    "DDPMScheduler": "refldm.schedulers.ddpm",
+    "DDIMScheduler": "refldm.schedulers.ddim",
+    "PNDMScheduler": "refldm.schedulers.pndm",
+    "LMSDiscreteScheduler": "refldm.schedulers.lms",
+    "EulerDiscreteScheduler": "refldm.schedulers.euler",
+    "EulerAncestralDiscreteScheduler": "refldm.schedulers.euler",
+    "HeunDiscreteScheduler": "refldm.schedulers.heun",
+    "KDPM2DiscreteScheduler": "refldm.schedulers.kdpm2",
+    "KDPM2AncestralDiscreteScheduler": "refldm.schedulers.kdpm2_ancestral",
+    "DPMSolverMultistepScheduler": "refldm.schedulers.dpmsolver",
+    "UniPCMultistepScheduler": "refldm.schedulers.unipc",
+    "LCMScheduler": "refldm.schedulers.lcm",
+    "EDMEulerScheduler": "refldm.schedulers.edm_euler",
+    "DPMSolverSinglestepScheduler": "refldm.schedulers.dpmsolver_singlestep",
+    "DEISMultistepScheduler": "refldm.schedulers.deis",
+    "TCDScheduler": "refldm.schedulers.tcd",
+    "EDMDPMSolverMultistepScheduler": "refldm.schedulers.edm_dpmsolver",
+    "DPMSolverSDEScheduler": "refldm.schedulers.dpmsolver_sde",
+    "DPMPP2SAncestralScheduler": "refldm.schedulers.dpmpp_2s_ancestral",
+    "DPMPP3MSDEScheduler": "refldm.schedulers.dpmpp_3m_sde",
+    "DPMFastScheduler": "refldm.schedulers.dpm_fast",
+    "DPMAdaptiveScheduler": "refldm.schedulers.dpm_adaptive",
 }
+# the shared base classes, also importable from here
+_BASE_NAMES = {"SchedulerMixin": "refldm.schedulers.base", "SchedulerOutput": "refldm.schedulers.base",
+               "SigmaScheduler": "refldm.schedulers.base"}
+# the submodules a caller may reach as attributes (``refldm.schedulers.names``)
+_SUBMODULES = {"names", "base", "schedule", "prediction", "multistep"} | {
+    module.rsplit(".", 1)[1] for module in SCHEDULER_MODULES.values()}
 
-# diffusers class names -> classes (for a config's "_class_name").
-CLASSES = {cls.__name__: cls for cls, _ in SCHEDULERS.values()}
-# schedulers without a web-UI name, for models trained for them (EDM: sigma_data, c_in / c_skip / c_out)
-CLASSES.update({cls.__name__: cls for cls in (EDMEulerScheduler, EDMDPMSolverMultistepScheduler,
-                                                  DPMSolverSinglestepScheduler)})
+__all__ = [*SCHEDULER_MODULES, *_BASE_NAMES, "SCHEDULERS", "CLASSES", "get_scheduler"]
+
+
+def scheduler_class(class_name: str):
+    """The scheduler class of that diffusers name (a config's "_class_name"), importing its module only."""
+    module = SCHEDULER_MODULES.get(class_name)
+    if module is None:
+        raise ConfigError(f"unknown scheduler class {class_name!r}; refldm has {', '.join(SCHEDULER_MODULES)}")
+    return getattr(importlib.import_module(module), class_name)
+
+
+def __getattr__(name: str):
+    """The lazy names: a scheduler class imports its module; SCHEDULERS and CLASSES (the whole tables) import all."""
+    if name in SCHEDULER_MODULES:
+        value = scheduler_class(name)
+    elif name in _BASE_NAMES:
+        value = getattr(importlib.import_module(_BASE_NAMES[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    elif name == "CLASSES":  # diffusers class names -> classes (for a config's "_class_name")
+        value = {class_name: scheduler_class(class_name) for class_name in SCHEDULER_MODULES}
+    elif name == "SCHEDULERS":  # short names (as on the command line) -> (class, config keys the name implies)
+        from . import names
+        value = {s.key: (scheduler_class(s.cls), dict(s.config)) for s in names.SAMPLERS}
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # found once
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)
 
 
 def get_scheduler(name: str, config=None, schedule: str | None = None, **overrides):
@@ -89,12 +90,14 @@ def get_scheduler(name: str, config=None, schedule: str | None = None, **overrid
     the keys the name implies, plus `overrides`. `name` is a short name ("euler", "dpm++2m"), a diffusers class
     name, or a web-UI name: A1111's "DPM++ 2M Karras" / "Euler a", ComfyUI's "dpmpp_2m" with schedule="karras"
     (or "dpmpp_2m karras"); see refldm.schedulers.names. Keys of other schedulers in `config` are carried along
-    unused, as in diffusers' from_config; the keys the name implies and `overrides` must be the class's own."""
-    if name in CLASSES and schedule is None:
-        cls, implied = CLASSES[name], {}
+    unused, as in diffusers' from_config; the keys the name implies and `overrides` must be the class's own.
+    Only the chosen scheduler's module is imported."""
+    if name in SCHEDULER_MODULES and schedule is None:
+        class_name, implied = name, {}
     else:
+        from . import names
         class_name, implied, _, _ = names.resolve(name, schedule)
-        cls = CLASSES[class_name]
+    cls = scheduler_class(class_name)
     if config is None:
         config = {}
     elif not (dataclasses.is_dataclass(config) or isinstance(config, dict)):

@@ -89,6 +89,25 @@ class BaseConfig:
             raise ValueError(f"steps_offset={self.steps_offset!r} must be an integer >= 0")
 
 
+@dataclasses.dataclass
+class SigmaGridKeys:
+    """The keys of the web UIs' schedule names (schedule.sigma_grid): Karras, exponential or beta sigmas, at most one
+    on (each config checks it with schedule.check_one_sigma_grid)."""
+
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+
+
+@dataclasses.dataclass
+class ThresholdingKeys:
+    """Dynamic thresholding of the x_0 prediction (dynamic_threshold below)."""
+
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+
+
 def passed_on(config) -> dict:
     """A scheduler's config as diffusers' from_config hands it to the next class: the keys that were given (not
     those left at their default), with their values, plus the keys carried along unused. A Config built by hand
@@ -130,13 +149,18 @@ class SchedulerMixin:
     NOT_KEYS: tuple = ()  # fields of the shared Config that diffusers' class lacks (kept at default, never read)
     order = 1
     output_fields = ("prev_sample", "pred_original_sample")
+    # diffusers makes some schedulers usable before set_timesteps: their constructor plans a schedule of this many
+    # steps ("num_train_timesteps": one per training timestep). None: the tables _build_tables leaves stand.
+    steps_at_init: int | str | None = None
 
     def __init__(self, **config):
         self.config = self._parse(config)
         self.num_inference_steps = None
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
         self._build_tables()
+        if self.steps_at_init is not None:
+            n = self.steps_at_init
+            self.set_timesteps(self.config.num_train_timesteps if n == "num_train_timesteps" else n)
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -251,6 +275,22 @@ class SchedulerMixin:
                              "scheduler.timesteps; pass the values of scheduler.timesteps")
         return int(hits[1] if len(hits) > 1 else hits[0])
 
+    # -- where sampling stands -------------------------------------------------------------------------
+    # One counter, as diffusers: _step_index is the position in ``timesteps`` of the model call being processed.
+    # set_timesteps forgets it (_reset_step_index); the first scale_model_input or step after that finds it
+    # (_locate_step): at begin_index when img2img set one, else where the given timestep stands in the schedule;
+    # each step then counts it up by one.
+    def _reset_step_index(self):
+        """A new schedule: no step taken yet, no begin_index."""
+        self._step_index = None
+        self._begin_index = None
+
+    def _locate_step(self, timestep):
+        """The index of the current model call in ``timesteps`` (found on the first call after set_timesteps)."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        return self._step_index
+
     def _init_step_index(self, timestep):
         self._step_index = self.index_for_timestep(timestep) if self._begin_index is None else self._begin_index
 
@@ -315,6 +355,44 @@ def check_custom_sigmas(where, sigmas):
     return s
 
 
+def ancestral_split(sigma_from, sigma_to, eta=1.0):
+    """Split the step sigma_from -> sigma_to of an ancestral sampler into a deterministic step to sigma_down and fresh
+    noise of size sigma_up:
+
+        sigma_up = min(sigma_to, eta sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2)),
+        sigma_down = sqrt(sigma_to^2 - sigma_up^2),
+
+    so that sigma_down^2 + sigma_up^2 = sigma_to^2 (ancestral sampling, Ho et al. 2020 eq. 7 in sigma form; eta
+    scales the noise as DDIM's eta, Song et al. 2021 eq. 16; k-diffusion's get_ancestral_step). eta = 1 gives
+    sigma_down = sigma_to^2 / sigma_from; eta = 0 no noise, sigma_down = sigma_to. Returns (sigma_down, sigma_up).
+
+    Scalars (Python floats, or NumPy float32 with float32 tables: the result keeps that precision) or NumPy arrays
+    (elementwise). sigma_to^2 - sigma_up^2 >= 0 exactly; it is clamped at 0 against rounding."""
+    if not eta:
+        return sigma_to, 0.0
+    sigma_up = eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    if isinstance(sigma_up, numpy.ndarray):
+        sigma_up = numpy.minimum(sigma_to, sigma_up)
+        return numpy.maximum(sigma_to**2 - sigma_up**2, 0) ** 0.5, sigma_up
+    sigma_up = min(sigma_to, sigma_up)
+    return max(sigma_to**2 - sigma_up**2, 0.0) ** 0.5, sigma_up
+
+
+def churn(sample, sigma, num_steps, s_churn, s_tmin, s_tmax, s_noise, generator, like):
+    """Raise the noise level before an Euler step (Karras et al. 2022, Algorithm 2, lines 4-6):
+
+        gamma = min(s_churn / N, sqrt(2) - 1) where s_tmin <= sigma <= s_tmax (else 0),   sigma_hat = sigma (1 + gamma),
+        x_hat = x + s_noise sqrt(sigma_hat^2 - sigma^2) z
+
+    with N = num_steps and z drawn like `like` from `generator`. Returns (x_hat, sigma_hat); gamma = 0 leaves x."""
+    gamma = min(s_churn / num_steps, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    sigma_hat = sigma * (gamma + 1)
+    if gamma > 0:
+        noise = noise_like(like, generator)
+        sample = sample + (noise * s_noise) * (sigma_hat**2 - sigma**2) ** 0.5
+    return sample, sigma_hat
+
+
 def dynamic_threshold(x0, ratio: float, max_value: float):
     """Dynamic thresholding (Saharia et al. 2022, "Photorealistic Text-to-Image Diffusion Models with Deep Language
     Understanding" (Imagen), sec. 2.3): per sample, s = the `ratio` quantile of |x_0| clamped to [1, max_value];
@@ -359,6 +437,24 @@ class AlphaAddNoise:
                 - broadcast_coefficient(numpy.sqrt(1.0 - abar), sample) * sample)
 
 
+class AlphaScheduler(AlphaAddNoise, SchedulerMixin):
+    """The base of the samplers indexed by training timestep on x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DDPM,
+    DDIM, PNDM, LCM, TCD): the model's input is x_t itself (init_noise_sigma = 1), abar after the last timestep is
+    final_alpha_cumprod (1 with set_alpha_to_one, else abar_0; for the classes with that key), and before
+    set_timesteps ``timesteps`` lists every training timestep, as diffusers."""
+
+    init_noise_sigma = 1.0
+
+    def _build_tables(self):
+        super()._build_tables()
+        if hasattr(self.config, "set_alpha_to_one"):
+            self.final_alpha_cumprod = self._scalar(1.0 if self.config.set_alpha_to_one else self.alphas_cumprod[0])
+        self.timesteps = numpy.arange(self.config.num_train_timesteps)[::-1].copy()
+
+    def scale_model_input(self, sample, timestep=None):
+        return sample
+
+
 class SigmaAddNoise:
     """add_noise for schedulers indexed by step (the sigma-based ones)."""
 
@@ -384,6 +480,19 @@ class SigmaAddNoise:
         return original_samples + noise * broadcast_coefficient(sigma, original_samples)
 
 
+class TwoCallStep:
+    """For the samplers with two model calls per step (DPM2, DPM2 a, DPM++ SDE; diffusers' order = 2): between the
+    calls, ``sample`` holds x at the step's start."""
+
+    order = 2
+    sample = None
+
+    @property
+    def state_in_first_order(self) -> bool:
+        """True at the first model call of a step."""
+        return self.sample is None
+
+
 class SigmaScheduler(SigmaAddNoise, SchedulerMixin):
     """The base of the samplers that step in sigma on x = x_0 + sigma eps (Euler, Euler ancestral, Heun, LMS and
     the k-diffusion family): the sigma table by training timestep, input scaling, init_noise_sigma."""
@@ -406,8 +515,7 @@ class SigmaScheduler(SigmaAddNoise, SchedulerMixin):
 
     def scale_model_input(self, sample, timestep):
         """x / sqrt(sigma^2 + 1): back from x_0 + sigma eps to the model's input scale sqrt(abar) x."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         sigma = self._scalar(self.sigmas[self._step_index])
         return sample / (sigma**2 + 1) ** 0.5
 
@@ -423,5 +531,4 @@ class SigmaScheduler(SigmaAddNoise, SchedulerMixin):
         both to float32), and reset the step counter."""
         self.timesteps = self._table(timesteps)
         self.sigmas = self._table(sigmas)
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()

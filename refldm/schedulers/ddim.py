@@ -7,7 +7,7 @@ import dataclasses
 import numpy
 
 from . import schedule
-from .base import AlphaAddNoise, BaseConfig, SchedulerMixin, clip, dynamic_threshold, noise_like
+from .base import AlphaScheduler, BaseConfig, ThresholdingKeys, clip, dynamic_threshold, noise_like
 from .prediction import eps_from_x0, predict_eps, predict_x0
 
 
@@ -26,30 +26,18 @@ def ddim_update(x0, eps, abar_prev, sigma_t):
 
 
 @dataclasses.dataclass
-class DDIMConfig(BaseConfig):
+class DDIMConfig(ThresholdingKeys, BaseConfig):
     timestep_spacing: str = "leading"
     clip_sample: bool = True
     clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True
     rescale_betas_zero_snr: bool = False
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
 
 
-class DDIMScheduler(AlphaAddNoise, SchedulerMixin):
+class DDIMScheduler(AlphaScheduler):
     """diffusers' DDIMScheduler. The step after the last timestep uses abar = 1 (set_alpha_to_one) or abar_0."""
 
     Config = DDIMConfig
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.final_alpha_cumprod = self._scalar(1.0 if self.config.set_alpha_to_one else self.alphas_cumprod[0])
-        self.init_noise_sigma = 1.0
-        self.timesteps = numpy.arange(self.config.num_train_timesteps)[::-1].copy()
-
-    def scale_model_input(self, sample, timestep=None):
-        return sample
 
     def set_timesteps(self, num_inference_steps, device=None):
         """The n timesteps to visit (descending), spaced as config.timestep_spacing."""

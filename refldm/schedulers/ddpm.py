@@ -8,7 +8,7 @@ import math
 import numpy
 
 from . import schedule
-from .base import (AlphaAddNoise, BaseConfig, SchedulerMixin, check_choice, check_custom_timesteps, clip,
+from .base import (AlphaScheduler, BaseConfig, ThresholdingKeys, check_choice, check_custom_timesteps, clip,
                    dynamic_threshold, noise_like)
 from .prediction import predict_x0
 
@@ -28,34 +28,24 @@ def ddpm_posterior(x0, sample, abar_t, abar_prev):
 
 
 @dataclasses.dataclass
-class DDPMConfig(BaseConfig):
+class DDPMConfig(ThresholdingKeys, BaseConfig):
     timestep_spacing: str = "leading"
     variance_type: str = "fixed_small"
     clip_sample: bool = True
     clip_sample_range: float = 1.0
     rescale_betas_zero_snr: bool = False
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
         check_choice("variance_type", self.variance_type, ("fixed_small", "fixed_small_log", "fixed_large"))
 
 
-class DDPMScheduler(AlphaAddNoise, SchedulerMixin):
+class DDPMScheduler(AlphaScheduler):
     """diffusers' DDPMScheduler: x_prev ~ q(x_prev | x_t, x_0 = model's estimate)."""
 
     Config = DDPMConfig
 
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.init_noise_sigma = 1.0
-        self.custom_timesteps = False
-        self.timesteps = numpy.arange(self.config.num_train_timesteps)[::-1].copy()
-
-    def scale_model_input(self, sample, timestep=None):
-        return sample
+    custom_timesteps = False  # set_timesteps(timesteps=...) sets it
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
         """The n timesteps to visit (descending), spaced as config.timestep_spacing; or explicit `timesteps`."""

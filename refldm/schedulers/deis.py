@@ -26,9 +26,8 @@ import math
 import numpy
 
 from . import schedule
-from .base import BaseConfig, SchedulerMixin, SigmaAddNoise, check_choice, dynamic_threshold
-from .dpmsolver import _lambda, alpha_sigma, multistep_order
-from .prediction import eps_from_x0, predict_x0
+from .base import BaseConfig, SigmaGridKeys, ThresholdingKeys, check_choice
+from .multistep import MultistepScheduler, alpha_sigma, half_log_snr
 
 
 def _antiderivative_2(t, b, c):
@@ -49,7 +48,7 @@ def deis_update(x, ms, alphas, sigmas):
     sigmas = (alpha, sigma) at (t, s0, s1, ...), s0 the newest output's point (where x is)."""
     alpha_t, sigma_t, alpha_s0, sigma_s0 = alphas[0], sigmas[0], alphas[1], sigmas[1]
     if len(ms) == 1:
-        h = _lambda(alpha_t, sigma_t) - _lambda(alpha_s0, sigma_s0)
+        h = half_log_snr(alpha_t, sigma_t) - half_log_snr(alpha_s0, sigma_s0)
         return (alpha_t / alpha_s0) * x - (sigma_t * (math.exp(h) - 1.0)) * ms[0]
     rho = [s / a for a, s in zip(alphas, sigmas)]  # (rho_t, rho_s0, rho_s1, ...)
     rho_t, nodes = rho[0], rho[1:]
@@ -69,17 +68,11 @@ def deis_update(x, ms, alphas, sigmas):
 
 
 @dataclasses.dataclass
-class DEISConfig(BaseConfig):
+class DEISConfig(SigmaGridKeys, ThresholdingKeys, BaseConfig):
     solver_order: int = 2
     algorithm_type: str = "deis"
     solver_type: str = "logrho"
     lower_order_final: bool = True
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -89,7 +82,7 @@ class DEISConfig(BaseConfig):
         schedule.check_one_sigma_grid(self)
 
 
-class DEISMultistepScheduler(SigmaAddNoise, SchedulerMixin):
+class DEISMultistepScheduler(MultistepScheduler):
     """diffusers' DEISMultistepScheduler (ComfyUI's "deis")."""
 
     Config = DEISConfig
@@ -97,18 +90,8 @@ class DEISMultistepScheduler(SigmaAddNoise, SchedulerMixin):
                    "time_shift_type": "exponential"}
     RENAMED = {"algorithm_type": {"dpmsolver": "deis", "dpmsolver++": "deis"},  # as diffusers does
                "solver_type": {"midpoint": "logrho", "heun": "logrho", "bh1": "logrho", "bh2": "logrho"}}
-    output_fields = ("prev_sample",)
-    variance_preserving = True
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.sigmas_table = schedule.sigmas_from_alphas_cumprod(self.alphas_cumprod)
-        self.sigmas = self.sigmas_table
-        self.init_noise_sigma = 1.0
-        T = self.config.num_train_timesteps
-        self.timesteps = numpy.linspace(0, T - 1, T)[::-1]
-        self.model_outputs = [None] * self.config.solver_order
-        self.lower_order_nums = 0
+    predicts_data = False
+    noise_from_data = True  # eps from the (thresholded) x_0 prediction, as diffusers' DEIS
 
     def set_timesteps(self, num_inference_steps, device=None):
         """n integer timesteps (n + 1 spaced points, the smallest dropped), or the config's sigma grid mapped back to
@@ -127,36 +110,17 @@ class DEISMultistepScheduler(SigmaAddNoise, SchedulerMixin):
         self.sigmas = self._table(sigmas)  # (n + 1,)
         self.timesteps = numpy.asarray(timesteps).astype(numpy.int64)  # (n,)
         self.num_inference_steps = n
-        self.model_outputs = [None] * c.solver_order
-        self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
-
-    def scale_model_input(self, sample, *args, **kwargs):
-        return sample
-
-    def convert_model_output(self, model_output, sample):
-        """eps, recomputed from the (optionally dynamically thresholded) x_0 prediction."""
-        alpha, sigma = alpha_sigma(self._scalar(self.sigmas[self._step_index]))
-        c = self.config
-        x0 = predict_x0(c.prediction_type, model_output, sample, alpha, sigma)
-        if c.thresholding:
-            x0 = dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
-        return eps_from_x0(sample, x0, alpha, sigma)
+        self._reset_history()
+        self._reset_step_index()
 
     def step(self, model_output, timestep, sample, return_dict=True):
         self._need_timesteps()
-        if self._step_index is None:
-            self._init_step_index(timestep)
         c = self.config
-        i, n = self._step_index, len(self.timesteps)
-        order = multistep_order(c.solver_order, self.lower_order_nums,
-                                last=i == n - 1 and c.lower_order_final and n < 15,
-                                second_last=i == n - 2 and c.lower_order_final and n < 15)
-        self.model_outputs = self.model_outputs[1:] + [self.convert_model_output(model_output, sample)]
+        i, n = self._locate_step(timestep), len(self.timesteps)
+        order = self._order(i, n)
+        self._remember(self.convert_model_output(model_output, sample))
         alphas, sigmas = zip(*(alpha_sigma(self._scalar(self.sigmas[j])) for j in range(i + 1, i - order, -1)))
         prev_sample = deis_update(sample, self.model_outputs[::-1][:order], alphas, sigmas)
-        if self.lower_order_nums < c.solver_order:
-            self.lower_order_nums += 1
+        self._count_step()
         self._step_index += 1
         return self._output(return_dict, prev_sample)

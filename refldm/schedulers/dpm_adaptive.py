@@ -36,7 +36,8 @@ from refldm import backend
 
 from . import schedule
 from .dpm_fast import singlestep_stage
-from .ksampler import KSamplerConfig, KSamplerScheduler, ancestral_step, check_number, lam, sigma_of
+from .base import ancestral_split
+from .ksampler import KSamplerConfig, KSamplerScheduler, check_number, lam, sigma_of
 
 
 class PIDStepSizeController:
@@ -121,8 +122,7 @@ class DPMAdaptiveScheduler(KSamplerScheduler):
         self.trials = []  # per trial: lambda_s, lambda_t, error E, the next h, accepted
         self.timesteps, self.call_sigmas, self.call_stages = [], [], []
         self.sample, self.x_prev, self.eps = None, None, []
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
         self._plan_trial()
 
     def _plan_trial(self):
@@ -132,7 +132,7 @@ class DPMAdaptiveScheduler(KSamplerScheduler):
         lam_t = min(self.lam_end, self.lam_s + self.pid.h)
         target, sigma_up = lam_t, 0.0
         if c.eta:
-            sigma_down, _ = ancestral_step(sigma_of(self.lam_s), sigma_of(lam_t), c.eta)
+            sigma_down, _ = ancestral_split(sigma_of(self.lam_s), sigma_of(lam_t), c.eta)
             target = min(self.lam_end, lam(sigma_down))
             sigma_up = (sigma_of(lam_t) ** 2 - sigma_of(target) ** 2) ** 0.5
         self.trial = {"lam_t": lam_t, "target": target, "sigma_up": sigma_up}
@@ -156,8 +156,7 @@ class DPMAdaptiveScheduler(KSamplerScheduler):
         """One model call of a trial step: returns where the model is called next; after the trial's last call,
         accepts or rejects it (module docstring), returns x (moved on, or not), and plans the next trial unless
         sigma_min is reached."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         c = self.config
         x0 = self._x0(model_output, sample)
         if self.call_stages[self._step_index] == 0:

@@ -14,7 +14,7 @@ A step of order k calls the model k times (the DPM-Solver-k step below); ``times
 the web UIs the range is the model's: sigma_max and sigma_min of its training sigmas (A1111 passes those; the
 number of steps is the number of model calls N). The result is x at sigma_min, not at 0, as k-diffusion returns it.
 
-With eta > 0, each step aims at the ancestral sigma_down of its end point (ksampler.ancestral_step, clamped to
+With eta > 0, each step aims at the ancestral sigma_down of its end point (base.ancestral_split, clamped to
 sigma_min) and adds s_noise sigma_up z with sigma_up = sqrt(sigma_next^2 - sigma_down^2).
 """
 
@@ -25,7 +25,8 @@ import math
 
 import numpy
 
-from .ksampler import KSamplerConfig, KSamplerScheduler, ancestral_step, lam, sigma_of
+from .base import ancestral_split
+from .ksampler import KSamplerConfig, KSamplerScheduler, lam, sigma_of
 
 
 def dpm_solver_1(x, eps, lam_s, lam_t):
@@ -112,7 +113,7 @@ class DPMFastScheduler(KSamplerScheduler):
         for order, lam_s, lam_t in zip(self.orders, self.lams[:-1], self.lams[1:]):
             target, sigma_up = lam_t, 0.0
             if self.config.eta:  # aim at sigma_down, add noise up to sigma_t
-                sigma_down, _ = ancestral_step(sigma_of(lam_s), sigma_of(lam_t), self.config.eta)
+                sigma_down, _ = ancestral_split(sigma_of(lam_s), sigma_of(lam_t), self.config.eta)
                 target = min(self.lam_end, lam(sigma_down))
                 sigma_up = (sigma_of(lam_t) ** 2 - sigma_of(target) ** 2) ** 0.5
             self.lam_targets.append(target)
@@ -133,9 +134,7 @@ class DPMFastScheduler(KSamplerScheduler):
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         """One model call's stage of a DPM-Solver-k step (singlestep_stage): returns where the model is called next,
         or, after the step's last call, x at the step's end (plus the noise when eta > 0)."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        k = self._step_index
+        k = self._locate_step(timestep)
         i = int(self._step_of_call[k])
         x0 = self._x0(model_output, sample)
         sigma_call = float(self.call_sigmas[k])

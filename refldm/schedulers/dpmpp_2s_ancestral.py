@@ -3,8 +3,8 @@
 Sampling of Diffusion Probabilistic Models", arXiv:2211.01095, Algorithm 1 "DPM-Solver++(2S)" with r = 1/2; the
 ancestral split of Ho et al. 2020 eq. 7 in sigma form). diffusers has no such scheduler.
 
-Each step sigma -> sigma_next first splits sigma_next into a deterministic target and fresh noise (ksampler.
-ancestral_step: sigma_down^2 + sigma_up^2 = sigma_next^2), then, in lambda = -log sigma with h = lambda_down - lambda
+Each step sigma -> sigma_next first splits sigma_next into a deterministic target and fresh noise (base.
+ancestral_split: sigma_down^2 + sigma_up^2 = sigma_next^2), then, in lambda = -log sigma with h = lambda_down - lambda
 and the midpoint lambda_s = lambda + h/2 (sigma_s = exp(-lambda_s) = sqrt(sigma sigma_down)), takes two model calls:
 
     u      = (sigma_s / sigma) x - expm1(-h/2) x_0(x, sigma)               (DPM-Solver++(1) to the midpoint)
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 
-from .ksampler import KSamplerScheduler, KSigmaGridConfig, ancestral_step, lam, sigma_of, step_sigmas
+from .base import ancestral_split
+from .ksampler import KSamplerScheduler, KSigmaGridConfig, lam, sigma_of, step_sigmas
 
 
 def dpmpp_first_order(sample, x0, sigma, sigma_to):
@@ -40,7 +41,7 @@ class DPMPP2SAncestralScheduler(KSamplerScheduler):
         self.num_inference_steps = len(sigmas) - 1
         call_sigmas, call_stages, self.sigmas_down, self.sigmas_up = [], [], [], []
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
-            sigma_down, sigma_up = ancestral_step(float(sigma), float(sigma_next), self.config.eta)
+            sigma_down, sigma_up = ancestral_split(float(sigma), float(sigma_next), self.config.eta)
             self.sigmas_down.append(sigma_down)
             self.sigmas_up.append(sigma_up)
             call_sigmas.append(sigma)
@@ -56,9 +57,7 @@ class DPMPP2SAncestralScheduler(KSamplerScheduler):
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         """First call of a step: the DPM-Solver++(1) half-step to the midpoint u (stores x); second call: the full
         step with x_0(u) plus noise (module docstring). A step with sigma_down = 0 is one Euler call."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        k = self._step_index
+        k = self._locate_step(timestep)
         i = int(self._step_of_call[k])
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         sigma_down, sigma_up = self.sigmas_down[i], self.sigmas_up[i]

@@ -71,9 +71,7 @@ class DPMPP3MSDEScheduler(KSamplerScheduler):
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         """One step of the module docstring; the multistep history restarts with set_timesteps."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._locate_step(timestep)
         sigma, sigma_next = float(self.sigmas[i]), float(self.sigmas[i + 1])
         denoised = self._x0(model_output, sample)
         if sigma_next == 0:

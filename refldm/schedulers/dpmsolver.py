@@ -17,47 +17,8 @@ import math
 import numpy
 
 from . import schedule
-from .base import (BaseConfig, SchedulerMixin, SigmaAddNoise, check_choice, check_custom_timesteps, dynamic_threshold,
-                   noise_like)
-from .prediction import eps_from_x0, predict_eps, predict_x0
-
-
-def alpha_sigma(s: float):
-    """(alpha_t, sigma_t) for Karras sigma s: alpha = 1 / sqrt(s^2 + 1), sigma = s alpha."""
-    alpha = 1 / (s**2 + 1) ** 0.5
-    return alpha, s * alpha
-
-
-def _lambda(alpha: float, sigma: float) -> float:
-    """lambda = log alpha - log sigma (+inf at sigma = 0, the final step to the data)."""
-    return math.inf if sigma == 0 else math.log(alpha) - math.log(sigma)
-
-
-def step_length(lam_t: float, lam_s: float) -> float:
-    """h = lambda_t - lambda_s, the step's length in lambda. A last step from sigma_min to a final sigma_min
-    (final_sigmas_type="sigma_min" after a grid that ends on sigma_min: Karras, Lu, EDM) has h = 0 in exact
-    arithmetic, but the grid's rounding (the Karras formula evaluated at its end, float32 tables) can leave sigma_t
-    a hair above sigma_s, so h a hair below 0, where the SDE noise scale sqrt(1 - e^{-2h}) is undefined (diffusers
-    then gives NaN, or a finite x where its float32 logs of the two sigmas happen to round to one value). Such an h
-    is 0: the step leaves x unchanged. A sigma that really rises is an error."""
-    h = lam_t - lam_s
-    if h >= 0:
-        return h
-    if h < -1e-5:
-        raise ValueError(f"a solver step would raise the noise level (lambda {lam_s!r} -> {lam_t!r}); the sigmas "
-                         "must decrease")
-    return 0.0
-
-
-def multistep_order(solver_order: int, lower_order_nums: int, last: bool, second_last: bool) -> int:
-    """The order of a multistep update (DPM-Solver, DEIS, EDM DPM-Solver): solver_order, lowered at the start while
-    fewer earlier outputs are stored (lower_order_nums of them: orders 1, 2, ... warm up), and to 1 / 2 at the
-    last / second-to-last step when the config asks (lower_order_final, euler_at_final, a final sigma of 0)."""
-    if solver_order == 1 or lower_order_nums < 1 or last:
-        return 1
-    if solver_order == 2 or lower_order_nums < 2 or second_last:
-        return 2
-    return 3
+from .base import BaseConfig, SigmaGridKeys, ThresholdingKeys, check_choice, check_custom_timesteps, noise_like
+from .multistep import MultistepScheduler, alpha_sigma, half_log_snr, step_length
 
 
 def dpmpp_first_order(x, x0, alpha_t, sigma_t, sigma_s, h, noise=None):
@@ -161,22 +122,16 @@ def dpm_third_order(x, m0, m1, m2, alpha_t, sigma_t, alpha_s0, h, h_0, h_1):
 
 
 @dataclasses.dataclass
-class DPMSolverConfig(BaseConfig):
+class DPMSolverConfig(SigmaGridKeys, ThresholdingKeys, BaseConfig):
     solver_order: int = 2
     algorithm_type: str = "dpmsolver++"
     solver_type: str = "midpoint"
     lower_order_final: bool = True
     euler_at_final: bool = False
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     use_lu_lambdas: bool = False
     final_sigmas_type: str = "zero"
     lambda_min_clipped: float = -float("inf")
     rescale_betas_zero_snr: bool = False
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
 
     ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 
@@ -195,7 +150,7 @@ class DPMSolverConfig(BaseConfig):
                              "diffusers returns nothing there")
 
 
-class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
+class DPMSolverMultistepScheduler(MultistepScheduler):
     """diffusers' DPMSolverMultistepScheduler ("DPM++ 2M" with algorithm_type="dpmsolver++", "DPM++ 2M SDE"
     with "sde-dpmsolver++"; Karras sigmas with use_karras_sigmas=True)."""
 
@@ -204,20 +159,6 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
                    "use_dynamic_shifting": False, "time_shift_type": "exponential"}
     RENAMED = {"solver_type": {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"},  # as diffusers does
                "algorithm_type": {"deis": "dpmsolver++"}}
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        if self.config.rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = 2.0**-24  # diffusers' stand-in for abar_T = 0
-        self.alpha_t = numpy.sqrt(self.alphas_cumprod)
-        self.sigma_t = numpy.sqrt(1 - self.alphas_cumprod)
-        self.lambda_t = numpy.log(self.alpha_t) - numpy.log(self.sigma_t)
-        self.sigmas_table = schedule.sigmas_from_alphas_cumprod(self.alphas_cumprod)
-        self.sigmas = self.sigmas_table
-        self.init_noise_sigma = 1.0
-        self.timesteps = numpy.linspace(0, self.config.num_train_timesteps - 1, self.config.num_train_timesteps)[::-1]
-        self.model_outputs = [None] * self.config.solver_order
-        self.lower_order_nums = 0
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
         """n timesteps spaced as config.timestep_spacing (n + 1 points, the smallest dropped), or the sigma grid
@@ -257,47 +198,27 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
         self.sigmas = self._table(numpy.concatenate([sigmas, [last]]))
         self.timesteps = timesteps.astype(numpy.int64)
         self.num_inference_steps = len(self.timesteps)
-        self.model_outputs = [None] * c.solver_order
-        self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
+        self._reset_history()
+        self._reset_step_index()
 
-    def scale_model_input(self, sample, *args, **kwargs):
-        return sample
-
-    def convert_model_output(self, model_output, sample):
-        """What the solver works with: the data prediction x_0 for DPM-Solver++ (Lu et al. 2022, sec. 4), the
-        noise prediction eps for DPM-Solver; with thresholding, x_0 dynamically thresholded first."""
-        alpha, sigma = alpha_sigma(self._scalar(self.sigmas[self._step_index]))
-        c = self.config
-        if c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
-            x0 = predict_x0(c.prediction_type, model_output, sample, alpha, sigma)
-            return dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value) if c.thresholding else x0
-        eps = predict_eps(c.prediction_type, model_output, sample, alpha, sigma)
-        if c.thresholding:
-            x0 = dynamic_threshold(predict_x0("epsilon", eps, sample, alpha, sigma), c.dynamic_thresholding_ratio,
-                                   c.sample_max_value)
-            eps = eps_from_x0(sample, x0, alpha, sigma)
-        return eps
+    @property
+    def predicts_data(self):
+        """DPM-Solver++ extrapolates x_0 (Lu et al. 2022, sec. 4), DPM-Solver eps (multistep.convert_model_output)."""
+        return self.config.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
         self._need_timesteps()
-        if self._step_index is None:
-            self._init_step_index(timestep)
         c = self.config
-        i, n = self._step_index, len(self.timesteps)
-        order = multistep_order(c.solver_order, self.lower_order_nums,
-                                last=i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15)
-                                                     or c.final_sigmas_type == "zero"),
-                                second_last=i == n - 2 and c.lower_order_final and n < 15)
+        i, n = self._locate_step(timestep), len(self.timesteps)
+        order = self._order(i, n)
         m = self.convert_model_output(model_output, sample)
-        self.model_outputs = self.model_outputs[1:] + [m]
+        self._remember(m)
         noise = None
         if c.algorithm_type.startswith("sde-"):  # diffusers draws this noise in float32, whatever the dtype
             noise = noise_like(model_output, generator, "float32") if variance_noise is None else variance_noise
         sig = [self._scalar(self.sigmas[j]) for j in (i + 1, i, i - 1, i - 2)]
         (alpha_t, sigma_t), (alpha_s0, sigma_s0), (alpha_s1, sigma_s1), (alpha_s2, sigma_s2) = map(alpha_sigma, sig)
-        lam_t, lam_s0 = _lambda(alpha_t, sigma_t), _lambda(alpha_s0, sigma_s0)
+        lam_t, lam_s0 = half_log_snr(alpha_t, sigma_t), half_log_snr(alpha_s0, sigma_s0)
         h = step_length(lam_t, lam_s0)
         data = c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
         if h == 0:  # a zero-length step (a grid ending on sigma_min, then sigma_min again) leaves x unchanged
@@ -308,7 +229,7 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
             else:
                 prev_sample = dpm_first_order(sample, m, alpha_t, sigma_t, alpha_s0, h, noise)
         elif order == 2:
-            h_0 = lam_s0 - _lambda(alpha_s1, sigma_s1)
+            h_0 = lam_s0 - half_log_snr(alpha_s1, sigma_s1)
             m0, m1 = self.model_outputs[-1], self.model_outputs[-2]
             if data:
                 prev_sample = dpmpp_second_order(sample, m0, m1, alpha_t, sigma_t, sigma_s0, h, h_0, c.solver_type,
@@ -317,18 +238,14 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
                 prev_sample = dpm_second_order(sample, m0, m1, alpha_t, sigma_t, alpha_s0, h, h_0, c.solver_type,
                                                noise)
         else:
-            lam_s1 = _lambda(alpha_s1, sigma_s1)
-            h_0, h_1 = lam_s0 - lam_s1, lam_s1 - _lambda(alpha_s2, sigma_s2)
+            lam_s1 = half_log_snr(alpha_s1, sigma_s1)
+            h_0, h_1 = lam_s0 - lam_s1, lam_s1 - half_log_snr(alpha_s2, sigma_s2)
             m0, m1, m2 = self.model_outputs[::-1][:3]
             if data:
                 prev_sample = dpmpp_third_order(sample, m0, m1, m2, alpha_t, sigma_t, sigma_s0, h, h_0, h_1, noise)
             else:
                 prev_sample = dpm_third_order(sample, m0, m1, m2, alpha_t, sigma_t, alpha_s0, h, h_0, h_1)
-        if self.lower_order_nums < c.solver_order:
-            self.lower_order_nums += 1
+        self._count_step()
         self._step_index += 1
         return self._output(return_dict, prev_sample)
-
-    output_fields = ("prev_sample",)
-    variance_preserving = True
 

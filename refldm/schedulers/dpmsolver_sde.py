@@ -30,7 +30,7 @@ import numpy
 from refldm.core import random as refldm_random
 
 from . import schedule
-from .base import BaseConfig, SigmaScheduler, to_device
+from .base import BaseConfig, SigmaGridKeys, SigmaScheduler, TwoCallStep, ancestral_split, to_device
 from .prediction import x0_from_sigma_prediction
 
 
@@ -62,12 +62,9 @@ class BrownianIncrements:
 
 
 @dataclasses.dataclass
-class DPMSolverSDEConfig(BaseConfig):
+class DPMSolverSDEConfig(SigmaGridKeys, BaseConfig):
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     noise_sampler_seed: int | None = None
     PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers: "sample" not implemented
 
@@ -76,15 +73,11 @@ class DPMSolverSDEConfig(BaseConfig):
         schedule.check_one_sigma_grid(self)
 
 
-class DPMSolverSDEScheduler(SigmaScheduler):
+class DPMSolverSDEScheduler(TwoCallStep, SigmaScheduler):
     """diffusers' DPMSolverSDEScheduler ("DPM++ SDE"; "DPM++ SDE Karras" with use_karras_sigmas=True)."""
 
     Config = DPMSolverSDEConfig
-    order = 2
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.set_timesteps(self.config.num_train_timesteps)  # as diffusers: usable before set_timesteps
+    steps_at_init = "num_train_timesteps"  # as diffusers: usable before set_timesteps
 
     def set_timesteps(self, num_inference_steps, device=None, num_train_timesteps=None):
         n = self._check_steps(num_inference_steps, num_train_timesteps)
@@ -110,24 +103,17 @@ class DPMSolverSDEScheduler(SigmaScheduler):
         self.sample = None
         self.mid_point_sigma = None
         self.noise_sampler = None
-        self._step_index = None
-        self._begin_index = None
-
-    @property
-    def state_in_first_order(self) -> bool:
-        return self.sample is None
+        self._reset_step_index()
 
     def scale_model_input(self, sample, timestep):
         """x / sqrt(sigma^2 + 1), with sigma the midpoint's on the second call of a step."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         sigma = self._scalar(self.sigmas[self._step_index]) if self.state_in_first_order else self.mid_point_sigma
         return sample / (sigma**2 + 1) ** 0.5
 
     def step(self, model_output, timestep, sample, return_dict=True, s_noise=1.0):
         """One stage of the step (module docstring)."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         if self.noise_sampler is None:
             self.noise_sampler = BrownianIncrements(sample, self.config.noise_sampler_seed)
         i = self._step_index
@@ -147,8 +133,7 @@ class DPMSolverSDEScheduler(SigmaScheduler):
             else:
                 sample = self.sample
             sigma_from, sigma_to = f(numpy.exp(-t)), f(numpy.exp(-t_next))
-            sigma_up = min(sigma_to, f((sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5))
-            sigma_down = f((sigma_to**2 - sigma_up**2) ** 0.5)
+            sigma_down, sigma_up = ancestral_split(sigma_from, sigma_to)
             t_down = f(-numpy.log(sigma_down))
             prev_sample = f(numpy.exp(-t_down) / numpy.exp(-t)) * sample - f(numpy.expm1(t - t_down)) * x0
             noise = self.noise_sampler(sigma_from, sigma_to)

@@ -38,10 +38,8 @@ import math
 import numpy
 
 from . import schedule
-from .base import (BaseConfig, SchedulerMixin, SigmaAddNoise, check_choice, check_custom_timesteps, dynamic_threshold,
-                   noise_like)
-from .dpmsolver import _lambda, alpha_sigma, step_length
-from .prediction import predict_eps, predict_x0
+from .base import BaseConfig, SigmaGridKeys, ThresholdingKeys, check_choice, check_custom_timesteps, noise_like
+from .multistep import MultistepScheduler, alpha_sigma, half_log_snr, step_length
 
 
 def order_list(steps: int, order: int, lower_order_final: bool, final_zero: bool):
@@ -66,7 +64,7 @@ def singlestep_update(algorithm, solver_type, x, ms, alphas, sigmas, noise=None)
     first; alphas / sigmas = (alpha, sigma) at (t, s_{k-1}, ..., s0): the target, then the model outputs' points in
     the same order as ms; x is the sample at the oldest point."""
     k = len(ms)
-    lam = [_lambda(a, s) for a, s in zip(alphas, sigmas)]  # lambda_t, then lambda at each output (oldest first)
+    lam = [half_log_snr(a, s) for a, s in zip(alphas, sigmas)]  # lambda_t, then lambda at each output (oldest first)
     alpha_t, sigma_t, alpha_s, sigma_s = alphas[0], sigmas[0], alphas[1], sigmas[1]
     h = step_length(lam[0], lam[1])  # (c1, c2 below divide by h: evaluated only for orders 2 and 3)
     if h == 0:  # a zero-length last step (sigma_min to the final sigma_min) leaves x unchanged
@@ -108,19 +106,13 @@ def singlestep_update(algorithm, solver_type, x, ms, alphas, sigmas, noise=None)
 
 
 @dataclasses.dataclass
-class DPMSolverSinglestepConfig(BaseConfig):
+class DPMSolverSinglestepConfig(SigmaGridKeys, ThresholdingKeys, BaseConfig):
     solver_order: int = 2
     algorithm_type: str = "dpmsolver++"
     solver_type: str = "midpoint"
     lower_order_final: bool = False
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     final_sigmas_type: str = "zero"
     lambda_min_clipped: float = -float("inf")
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -137,7 +129,7 @@ class DPMSolverSinglestepConfig(BaseConfig):
                              "singlestep code indexes its tables with a missing timestep there)")
 
 
-class DPMSolverSinglestepScheduler(SigmaAddNoise, SchedulerMixin):
+class DPMSolverSinglestepScheduler(MultistepScheduler):
     """diffusers' DPMSolverSinglestepScheduler (the web UIs have no name for it; k-diffusion's
     sample_dpmpp_2s_ancestral is a different, ancestral, singlestep method)."""
 
@@ -147,23 +139,21 @@ class DPMSolverSinglestepScheduler(SigmaAddNoise, SchedulerMixin):
     RENAMED = {"solver_type": {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"},  # as diffusers does
                "algorithm_type": {"deis": "dpmsolver++"}}
     NOT_KEYS = ("timestep_spacing", "steps_offset")  # always "linspace", as diffusers
-    output_fields = ("prev_sample",)
-    variance_preserving = True
 
     def __init__(self, **config):
         super().__init__(**config)
-        self.alpha_t = numpy.sqrt(self.alphas_cumprod)
-        self.sigma_t = numpy.sqrt(1 - self.alphas_cumprod)
-        self.lambda_t = numpy.log(self.alpha_t) - numpy.log(self.sigma_t)
-        self.sigmas_table = schedule.sigmas_from_alphas_cumprod(self.alphas_cumprod)
-        self.sigmas = self.sigmas_table
-        self.init_noise_sigma = 1.0
-        T = self.config.num_train_timesteps
-        self.timesteps = numpy.linspace(0, T - 1, T)[::-1]
+        self.order_list = order_list(self.config.num_train_timesteps, self.config.solver_order,
+                                     self.config.lower_order_final, self.config.final_sigmas_type == "zero")
+
+    @property
+    def predicts_data(self):
+        """DPM-Solver++ extrapolates x_0, DPM-Solver eps (multistep.convert_model_output)."""
+        return self.config.algorithm_type != "dpmsolver"
+
+    def _reset_history(self):
+        """No stored output and no step started: the sample x of the step's start is kept in ``sample``."""
         self.model_outputs = [None] * self.config.solver_order
         self.sample = None
-        self.order_list = order_list(T, self.config.solver_order, self.config.lower_order_final,
-                                     self.config.final_sigmas_type == "zero")
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
         """n integer timesteps, linspace over [0, T - 1 - clipped] with n + 1 points and the smallest dropped, or
@@ -195,35 +185,18 @@ class DPMSolverSinglestepScheduler(SigmaAddNoise, SchedulerMixin):
         self.sigmas = self._table(numpy.concatenate([sigmas, [last]]))  # (n + 1,)
         self.timesteps = numpy.asarray(timesteps).astype(numpy.int64)  # (n,)
         self.num_inference_steps = n
-        self.model_outputs = [None] * c.solver_order
-        self.sample = None
+        self._reset_history()
         lower_order_final = c.lower_order_final or n % c.solver_order != 0 or c.final_sigmas_type == "zero"
         self.order_list = order_list(n, c.solver_order, lower_order_final, c.final_sigmas_type == "zero")
-        self._step_index = None
-        self._begin_index = None
-
-    def scale_model_input(self, sample, *args, **kwargs):
-        return sample
-
-    def convert_model_output(self, model_output, sample):
-        """x_0 for DPM-Solver++ (dynamically thresholded if asked), eps for DPM-Solver."""
-        alpha, sigma = alpha_sigma(self._scalar(self.sigmas[self._step_index]))
-        c = self.config
-        if c.algorithm_type == "dpmsolver":
-            return predict_eps(c.prediction_type, model_output, sample, alpha, sigma)
-        x0 = predict_x0(c.prediction_type, model_output, sample, alpha, sigma)
-        return dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value) if c.thresholding else x0
+        self._reset_step_index()
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         """Store the converted output; at a first-order call also store x (the start of the step); then the update
         of this call's order from the stored x (module docstring)."""
         self._need_timesteps()
-        if self._step_index is None:
-            self._init_step_index(timestep)
         c = self.config
-        i = self._step_index
-        m = self.convert_model_output(model_output, sample)
-        self.model_outputs = self.model_outputs[1:] + [m]
+        i = self._locate_step(timestep)
+        self._remember(self.convert_model_output(model_output, sample))
         noise = noise_like(model_output, generator) if c.algorithm_type == "sde-dpmsolver++" else None
         order = self.order_list[i]
         while self.model_outputs[-order] is None:  # fewer outputs stored yet (the start, or img2img)

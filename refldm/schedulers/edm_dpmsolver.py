@@ -20,17 +20,15 @@ import math
 import numpy
 
 from . import schedule
-from .base import check_choice, dynamic_threshold, noise_like
-from .dpmsolver import dpmpp_first_order, dpmpp_second_order, dpmpp_third_order, multistep_order, step_length
+from .base import ThresholdingKeys, check_choice, noise_like
+from .dpmsolver import dpmpp_first_order, dpmpp_second_order, dpmpp_third_order
 from .edm_euler import EDMEulerConfig, EDMEulerScheduler
+from .multistep import MultistepHistory, step_length
 
 
 @dataclasses.dataclass
-class EDMDPMSolverConfig(EDMEulerConfig):
+class EDMDPMSolverConfig(ThresholdingKeys, EDMEulerConfig):
     solver_order: int = 2
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
     algorithm_type: str = "dpmsolver++"
     solver_type: str = "midpoint"
     lower_order_final: bool = True
@@ -46,7 +44,7 @@ class EDMDPMSolverConfig(EDMEulerConfig):
                              "diffusers' EDM solver has none either")
 
 
-class EDMDPMSolverMultistepScheduler(EDMEulerScheduler):
+class EDMDPMSolverMultistepScheduler(MultistepHistory, EDMEulerScheduler):
     """diffusers' EDMDPMSolverMultistepScheduler (e.g. Playground v2.5's scheduler)."""
 
     Config = EDMDPMSolverConfig
@@ -72,10 +70,8 @@ class EDMDPMSolverMultistepScheduler(EDMEulerScheduler):
         if last is None:
             last = self.config.sigma_min if self.config.final_sigmas_type == "sigma_min" else 0
         self.sigmas = numpy.concatenate([sigmas, self._table([last])])  # (n + 1,)
-        self.model_outputs = [None] * self.config.solver_order
-        self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
+        self._reset_history()
+        self._reset_step_index()
 
     def set_timesteps(self, num_inference_steps=None, device=None):
         """n sigmas from the ramp linspace(0, 1, n), then sigma_min or 0 (final_sigmas_type)."""
@@ -87,27 +83,21 @@ class EDMDPMSolverMultistepScheduler(EDMEulerScheduler):
 
     def convert_model_output(self, model_output, sample):
         """The denoised x_0 (dynamically thresholded if asked)."""
-        c = self.config
-        x0 = self.precondition_outputs(sample, model_output, self._scalar(self.sigmas[self._step_index]))
-        return dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value) if c.thresholding else x0
+        return self._thresholded(self.precondition_outputs(sample, model_output,
+                                                           self._scalar(self.sigmas[self._step_index])))
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         self._need_timesteps()
-        if self._step_index is None:
-            self._init_step_index(timestep)
         c = self.config
-        i, n = self._step_index, len(self.timesteps)
-        order = multistep_order(c.solver_order, self.lower_order_nums,
-                                last=i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15)
-                                                     or c.final_sigmas_type == "zero"),
-                                second_last=i == n - 2 and c.lower_order_final and n < 15)
-        self.model_outputs = self.model_outputs[1:] + [self.convert_model_output(model_output, sample)]
+        i, n = self._locate_step(timestep), len(self.timesteps)
+        order = self._order(i, n)
+        self._remember(self.convert_model_output(model_output, sample))
         noise = noise_like(model_output, generator) if c.algorithm_type == "sde-dpmsolver++" else None
         sig = [self._scalar(self.sigmas[j]) for j in (i + 1, i, i - 1, i - 2)]  # sigma_t, sigma_s0, s1, s2
         lam = [math.inf if s == 0 else -math.log(s) for s in sig]  # lambda = log(1 / sigma): alpha = 1
         h = step_length(lam[0], lam[1])
         one = self._scalar(1.0)
-        if h == 0:  # a zero-length step (sigma_min to final sigma_min) leaves x unchanged (dpmsolver.step_length)
+        if h == 0:  # a zero-length step (sigma_min to final sigma_min) leaves x unchanged (multistep.step_length)
             prev_sample = sample
         elif order == 1:
             prev_sample = dpmpp_first_order(sample, self.model_outputs[-1], one, sig[0], sig[1], h, noise)
@@ -118,7 +108,6 @@ class EDMDPMSolverMultistepScheduler(EDMEulerScheduler):
             m0, m1, m2 = self.model_outputs[::-1][:3]
             prev_sample = dpmpp_third_order(sample, m0, m1, m2, one, sig[0], sig[1], h, lam[1] - lam[2],
                                             lam[2] - lam[3])
-        if self.lower_order_nums < c.solver_order:
-            self.lower_order_nums += 1
+        self._count_step()
         self._step_index += 1
         return self._output(return_dict, prev_sample)

@@ -26,7 +26,7 @@ import math
 import numpy
 
 from . import schedule
-from .base import SchedulerMixin, SigmaAddNoise, check_choice, noise_like
+from .base import SchedulerMixin, SigmaAddNoise, check_choice, churn
 
 
 @dataclasses.dataclass
@@ -93,8 +93,7 @@ class EDMEulerScheduler(SigmaAddNoise, SchedulerMixin):
         self.timesteps = self.precondition_noise(sigmas)  # (n,)
         last = sigmas[-1] if self.config.final_sigmas_type == "sigma_min" else 0
         self.sigmas = numpy.concatenate([sigmas, self._table([last])])  # (n + 1,)
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
 
     def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None):
         """n sigmas from the ramp linspace(0, 1, n); or, as diffusers' `sigmas` argument, custom ramp values in
@@ -129,22 +128,17 @@ class EDMEulerScheduler(SigmaAddNoise, SchedulerMixin):
 
     def scale_model_input(self, sample, timestep):
         """c_in x."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         return self.precondition_inputs(sample, self._scalar(self.sigmas[self._step_index]))
 
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
              generator=None, return_dict=True, pred_original_sample=None):
         """Euler step to sigma_next from sigma_hat (module docstring); `pred_original_sample` replaces x_0."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         sigma = self._scalar(self.sigmas[self._step_index])
         sigma_next = self._scalar(self.sigmas[self._step_index + 1])
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            noise = noise_like(model_output, generator)
-            sample = sample + (noise * s_noise) * (sigma_hat**2 - sigma**2) ** 0.5
+        sample, sigma_hat = churn(sample, sigma, len(self.sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise, generator,
+                                  model_output)
         x0 = pred_original_sample
         if x0 is None:
             x0 = self.precondition_outputs(sample, model_output, sigma_hat)

@@ -12,7 +12,8 @@ import dataclasses
 import numpy
 
 from . import schedule
-from .base import BaseConfig, SigmaScheduler, check_choice, check_custom_sigmas, check_custom_timesteps, noise_like
+from .base import (BaseConfig, SigmaGridKeys, SigmaScheduler, ancestral_split, check_choice, check_custom_sigmas,
+                   check_custom_timesteps, churn, noise_like)
 from .prediction import x0_from_sigma_prediction
 
 
@@ -23,21 +24,8 @@ def euler_step(sample, x0, sigma, sigma_next):
     return sample + derivative * (sigma_next - sigma)
 
 
-def ancestral_sigmas(sigma_from, sigma_to):
-    """Split the step sigma_from -> sigma_to into a deterministic step to sigma_down and fresh noise sigma_up:
-    sigma_up = sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2), sigma_down = sqrt(sigma_to^2 - sigma_up^2),
-    so sigma_down^2 + sigma_up^2 = sigma_to^2 (ancestral sampling, Ho et al. 2020 eq. 7 in sigma form;
-    k-diffusion's get_ancestral_step with eta = 1)."""
-    sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-    sigma_down = max(sigma_to**2 - sigma_up**2, 0.0) ** 0.5  # = sigma_to^2 / sigma_from >= 0; clamp rounding
-    return sigma_down, sigma_up
-
-
 @dataclasses.dataclass
-class EulerConfig(BaseConfig):
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
+class EulerConfig(SigmaGridKeys, BaseConfig):
     interpolation_type: str = "linear"
     sigma_min: float | None = None
     sigma_max: float | None = None
@@ -99,15 +87,11 @@ class EulerDiscreteScheduler(SigmaScheduler):
              generator=None, return_dict=True):
         """Euler step; with s_churn > 0 first raise sigma to sigma_hat = sigma (1 + gamma) by adding noise
         (Karras et al. 2022, Algorithm 2, lines 4-6)."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         sigma = self._scalar(self.sigmas[self._step_index])
         sigma_next = self._scalar(self.sigmas[self._step_index + 1])
-        gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
-        sigma_hat = sigma * (gamma + 1)
-        if gamma > 0:
-            noise = noise_like(model_output, generator)
-            sample = sample + (noise * s_noise) * (sigma_hat**2 - sigma**2) ** 0.5
+        sample, sigma_hat = churn(sample, sigma, len(self.sigmas) - 1, s_churn, s_tmin, s_tmax, s_noise, generator,
+                                  model_output)
         if self.config.prediction_type == "v_prediction":  # diffusers uses sigma, not sigma_hat, here
             x0 = x0_from_sigma_prediction("v_prediction", model_output, sample, sigma)
         else:
@@ -136,12 +120,11 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         """x_next = x + (sigma_down - sigma) d + sigma_up z (noise is drawn at every step, as diffusers does)."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         sigma = self._scalar(self.sigmas[self._step_index])
         sigma_to = self._scalar(self.sigmas[self._step_index + 1])
         x0 = x0_from_sigma_prediction(self.config.prediction_type, model_output, sample, sigma)
-        sigma_down, sigma_up = ancestral_sigmas(sigma, sigma_to)
+        sigma_down, sigma_up = ancestral_split(sigma, sigma_to)
         prev_sample = euler_step(sample, x0, sigma, sigma_down)
         prev_sample = prev_sample + noise_like(model_output, generator) * sigma_up
         self._step_index += 1

@@ -7,7 +7,7 @@ import dataclasses
 import numpy
 
 from . import schedule
-from .base import BaseConfig, SigmaScheduler, check_custom_timesteps, clip
+from .base import BaseConfig, SigmaGridKeys, SigmaScheduler, check_custom_timesteps, clip
 from .prediction import x0_from_sigma_prediction
 
 
@@ -19,12 +19,9 @@ def heun_correct(sample_start, derivative_start, sample_end, x0_end, sigma_end, 
 
 
 @dataclasses.dataclass
-class HeunConfig(BaseConfig):
+class HeunConfig(SigmaGridKeys, BaseConfig):
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     clip_sample: bool = False
     clip_sample_range: float = 1.0
 
@@ -39,10 +36,7 @@ class HeunDiscreteScheduler(SigmaScheduler):
 
     Config = HeunConfig
     order = 2
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.set_timesteps(self.config.num_train_timesteps)  # as diffusers: usable before set_timesteps
+    steps_at_init = "num_train_timesteps"  # as diffusers: usable before set_timesteps
 
     def set_timesteps(self, num_inference_steps=None, device=None, num_train_timesteps=None, timesteps=None):
         """n timesteps spaced as config.timestep_spacing (or custom descending `timesteps`), sigma interpolated
@@ -82,8 +76,7 @@ class HeunDiscreteScheduler(SigmaScheduler):
 
     def step(self, model_output, timestep, sample, return_dict=True):
         """First call of a pair: Euler predictor (stores d_i, dt, x_i); second call: trapezoidal corrector."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         c = self.config
         if self.state_in_first_order:
             sigma = self._scalar(self.sigmas[self._step_index])

@@ -19,17 +19,14 @@ import dataclasses
 import numpy
 
 from . import schedule
-from .base import BaseConfig, SigmaScheduler
+from .base import BaseConfig, SigmaGridKeys, SigmaScheduler, TwoCallStep
 from .prediction import x0_from_sigma_prediction
 
 
 @dataclasses.dataclass
-class KDPM2Config(BaseConfig):
+class KDPM2Config(SigmaGridKeys, BaseConfig):
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     PREDICTION_TYPES = ("epsilon", "v_prediction")  # diffusers: "sample" not implemented
 
     def __post_init__(self):
@@ -44,6 +41,11 @@ def log_midpoints(sigmas):
         log_s = numpy.log(sigmas)
         log_prev = numpy.roll(log_s, 1)
         return numpy.exp(log_prev - (log_prev - log_s) * 0.5)
+
+
+def interleave(values):
+    """(v_0, v_1, ..., v_n) -> (v_0, v_1, v_1, v_2, v_2, ..., v_n, v_n, v_n): one entry per call of step (2n + 2)."""
+    return numpy.concatenate([values[:1], values[1:].repeat(2), values[-1:]])
 
 
 def spaced_sigmas(sched, n: int):
@@ -61,15 +63,11 @@ def spaced_sigmas(sched, n: int):
     return timesteps, sched._table(numpy.concatenate([sigmas, [0.0]])), log_sigmas
 
 
-class KDPM2DiscreteScheduler(SigmaScheduler):
+class KDPM2DiscreteScheduler(TwoCallStep, SigmaScheduler):
     """diffusers' KDPM2DiscreteScheduler ("DPM2"; "DPM2 Karras" with use_karras_sigmas=True)."""
 
     Config = KDPM2Config
-    order = 2
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.set_timesteps(self.config.num_train_timesteps)  # as diffusers: usable before set_timesteps
+    steps_at_init = "num_train_timesteps"  # as diffusers: usable before set_timesteps
 
     def set_timesteps(self, num_inference_steps, device=None, num_train_timesteps=None):
         n = self._check_steps(num_inference_steps, num_train_timesteps)
@@ -78,22 +76,15 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
         mids = log_midpoints(sigmas)  # (n + 1,): mids[i] between sigmas[i - 1] and sigmas[i]
         timesteps_mid = self._table(schedule.sigma_to_t(numpy.nan_to_num(mids), log_sigmas))
         timesteps = self._table(timesteps)
-        self.sigmas = numpy.concatenate([sigmas[:1], sigmas[1:].repeat(2), sigmas[-1:]])  # (2n + 2,)
-        self.sigmas_interpol = numpy.concatenate([mids[:1], mids[1:].repeat(2), mids[-1:]])
+        self.sigmas, self.sigmas_interpol = interleave(sigmas), interleave(mids)  # (2n + 2,)
         pairs = numpy.stack([timesteps_mid[1:-1], timesteps[1:]], axis=-1).reshape(-1)  # (mid_i, t_i) for i >= 1
         self.timesteps = numpy.concatenate([timesteps[:1], pairs])  # (2n - 1,)
         self.sample = None
-        self._step_index = None
-        self._begin_index = None
-
-    @property
-    def state_in_first_order(self) -> bool:
-        return self.sample is None
+        self._reset_step_index()
 
     def scale_model_input(self, sample, timestep):
         """x / sqrt(sigma^2 + 1), with sigma the midpoint's on the second call of a step."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         table = self.sigmas if self.state_in_first_order else self.sigmas_interpol
         sigma = self._scalar(table[self._step_index])
         return sample / (sigma**2 + 1) ** 0.5
@@ -101,9 +92,7 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
     def step(self, model_output, timestep, sample, return_dict=True):
         """First call: Euler to the log-midpoint (stores x); second call: the full step with the midpoint's
         derivative (module docstring)."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._locate_step(timestep)
         if self.state_in_first_order:
             sigma, sigma_mid = self._scalar(self.sigmas[i]), self._scalar(self.sigmas_interpol[i + 1])
             x0 = x0_from_sigma_prediction(self.config.prediction_type, model_output, sample, sigma)

@@ -1,6 +1,6 @@
 """DPM2 ancestral: the DPM2 step of kdpm2.py aimed at sigma_down, then fresh noise of size sigma_up, as
 k-diffusion's ``sample_dpm_2_ancestral`` and the web UIs' "DPM2 a" (Lu et al. 2022, "DPM-Solver", Algorithm 1 with
-order 2; the ancestral split of Ho et al. 2020 eq. 7 in sigma form, as in euler.ancestral_sigmas).
+order 2; the ancestral split of Ho et al. 2020 eq. 7 in sigma form, base.ancestral_split).
 
 Each step sigma -> sigma_next first splits sigma_next into a deterministic target and added noise,
 
@@ -22,25 +22,16 @@ from __future__ import annotations
 import numpy
 
 from . import schedule
-from .base import SigmaScheduler, noise_like
-from .kdpm2 import KDPM2Config, spaced_sigmas
+from .base import SigmaScheduler, TwoCallStep, ancestral_split, noise_like
+from .kdpm2 import KDPM2Config, interleave, spaced_sigmas
 from .prediction import x0_from_sigma_prediction
 
 
-def interleave(values):
-    """(v_0, v_1, ..., v_n) -> (v_0, v_1, v_1, v_2, v_2, ..., v_n, v_n, v_n): one entry per call of step (2n + 2)."""
-    return numpy.concatenate([values[:1], values[1:].repeat(2), values[-1:]])
-
-
-class KDPM2AncestralDiscreteScheduler(SigmaScheduler):
+class KDPM2AncestralDiscreteScheduler(TwoCallStep, SigmaScheduler):
     """diffusers' KDPM2AncestralDiscreteScheduler ("DPM2 a"; "DPM2 a Karras" with use_karras_sigmas=True)."""
 
     Config = KDPM2Config  # the same keys and defaults as DPM2 in diffusers
-    order = 2
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.set_timesteps(self.config.num_train_timesteps)  # as diffusers: usable before set_timesteps
+    steps_at_init = "num_train_timesteps"  # as diffusers: usable before set_timesteps
 
     def set_timesteps(self, num_inference_steps, device=None, num_train_timesteps=None):
         n = self._check_steps(num_inference_steps, num_train_timesteps)
@@ -48,8 +39,7 @@ class KDPM2AncestralDiscreteScheduler(SigmaScheduler):
         timesteps, sigmas, log_sigmas = spaced_sigmas(self, n)  # (n,), (n + 1,) ending in 0
         sigmas_next = numpy.concatenate([sigmas[1:], sigmas[-1:] * 0])  # (n + 1,)
         with numpy.errstate(divide="ignore", invalid="ignore"):  # entry n: sigma = 0, never used
-            up = (sigmas_next**2 * (sigmas**2 - sigmas_next**2) / sigmas**2) ** 0.5
-            down = numpy.maximum(sigmas_next**2 - up**2, 0) ** 0.5  # = sigma_next^2 / sigma; clamp rounding
+            down, up = ancestral_split(sigmas, sigmas_next)  # elementwise: down = sigma_next^2 / sigma
             down[-1] = 0
             log_s, log_down = numpy.log(sigmas), numpy.log(down)
             mids = numpy.exp(log_down - (log_down - log_s) * 0.5)  # torch.lerp(log_s, log_down, 1/2)
@@ -61,27 +51,18 @@ class KDPM2AncestralDiscreteScheduler(SigmaScheduler):
         pairs = numpy.stack([timesteps_mid, timesteps[1:]], axis=-1).reshape(-1)  # (mid_i, t_{i+1}) for i < n - 1
         self.timesteps = numpy.concatenate([timesteps[:1], pairs])  # (2n - 1,)
         self.sample = None
-        self._step_index = None
-        self._begin_index = None
-
-    @property
-    def state_in_first_order(self) -> bool:
-        return self.sample is None
+        self._reset_step_index()
 
     def scale_model_input(self, sample, timestep):
         """x / sqrt(sigma^2 + 1), with sigma the midpoint's on the second call of a step."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._locate_step(timestep)
         sigma = self._scalar(self.sigmas[i] if self.state_in_first_order else self.sigmas_interpol[i - 1])
         return sample / (sigma**2 + 1) ** 0.5
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         """First call: Euler to the log-midpoint (stores x); second call: the step to sigma_down with the
         midpoint's derivative, plus sigma_up z with z drawn from `generator` (module docstring)."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._locate_step(timestep)
         if self.state_in_first_order:
             sigma, sigma_mid = self._scalar(self.sigmas[i]), self._scalar(self.sigmas_interpol[i])
             x0 = x0_from_sigma_prediction(self.config.prediction_type, model_output, sample, sigma)

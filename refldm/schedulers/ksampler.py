@@ -1,5 +1,5 @@
 """What the k-diffusion samplers without a diffusers class share (DPM++ 2S a, DPM++ 3M SDE, DPM fast, DPM adaptive):
-the half log-SNR lambda, the ancestral split with eta, the model calls' sigmas, the noise, and the checks of the
+the half log-SNR lambda, the model calls' sigmas, the noise, and the checks of the
 k-diffusion arguments that refldm takes as config keys.
 
 Each of these schedulers keeps diffusers' calling convention: ``set_timesteps`` plans the model calls, and
@@ -23,7 +23,7 @@ import math
 import numpy
 
 from . import schedule
-from .base import BaseConfig, SigmaScheduler, check_custom_sigmas, noise_like
+from .base import BaseConfig, SigmaGridKeys, SigmaScheduler, check_custom_sigmas, noise_like
 from .prediction import x0_from_sigma_prediction
 
 
@@ -35,21 +35,6 @@ def lam(sigma):
 def sigma_of(lam_value):
     """sigma = exp(-lambda), the inverse of lam."""
     return math.exp(-lam_value)
-
-
-def ancestral_step(sigma_from, sigma_to, eta=1.0):
-    """Split the step sigma_from -> sigma_to into a deterministic step to sigma_down and fresh noise sigma_up:
-
-        sigma_up = min(sigma_to, eta sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2)),
-        sigma_down = sqrt(sigma_to^2 - sigma_up^2)
-
-    (ancestral sampling, Ho et al. 2020 eq. 7 in sigma form; eta scales the noise as DDIM's eta, Song et al. 2021
-    eq. 16; k-diffusion's get_ancestral_step). eta = 0: no noise, sigma_down = sigma_to."""
-    if not eta:
-        return sigma_to, 0.0
-    sigma_up = min(sigma_to, eta * (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
-    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-    return sigma_down, sigma_up
 
 
 def check_number(name, value, low=None, low_open=False):
@@ -78,12 +63,9 @@ class KSamplerConfig(BaseConfig):
 
 
 @dataclasses.dataclass
-class KSigmaGridConfig(KSamplerConfig):
+class KSigmaGridConfig(SigmaGridKeys, KSamplerConfig):
     """For the samplers that step along a sigma list: the sigma grids of the web UIs' schedule names."""
 
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -99,11 +81,8 @@ class KSamplerScheduler(SigmaScheduler):
     """
 
     noise_sigmas_attr = "call_sigmas"  # add_noise (img2img, inpainting) noises to the sigma of the model call
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.noise_sampler = None
-        self.set_timesteps(1)
+    steps_at_init = 1  # usable before set_timesteps (a one-step plan)
+    noise_sampler = None  # k-diffusion's noise_sampler argument (see _noise)
 
     def _plan(self, call_sigmas, call_stages, sigmas):
         """Store the model calls (sigma, stage) and the step boundaries; the timestep of each call is where the
@@ -112,8 +91,7 @@ class KSamplerScheduler(SigmaScheduler):
         self.call_sigmas = numpy.asarray(call_sigmas, numpy.float64)
         self.call_stages = numpy.asarray(call_stages, numpy.int64)
         self.timesteps = self._table(schedule.sigma_to_t(self.call_sigmas, numpy.log(self.sigmas_table)))
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
 
     @property
     def init_noise_sigma(self):
@@ -122,8 +100,7 @@ class KSamplerScheduler(SigmaScheduler):
 
     def scale_model_input(self, sample, timestep):
         """x / sqrt(sigma^2 + 1) with the sigma of this model call: the model's input scale sqrt(abar) x."""
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         sigma = float(self.call_sigmas[self._step_index])
         return sample / (sigma**2 + 1) ** 0.5
 

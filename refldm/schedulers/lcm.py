@@ -7,7 +7,8 @@ import dataclasses
 
 import numpy
 
-from .base import AlphaAddNoise, BaseConfig, SchedulerMixin, clip, dynamic_threshold, noise_like
+from . import schedule
+from .base import AlphaScheduler, BaseConfig, ThresholdingKeys, clip, dynamic_threshold, noise_like
 from .prediction import predict_x0
 
 
@@ -22,7 +23,7 @@ def consistency_scalings(timestep, timestep_scaling=10.0, sigma_data=0.5):
 
 
 @dataclasses.dataclass
-class LCMConfig(BaseConfig):
+class LCMConfig(ThresholdingKeys, BaseConfig):
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
@@ -33,25 +34,13 @@ class LCMConfig(BaseConfig):
     set_alpha_to_one: bool = True
     timestep_scaling: float = 10.0
     rescale_betas_zero_snr: bool = False
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
 
 
-class LCMScheduler(AlphaAddNoise, SchedulerMixin):
+class LCMScheduler(AlphaScheduler):
     """diffusers' LCMScheduler: denoise with the consistency function, then re-noise to the next timestep."""
 
     Config = LCMConfig
     output_fields = ("prev_sample", "denoised")
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.final_alpha_cumprod = self._scalar(1.0 if self.config.set_alpha_to_one else self.alphas_cumprod[0])
-        self.init_noise_sigma = 1.0
-        self.timesteps = numpy.arange(self.config.num_train_timesteps)[::-1].copy()
-
-    def scale_model_input(self, sample, timestep=None):
-        return sample
 
     def set_timesteps(self, num_inference_steps, device=None, original_inference_steps=None, strength=1.0):
         """n timesteps taken evenly (by index) from the distillation grid k-1, 2k-1, ..., k = T // original_steps,
@@ -64,25 +53,15 @@ class LCMScheduler(AlphaAddNoise, SchedulerMixin):
                              f"num_train_timesteps={c.num_train_timesteps}")
         k = c.num_train_timesteps // original
         origin = numpy.asarray(list(range(1, int(original * strength) + 1))) * k - 1
-        if len(origin) // n < 1:
-            raise ValueError(f"LCMScheduler.set_timesteps: num_inference_steps={n} is more than "
-                             f"original_inference_steps x strength = {original} x {strength}")
-        if n > original:
-            raise ValueError(f"LCMScheduler.set_timesteps: num_inference_steps={n} is larger than "
-                             f"original_inference_steps={original}")
-        origin = origin[::-1].copy()
-        indices = numpy.floor(numpy.linspace(0, len(origin), num=n, endpoint=False)).astype(numpy.int64)
-        self.timesteps = origin[indices].astype(numpy.int64)
+        self.timesteps = schedule.consistency_timesteps("LCMScheduler.set_timesteps", origin, n, original, strength)
         self.num_inference_steps = n
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         """denoised = c_skip x + c_out x_0; then x_prev = sqrt(abar_prev) denoised + sqrt(1 - abar_prev) z,
         except at the last step, which returns denoised (Luo et al. 2023, multistep sampling)."""
         self._need_timesteps()
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         c = self.config
         t = int(timestep)
         next_index = self._step_index + 1

@@ -9,7 +9,7 @@ import numpy
 from scipy import integrate
 
 from . import schedule
-from .base import BaseConfig, SigmaScheduler
+from .base import BaseConfig, SigmaGridKeys, SigmaScheduler
 from .prediction import x0_from_sigma_prediction
 
 
@@ -37,10 +37,7 @@ def lms_coefficient(sigmas, order: int, i: int, j: int) -> float:
 
 
 @dataclasses.dataclass
-class LMSConfig(BaseConfig):
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
+class LMSConfig(SigmaGridKeys, BaseConfig):
 
     def __post_init__(self):
         super().__post_init__()
@@ -51,10 +48,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
     """diffusers' LMSDiscreteScheduler: x_{i+1} = x_i + sum_j c_ij d_{i-j}, d = (x - x_0) / sigma, order <= 4."""
 
     Config = LMSConfig
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.set_timesteps(self.config.num_train_timesteps)  # as diffusers: usable before set_timesteps
+    steps_at_init = "num_train_timesteps"  # as diffusers: usable before set_timesteps
 
     def set_timesteps(self, num_inference_steps, device=None):
         n = self._check_steps(num_inference_steps)
@@ -69,9 +63,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
         self.derivatives = []
 
     def step(self, model_output, timestep, sample, order=4, return_dict=True):
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._locate_step(timestep)
         sigma = self._scalar(self.sigmas[i])
         x0 = x0_from_sigma_prediction(self.config.prediction_type, model_output, sample, sigma)
         self.derivatives.append((sample - x0) / sigma)

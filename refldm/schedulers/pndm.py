@@ -8,7 +8,7 @@ import dataclasses
 import numpy
 
 from . import schedule
-from .base import AlphaAddNoise, BaseConfig, SchedulerMixin
+from .base import AlphaScheduler, BaseConfig
 from .prediction import eps_from_v
 
 
@@ -42,7 +42,7 @@ class PNDMConfig(BaseConfig):
     PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-class PNDMScheduler(AlphaAddNoise, SchedulerMixin):
+class PNDMScheduler(AlphaScheduler):
     """diffusers' PNDMScheduler: 3 Runge-Kutta warm-up steps (12 model calls) then PLMS, or with
     skip_prk_steps=True a Heun-like warm-up (the second timestep repeated) then PLMS."""
 
@@ -50,8 +50,6 @@ class PNDMScheduler(AlphaAddNoise, SchedulerMixin):
 
     def __init__(self, **config):
         super().__init__(**config)
-        self.final_alpha_cumprod = self._scalar(1.0 if self.config.set_alpha_to_one else self.alphas_cumprod[0])
-        self.init_noise_sigma = 1.0
         self.pndm_order = 4
         self._reset()
         self.timesteps = None

@@ -222,3 +222,17 @@ def spaced_timesteps_skip_last(spacing: str, num_train_timesteps: int, n: int, s
     else:
         raise ValueError(f"timestep_spacing={spacing!r} is not one of 'linspace', 'leading', 'trailing'")
     return t.astype(numpy.int64).astype(numpy.float64)
+
+
+def consistency_timesteps(where: str, origin, n: int, original: int, strength: float):
+    """LCM's and TCD's n timesteps: n indices taken evenly, from the largest timestep, out of the ascending grid
+    `origin` (the distillation grid k - 1, 2k - 1, ..., k = T // original, cut to its first original * strength
+    points): t_i = origin[::-1][floor(i len(origin) / n)], i = 0..n-1, as diffusers' LCMScheduler."""
+    if len(origin) // n < 1:
+        raise ValueError(f"{where}: num_inference_steps={n} is more than original_inference_steps x "
+                         f"strength = {original} x {strength}")
+    if n > original:
+        raise ValueError(f"{where}: num_inference_steps={n} is larger than original_inference_steps={original}")
+    origin = origin[::-1].copy()
+    indices = numpy.floor(numpy.linspace(0, len(origin), num=n, endpoint=False)).astype(numpy.int64)
+    return origin[indices].astype(numpy.int64)

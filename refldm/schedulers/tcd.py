@@ -22,7 +22,8 @@ import math
 
 import numpy
 
-from .base import AlphaAddNoise, BaseConfig, SchedulerMixin, SchedulerOutput, check_custom_timesteps, noise_like
+from . import schedule
+from .base import AlphaScheduler, BaseConfig, SchedulerOutput, check_custom_timesteps, noise_like
 from .prediction import predict_eps, predict_x0
 
 
@@ -48,21 +49,13 @@ class TCDConfig(BaseConfig):
     rescale_betas_zero_snr: bool = False
 
 
-class TCDScheduler(AlphaAddNoise, SchedulerMixin):
+class TCDScheduler(AlphaScheduler):
     """diffusers' TCDScheduler (ComfyUI's "tcd")."""
 
     Config = TCDConfig
     UNSUPPORTED = {"clip_sample": False, "thresholding": False}  # diffusers' TCD step ignores both
 
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.final_alpha_cumprod = self._scalar(1.0 if self.config.set_alpha_to_one else self.alphas_cumprod[0])
-        self.init_noise_sigma = 1.0
-        self.timesteps = numpy.arange(self.config.num_train_timesteps)[::-1].copy()
-        self.custom_timesteps = False
-
-    def scale_model_input(self, sample, timestep=None):
-        return sample
+    custom_timesteps = False  # set_timesteps(timesteps=...) sets it
 
     def set_timesteps(self, num_inference_steps=None, device=None, original_inference_steps=None, timesteps=None,
                       strength=1.0):
@@ -90,27 +83,16 @@ class TCDScheduler(AlphaAddNoise, SchedulerMixin):
             self.timesteps = t[max(len(t) - init, 0):]
         else:
             n = self._check_steps(num_inference_steps)
-            if len(origin) // n < 1:
-                raise ValueError(f"{where}: num_inference_steps={n} is more than original_inference_steps x "
-                                 f"strength = {original} x {strength}")
-            if n > original:
-                raise ValueError(f"{where}: num_inference_steps={n} is larger than original_inference_steps="
-                                 f"{original}")
-            origin = origin[::-1].copy()
-            indices = numpy.floor(numpy.linspace(0, len(origin), num=n, endpoint=False)).astype(numpy.int64)
-            self.timesteps = origin[indices].astype(numpy.int64)
+            self.timesteps = schedule.consistency_timesteps(where, origin, n, original, strength)
             self.num_inference_steps = n
-        self._step_index = None
-        self._begin_index = None
+        self._reset_step_index()
 
     def step(self, model_output, timestep, sample, eta=0.3, generator=None, return_dict=True):
         """x_s from the x_0 / eps estimates, then re-noised to the next timestep (module docstring)."""
         self._need_timesteps()
         if not 0 <= eta <= 1:
             raise ValueError(f"TCDScheduler.step: eta={eta!r} must be in [0, 1]")
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._locate_step(timestep)
         t = int(timestep)
         prev_t = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else 0
         # s = floor((1 - eta) t_prev); diffusers multiplies in torch's default dtype (float32 unless made float64)

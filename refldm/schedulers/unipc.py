@@ -14,9 +14,8 @@ import math
 import numpy
 
 from . import schedule
-from .base import BaseConfig, SchedulerMixin, SigmaAddNoise, check_choice, dynamic_threshold
-from .dpmsolver import _lambda, alpha_sigma
-from .prediction import predict_eps, predict_x0
+from .base import BaseConfig, SigmaGridKeys, ThresholdingKeys, check_choice
+from .multistep import MultistepScheduler, half_log_snr
 
 
 def unipc_coefficients(rks, hh, order, solver_type):
@@ -45,22 +44,16 @@ def _combine(weights, arrays):
 
 
 @dataclasses.dataclass
-class UniPCConfig(BaseConfig):
+class UniPCConfig(SigmaGridKeys, ThresholdingKeys, BaseConfig):
     solver_order: int = 2
     predict_x0: bool = True
     solver_type: str = "bh2"
     lower_order_final: bool = True
     disable_corrector: list = dataclasses.field(default_factory=list)
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     sigma_min: float | None = None
     sigma_max: float | None = None
     final_sigmas_type: str = "zero"
     rescale_betas_zero_snr: bool = False
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -71,32 +64,29 @@ class UniPCConfig(BaseConfig):
         schedule.check_one_sigma_grid(self)
 
 
-class UniPCMultistepScheduler(SigmaAddNoise, SchedulerMixin):
+class UniPCMultistepScheduler(MultistepScheduler):
     """diffusers' UniPCMultistepScheduler (UniPC-bh2 with data prediction by default)."""
 
     Config = UniPCConfig
     UNSUPPORTED = {"solver_p": None, "use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False,
                    "time_shift_type": "exponential", "shift_terminal": None}
     RENAMED = {"solver_type": {"midpoint": "bh2", "heun": "bh2", "logrho": "bh2"}}  # as diffusers does
-    output_fields = ("prev_sample",)
-    variance_preserving = True
+    thresholds_noise = False  # diffusers thresholds only x_0 here
 
     def __init__(self, **config):
         super().__init__(**config)
-        if self.config.rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = 2.0**-24  # diffusers' stand-in for abar_T = 0
-        self.sigmas_table = schedule.sigmas_from_alphas_cumprod(self.alphas_cumprod)
-        self.sigmas = self.sigmas_table
-        self.init_noise_sigma = 1.0
         self.predict_x0 = self.config.predict_x0
         self.disable_corrector = list(self.config.disable_corrector)
-        self.timesteps = numpy.linspace(0, self.config.num_train_timesteps - 1, self.config.num_train_timesteps)[::-1]
-        self._reset()
 
-    def _reset(self):
-        self.model_outputs = [None] * self.config.solver_order
+    @property
+    def predicts_data(self):
+        """x_0 with predict_x0=True (the default), else eps (multistep.convert_model_output)."""
+        return self.predict_x0
+
+    def _reset_history(self):
+        """The outputs and their timesteps, and the predictor's last sample and order that the corrector redoes."""
+        super()._reset_history()
         self.timestep_list = [None] * self.config.solver_order
-        self.lower_order_nums = 0
         self.last_sample = None
         self.this_order = None
 
@@ -116,26 +106,8 @@ class UniPCMultistepScheduler(SigmaAddNoise, SchedulerMixin):
         self.sigmas = self._table(numpy.concatenate([sigmas, [last]]))
         self.timesteps = timesteps.astype(numpy.int64)
         self.num_inference_steps = len(self.timesteps)
-        self._reset()
-        self._step_index = None
-        self._begin_index = None
-
-    def scale_model_input(self, sample, *args, **kwargs):
-        return sample
-
-    def _sigma(self, index):
-        return alpha_sigma(self._scalar(self.sigmas[index]))
-
-    def convert_model_output(self, model_output, sample):
-        """x_0 (predict_x0=True, the default; dynamically thresholded with thresholding=True) or eps, from what the
-        model predicts."""
-        alpha, sigma = self._sigma(self._step_index)
-        p = self.config.prediction_type
-        c = self.config
-        if self.predict_x0:
-            x0 = predict_x0(p, model_output, sample, alpha, sigma)
-            return dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value) if c.thresholding else x0
-        return predict_eps(p, model_output, sample, alpha, sigma)  # (diffusers thresholds only x_0 here)
+        self._reset_history()
+        self._reset_step_index()
 
     def _base(self, x, m0, alpha_t, sigma_t, alpha_s0, sigma_s0, h_phi_1):
         """The first-order (DDIM / DPM-Solver-1) part of both predictor and corrector."""
@@ -145,15 +117,15 @@ class UniPCMultistepScheduler(SigmaAddNoise, SchedulerMixin):
 
     def _differences(self, index_t, index_s0, order, first_offset):
         """rk = (lambda_si - lambda_s0) / h and D1_k = (m_k - m0) / rk for the older model outputs."""
-        alpha_t, sigma_t = self._sigma(index_t)
-        alpha_s0, sigma_s0 = self._sigma(index_s0)
-        lam_s0 = _lambda(alpha_s0, sigma_s0)
-        h = _lambda(alpha_t, sigma_t) - lam_s0
+        alpha_t, sigma_t = self._alpha_sigma_at(index_t)
+        alpha_s0, sigma_s0 = self._alpha_sigma_at(index_s0)
+        lam_s0 = half_log_snr(alpha_s0, sigma_s0)
+        h = half_log_snr(alpha_t, sigma_t) - lam_s0
         m0 = self.model_outputs[-1]
         rks, d1s = [], []
         for i in range(1, order):
-            alpha_si, sigma_si = self._sigma(self._step_index - (i + first_offset))
-            rk = (_lambda(alpha_si, sigma_si) - lam_s0) / h
+            alpha_si, sigma_si = self._alpha_sigma_at(self._step_index - (i + first_offset))
+            rk = (half_log_snr(alpha_si, sigma_si) - lam_s0) / h
             rks.append(rk)
             d1s.append((self.model_outputs[-(i + 1)] - m0) / rk)
         rks.append(1.0)
@@ -187,15 +159,14 @@ class UniPCMultistepScheduler(SigmaAddNoise, SchedulerMixin):
 
     def step(self, model_output, timestep, sample, return_dict=True):
         self._need_timesteps()
-        if self._step_index is None:
-            self._init_step_index(timestep)
+        self._locate_step(timestep)
         c = self.config
         use_corrector = (self._step_index > 0 and self._step_index - 1 not in self.disable_corrector
                          and self.last_sample is not None)
         converted = self.convert_model_output(model_output, sample)
         if use_corrector and self.sigmas[self._step_index] != self.sigmas[self._step_index - 1]:
             sample = self.corrector_update(converted, self.last_sample, self.this_order)
-        self.model_outputs = self.model_outputs[1:] + [converted]
+        self._remember(converted)
         self.timestep_list = self.timestep_list[1:] + [timestep]
         order = min(c.solver_order, len(self.timesteps) - self._step_index) if c.lower_order_final else c.solver_order
         self.this_order = min(order, self.lower_order_nums + 1)
@@ -204,7 +175,6 @@ class UniPCMultistepScheduler(SigmaAddNoise, SchedulerMixin):
             prev_sample = sample  # a zero-length step (Karras sigmas ending on sigma_min twice) leaves x unchanged
         else:
             prev_sample = self.predictor_update(sample, self.this_order)
-        if self.lower_order_nums < c.solver_order:
-            self.lower_order_nums += 1
+        self._count_step()
         self._step_index += 1
         return self._output(return_dict, prev_sample)
