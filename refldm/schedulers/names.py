@@ -76,6 +76,26 @@ SIGMA_GRID_CLASSES = {"EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDis
                       "DPMSolverSDEScheduler", "DPMPP2SAncestralScheduler", "DPMPP3MSDEScheduler",
                       "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"}
 
+# On a rectified-flow model (SD3, FLUX; scheduler FlowMatch*) the web UIs keep the sampler names and integrate the
+# flow ODE instead: A1111/Forge "Euler", ComfyUI "euler" with ModelSamplingSD3. name -> class on such a model.
+FLOW_SAMPLERS = {
+    "euler": "FlowMatchEulerDiscreteScheduler",
+    "heun": "FlowMatchHeunDiscreteScheduler",
+}
+
+
+def resolve_flow(name: str) -> str:
+    """The flow-matching class for a sampler name (any spelling of Euler / Heun, or a FlowMatch class name) on a
+    rectified-flow model; other names are refused with the ones that work."""
+    if name in FLOW_SAMPLERS.values():
+        return name
+    sampler = _BY_NAME.get(_norm(name))
+    if sampler is None or sampler.key not in FLOW_SAMPLERS:
+        raise ValueError(f"sampler {name!r} has no rectified-flow version in refldm; on a flow model (SD3) "
+                         f"choose one of {', '.join(FLOW_SAMPLERS)} or {', '.join(FLOW_SAMPLERS.values())}")
+    return FLOW_SAMPLERS[sampler.key]
+
+
 # samplers of the web UIs that refldm does not implement (yet): name -> what diffusers / k-diffusion call it
 MISSING = {
     "Restart": ("restart", "none in diffusers; -"),
