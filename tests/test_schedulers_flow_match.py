@@ -190,10 +190,61 @@ def test_integer_timestep_is_refused_naming_it():
 
 
 def test_web_ui_names_on_a_flow_model():
-    assert names.resolve_flow("Euler") == "FlowMatchEulerDiscreteScheduler"
-    assert names.resolve_flow("euler") == "FlowMatchEulerDiscreteScheduler"
-    assert names.resolve_flow("Heun") == "FlowMatchHeunDiscreteScheduler"
-    scheduler = rs.get_scheduler(names.resolve_flow("euler"), {"shift": 3.0, "_class_name": "x"})
+    assert names.resolve_flow("Euler") == ("FlowMatchEulerDiscreteScheduler", {})
+    assert names.resolve_flow("euler")[0] == "FlowMatchEulerDiscreteScheduler"
+    assert names.resolve_flow("Heun")[0] == "FlowMatchHeunDiscreteScheduler"
+    assert names.resolve_flow("dpmpp_2m") == ("DPMSolverMultistepScheduler", {
+        "algorithm_type": "dpmsolver++", "solver_order": 2, "use_flow_sigmas": True,
+        "prediction_type": "flow_prediction"})
+    scheduler = rs.get_scheduler(names.resolve_flow("euler")[0], {"shift": 3.0, "_class_name": "x"})
     assert isinstance(scheduler, rs.FlowMatchEulerDiscreteScheduler) and scheduler.config.shift == 3.0
-    with pytest.raises(ValueError, match="'DPM\\+\\+ 2M' has no rectified-flow version"):
-        names.resolve_flow("DPM++ 2M")
+    with pytest.raises(ValueError, match="'DPM\\+\\+ 2M SDE' has no rectified-flow version"):
+        names.resolve_flow("DPM++ 2M SDE")
+
+
+DPM_FLOW = [
+    {"solver_order": 2},
+    {"solver_order": 3},
+    {"solver_order": 1},
+    {"solver_order": 2, "algorithm_type": "sde-dpmsolver++"},
+    {"solver_order": 2, "solver_type": "heun", "lower_order_final": False},
+]
+
+
+@pytest.mark.parametrize("config", DPM_FLOW, ids=_ids)
+@pytest.mark.parametrize("steps", [2, 8, 20])
+def test_dpmsolver_in_flow_mode_equals_diffusers(config, steps):
+    """DPM-Solver++ on the flow grid (use_flow_sigmas, flow_shift, prediction_type "flow_prediction"), as SD3 and
+    Wan pipelines use it: tables bit for bit, trajectories to float32 rounding."""
+    torch = require("torch")
+    config = {"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction", **config}
+    ref, ours, _ = _pair("DPMSolverMultistepScheduler", config, num_inference_steps=steps)
+    numpy.testing.assert_array_equal(ours.sigmas, ref.sigmas.numpy())
+    numpy.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy())
+    x = numpy.random.default_rng(6).standard_normal((2, 3, 4, 4)).astype(numpy.float32)
+    g = (torch.Generator().manual_seed(3), Generator(3))
+    expected = _run(ref, torch.from_numpy(x), torch, generator=g[0]).numpy()
+    numpy.testing.assert_allclose(_run(ours, x, generator=g[1]), expected, rtol=0, atol=2e-6)
+
+
+def test_dpmsolver_flow_mode_with_mu_and_add_noise():
+    torch = require("torch")
+    config = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "use_dynamic_shifting": True}
+    ref, ours, _ = _pair("DPMSolverMultistepScheduler", config, num_inference_steps=6, mu=0.9)
+    numpy.testing.assert_array_equal(ours.sigmas, ref.sigmas.numpy())
+    x0 = numpy.random.default_rng(7).standard_normal((2, 2, 3, 3)).astype(numpy.float32)
+    e = numpy.random.default_rng(8).standard_normal((2, 2, 3, 3)).astype(numpy.float32)
+    t = ref.timesteps[2:3].repeat(2)
+    expected = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(e), t).numpy()
+    numpy.testing.assert_allclose(ours.add_noise(x0, e, t.numpy()), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"use_flow_sigmas": True, "use_karras_sigmas": True, "prediction_type": "flow_prediction"},
+     "cannot be combined with use_karras_sigmas"),
+    ({"use_flow_sigmas": True, "prediction_type": "epsilon"}, "prediction_type 'flow_prediction'"),
+    ({"prediction_type": "flow_prediction"}, "needs use_flow_sigmas=True"),
+])
+def test_dpmsolver_flow_mode_refusals_name_the_key(config, match):
+    with pytest.raises(ValueError, match=match):
+        rs.DPMSolverMultistepScheduler(**config)

@@ -106,13 +106,14 @@ def pipes(folder):
             "img2img": StableDiffusion3Img2ImgPipeline.from_pretrained(folder)}
 
 
-def run_diffusers(reference, which="txt2img", seed=1, output_type="np", scheduler=None, **kwargs):
+def run_diffusers(reference, which="txt2img", seed=1, output_type="np", scheduler=None, scheduler_kwargs=None,
+                  **kwargs):
     torch = require("torch")
     diffusers = require("diffusers")
     p = reference[which]
     original = p.scheduler
     if scheduler is not None:
-        p.scheduler = getattr(diffusers, scheduler).from_config(p.scheduler.config)
+        p.scheduler = getattr(diffusers, scheduler).from_config(p.scheduler.config, **(scheduler_kwargs or {}))
     try:
         out = p(generator=torch.Generator().manual_seed(seed), output_type=output_type, **kwargs)
     finally:
@@ -149,6 +150,18 @@ def test_no_guidance_and_custom_sigmas(pipes, reference):
                   sigmas=[1.0, 0.7, 0.3])
     ref = run_diffusers(reference, seed=5, num_inference_steps=3, **kwargs)
     out = pipes["txt2img"](**kwargs, num_inference_steps=3, seed=5, progress=False)
+    assert _max_pixel_diff(out.images, ref) <= 2
+
+
+def test_dpmpp_2m_in_flow_mode_same_image_as_diffusers(pipes, reference):
+    """sampler="DPM++ 2M" on a flow model: DPMSolverMultistepScheduler with use_flow_sigmas, flow_shift = the
+    folder's shift (3.0) and prediction_type "flow_prediction"."""
+    kwargs = dict(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=6, guidance_scale=5.0,
+                  max_sequence_length=SEQ)
+    ref = run_diffusers(reference, seed=8, scheduler="DPMSolverMultistepScheduler",
+                        scheduler_kwargs=dict(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"),
+                        **kwargs)
+    out = pipes["txt2img"](**kwargs, seed=8, sampler="DPM++ 2M", progress=False)
     assert _max_pixel_diff(out.images, ref) <= 2
 
 

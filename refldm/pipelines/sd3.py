@@ -221,10 +221,18 @@ class StableDiffusion3Pipeline:
 
     def make_scheduler(self, name: str | None = None):
         """A fresh flow-matching scheduler: the folder's own class, or a sampler name that has a flow version
-        ("euler", "Euler", "heun"; refldm.schedulers.names.FLOW_SAMPLERS)."""
+        ("euler", "Euler", "heun", "DPM++ 2M": refldm.schedulers.names.FLOW_SAMPLERS)."""
         from refldm.schedulers import get_scheduler, names
-        cls = self.scheduler_config.get("_class_name", "FlowMatchEulerDiscreteScheduler")
-        return get_scheduler(cls if name is None else names.resolve_flow(name), self.scheduler_config)
+        if name is None:
+            return get_scheduler(self.scheduler_config.get("_class_name", "FlowMatchEulerDiscreteScheduler"),
+                                 self.scheduler_config)
+        cls, implied = names.resolve_flow(name)
+        if implied.get("use_flow_sigmas"):  # DPM-Solver++ on the flow grid, with the folder's shift
+            implied["flow_shift"] = float(self.scheduler_config.get("shift", 1.0))
+            for key in ("use_dynamic_shifting", "time_shift_type"):
+                if key in self.scheduler_config:
+                    implied[key] = self.scheduler_config[key]
+        return get_scheduler(cls, self.scheduler_config, **implied)
 
     def _set_timesteps(self, sched, steps, latent_shape, mu, sigmas):
         """diffusers' retrieve_timesteps with mu from the image's token count when the scheduler shifts
@@ -379,7 +387,8 @@ class StableDiffusion3Pipeline:
 
     def _parameters(self, prompt, negative, steps, sampler, cfg, seed, width, height, strength) -> str:
         from refldm.core.images import parameters_text
-        label = {"FlowMatchEulerDiscreteScheduler": "Euler", "FlowMatchHeunDiscreteScheduler": "Heun"}
+        label = {"FlowMatchEulerDiscreteScheduler": "Euler", "FlowMatchHeunDiscreteScheduler": "Heun",
+                 "DPMSolverMultistepScheduler": "DPM++ 2M"}
         key = self.make_scheduler(sampler).__class__.__name__
         return parameters_text(prompt, negative, steps, label.get(key, key), cfg,
                                "unknown" if seed is None else seed, width, height, self.name, strength=strength)
