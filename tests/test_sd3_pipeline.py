@@ -29,7 +29,7 @@ PROMPT = "a photo of a red cat on the white background"
 SIZE = 32           # pixels; the tiny VAE has 3 levels (4x) and the transformer patches of 2: 4 x 4 tokens
 STEPS = 5
 SEQ = 8             # max_sequence_length: T5's (zero) tokens, kept short here
-TEXT1, TEXT2, PROJ1, PROJ2 = 12, 16, 8, 12
+TEXT1, TEXT2, PROJ1, PROJ2 = 12, 16, 12, 12  # CLIP-L projects to its own width, as SD3's (768)
 
 
 def build_tiny_sd3(folder, seed=0, scheduler_config=None):

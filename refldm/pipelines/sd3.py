@@ -146,6 +146,53 @@ class StableDiffusion3Pipeline:
                    tokenizer_3, scheduler_config, configs, name=os.path.basename(os.path.normpath(folder)),
                    dtype=dtype)
 
+    @classmethod
+    def from_single_file(cls, path, config, dtype="float32", use_t5: bool = True):
+        """Load an original SD3 / SD3.5 single ``.safetensors`` (model.diffusion_model.joint_blocks.*,
+        first_stage_model.*, text_encoders.clip_l / clip_g / t5xxl.*; the key table is `sd3_from_original` in
+        refldm/checkpoints/convert.py). config: a diffusers SD3 folder whose configs, tokenizers and scheduler
+        describe the file's model. The file must include the CLIP encoders; T5 is used when the file has it
+        (and use_t5), else zeros stand in. Pickle files are refused, never opened."""
+        from refldm.checkpoints import convert
+        from refldm.checkpoints.weights import load_file
+        from refldm.models.clip import CLIPTextModelWithProjection
+        from refldm.models.sd3_transformer import SD3Transformer2DModel
+        from refldm.models.tokenizer import CLIPTokenizer
+        from refldm.models.vae import AutoencoderKL
+
+        path, config = os.fspath(path), os.fspath(config)
+        state = load_file(path)
+        if not convert.is_sd3(state):
+            raise ValueError(f"{path}: not an SD3 / SD3.5 single file (no model.diffusion_model.joint_blocks.*)")
+        for part in ("text_encoder", "text_encoder_2"):
+            prefix = convert.SD3_PREFIXES[part]
+            if not any(k.startswith(prefix) for k in state):
+                raise ValueError(f"{path}: holds no {prefix}* ({part}); SD3 needs both CLIP encoders: use a file "
+                                 "that includes them (sd3_medium_incl_clips*.safetensors) or a diffusers folder")
+        classes = {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL,
+                   "text_encoder": CLIPTextModelWithProjection, "text_encoder_2": CLIPTextModelWithProjection}
+        with_t5 = use_t5 and any(k.startswith(convert.SD3_PREFIXES["text_encoder_3"]) for k in state)
+        if with_t5:
+            from refldm.models.t5 import T5EncoderModel
+            classes["text_encoder_3"] = T5EncoderModel
+        configs = {p: read_config(os.path.join(config, p)) for p in classes}
+        models = {p: c.from_config(configs[p], where=os.path.join(config, p, "config.json"))
+                  for p, c in classes.items()}
+        expected = {part: [key for key, *_ in model.params()] for part, model in models.items()}
+        parts = convert.sd3_from_original(state, expected, configs, source=path)
+        del state
+        for part, model in models.items():
+            model.load_state_dict(parts.pop(part), dtype=dtype, source=f"{path} ({part})")
+        tokenizer_3 = None
+        if with_t5:
+            from refldm.models.t5_tokenizer import T5TokenizerFast
+            tokenizer_3 = T5TokenizerFast.from_pretrained(os.path.join(config, "tokenizer_3"))
+        return cls(models["transformer"], models["vae"], models["text_encoder"],
+                   CLIPTokenizer.from_pretrained(os.path.join(config, "tokenizer")), models["text_encoder_2"],
+                   CLIPTokenizer.from_pretrained(os.path.join(config, "tokenizer_2")), models.get("text_encoder_3"),
+                   tokenizer_3, read_config(os.path.join(config, "scheduler"), "scheduler_config.json"), configs,
+                   name=os.path.splitext(os.path.basename(path))[0], dtype=dtype)
+
     # -- sizes --------------------------------------------------------------------------------------------------
 
     @property
