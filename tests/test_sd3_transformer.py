@@ -180,3 +180,18 @@ def test_bad_inputs_name_the_shape():
         model(x, c, y, 500.0)
     with pytest.raises(ValueError, match=r"encoder_hidden_states must be \(1, S, 20\)"):
         model(np.zeros((1, 4, 4, 4)), np.zeros((1, 3, 7)), y, 500.0)
+
+
+def test_float16_weights_run_close_to_float32(tmp_path):
+    """float16: the weights cast on loading, the sinusoid and RMS norm's mean of squares in float32; the output
+    stays within float16 rounding of the float32 model's."""
+    config = tiny_config(layers=2, qk_norm="rms_norm", dual=(0,))
+    build(tmp_path, config)
+    rng = np.random.default_rng(5)
+    x, c, y, t = inputs(rng, config, 2, 6, 8, 3)
+    ref = SD3Transformer2DModel.from_pretrained(tmp_path, dtype="float32")(*(a.astype("float32") for a in (x, c, y)),
+                                                                            t)
+    model = SD3Transformer2DModel.from_pretrained(tmp_path, dtype="float16")
+    out = model(*(a.astype("float16") for a in (x, c, y)), t)
+    assert out.dtype == np.float16 and np.all(np.isfinite(out))
+    assert rel_err(out, ref) <= 1e-2
