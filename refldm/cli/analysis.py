@@ -71,7 +71,7 @@ def register(subparsers) -> None:
 # cost
 # ---------------------------------------------------------------------------------------------------
 
-def cost_figures(model=None, height=512, width=512, steps=25, batch=2, tokens=77, dtype="float16") -> dict:
+def cost_figures(model=None, height=512, width=512, steps=25, batch=2, tokens=None, dtype="float16") -> dict:
     """Everything ``refldm cost`` prints, as a dict (the --json object)."""
     from refldm.analysis import cost
 
