@@ -43,6 +43,9 @@ SCHEDULER_MODULES = {
     "DPMPP3MSDEScheduler": "refldm.schedulers.dpmpp_3m_sde",
     "DPMFastScheduler": "refldm.schedulers.dpm_fast",
     "DPMAdaptiveScheduler": "refldm.schedulers.dpm_adaptive",
+    # rectified flow (SD3, FLUX): the web UIs' "Euler" / "Heun" on a flow model (names.FLOW_SAMPLERS)
+    "FlowMatchEulerDiscreteScheduler": "refldm.schedulers.flow_match_euler",
+    "FlowMatchHeunDiscreteScheduler": "refldm.schedulers.flow_match_heun",
 }
 # the shared base classes, also importable from here
 _BASE_NAMES = {"SchedulerMixin": "refldm.schedulers.base", "SchedulerOutput": "refldm.schedulers.base",

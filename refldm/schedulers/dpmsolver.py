@@ -5,6 +5,9 @@ Steps", arXiv:2206.00927) with its SDE variant (algorithm_type "dpmsolver" / "sd
 
 Notation: x_t = alpha_t x_0 + sigma_t eps with alpha_t = 1 / sqrt(1 + s^2), sigma_t = s alpha_t for the
 Karras sigma s; lambda_t = log(alpha_t / sigma_t) = -log s is the half log-SNR, h = lambda_t - lambda_s > 0.
+In flow mode (use_flow_sigmas, for rectified-flow models such as SD3: x_t = (1 - t) x_0 + t e) the grid is the
+shifted flow time t and alpha_t = 1 - t, sigma_t = t; a "flow_prediction" model's v gives x_0 = x_t - t v, and the
+same exponential integrators run on that x_0.
 The solvers integrate the data-prediction ODE exactly in its linear part (exponential integrators) and
 approximate x_0(lambda) by a polynomial through the last model outputs.
 """
@@ -19,6 +22,11 @@ import numpy
 from . import schedule
 from .base import BaseConfig, SigmaGridKeys, ThresholdingKeys, check_choice, check_custom_timesteps, noise_like
 from .multistep import MultistepScheduler, alpha_sigma, half_log_snr, step_length
+
+
+def flow_alpha_sigma(t: float):
+    """(alpha_t, sigma_t) = (1 - t, t) on the rectified-flow path x_t = (1 - t) x_0 + t e."""
+    return 1 - t, t
 
 
 def dpmpp_first_order(x, x0, alpha_t, sigma_t, sigma_s, h, noise=None):
@@ -132,8 +140,13 @@ class DPMSolverConfig(SigmaGridKeys, ThresholdingKeys, BaseConfig):
     final_sigmas_type: str = "zero"
     lambda_min_clipped: float = -float("inf")
     rescale_betas_zero_snr: bool = False
+    use_flow_sigmas: bool = False        # the rectified-flow grid: t = shift u / (1 + (shift - 1) u)
+    flow_shift: float = 1.0
+    use_dynamic_shifting: bool = False   # set_timesteps(mu=...): flow_shift = e^mu
+    time_shift_type: str = "exponential"
 
     ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
+    PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
     def __post_init__(self):
         super().__post_init__()
@@ -142,6 +155,19 @@ class DPMSolverConfig(SigmaGridKeys, ThresholdingKeys, BaseConfig):
         check_choice("solver_type", self.solver_type, ("midpoint", "heun"))
         check_choice("final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
         schedule.check_one_sigma_grid(self)
+        check_choice("time_shift_type", self.time_shift_type, ("exponential", "linear"))
+        if self.use_flow_sigmas:
+            grids = [k for k in schedule.SIGMA_GRIDS + ("use_lu_lambdas",) if getattr(self, k)]
+            if grids:
+                raise ValueError(f"use_flow_sigmas=True cannot be combined with {grids[0]}=True (diffusers then "
+                                 "builds the other grid on the variance-preserving sigmas)")
+            if self.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") \
+                    or self.prediction_type not in ("flow_prediction", "sample"):
+                raise ValueError("use_flow_sigmas=True is implemented for algorithm_type 'dpmsolver++' / "
+                                 "'sde-dpmsolver++' with prediction_type 'flow_prediction' (or 'sample'), got "
+                                 f"{self.algorithm_type!r} / {self.prediction_type!r}")
+        elif self.prediction_type == "flow_prediction":
+            raise ValueError("prediction_type='flow_prediction' needs use_flow_sigmas=True (the flow grid)")
         if self.algorithm_type in ("dpmsolver", "sde-dpmsolver") and self.final_sigmas_type == "zero":
             raise ValueError(f"algorithm_type={self.algorithm_type!r} needs final_sigmas_type='sigma_min' (its "
                              "noise-prediction step divides by sigma = 0 otherwise; diffusers refuses it too)")
@@ -155,16 +181,50 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
     with "sde-dpmsolver++"; Karras sigmas with use_karras_sigmas=True)."""
 
     Config = DPMSolverConfig
-    UNSUPPORTED = {"variance_type": None, "use_flow_sigmas": False, "flow_shift": 1.0,
-                   "use_dynamic_shifting": False, "time_shift_type": "exponential"}
+    UNSUPPORTED = {"variance_type": None}
     RENAMED = {"solver_type": {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"},  # as diffusers does
                "algorithm_type": {"deis": "dpmsolver++"}}
 
-    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
+    def _alpha_sigma(self, s):
+        """(alpha_t, sigma_t) at grid value s: the flow path's (1 - t, t) in flow mode, else Karras' sigma."""
+        return flow_alpha_sigma(s) if self.config.use_flow_sigmas else alpha_sigma(s)
+
+    def _alpha_sigma_at(self, index):
+        return self._alpha_sigma(self._scalar(self.sigmas[index]))
+
+    def _set_flow_timesteps(self, n, mu):
+        """diffusers' flow grid: u = 1 - linspace(1, 1/N, n + 1), t = shift u / (1 + (shift - 1) u) reversed, the
+        smallest (t = 0) dropped; timesteps = int(N t) (truncated, as diffusers casts them to int64); with mu,
+        shift = e^mu (use_dynamic_shifting, time_shift_type "exponential")."""
+        c = self.config
+        shift = c.flow_shift
+        if mu is not None:
+            if not (c.use_dynamic_shifting and c.time_shift_type == "exponential"):
+                raise ValueError("DPMSolverMultistepScheduler.set_timesteps: mu needs use_dynamic_shifting=True and "
+                                 "time_shift_type='exponential'")
+            shift = math.exp(mu)
+        u = 1.0 - numpy.linspace(1, 1 / c.num_train_timesteps, n + 1)
+        t = (shift * u / (1 + (shift - 1) * u))[::-1][:-1]
+        last = float(self.sigmas_table[0]) if c.final_sigmas_type == "sigma_min" else 0.0
+        self.sigmas = self._table(numpy.concatenate([t, [last]]))
+        self.timesteps = (t * c.num_train_timesteps).astype(numpy.int64)
+        self.num_inference_steps = n
+        self._reset_history()
+        self._reset_step_index()
+
+    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None):
         """n timesteps spaced as config.timestep_spacing (n + 1 points, the smallest dropped), or the sigma grid
         the config asks for (Karras, exponential, beta, uniform in lambda) mapped back to rounded timesteps; or
-        explicit integer `timesteps` (descending, in [0, num_train_timesteps))."""
+        explicit integer `timesteps` (descending, in [0, num_train_timesteps)); or, with use_flow_sigmas, the
+        shifted flow grid (`_set_flow_timesteps`; `mu` sets the shift)."""
         c = self.config
+        if c.use_flow_sigmas:
+            if timesteps is not None:
+                raise ValueError("DPMSolverMultistepScheduler.set_timesteps: custom timesteps cannot be used with "
+                                 "use_flow_sigmas=True")
+            return self._set_flow_timesteps(self._check_steps(num_inference_steps), mu)
+        if mu is not None:
+            raise ValueError("DPMSolverMultistepScheduler.set_timesteps: mu is for use_flow_sigmas=True")
         if timesteps is not None:
             if num_inference_steps is not None:
                 raise ValueError("DPMSolverMultistepScheduler.set_timesteps: pass num_inference_steps or timesteps, "
@@ -206,6 +266,14 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         """DPM-Solver++ extrapolates x_0 (Lu et al. 2022, sec. 4), DPM-Solver eps (multistep.convert_model_output)."""
         return self.config.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
 
+    def convert_model_output(self, model_output, sample):
+        """As every multistep solver (multistep.convert_model_output); a flow model's velocity v gives the data
+        prediction x_0 = x_t - t v (thresholded if asked)."""
+        if self.config.prediction_type != "flow_prediction":
+            return super().convert_model_output(model_output, sample)
+        _, sigma = self._alpha_sigma_at(self._step_index)
+        return self._thresholded(sample - sigma * model_output)
+
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
         self._need_timesteps()
         c = self.config
@@ -217,7 +285,8 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         if c.algorithm_type.startswith("sde-"):  # diffusers draws this noise in float32, whatever the dtype
             noise = noise_like(model_output, generator, "float32") if variance_noise is None else variance_noise
         sig = [self._scalar(self.sigmas[j]) for j in (i + 1, i, i - 1, i - 2)]
-        (alpha_t, sigma_t), (alpha_s0, sigma_s0), (alpha_s1, sigma_s1), (alpha_s2, sigma_s2) = map(alpha_sigma, sig)
+        (alpha_t, sigma_t), (alpha_s0, sigma_s0), (alpha_s1, sigma_s1), (alpha_s2, sigma_s2) = map(self._alpha_sigma,
+                                                                                                   sig)
         lam_t, lam_s0 = half_log_snr(alpha_t, sigma_t), half_log_snr(alpha_s0, sigma_s0)
         h = step_length(lam_t, lam_s0)
         data = c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
@@ -249,3 +318,16 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         self._step_index += 1
         return self._output(return_dict, prev_sample)
 
+    def add_noise(self, original_samples, noise, timesteps):
+        """x_t = alpha_t x_0 + sigma_t e at each timestep's step: (1 - t, t) in flow mode, else as SigmaAddNoise."""
+        if not self.config.use_flow_sigmas:
+            return super().add_noise(original_samples, noise, timesteps)
+        from .base import broadcast_coefficient, timesteps_as_host
+        t = timesteps_as_host(timesteps)
+        if self._begin_index is None:
+            indices = [self.index_for_timestep(v) for v in t]
+        else:
+            indices = [self._begin_index if self._step_index is None else self._step_index] * len(t)
+        sigma = numpy.asarray(self.sigmas, numpy.float64)[indices]
+        return (broadcast_coefficient(1 - sigma, original_samples) * original_samples
+                + broadcast_coefficient(sigma, original_samples) * noise)
