@@ -148,3 +148,64 @@ def test_bad_input_is_one_line_naming_it(pipes, kwargs, message):
     with pytest.raises(ValueError, match=message) as e:
         pipes[1](PROMPT, **args)
     assert "\n" not in str(e.value)
+
+
+# -- SDXL ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def xl_folders(tmp_path_factory):
+    """A tiny SDXL base folder and two tiny random SDXL ControlNets of its U-Net's shape."""
+    torch = require("torch")
+    diffusers = require("diffusers")
+    from tests.test_sdxl_pipeline import build_tiny_sdxl
+    root = tmp_path_factory.mktemp("controlnet-sdxl")
+    sd = build_tiny_sdxl(root / "base", seed=0)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(sd, subfolder="unet")
+    nets = []
+    for j in range(2):
+        cn = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16))
+        _rerandomise(torch, cn, 200 + j)
+        with torch.no_grad():
+            for name, p in cn.named_parameters():
+                if name.startswith("controlnet_down_blocks") or name.startswith("controlnet_mid_block"):
+                    p.mul_(0.3)
+        cn.save_pretrained(root / f"cn{j}", safe_serialization=True)
+        nets.append(root / f"cn{j}")
+    return sd, nets
+
+
+def test_sdxl_one_and_two_controlnets_same_image_as_diffusers(xl_folders, folders):
+    torch = require("torch")
+    diffusers = require("diffusers")
+    from refldm.pipelines.controlnet import StableDiffusionXLControlNetPipeline
+    from refldm.pipelines.sdxl import StableDiffusionXLPipeline
+    sd, nets = xl_folders
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        d_base = diffusers.StableDiffusionXLPipeline.from_pretrained(sd, add_watermarker=False)
+        d_cns = [diffusers.ControlNetModel.from_pretrained(n) for n in nets]
+        base = StableDiffusionXLPipeline.from_pretrained(sd)
+        cns = [ControlNetModel.from_pretrained(n) for n in nets]
+        images = [control_picture(2), control_picture(3)]
+        runs = [(1, dict(image=images[0], controlnet_conditioning_scale=0.9, control_guidance_end=0.8)),
+                (1, dict(image=images[0], guess_mode=True, negative_prompt="blurry")),
+                (2, dict(image=images, controlnet_conditioning_scale=[0.5, 1.0], control_guidance_start=[0.0, 0.4]))]
+        for n, kwargs in runs:
+            d_pipe = diffusers.StableDiffusionXLControlNetPipeline(
+                **d_base.components, controlnet=d_cns[0] if n == 1 else d_cns, add_watermarker=False)
+            d_pipe.set_progress_bar_config(disable=True)
+            ref = d_pipe(PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1),
+                         output_type="np", **kwargs).images
+            ref = (ref * 255).round().astype(np.uint8)
+            assert ref.std() > 10
+            ours = StableDiffusionXLControlNetPipeline(base, cns[0] if n == 1 else cns)
+            assert _max_pixel_diff(_ours(ours, **kwargs), ref) <= 2, kwargs
+        # the families are checked: an SD 1.x ControlNet does not go with an SDXL U-Net, nor the other way
+        sd1_cn = ControlNetModel.from_pretrained(folders[1][0])
+        with pytest.raises(ValueError, match="ControlNet with an SDXL U-Net"):
+            StableDiffusionXLControlNetPipeline(base, sd1_cn)
+        with pytest.raises(ValueError, match="SDXL ControlNet with a "):
+            StableDiffusionControlNetPipeline(StableDiffusionPipeline.from_pretrained(folders[0]), cns[0])
+    finally:
+        torch.set_num_threads(before)

@@ -1,4 +1,5 @@
-"""Text-to-image with ControlNets (diffusers' ``StableDiffusionControlNetPipeline``), SD 1.x / 2.x.
+"""Text-to-image with ControlNets: diffusers' ``StableDiffusionControlNetPipeline`` (SD 1.x / 2.x) and
+``StableDiffusionXLControlNetPipeline`` (SDXL).
 
 The Stable Diffusion loop (refldm/pipelines/sd.py, docs/pipeline.md) with one change per step: before the
 U-Net runs, each ControlNet j reads the latents, the text and its control image y_j, and its residuals,
@@ -16,8 +17,10 @@ the unconditional half of the U-Net gets no residual (the control then acts thro
     pipe = StableDiffusionControlNetPipeline.from_pretrained("sd-folder", controlnet="controlnet-folder")
     out = pipe("a house", image=edges_png, controlnet_conditioning_scale=0.8, seed=1)
 
-The pipeline holds a `StableDiffusionPipeline` (`base`) for the text encoder, the scheduler, the VAE and the
-U-Net, and runs its own loop through `refldm.pipelines.sampling.sample`.
+Each pipeline holds a `StableDiffusionPipeline` / `StableDiffusionXLPipeline` (`base`) for the text
+encoders, the scheduler, the VAE and the U-Net, and runs the loop above (`denoise_with_control`) through
+`refldm.pipelines.sampling.sample`. SDXL's ControlNets also receive the pooled text and the time ids
+(``added_cond_kwargs``), as its U-Net does.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from refldm.models.controlnet import ControlNetModel, MultiControlNetModel, chec
 from refldm.pipelines.sampling import initial_latents, sample
 from refldm.pipelines.sd import StableDiffusionPipeline, StableDiffusionPipelineOutput
 
-__all__ = ["StableDiffusionControlNetPipeline", "control_keep", "prepare_control_image"]
+__all__ = ["StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline", "control_keep",
+           "prepare_control_image", "denoise_with_control"]
 
 
 def control_keep(n_steps: int, starts: list, ends: list) -> list:
@@ -75,39 +79,169 @@ def _per_net(value, n: int, name: str) -> list:
     return values
 
 
+class ControlArguments:
+    """The control arguments of a call, checked and made one per ControlNet."""
+
+    def __init__(self, nets, image, controlnet_conditioning_scale, control_guidance_start, control_guidance_end):
+        n = len(nets)
+        if image is None:
+            raise ValueError("image: a ControlNet pipeline needs a control image")
+        self.images = list(image) if isinstance(image, (list, tuple)) else [image]
+        if len(self.images) != n:
+            raise ValueError(f"{len(self.images)} control images for {n} ControlNet{'s' * (n > 1)}: "
+                             "give one per ControlNet")
+        self.scales = _per_net(controlnet_conditioning_scale, n, "controlnet_conditioning_scale")
+        for s in self.scales:
+            check_scale(s)
+        self.starts = _per_net(control_guidance_start, n, "control_guidance_start")
+        self.ends = _per_net(control_guidance_end, n, "control_guidance_end")
+        for s, e in zip(self.starts, self.ends):
+            if not (0.0 <= s < e <= 1.0):
+                raise ValueError(f"control_guidance_start={s} and control_guidance_end={e} must satisfy "
+                                 "0 <= start < end <= 1")
+
+    def size(self, height, width, f: int):
+        """(height, width): as given, or the first control image's size floored to a multiple of f."""
+        first = self.images[0]
+        w, h = first.size if isinstance(first, Image.Image) else (numpy.shape(first)[1], numpy.shape(first)[0])
+        height = h // f * f if height is None else int(height)
+        width = w // f * f if width is None else int(width)
+        if height % 8 or width % 8 or height < 8 or width < 8:
+            raise ValueError(f"height and width must be positive multiples of 8, got {width}x{height}")
+        return height, width
+
+    def tensors(self, height: int, width: int, copies: int, dtype: str, xp):
+        """Each control image as (copies, 3, H, W) in [0, 1]."""
+        return [xp.concatenate([prepare_control_image(im, height, width, dtype, k)] * copies)
+                for k, im in enumerate(self.images)]
+
+
+def _nets(controlnet, unet, vae_scale_factor: int):
+    """controlnet (one, a list, or a MultiControlNetModel) -> (the callable, the list), checked against the U-Net."""
+    if isinstance(controlnet, (list, tuple)):
+        controlnet = MultiControlNetModel(controlnet) if len(controlnet) != 1 else controlnet[0]
+    nets = controlnet.nets if isinstance(controlnet, MultiControlNetModel) else [controlnet]
+    for net in nets:
+        if not isinstance(net, ControlNetModel):
+            raise ValueError(f"controlnet: expected ControlNetModel objects, got {type(net).__name__}")
+        check_compatible(net, unet)
+        f = 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)
+        if f != vae_scale_factor:
+            raise ValueError(f"the ControlNet embeds control images {f}x down, but the VAE's latents are "
+                             f"{vae_scale_factor}x smaller than the image")
+    return controlnet, nets
+
+
+def _load_nets(controlnet, dtype):
+    items = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]
+    nets = [ControlNetModel.from_pretrained(c, dtype=dtype) if isinstance(c, (str, os.PathLike)) else c
+            for c in items]
+    return nets if isinstance(controlnet, (list, tuple)) else nets[0]
+
+
+def _check_steps(num_inference_steps, guidance_scale):
+    if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps \
+            or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
+    if not math.isfinite(float(guidance_scale)):
+        raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+    return int(num_inference_steps)
+
+
+def _start(base, batch, height, width, num_inference_steps, sampler, latents, seed, generator):
+    """The scheduler, the starting latents x_T (B, 4, h, w) and the seed."""
+    from refldm.core.random import Generator
+    if generator is None:
+        seed = secrets.randbelow(2 ** 32) if seed is None else seed
+        generator = Generator(seed)
+    sched = base.make_scheduler(sampler)
+    sched.set_timesteps(num_inference_steps)
+    f = base.vae_scale_factor
+    shape = (batch, base.unet.config.in_channels, height // f, width // f)
+    dtype = base.dtype.name
+    if latents is None:
+        latents = initial_latents(shape, sched, generator=generator, dtype=dtype)   # eps * sigma_max
+    else:
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        latents = backend.asarray(latents, dtype=dtype) * float(sched.init_noise_sigma)
+    return sched, latents, seed, generator
+
+
+def denoise_with_control(unet, controlnet, sched, latents, context, added, controls, args: ControlArguments,
+                         guess_mode: bool, guidance_scale: float, generator, callback=None, progress=True):
+    """The loop of the module docstring: per step, the ControlNets' summed residuals (scaled by
+    scale_j * keep_j(i)) enter the U-Net; with CFG, x, context, added and controls hold [uncond; cond].
+    added: SDXL's {"text_embeds", "time_ids"} or None. Returns the final latents."""
+    do_cfg = guidance_scale > 1.0
+    xp = backend.array_namespace(latents)
+    batch = latents.shape[0]
+    keep = control_keep(len(sched.timesteps), args.starts, args.ends)
+    step = [0]                                                             # the model calls so far
+    multi = isinstance(controlnet, MultiControlNetModel)
+
+    def model_fn(x, t):                                                    # x: (2B or B, 4, h, w), scaled
+        i = min(step[0], len(keep) - 1)
+        step[0] += 1
+        s = [scale * k for scale, k in zip(args.scales, keep[i])]
+        if guess_mode and do_cfg:                                          # the ControlNets see the cond half
+            half = None if added is None else {k: v[batch:] for k, v in added.items()}
+            x_c, c_c = x[batch:], context[batch:]
+        else:
+            half, x_c, c_c = added, x, context
+        res = controlnet(x_c, t, c_c, controls, s, guess_mode, half) if multi else \
+            controlnet(x_c, t, c_c, controls[0], s[0], guess_mode, half)
+        down, mid = res.down_block_res_samples, res.mid_block_res_sample
+        if guess_mode and do_cfg:                                          # the uncond half gets no residual
+            down = [xp.concatenate([xp.zeros_like(r), r]) for r in down]
+            mid = xp.concatenate([xp.zeros_like(mid), mid])
+        return unet(x, t, context, added_cond_kwargs=added, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid)
+
+    return sample(model_fn, sched, latents, sched.timesteps, guidance_scale=guidance_scale if do_cfg else None,
+                  generator=generator, callback=callback, progress=progress)
+
+
+def _output(base, latents, prompts, negatives, steps, sampler, guidance_scale, seed, timings):
+    start = time.perf_counter()
+    pixels = base.decode_latents(latents)                                 # (B, H, W, 3) uint8
+    timings["decode"] = time.perf_counter() - start
+    images, parameters = [], []
+    label = sampler or base.scheduler_config.get("_class_name", "")
+    for k, p in enumerate(pixels):
+        im = Image.fromarray(p)
+        text = parameters_text(prompts[k], negatives[k] or "", steps, label, guidance_scale,
+                               "unknown" if seed is None else seed, im.width, im.height, base.name)
+        im.info["parameters"] = text
+        images.append(im)
+        parameters.append(text)
+    return StableDiffusionPipelineOutput(images=images, latents=latents, seed=seed, timings=timings,
+                                         parameters=parameters)
+
+
+def _prompts(prompt, negative_prompt):
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompt must be a string or a non-empty list of strings")
+    if negative_prompt is None:
+        return prompts, None
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+    return prompts, negatives
+
+
 class StableDiffusionControlNetPipeline:
-    """Stable Diffusion steered by one or several ControlNets (see the module docstring)."""
+    """Stable Diffusion 1.x / 2.x steered by one or several ControlNets (see the module docstring)."""
 
     def __init__(self, base: StableDiffusionPipeline, controlnet):
-        if isinstance(controlnet, (list, tuple)):
-            controlnet = MultiControlNetModel(controlnet) if len(controlnet) != 1 else controlnet[0]
-        nets = controlnet.nets if isinstance(controlnet, MultiControlNetModel) else [controlnet]
-        for net in nets:
-            if not isinstance(net, ControlNetModel):
-                raise ValueError(f"controlnet: expected ControlNetModel objects, got {type(net).__name__}")
-            check_compatible(net, base.unet)
-            f = 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)
-            if f != base.vae_scale_factor:
-                raise ValueError(f"the ControlNet embeds control images {f}x down, but the VAE's latents are "
-                                 f"{base.vae_scale_factor}x smaller than the image")
         self.base = base
-        self.controlnet = controlnet
-        self.nets = nets
+        self.controlnet, self.nets = _nets(controlnet, base.unet, base.vae_scale_factor)
 
     @classmethod
     def from_pretrained(cls, folder, controlnet, dtype="float32") -> "StableDiffusionControlNetPipeline":
         """An SD folder and `controlnet`: a ControlNetModel, a controlnet folder, or a list of either."""
-        items = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]
-        nets = [ControlNetModel.from_pretrained(c, dtype=dtype) if isinstance(c, (str, os.PathLike)) else c
-                for c in items]
-        base = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype)
-        return cls(base, nets if isinstance(controlnet, (list, tuple)) else nets[0])
-
-    def _controlnet_residuals(self, x, t, context, images, scales, guess_mode):
-        """The summed residuals of every ControlNet whose scale is not switched off at this step."""
-        if isinstance(self.controlnet, MultiControlNetModel):
-            return self.controlnet(x, t, context, images, scales, guess_mode)
-        return self.controlnet(x, t, context, images[0], scales[0], guess_mode)
+        return cls(StableDiffusionPipeline.from_pretrained(folder, dtype=dtype), _load_nets(controlnet, dtype))
 
     def __call__(self, prompt="", image=None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, negative_prompt=None,
@@ -121,48 +255,15 @@ class StableDiffusionControlNetPipeline:
         controlnet_conditioning_scale, control_guidance_start, control_guidance_end: a number, or one per
         ControlNet. guess_mode: the ControlNets see only the conditional text, with their residuals scaled
         from 0.1 (shallow) to 1 (mid block)."""
-        from refldm.core.random import Generator
-        base, n_nets = self.base, len(self.nets)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        batch = len(prompts)
-        negatives = [""] * batch if negative_prompt is None else (
-            [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt))
-        if len(negatives) != batch:
-            raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts")
-        if image is None:
-            raise ValueError("image: a ControlNet pipeline needs a control image")
-        images = list(image) if isinstance(image, (list, tuple)) else [image]
-        if len(images) != n_nets:
-            raise ValueError(f"{len(images)} control images for {n_nets} ControlNet{'s' * (n_nets > 1)}: "
-                             "give one per ControlNet")
-        scales = _per_net(controlnet_conditioning_scale, n_nets, "controlnet_conditioning_scale")
-        for s in scales:
-            check_scale(s)
-        starts = _per_net(control_guidance_start, n_nets, "control_guidance_start")
-        ends = _per_net(control_guidance_end, n_nets, "control_guidance_end")
-        for s, e in zip(starts, ends):
-            if not (0.0 <= s < e <= 1.0):
-                raise ValueError(f"control_guidance_start={s} and control_guidance_end={e} must satisfy "
-                                 "0 <= start < end <= 1")
-        if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps \
-                or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
-        if not math.isfinite(float(guidance_scale)):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
-        first = images[0] if isinstance(images[0], Image.Image) else Image.fromarray(numpy.asarray(images[0]))
-        f = base.vae_scale_factor
-        height = first.height // f * f if height is None else int(height)
-        width = first.width // f * f if width is None else int(width)
-        if height % 8 or width % 8 or height < 8 or width < 8:
-            raise ValueError(f"height and width must be positive multiples of 8, got {width}x{height}")
-        if generator is None:
-            seed = secrets.randbelow(2 ** 32) if seed is None else seed
-            generator = Generator(seed)
+        base = self.base
+        prompts, negatives = _prompts(prompt, negative_prompt)
+        negatives = negatives or [""] * len(prompts)
+        args = ControlArguments(self.nets, image, controlnet_conditioning_scale, control_guidance_start,
+                                control_guidance_end)
+        steps = _check_steps(num_inference_steps, guidance_scale)
+        height, width = args.size(height, width, base.vae_scale_factor)
         do_cfg = guidance_scale > 1.0
         guess_mode = guess_mode or any(net.config.global_pool_conditions for net in self.nets)
-        dtype = base.dtype.name
         timings = {}
 
         # 1. text and control images; with CFG one batch [uncond; cond], the control image twice unless guess mode
@@ -170,57 +271,80 @@ class StableDiffusionControlNetPipeline:
         cond = base.encode_prompt(prompts)                                        # (B, 77, D)
         xp = backend.array_namespace(cond)
         context = xp.concatenate([base.encode_prompt(negatives, cond.shape[1]), cond]) if do_cfg else cond
-        copies = 2 * batch if do_cfg and not guess_mode else batch
-        controls = [xp.concatenate([prepare_control_image(im, height, width, dtype, k)] * copies)
-                    for k, im in enumerate(images)]                               # each (B or 2B, 3, H, W)
+        batch = len(prompts)
+        controls = args.tensors(height, width, 2 * batch if do_cfg and not guess_mode else batch, base.dtype.name, xp)
         timings["text encode"] = time.perf_counter() - start
 
-        # 2. timesteps, starting noise, and which ControlNet acts at which step
-        sched = base.make_scheduler(sampler)
-        sched.set_timesteps(int(num_inference_steps))
-        timesteps = sched.timesteps
-        shape = (batch, base.unet.config.in_channels, height // f, width // f)
-        if latents is None:
-            latents = initial_latents(shape, sched, generator=generator, dtype=dtype)   # eps * sigma_max
-        else:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-            latents = backend.asarray(latents, dtype=dtype) * float(sched.init_noise_sigma)
-        keep = control_keep(len(timesteps), starts, ends)
-        step = [0]                                                                # the model calls so far
-
-        # 3. the loop: the ControlNets' residuals enter the U-Net at every step
-        def model_fn(x, t):                                                       # x: (2B or B, 4, h, w), scaled
-            i = min(step[0], len(keep) - 1)
-            step[0] += 1
-            s = [scale * k for scale, k in zip(scales, keep[i])]
-            if guess_mode and do_cfg:                                             # conditional half only
-                res = self._controlnet_residuals(x[batch:], t, context[batch:], controls, s, True)
-                zeros = lambda r: xp.concatenate([xp.zeros_like(r), r])           # uncond half: no residual
-                down, mid = [zeros(r) for r in res.down_block_res_samples], zeros(res.mid_block_res_sample)
-            else:
-                res = self._controlnet_residuals(x, t, context, controls, s, guess_mode)
-                down, mid = res.down_block_res_samples, res.mid_block_res_sample
-            return base.unet(x, t, context, down_block_additional_residuals=down,
-                             mid_block_additional_residual=mid)
-
+        # 2. the starting noise, 3. the loop with the ControlNets, 4. the pixels
+        sched, latents, seed, generator = _start(base, batch, height, width, steps, sampler, latents, seed, generator)
         start = time.perf_counter()
-        latents = sample(model_fn, sched, latents, timesteps, guidance_scale=guidance_scale if do_cfg else None,
-                         generator=generator, callback=callback, progress=progress)
+        latents = denoise_with_control(base.unet, self.controlnet, sched, latents, context, None, controls, args,
+                                       guess_mode, guidance_scale, generator, callback, progress)
         timings["denoise"] = time.perf_counter() - start
+        return _output(base, latents, prompts, negatives, steps, sampler, guidance_scale, seed, timings)
 
-        # 4. latents -> pixels
+
+class StableDiffusionXLControlNetPipeline:
+    """SDXL steered by one or several SDXL ControlNets; diffusers' arguments (guidance 5.0 by default)."""
+
+    def __init__(self, base, controlnet):
+        from refldm.pipelines.sdxl import StableDiffusionXLPipeline
+        if not isinstance(base, StableDiffusionXLPipeline):
+            raise ValueError(f"StableDiffusionXLControlNetPipeline needs an SDXL pipeline, got {type(base).__name__}")
+        self.base = base
+        self.controlnet, self.nets = _nets(controlnet, base.unet, base.vae_scale_factor)
+
+    @classmethod
+    def from_pretrained(cls, folder, controlnet, dtype="float32") -> "StableDiffusionXLControlNetPipeline":
+        """An SDXL folder and `controlnet`: a ControlNetModel, a controlnet folder, or a list of either."""
+        from refldm.pipelines.sdxl import StableDiffusionXLPipeline
+        return cls(StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype), _load_nets(controlnet, dtype))
+
+    def __call__(self, prompt="", image=None, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 50, guidance_scale: float = 5.0, negative_prompt=None,
+                 original_size=None, crops_coords_top_left=(0, 0), target_size=None,
+                 seed: int | None = None, generator=None, sampler: str | None = None, latents=None,
+                 controlnet_conditioning_scale=1.0, guess_mode: bool = False, control_guidance_start=0.0,
+                 control_guidance_end=1.0, callback=None, progress: bool = True) -> StableDiffusionPipelineOutput:
+        """As `StableDiffusionControlNetPipeline.__call__`, plus SDXL's size conditioning (original_size,
+        crops_coords_top_left, target_size; sizes default to the output's). With force_zeros_for_empty_prompt
+        and no negative prompt the unconditional embeddings are zeros, as in diffusers."""
+        base = self.base
+        prompts, negatives = _prompts(prompt, negative_prompt)
+        args = ControlArguments(self.nets, image, controlnet_conditioning_scale, control_guidance_start,
+                                control_guidance_end)
+        steps = _check_steps(num_inference_steps, guidance_scale)
+        height, width = args.size(height, width, base.vae_scale_factor)
+        do_cfg = guidance_scale > 1.0
+        guess_mode = guess_mode or any(net.config.global_pool_conditions for net in self.nets)
+        batch = len(prompts)
+        timings = {}
+
+        # 1. text (context (B, 77, D1 + D2), pooled (B, P)), time ids (B, 6) and the control images
         start = time.perf_counter()
-        pixels = base.decode_latents(latents)                                     # (B, H, W, 3) uint8
-        timings["decode"] = time.perf_counter() - start
-        out_images, parameters = [], []
-        label = sampler or base.scheduler_config.get("_class_name", "")
-        for k, p in enumerate(pixels):
-            im = Image.fromarray(p)
-            text = parameters_text(prompts[k], negatives[k], int(num_inference_steps), label, guidance_scale,
-                                   "unknown" if seed is None else seed, im.width, im.height, base.name)
-            im.info["parameters"] = text
-            out_images.append(im)
-            parameters.append(text)
-        return StableDiffusionPipelineOutput(images=out_images, latents=latents, seed=seed, timings=timings,
-                                             parameters=parameters)
+        cond, pooled = base.encode_prompt(prompts)
+        xp = backend.array_namespace(cond)
+        if do_cfg:
+            if negatives is None and base.force_zeros_for_empty_prompt:
+                uncond, uncond_pooled = xp.zeros_like(cond), xp.zeros_like(pooled)
+            else:
+                uncond, uncond_pooled = base.encode_prompt(negatives or [""] * batch, max_length=cond.shape[1])
+            context = xp.concatenate([uncond, cond])
+            pooled = xp.concatenate([uncond_pooled, pooled])
+        else:
+            context = cond
+        ids = base.time_ids(tuple(original_size or (height, width)), tuple(crops_coords_top_left),
+                            tuple(target_size or (height, width)))
+        time_ids = backend.asarray([ids] * (2 * batch if do_cfg else batch), dtype=base.dtype)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        controls = args.tensors(height, width, 2 * batch if do_cfg and not guess_mode else batch, base.dtype.name, xp)
+        timings["text encode"] = time.perf_counter() - start
+
+        # 2. the starting noise, 3. the loop with the ControlNets, 4. the pixels
+        sched, latents, seed, generator = _start(base, batch, height, width, steps, sampler, latents, seed, generator)
+        start = time.perf_counter()
+        latents = denoise_with_control(base.unet, self.controlnet, sched, latents, context, added, controls, args,
+                                       guess_mode, guidance_scale, generator, callback, progress)
+        timings["denoise"] = time.perf_counter() - start
+        return _output(base, latents, prompts, negatives or [""] * batch, steps, sampler, guidance_scale, seed,
+                       timings)
