@@ -209,3 +209,14 @@ def test_sdxl_one_and_two_controlnets_same_image_as_diffusers(xl_folders, folder
             StableDiffusionControlNetPipeline(StableDiffusionPipeline.from_pretrained(folders[0]), cns[0])
     finally:
         torch.set_num_threads(before)
+
+
+def test_trace_names_the_controlnets_layers_apart_from_the_unets(pipes):
+    from refldm.crosscheck.trace import record
+    with record() as rec:
+        pipes[2](PROMPT, image=[control_picture(0), control_picture(1)], num_inference_steps=1, seed=1,
+                 progress=False)
+    names = set(rec.activations)
+    assert "steps.0.unet.controlnet.nets.1.controlnet_mid_block" in names
+    assert "steps.0.unet.controlnet.nets.0.controlnet_cond_embedding" in names
+    assert "steps.0.unet.mid_block" in names and "steps.0.noise_pred" in names

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy
 
 from refldm.checkpoints.config import parse_config
-from refldm.core import ops
+from refldm.core import ops, record
 from refldm.core.nn import ModuleList, Module
 from refldm.models.blocks import Conv2d
 from refldm.models.unet import (CrossAttnDownBlock2D, DownBlock2D, TimestepEmbedding, UNet2DConditionConfig,
@@ -249,8 +249,9 @@ class MultiControlNetModel:
             raise ValueError(f"{len(controlnet_cond)} control images and {len(conditioning_scale)} scales for "
                              f"{len(self.nets)} ControlNets: give one of each per ControlNet")
         total = None
-        for net, image, scale in zip(self.nets, controlnet_cond, conditioning_scale):
-            out = net(sample, timestep, encoder_hidden_states, image, scale, guess_mode, added_cond_kwargs)
+        for j, (net, image, scale) in enumerate(zip(self.nets, controlnet_cond, conditioning_scale)):
+            with record.scope(f"nets.{j}"):                      # trace names as diffusers': nets.<j>.<layer>
+                out = net(sample, timestep, encoder_hidden_states, image, scale, guess_mode, added_cond_kwargs)
             if total is None:
                 total = out
             else:

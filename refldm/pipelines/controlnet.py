@@ -35,6 +35,7 @@ import numpy
 from PIL import Image
 
 from refldm import backend
+from refldm.core import record
 from refldm.core.images import parameters_text
 from refldm.models.controlnet import ControlNetModel, MultiControlNetModel, check_compatible, check_scale
 from refldm.pipelines.sampling import initial_latents, sample
@@ -189,8 +190,9 @@ def denoise_with_control(unet, controlnet, sched, latents, context, added, contr
             x_c, c_c = x[batch:], context[batch:]
         else:
             half, x_c, c_c = added, x, context
-        res = controlnet(x_c, t, c_c, controls, s, guess_mode, half) if multi else \
-            controlnet(x_c, t, c_c, controls[0], s[0], guess_mode, half)
+        with record.scope("controlnet"):                                   # trace: steps.<i>.unet.controlnet.*
+            res = controlnet(x_c, t, c_c, controls, s, guess_mode, half) if multi else \
+                controlnet(x_c, t, c_c, controls[0], s[0], guess_mode, half)
         down, mid = res.down_block_res_samples, res.mid_block_res_sample
         if guess_mode and do_cfg:                                          # the uncond half gets no residual
             down = [xp.concatenate([xp.zeros_like(r), r]) for r in down]
