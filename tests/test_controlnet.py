@@ -192,3 +192,61 @@ def test_bad_input_is_one_line_naming_it(folders):
         with pytest.raises((ValueError, ConfigError), match=message) as e:
             call()
         assert "\n" not in str(e.value)
+
+
+# -- single files in the original layout ------------------------------------------------------------------------
+
+# SD 1.x's conventions that a single file's shapes do not record: 8 heads, 32 groups per GroupNorm
+SD1_SINGLE = dict(SD1_TINY, block_out_channels=[32, 64], attention_head_dim=8, norm_num_groups=32)
+
+
+def _write_original(dmodel, path, prefix="control_model."):
+    """The diffusers ControlNet's tensors under refldm's original keys (refldm/checkpoints/convert.py)."""
+    from safetensors.numpy import save_file
+    from refldm.checkpoints.convert import controlnet_original_key
+    hint_blocks = len(dmodel.controlnet_cond_embedding.blocks)
+    layers = dmodel.config.layers_per_block
+    state = {controlnet_original_key(k, layers, hint_blocks).replace("control_model.", prefix):
+             v.detach().float().numpy().copy() for k, v in dmodel.state_dict().items()}
+    save_file(state, str(path))
+    return state
+
+
+def test_single_file_controlnet_keys_agree_with_diffusers_converter_and_config_is_inferred(tmp_path):
+    torch = require("torch")
+    diffusers = require("diffusers")
+    _, dcn = build_diffusers_pair(SD1_SINGLE, 7)
+    dcn.save_pretrained(tmp_path / "folder", safe_serialization=True)
+    _write_original(dcn, tmp_path / "cn.safetensors")
+    # diffusers' own converter reads refldm's key table back to the same tensors
+    back = diffusers.ControlNetModel.from_single_file(str(tmp_path / "cn.safetensors"),
+                                                      config=str(tmp_path / "folder"))
+    theirs, ours = back.state_dict(), dcn.state_dict()
+    assert set(theirs) == set(ours)
+    assert all(torch.equal(theirs[k], ours[k]) for k in ours)
+    # refldm reads it, with the config read off the shapes, and computes what the folder's model computes
+    single = ControlNetModel.from_single_file(tmp_path / "cn.safetensors", dtype="float64")
+    folder = ControlNetModel.from_pretrained(tmp_path / "folder", dtype="float64")
+    for key in ("block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim",
+                "attention_head_dim", "conditioning_embedding_out_channels", "transformer_layers_per_block"):
+        assert getattr(single.config, key) == getattr(folder.config, key), key
+    case = _case(np.random.default_rng(4), SD1_SINGLE)
+    a = single(case["sample"], case["t"], case["context"], case["cond"])
+    b = folder(case["sample"], case["t"], case["context"], case["cond"])
+    assert all(np.array_equal(x, y) for x, y in zip(a.down_block_res_samples, b.down_block_res_samples))
+    assert np.array_equal(a.mid_block_res_sample, b.mid_block_res_sample)
+
+
+def test_single_file_without_prefix_loads_and_bad_files_are_named(tmp_path):
+    require("torch")
+    from safetensors.numpy import save_file
+    from refldm.checkpoints.convert import ConversionError
+    _, dcn = build_diffusers_pair(SD1_SINGLE, 8)
+    state = _write_original(dcn, tmp_path / "bare.safetensors", prefix="")
+    ControlNetModel.from_single_file(tmp_path / "bare.safetensors")
+    save_file(dict(state, **{"extra.weight": np.zeros(3, np.float32)}), str(tmp_path / "extra.safetensors"))
+    with pytest.raises(ConversionError, match="not understood: control_model.extra.weight"):
+        ControlNetModel.from_single_file(tmp_path / "extra.safetensors")
+    save_file({"model.diffusion_model.x": np.zeros(3, np.float32)}, str(tmp_path / "unet.safetensors"))
+    with pytest.raises(ConversionError, match="not a ControlNet checkpoint.*model"):
+        ControlNetModel.from_single_file(tmp_path / "unet.safetensors")

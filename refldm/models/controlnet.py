@@ -147,6 +147,30 @@ class ControlNetModel(UNet2DConditionModel):
             raise ConfigError(f"{where}: has {found[0]!r}, a U-Net key: this is not a ControlNet's config")
         return parse_config(ControlNetConfig, config, ignored=_IGNORED, fixed=_FIXED, where=where)
 
+    @classmethod
+    def from_single_file(cls, path, config=None, dtype="float32") -> "ControlNetModel":
+        """Load an original single-file ControlNet (``control_v11p_sd15_canny.safetensors``: ``control_model.*``
+        or bare ``input_blocks.*`` / ``input_hint_block.*`` keys; the table is in refldm/checkpoints/convert.py).
+
+        config: a config dict, a folder holding config.json, or None to read it off the shapes
+        (`convert.infer_controlnet_config`; global_pool_conditions and the "bgr" channel order cannot be
+        seen there: give config= for those models). Pickle files (.pth, .ckpt) are refused, never opened."""
+        import os
+        from refldm.checkpoints import convert
+        from refldm.checkpoints.weights import load_file, read_config
+        path = os.fspath(path)
+        state = load_file(path)                                   # refuses pickles; validates the file
+        if config is None:
+            config = convert.infer_controlnet_config(state)
+        elif not isinstance(config, dict):
+            config = read_config(os.fspath(config))
+        model = cls.from_config(config, where=f"{path} (config)")
+        hint_blocks = len(model.controlnet_cond_embedding.blocks)
+        expected = [key for key, *_ in model.params()]
+        weights = convert.controlnet_from_original(state, expected, model.config.layers_per_block[0], hint_blocks,
+                                                   source=path)
+        return model.load_state_dict(weights, dtype=dtype, source=path)
+
     def forward(self, sample, timestep, encoder_hidden_states, controlnet_cond, conditioning_scale: float = 1.0,
                 guess_mode: bool = False, added_cond_kwargs: dict | None = None) -> ControlNetOutput:
         """The residuals r_k, r_mid (module docstring) for latents `sample` (B, 4, h, w) at `timestep`, text

@@ -133,10 +133,18 @@ def _nets(controlnet, unet, vae_scale_factor: int):
     return controlnet, nets
 
 
+def _load(c, dtype):
+    """A ControlNetModel as it is; a folder (diffusers) or a .safetensors single file (original keys) loaded."""
+    if not isinstance(c, (str, os.PathLike)):
+        return c
+    if os.path.isfile(c):
+        return ControlNetModel.from_single_file(c, dtype=dtype)
+    return ControlNetModel.from_pretrained(c, dtype=dtype)
+
+
 def _load_nets(controlnet, dtype):
     items = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]
-    nets = [ControlNetModel.from_pretrained(c, dtype=dtype) if isinstance(c, (str, os.PathLike)) else c
-            for c in items]
+    nets = [_load(c, dtype) for c in items]
     return nets if isinstance(controlnet, (list, tuple)) else nets[0]
 
 
@@ -242,7 +250,7 @@ class StableDiffusionControlNetPipeline:
 
     @classmethod
     def from_pretrained(cls, folder, controlnet, dtype="float32") -> "StableDiffusionControlNetPipeline":
-        """An SD folder and `controlnet`: a ControlNetModel, a controlnet folder, or a list of either."""
+        """An SD folder and `controlnet`: a ControlNetModel, a controlnet folder, a single file, or a list."""
         return cls(StableDiffusionPipeline.from_pretrained(folder, dtype=dtype), _load_nets(controlnet, dtype))
 
     def __call__(self, prompt="", image=None, height: int | None = None, width: int | None = None,
@@ -298,7 +306,7 @@ class StableDiffusionXLControlNetPipeline:
 
     @classmethod
     def from_pretrained(cls, folder, controlnet, dtype="float32") -> "StableDiffusionXLControlNetPipeline":
-        """An SDXL folder and `controlnet`: a ControlNetModel, a controlnet folder, or a list of either."""
+        """An SDXL folder and `controlnet`: a ControlNetModel, a controlnet folder, a single file, or a list."""
         from refldm.pipelines.sdxl import StableDiffusionXLPipeline
         return cls(StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype), _load_nets(controlnet, dtype))
 
