@@ -221,3 +221,44 @@ def test_trace_names_the_controlnets_layers_apart_from_the_unets(pipes):
     assert "steps.0.unet.controlnet.nets.1.controlnet_mid_block" in names
     assert "steps.0.unet.controlnet.nets.0.controlnet_cond_embedding" in names
     assert "steps.0.unet.mid_block" in names and "steps.0.noise_pred" in names
+
+
+def test_img2img_with_one_and_two_controlnets_same_image_as_diffusers(folders, pipes):
+    torch = require("torch")
+    diffusers = require("diffusers")
+    from refldm.pipelines.controlnet import StableDiffusionControlNetImg2ImgPipeline
+    from tests.test_pipeline import gradient_image
+    sd, nets = folders
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        d_sd = diffusers.StableDiffusionPipeline.from_pretrained(sd, safety_checker=None)
+        d_cns = [diffusers.ControlNetModel.from_pretrained(n) for n in nets]
+        base = pipes[0]
+        cns = [ControlNetModel.from_pretrained(n) for n in nets]
+        init = gradient_image(SIZE)
+        runs = [(1, dict(control_image=control_picture(0), strength=0.7)),
+                (1, dict(control_image=control_picture(0), strength=1.0, guess_mode=True,
+                         controlnet_conditioning_scale=1.3)),
+                (2, dict(control_image=[control_picture(0), control_picture(1)], strength=0.6,
+                         controlnet_conditioning_scale=[0.7, 1.0], control_guidance_end=[1.0, 0.5]))]
+        for n, kwargs in runs:
+            d_pipe = diffusers.StableDiffusionControlNetImg2ImgPipeline(
+                **d_sd.components, controlnet=d_cns[0] if n == 1 else d_cns)
+            d_pipe.set_progress_bar_config(disable=True)
+            ref = d_pipe(PROMPT, image=init, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1),
+                         output_type="np", **kwargs).images
+            ref = (ref * 255).round().astype(np.uint8)
+            assert ref.std() > 10
+            ours = StableDiffusionControlNetImg2ImgPipeline(base, cns[0] if n == 1 else cns)
+            assert _max_pixel_diff(_ours(ours, image=init, **kwargs), ref) <= 2, kwargs
+        # scale 0: the plain img2img pipeline's image, bit for bit
+        zero = StableDiffusionControlNetImg2ImgPipeline(base, cns[0])
+        plain = base(PROMPT, image=init, strength=0.7, num_inference_steps=STEPS, seed=1, progress=False).images
+        assert _max_pixel_diff(_ours(zero, image=init, control_image=control_picture(0), strength=0.7,
+                                     controlnet_conditioning_scale=0.0),
+                               np.stack([np.asarray(im) for im in plain])) == 0
+        with pytest.raises(ValueError, match="strength=0 must lie in"):
+            ours(PROMPT, image=init, control_image=[control_picture(0)] * 2, strength=0)
+    finally:
+        torch.set_num_threads(before)

@@ -38,10 +38,12 @@ from refldm import backend
 from refldm.core import record
 from refldm.core.images import parameters_text
 from refldm.models.controlnet import ControlNetModel, MultiControlNetModel, check_compatible, check_scale
-from refldm.pipelines.sampling import initial_latents, sample
+from refldm.core.images import scale_latents
+from refldm.pipelines.sampling import img2img_latents, img2img_timesteps, initial_latents, sample
 from refldm.pipelines.sd import StableDiffusionPipeline, StableDiffusionPipelineOutput
 
-__all__ = ["StableDiffusionControlNetPipeline", "StableDiffusionXLControlNetPipeline", "control_keep",
+__all__ = ["StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
+           "StableDiffusionXLControlNetPipeline", "control_keep",
            "prepare_control_image", "denoise_with_control"]
 
 
@@ -157,12 +159,18 @@ def _check_steps(num_inference_steps, guidance_scale):
     return int(num_inference_steps)
 
 
-def _start(base, batch, height, width, num_inference_steps, sampler, latents, seed, generator):
-    """The scheduler, the starting latents x_T (B, 4, h, w) and the seed."""
+def _generator(seed, generator):
+    """(seed, generator): the given generator, or one made from `seed` (drawn at random if None)."""
     from refldm.core.random import Generator
     if generator is None:
         seed = secrets.randbelow(2 ** 32) if seed is None else seed
         generator = Generator(seed)
+    return seed, generator
+
+
+def _start(base, batch, height, width, num_inference_steps, sampler, latents, seed, generator):
+    """The scheduler, the starting latents x_T (B, 4, h, w) and the seed."""
+    seed, generator = _generator(seed, generator)
     sched = base.make_scheduler(sampler)
     sched.set_timesteps(num_inference_steps)
     f = base.vae_scale_factor
@@ -178,14 +186,17 @@ def _start(base, batch, height, width, num_inference_steps, sampler, latents, se
 
 
 def denoise_with_control(unet, controlnet, sched, latents, context, added, controls, args: ControlArguments,
-                         guess_mode: bool, guidance_scale: float, generator, callback=None, progress=True):
+                         guess_mode: bool, guidance_scale: float, generator, callback=None, progress=True,
+                         timesteps=None):
     """The loop of the module docstring: per step, the ControlNets' summed residuals (scaled by
     scale_j * keep_j(i)) enter the U-Net; with CFG, x, context, added and controls hold [uncond; cond].
-    added: SDXL's {"text_embeds", "time_ids"} or None. Returns the final latents."""
+    added: SDXL's {"text_embeds", "time_ids"} or None. timesteps: those to run (img2img's tail; default all),
+    over which the start/end windows are counted. Returns the final latents."""
     do_cfg = guidance_scale > 1.0
     xp = backend.array_namespace(latents)
     batch = latents.shape[0]
-    keep = control_keep(len(sched.timesteps), args.starts, args.ends)
+    timesteps = sched.timesteps if timesteps is None else timesteps
+    keep = control_keep(len(timesteps), args.starts, args.ends)
     step = [0]                                                             # the model calls so far
     multi = isinstance(controlnet, MultiControlNetModel)
 
@@ -208,7 +219,7 @@ def denoise_with_control(unet, controlnet, sched, latents, context, added, contr
         return unet(x, t, context, added_cond_kwargs=added, down_block_additional_residuals=down,
                     mid_block_additional_residual=mid)
 
-    return sample(model_fn, sched, latents, sched.timesteps, guidance_scale=guidance_scale if do_cfg else None,
+    return sample(model_fn, sched, latents, timesteps, guidance_scale=guidance_scale if do_cfg else None,
                   generator=generator, callback=callback, progress=progress)
 
 
@@ -290,6 +301,65 @@ class StableDiffusionControlNetPipeline:
         start = time.perf_counter()
         latents = denoise_with_control(base.unet, self.controlnet, sched, latents, context, None, controls, args,
                                        guess_mode, guidance_scale, generator, callback, progress)
+        timings["denoise"] = time.perf_counter() - start
+        return _output(base, latents, prompts, negatives, steps, sampler, guidance_scale, seed, timings)
+
+
+class StableDiffusionControlNetImg2ImgPipeline(StableDiffusionControlNetPipeline):
+    """Image to image steered by ControlNets (diffusers' ``StableDiffusionControlNetImg2ImgPipeline``): the
+    image is encoded and noised to the timestep `strength` selects, then denoised with the control."""
+
+    def __call__(self, prompt="", image=None, control_image=None, num_inference_steps: int = 50,
+                 guidance_scale: float = 7.5, negative_prompt=None, strength: float = 0.8, seed: int | None = None,
+                 generator=None, sampler: str | None = None, controlnet_conditioning_scale=0.8,
+                 guess_mode: bool = False, control_guidance_start=0.0, control_guidance_end=1.0, callback=None,
+                 progress: bool = True) -> StableDiffusionPipelineOutput:
+        """diffusers' arguments and defaults (strength 0.8, controlnet_conditioning_scale 0.8). image: the
+        starting picture (its sides multiples of 8; the output has its size); control_image: one per
+        ControlNet, resized to the image's size with a warning if it differs. The start/end windows count
+        the steps that run (the last int(strength * n) of n)."""
+        base = self.base
+        if image is None:
+            raise ValueError("image: img2img needs a starting image (and control_image the control)")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise ValueError(f"strength={strength!r} must lie in (0, 1]")
+        prompts, negatives = _prompts(prompt, negative_prompt)
+        negatives = negatives or [""] * len(prompts)
+        args = ControlArguments(self.nets, control_image, controlnet_conditioning_scale, control_guidance_start,
+                                control_guidance_end)
+        steps = _check_steps(num_inference_steps, guidance_scale)
+        init = base.preprocess_image(image)                                      # (1, 3, H, W) in [-1, 1]
+        height, width = init.shape[2], init.shape[3]
+        do_cfg = guidance_scale > 1.0
+        guess_mode = guess_mode or any(net.config.global_pool_conditions for net in self.nets)
+        batch = len(prompts)
+        timings = {}
+
+        # 1. text and control images, as in text-to-image
+        start = time.perf_counter()
+        cond = base.encode_prompt(prompts)                                        # (B, 77, D)
+        xp = backend.array_namespace(cond)
+        context = xp.concatenate([base.encode_prompt(negatives, cond.shape[1]), cond]) if do_cfg else cond
+        controls = args.tensors(height, width, 2 * batch if do_cfg and not guess_mode else batch, base.dtype.name, xp)
+        timings["text encode"] = time.perf_counter() - start
+
+        # 2. the timesteps strength selects, and the encoded image noised to the first of them
+        seed, generator = _generator(seed, generator)
+        sched = base.make_scheduler(sampler)
+        sched.set_timesteps(steps)
+        timesteps, left = img2img_timesteps(sched, steps, strength)
+        if left < 1:
+            raise ValueError(f"strength {strength} with {steps} steps leaves no step to run; raise either")
+        start = time.perf_counter()
+        x0 = scale_latents(base.vae.encode(init).sample(generator=generator), base.vae.config)  # z ~ q(z|x)
+        x0 = xp.concatenate([x0] * batch)                                         # (B, 4, h, w)
+        latents = img2img_latents(sched, x0, timesteps, generator=generator)      # add_noise(x0, eps, t_0)
+        timings["image encode"] = time.perf_counter() - start
+
+        # 3. the loop with the ControlNets over those steps, 4. the pixels
+        start = time.perf_counter()
+        latents = denoise_with_control(base.unet, self.controlnet, sched, latents, context, None, controls, args,
+                                       guess_mode, guidance_scale, generator, callback, progress, timesteps)
         timings["denoise"] = time.perf_counter() - start
         return _output(base, latents, prompts, negatives, steps, sampler, guidance_scale, seed, timings)
 
