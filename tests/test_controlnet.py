@@ -250,3 +250,23 @@ def test_single_file_without_prefix_loads_and_bad_files_are_named(tmp_path):
     save_file({"model.diffusion_model.x": np.zeros(3, np.float32)}, str(tmp_path / "unet.safetensors"))
     with pytest.raises(ConversionError, match="not a ControlNet checkpoint.*model"):
         ControlNetModel.from_single_file(tmp_path / "unet.safetensors")
+
+
+def test_controlnet_and_unet_with_residuals_run_on_every_backend(folders, on_backend):
+    """The same result on NumPy, the fake device (catches host/device mixing) and CuPy, guess mode included."""
+    case = _case(np.random.default_rng(9), SD1_TINY)
+    with backend.use("numpy"):
+        unet = UNet2DConditionModel.from_pretrained(folders / "unet", dtype="float32")
+        cn = ControlNetModel.from_pretrained(folders / "controlnet", dtype="float32")
+        _, ref_mid, ref = _refldm_run(unet, cn, case, "float32", 0.8, True)
+    unet = UNet2DConditionModel.from_pretrained(folders / "unet", dtype="float32")
+    cn = ControlNetModel.from_pretrained(folders / "controlnet", dtype="float32")
+    A = lambda a: backend.asarray(a, "float32")
+    res = MultiControlNetModel([cn])(A(case["sample"]), A(case["t"]), A(case["context"]), [A(case["cond"])], [0.8],
+                                     guess_mode=True)
+    out = unet(A(case["sample"]), A(case["t"]), A(case["context"]),
+               down_block_additional_residuals=res.down_block_res_samples,
+               mid_block_additional_residual=res.mid_block_res_sample)
+    assert type(out).__module__.split(".")[0] == type(A(np.zeros(1))).__module__.split(".")[0]
+    assert rel_err(backend.to_numpy(res.mid_block_res_sample), ref_mid) <= TOL32
+    assert rel_err(backend.to_numpy(out), ref) <= TOL32

@@ -262,3 +262,10 @@ def test_img2img_with_one_and_two_controlnets_same_image_as_diffusers(folders, p
             ours(PROMPT, image=init, control_image=[control_picture(0)] * 2, strength=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_nan_latents_stop_naming_the_step(pipes):
+    from refldm.pipelines.sd import NonFiniteLatentsError
+    latents = np.full((1, 4, 8, 8), np.nan, np.float32)
+    with pytest.raises(NonFiniteLatentsError, match="after step 1 of 2"):
+        pipes[1](PROMPT, image=control_picture(0), latents=latents, num_inference_steps=2, seed=1, progress=False)

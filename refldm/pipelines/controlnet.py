@@ -40,7 +40,7 @@ from refldm.core.images import parameters_text
 from refldm.models.controlnet import ControlNetModel, MultiControlNetModel, check_compatible, check_scale
 from refldm.core.images import scale_latents
 from refldm.pipelines.sampling import img2img_latents, img2img_timesteps, initial_latents, sample
-from refldm.pipelines.sd import StableDiffusionPipeline, StableDiffusionPipelineOutput
+from refldm.pipelines.sd import NonFiniteLatentsError, StableDiffusionPipeline, StableDiffusionPipelineOutput
 
 __all__ = ["StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
            "StableDiffusionXLControlNetPipeline", "control_keep",
@@ -219,8 +219,16 @@ def denoise_with_control(unet, controlnet, sched, latents, context, added, contr
         return unet(x, t, context, added_cond_kwargs=added, down_block_additional_residuals=down,
                     mid_block_additional_residual=mid)
 
+    def after_step(i, t, x):                                               # stop at the first NaN / inf
+        if not bool(xp.all(xp.isfinite(x))):
+            raise NonFiniteLatentsError(
+                f"the latents hold NaN or inf after step {i + 1} of {len(timesteps)} (timestep {float(t):g}); "
+                "stopped. Try float32 rather than float16, a lower conditioning scale or guidance scale")
+        if callback is not None:
+            callback(i, t, x)
+
     return sample(model_fn, sched, latents, timesteps, guidance_scale=guidance_scale if do_cfg else None,
-                  generator=generator, callback=callback, progress=progress)
+                  generator=generator, callback=after_step, progress=progress)
 
 
 def _output(base, latents, prompts, negatives, steps, sampler, guidance_scale, seed, timings):
