@@ -185,39 +185,60 @@ def _start(base, batch, height, width, num_inference_steps, sampler, latents, se
     return sched, latents, seed, generator
 
 
+class ControlledUNet:
+    """The U-Net with the ControlNets' residuals added at every call: ``controlled(x, t, context, **kwargs)``
+    computes r, r_mid for call i (scales s_j * keep_j(i)) and returns ``unet(x, t, context, **kwargs,
+    down_block_additional_residuals=r, mid_block_additional_residual=r_mid)``. With CFG x holds [uncond; cond]
+    and `controls` the control images for that batch (for the conditional half only in guess mode).
+    The ControlNets read x's first channels (an inpainting U-Net's x also holds the mask and the masked image).
+    Any loop that calls ``unet(x, t, context)`` once per step can run it (`config` is the U-Net's)."""
+
+    def __init__(self, unet, controlnet, controls: list, args: ControlArguments, n_steps: int, guess_mode: bool,
+                 do_cfg: bool):
+        self.unet, self.controlnet, self.controls, self.args = unet, controlnet, controls, args
+        self.config, self.dtype = unet.config, unet.dtype
+        self.keep = control_keep(n_steps, args.starts, args.ends)
+        self.guess_mode, self.do_cfg = guess_mode, do_cfg
+        self.calls = 0                                                     # the step the next call belongs to
+
+    def __call__(self, x, t, context, added_cond_kwargs=None, **kwargs):
+        xp = backend.array_namespace(x)
+        i = min(self.calls, len(self.keep) - 1)
+        self.calls += 1
+        s = [scale * k for scale, k in zip(self.args.scales, self.keep[i])]
+        x_c, c_c, added = x[:, :self.controlnet_channels], context, added_cond_kwargs
+        if self.guess_mode and self.do_cfg:                                # the ControlNets see the cond half
+            half = x.shape[0] // 2
+            x_c, c_c = x_c[half:], context[half:]
+            added = None if added is None else {k: v[half:] for k, v in added.items()}
+        with record.scope("controlnet"):                                   # trace: steps.<i>.unet.controlnet.*
+            if isinstance(self.controlnet, MultiControlNetModel):
+                res = self.controlnet(x_c, t, c_c, self.controls, s, self.guess_mode, added)
+            else:
+                res = self.controlnet(x_c, t, c_c, self.controls[0], s[0], self.guess_mode, added)
+        down, mid = res.down_block_res_samples, res.mid_block_res_sample
+        if self.guess_mode and self.do_cfg:                                # the uncond half gets no residual
+            down = [xp.concatenate([xp.zeros_like(r), r]) for r in down]
+            mid = xp.concatenate([xp.zeros_like(mid), mid])
+        return self.unet(x, t, context, added_cond_kwargs=added_cond_kwargs, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid, **kwargs)
+
+    @property
+    def controlnet_channels(self) -> int:
+        nets = self.controlnet.nets if isinstance(self.controlnet, MultiControlNetModel) else [self.controlnet]
+        return nets[0].config.in_channels
+
+
 def denoise_with_control(unet, controlnet, sched, latents, context, added, controls, args: ControlArguments,
                          guess_mode: bool, guidance_scale: float, generator, callback=None, progress=True,
                          timesteps=None):
-    """The loop of the module docstring: per step, the ControlNets' summed residuals (scaled by
-    scale_j * keep_j(i)) enter the U-Net; with CFG, x, context, added and controls hold [uncond; cond].
-    added: SDXL's {"text_embeds", "time_ids"} or None. timesteps: those to run (img2img's tail; default all),
-    over which the start/end windows are counted. Returns the final latents."""
+    """The loop of the module docstring (`ControlledUNet` in `refldm.pipelines.sampling.sample`); with CFG,
+    context and added hold [uncond; cond]. added: SDXL's {"text_embeds", "time_ids"} or None. timesteps:
+    those to run (img2img's tail; default all), over which the start/end windows are counted."""
     do_cfg = guidance_scale > 1.0
     xp = backend.array_namespace(latents)
-    batch = latents.shape[0]
     timesteps = sched.timesteps if timesteps is None else timesteps
-    keep = control_keep(len(timesteps), args.starts, args.ends)
-    step = [0]                                                             # the model calls so far
-    multi = isinstance(controlnet, MultiControlNetModel)
-
-    def model_fn(x, t):                                                    # x: (2B or B, 4, h, w), scaled
-        i = min(step[0], len(keep) - 1)
-        step[0] += 1
-        s = [scale * k for scale, k in zip(args.scales, keep[i])]
-        if guess_mode and do_cfg:                                          # the ControlNets see the cond half
-            half = None if added is None else {k: v[batch:] for k, v in added.items()}
-            x_c, c_c = x[batch:], context[batch:]
-        else:
-            half, x_c, c_c = added, x, context
-        with record.scope("controlnet"):                                   # trace: steps.<i>.unet.controlnet.*
-            res = controlnet(x_c, t, c_c, controls, s, guess_mode, half) if multi else \
-                controlnet(x_c, t, c_c, controls[0], s[0], guess_mode, half)
-        down, mid = res.down_block_res_samples, res.mid_block_res_sample
-        if guess_mode and do_cfg:                                          # the uncond half gets no residual
-            down = [xp.concatenate([xp.zeros_like(r), r]) for r in down]
-            mid = xp.concatenate([xp.zeros_like(mid), mid])
-        return unet(x, t, context, added_cond_kwargs=added, down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid)
+    controlled = ControlledUNet(unet, controlnet, controls, args, len(timesteps), guess_mode, do_cfg)
 
     def after_step(i, t, x):                                               # stop at the first NaN / inf
         if not bool(xp.all(xp.isfinite(x))):
@@ -227,8 +248,9 @@ def denoise_with_control(unet, controlnet, sched, latents, context, added, contr
         if callback is not None:
             callback(i, t, x)
 
-    return sample(model_fn, sched, latents, timesteps, guidance_scale=guidance_scale if do_cfg else None,
-                  generator=generator, callback=after_step, progress=progress)
+    return sample(lambda x, t: controlled(x, t, context, added_cond_kwargs=added), sched, latents, timesteps,
+                  guidance_scale=guidance_scale if do_cfg else None, generator=generator, callback=after_step,
+                  progress=progress)
 
 
 def _output(base, latents, prompts, negatives, steps, sampler, guidance_scale, seed, timings):
