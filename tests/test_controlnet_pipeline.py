@@ -269,3 +269,44 @@ def test_nan_latents_stop_naming_the_step(pipes):
     latents = np.full((1, 4, 8, 8), np.nan, np.float32)
     with pytest.raises(NonFiniteLatentsError, match="after step 1 of 2"):
         pipes[1](PROMPT, image=control_picture(0), latents=latents, num_inference_steps=2, seed=1, progress=False)
+
+
+def test_inpaint_with_controlnets_same_image_as_diffusers_4_and_9_channels(folders, pipes, tmp_path):
+    import shutil
+    torch = require("torch")
+    diffusers = require("diffusers")
+    from refldm.pipelines.controlnet import StableDiffusionControlNetInpaintPipeline
+    from tests.test_inpaint import mask_image
+    from tests.test_pipeline import gradient_image
+    sd, nets = folders
+    nine = tmp_path / "nine"
+    shutil.copytree(sd, nine)
+    config = dict(diffusers.UNet2DConditionModel.load_config(str(nine / "unet")), in_channels=9)
+    unet9 = diffusers.UNet2DConditionModel.from_config(config)
+    _rerandomise(torch, unet9, 78)
+    unet9.save_pretrained(nine / "unet")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        d_cns = [diffusers.ControlNetModel.from_pretrained(n) for n in nets]
+        cns = [ControlNetModel.from_pretrained(n) for n in nets]
+        init, mask = gradient_image(SIZE), mask_image()
+        runs = [(sd, 1, dict(control_image=control_picture(0), controlnet_conditioning_scale=1.0)),
+                (sd, 2, dict(control_image=[control_picture(0), control_picture(1)], strength=0.75,
+                             controlnet_conditioning_scale=[0.8, 0.6], control_guidance_start=[0.0, 0.3])),
+                (nine, 1, dict(control_image=control_picture(1), guess_mode=True, controlnet_conditioning_scale=1.2))]
+        for folder, n, kwargs in runs:
+            d_sd = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+            d_pipe = diffusers.StableDiffusionControlNetInpaintPipeline(
+                **d_sd.components, controlnet=d_cns[0] if n == 1 else d_cns)
+            d_pipe.set_progress_bar_config(disable=True)
+            ref = d_pipe(PROMPT, image=init, mask_image=mask, num_inference_steps=STEPS, height=SIZE, width=SIZE,
+                         generator=torch.Generator().manual_seed(1), output_type="np", **kwargs).images
+            ref = (ref * 255).round().astype(np.uint8)
+            assert ref.std() > 10
+            base = pipes[0] if folder == sd else StableDiffusionPipeline.from_pretrained(folder)
+            ours = StableDiffusionControlNetInpaintPipeline(base, cns[0] if n == 1 else cns)
+            diff = _max_pixel_diff(_ours(ours, image=init, mask_image=mask, **kwargs), ref)
+            assert diff <= 2, (folder, kwargs)
+    finally:
+        torch.set_num_threads(before)

@@ -252,10 +252,12 @@ def check_compatible(controlnet, unet) -> None:
     if fc != fu:
         article = "an" if fu.startswith("SD") else "a"
         raise ValueError(f"{fc} ControlNet with {article} {fu} U-Net: use a ControlNet made for the U-Net's family")
-    for key in ("block_out_channels", "layers_per_block", "cross_attention_dim", "in_channels"):
+    for key in ("block_out_channels", "layers_per_block", "cross_attention_dim"):
         if getattr(c, key) != getattr(u, key):
             raise ValueError(f"the ControlNet's {key} {getattr(c, key)} differs from the U-Net's "
                              f"{getattr(u, key)}: its residuals cannot enter this U-Net")
+    if c.in_channels > u.in_channels:   # an inpainting U-Net (9) takes 4-channel ControlNets: they read the latents
+        raise ValueError(f"the ControlNet reads {c.in_channels} latent channels, the U-Net has {u.in_channels}")
 
 
 class MultiControlNetModel:

@@ -43,7 +43,8 @@ from refldm.pipelines.sampling import img2img_latents, img2img_timesteps, initia
 from refldm.pipelines.sd import NonFiniteLatentsError, StableDiffusionPipeline, StableDiffusionPipelineOutput
 
 __all__ = ["StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
-           "StableDiffusionXLControlNetPipeline", "control_keep",
+           "StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetPipeline", "ControlledUNet",
+           "control_keep",
            "prepare_control_image", "denoise_with_control"]
 
 
@@ -392,6 +393,47 @@ class StableDiffusionControlNetImg2ImgPipeline(StableDiffusionControlNetPipeline
                                        guess_mode, guidance_scale, generator, callback, progress, timesteps)
         timings["denoise"] = time.perf_counter() - start
         return _output(base, latents, prompts, negatives, steps, sampler, guidance_scale, seed, timings)
+
+
+class StableDiffusionControlNetInpaintPipeline(StableDiffusionControlNetPipeline):
+    """Inpainting steered by ControlNets (diffusers' ``StableDiffusionControlNetInpaintPipeline``): refldm's
+    inpainting pipeline (refldm/pipelines/inpaint.py: a 9-channel inpainting U-Net, or masked blending with an
+    ordinary one) run with the `ControlledUNet` in place of the U-Net."""
+
+    def __call__(self, prompt="", image=None, mask_image=None, control_image=None, negative_prompt=None,
+                 strength: float = 1.0, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 seed: int | None = None, generator=None, sampler: str | None = None,
+                 controlnet_conditioning_scale=0.5, guess_mode: bool = False, control_guidance_start=0.0,
+                 control_guidance_end=1.0, callback=None, progress: bool = True) -> StableDiffusionPipelineOutput:
+        """diffusers' arguments and defaults (strength 1.0, controlnet_conditioning_scale 0.5). image: the
+        picture (sides multiples of 8); mask_image: white = repaint; control_image: one per ControlNet (for
+        the "inpaint" ControlNets, the image with the masked pixels at -1, made by the caller), resized to the
+        image's size with a warning if it differs."""
+        from refldm.pipelines.inpaint import StableDiffusionInpaintPipeline
+        base = self.base
+        if image is None or mask_image is None:
+            raise ValueError("inpainting needs image= and mask_image= (and control_image= the control)")
+        args = ControlArguments(self.nets, control_image, controlnet_conditioning_scale, control_guidance_start,
+                                control_guidance_end)
+        steps = _check_steps(num_inference_steps, guidance_scale)
+        prompts, _ = _prompts(prompt, negative_prompt)
+        init = base.preprocess_image(image)                                      # checks the size
+        height, width = init.shape[2], init.shape[3]
+        do_cfg = guidance_scale > 1.0
+        guess_mode = guess_mode or any(net.config.global_pool_conditions for net in self.nets)
+        batch = len(prompts)
+        copies = 2 * batch if do_cfg and not guess_mode else batch
+        controls = args.tensors(height, width, copies, base.dtype.name, backend.array_namespace(init))
+        sched = base.make_scheduler(sampler)                                     # to count the steps that run
+        sched.set_timesteps(steps)
+        timesteps, _ = img2img_timesteps(sched, steps, strength)
+        controlled = ControlledUNet(base.unet, self.controlnet, controls, args, len(timesteps), guess_mode, do_cfg)
+        pipe = StableDiffusionInpaintPipeline(base.vae, base.text_encoder, base.tokenizer, controlled,
+                                              base.scheduler_config, base.configs, name=base.name,
+                                              dtype=base.dtype.name)
+        return pipe(prompt, image=image, mask_image=mask_image, negative_prompt=negative_prompt, strength=strength,
+                    num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed, generator=generator,
+                    sampler=sampler, callback=callback, progress=progress)
 
 
 class StableDiffusionXLControlNetPipeline:
