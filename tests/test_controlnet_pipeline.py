@@ -202,6 +202,22 @@ def test_sdxl_one_and_two_controlnets_same_image_as_diffusers(xl_folders, folder
             ours = StableDiffusionXLControlNetPipeline(base, cns[0] if n == 1 else cns)
             diff = _max_pixel_diff(_ours(ours, **kwargs), ref)
             assert diff <= 2, kwargs
+        # img2img: one ControlNet, and two in guess mode
+        from refldm.pipelines.controlnet import StableDiffusionXLControlNetImg2ImgPipeline
+        from tests.test_pipeline import gradient_image
+        init = gradient_image(SIZE)
+        for n, kwargs in [(1, dict(control_image=images[0], strength=0.7)),
+                          (2, dict(control_image=images, strength=0.9, guess_mode=True,
+                                   controlnet_conditioning_scale=[1.0, 0.7]))]:
+            d_pipe = diffusers.StableDiffusionXLControlNetImg2ImgPipeline(
+                **d_base.components, controlnet=d_cns[0] if n == 1 else d_cns, add_watermarker=False)
+            d_pipe.set_progress_bar_config(disable=True)
+            ref = d_pipe(PROMPT, image=init, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1),
+                         output_type="np", **kwargs).images
+            ref = (ref * 255).round().astype(np.uint8)
+            assert ref.std() > 10
+            ours = StableDiffusionXLControlNetImg2ImgPipeline(base, cns[0] if n == 1 else cns)
+            assert _max_pixel_diff(_ours(ours, image=init, **kwargs), ref) <= 2, kwargs
         # the families are checked: an SD 1.x ControlNet does not go with an SDXL U-Net, nor the other way
         sd1_cn = ControlNetModel.from_pretrained(folders[1][0])
         with pytest.raises(ValueError, match="ControlNet with an SDXL U-Net"):

@@ -43,7 +43,8 @@ from refldm.pipelines.sampling import img2img_latents, img2img_timesteps, initia
 from refldm.pipelines.sd import NonFiniteLatentsError, StableDiffusionPipeline, StableDiffusionPipelineOutput
 
 __all__ = ["StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
-           "StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetPipeline", "ControlledUNet",
+           "StableDiffusionControlNetInpaintPipeline", "StableDiffusionXLControlNetPipeline",
+           "StableDiffusionXLControlNetImg2ImgPipeline", "ControlledUNet",
            "control_keep",
            "prepare_control_image", "denoise_with_control"]
 
@@ -500,3 +501,48 @@ class StableDiffusionXLControlNetPipeline:
         timings["denoise"] = time.perf_counter() - start
         return _output(base, latents, prompts, negatives or [""] * batch, steps, sampler, guidance_scale, seed,
                        timings)
+
+
+class StableDiffusionXLControlNetImg2ImgPipeline(StableDiffusionXLControlNetPipeline):
+    """SDXL image to image steered by ControlNets (diffusers' ``StableDiffusionXLControlNetImg2ImgPipeline``):
+    refldm's SDXL img2img pipeline run with the `ControlledUNet` in place of the U-Net."""
+
+    def __call__(self, prompt="", image=None, control_image=None, strength: float = 0.8,
+                 num_inference_steps: int = 50, guidance_scale: float = 5.0, negative_prompt=None,
+                 original_size=None, crops_coords_top_left=(0, 0), target_size=None, aesthetic_score: float = 6.0,
+                 negative_aesthetic_score: float = 2.5, seed: int | None = None, generator=None,
+                 sampler: str | None = None, controlnet_conditioning_scale=0.8, guess_mode: bool = False,
+                 control_guidance_start=0.0, control_guidance_end=1.0, callback=None,
+                 progress: bool = True) -> StableDiffusionPipelineOutput:
+        """diffusers' arguments and defaults (strength 0.8, controlnet_conditioning_scale 0.8, guidance 5.0);
+        image: the starting picture (sides multiples of 8), control_image: one per ControlNet."""
+        from refldm.pipelines.sdxl import StableDiffusionXLImg2ImgPipeline
+        base = self.base
+        if image is None:
+            raise ValueError("image: img2img needs a starting image (and control_image the control)")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+            raise ValueError(f"strength={strength!r} must lie in (0, 1]")
+        args = ControlArguments(self.nets, control_image, controlnet_conditioning_scale, control_guidance_start,
+                                control_guidance_end)
+        steps = _check_steps(num_inference_steps, guidance_scale)
+        prompts, _ = _prompts(prompt, negative_prompt)
+        init = base.preprocess_image(image)                                      # checks the size
+        height, width = init.shape[2], init.shape[3]
+        do_cfg = guidance_scale > 1.0
+        guess_mode = guess_mode or any(net.config.global_pool_conditions for net in self.nets)
+        copies = 2 * len(prompts) if do_cfg and not guess_mode else len(prompts)
+        controls = args.tensors(height, width, copies, base.dtype.name, backend.array_namespace(init))
+        sched = base.make_scheduler(sampler)                                     # to count the steps that run
+        sched.set_timesteps(steps)
+        timesteps, _ = img2img_timesteps(sched, steps, strength)
+        controlled = ControlledUNet(base.unet, self.controlnet, controls, args, len(timesteps), guess_mode, do_cfg)
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            base.vae, base.text_encoder, base.text_encoder_2, base.tokenizer, base.tokenizer_2, controlled,
+            base.scheduler_config, base.configs, name=base.name, dtype=base.dtype.name,
+            force_zeros_for_empty_prompt=base.force_zeros_for_empty_prompt,
+            requires_aesthetics_score=base.requires_aesthetics_score)
+        return pipe(prompt, image=image, strength=strength, num_inference_steps=steps, guidance_scale=guidance_scale,
+                    negative_prompt=negative_prompt, original_size=original_size,
+                    crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+                    aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score, seed=seed,
+                    generator=generator, sampler=sampler, callback=callback, progress=progress)
