@@ -32,6 +32,13 @@ _LAZY = {
     "StableDiffusionXLPipeline": "refldm.pipelines.sdxl",
     "StableDiffusionXLImg2ImgPipeline": "refldm.pipelines.sdxl",
     "StableDiffusionInpaintPipeline": "refldm.pipelines.inpaint",
+    "ControlNetModel": "refldm.models.controlnet",
+    "MultiControlNetModel": "refldm.models.controlnet",
+    "StableDiffusionControlNetPipeline": "refldm.pipelines.controlnet",
+    "StableDiffusionControlNetImg2ImgPipeline": "refldm.pipelines.controlnet",
+    "StableDiffusionControlNetInpaintPipeline": "refldm.pipelines.controlnet",
+    "StableDiffusionXLControlNetPipeline": "refldm.pipelines.controlnet",
+    "StableDiffusionXLControlNetImg2ImgPipeline": "refldm.pipelines.controlnet",
 }
 _SCHEDULERS = "refldm.schedulers"
 
