@@ -43,9 +43,12 @@ def _randomise(model, seed):
     return model.eval()
 
 
+CN_ONLY = ("global_pool_conditions", "controlnet_conditioning_channel_order")
+
+
 def _unet_config(cfg):
     up = [t.replace("Down", "Up") for t in reversed(cfg["down_block_types"])]
-    return dict(cfg, up_block_types=up, sample_size=8)
+    return dict({k: v for k, v in cfg.items() if k not in CN_ONLY}, up_block_types=up, sample_size=8)
 
 
 def build_diffusers_pair(cfg, seed=0):
@@ -127,6 +130,13 @@ def test_tiny_sd1_controlnet_and_unet_with_residuals_match_diffusers():
 
 def test_tiny_sdxl_controlnet_and_unet_with_residuals_match_diffusers():
     _agreement(SDXL_TINY, [(0.5, False), (1.0, True)], seed=3)
+
+
+def test_global_pool_conditions_and_bgr_channel_order_match_diffusers():
+    """The "shuffle" ControlNets' layout: residuals averaged over H, W (and guess mode forced by the pipeline);
+    a "bgr" ControlNet reverses the control image's channels."""
+    cfg = dict(SD1_TINY, global_pool_conditions=True, controlnet_conditioning_channel_order="bgr")
+    _agreement(cfg, [(0.9, False), (1.0, True)], seed=11)
 
 
 def test_guess_mode_scales_equal_torch_logspace_in_float32():

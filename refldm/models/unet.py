@@ -699,7 +699,8 @@ def _control_residuals(skips, down, mid) -> bool:
     if len(down) != len(skips):
         raise ValueError(f"unet: {len(down)} down_block_additional_residuals for {len(skips)} skip connections")
     for k, (s, r) in enumerate(zip(skips, down)):
-        if tuple(r.shape) != tuple(s.shape):
+        # (B, C, H, W) as the skip, or (B, C, 1, 1) from a ControlNet with global_pool_conditions (broadcast)
+        if tuple(r.shape[:2]) != tuple(s.shape[:2]) or tuple(r.shape[2:]) not in (tuple(s.shape[2:]), (1, 1)):
             raise ValueError(f"unet: down_block_additional_residuals[{k}] has shape {tuple(r.shape)}, the skip "
                              f"has {tuple(s.shape)}")
     return True
