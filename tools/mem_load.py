@@ -135,7 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--stored", choices=sorted(NAMES), default="float32", help="dtype of the file")
     p.add_argument("--dtype", choices=sorted(NAMES), default="float32", help="dtype loaded")
     p.add_argument("--scale", type=int, default=1, help="divide every width by this (1 = full size)")
-    p.add_argument("--code", default=ROOT, help="the refldm checkout to measure (default: this one)")
+    p.add_argument("--code", action="append", help="a refldm checkout to measure (default: this one); "
+                                                   "give it more than once to measure each on the same file")
     p.add_argument("--tmp", default=None, help="folder for the temporary weights file")
     p.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     p.add_argument("--force", action="store_true")
@@ -147,25 +148,30 @@ def main(argv=None) -> int:
     if mem_available_gb() < need_gb and not args.force:
         raise SystemExit(f"mem_load: MemAvailable {mem_available_gb():.1f} GiB is below the {need_gb:.1f} GiB "
                          "this load needs; free memory or pass --force")
+    codes = args.code or [ROOT]
     with tempfile.TemporaryDirectory(prefix="mem_load_", dir=args.tmp) as tmp:
         size = write_random_folder(tmp, cfg, args.stored)
-        base = measure(args.code, tmp, args.dtype, "baseline")
-        load = measure(args.code, tmp, args.dtype, "load")
+        for code in codes:
+            report(args, cfg, params, size, code, measure(code, tmp, args.dtype, "baseline"),
+                   measure(code, tmp, args.dtype, "load"))
+    return 0
+
+
+def report(args, cfg, params, size, code, base, load):
     w = load["weights_bytes"]
     row = {"family": args.family, "scale": args.scale, "parameters": params, "stored": args.stored,
            "dtype": args.dtype, "file_bytes": size, "weights_bytes": w, "baseline_rss_bytes": base["max_rss_bytes"],
            "load_rss_bytes": load["max_rss_bytes"], "ratio": load["max_rss_bytes"] / w,
-           "above_weights_bytes": load["max_rss_bytes"] - w, "load_seconds": load["seconds"], "code": args.code,
+           "above_weights_bytes": load["max_rss_bytes"] - w, "load_seconds": load["seconds"], "code": code,
            "python": platform.python_version(), "numpy": np.__version__}
     mib = 2 ** 20
     print(f"{args.family} U-Net (1/{args.scale} width, {params:,} parameters), stored {args.stored}, loaded "
           f"{args.dtype}: weights {w / mib:,.0f} MiB; peak RSS {load['max_rss_bytes'] / mib:,.0f} MiB = "
           f"{row['ratio']:.3f} x weights (target <= 1.10); baseline process {base['max_rss_bytes'] / mib:,.0f} MiB; "
-          f"load {load['seconds']:.1f} s")
+          f"load {load['seconds']:.1f} s; code {code}", flush=True)
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

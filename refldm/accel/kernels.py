@@ -75,14 +75,17 @@ SHIFT_FREE_BOUND = 29.0
 # NumPy's float32 exp built for AVX2 (its X86_V3 target) leaves its SIMD loop for every vector that holds
 # a value below about -87.3, where exp underflows: on a 2 MiB block of scores with such values it takes
 # 2.2-2.3 ns per value instead of 0.55 (tools/bench_exp.py; its AVX-512 build, 0.31 ns, has no such
-# path). Attention therefore clamps the exponents of a float32 block at EXP_LOW first, one pass of about
-# 0.3 ns per value, where NumPy's float32 exp is not the AVX-512 build and the block may hold such values
-# (every block with a mask; without one, unless |q_i| max_j |k_j| <= EXP_LOW_BOUND for all its rows, since
-# then s_ij - max_j s_ij >= -2 |q_i| max_j |k_j| >= EXP_LOW). The clamp changes no result: e^-87 is
+# path). Attention therefore clamps the exponents of a float32 block at EXP_LOW first (one pass of 0.3-0.5
+# ns per value) where NumPy's float32 exp is not the AVX-512 build and the block does hold such values:
+# a block with a mask, or without one unless |q_i| max_j |k_j| <= EXP_LOW_BOUND for all its rows (then
+# s_ij - max_j s_ij >= -2 |q_i| max_j |k_j| >= EXP_LOW), looks at the smallest score of every
+# EXP_LOW_SAMPLE-th row and clamps if min_j s_ij - c_i < EXP_LOW in one of them, c_i its shift (a sample:
+# the decision only costs or saves time, the clamp never changes a result). The clamp changes no result: e^-87 is
 # 1.6e-38, and a row's largest term is at least e^-30 (1e-13), so a weight that small is below half a
 # float32 unit of every sum it enters (a test checks the bytes).
 EXP_LOW = -87.0
 EXP_LOW_BOUND = 43.5
+EXP_LOW_SAMPLE = 8
 EXP_CLAMP = None  # None: decided on first use (_exp_underflow_is_slow); True / False force it
 
 
@@ -97,12 +100,17 @@ def _exp_underflow_is_slow() -> bool:
     return not (current.startswith("X86_V4") or current.startswith("AVX512"))
 
 
+# A large product is cut into at least this many blocks (an even number), so that a mid-sized product (the
+# U-Net's 16x16 and 8x8 levels) keeps every core busy, and a thread slowed by another process on its core
+# holds back only a small share of it (the others take the remaining blocks; see threads.parallel_map).
+PRODUCT_MIN_BLOCKS = 2
+
+
 def _even_blocks(size: int, step: int, align: int = 16) -> int:
     """The block length for cutting `size` rows (or columns) into an even number of blocks of at most
-    about `step`, each a multiple of `align`: two or more blocks, so that a mid-sized product (the
-    U-Net's 16x16 and 8x8 levels) keeps both cores busy. It depends on the sizes only, never on the
-    thread count, so the bytes of a result do not either."""
-    blocks = max(2, -(-size // step))
+    about `step`, each a multiple of `align`: PRODUCT_MIN_BLOCKS or more. It depends on the sizes
+    only, never on the thread count, so the bytes of a result do not either."""
+    blocks = max(PRODUCT_MIN_BLOCKS, -(-size // step))
     blocks += blocks % 2
     return max(align, -(-(-(-size // blocks)) // align) * align)
 
@@ -586,12 +594,17 @@ def scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget):
         g, i, j = item                                             # head index g, query rows i..j-1
         s = scores(g, slice(i, j))
         bound = q_norms[g][i:j].max() * k_norm[g] if may_bound else math.inf
-        clamp = clamp_exp and bound > EXP_LOW_BOUND
+        clamp = False
         if bound <= SHIFT_FREE_BOUND:
             shift = np.zeros(j - i, dtype=bool)                    # every row bounded: no max pass
         else:
             m = np.max(s, axis=-1, keepdims=True)                  # the row maxima
             shift = (~((m >= SHIFT_FREE_LOW) & (m <= SHIFT_FREE_HIGH))).ravel() if may_skip else None
+            if clamp_exp and bound > EXP_LOW_BOUND:                # may a shifted score fall below EXP_LOW?
+                c = m[::EXP_LOW_SAMPLE, 0]                         # the sampled rows' shifts
+                if shift is not None:
+                    c = np.where(shift[::EXP_LOW_SAMPLE], c, 0)
+                clamp = bool(np.any(np.min(s[::EXP_LOW_SAMPLE], axis=-1) - c < EXP_LOW))
         o = out[g][i:j]
         if shift is None or shift.all():
             s -= m                                                 # the reference's shift (NaN, -inf maxima too)
