@@ -608,27 +608,32 @@ def main(argv=None) -> int:
     device = Device(args.fake)
     failures = []
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
-        t0 = time.monotonic()
-        folder = os.path.join(tmp, "sd")
-        torch_pipe = build_torch_pipeline(size, device, folder)
-        data["models_s"] = round(time.monotonic() - t0, 1)
-        log(f"models built and saved in {data['models_s']} s")
-        host = inputs(size)
-        for dt in dtypes:
-            if time.monotonic() > deadline - 30:
-                data["skipped"].append(f"{dt}: budget spent before loading")
-                continue
+        try:
             t0 = time.monotonic()
-            sides = Sides(device, folder, torch_pipe, dt)
-            data.setdefault("load_s", {})[dt] = round(time.monotonic() - t0, 1)
-            if "agreement" not in skip:
-                data["agreement"] += agreement(sides, size, host)
-                report.save()
-            if "timings" not in skip:
-                data["timings"] += timings(sides, size, host, report, deadline, repeats)
-                report.save()
-            del sides
-            device.free_cached()
+            folder = os.path.join(tmp, "sd")
+            torch_pipe = build_torch_pipeline(size, device, folder)
+            data["models_s"] = round(time.monotonic() - t0, 1)
+            log(f"models built and saved in {data['models_s']} s")
+            host = inputs(size)
+            for dt in dtypes:
+                if time.monotonic() > deadline - 30:
+                    data["skipped"].append(f"{dt}: budget spent before loading")
+                    continue
+                t0 = time.monotonic()
+                sides = Sides(device, folder, torch_pipe, dt)
+                data.setdefault("load_s", {})[dt] = round(time.monotonic() - t0, 1)
+                if "agreement" not in skip:
+                    data["agreement"] += agreement(sides, size, host)
+                    report.save()
+                if "timings" not in skip:
+                    data["timings"] += timings(sides, size, host, report, deadline, repeats)
+                    report.save()
+                del sides
+                device.free_cached()
+        except Exception as e:  # the models could not be built or loaded: say so, and still run the suite
+            failures.append(f"models: {type(e).__name__}: {e}")
+            data["models_error"] = traceback.format_exc(limit=8)
+            log("models failed:", data["models_error"])
     failures += [f"agreement {r['part']} {r['dtype']}" for r in data["agreement"] if not r["ok"]]
     failures += [f"timing {r['case']} {r['dtype']}: {r['error']}" for r in data["timings"] if "error" in r]
     if "suite" not in skip:

@@ -75,8 +75,8 @@ else
         || fail "torch cannot see the GPU (torch.cuda.is_available() is False); install a CUDA build of torch"
 fi
 
-# the Python steps; a watchdog well past the budget in case the device hangs
-"$PYTHON" -u tools/gpu_check.py --out "$OUTDIR" "${ARGS[@]}" 2>&1 | tee -a "$LOG"
+# the Python steps (they keep to their --budget themselves)
+"$PYTHON" -u tools/gpu_check.py --out "$OUTDIR" ${ARGS[@]+"${ARGS[@]}"} 2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 say "exit status $rc; log $LOG, figures $OUTDIR/gpu_check.json"
 exit "$rc"

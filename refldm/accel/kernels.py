@@ -9,7 +9,8 @@ NumPy arrays, and computes the same equation as the op it accelerates. What make
   padded image (no im2col matrix, no temporary per tap), in cache-sized bands of output rows; on a
   small image it is one im2col product, and a 3x3 one with many channels runs by Winograd's F(2x2, 3x3).
 - Attention works per head on cache-sized blocks of query rows, folds the scale into q, and divides
-  by the softmax row sums after the product P V.
+  by the softmax row sums after the product P V; where NumPy's float32 exp is its AVX2 build, a block
+  whose shifted scores underflow is clamped at -87 first (that exp leaves its SIMD loop for them).
 - gelu in float32 evaluates erf by a short polynomial instead of SciPy's erf.
 - Small matrix products run on one BLAS thread (waking BLAS's helper threads costs more).
 """

@@ -398,12 +398,15 @@ def load_into(model, state: dict, dtype="float32", source: str = "checkpoint"):
         raise WeightsError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
     for key, (owner, attr, _) in expected.items():
         value = state[key]
-        if not np.issubdtype(value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype, np.floating):
+        on_device = type(value).__module__.split(".")[0] in ("cupy", "refldm")  # CuPy or the fake device
+        if not on_device:
+            value = np.asarray(value)
+        if not np.issubdtype(value.dtype, np.floating):
             raise WeightsError(f"{source}: key {key!r} has non-float dtype {value.dtype}")
-        if isinstance(value, np.ndarray) or not hasattr(value, "dtype"):  # host: cast only if needed, no copy
-            arr = backend.asarray(np.asarray(value).astype(dt, copy=False))
-        else:  # an array of a device backend (a model's own state_dict, upcast): cast where it lives
-            arr = backend.asarray(value.astype(dt, copy=False) if value.dtype != dt else value)
+        if on_device:  # an array of a device backend (a model's own state_dict, upcast): cast where it lives
+            arr = backend.asarray(value.astype(dt) if value.dtype != dt else value)
+        else:          # a host array: cast only if needed, so a view of load_file's mapping stays one
+            arr = backend.asarray(value.astype(dt, copy=False))
         if not bool(backend.xp().all(backend.xp().isfinite(arr))):
             raise WeightsError(f"{source}: key {key!r} holds NaN or inf")
         setattr(owner, attr, arr)
