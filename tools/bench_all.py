@@ -165,18 +165,25 @@ def machine() -> dict:
 
 
 def _openblas_from_numpy() -> str:
-    """OpenBLAS's version and the kernel it chose, from its own config string (no threadpoolctl)."""
-    try:
-        import ctypes
-        import numpy._core._multiarray_umath as m
-        lib = ctypes.CDLL(m.__file__)
-        del lib
-        config = subprocess.run([sys.executable, "-c", "import numpy; numpy.show_config()"], capture_output=True,
-                                text=True, timeout=60).stdout
-        found = re.findall(r"(OpenBLAS[^\n]*)", config)
-        return found[0].strip() if found else "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
+    """OpenBLAS's version and the kernel it chose (its get_corename), through the library NumPy loaded."""
+    import ctypes
+    from refldm.accel.blas import _loaded_openblas
+    found = []
+    for lib in _loaded_openblas():   # scipy-openblas (NumPy's wheels) or a plain OpenBLAS
+        for prefix in ("scipy_openblas_", "openblas_"):
+            for suffix in ("64_", ""):
+                core, config = (getattr(lib, f"{prefix}get_{n}{suffix}", None) for n in ("corename", "config"))
+                if core is not None:
+                    core.restype = ctypes.c_char_p
+                    text = core().decode()
+                    if config is not None:
+                        config.restype = ctypes.c_char_p
+                        text = config().decode().split()[1] + " " + text
+                    found.append(text)
+                    break
+            if found:
+                break
+    return ", ".join(found) or "unknown"
 
 
 def table(rows: list, info: dict, threads: int) -> str:
