@@ -135,7 +135,7 @@ class PretrainedModel(Module):
         folder = os.path.join(os.fspath(folder), subfolder) if subfolder else os.fspath(folder)
         model = cls.from_config(read_config(folder), where=os.path.join(folder, "config.json"))
         paths = find_weights(folder, cls.weights_stem)
-        return model.load_state_dict(load_state(paths), dtype=dtype, source=", ".join(paths))
+        return model.load_state_dict(load_state(paths, dtype=dtype), dtype=dtype, source=", ".join(paths))
 
     def convert_keys(self, state: dict, source: str) -> dict:
         """Rename older checkpoint keys to the current ones; the default keeps them as they are."""
