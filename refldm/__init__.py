@@ -34,6 +34,9 @@ _LAZY = {
     "StableDiffusionXLPipeline": "refldm.pipelines.sdxl",
     "StableDiffusionXLImg2ImgPipeline": "refldm.pipelines.sdxl",
     "StableDiffusionInpaintPipeline": "refldm.pipelines.inpaint",
+    "SD3Transformer2DModel": "refldm.models.sd3_transformer",
+    "StableDiffusion3Pipeline": "refldm.pipelines.sd3",
+    "StableDiffusion3Img2ImgPipeline": "refldm.pipelines.sd3",
 }
 _SCHEDULERS = "refldm.schedulers"
 

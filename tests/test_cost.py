@@ -225,3 +225,48 @@ def test_docs_quote_the_numbers_refldm_cost_prints():
     quoted += [_si(xl[k]) for k in ("latent_step_flops", "pixel_step_flops", "latent_loop_flops", "pixel_loop_flops",
                                     "vae_decode_flops", "latent_total_flops")]
     assert [q for q in quoted if q not in page] == []
+
+
+def _torch_sd3(config, h, w, batch, tokens):
+    """(FlopCounterMode's total, {leaf module output values}) for one diffusers SD3 transformer call on meta."""
+    torch = require("torch")
+    diffusers = require("diffusers")
+    from diffusers.models.normalization import RMSNorm
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = diffusers.SD3Transformer2DModel(**config)
+        x = torch.empty(batch, model.config.in_channels, h, w)
+        c = torch.empty(batch, tokens, model.config.joint_attention_dim)
+        y = torch.empty(batch, model.config.pooled_projection_dim)
+        t = torch.empty(batch)
+    written = []
+    leaves = (torch.nn.Conv2d, torch.nn.Linear, torch.nn.LayerNorm, RMSNorm)
+    hooks = [m.register_forward_hook(lambda m, i, o: written.append(o.numel()))
+             for m in model.modules() if isinstance(m, leaves)]
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x, c, y, t)
+    for hook in hooks:
+        hook.remove()
+    return counter.get_total_flops(), sum(written)
+
+
+TINY_SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+                joint_attention_dim=20, caption_projection_dim=16, pooled_projection_dim=12, out_channels=4,
+                pos_embed_max_size=12)
+
+
+@pytest.mark.parametrize("config,h,w,batch,tokens", [
+    (TINY_SD3, 8, 12, 2, 5),
+    ({**TINY_SD3, "qk_norm": "rms_norm", "dual_attention_layers": [0, 1], "patch_size": 1}, 6, 4, 1, 3),
+    # SD3-medium at 1024x1024 (128x128 latent), batch 2 (CFG), 77 + 256 text tokens
+    (dict(TINY_SD3, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+          joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=192,
+          sample_size=128), 128, 128, 2, 333),
+], ids=["tiny", "tiny-sd35", "sd3-medium-1024"])
+def test_sd3_flops_equal_torch_flop_counter(config, h, w, batch, tokens):
+    theirs, written = _torch_sd3(config, h, w, batch, tokens)
+    ours = cost.count_sd3(config, h, w, batch, tokens)
+    assert ours.flops == theirs
+    assert sum(op.out_values for op in ours.ops if op.kind != "attention") == written

@@ -41,7 +41,7 @@ import os
 
 from refldm.about import DEFAULT_MODEL
 
-__all__ = ["Op", "Count", "UNetShape", "VAEShape", "count_unet", "count_vae", "find_configs",
+__all__ = ["Op", "Count", "UNetShape", "VAEShape", "count_unet", "count_vae", "count_sd3", "find_configs",
            "NORM_FLOPS_PER_VALUE", "SD_VAE_CONFIG"]
 
 # GroupNorm / LayerNorm per value: mean (1 add), variance (subtract, square, add), normalise
@@ -368,6 +368,72 @@ def _transformer(t: _Walk, name, s: UNetShape, c, hw, heads, layers, cross_dim, 
         t.linear(f"{name}.proj_out", length, c, c)
     else:
         t.conv(f"{name}.proj_out", c, c, hw, k=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The MMDiT of SD3 / SD3.5: the same order as SD3Transformer2DModel.forward (refldm/models/sd3_transformer.py)
+# ---------------------------------------------------------------------------------------------------
+
+SD3_DEFAULTS = {"patch_size": 2, "in_channels": 16, "num_layers": 18, "attention_head_dim": 64,
+                "num_attention_heads": 18, "joint_attention_dim": 4096, "caption_projection_dim": 1152,
+                "pooled_projection_dim": 2048, "out_channels": 16, "dual_attention_layers": [], "qk_norm": None}
+
+
+def count_sd3(config: dict, height: int, width: int, batch: int = 2, text_tokens: int = 333) -> Count:
+    """The ops of one SD3Transformer2DModel call on a (batch, in_channels, height, width) latent with
+    `text_tokens` text tokens (77 CLIP + 256 T5 in SD3's pipeline). N = (height/p)(width/p) image tokens,
+    S text tokens, D = heads * head_dim. Per joint block: the two adaLN linears on temb (6D or 9D; the last
+    block's text stream 2D), q/k/v/out on both streams, one attention over N + S tokens, the 4D gelu MLPs;
+    MMDiT-X blocks add an image-only attention. RMS qk-norms count as norms (D values per token each)."""
+    c = {**SD3_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    p, heads, hd = c["patch_size"], c["num_attention_heads"], c["attention_head_dim"]
+    if height % p or width % p or height < p or width < p:
+        raise ValueError(f"cost: the latent {height}x{width} is not a positive multiple of patch_size={p}")
+    d, n, s, layers = heads * hd, (height // p) * (width // p), text_tokens, c["num_layers"]
+    out = c["out_channels"] if c["out_channels"] is not None else c["in_channels"]
+    t = _Walk(batch)
+    t.conv("pos_embed.proj", c["in_channels"], d, (height, width), k=p, stride=p, pad=0)
+    t.linear("time_text_embed.timestep_embedder.linear_1", 1, 256, d)
+    t.linear("time_text_embed.timestep_embedder.linear_2", 1, d, d)
+    t.linear("time_text_embed.text_embedder.linear_1", 1, c["pooled_projection_dim"], d)
+    t.linear("time_text_embed.text_embedder.linear_2", 1, d, d)
+    t.linear("context_embedder", s, c["joint_attention_dim"], c["caption_projection_dim"])
+    for i in range(layers):
+        b = f"transformer_blocks.{i}"
+        last, dual = i == layers - 1, i in c["dual_attention_layers"]
+        t.linear(f"{b}.norm1.linear", 1, d, (9 if dual else 6) * d)
+        t.norm(f"{b}.norm1.norm", n * d)
+        t.linear(f"{b}.norm1_context.linear", 1, d, (2 if last else 6) * d)
+        t.norm(f"{b}.norm1_context.norm", s * d)
+        attentions = [("attn", True)] + ([("attn2", False)] if dual else [])
+        for a, joint in attentions:
+            for x in "qkv":
+                t.linear(f"{b}.{a}.to_{x}", n, d, d)
+            if c["qk_norm"]:
+                t.norm(f"{b}.{a}.norm_q", n * d)
+                t.norm(f"{b}.{a}.norm_k", n * d)
+            if joint:
+                for x in "qkv":
+                    t.linear(f"{b}.{a}.add_{x}_proj", s, d, d)
+                if c["qk_norm"]:
+                    t.norm(f"{b}.{a}.norm_added_q", s * d)
+                    t.norm(f"{b}.{a}.norm_added_k", s * d)
+            length = n + s if joint else n
+            t.attention(f"{b}.{a}", heads, length, length, hd)
+            t.linear(f"{b}.{a}.to_out.0", n, d, d)
+            if joint and not last:
+                t.linear(f"{b}.{a}.to_add_out", s, d, d)
+        t.norm(f"{b}.norm2", n * d)
+        t.linear(f"{b}.ff.net.0.proj", n, d, 4 * d)
+        t.linear(f"{b}.ff.net.2", n, 4 * d, d)
+        if not last:
+            t.norm(f"{b}.norm2_context", s * d)
+            t.linear(f"{b}.ff_context.net.0.proj", s, d, 4 * d)
+            t.linear(f"{b}.ff_context.net.2", s, 4 * d, d)
+    t.linear("norm_out.linear", 1, d, 2 * d)
+    t.norm("norm_out.norm", n * d)
+    t.linear("proj_out", n, d, p * p * out)
+    return Count(t.ops)
 
 
 # ---------------------------------------------------------------------------------------------------

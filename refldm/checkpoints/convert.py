@@ -16,6 +16,16 @@ and an SDXL base checkpoint (``sd_xl_base_1.0.safetensors``, Stability's generat
     conditioner.embedders.1.model.*            text encoder 2 (OpenCLIP ViT-bigG, fused q/k/v, all 32
                                                layers, text_projection stored (D, P): transposed)
 
+and an SD3 / SD3.5 file (``sd3_medium_incl_clips.safetensors``, Stability's sd3_impls / mmditx.py):
+
+    model.diffusion_model.*                    the MMDiT (joint_blocks.{i}.x_block / context_block, fused qkv)
+    first_stage_model.*                        the 16-channel VAE (the SD layout, no quant convs)
+    text_encoders.clip_l.transformer.*         CLIP-L (transformers' keys; no text_projection: identity)
+    text_encoders.clip_g.transformer.*         CLIP-G (transformers' keys)
+    text_encoders.t5xxl.transformer.*          T5-XXL encoder (transformers' keys), when included
+
+(see `sd3_from_original`; the MMDiT's rows are `SD3_TOP` and `SD3_BLOCK`).
+
 refldm's models use diffusers' (and transformers') key names, so loading such a file is a renaming,
 plus three changes of layout:
 
@@ -194,6 +204,7 @@ class Target:
     conv1x1: bool = False  # stored as (C_out, C_in, 1, 1) there, (C_out, C_in) in diffusers
     third: int | None = None  # 0/1/2: the q/k/v third (rows) of a fused in_proj tensor
     transpose: bool = False  # stored transposed there (OpenCLIP's text_projection: x @ P, not x @ W^T)
+    swap_halves: bool = False  # rows [shift; scale] there, [scale; shift] in diffusers (SD3's AdaLayerNormContinuous)
 
 
 def original_key(table: str, key: str, shape: Shape) -> Target:
@@ -238,6 +249,9 @@ def detect(keys) -> str:
                                   "reads SDXL base single files only: load the refiner's diffusers folder")
         found = sorted({".".join(k.split(".")[:4]) for k in keys if k.startswith("conditioner.")})
         raise ConversionError(f"an SDXL-like file whose text encoders are not SDXL's: found {', '.join(found[:4])}")
+    if is_sd3(keys):
+        raise ConversionError("an SD3 / SD3.5 single file (model.diffusion_model.joint_blocks.*); load it with "
+                              "StableDiffusion3Pipeline.from_single_file")
     has_unet = any(k.startswith(UNET_PREFIX) for k in keys)
     has_vae = any(k.startswith(VAE_PREFIX) for k in keys)
     if not has_unet or not has_vae:
@@ -346,6 +360,150 @@ def to_original(parts: dict, configs: dict, kind: str) -> dict:
                 fused.setdefault(t.key, [None, None, None])[t.third] = value
             elif t.transpose:
                 out[t.key] = np.ascontiguousarray(value.T)
+            elif t.conv1x1:
+                out[t.key] = value[:, :, None, None]
+            else:
+                out[t.key] = value
+    for key, thirds in fused.items():
+        if any(v is None for v in thirds):
+            raise ConversionError(f"{key}: q, k and v are not all present")
+        out[key] = np.concatenate(thirds, axis=0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SD3 / SD3.5 (Stability's MMDiT code). Rows: (diffusers key prefix, original key prefix, q/k/v third or None).
+# Under transformer_blocks.{i} <-> joint_blocks.{i}: x_block is the image stream, context_block the text stream;
+# the original fuses q, k, v into one qkv Linear (rows [q; k; v]). The last block's text modulation and the
+# output modulation are [shift; scale] there and [scale; shift] in diffusers (AdaLayerNormContinuous).
+
+SD3_PREFIXES = {"transformer": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder": "text_encoders.clip_l.transformer.",
+                "text_encoder_2": "text_encoders.clip_g.transformer.",
+                "text_encoder_3": "text_encoders.t5xxl.transformer."}
+SD3_TOP = [
+    ("pos_embed.pos_embed", "pos_embed"), ("pos_embed.proj", "x_embedder.proj"),
+    ("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
+    ("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"),
+    ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0"),
+    ("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2"),
+    ("context_embedder", "context_embedder"), ("proj_out", "final_layer.linear"),
+    ("norm_out.linear", "final_layer.adaLN_modulation.1"),                  # swap halves
+]
+SD3_BLOCK = [
+    ("attn.to_q", "x_block.attn.qkv", 0), ("attn.to_k", "x_block.attn.qkv", 1), ("attn.to_v", "x_block.attn.qkv", 2),
+    ("attn.add_q_proj", "context_block.attn.qkv", 0), ("attn.add_k_proj", "context_block.attn.qkv", 1),
+    ("attn.add_v_proj", "context_block.attn.qkv", 2),
+    ("attn.norm_q", "x_block.attn.ln_q", None), ("attn.norm_k", "x_block.attn.ln_k", None),          # SD3.5
+    ("attn.norm_added_q", "context_block.attn.ln_q", None), ("attn.norm_added_k", "context_block.attn.ln_k", None),
+    ("attn.to_out.0", "x_block.attn.proj", None), ("attn.to_add_out", "context_block.attn.proj", None),
+    ("attn2.to_q", "x_block.attn2.qkv", 0), ("attn2.to_k", "x_block.attn2.qkv", 1),                    # MMDiT-X
+    ("attn2.to_v", "x_block.attn2.qkv", 2), ("attn2.norm_q", "x_block.attn2.ln_q", None),
+    ("attn2.norm_k", "x_block.attn2.ln_k", None), ("attn2.to_out.0", "x_block.attn2.proj", None),
+    ("norm1.linear", "x_block.adaLN_modulation.1", None),
+    ("norm1_context.linear", "context_block.adaLN_modulation.1", None),     # swap halves in the last block
+    ("ff.net.0.proj", "x_block.mlp.fc1", None), ("ff.net.2", "x_block.mlp.fc2", None),
+    ("ff_context.net.0.proj", "context_block.mlp.fc1", None), ("ff_context.net.2", "context_block.mlp.fc2", None),
+]
+SD3_IGNORED = [re.compile(r"text_encoders\.clip_[lg]\.transformer\.text_model\.embeddings\.position_ids"),
+               re.compile(r"text_encoders\.clip_[lg]\.transformer\.logit_scale")]
+
+
+def is_sd3(keys) -> bool:
+    """True when the keys hold an MMDiT (model.diffusion_model.joint_blocks.*): an SD3 / SD3.5 single file."""
+    return any(k.startswith(UNET_PREFIX + "joint_blocks.") for k in keys)
+
+
+def sd3_transformer_key(key: str, num_layers: int) -> Target:
+    """The original key of SD3Transformer2DModel key `key` (a model with `num_layers` joint blocks)."""
+    for new, old in SD3_TOP:
+        if key.startswith(new + ".") or key == new:
+            return Target(UNET_PREFIX + old + key[len(new):], swap_halves=new == "norm_out.linear")
+    m = re.match(r"transformer_blocks\.(\d+)\.(.+)\.(weight|bias)$", key)
+    if m:
+        i, module, leaf = int(m.group(1)), m.group(2), m.group(3)
+        for new, old, third in SD3_BLOCK:
+            if module == new:
+                swap = new == "norm1_context.linear" and i == num_layers - 1
+                return Target(f"{UNET_PREFIX}joint_blocks.{i}.{old}.{leaf}", third=third, swap_halves=swap)
+    raise ConversionError(f"no rule in refldm/checkpoints/convert.py maps SD3 transformer key {key!r} to an "
+                          "original checkpoint key")
+
+
+def _sd3_target(part: str, key: str, configs: dict) -> Target:
+    if part == "transformer":
+        return sd3_transformer_key(key, int(configs["transformer"]["num_layers"]))
+    if part == "vae":
+        shape = Shape(vae_levels=len(configs["vae"].get("block_out_channels", ())))
+        return original_key("vae", key, shape)
+    if part in ("text_encoder", "text_encoder_2"):  # transformers' CLIP keys (text_model.*) under a prefix
+        bare = key[len("text_model."):] if key.startswith("text_model.") else key
+        inner = bare if bare.startswith("text_projection") else "text_model." + bare
+        return Target(SD3_PREFIXES[part] + inner)
+    return Target(SD3_PREFIXES[part] + key)          # T5: transformers' keys under a prefix
+
+
+def _swap_halves(value):
+    half = value.shape[0] // 2
+    return np.concatenate([value[half:], value[:half]], axis=0)
+
+
+def sd3_from_original(state: dict, expected: dict, configs: dict, source: str = "checkpoint") -> dict:
+    """Rename an SD3 / SD3.5 single file's tensors to diffusers keys: {part: {diffusers key: array}} for the
+    parts in `expected` ({part: the diffusers keys its model declares}; "transformer", "vae", "text_encoder",
+    "text_encoder_2", optionally "text_encoder_3"). As diffusers' single-file loader, CLIP-L's text_projection,
+    absent from these files, is the identity. One ConversionError lists every missing or unused key."""
+    used, missing, out = set(), [], {}
+    for part, keys in expected.items():
+        out[part] = {}
+        for key in keys:
+            t = _sd3_target(part, key, configs)
+            if t.key not in state:
+                if part == "text_encoder" and key == "text_projection.weight":
+                    width = np.asarray(state[SD3_PREFIXES[part] + "text_model.final_layer_norm.weight"]).shape[0]
+                    out[part][key] = np.eye(width, dtype=np.float32)
+                    continue
+                missing.append(t.key)
+                continue
+            value = np.asarray(state[t.key])
+            if t.third is not None:
+                if value.shape[0] % 3:
+                    raise ConversionError(f"{source}: {t.key} has {value.shape[0]} rows, not a multiple of 3 "
+                                          "(fused q, k, v)")
+                n = value.shape[0] // 3
+                value = value[t.third * n:(t.third + 1) * n]
+            elif t.swap_halves:
+                value = _swap_halves(value)
+            elif t.conv1x1 and value.ndim == 4:
+                value = value[:, :, 0, 0]
+            out[part][key] = value
+            used.add(t.key)
+    prefixes = tuple(SD3_PREFIXES[p] for p in expected)
+    leftover = [k for k in state if k not in used and k.startswith(prefixes)
+                and not any(r.fullmatch(k) for r in SD3_IGNORED)]
+    problems = []
+    for label, keys in (("missing", sorted(set(missing))), ("not understood", sorted(leftover))):
+        if keys:
+            shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise ConversionError(f"{source} does not match the SD3 single-file layout of the given configs: "
+                              + "; ".join(problems))
+    return out
+
+
+def sd3_to_original(parts: dict, configs: dict) -> dict:
+    """The inverse of `sd3_from_original` (the tests write an SD3 single file from a diffusers folder with it)."""
+    out, fused = {}, {}
+    for part, state in parts.items():
+        for key, value in state.items():
+            if key.endswith("position_ids"):
+                continue
+            value = np.asarray(value)
+            t = _sd3_target(part, key, configs)
+            if t.third is not None:
+                fused.setdefault(t.key, [None, None, None])[t.third] = value
+            elif t.swap_halves:
+                out[t.key] = _swap_halves(value)
             elif t.conv1x1:
                 out[t.key] = value[:, :, None, None]
             else:

@@ -5,6 +5,7 @@ Leaves (each holds its checkpoint tensors under the PyTorch names ``weight`` / `
     Conv2d(in, out, kernel, stride=1, padding=0)     weight (out, in, k, k), bias (out,)
     Linear(in, out, bias=True)                       weight (out, in), bias (out,)
     GroupNorm(groups, channels, eps)                 weight (channels,), bias (channels,)
+    RMSNorm(dim, eps)                                weight (dim,)
 
 Blocks:
 
@@ -22,7 +23,7 @@ from refldm.core import ops
 from refldm.backend import array_namespace
 from refldm.core.nn import Module, Param
 
-__all__ = ["Conv2d", "Linear", "GroupNorm", "LayerNorm", "Embedding", "ResnetBlock2D", "Downsample2D", "Upsample2D",
+__all__ = ["Conv2d", "Linear", "GroupNorm", "LayerNorm", "RMSNorm", "Embedding", "ResnetBlock2D", "Downsample2D", "Upsample2D",
            "upsample_nearest"]
 
 
@@ -77,6 +78,27 @@ class LayerNorm(Module):
 
     def forward(self, x):
         return ops.layer_norm(x, self.weight, self.bias, eps=self.eps)
+
+
+class RMSNorm(Module):
+    """Root-mean-square normalisation (Zhang & Sennrich, 2019) over the last axis, with a learned scale:
+
+        y = x / sqrt(mean(x^2) + eps) * weight          x: (..., D), weight: (D,)
+
+    No mean is subtracted and there is no bias. The mean of squares is taken in at least float32 (as
+    diffusers' and transformers' RMSNorm do for float16 inputs); y is cast back to x's dtype before the scale.
+    SD3.5 uses it on each attention head's queries and keys (qk_norm="rms_norm")."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        self.weight = Param(dim)
+        self.eps = float(eps)
+
+    def forward(self, x):
+        xp = array_namespace(x)
+        wide = x.astype("float32") if x.dtype.itemsize < 4 else x
+        ms = xp.mean(wide * wide, axis=-1, keepdims=True)                 # (..., 1)
+        y = (wide / xp.sqrt(ms + self.eps)).astype(x.dtype, copy=False)
+        return y * self.weight
 
 
 class Embedding(Module):

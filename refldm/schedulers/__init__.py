@@ -31,6 +31,8 @@ from .dpmpp_3m_sde import DPMPP3MSDEScheduler
 from .edm_dpmsolver import EDMDPMSolverMultistepScheduler
 from .edm_euler import EDMEulerScheduler
 from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from .flow_match_euler import FlowMatchEulerDiscreteScheduler
+from .flow_match_heun import FlowMatchHeunDiscreteScheduler
 from .heun import HeunDiscreteScheduler
 from .kdpm2 import KDPM2DiscreteScheduler
 from .kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
@@ -46,7 +48,8 @@ __all__ = [
     "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler",
     "EDMEulerScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "TCDScheduler",
     "EDMDPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "DPMPP2SAncestralScheduler", "DPMPP3MSDEScheduler",
-    "DPMFastScheduler", "DPMAdaptiveScheduler", "SchedulerMixin", "SchedulerOutput", "SigmaScheduler",
+    "DPMFastScheduler", "DPMAdaptiveScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
+    "SchedulerMixin", "SchedulerOutput", "SigmaScheduler",
     "SCHEDULERS", "CLASSES", "get_scheduler",
 ]
 
@@ -82,6 +85,8 @@ CLASSES = {cls.__name__: cls for cls, _ in SCHEDULERS.values()}
 # schedulers without a web-UI name, for models trained for them (EDM: sigma_data, c_in / c_skip / c_out)
 CLASSES.update({cls.__name__: cls for cls in (EDMEulerScheduler, EDMDPMSolverMultistepScheduler,
                                                   DPMSolverSinglestepScheduler)})
+# rectified-flow samplers (SD3, FLUX): the web UIs' "Euler" / "Heun" on a flow model (names.FLOW_SAMPLERS)
+CLASSES.update({cls.__name__: cls for cls in (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)})
 
 
 def get_scheduler(name: str, config=None, schedule: str | None = None, **overrides):

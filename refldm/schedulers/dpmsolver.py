@@ -5,6 +5,9 @@ Steps", arXiv:2206.00927) with its SDE variant (algorithm_type "dpmsolver" / "sd
 
 Notation: x_t = alpha_t x_0 + sigma_t eps with alpha_t = 1 / sqrt(1 + s^2), sigma_t = s alpha_t for the
 Karras sigma s; lambda_t = log(alpha_t / sigma_t) = -log s is the half log-SNR, h = lambda_t - lambda_s > 0.
+In flow mode (use_flow_sigmas, for rectified-flow models such as SD3: x_t = (1 - t) x_0 + t e) the grid is the
+shifted flow time t and alpha_t = 1 - t, sigma_t = t; a "flow_prediction" model's v gives x_0 = x_t - t v, and the
+same exponential integrators run on that x_0.
 The solvers integrate the data-prediction ODE exactly in its linear part (exponential integrators) and
 approximate x_0(lambda) by a polynomial through the last model outputs.
 """
@@ -26,6 +29,11 @@ def alpha_sigma(s: float):
     """(alpha_t, sigma_t) for Karras sigma s: alpha = 1 / sqrt(s^2 + 1), sigma = s alpha."""
     alpha = 1 / (s**2 + 1) ** 0.5
     return alpha, s * alpha
+
+
+def flow_alpha_sigma(t: float):
+    """(alpha_t, sigma_t) = (1 - t, t) on the rectified-flow path x_t = (1 - t) x_0 + t e."""
+    return 1 - t, t
 
 
 def _lambda(alpha: float, sigma: float) -> float:
@@ -177,8 +185,13 @@ class DPMSolverConfig(BaseConfig):
     thresholding: bool = False
     dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
+    use_flow_sigmas: bool = False        # the rectified-flow grid: t = shift u / (1 + (shift - 1) u)
+    flow_shift: float = 1.0
+    use_dynamic_shifting: bool = False   # set_timesteps(mu=...): flow_shift = e^mu
+    time_shift_type: str = "exponential"
 
     ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
+    PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
     def __post_init__(self):
         super().__post_init__()
@@ -187,6 +200,19 @@ class DPMSolverConfig(BaseConfig):
         check_choice("solver_type", self.solver_type, ("midpoint", "heun"))
         check_choice("final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
         schedule.check_one_sigma_grid(self)
+        check_choice("time_shift_type", self.time_shift_type, ("exponential", "linear"))
+        if self.use_flow_sigmas:
+            grids = [k for k in schedule.SIGMA_GRIDS + ("use_lu_lambdas",) if getattr(self, k)]
+            if grids:
+                raise ValueError(f"use_flow_sigmas=True cannot be combined with {grids[0]}=True (diffusers then "
+                                 "builds the other grid on the variance-preserving sigmas)")
+            if self.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") \
+                    or self.prediction_type not in ("flow_prediction", "sample"):
+                raise ValueError("use_flow_sigmas=True is implemented for algorithm_type 'dpmsolver++' / "
+                                 "'sde-dpmsolver++' with prediction_type 'flow_prediction' (or 'sample'), got "
+                                 f"{self.algorithm_type!r} / {self.prediction_type!r}")
+        elif self.prediction_type == "flow_prediction":
+            raise ValueError("prediction_type='flow_prediction' needs use_flow_sigmas=True (the flow grid)")
         if self.algorithm_type in ("dpmsolver", "sde-dpmsolver") and self.final_sigmas_type == "zero":
             raise ValueError(f"algorithm_type={self.algorithm_type!r} needs final_sigmas_type='sigma_min' (its "
                              "noise-prediction step divides by sigma = 0 otherwise; diffusers refuses it too)")
@@ -200,8 +226,7 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
     with "sde-dpmsolver++"; Karras sigmas with use_karras_sigmas=True)."""
 
     Config = DPMSolverConfig
-    UNSUPPORTED = {"variance_type": None, "use_flow_sigmas": False, "flow_shift": 1.0,
-                   "use_dynamic_shifting": False, "time_shift_type": "exponential"}
+    UNSUPPORTED = {"variance_type": None}
     RENAMED = {"solver_type": {"logrho": "midpoint", "bh1": "midpoint", "bh2": "midpoint"},  # as diffusers does
                "algorithm_type": {"deis": "dpmsolver++"}}
 
@@ -219,11 +244,45 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
         self.model_outputs = [None] * self.config.solver_order
         self.lower_order_nums = 0
 
-    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None):
+    def _alpha_sigma(self, s):
+        """(alpha_t, sigma_t) at grid value s: the flow path's (1 - t, t) in flow mode, else Karras' sigma."""
+        return flow_alpha_sigma(s) if self.config.use_flow_sigmas else alpha_sigma(s)
+
+    def _set_flow_timesteps(self, n, mu):
+        """diffusers' flow grid: u = 1 - linspace(1, 1/N, n + 1), t = shift u / (1 + (shift - 1) u) reversed, the
+        smallest (t = 0) dropped; timesteps = int(N t) (truncated, as diffusers casts them to int64); with mu,
+        shift = e^mu (use_dynamic_shifting, time_shift_type "exponential")."""
+        c = self.config
+        shift = c.flow_shift
+        if mu is not None:
+            if not (c.use_dynamic_shifting and c.time_shift_type == "exponential"):
+                raise ValueError("DPMSolverMultistepScheduler.set_timesteps: mu needs use_dynamic_shifting=True and "
+                                 "time_shift_type='exponential'")
+            shift = math.exp(mu)
+        u = 1.0 - numpy.linspace(1, 1 / c.num_train_timesteps, n + 1)
+        t = (shift * u / (1 + (shift - 1) * u))[::-1][:-1]
+        last = float(self.sigmas_table[0]) if c.final_sigmas_type == "sigma_min" else 0.0
+        self.sigmas = self._table(numpy.concatenate([t, [last]]))
+        self.timesteps = (t * c.num_train_timesteps).astype(numpy.int64)
+        self.num_inference_steps = n
+        self.model_outputs = [None] * c.solver_order
+        self.lower_order_nums = 0
+        self._step_index = None
+        self._begin_index = None
+
+    def set_timesteps(self, num_inference_steps=None, device=None, mu=None, timesteps=None):
         """n timesteps spaced as config.timestep_spacing (n + 1 points, the smallest dropped), or the sigma grid
         the config asks for (Karras, exponential, beta, uniform in lambda) mapped back to rounded timesteps; or
-        explicit integer `timesteps` (descending, in [0, num_train_timesteps))."""
+        explicit integer `timesteps` (descending, in [0, num_train_timesteps)); or, with use_flow_sigmas, the
+        shifted flow grid (`_set_flow_timesteps`; `mu` sets the shift)."""
         c = self.config
+        if c.use_flow_sigmas:
+            if timesteps is not None:
+                raise ValueError("DPMSolverMultistepScheduler.set_timesteps: custom timesteps cannot be used with "
+                                 "use_flow_sigmas=True")
+            return self._set_flow_timesteps(self._check_steps(num_inference_steps), mu)
+        if mu is not None:
+            raise ValueError("DPMSolverMultistepScheduler.set_timesteps: mu is for use_flow_sigmas=True")
         if timesteps is not None:
             if num_inference_steps is not None:
                 raise ValueError("DPMSolverMultistepScheduler.set_timesteps: pass num_inference_steps or timesteps, "
@@ -268,8 +327,11 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
     def convert_model_output(self, model_output, sample):
         """What the solver works with: the data prediction x_0 for DPM-Solver++ (Lu et al. 2022, sec. 4), the
         noise prediction eps for DPM-Solver; with thresholding, x_0 dynamically thresholded first."""
-        alpha, sigma = alpha_sigma(self._scalar(self.sigmas[self._step_index]))
+        alpha, sigma = self._alpha_sigma(self._scalar(self.sigmas[self._step_index]))
         c = self.config
+        if c.prediction_type == "flow_prediction":   # x_0 = x_t - t v
+            x0 = sample - sigma * model_output
+            return dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value) if c.thresholding else x0
         if c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
             x0 = predict_x0(c.prediction_type, model_output, sample, alpha, sigma)
             return dynamic_threshold(x0, c.dynamic_thresholding_ratio, c.sample_max_value) if c.thresholding else x0
@@ -296,7 +358,8 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
         if c.algorithm_type.startswith("sde-"):  # diffusers draws this noise in float32, whatever the dtype
             noise = noise_like(model_output, generator, "float32") if variance_noise is None else variance_noise
         sig = [self._scalar(self.sigmas[j]) for j in (i + 1, i, i - 1, i - 2)]
-        (alpha_t, sigma_t), (alpha_s0, sigma_s0), (alpha_s1, sigma_s1), (alpha_s2, sigma_s2) = map(alpha_sigma, sig)
+        (alpha_t, sigma_t), (alpha_s0, sigma_s0), (alpha_s1, sigma_s1), (alpha_s2, sigma_s2) = map(self._alpha_sigma,
+                                                                                                  sig)
         lam_t, lam_s0 = _lambda(alpha_t, sigma_t), _lambda(alpha_s0, sigma_s0)
         h = step_length(lam_t, lam_s0)
         data = c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
@@ -328,6 +391,20 @@ class DPMSolverMultistepScheduler(SigmaAddNoise, SchedulerMixin):
             self.lower_order_nums += 1
         self._step_index += 1
         return self._output(return_dict, prev_sample)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        """x_t = alpha_t x_0 + sigma_t e at each timestep's step: (1 - t, t) in flow mode, else as SigmaAddNoise."""
+        if not self.config.use_flow_sigmas:
+            return super().add_noise(original_samples, noise, timesteps)
+        from .base import broadcast_coefficient, timesteps_as_host
+        t = timesteps_as_host(timesteps)
+        if self._begin_index is None:
+            indices = [self.index_for_timestep(v) for v in t]
+        else:
+            indices = [self._begin_index if self._step_index is None else self._step_index] * len(t)
+        sigma = numpy.asarray(self.sigmas, numpy.float64)[indices]
+        return (broadcast_coefficient(1 - sigma, original_samples) * original_samples
+                + broadcast_coefficient(sigma, original_samples) * noise)
 
     output_fields = ("prev_sample",)
     variance_preserving = True

@@ -76,6 +76,31 @@ SIGMA_GRID_CLASSES = {"EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDis
                       "DPMSolverSDEScheduler", "DPMPP2SAncestralScheduler", "DPMPP3MSDEScheduler",
                       "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"}
 
+# On a rectified-flow model (SD3, FLUX; scheduler FlowMatch*) the web UIs keep the sampler names and integrate the
+# flow ODE instead: A1111/Forge "Euler", ComfyUI "euler" with ModelSamplingSD3. name -> class on such a model.
+# (class, the config keys the name implies; "flow_shift" is taken from the model's scheduler "shift")
+FLOW_SAMPLERS = {
+    "euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                "use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+}
+
+
+def resolve_flow(name: str):
+    """(class name, config keys) of the flow-matching version of a sampler name (any spelling of Euler, Heun,
+    DPM++ 2M, or a FlowMatch class name) on a rectified-flow model; other names are refused naming those that work."""
+    for cls, implied in FLOW_SAMPLERS.values():
+        if name == cls and cls.startswith("FlowMatch"):
+            return cls, dict(implied)
+    sampler = _BY_NAME.get(_norm(name))
+    if sampler is None or sampler.key not in FLOW_SAMPLERS:
+        raise ValueError(f"sampler {name!r} has no rectified-flow version in refldm; on a flow model (SD3) "
+                         f"choose one of {', '.join(FLOW_SAMPLERS)}")
+    cls, implied = FLOW_SAMPLERS[sampler.key]
+    return cls, dict(implied)
+
+
 # samplers of the web UIs that refldm does not implement (yet): name -> what diffusers / k-diffusion call it
 MISSING = {
     "Restart": ("restart", "none in diffusers; -"),

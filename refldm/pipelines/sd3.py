@@ -1,0 +1,487 @@
+"""Stable Diffusion 3 / 3.5: text to image and image to image, as diffusers' StableDiffusion3Pipeline and
+StableDiffusion3Img2ImgPipeline. docs/sd3.md explains what changes from SD 1.x / SDXL and why.
+
+    prompt   --tokenizer-->   ids (B, 77)  --CLIP-L-->  hidden_states[-2] (B, 77, 768),  text_embeds (B, 768)
+    prompt_2 --tokenizer_2--> ids (B, 77)  --CLIP-G-->  hidden_states[-2] (B, 77, 1280), text_embeds (B, 1280)
+    prompt_3 --tokenizer_3--> ids (B, 256) --T5-XXL-->  last_hidden_state (B, 256, 4096)   (zeros without T5)
+    clip     = pad(concat(CLIP-L, CLIP-G, axis=-1), to 4096)                          (B, 77, 4096)
+    context  = concat(clip, t5, axis=1)                                               (B, 77 + 256, 4096)
+    pooled   = concat(CLIP-L text_embeds, CLIP-G text_embeds)                         (B, 2048)
+    x_1 ~ N(0, I)                                                                     (B, 16, H/8, W/8)
+    for t in timesteps (1 -> 0, shifted):        # CFG batch [uncond; cond]
+        v   = transformer(x_t, context, pooled, 1000 t);  v = v_u + w (v_c - v_u)
+        x_t = x_t + (t' - t) v                   # FlowMatchEulerDiscreteScheduler
+    image = vae.decode(x_0 / scaling_factor + shift_factor)
+
+The T5 encoder is optional, as in diffusers: a folder whose model_index.json lists no text_encoder_3, or
+``from_pretrained(folder, use_t5=False)``, gives zeros of (B, max_sequence_length, 4096) in its place (a large
+saving in memory and time for a small loss in prompt following). The output, the seeded noise (torch's CPU
+generator, refldm.core.random) and the image rounding are those of refldm.pipelines.sd.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+import time
+
+import numpy
+from PIL import Image
+
+from refldm import backend
+from refldm.checkpoints.weights import WeightsError, read_config
+from refldm.core import record
+from refldm.core.images import scale_latents, to_tensor, to_uint8, unscale_latents
+from refldm.pipelines.sampling import sample
+from refldm.pipelines.sd import NonFiniteLatentsError, StableDiffusionPipelineOutput
+
+__all__ = ["StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "SD3_PARTS", "is_sd3_folder"]
+
+# The parts of a diffusers SD3 folder and the class model_index.json names for each.
+SD3_PARTS = {"transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL",
+             "text_encoder": "CLIPTextModelWithProjection", "tokenizer": "CLIPTokenizer",
+             "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer_2": "CLIPTokenizer",
+             "text_encoder_3": "T5EncoderModel", "tokenizer_3": "T5TokenizerFast", "scheduler": None}
+T5_PARTS = ("text_encoder_3", "tokenizer_3")
+
+
+def _listed(index: dict, part: str) -> bool:
+    entry = index.get(part)
+    return entry is not None and not (isinstance(entry, list) and entry[-1] is None)
+
+
+def is_sd3_folder(folder) -> bool:
+    """True when `folder`'s model_index.json lists an SD3Transformer2DModel as its transformer."""
+    path = os.path.join(os.fspath(folder), "model_index.json")
+    if not os.path.isfile(path):
+        return False
+    entry = read_config(os.fspath(folder), "model_index.json").get("transformer")
+    return isinstance(entry, list) and entry[-1] == "SD3Transformer2DModel"
+
+
+def _strings(value, batch: int, what: str, default):
+    """A string or a list of strings -> a list of `batch` strings; None -> `default` (already a list)."""
+    if value is None:
+        return default
+    values = [value] * batch if isinstance(value, str) else list(value)
+    if len(values) != batch or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{what}: give one string, or a list of {batch} strings (one per prompt)")
+    return values
+
+
+class StableDiffusion3Pipeline:
+    """SD3 / SD3.5 text to image (module docstring)."""
+
+    def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, text_encoder_3=None,
+                 tokenizer_3=None, scheduler_config: dict | None = None, configs: dict | None = None,
+                 name: str = "model", dtype="float32"):
+        if (text_encoder_3 is None) != (tokenizer_3 is None):
+            raise ValueError("StableDiffusion3Pipeline: give text_encoder_3 and tokenizer_3 together (or neither: "
+                             "zeros stand in for the T5 states, as in diffusers)")
+        self.transformer, self.vae = transformer, vae
+        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3
+        self.scheduler_config = dict(scheduler_config or {"_class_name": "FlowMatchEulerDiscreteScheduler"})
+        self.configs = configs or {}
+        self.name = name
+        self.dtype = backend.resolve_dtype(dtype)
+
+    # -- loading ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype="float32", use_t5: bool = True):
+        """Load a diffusers SD3 / SD3.5 folder: model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
+        text_encoder_2/, tokenizer_2/, scheduler/, and text_encoder_3/ + tokenizer_3/ (T5) when model_index.json
+        lists them and use_t5 is True (otherwise zeros stand in for T5, as diffusers' text_encoder_3=None)."""
+        from refldm.models.clip import CLIPTextModelWithProjection
+        from refldm.models.sd3_transformer import SD3Transformer2DModel
+        from refldm.models.tokenizer import CLIPTokenizer
+        from refldm.models.vae import AutoencoderKL
+
+        folder = os.fspath(folder)
+        if not os.path.isdir(folder):
+            raise WeightsError(f"{folder}: no such model folder")
+        index = read_config(folder, "model_index.json")
+        where = os.path.join(folder, "model_index.json")
+        if not is_sd3_folder(folder):
+            raise WeightsError(f"{where}: its transformer is not an SD3Transformer2DModel, so this is not an SD3 "
+                               "folder")
+        with_t5 = use_t5 and _listed(index, "text_encoder_3")
+        for part, want in SD3_PARTS.items():
+            if part in T5_PARTS and not with_t5:
+                continue
+            if not _listed(index, part):
+                why = ("SD3 needs both CLIP encoders (diffusers fails without them too); only the T5 encoder "
+                       "(text_encoder_3) may be left out" if part not in ("transformer", "vae", "scheduler")
+                       else "every SD3 folder has it")
+                raise WeightsError(f"{where}: lists no {part}; {why}")
+            if not os.path.isdir(os.path.join(folder, part)):
+                hint = (" (diffusers would fail to load it too; from_pretrained(folder, use_t5=False) runs without "
+                        "T5, with zeros in its place as diffusers' text_encoder_3=None)") if part in T5_PARTS else ""
+                raise WeightsError(f"{folder}: the model folder has no {part}/ (model_index.json lists it){hint}")
+            entry = index[part]
+            if want and isinstance(entry, list) and entry[-1] not in (want, want.removesuffix("Fast"),
+                                                                      want + "Fast"):
+                raise WeightsError(f"{folder}: {part} is a {entry[-1]}; refldm implements {want} only")
+        path = lambda p: os.path.join(folder, p)  # noqa: E731
+        transformer = SD3Transformer2DModel.from_pretrained(path("transformer"), dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(path("vae"), dtype=dtype)
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(path("text_encoder"), dtype=dtype)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path("text_encoder_2"), dtype=dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(path("tokenizer"))
+        tokenizer_2 = CLIPTokenizer.from_pretrained(path("tokenizer_2"))
+        text_encoder_3 = tokenizer_3 = None
+        if with_t5:  # imported only here: the T5 modules are needed only by folders that have T5
+            from refldm.models.t5 import T5EncoderModel
+            from refldm.models.t5_tokenizer import T5TokenizerFast
+            text_encoder_3 = T5EncoderModel.from_pretrained(path("text_encoder_3"), dtype=dtype)
+            tokenizer_3 = T5TokenizerFast.from_pretrained(path("tokenizer_3"))
+        scheduler_config = read_config(path("scheduler"), "scheduler_config.json")
+        configs = {p: read_config(path(p)) for p in ("transformer", "vae", "text_encoder", "text_encoder_2")}
+        if with_t5:
+            configs["text_encoder_3"] = read_config(path("text_encoder_3"))
+        return cls(transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, text_encoder_3,
+                   tokenizer_3, scheduler_config, configs, name=os.path.basename(os.path.normpath(folder)),
+                   dtype=dtype)
+
+    @classmethod
+    def from_single_file(cls, path, config, dtype="float32", use_t5: bool = True):
+        """Load an original SD3 / SD3.5 single ``.safetensors`` (model.diffusion_model.joint_blocks.*,
+        first_stage_model.*, text_encoders.clip_l / clip_g / t5xxl.*; the key table is `sd3_from_original` in
+        refldm/checkpoints/convert.py). config: a diffusers SD3 folder whose configs, tokenizers and scheduler
+        describe the file's model. The file must include the CLIP encoders; T5 is used when the file has it
+        (and use_t5), else zeros stand in. Pickle files are refused, never opened."""
+        from refldm.checkpoints import convert
+        from refldm.checkpoints.weights import load_file
+        from refldm.models.clip import CLIPTextModelWithProjection
+        from refldm.models.sd3_transformer import SD3Transformer2DModel
+        from refldm.models.tokenizer import CLIPTokenizer
+        from refldm.models.vae import AutoencoderKL
+
+        path, config = os.fspath(path), os.fspath(config)
+        state = load_file(path)
+        if not convert.is_sd3(state):
+            raise ValueError(f"{path}: not an SD3 / SD3.5 single file (no model.diffusion_model.joint_blocks.*)")
+        for part in ("text_encoder", "text_encoder_2"):
+            prefix = convert.SD3_PREFIXES[part]
+            if not any(k.startswith(prefix) for k in state):
+                raise ValueError(f"{path}: holds no {prefix}* ({part}); SD3 needs both CLIP encoders: use a file "
+                                 "that includes them (sd3_medium_incl_clips*.safetensors) or a diffusers folder")
+        classes = {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL,
+                   "text_encoder": CLIPTextModelWithProjection, "text_encoder_2": CLIPTextModelWithProjection}
+        with_t5 = use_t5 and any(k.startswith(convert.SD3_PREFIXES["text_encoder_3"]) for k in state)
+        if with_t5:
+            from refldm.models.t5 import T5EncoderModel
+            classes["text_encoder_3"] = T5EncoderModel
+        configs = {p: read_config(os.path.join(config, p)) for p in classes}
+        models = {p: c.from_config(configs[p], where=os.path.join(config, p, "config.json"))
+                  for p, c in classes.items()}
+        expected = {part: [key for key, *_ in model.params()] for part, model in models.items()}
+        parts = convert.sd3_from_original(state, expected, configs, source=path)
+        del state
+        for part, model in models.items():
+            model.load_state_dict(parts.pop(part), dtype=dtype, source=f"{path} ({part})")
+        tokenizer_3 = None
+        if with_t5:
+            from refldm.models.t5_tokenizer import T5TokenizerFast
+            tokenizer_3 = T5TokenizerFast.from_pretrained(os.path.join(config, "tokenizer_3"))
+        return cls(models["transformer"], models["vae"], models["text_encoder"],
+                   CLIPTokenizer.from_pretrained(os.path.join(config, "tokenizer")), models["text_encoder_2"],
+                   CLIPTokenizer.from_pretrained(os.path.join(config, "tokenizer_2")), models.get("text_encoder_3"),
+                   tokenizer_3, read_config(os.path.join(config, "scheduler"), "scheduler_config.json"), configs,
+                   name=os.path.splitext(os.path.basename(path))[0], dtype=dtype)
+
+    # -- sizes --------------------------------------------------------------------------------------------------
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel along a side: 2 ** (VAE levels - 1) = 8."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        """transformer sample_size * vae_scale_factor: 1024 for SD3 / SD3.5."""
+        return int(self.transformer.config.sample_size) * self.vae_scale_factor
+
+    # -- text ---------------------------------------------------------------------------------------------------
+
+    def _clip(self, tokenizer, encoder, prompts, clip_skip):
+        """(hidden_states[-2 - clip_skip] (B, 77, D), text_embeds (B, P)) of one CLIP encoder."""
+        ids = tokenizer(prompts, padding="max_length", truncation=True, return_tensors="np")["input_ids"]  # (B, 77)
+        out = encoder(ids, output_hidden_states=True)
+        layer = -2 if clip_skip is None else -(int(clip_skip) + 2)
+        return out.hidden_states[layer], out.text_embeds
+
+    def _t5(self, prompts, max_sequence_length: int):
+        """T5's last hidden state (B, max_sequence_length, 4096), or zeros without a T5 encoder."""
+        d = self.transformer.config.joint_attention_dim
+        if self.text_encoder_3 is None:
+            return backend.asarray(numpy.zeros((len(prompts), max_sequence_length, d)), dtype=self.dtype.name)
+        ids = self.tokenizer_3(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
+                               add_special_tokens=True, return_tensors="np")["input_ids"]    # (B, L)
+        with record.scope("text_encoder_3"):
+            out = self.text_encoder_3(ids)
+        return getattr(out, "last_hidden_state", out)
+
+    def encode_prompt(self, prompts, prompts_2=None, prompts_3=None, clip_skip: int | None = None,
+                      max_sequence_length: int = 256):
+        """Prompts -> (prompt_embeds (B, 77 + L, 4096), pooled (B, 2048)), as diffusers' SD3 encode_prompt:
+
+            clip   = concat(CLIP-L(prompt).hidden_states[-2], CLIP-G(prompt_2).hidden_states[-2])  (B, 77, 2048)
+            embeds = concat(pad(clip, to 4096 features with zeros), T5(prompt_3), axis=1)
+            pooled = concat(CLIP-L(prompt).text_embeds, CLIP-G(prompt_2).text_embeds)           (B, 2048)
+
+        prompt_2 and prompt_3 default to prompt; clip_skip k takes hidden_states[-2 - k]."""
+        prompts_2 = prompts if prompts_2 is None else prompts_2
+        prompts_3 = prompts if prompts_3 is None else prompts_3
+        with record.scope("text_encoder"):
+            h1, p1 = self._clip(self.tokenizer, self.text_encoder, prompts, clip_skip)          # (B, 77, 768)
+        with record.scope("text_encoder_2"):
+            h2, p2 = self._clip(self.tokenizer_2, self.text_encoder_2, prompts_2, clip_skip)    # (B, 77, 1280)
+        t5 = self._t5(prompts_3, max_sequence_length)                                         # (B, L, 4096)
+        xp = backend.array_namespace(h1)
+        clip = xp.concatenate([h1, h2], axis=-1).astype(self.dtype, copy=False)                # (B, 77, 2048)
+        d = t5.shape[-1]
+        if clip.shape[-1] > d:
+            raise ValueError(f"the CLIP states have {clip.shape[-1]} features, more than the T5 states' {d}")
+        pad = xp.zeros(clip.shape[:2] + (d - clip.shape[-1],), dtype=clip.dtype)
+        clip = xp.concatenate([clip, pad], axis=-1)                                            # (B, 77, 4096)
+        embeds = xp.concatenate([clip, t5.astype(self.dtype, copy=False)], axis=1)             # (B, 77 + L, 4096)
+        pooled = xp.concatenate([p1, p2], axis=-1).astype(self.dtype, copy=False)              # (B, 2048)
+        return embeds, pooled
+
+    def _conditioning(self, prompts, prompts_2, prompts_3, negatives, do_cfg, clip_skip, max_sequence_length):
+        """(context, pooled) for the transformer: with CFG, [uncond; cond] along the batch. As diffusers, the
+        negative prompts go to all three encoders (negative_prompt_2/_3 default to negative_prompt) without
+        clip_skip."""
+        cond, pooled = self.encode_prompt(prompts, prompts_2, prompts_3, clip_skip, max_sequence_length)
+        if not do_cfg:
+            return cond, pooled
+        neg1, neg2, neg3 = negatives
+        uncond, uncond_pooled = self.encode_prompt(neg1, neg2, neg3, None, max_sequence_length)
+        xp = backend.array_namespace(cond)
+        return xp.concatenate([uncond, cond], axis=0), xp.concatenate([uncond_pooled, pooled], axis=0)
+
+    # -- scheduler ----------------------------------------------------------------------------------------------
+
+    def make_scheduler(self, name: str | None = None):
+        """A fresh flow-matching scheduler: the folder's own class, or a sampler name that has a flow version
+        ("euler", "Euler", "heun", "DPM++ 2M": refldm.schedulers.names.FLOW_SAMPLERS)."""
+        from refldm.schedulers import get_scheduler, names
+        if name is None:
+            return get_scheduler(self.scheduler_config.get("_class_name", "FlowMatchEulerDiscreteScheduler"),
+                                 self.scheduler_config)
+        cls, implied = names.resolve_flow(name)
+        if implied.get("use_flow_sigmas"):  # DPM-Solver++ on the flow grid, with the folder's shift
+            implied["flow_shift"] = float(self.scheduler_config.get("shift", 1.0))
+            for key in ("use_dynamic_shifting", "time_shift_type"):
+                if key in self.scheduler_config:
+                    implied[key] = self.scheduler_config[key]
+        return get_scheduler(cls, self.scheduler_config, **implied)
+
+    def _set_timesteps(self, sched, steps, latent_shape, mu, sigmas):
+        """diffusers' retrieve_timesteps with mu from the image's token count when the scheduler shifts
+        dynamically (calculate_shift)."""
+        from refldm.schedulers.flow_match_euler import calculate_shift
+        kwargs = {}
+        c = sched.config
+        if getattr(c, "use_dynamic_shifting", False) and mu is None:
+            p = self.transformer.config.patch_size
+            mu = calculate_shift((latent_shape[2] // p) * (latent_shape[3] // p), c.base_image_seq_len,
+                                 c.max_image_seq_len, c.base_shift, c.max_shift)
+        if mu is not None:
+            kwargs["mu"] = mu
+        if sigmas is not None:
+            sched.set_timesteps(sigmas=sigmas, **kwargs)
+        else:
+            sched.set_timesteps(steps, **kwargs)
+
+    # -- a call ---------------------------------------------------------------------------------------------------
+
+    def _check_size(self, height, width):
+        f = self.vae_scale_factor * self.transformer.config.patch_size
+        if height % f or width % f or height < f or width < f:
+            raise ValueError(f"height and width must be positive multiples of {f} (vae_scale_factor "
+                             f"{self.vae_scale_factor} x patch_size {self.transformer.config.patch_size}), got "
+                             f"{width}x{height}; for example {max(f, width - width % f)}x{max(f, height - height % f)}")
+
+    def _prompts(self, prompt, prompt_2, prompt_3, negative_prompt, negative_prompt_2, negative_prompt_3):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt must be a string or a non-empty list of strings")
+        batch = len(prompts)
+        prompts_2 = _strings(prompt_2, batch, "prompt_2", prompts)
+        prompts_3 = _strings(prompt_3, batch, "prompt_3", prompts)
+        neg = _strings(negative_prompt, batch, "negative_prompt", [""] * batch)
+        negs = (neg, _strings(negative_prompt_2, batch, "negative_prompt_2", neg),
+                _strings(negative_prompt_3, batch, "negative_prompt_3", neg))
+        return prompts, prompts_2, prompts_3, negs
+
+    def __call__(self, prompt="", **kwargs) -> StableDiffusionPipelineOutput:
+        """Generate images; diffusers' argument names and defaults (28 steps, guidance 7.0, 1024 x 1024):
+        prompt_2, prompt_3, negative_prompt(_2, _3), height, width, num_inference_steps, guidance_scale, seed,
+        generator, latents, sampler, sigmas, mu, max_sequence_length, clip_skip, callback, progress
+        (see `_generate`)."""
+        return self._generate(prompt, **kwargs)
+
+    def _generate(self, prompt="", prompt_2=None, prompt_3=None, negative_prompt=None, negative_prompt_2=None,
+                 negative_prompt_3=None, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 28, guidance_scale: float = 7.0, seed: int | None = None,
+                 generator=None, latents=None, sampler: str | None = None, sigmas=None, mu: float | None = None,
+                 max_sequence_length: int = 256, clip_skip: int | None = None, callback=None,
+                 progress: bool = True, init=None, strength=None) -> StableDiffusionPipelineOutput:
+        """Generate images; diffusers' argument names and defaults (28 steps, guidance 7.0, 1024 x 1024).
+
+        prompt_2 / prompt_3 go to CLIP-G / T5 (default: prompt); negative_prompt (and _2, _3) likewise.
+        seed or generator (refldm.core.random.Generator) make the noise as torch's CPU generator does.
+        latents: your own starting noise (B, 16, H/8, W/8). sampler: "euler" / "heun" (their flow versions)
+        or a FlowMatch class name. sigmas / mu: as diffusers' (custom t grid; dynamic-shift parameter)."""
+        from refldm.core.random import Generator
+        timings = {}
+        prompts, prompts_2, prompts_3, negatives = self._prompts(prompt, prompt_2, prompt_3, negative_prompt,
+                                                                 negative_prompt_2, negative_prompt_3)
+        batch = len(prompts)
+        if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps \
+                or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
+        num_inference_steps = int(num_inference_steps)
+        if not math.isfinite(float(guidance_scale)):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
+                or not 1 <= max_sequence_length <= 512:
+            raise ValueError(f"max_sequence_length={max_sequence_length!r} must be an integer in [1, 512] (T5's "
+                             "limit in SD3)")
+        if init is not None:
+            height, width = init.shape[2], init.shape[3]
+        height = self.default_size if height is None else int(height)
+        width = self.default_size if width is None else int(width)
+        self._check_size(height, width)
+        if generator is None:
+            if seed is None:
+                seed = secrets.randbelow(2 ** 32)
+            generator = Generator(seed)
+        do_cfg = guidance_scale > 1.0
+        dtype = self.dtype.name
+
+        # 1. text: context (B or 2B, 77 + L, 4096), pooled (B or 2B, 2048)
+        start = time.perf_counter()
+        context, pooled = self._conditioning(prompts, prompts_2, prompts_3, negatives, do_cfg, clip_skip,
+                                             max_sequence_length)
+        timings["text encode"] = time.perf_counter() - start
+
+        # 2. the t grid and the start x_1 = e (txt2img) or the forward process at the first t (img2img)
+        f = self.vae_scale_factor
+        latent_shape = (batch, self.transformer.config.in_channels, height // f, width // f)
+        sched = self.make_scheduler(sampler)
+        self._set_timesteps(sched, num_inference_steps, latent_shape, mu, sigmas)
+        timesteps = sched.timesteps
+        if init is None:
+            if latents is None:
+                from refldm.core.random import randn
+                latents = backend.asarray(randn(latent_shape, generator=generator, dtype=dtype))
+            elif tuple(latents.shape) != latent_shape:
+                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {latent_shape}")
+            else:
+                latents = backend.asarray(latents, dtype=dtype)
+        else:  # (StableDiffusion3Img2ImgPipeline)
+            if latents is not None:
+                raise ValueError("give either image (img2img) or latents, not both")
+            start = time.perf_counter()
+            timesteps, latents = self._img2img_start(sched, init, strength, num_inference_steps, batch, generator)
+            timings["image encode"] = time.perf_counter() - start
+
+        # 3. the loop (refldm/pipelines/sampling.py): v = transformer(x_t, c, y, t); CFG; x = step(v)
+        start = time.perf_counter()
+        n_steps = len(timesteps)
+
+        def after_step(i, t, x):
+            xp = backend.array_namespace(x)
+            if not bool(xp.all(xp.isfinite(x))):
+                raise NonFiniteLatentsError(f"the latents hold NaN or inf after step {i + 1} of {n_steps} "
+                                            f"(timestep {float(t):g}); stopped. Try float32 rather than float16")
+            if callback is not None:
+                callback(i, t, x)
+
+        def model_fn(x, t):
+            return self.transformer(x, context, pooled, t)
+
+        latents = sample(model_fn, sched, latents, timesteps, guidance_scale=guidance_scale if do_cfg else None,
+                         generator=generator, callback=after_step, progress=progress)
+        timings["denoise"] = time.perf_counter() - start
+
+        # 4. latents -> pixels: z = x_0 / scaling_factor + shift_factor, then the VAE decoder
+        start = time.perf_counter()
+        pixels = self.decode_latents(latents)
+        images = [Image.fromarray(p) for p in pixels]
+        timings["decode"] = time.perf_counter() - start
+        parameters = []
+        for k, im in enumerate(images):
+            text = self._parameters(prompts[k], negatives[0][k], num_inference_steps, sampler, guidance_scale, seed,
+                                    im.width, im.height, strength)
+            im.info["parameters"] = text
+            parameters.append(text)
+        return StableDiffusionPipelineOutput(images=images, latents=latents, seed=seed, timings=timings,
+                                             parameters=parameters)
+
+    def decode_latents(self, latents):
+        """Latents (B, 16, h, w) -> uint8 pixels (B, H, W, 3): vae.decode(x / scaling_factor + shift_factor)."""
+        from refldm.models.vae import decode_checked
+        with record.scope("vae"):
+            image = decode_checked(self.vae, unscale_latents(latents, self.vae.config))
+        return to_uint8(image)
+
+    def _parameters(self, prompt, negative, steps, sampler, cfg, seed, width, height, strength) -> str:
+        from refldm.core.images import parameters_text
+        label = {"FlowMatchEulerDiscreteScheduler": "Euler", "FlowMatchHeunDiscreteScheduler": "Heun",
+                 "DPMSolverMultistepScheduler": "DPM++ 2M"}
+        key = self.make_scheduler(sampler).__class__.__name__
+        return parameters_text(prompt, negative, steps, label.get(key, key), cfg,
+                               "unknown" if seed is None else seed, width, height, self.name, strength=strength)
+
+    def describe(self) -> dict:
+        """{part: {"class", "parameters", "dtype", "config"}} for `refldm info`."""
+        out = {}
+        for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+            model = getattr(self, part)
+            if model is None:
+                out[part] = {"class": None, "note": "left out: zeros stand in for its states"}
+                continue
+            out[part] = {"class": type(model).__name__, "parameters": model.num_parameters(),
+                         "dtype": self.dtype.name, "config": self.configs.get(part, {})}
+        out["scheduler"] = {"class": self.scheduler_config.get("_class_name"), "config": self.scheduler_config}
+        return out
+
+
+class StableDiffusion3Img2ImgPipeline(StableDiffusion3Pipeline):
+    """SD3 image to image: encode the image, run the forward process x_t = t e + (1 - t) x_0 to the first t
+    that `strength` keeps, and integrate from there (diffusers' StableDiffusion3Img2ImgPipeline)."""
+
+    def __call__(self, prompt="", image=None, strength: float = 0.6, **kwargs) -> StableDiffusionPipelineOutput:
+        """As StableDiffusion3Pipeline.__call__, plus the input `image` (PIL or uint8 (H, W, 3), sides multiples
+        of 16) and `strength` in [0, 1] (1: from pure noise; diffusers' default 0.6)."""
+        if image is None:
+            raise ValueError("StableDiffusion3Img2ImgPipeline needs image= (a PIL image)")
+        if isinstance(strength, bool) or not 0 <= float(strength) <= 1:
+            raise ValueError(f"strength={strength!r} must be in [0, 1]")
+        init = to_tensor(image, dtype=self.dtype.name)                     # (1, 3, H, W) in [-1, 1]
+        return self._generate(prompt, init=init, strength=float(strength), **kwargs)
+
+    def _img2img_start(self, sched, init, strength, n, batch, generator):
+        """diffusers' get_timesteps + prepare_latents: t_start = int(n - min(n s, n)) (the float n s, as SD3's
+        pipeline computes it); x_0 = (z - shift) * scale with z ~ q(z | image); x = t_0 e + (1 - t_0) x_0."""
+        from refldm.core.random import randn
+        t_start = int(max(n - min(n * strength, n), 0))
+        timesteps = sched.timesteps[t_start * sched.order:]
+        sched.set_begin_index(t_start * sched.order)
+        if len(timesteps) == 0:
+            raise ValueError(f"strength {strength} with {n} steps leaves no step to run; raise strength or steps")
+        with record.scope("vae"):
+            posterior = self.vae.encode(init)
+        x0 = scale_latents(posterior.sample(generator=generator), self.vae.config)   # (1, 16, h, w)
+        xp = backend.array_namespace(x0)
+        x0 = xp.concatenate([x0] * batch, axis=0)
+        noise = backend.asarray(randn(tuple(x0.shape), generator=generator, dtype=self.dtype.name))
+        t0 = numpy.repeat(numpy.asarray(timesteps)[:1], batch)
+        return timesteps, sched.scale_noise(x0, t0, noise)

@@ -1,0 +1,251 @@
+"""SD3 pipelines: the same 8-bit image as diffusers' StableDiffusion3Pipeline / StableDiffusion3Img2ImgPipeline.
+
+A tiny random-weight SD3 is built by diffusers and transformers here (an SD3Transformer2DModel, two
+CLIPTextModelWithProjection encoders with their tokenizers, the second padding with "!", a 16-channel VAE without
+quant convs and with a shift_factor, FlowMatchEulerDiscreteScheduler with shift 3) and saved without the T5
+encoder (model_index.json: text_encoder_3 = null), which both libraries then replace by zeros. Same prompt,
+seed, steps, guidance: the 8-bit images agree to 2/255 per pixel.
+
+float64: diffusers' flow schedulers cast the sample to float32 in every step (``sample.to(torch.float32)``) and
+round their t grid to float32, so a float64 diffusers pipeline is float32-precise in its loop. The float64
+comparison is therefore split: the text conditioning (CLIP-L, CLIP-G, padding, concatenation) and one
+transformer call on it agree to 1e-10; the final latents agree to float32 precision (1e-5 relative).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import require
+from tests.test_pipeline import _check_not_degenerate, _max_pixel_diff, _rerandomise, write_tiny_tokenizer
+from tests.test_sdxl_pipeline import _tokenizer_folder
+
+PROMPT = "a photo of a red cat on the white background"
+SIZE = 32           # pixels; the tiny VAE has 3 levels (4x) and the transformer patches of 2: 4 x 4 tokens
+STEPS = 5
+SEQ = 8             # max_sequence_length: T5's (zero) tokens, kept short here
+TEXT1, TEXT2, PROJ1, PROJ2 = 12, 16, 12, 12  # CLIP-L projects to its own width, as SD3's (768)
+
+
+def build_tiny_sd3(folder, seed=0, scheduler_config=None):
+    """Write a tiny random-weight SD3 folder (no T5) in diffusers' layout; return its path."""
+    torch = require("torch")
+    diffusers = require("diffusers")
+    transformers = require("transformers")
+    folder = os.fspath(folder)
+    torch.manual_seed(seed)
+    transformer = diffusers.SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=PROJ1 + PROJ2, out_channels=16,
+        pos_embed_max_size=12, qk_norm="rms_norm", dual_attention_layers=[0])
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=8,
+        sample_size=32, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+        use_post_quant_conv=False)
+    work = folder + "_tok"
+    vocab_size = write_tiny_tokenizer(os.path.join(work, "t1"))
+    write_tiny_tokenizer(os.path.join(work, "t2"), pad_token="!")
+    common = dict(vocab_size=vocab_size, max_position_embeddings=77, layer_norm_eps=1e-5, bos_token_id=0,
+                  eos_token_id=2, pad_token_id=1, intermediate_size=20, num_attention_heads=2, hidden_act="gelu")
+    enc1 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        hidden_size=TEXT1, num_hidden_layers=2, projection_dim=PROJ1, **common))
+    enc2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        hidden_size=TEXT2, num_hidden_layers=3, projection_dim=PROJ2, **common))
+    for i, m in enumerate((transformer, vae, enc1, enc2)):
+        _rerandomise(torch, m, seed * 10 + i)
+        m.eval()
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**(scheduler_config or {"shift": 3.0}))
+    tok1 = transformers.CLIPTokenizer.from_pretrained(os.path.join(work, "t1"))
+    tok2 = transformers.CLIPTokenizer.from_pretrained(os.path.join(work, "t2"))
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=enc1, tokenizer=tok1,
+        text_encoder_2=enc2, tokenizer_2=tok2, text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(folder)
+    _tokenizer_folder(os.path.join(folder, "tokenizer"), os.path.join(work, "t1"))
+    _tokenizer_folder(os.path.join(folder, "tokenizer_2"), os.path.join(work, "t2"))
+    shutil.rmtree(work)
+    return folder
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    from refldm.accel import single_threaded_blas
+    torch = require("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with single_threaded_blas():
+        yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def reference(folder):
+    diffusers = require("diffusers")
+    p = diffusers.StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    p.set_progress_bar_config(disable=True)
+    i2i = diffusers.StableDiffusion3Img2ImgPipeline(**p.components)
+    i2i.set_progress_bar_config(disable=True)
+    return {"txt2img": p, "img2img": i2i}
+
+
+@pytest.fixture(scope="module")
+def pipes(folder):
+    from refldm.pipelines.sd3 import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
+    return {"txt2img": StableDiffusion3Pipeline.from_pretrained(folder),
+            "img2img": StableDiffusion3Img2ImgPipeline.from_pretrained(folder)}
+
+
+def run_diffusers(reference, which="txt2img", seed=1, output_type="np", scheduler=None, scheduler_kwargs=None,
+                  **kwargs):
+    torch = require("torch")
+    diffusers = require("diffusers")
+    p = reference[which]
+    original = p.scheduler
+    if scheduler is not None:
+        p.scheduler = getattr(diffusers, scheduler).from_config(p.scheduler.config, **(scheduler_kwargs or {}))
+    try:
+        out = p(generator=torch.Generator().manual_seed(seed), output_type=output_type, **kwargs)
+    finally:
+        p.scheduler = original
+    if output_type == "latent":
+        return out.images.double().numpy()
+    return (out.images * 255).round().astype(np.uint8)
+
+
+def test_txt2img_same_image_as_diffusers(pipes, reference):
+    kwargs = dict(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=5.0,
+                  max_sequence_length=SEQ)
+    ref = run_diffusers(reference, **kwargs)
+    _check_not_degenerate(ref)
+    out = pipes["txt2img"](**kwargs, seed=1, progress=False)
+    assert out.images[0].size == (SIZE, SIZE) and out.latents.shape == (1, 16, 8, 8)
+    assert _max_pixel_diff(out.images, ref) <= 2
+
+
+def test_txt2img_batch_prompts_2_3_negatives_clip_skip_non_square_heun(pipes, reference):
+    """Every conditioning knob at once: two prompts with prompt_2 / prompt_3 and negatives, clip_skip, a
+    non-square image, the Heun flow sampler."""
+    kwargs = dict(prompt=[PROMPT, "a green dog"], prompt_2=["a blue square", "a small horse"], prompt_3=["a cat", "a cow"],
+                  negative_prompt=["a black horse", ""], negative_prompt_2="white background", height=SIZE,
+                  width=SIZE + 16, num_inference_steps=3, guidance_scale=6.0, clip_skip=1, max_sequence_length=SEQ)
+    ref = run_diffusers(reference, seed=3, scheduler="FlowMatchHeunDiscreteScheduler", **kwargs)
+    out = pipes["txt2img"](**kwargs, seed=3, sampler="heun", progress=False)
+    assert out.images[0].size == (SIZE + 16, SIZE) and len(out.images) == 2
+    assert _max_pixel_diff(out.images, ref) <= 2
+
+
+def test_no_guidance_and_custom_sigmas(pipes, reference):
+    kwargs = dict(prompt=PROMPT, height=SIZE, width=SIZE, guidance_scale=1.0, max_sequence_length=SEQ,
+                  sigmas=[1.0, 0.7, 0.3])
+    ref = run_diffusers(reference, seed=5, num_inference_steps=3, **kwargs)
+    out = pipes["txt2img"](**kwargs, num_inference_steps=3, seed=5, progress=False)
+    assert _max_pixel_diff(out.images, ref) <= 2
+
+
+def test_dpmpp_2m_in_flow_mode_same_image_as_diffusers(pipes, reference):
+    """sampler="DPM++ 2M" on a flow model: DPMSolverMultistepScheduler with use_flow_sigmas, flow_shift = the
+    folder's shift (3.0) and prediction_type "flow_prediction"."""
+    kwargs = dict(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=6, guidance_scale=5.0,
+                  max_sequence_length=SEQ)
+    ref = run_diffusers(reference, seed=8, scheduler="DPMSolverMultistepScheduler",
+                        scheduler_kwargs=dict(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction"),
+                        **kwargs)
+    out = pipes["txt2img"](**kwargs, seed=8, sampler="DPM++ 2M", progress=False)
+    assert _max_pixel_diff(out.images, ref) <= 2
+
+
+def test_img2img_same_image_as_diffusers(pipes, reference):
+    from tests.test_pipeline import gradient_image
+    kwargs = dict(prompt="a blue square", image=gradient_image(SIZE), strength=0.75, num_inference_steps=6,
+                  guidance_scale=5.0, max_sequence_length=SEQ)
+    ref = run_diffusers(reference, "img2img", seed=2, **kwargs)
+    _check_not_degenerate(ref)
+    out = pipes["img2img"](**kwargs, seed=2, progress=False)
+    assert _max_pixel_diff(out.images, ref) <= 2
+
+
+def test_float64_conditioning_tight_and_latents_at_float32_precision(folder, reference):
+    """See the module docstring: the conditioning and a transformer call to 1e-10, the loop to 1e-5."""
+    torch = require("torch")
+    from refldm.pipelines.sd3 import StableDiffusion3Pipeline
+    from tests.test_unet import float64_timesteps
+    ours = StableDiffusion3Pipeline.from_pretrained(folder, dtype="float64")
+    p = reference["txt2img"]
+    p.to(torch.float64)
+    try:
+        with torch.no_grad():
+            embeds, neg, pooled, neg_pooled = p.encode_prompt(
+                PROMPT, None, None, negative_prompt="a dog", do_classifier_free_guidance=True,
+                max_sequence_length=SEQ)
+        context, pooled_ours = ours._conditioning([PROMPT], [PROMPT], [PROMPT], (["a dog"],) * 3, True, None, SEQ)
+        ref_context = torch.cat([neg, embeds]).numpy()
+        ref_pooled = torch.cat([neg_pooled, pooled]).numpy()
+        assert context.dtype == np.float64 and context.shape == ref_context.shape == (2, 77 + SEQ, 32)
+        assert np.abs(context - ref_context).max() <= 1e-10 * np.abs(ref_context).max()
+        assert np.abs(pooled_ours - ref_pooled).max() <= 1e-10 * np.abs(ref_pooled).max()
+        x = np.random.default_rng(0).standard_normal((2, 16, 8, 8))
+        with torch.no_grad(), float64_timesteps():
+            ref_v = p.transformer(torch.from_numpy(x), torch.from_numpy(ref_context), torch.from_numpy(ref_pooled),
+                                  torch.tensor([700.0, 700.0], dtype=torch.float64)).sample.numpy()
+        v = ours.transformer(x, context, pooled_ours, 700.0)
+        # diffusers' RMSNorm takes its mean of squares in float32 (tests/test_sd3_transformer.py)
+        assert np.abs(v - ref_v).max() <= 1e-5 * np.abs(ref_v).max()
+        kwargs = dict(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=4, guidance_scale=4.0,
+                      max_sequence_length=SEQ)
+        ref = run_diffusers(reference, seed=7, output_type="latent", **kwargs)
+    finally:
+        p.to(torch.float32)
+    out = ours(**kwargs, seed=7, progress=False)
+    assert out.latents.dtype == np.float64
+    assert np.abs(out.latents - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_dynamic_shifting_mu_from_the_token_count(tmp_path):
+    """A scheduler with use_dynamic_shifting: the pipeline computes mu from (H/16)(W/16) as diffusers does."""
+    torch = require("torch")
+    diffusers = require("diffusers")
+    from refldm.pipelines.sd3 import StableDiffusion3Pipeline
+    folder = build_tiny_sd3(tmp_path / "dyn", seed=1, scheduler_config={"use_dynamic_shifting": True,
+                                                                          "base_image_seq_len": 4,
+                                                                          "max_image_seq_len": 64})
+    ref = diffusers.StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    ref.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt=PROMPT, height=SIZE, width=SIZE + 32, num_inference_steps=4, guidance_scale=3.0,
+                  max_sequence_length=SEQ)
+    expected = (ref(generator=torch.Generator().manual_seed(4), output_type="np", **kwargs).images * 255).round()
+    out = StableDiffusion3Pipeline.from_pretrained(folder)(**kwargs, seed=4, progress=False)
+    assert _max_pixel_diff(out.images, expected.astype(np.uint8)) <= 2
+
+
+def test_bad_sizes_and_folders_are_one_clear_line(pipes, folder, tmp_path):
+    from refldm.checkpoints.weights import WeightsError
+    from refldm.pipelines.sd3 import StableDiffusion3Pipeline
+    with pytest.raises(ValueError, match=r"multiples of 8 \(vae_scale_factor 4 x patch_size 2\), got 36x32"):
+        pipes["txt2img"](PROMPT, height=32, width=36, num_inference_steps=1, progress=False)
+    with pytest.raises(ValueError, match="max_sequence_length=600 must be an integer in"):
+        pipes["txt2img"](PROMPT, max_sequence_length=600, progress=False)
+    broken = tmp_path / "no_clip_g"
+    shutil.copytree(folder, broken)
+    index = json.loads((broken / "model_index.json").read_text())
+    index["text_encoder_2"] = [None, None]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(WeightsError, match="lists no text_encoder_2; SD3 needs both CLIP encoders"):
+        StableDiffusion3Pipeline.from_pretrained(broken)
+    index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    index["text_encoder_3"] = ["transformers", "T5EncoderModel"]
+    index["tokenizer_3"] = ["transformers", "T5TokenizerFast"]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(WeightsError, match=r"no text_encoder_3/ .*use_t5=False"):
+        StableDiffusion3Pipeline.from_pretrained(broken)
+    assert StableDiffusion3Pipeline.from_pretrained(broken, use_t5=False).text_encoder_3 is None
