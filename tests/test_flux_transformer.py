@@ -30,7 +30,7 @@ SCHNELL = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38
                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=False,
                axes_dims_rope=[16, 56, 56])
 DEV = dict(SCHNELL, guidance_embeds=True)
-PUBLISHED = {"flux.1-dev": (DEV, 11_901_408_320), "flux.1-schnell": (SCHNELL, 11_891_974_208)}
+PUBLISHED = {"flux.1-dev": (DEV, 11_901_408_320), "flux.1-schnell": (SCHNELL, 11_891_178_560)}
 
 
 def tiny_config(axes=(2, 4, 2), heads=2, layers=2, single=2, guidance=True, in_ch=8):

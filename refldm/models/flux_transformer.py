@@ -17,7 +17,7 @@ adds a guidance embedding (guidance distillation). With B batch, N image tokens,
     v    = proj_out(AdaLN(x, temb))                          (B, N, 64): the packed velocity
 
 Published sizes: 19 double + 38 single blocks, 24 heads of 128 (D = 3072), axes_dims_rope (16, 56, 56);
-11,901,408,320 parameters for dev (guidance_embeds=True) and 11,891,974,208 for schnell (as diffusers'
+11,901,408,320 parameters for dev (guidance_embeds=True) and 11,891,178,560 for schnell (as diffusers'
 num_parameters() on the meta device; tests/test_flux_transformer.py). docs/flux.md explains the math.
 """
 
