@@ -347,6 +347,10 @@ def load_into(model, state: dict, dtype="float32", source: str = "checkpoint"):
         raise WeightsError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
     for key, (owner, attr, _) in expected.items():
         value = state[key]
+        if hasattr(value, "bind") and attr in getattr(owner, "keeps_stored", ()):
+            setattr(owner, attr, value.bind(dt))  # weights_dtype="stored": converted when the layer runs
+            continue                              # (refldm.checkpoints.stored)
+        value = np.asarray(value)
         if not np.issubdtype(np.asarray(value).dtype, np.floating):
             raise WeightsError(f"{source}: key {key!r} has non-float dtype {value.dtype}")
         arr = backend.asarray(np.asarray(value).astype(dt, copy=False))
