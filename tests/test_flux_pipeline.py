@@ -183,3 +183,18 @@ def test_schnell_warns_on_guidance_and_bad_input_is_one_line(folders, tmp_path):
     with pytest.raises(WeightsError, match="not a FLUX folder"):
         (tmp_path / "model_index.json").write_text('{"unet": ["diffusers", "UNet2DConditionModel"]}')
         FluxPipeline.from_pretrained(tmp_path)
+
+
+def test_weights_kept_as_stored_give_the_same_image(folders):
+    """weights_dtype="stored" on every part (float32 files here: mapped, copied per layer call): the same pixels
+    and latents as the default loading, exactly."""
+    from refldm.checkpoints.stored import StoredTensor
+    from refldm.pipelines.flux import FluxPipeline
+    kwargs = dict(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=2, max_sequence_length=SEQ, seed=3,
+                  progress=False)
+    stored = FluxPipeline.from_pretrained(folders["dev"], weights_dtype="stored")
+    assert isinstance(stored.transformer.x_embedder.weight, StoredTensor)
+    assert isinstance(stored.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q.weight, StoredTensor)
+    a, b = FluxPipeline.from_pretrained(folders["dev"])(**kwargs), stored(**kwargs)
+    np.testing.assert_array_equal(a.latents, b.latents)
+    assert _max_pixel_diff(b.images, np.stack([np.asarray(im) for im in a.images])) == 0
