@@ -332,6 +332,35 @@ class FluxTransformer2DModel(PretrainedModel):
     def parse_config(cls, config: dict, where: str) -> FluxTransformer2DConfig:
         return parse_config(FluxTransformer2DConfig, config, where=where)
 
+    @classmethod
+    def from_single_file(cls, path, config: dict | None = None, dtype="float32", weights_dtype: str | None = None):
+        """Load a FLUX.1 transformer saved under the reference repository's names (flux1-dev.safetensors,
+        flux1-schnell.safetensors; with or without "model.diffusion_model."): the key table is `flux_key` in
+        refldm/checkpoints/convert.py. config: a config.json dict, or None to read it off the shapes (heads of
+        128, RoPE axes (16, 56, 56)). weights_dtype="stored" keeps the file's tensors mapped, as from_pretrained."""
+        import os
+
+        from refldm.checkpoints import convert
+        from refldm.checkpoints.weights import load_file, refuse_pickle
+        path = os.fspath(path)
+        refuse_pickle(path)
+        if weights_dtype not in (None, "stored"):
+            raise ValueError(f"FluxTransformer2DModel.from_single_file: weights_dtype={weights_dtype!r}; the only "
+                             "option is 'stored'")
+        if weights_dtype == "stored":
+            from refldm.checkpoints.stored import load_file_mapped
+            state = load_file_mapped(path)
+        else:
+            state = load_file(path)
+        if not convert.is_flux(state):
+            raise ValueError(f"{path}: not a FLUX single file (no double_blocks.*.img_attn.qkv.*)")
+        model = cls.from_config(config if config is not None else convert.flux_config_from_shapes(state),
+                                where=f"{path} (config)")
+        dim = model.config.num_attention_heads * model.config.attention_head_dim
+        expected = [key for key, *_ in model.params()]
+        return model.load_state_dict(convert.flux_from_original(state, expected, dim, source=path), dtype=dtype,
+                                     source=path)
+
     def _check(self, x, c, y, img_ids, txt_ids, guidance):
         cfg, where = self.config, "FluxTransformer2DModel"
         if x.ndim != 3 or x.shape[2] != cfg.in_channels:
