@@ -270,3 +270,21 @@ def test_sd3_flops_equal_torch_flop_counter(config, h, w, batch, tokens):
     ours = cost.count_sd3(config, h, w, batch, tokens)
     assert ours.flops == theirs
     assert sum(op.out_values for op in ours.ops if op.kind != "attention") == written
+
+
+def test_cli_cost_on_an_sd3_folder(tmp_path, capsys):
+    """`refldm cost SD3_FOLDER`: the MMDiT's count (333 text tokens by default) in the U-Net table's keys."""
+    folder = tmp_path / "sd3"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "vae").mkdir()
+    (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel",
+                                                                      **TINY_SD3}))
+    (folder / "vae" / "config.json").write_text(json.dumps({**cost.SD_VAE_CONFIG, "latent_channels": 16}))
+    assert main(["cost", str(folder), "-H", "64", "-W", "96", "--json"]) == 0
+    fig = json.loads(capsys.readouterr().out)
+    assert fig["denoiser"] == "MMDiT" and fig["text_tokens"] == 333
+    assert fig["latent_step_flops"] == cost.count_sd3(TINY_SD3, 8, 12, 2, 333).flops
+    assert main(["cost", str(folder), "-H", "64", "-W", "64", "--blocks"]) == 0
+    assert "MMDiT of" in capsys.readouterr().out
+    assert main(["cost", str(folder), "-H", "72", "-W", "64"]) == 2
+    assert "not a multiple of 16" in capsys.readouterr().err

@@ -42,6 +42,7 @@ import os
 from refldm.about import DEFAULT_MODEL
 
 __all__ = ["Op", "Count", "UNetShape", "VAEShape", "count_unet", "count_vae", "count_sd3", "find_configs",
+           "find_sd3_configs",
            "NORM_FLOPS_PER_VALUE", "SD_VAE_CONFIG"]
 
 # GroupNorm / LayerNorm per value: mean (1 add), variance (subtract, square, add), normalise
@@ -537,6 +538,23 @@ def _read(path):
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return cfg
+
+
+def find_sd3_configs(model) -> tuple | None:
+    """(transformer config, vae config, where) when `model` is a folder holding an SD3Transformer2DModel (a
+    pipeline folder with transformer/ and vae/); None otherwise."""
+    if model is None or not os.path.isdir(os.fspath(model)):
+        return None
+    path = os.path.join(os.fspath(model), "transformer", "config.json")
+    if not os.path.isfile(path):
+        return None
+    cfg = _read(path)
+    if cfg.get("_class_name") != "SD3Transformer2DModel":
+        return None
+    vae_path = os.path.join(os.fspath(model), "vae", "config.json")
+    if not os.path.isfile(vae_path):
+        raise ValueError(f"{model}: an SD3 folder without vae/config.json")
+    return cfg, _read(vae_path), path
 
 
 def find_configs(model=None) -> tuple:

@@ -271,6 +271,7 @@ class JointTransformerBlock(Module):
         c = c + g1_c a_c;  c = c + g2_c FF_c(LN(c) (1 + sc2_c) + s2_c)
 
     The gates are zero at initialisation in training (adaLN-Zero), so each block starts as the identity.
+    Returns (c, x), in diffusers' order (c is None after the last block).
     The last block (context_pre_only) only reads the text: its text stream is modulated without gates
     (AdaLayerNormContinuous), its attention output for the text and its text MLP do not exist."""
 
@@ -304,10 +305,10 @@ class JointTransformerBlock(Module):
         x = x + gate_mlp[:, None] * self.ff(modulate(x, shift_mlp, scale_mlp))
 
         if self.context_pre_only:
-            return x, None
+            return None, x
         c = c + c_gate_msa[:, None] * attn_c
         c = c + c_gate_mlp[:, None] * self.ff_context(modulate(c, c_shift_mlp, c_scale_mlp))
-        return x, c
+        return c, x                                                   # diffusers' order (traces compare by name)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -404,7 +405,7 @@ class SD3Transformer2DModel(PretrainedModel):
         temb = self.time_text_embed(t, pooled_projections)             # 2. (B, D) time + pooled text
         c = self.context_embedder(encoder_hidden_states)               # 3. (B, S, D) text tokens
         for block in self.transformer_blocks:                          # 4. joint blocks
-            x, c = block(x, c, temb)
+            c, x = block(x, c, temb)
         x = self.proj_out(self.norm_out(x, temb))                      # 5. (B, N, p*p*C_out)
 
         p, h, w, co = cfg.patch_size, hh // cfg.patch_size, ww // cfg.patch_size, cfg.out_channels

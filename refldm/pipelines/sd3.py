@@ -336,8 +336,8 @@ class StableDiffusion3Pipeline:
 
         prompt_2 / prompt_3 go to CLIP-G / T5 (default: prompt); negative_prompt (and _2, _3) likewise.
         seed or generator (refldm.core.random.Generator) make the noise as torch's CPU generator does.
-        latents: your own starting noise (B, 16, H/8, W/8). sampler: "euler" / "heun" (their flow versions)
-        or a FlowMatch class name. sigmas / mu: as diffusers' (custom t grid; dynamic-shift parameter)."""
+        latents: your own starting noise (B, 16, H/8, W/8). sampler: "euler" / "heun" / "DPM++ 2M" (their flow
+        versions) or a FlowMatch class name. sigmas / mu: as diffusers' (custom t grid; dynamic-shift parameter)."""
         from refldm.core.random import Generator
         timings = {}
         prompts, prompts_2, prompts_3, negatives = self._prompts(prompt, prompt_2, prompt_3, negative_prompt,
