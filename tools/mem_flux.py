@@ -9,8 +9,8 @@ subprocess (clean peaks):
     float32   FluxTransformer2DModel.from_pretrained(folder)                           the whole model in float32 (47.6 GB)
 
 and reports, for one transformer call at --size (512: 1,024 image tokens; 1024: 4,096) with 512 T5 tokens,
-batch 1: the RSS after loading, the peak RSS (VmHWM) of the call, the anonymous / file-backed split of the
-resident set at the end (RssAnon / RssFile: the mapped file's pages are clean and the kernel drops them under
+batch 1: the RSS after loading, the peak RSS (VmHWM) of the call, the peak of its anonymous part (RssAnon,
+sampled every 20 ms), the anonymous / file-backed split of the resident set at the end (RssAnon / RssFile: the mapped file's pages are clean and the kernel drops them under
 pressure, the anonymous ones it cannot), and the wall time.
 
     python tools/mem_flux.py --scale 8 --layers 2 --size 256       # a small model: checks the tool in seconds
@@ -32,6 +32,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -122,14 +123,26 @@ def run_case(folder: str, mode: str, size: int) -> dict:
     x = rng.standard_normal((1, side * side, cfg.in_channels), dtype=np.float32)
     c = rng.standard_normal((1, T5_TOKENS, cfg.joint_attention_dim), dtype=np.float32)
     y = rng.standard_normal((1, cfg.pooled_projection_dim), dtype=np.float32)
+    peak_anon = [_status_kb("RssAnon")]
+    done = threading.Event()
+
+    def sample_anon():  # VmHWM counts the mapped file's pages too; the anonymous peak is sampled (every 20 ms)
+        while not done.wait(0.02):
+            peak_anon[0] = max(peak_anon[0], _status_kb("RssAnon"))
+
+    sampler = threading.Thread(target=sample_anon, daemon=True)
+    sampler.start()
     t0 = time.perf_counter()
     out = model(x, c, y, np.array([1.0], np.float32), latent_image_ids(side, side), np.zeros((T5_TOKENS, 3)),
                 guidance=np.array([3.5], np.float32))
     step_s = time.perf_counter() - t0
+    done.set()
+    sampler.join()
     assert np.all(np.isfinite(out))
     return {"mode": mode, "size": size, "image_tokens": side * side, "parameters": model.num_parameters(),
             "load_s": round(load_s, 2), "step_s": round(step_s, 2), "rss_after_load_gb": round(rss_loaded / GB, 3),
             "peak_rss_gb": round(_status_kb("VmHWM") * 1024 / GB, 3),
+            "peak_rss_anon_gb": round(peak_anon[0] * 1024 / GB, 3),
             "rss_anon_end_gb": round(_status_kb("RssAnon") * 1024 / GB, 3),
             "rss_file_end_gb": round(_status_kb("RssFile") * 1024 / GB, 3)}
 
