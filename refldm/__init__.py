@@ -37,6 +37,9 @@ _LAZY = {
     "SD3Transformer2DModel": "refldm.models.sd3_transformer",
     "StableDiffusion3Pipeline": "refldm.pipelines.sd3",
     "StableDiffusion3Img2ImgPipeline": "refldm.pipelines.sd3",
+    "FluxTransformer2DModel": "refldm.models.flux_transformer",
+    "FluxPipeline": "refldm.pipelines.flux",
+    "FluxImg2ImgPipeline": "refldm.pipelines.flux",
 }
 _SCHEDULERS = "refldm.schedulers"
 
