@@ -143,3 +143,13 @@ def test_unknown_weights_dtype_is_one_line(tmp_path):
     save_file({"w": np.zeros(2, np.float32)}, tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="weights_dtype='bf16'; the only option is 'stored'"):
         FluxTransformer2DModel.from_pretrained(tmp_path, weights_dtype="bf16")
+
+
+def test_a_delta_added_to_a_kept_weight_gives_an_ordinary_array(tmp_path):
+    """A LoRA merge (weight + delta) on a kept weight: the converted weight plus the delta, exactly."""
+    bits = np.array([0x3F80, 0xC000, 0x4049, 0x0000], dtype=np.uint16)
+    path = _write_raw(tmp_path / "w.safetensors", {"w": ("BF16", (2, 2), bits.tobytes())})
+    w = load_file_mapped(path)["w"]
+    delta = np.full((2, 2), 0.5, np.float32)
+    np.testing.assert_array_equal(w + delta, bf16_to_float32(bits).reshape(2, 2) + delta)
+    np.testing.assert_array_equal(delta + w, w + delta)

@@ -79,6 +79,12 @@ class StoredTensor:
         out = self.to_numpy()
         return out if dtype is None else out.astype(dtype, copy=False)
 
+    def __add__(self, other):
+        """weight + delta (a LoRA merged into a kept weight): the sum, converted, as an ordinary array."""
+        return materialize(self) + other
+
+    __radd__ = __add__
+
     def __repr__(self):
         return f"StoredTensor({self.stored} {self.shape} -> {self.dtype.name})"
 
