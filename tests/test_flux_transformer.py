@@ -210,3 +210,19 @@ def test_bad_inputs_name_the_thing():
         model(x, c, y, 0.5, ids, txt)
     with pytest.raises(ValueError, match="both must be even"):
         pack_latents(np.zeros((1, 4, 3, 4)))
+
+
+def test_float16_runs_close_to_float32(tmp_path):
+    """float16 weights: the sinusoid and the RoPE rotation in float32, activations clipped to +-65504 after each
+    block, as diffusers; the output within float16 rounding of the float32 model's. As in diffusers, 1000 t and
+    1000 g are taken in the model's dtype (float16 spacing is 2 at 3000 rad), so t and g are chosen exact there."""
+    config = tiny_config()
+    build(tmp_path, config)
+    x, c, y, _, _, img_ids, txt_ids = inputs(np.random.default_rng(4), config, 2, 3, 2, 3)
+    t, g = np.array([0.25, 0.5]), np.array([2.0, 3.5])
+    ref = FluxTransformer2DModel.from_pretrained(tmp_path, dtype="float32")(
+        *(a.astype("float32") for a in (x, c, y)), t, img_ids, txt_ids, guidance=g)
+    out = FluxTransformer2DModel.from_pretrained(tmp_path, dtype="float16")(
+        *(a.astype("float16") for a in (x, c, y)), t, img_ids, txt_ids, guidance=g)
+    assert out.dtype == np.float16 and np.all(np.isfinite(out))
+    assert rel_err(out, ref) <= 1e-2
