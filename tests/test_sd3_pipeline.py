@@ -136,7 +136,8 @@ def test_txt2img_same_image_as_diffusers(pipes, reference):
 def test_txt2img_batch_prompts_2_3_negatives_clip_skip_non_square_heun(pipes, reference):
     """Every conditioning knob at once: two prompts with prompt_2 / prompt_3 and negatives, clip_skip, a
     non-square image, the Heun flow sampler."""
-    kwargs = dict(prompt=[PROMPT, "a green dog"], prompt_2=["a blue square", "a small horse"], prompt_3=["a cat", "a cow"],
+    kwargs = dict(prompt=[PROMPT, "a green dog"], prompt_2=["a blue square", "a small horse"],
+                  prompt_3=["a cat", "a cow"],
                   negative_prompt=["a black horse", ""], negative_prompt_2="white background", height=SIZE,
                   width=SIZE + 16, num_inference_steps=3, guidance_scale=6.0, clip_skip=1, max_sequence_length=SEQ)
     ref = run_diffusers(reference, seed=3, scheduler="FlowMatchHeunDiscreteScheduler", **kwargs)
@@ -249,3 +250,38 @@ def test_bad_sizes_and_folders_are_one_clear_line(pipes, folder, tmp_path):
     with pytest.raises(WeightsError, match=r"no text_encoder_3/ .*use_t5=False"):
         StableDiffusion3Pipeline.from_pretrained(broken)
     assert StableDiffusion3Pipeline.from_pretrained(broken, use_t5=False).text_encoder_3 is None
+
+
+def test_t5_states_follow_the_clip_states_along_the_sequence(pipes):
+    """The T5 path of encode_prompt with stand-ins for T5 (the real encoder is tested with its own module): the
+    tokenizer is asked for max_sequence_length ids with truncation, and its encoder's states follow the padded CLIP
+    states along the sequence; without T5 the same place holds zeros."""
+    from refldm.pipelines.sd3 import StableDiffusion3Pipeline
+    calls = []
+
+    class Tokenizer:
+        def __call__(self, prompts, **kwargs):
+            calls.append(kwargs)
+            return {"input_ids": np.arange(len(prompts) * kwargs["max_length"]).reshape(len(prompts), -1)}
+
+    class Encoder:
+        def __call__(self, ids):
+            return type("Out", (), {"last_hidden_state": np.sin(ids[..., None] * np.arange(1, 33)).astype("float32")})
+
+    base = pipes["txt2img"]
+    with_t5 = StableDiffusion3Pipeline(base.transformer, base.vae, base.text_encoder, base.tokenizer,
+                                       base.text_encoder_2, base.tokenizer_2, Encoder(), Tokenizer(),
+                                       base.scheduler_config)
+    embeds, pooled = with_t5.encode_prompt([PROMPT, "a dog"], max_sequence_length=SEQ)
+    plain, plain_pooled = base.encode_prompt([PROMPT, "a dog"], max_sequence_length=SEQ)
+    assert calls == [dict(padding="max_length", max_length=SEQ, truncation=True, add_special_tokens=True,
+                          return_tensors="np")]
+    assert embeds.shape == plain.shape == (2, 77 + SEQ, 32)
+    np.testing.assert_array_equal(embeds[:, :77], plain[:, :77])
+    t5 = np.sin(np.arange(2 * SEQ).reshape(2, SEQ, 1) * np.arange(1, 33)).astype("float32")
+    np.testing.assert_array_equal(embeds[:, 77:], t5)
+    assert not plain[:, 77:].any() and not plain[:, :, TEXT1 + TEXT2:].any()  # zeros: no T5, CLIP padding
+    np.testing.assert_array_equal(pooled, plain_pooled)
+    with pytest.raises(ValueError, match="give text_encoder_3 and tokenizer_3 together"):
+        StableDiffusion3Pipeline(base.transformer, base.vae, base.text_encoder, base.tokenizer, base.text_encoder_2,
+                                 base.tokenizer_2, Encoder(), None)

@@ -186,7 +186,8 @@ def run_cost(args) -> int:
         print(json.dumps(fig, indent=1))
         return 0
     lat, pix = fig["latent_shape"], fig["pixel_shape"]
-    print(f"refldm cost: {fig.get('denoiser', 'U-Net')} of {fig['model']}, {fig['height']}x{fig['width']} image, batch {fig['batch']}, "
+    print(f"refldm cost: {fig.get('denoiser', 'U-Net')} of {fig['model']}, {fig['height']}x{fig['width']} image, "
+          f"batch {fig['batch']}, "
           f"{fig['text_tokens']} text tokens, activations in {fig['dtype']}")
     rows = [
         ("", f"latent {lat[1]}x{lat[2]}x{lat[3]}", f"pixels {pix[1]}x{pix[2]}x{pix[3]}", "pixels/latent"),
