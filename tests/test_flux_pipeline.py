@@ -53,7 +53,8 @@ def write_t5_tokenizer(path):
     with open(os.path.join(path, "tokenizer.json"), "w", encoding="utf-8") as f:
         json.dump(data, f)
     with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"model_max_length": 512, "extra_ids": 0, "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}, f)
+        json.dump({"model_max_length": 512, "extra_ids": 0, "eos_token": "</s>", "pad_token": "<pad>",
+                   "unk_token": "<unk>"}, f)
     return len(vocab)
 
 

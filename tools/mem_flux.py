@@ -6,20 +6,21 @@ temporary folder (23.8 GB; streamed tensor by tensor, never all in memory), then
 subprocess (clean peaks):
 
     stored    FluxTransformer2DModel.from_pretrained(folder, weights_dtype="stored")   bf16 mapped, per-layer float32
-    float32   FluxTransformer2DModel.from_pretrained(folder)                           the whole model in float32 (47.6 GB)
+    float32   FluxTransformer2DModel.from_pretrained(folder)                           all float32 (47.6 GB)
 
 and reports, for one transformer call at --size (512: 1,024 image tokens; 1024: 4,096) with 512 T5 tokens,
 batch 1: the RSS after loading, the peak RSS (VmHWM) of the call, the peak of its anonymous part (RssAnon,
-sampled every 20 ms), the anonymous / file-backed split of the resident set at the end (RssAnon / RssFile: the mapped file's pages are clean and the kernel drops them under
-pressure, the anonymous ones it cannot), and the wall time.
+sampled every 20 ms), the anonymous / file-backed split of the resident set at the end (RssAnon / RssFile: the
+mapped file's pages are clean and the kernel drops them under pressure, the anonymous ones it cannot),
+and the wall time.
 
     python tools/mem_flux.py --scale 8 --layers 2 --size 256       # a small model: checks the tool in seconds
     python tools/mem_flux.py --size 512 --mode stored              # full size, the low-memory case only
     python tools/mem_flux.py --size 512 1024                       # full size, both cases (needs > 48 GB for float32)
 
 --scale divides the number of heads (head size 128 and the RoPE axes stay); --layers divides both block counts.
-The tool refuses a case whose estimated need exceeds MemAvailable (float32: 4 bytes per parameter plus the
-step's activations) unless --force. Never part of the tests.
+The tool refuses a case whose estimated need exceeds MemAvailable (float32: 4 bytes per
+parameter) unless --force. Never part of the tests.
 """
 
 from __future__ import annotations
@@ -165,7 +166,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         n = write_random_bf16(folder, cfg)
         print(json.dumps({"wrote_parameters": n, "file_gb": round(n * 2 / GB, 2),
-                          "write_s": round(time.perf_counter() - t0, 1), "mem_available_gb": round(mem_available_gb(), 1),
+                          "write_s": round(time.perf_counter() - t0, 1),
+                          "mem_available_gb": round(mem_available_gb(), 1),
                           "cpus": os.cpu_count()}), flush=True)
         for size in args.size:
             for mode in (["stored", "float32"] if args.mode == "both" else [args.mode]):

@@ -175,7 +175,8 @@ class FluxAttention(Module):
         if joint:
             self.to_out = ModuleList([Linear(inner, dim)])               # to_out.1 is dropout in diffusers
             self.norm_added_q, self.norm_added_k = RMSNorm(dim_head, eps=1e-6), RMSNorm(dim_head, eps=1e-6)
-            self.add_q_proj, self.add_k_proj, self.add_v_proj = Linear(dim, inner), Linear(dim, inner), Linear(dim, inner)
+            self.add_q_proj, self.add_k_proj = Linear(dim, inner), Linear(dim, inner)
+            self.add_v_proj = Linear(dim, inner)
             self.to_add_out = Linear(inner, dim)
         self.heads, self.joint = heads, joint
 
