@@ -141,6 +141,8 @@ def test_dev_txt2img_same_image_as_diffusers(folders):
     _check_not_degenerate(ref)
     out = FluxPipeline.from_pretrained(folders["dev"])(**kwargs, seed=1, progress=False)
     assert out.images[0].size == (SIZE, SIZE) and out.latents.shape == (1, 16, 64)
+    assert "Steps: 4, Sampler: Euler, CFG scale: 1, Seed: 1, Size: 32x32" in out.parameters[0]
+    assert "Distilled CFG Scale: 4," in out.images[0].info["parameters"]
     assert _max_pixel_diff(out.images, ref) <= 2
 
 

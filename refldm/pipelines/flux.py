@@ -32,7 +32,7 @@ from PIL import Image
 from refldm import backend
 from refldm.checkpoints.weights import WeightsError, read_config
 from refldm.core import record
-from refldm.core.images import scale_latents, to_tensor, to_uint8, unscale_latents
+from refldm.core.images import parameters_text, scale_latents, to_tensor, to_uint8, unscale_latents
 from refldm.models.flux_transformer import latent_image_ids, pack_latents, unpack_latents
 from refldm.pipelines.sampling import sample
 from refldm.pipelines.sd import NonFiniteLatentsError, StableDiffusionPipelineOutput
@@ -274,8 +274,17 @@ class FluxPipeline:
         pixels = self.decode_latents(unpack_latents(latents, h, w))
         images = [Image.fromarray(p) for p in pixels]
         timings["decode"] = time.perf_counter() - start
+        parameters = []
+        for k, im in enumerate(images):   # the web UIs' PNG info; CFG scale is true CFG's (1 when off)
+            negative = negs[k] if do_true_cfg else ""
+            fields = {"Distilled CFG Scale": guidance} if guidance is not None else None
+            text = parameters_text(prompts[k], negative, n, "Euler", true_cfg_scale if do_true_cfg else 1,
+                                   "unknown" if seed is None else seed, im.width, im.height, self.name,
+                                   strength=strength, fields=fields)
+            im.info["parameters"] = text
+            parameters.append(text)
         return StableDiffusionPipelineOutput(images=images, latents=latents, seed=seed, timings=timings,
-                                             parameters=[""] * len(images))
+                                             parameters=parameters)
 
     def _guidance(self, guidance_scale):
         """The value for the guidance embedding: guidance_scale (3.5 by default) on dev; None on schnell, where a
