@@ -398,6 +398,9 @@ def load_into(model, state: dict, dtype="float32", source: str = "checkpoint"):
         raise WeightsError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
     for key, (owner, attr, _) in expected.items():
         value = state[key]
+        if hasattr(value, "bind") and attr in getattr(owner, "keeps_stored", ()):
+            setattr(owner, attr, value.bind(dt))  # weights_dtype="stored": converted when the layer runs
+            continue                              # (refldm.checkpoints.stored)
         on_device = type(value).__module__.split(".")[0] in ("cupy", "refldm")  # CuPy or the fake device
         if not on_device:
             value = np.asarray(value)

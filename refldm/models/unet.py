@@ -34,6 +34,7 @@ import numpy
 from refldm import backend
 from refldm.core import ops
 from refldm.checkpoints.config import parse_config
+from refldm.checkpoints.stored import materialize
 from refldm.models.blocks import (Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D,
                                   Upsample2D)
 from refldm.core.nn import Module, ModuleList, PretrainedModel
@@ -254,7 +255,7 @@ class GEGLU(Module):
         self.proj = Linear(dim_in, 2 * dim_out)
 
     def forward(self, x):
-        return ops.geglu(x, self.proj.weight, self.proj.bias)
+        return ops.geglu(x, materialize(self.proj.weight), self.proj.bias)
 
 
 class Identity(Module):
