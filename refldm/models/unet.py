@@ -637,8 +637,8 @@ class UNet2DConditionModel(PretrainedModel):
         xp = backend.array_namespace(text_embeds, time_ids)
         b = text_embeds.shape[0]
         s = F.timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
-                                   flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                   downscale_freq_shift=cfg.freq_shift)        # (B*n, A)
+                                 flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                 downscale_freq_shift=cfg.freq_shift)          # (B*n, A)
         s = s.reshape(b, -1).astype(dtype, copy=False)                         # (B, n*A)
         a = xp.concatenate([text_embeds.astype(dtype, copy=False), s], axis=1)  # (B, P + n*A)
         return self.add_embedding(a)                                           # (B, 4*C0)
@@ -656,7 +656,7 @@ class UNet2DConditionModel(PretrainedModel):
 
         # 1. time: sinusoid of t, then the MLP
         t_emb = F.timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                       downscale_freq_shift=cfg.freq_shift)  # (B, C0)
+                                     downscale_freq_shift=cfg.freq_shift)  # (B, C0)
         emb = self.time_embedding(t_emb.astype(sample.dtype, copy=False))   # (B, 4*C0)
         if added is not None:                                               # SDXL's micro-conditioning
             emb = emb + self.added_embedding(*added, dtype=sample.dtype)    # (B, 4*C0)
