@@ -245,7 +245,8 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, 
        strided=st.booleans(), seed=st.integers(0, 2**31), dtype=DTYPES)
 def test_activation_accel_equals_reference(name, shape, scale, strided, seed, dtype):
     x = randn(seed, *shape, dtype=dtype, strided=strided and bool(shape)) * dtype(scale)
-    agree(ACTIVATIONS[name], x, dtype=dtype, scale=gelu_scale(x, dtype) if "gelu" in name else None)
+    with np.errstate(over="ignore"):  # float32 exp(-x) overflows to inf below x = -88: x / inf = -0, the limit
+        agree(ACTIVATIONS[name], x, dtype=dtype, scale=gelu_scale(x, dtype) if "gelu" in name else None)
 
 
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
