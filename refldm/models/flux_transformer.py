@@ -29,7 +29,7 @@ import numpy
 
 from refldm import backend
 from refldm.checkpoints.config import parse_config
-from refldm.core import ops
+from refldm.core import functional as F
 from refldm.core.nn import Module, ModuleList, PretrainedModel
 from refldm.models.blocks import Linear, RMSNorm
 from refldm.models.sd3_transformer import AdaLayerNormContinuous, AdaLayerNormZero, FeedForward, modulate
@@ -181,7 +181,7 @@ class FluxAttention(Module):
         self.heads, self.joint = heads, joint
 
     def _qkv(self, x, q_proj, k_proj, v_proj, norm_q, norm_k):
-        q, k, v = (ops.split_heads(proj(x), self.heads) for proj in (q_proj, k_proj, v_proj))  # (B, H, L, d)
+        q, k, v = (F.split_heads(proj(x), self.heads) for proj in (q_proj, k_proj, v_proj))  # (B, H, L, d)
         return norm_q(q), norm_k(k), v
 
     def forward(self, x, rotary, context=None):
@@ -193,7 +193,7 @@ class FluxAttention(Module):
                                    self.norm_added_q, self.norm_added_k)
             q, k, v = (xp.concatenate(pair, axis=2) for pair in ((qc, q), (kc, k), (vc, v)))  # text first
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = ops.merge_heads(ops.scaled_dot_product_attention(q, k, v))   # (B, L, H*d)
+        out = F.merge_heads(F.scaled_dot_product_attention(q, k, v))   # (B, L, H*d)
         if not self.joint:
             return out
         s = context.shape[1]
@@ -239,7 +239,7 @@ class AdaLayerNormZeroSingle(Module):
         self.linear = Linear(dim, 3 * dim)
 
     def forward(self, x, temb):
-        emb = self.linear(ops.silu(temb))                               # (B, 3D)
+        emb = self.linear(F.silu(temb))                               # (B, 3D)
         d = x.shape[-1]
         shift, scale, gate = emb[:, :d], emb[:, d:2 * d], emb[:, 2 * d:]
         return modulate(x, shift, scale), gate
@@ -266,7 +266,7 @@ class FluxSingleTransformerBlock(Module):
         xp = backend.array_namespace(x, c)
         h = xp.concatenate([c, x], axis=1)                              # (B, S + N, D)
         h_mod, gate = self.norm(h, temb)
-        mlp = ops.gelu(self.proj_mlp(h_mod), approximate="tanh")        # (B, S + N, 4D)
+        mlp = F.gelu(self.proj_mlp(h_mod), approximate="tanh")        # (B, S + N, 4D)
         attn = self.attn(h_mod, rotary)                                 # (B, S + N, D)
         h = h + gate[:, None] * self.proj_out(xp.concatenate([attn, mlp], axis=2))
         h = _clip_float16(h)
@@ -298,7 +298,7 @@ class CombinedTimestepTextProjEmbeddings(Module):
 
     @staticmethod
     def _sinusoid(t, dtype):
-        return ops.timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0).astype(dtype, copy=False)
+        return F.timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0).astype(dtype, copy=False)
 
     def forward(self, t, guidance, pooled):
         temb = self.timestep_embedder(self._sinusoid(t, pooled.dtype))
