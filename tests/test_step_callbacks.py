@@ -85,3 +85,24 @@ def test_unknown_tensor_input_is_one_line(builtin, names):
     with pytest.raises(ValueError) as e:
         builtin(**ARGS, callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=names)
     assert repr(names[-1]) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_inpaint_callback_sees_the_blended_latents(builtin):
+    from PIL import Image
+    from refldm.about import DEFAULT_MODEL
+    from refldm.pipelines.inpaint import StableDiffusionInpaintPipeline
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(DEFAULT_MODEL)
+    image = Image.new("RGB", (64, 64), "white")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 32))
+    args = dict(prompt="a large red circle in the top left on a white background", image=image, mask_image=mask,
+                num_inference_steps=3, guidance_scale=3.0, seed=1, progress=False, output_type="latent")
+    old, new = [], []
+    plain = pipe(**args, callback=lambda i, t, x: old.append(np.asarray(x).copy())).latents
+    out = pipe(**args, callback_on_step_end=lambda p, i, t, kw: new.append(np.asarray(kw["latents"]).copy()) or {})
+    assert len(new) == 3
+    for a, b in zip(old, new):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(out.latents, plain)
+    zeroed = pipe(**args, callback_on_step_end=lambda p, i, t, kw: {"latents": kw["latents"] * 0} if i == 2 else {})
+    assert np.all(zeroed.latents == 0)
