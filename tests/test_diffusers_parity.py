@@ -187,3 +187,15 @@ def test_scheduler_config_reads_as_diffusers_frozendict(name, diffusers_class, c
         del c["num_train_timesteps"]
     again = type(ours).from_config(dict(c))  # a plain dict of the mapping builds the same scheduler
     assert dict(again.config) == as_dict
+
+
+def test_every_sd_pipeline_has_the_diffusers_methods():
+    from refldm.pipelines.inpaint import StableDiffusionInpaintPipeline
+    from refldm.pipelines.sd import StableDiffusionPipeline
+    from refldm.pipelines.sdxl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    methods = ("load_lora_weights", "fuse_lora", "unfuse_lora", "set_adapters", "disable_lora", "enable_lora",
+               "unload_lora_weights", "delete_adapters", "get_active_adapters", "get_list_adapters",
+               "load_textual_inversion")
+    for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline,
+                StableDiffusionInpaintPipeline):
+        assert [m for m in methods if not callable(getattr(cls, m, None))] == [], cls.__name__

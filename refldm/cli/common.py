@@ -299,6 +299,6 @@ def warn_run_choices(args, pipe, height, width) -> None:
                       f"it runs longer and its output means little (keep the sides within {low}..{high}, or give "
                       "-m MODEL)", stacklevel=2)
     if getattr(args, "dtype", None) == "float16" and backend.name() == "numpy":
-        warnings.warn("--dtype float16 on the CPU runs about 40x slower than float32: NumPy has no fast float16 "
+        warnings.warn("--dtype float16 on the CPU runs 25-40x slower than float32: NumPy has no fast float16 "
                       "arithmetic (each product is converted element by element); use --dtype float32, which "
                       "gives the same image within float rounding (docs/performance.md)", stacklevel=2)
