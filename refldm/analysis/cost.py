@@ -547,7 +547,7 @@ def steps_run(steps: int, strength: float | None = None) -> int:
 # Seconds per FLOP of a generation relative to the machine's plain float32 matmul speed (matmul_throughput in
 # refldm/cli/resources.py): t = flops / (EFFICIENCY * matmul speed). Measured with tools/calibrate_time.py;
 # docs/performance.md gives the measurements and the error of the estimate.
-EFFICIENCY = 1.0
+EFFICIENCY = 1.3
 
 
 def estimate_seconds(flops: float, matmul_flops_per_second: float) -> float:
