@@ -19,7 +19,12 @@ adapters merged and the active ones attached as branches:
     y = x (W + sum_{a fused} s_a * f_a * B_a A_a)^T + sum_{a active, not fused} w_a * f_a * (x A_a^T) B_a^T
 
 with f_a = alpha_a / r_a, s_a = lora_scale * w_a at fusing time. A refused call (a bad file, an unknown
-adapter name, an overflow) leaves the model and the state as they were.
+adapter name, an overflow) leaves the model and the state as they were. The methods own the adapted
+layers: a LoRA applied with `apply_loras` directly is undone by the next method call (use one or the other).
+
+One difference from diffusers: peft unfuses by subtracting the delta at the adapter's weight at that
+moment, so changing the weight between `fuse_lora` and `unfuse_lora` leaves part of the fusion in
+diffusers' weights; refldm puts the original arrays back whatever the weights.
 """
 
 from __future__ import annotations
