@@ -34,10 +34,6 @@ MAX_SIZE = 1 << 20
 MAX_LAYERS = 1000  # counts of repeated layers (the deepest text encoders have 24-48)
 
 # (pattern over the field name, (low, high) for numbers, whether low is excluded). The first match wins.
-# Keys whose diffusers default is -inf, meaning "off" (DPM-Solver's lambda_min_clipped: no clipping); a saved
-# scheduler_config.json holds it as -Infinity, and a scheduler's config read as a mapping passes it back.
-OFF_AT_MINUS_INFINITY = frozenset({"lambda_min_clipped"})
-
 RULES = [
     (r".*(layers|_per_block)$", (1, MAX_LAYERS), False),          # num_hidden_layers, layers_per_block, ...
     (r"(num_train_timesteps|original_inference_steps)$", (1, 100_000), False),
@@ -145,8 +141,6 @@ def _scalar(key, value, kinds, rules, where):
             fail()
         return
     if isinstance(value, (int, float)):
-        if value == -math.inf and key in OFF_AT_MINUS_INFINITY:
-            return
         if not math.isfinite(value):
             fail()
         if "int" in kinds and isinstance(value, int):
