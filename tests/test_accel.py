@@ -352,6 +352,32 @@ def test_attention_rows_do_not_depend_on_their_block(dtype):
     assert not np.array_equal(mixed[1, 7], bounded[1, 7])
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_exp_clamp_changes_no_byte(masked, monkeypatch):
+    """Where NumPy's float32 exp is its AVX2 build, attention clamps the exponents at EXP_LOW (-87) first
+    (kernels.EXP_CLAMP): an underflowing value would send exp off its SIMD loop. The clamp must change no
+    byte of the result: on scores spread far below -87 (long query rows, so the bound does not rule the
+    clamp out), and with a mask of -inf and -1e4, the outputs with and without it are identical, and
+    both agree with the reference."""
+    rng = np.random.default_rng(11)
+    q, k, v = (rng.standard_normal((2, 260, 16)).astype(np.float32) for _ in range(3))
+    q[:, ::3] *= 40.0                                                    # |q_i| |k_j| up to ~700: s - max << -87
+    mask = None
+    if masked:
+        mask = np.where(rng.random((260, 260)) < 0.6, 0.0, -1e4).astype(np.float32)
+        mask[:, 1::5] = -np.inf
+        mask[:, 0] = 0.0
+    attention = functools.partial(ops.scaled_dot_product_attention, mask=mask)
+    spread = np.einsum("hid,hjd->hij", q, k) / 4.0
+    assert (spread - spread.max(axis=-1, keepdims=True)).min() < -87 * 3
+    outs = []
+    for clamp in (False, True):
+        monkeypatch.setattr(kernels, "EXP_CLAMP", clamp)
+        fast, _ = agree(attention, q, k, v, dtype=np.float32)
+        outs.append(fast)
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 @settings(max_examples=30)
 @given(n=st.integers(1, 2), c=st.integers(1, 4), h=st.integers(1, 9), w=st.integers(1, 9),
        strided=st.booleans(), seed=st.integers(0, 2**31), dtype=DTYPES)

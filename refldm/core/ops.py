@@ -189,6 +189,9 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
         if p is not None and tuple(p.shape) != (d,):
             _fail(op, f"{name} shape {tuple(p.shape)} != ({d},) for x {tuple(x.shape)}")
     _check_float(op, x, weight, bias)
+    if x.dtype.itemsize < 4:  # float16: the statistics in float32, as torch (x^2 overflows float16 past 256)
+        wide = [None if a is None else a.astype("float32") for a in (x, weight, bias)]
+        return layer_norm(*wide, eps=eps).astype(x.dtype)
     xp = array_namespace(x, weight, bias)
     if accel.active(xp):
         return accel.layer_norm(x, weight, bias, eps)

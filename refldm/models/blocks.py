@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from refldm.core import ops
 from refldm.backend import array_namespace
+from refldm.checkpoints.stored import materialize
 from refldm.core.nn import Module, Param
 
 __all__ = ["Conv2d", "Linear", "GroupNorm", "LayerNorm", "RMSNorm", "Embedding", "ResnetBlock2D", "Downsample2D", "Upsample2D",
@@ -40,8 +41,10 @@ class Conv2d(Module):
         self.stride = stride
         self.padding = padding
 
+    keeps_stored = ("weight",)  # weights_dtype="stored": converted here, per call (refldm.checkpoints.stored)
+
     def forward(self, x):
-        return ops.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
+        return ops.conv2d(x, materialize(self.weight), self.bias, stride=self.stride, padding=self.padding)
 
 
 class Linear(Module):
@@ -51,8 +54,10 @@ class Linear(Module):
         self.weight = Param(out_features, in_features)
         self.bias = Param(out_features) if bias else None
 
+    keeps_stored = ("weight",)  # weights_dtype="stored": converted here, per call (refldm.checkpoints.stored)
+
     def forward(self, x):
-        return ops.linear(x, self.weight, self.bias)
+        return ops.linear(x, materialize(self.weight), self.bias)
 
 
 class GroupNorm(Module):

@@ -306,7 +306,8 @@ class AutoencoderKL(PretrainedModel):
         return parse_config(AutoencoderKLConfig, config, where=where)
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="float32", subfolder: str | None = None) -> AutoencoderKL:
+    def from_pretrained(cls, folder, dtype="float32", subfolder: str | None = None,
+                        weights_dtype: str | None = None) -> AutoencoderKL:
         """Load config.json and diffusion_pytorch_model.safetensors (or its shards) from a VAE folder.
 
         A pipeline folder (one with a ``vae/`` subfolder and no config.json of its own) works too.
@@ -316,7 +317,7 @@ class AutoencoderKL(PretrainedModel):
         if subfolder is None and not os.path.isfile(os.path.join(folder, "config.json")) and \
                 os.path.isfile(os.path.join(folder, "vae", "config.json")):
             subfolder = "vae"
-        return super().from_pretrained(folder, dtype=dtype, subfolder=subfolder)
+        return super().from_pretrained(folder, dtype=dtype, subfolder=subfolder, weights_dtype=weights_dtype)
 
     def convert_keys(self, state: dict, source: str) -> dict:
         """Older diffusers VAEs name the attention weights query/key/value/proj_attn: rename them."""
