@@ -536,6 +536,25 @@ def estimate_generation(unet_config, vae_config, batch: int, height: int, width:
     return {"bytes": weight_bytes + peak, "flops": steps * unet.flops + decode["flops"]}
 
 
+def steps_run(steps: int, strength: float | None = None) -> int:
+    """The denoising steps a call runs: all `steps` from noise (strength None or 1), else img2img's / inpaint's
+    min(int(steps * strength), steps), diffusers' rule (refldm/pipelines/sampling.py img2img_timesteps)."""
+    if strength is None:
+        return int(steps)
+    return min(int(steps * strength), int(steps))
+
+
+# Seconds per FLOP of a generation relative to the machine's plain float32 matmul speed (matmul_throughput in
+# refldm/cli/resources.py): t = flops / (EFFICIENCY * matmul speed). Measured with tools/calibrate_time.py;
+# docs/performance.md gives the measurements and the error of the estimate.
+EFFICIENCY = 1.3
+
+
+def estimate_seconds(flops: float, matmul_flops_per_second: float) -> float:
+    """The time estimate t = flops / (EFFICIENCY * measured matmul speed), calibrated (docs/performance.md)."""
+    return float(flops) / (EFFICIENCY * max(float(matmul_flops_per_second), 1.0))
+
+
 def estimate_pipeline(pipe, batch: int, height: int, width: int, steps: int, guidance_scale: float) -> dict:
     """`estimate_generation` for a loaded pipeline (SD, SDXL, inpainting): its configs, dtype, weights and
     text length. Rough (the elementwise temporaries are not counted), for refusing what cannot fit and

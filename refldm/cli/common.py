@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import sys
 import warnings
 
@@ -50,6 +51,9 @@ def add_model_args(p, *, model_flag=True):
     p.add_argument("--config", default=None,
                    help="for a single file: a diffusers folder with the model's configs, tokenizer and scheduler")
     p.add_argument("--tokenizer", default=None, help="for a single file without --config: a CLIP tokenizer folder")
+    p.add_argument("--max-length", type=int, default=None, metavar="N",
+                   help="prompt length in tokens, for a tokenizer whose folder sets no model_max_length "
+                        "(default: the tokenizer's own, 77 for SD)")
     p.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
                    help="for an SD 2.x single file without --config (the weights do not tell)")
     p.add_argument("--backend", choices=("numpy", "cupy"), default=None,
@@ -64,7 +68,7 @@ CFG_RANGE = (0.0, 100.0)  # a finite guidance scale; beyond ~30 images saturate,
 SEED_MAX = 2 ** 64 - 1    # torch's seed range, 0..2**64-1 (refldm.pipelines.common.SEED_MAX)
 
 
-def add_generation_args(p):
+def add_generation_args(p, default_output="refldm-txt2img.png / refldm-img2img.png"):
     p.add_argument("-p", "--prompt", required=True, help='the prompt ("" for an unconditional image)')
     p.add_argument("-n", "--negative", default=None, help="the negative prompt (default: none)")
     p.add_argument("--steps", type=int, default=None,
@@ -77,7 +81,7 @@ def add_generation_args(p):
                    help='sampler by name, as the web UIs write it ("DPM++ 2M Karras", "Euler a", "dpmpp_2m karras") '
                         "or refldm's (euler, dpm++2m); `refldm samplers` lists them (default: the model's own)")
     p.add_argument("-o", "--output", default=None, help="output image: .png (with the parameters chunk), .jpg, "
-                                                         ".webp, ... (default refldm-txt2img.png / refldm-img2img.png)")
+                                                         f".webp, ... (default {default_output})")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -108,9 +112,57 @@ def use_backend(name):
         backend.use(name)
 
 
+# The Python API's argument names in the library's messages -> the CLI's flags (`cli_words`)
+FLAG_NAMES = ((re.compile(r"\btokenizer="), "--tokenizer "), (re.compile(r"\bconfig="), "--config "),
+              (re.compile(r"\bprediction_type="), "--prediction-type "),
+              (re.compile(r"\bpass max_length\b"), "give --max-length N"))
+
+
+def cli_words(message: str) -> str:
+    """A library message as the CLI says it: ``give tokenizer=a folder`` -> ``give --tokenizer a folder``."""
+    for pattern, flag in FLAG_NAMES:
+        message = pattern.sub(flag, message)
+    return message
+
+
 def load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=None, dtype="float32",
-                  img2img=False):
-    """The pipeline for MODEL: a diffusers folder, a single .safetensors file, or None for the embedded model."""
+                  img2img=False, max_length=None):
+    """The pipeline for MODEL: a diffusers folder, a single .safetensors file, or None for the embedded model.
+    Errors name the CLI's flags (--tokenizer, --config) where the library names its arguments. `max_length`
+    (--max-length): the prompt length in tokens for tokenizers whose folder sets no model_max_length."""
+    try:
+        pipe = _load_pipeline(model, config=config, tokenizer=tokenizer, prediction_type=prediction_type,
+                              dtype=dtype, img2img=img2img)
+    except ValueError as e:
+        if e.args and isinstance(e.args[0], str):
+            e.args = (cli_words(e.args[0]),) + e.args[1:]
+        raise
+    set_max_length(pipe, max_length)
+    return pipe
+
+
+def set_max_length(pipe, max_length) -> None:
+    """--max-length N: the tokenizers' model_max_length; without it a tokenizer that sets none is refused here,
+    before the work, naming the flag."""
+    from refldm.models.tokenizer import NO_LIMIT
+    for part, encoder in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+        tok, enc = getattr(pipe, part, None), getattr(pipe, encoder, None)
+        if tok is None:
+            continue
+        positions = getattr(getattr(enc, "config", None), "max_position_embeddings", None)
+        if max_length is not None:
+            if positions is not None and not 2 <= max_length <= positions:
+                raise ValueError(f"--max-length {max_length}: must lie in 2..{positions}, the {encoder}'s positions")
+            if max_length < 2:
+                raise ValueError(f"--max-length {max_length}: must be >= 2")
+            tok.model_max_length = max_length
+        elif tok.model_max_length == NO_LIMIT:
+            raise ValueError(f"the {part} folder sets no model_max_length; give --max-length N (the {encoder} "
+                             f"has {positions} positions: --max-length {positions})")
+
+
+def _load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=None, dtype="float32",
+                   img2img=False):
     from refldm.pipelines.sd import StableDiffusionPipeline
     from refldm.pipelines.sdxl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, is_sdxl_folder
     from refldm.checkpoints.weights import refuse_pickle
@@ -201,22 +253,52 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
 
 
-def check_resources(pipe, batch, height, width, steps, cfg, *, announce_after_s: float = 30.0) -> None:
+def check_resources(pipe, batch, height, width, steps, cfg, *, strength=None, announce_after_s: float = 30.0) -> dict:
     """Before a run: refuse it when its estimated memory exceeds what the machine has (saying what it would
     take), and print an estimated time when it looks long. The estimate is refldm.analysis.cost's walk of
-    the pipeline's own networks (`estimate_pipeline`)."""
-    from refldm.analysis.cost import estimate_pipeline
+    the pipeline's own networks (`estimate_pipeline`) over the steps that run (img2img / inpaint at
+    `strength` < 1 run min(int(steps * strength), steps)), timed by `estimate_seconds` from this machine's
+    measured matmul speed. Returns {"bytes", "flops", "seconds", "steps"}."""
+    from refldm.analysis.cost import estimate_pipeline, estimate_seconds, steps_run
     from refldm.cli.resources import available_memory, matmul_throughput
     from refldm.errors import TooLargeError
     height = pipe.default_size if height is None else height
     width = pipe.default_size if width is None else width
-    cost = estimate_pipeline(pipe, batch, height, width, steps, cfg)
+    run = steps_run(steps, strength)
+    cost = estimate_pipeline(pipe, batch, height, width, run, cfg)
     have = available_memory() if backend.name() == "numpy" else None
     if have is not None and cost["bytes"] > have:
         raise TooLargeError(f"{width}x{height} with batch {batch} needs about {gib(cost['bytes'])} of memory "
                             f"(estimated from the sizes); this machine has {gib(have)} available. Use a "
                             "smaller size")
-    seconds = cost["flops"] / (0.5 * matmul_throughput())  # the U-Net runs at about half the speed of a plain matmul
+    seconds = estimate_seconds(cost["flops"], matmul_throughput())
     if seconds > announce_after_s:
-        print(f"refldm: {width}x{height}, {steps} steps: estimated {seconds / 60:.1f} minutes "
+        counted = f"{run} steps" if run == steps else f"{run} of {steps} steps (strength {strength:g})"
+        print(f"refldm: {width}x{height}, {counted}: estimated {_duration(seconds)} "
               f"({cost['flops'] / 1e12:.3g} TFLOP) and {gib(cost['bytes'])} of memory", file=sys.stderr)
+    return {**cost, "seconds": seconds, "steps": run}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} minutes ({seconds:.0f} s)"
+
+
+# the built-in model's training size (tools/train_tiny): far from it, its images mean nothing
+BUILTIN_SIZE = 64
+BUILTIN_SIZE_RANGE = (32, 128)  # sides within a factor 2 of 64 still look like its training images
+
+
+def warn_run_choices(args, pipe, height, width) -> None:
+    """One warning each, before the work, for choices that run but disappoint: the built-in model far from
+    the 64x64 it was trained on; --dtype float16 on the CPU (NumPy has no fast float16 arithmetic)."""
+    height = pipe.default_size if height is None else height
+    width = pipe.default_size if width is None else width
+    low, high = BUILTIN_SIZE_RANGE
+    if getattr(args, "model", None) is None and not (low <= height <= high and low <= width <= high):
+        warnings.warn(f"the built-in model was trained on {BUILTIN_SIZE}x{BUILTIN_SIZE} images; at {width}x{height} "
+                      f"it runs longer and its output means little (keep the sides within {low}..{high}, or give "
+                      "-m MODEL)", stacklevel=2)
+    if getattr(args, "dtype", None) == "float16" and backend.name() == "numpy":
+        warnings.warn("--dtype float16 on the CPU runs 25-40x slower than float32: NumPy has no fast float16 "
+                      "arithmetic (each product is converted element by element); use --dtype float32, which "
+                      "gives the same image within float rounding (docs/performance.md)", stacklevel=2)

@@ -29,7 +29,7 @@ from refldm.cli.adapters import add_adapter_args, apply_adapter_args
 from refldm.cli.common import (CFG, DEMO_CFG, DEMO_SAMPLER, DEMO_STEPS, STEPS, add_generation_args,  # noqa: F401
                                add_model_args, check_cfg, check_generation_args, check_resources, check_seed,
                                check_steps, check_text, load_pipeline, one_line_warnings, resolve_defaults,
-                               sampler_name, save_png, use_backend)
+                               sampler_name, save_png, use_backend, warn_run_choices)
 
 DEMO_PROMPTS = (
     "a large red circle in the center on a white background",
@@ -149,16 +149,19 @@ def _generate(args, image=None):
     use_backend(args.backend)
     with one_line_warnings():
         pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
-                             prediction_type=args.prediction_type, dtype=args.dtype, img2img=image is not None)
+                             prediction_type=args.prediction_type, dtype=args.dtype,
+                             max_length=args.max_length, img2img=image is not None)
         refiner, end = _refiner_args(args, pipe)
         prompt, kwargs = apply_adapter_args(args, pipe)  # LoRAs, embeddings, prompt syntax (cli/adapters.py)
         kwargs.update(_preview_kwargs(args, pipe))  # --preview-every (refldm/pipelines/preview.py)
         if image is None:
             kwargs.update(height=args.height, width=args.width)
+            warn_run_choices(args, pipe, args.height, args.width)
             check_resources(pipe, 1, args.height, args.width, args.steps, args.cfg)
         else:
             kwargs.update(image=image, strength=args.strength)
-            check_resources(pipe, 1, image.height, image.width, args.steps, args.cfg)
+            warn_run_choices(args, pipe, image.height, image.width)
+            check_resources(pipe, 1, image.height, image.width, args.steps, args.cfg, strength=args.strength)
         if refiner is not None:
             kwargs.update(denoising_end=end, output_type="latent")
         out = pipe(prompt, negative_prompt=args.negative, num_inference_steps=args.steps,

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
                    help="1 repaints from pure noise (default); lower keeps more of the image under the mask")
     p.add_argument("--padding-mask-crop", type=int, default=None, metavar="PIXELS",
                    help="inpaint only the box around the mask, grown by PIXELS, at full resolution, then paste it back")
-    common.add_generation_args(p)
+    common.add_generation_args(p, default_output="refldm-inpaint.png")
     add_adapter_args(p)
     p.set_defaults(func=run_inpaint)
 
@@ -46,10 +46,13 @@ def run_inpaint(args) -> int:
     common.use_backend(args.backend)
     with common.one_line_warnings():
         base = common.load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
-                                      prediction_type=args.prediction_type, dtype=args.dtype)
+                                      prediction_type=args.prediction_type, dtype=args.dtype,
+                                    max_length=args.max_length)
         pipe = StableDiffusionInpaintPipeline(base.vae, base.text_encoder, base.tokenizer, base.unet,
                                               base.scheduler_config, base.configs, name=base.name, dtype=args.dtype)
         prompt, kwargs = apply_adapter_args(args, pipe)
+        common.warn_run_choices(args, pipe, image.height, image.width)
+        common.check_resources(pipe, 1, image.height, image.width, args.steps, args.cfg, strength=args.strength)
         out = pipe(prompt, image=image, mask_image=mask, negative_prompt=args.negative, strength=args.strength,
                    padding_mask_crop=args.padding_mask_crop, num_inference_steps=args.steps,
                    guidance_scale=args.cfg, seed=args.seed, sampler=args.sampler, progress=not args.quiet, **kwargs)

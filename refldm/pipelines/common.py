@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from refldm import backend
+from refldm.adapters.loaders import LoraLoaderMixin, TextualInversionLoaderMixin
 from refldm.core import record
 from refldm.core.images import to_tensor, to_uint8, unscale_latents
 
@@ -439,9 +440,11 @@ def finish(pipe, latents, call: Call, timings: dict, record: GenerationParameter
 # -- what the pipelines share of a loaded model -----------------------------------------------------------------
 
 
-class DiffusionPipeline:
+class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
     """The parts every latent-diffusion pipeline has and uses alike: `vae`, `unet`, `scheduler_config`,
-    `configs` (the raw config.json dicts), `name`, `dtype`. Subclasses add their text encoders and calls."""
+    `configs` (the raw config.json dicts), `name`, `dtype`. Subclasses add their text encoders and calls.
+    diffusers' adapter methods (load_lora_weights, fuse_lora, set_adapters, load_textual_inversion, ...)
+    come from refldm.adapters.loaders."""
 
     def __init__(self, vae, unet, scheduler_config: dict, configs: dict | None = None, name: str = "model",
                  dtype="float32"):

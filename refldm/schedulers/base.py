@@ -22,6 +22,7 @@ Any other key, or an unsupported value, is an error naming the key.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import os
@@ -58,8 +59,43 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("linspace", "leading", "trailing")
 
 
+class ConfigMapping(collections.abc.Mapping):
+    """A scheduler's config read as diffusers reads its FrozenDict: ``config["num_train_timesteps"]``,
+    ``dict(config)``, ``{**config}``, keys / items / len / iteration, as well as ``config.num_train_timesteps``.
+    The keys are the scheduler class's config keys (those it implements, then those it holds at diffusers'
+    default); item assignment and deletion are refused, as by a FrozenDict (build a new scheduler with
+    ``from_config(config, key=value)`` instead)."""
+
+    def _mapping_keys(self) -> tuple:
+        keys = getattr(self, "_keys", None)  # set by the scheduler that parsed this config (SchedulerMixin._parse)
+        return keys if keys is not None else tuple(f.name for f in dataclasses.fields(self))
+
+    def __getitem__(self, key):
+        if key not in self._mapping_keys():
+            raise KeyError(key)
+        if key in self.__dataclass_fields__:
+            return getattr(self, key)
+        return self._fixed[key]  # a key the class holds at diffusers' default (UNSUPPORTED)
+
+    def __iter__(self):
+        return iter(self._mapping_keys())
+
+    def __len__(self) -> int:
+        return len(self._mapping_keys())
+
+    def __contains__(self, key) -> bool:
+        return key in self._mapping_keys()
+
+    def __setitem__(self, key, value):
+        raise TypeError(f"{type(self).__name__} is read-only: cannot set config[{key!r}] (build a new scheduler "
+                        f"with from_config(scheduler.config, {key}=...))")
+
+    def __delitem__(self, key):
+        raise TypeError(f"{type(self).__name__} is read-only: cannot delete config[{key!r}]")
+
+
 @dataclasses.dataclass
-class BaseConfig:
+class BaseConfig(ConfigMapping):
     """Keys every scheduler has (defaults of most diffusers schedulers; classes override them)."""
 
     num_train_timesteps: int = 1000
@@ -184,6 +220,9 @@ class SchedulerMixin:
         parsed = parse_config(cls.Config, config, fixed=cls.UNSUPPORTED, where=cls.__name__)
         parsed._given = frozenset(k for k in config if k in keys and k not in cls.UNSUPPORTED)
         parsed._carried = {k: v for k, v in config.items() if k in cls.UNSUPPORTED}  # at their only value
+        fields = [f.name for f in dataclasses.fields(cls.Config) if f.name not in cls.NOT_KEYS]
+        parsed._keys = tuple(fields + sorted(k for k in cls.UNSUPPORTED if k not in fields))  # the mapping's keys
+        parsed._fixed = dict(cls.UNSUPPORTED)
         return parsed
 
     @classmethod

@@ -26,11 +26,11 @@ import math
 import numpy
 
 from . import schedule
-from .base import SchedulerMixin, SigmaAddNoise, check_choice, churn
+from .base import ConfigMapping, SchedulerMixin, SigmaAddNoise, check_choice, churn
 
 
 @dataclasses.dataclass
-class EDMEulerConfig:
+class EDMEulerConfig(ConfigMapping):
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     sigma_data: float = 0.5

@@ -32,7 +32,7 @@ import numpy
 from refldm import backend
 
 from . import schedule
-from .base import SchedulerMixin, broadcast_coefficient, check_choice, noise_like, timesteps_as_host
+from .base import ConfigMapping, SchedulerMixin, broadcast_coefficient, check_choice, noise_like, timesteps_as_host
 
 
 def time_shift(s, t):
@@ -65,7 +65,7 @@ def flow_euler_step(sample, velocity, t, t_next):
 
 
 @dataclasses.dataclass
-class FlowMatchEulerConfig:
+class FlowMatchEulerConfig(ConfigMapping):
     num_train_timesteps: int = 1000
     shift: float = 1.0
     use_dynamic_shifting: bool = False

@@ -19,12 +19,12 @@ import dataclasses
 import numpy
 
 from . import schedule
-from .base import check_choice, noise_like
+from .base import ConfigMapping, check_choice, noise_like
 from .flow_match_euler import FlowMatchBase, time_shift
 
 
 @dataclasses.dataclass
-class FlowMatchHeunConfig:
+class FlowMatchHeunConfig(ConfigMapping):
     num_train_timesteps: int = 1000
     shift: float = 1.0
     table_dtype: str = "float64"  # refldm's own key: "float32" rounds the tables where diffusers does
