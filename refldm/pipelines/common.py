@@ -385,7 +385,7 @@ def check_noise(rng=None, sampler_rng=None, ensd=None, variation_seed=None, vari
                 seed_resize_from=None) -> NoiseOptions:
     """The noise keyword arguments, checked (one line each): rng / sampler_rng a stream name, ensd an
     integer >= 0, variation_seed a seed, variation_strength in [0, 1] (needs variation_seed),
-    seed_resize_from (width, height) in pixels, multiples of 8 (0 or None: off)."""
+    seed_resize_from (width, height) in pixels, each side >= 8 (divided by 8 as the web UI does; 0 or None: off)."""
     rng = check_rng(rng)
     sampler_rng = check_rng(sampler_rng, "sampler_rng")
     ensd = 0 if ensd is None else _integer(ensd, "ensd", 0)
@@ -407,8 +407,8 @@ def check_noise(rng=None, sampler_rng=None, ensd=None, variation_seed=None, vari
             raise ValueError(f"seed_resize_from must be (width, height), got {_short(seed_resize_from)}")
         if w <= 0 and h <= 0:
             seed_resize_from = None  # the web UI's "off"
-        elif w < 8 or h < 8 or w % 8 or h % 8:
-            raise ValueError(f"seed_resize_from={w}x{h}: each side must be a positive multiple of 8")
+        elif w < 8 or h < 8:
+            raise ValueError(f"seed_resize_from={w}x{h}: each side must be at least 8 pixels (0x0: off)")
         else:
             seed_resize_from = (w, h)
     return NoiseOptions(rng, sampler_rng, ensd, None if variation_seed is None else int(variation_seed),
