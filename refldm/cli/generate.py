@@ -187,7 +187,8 @@ def _sampler_of(settings, source) -> str | None:
     try:
         names.resolve(name)
     except ValueError:
-        raise ValueError(f"the image's sampler {name!r} is not one refldm runs (`refldm samplers` lists them)") from None
+        raise ValueError(f"the image's sampler {name!r} is not one refldm runs (`refldm samplers` lists them)") \
+            from None
     return name
 
 
@@ -250,6 +251,9 @@ def apply_png_settings(args) -> list:
         take("denoising_strength", "hires_denoise")
     elif source == "comfyui" and settings.get("denoising_strength") == 1.0:
         used.add("denoising_strength")
+    if source == "comfyui":  # LoRA loader nodes (A1111's <lora:...> tags stay in the prompt for --lora-dir)
+        unhonoured += [f"LoRA {entry['name']} (give it with --lora)" for entry in settings.get("loras", [])
+                       if not any(os.path.basename(f.split(":")[0]) == entry["name"] for f in args.lora)]
     if source == "comfyui" and len(settings.get("passes", [])) > 1:
         unhonoured.append(f"{len(settings['passes']) - 1} further sampler pass(es)")
     for key in ("Original size", "Target size"):  # refldm's SDXL fields: honoured when they are the image size

@@ -591,7 +591,8 @@ def upscale_latents(latents, size, mode: str = "bilinear"):
     (align_corners=False, no antialias) computes it: "nearest", "nearest-exact" (exact index rules),
     "bilinear" and "bicubic" (separable, float32 weights from the same source coordinates as torch's, its
     fused multiply-add included; the order of torch's sums is not reproduced, so they agree to float32
-    rounding: measured <= 5e-7 bilinear, <= 4e-6 bicubic on N(0, 1) values, tests/test_reproduce.py). On the host; returned on the active backend."""
+    rounding: measured <= 5e-7 bilinear, <= 4e-6 bicubic on N(0, 1) values, tests/test_reproduce.py).
+    On the host; returned on the active backend."""
     import numpy as np
     x = np.asarray(backend.to_numpy(latents))
     (h, w), (H, W) = x.shape[2:], (int(size[0]), int(size[1]))
