@@ -6,6 +6,9 @@
     refldm img2img -i in.png --strength 0.7 -p "a large blue square in the center on a white background"
     refldm info path/to/sd-folder                        # each part's config, parameter count, dtype
     refldm txt2img -m sdxl-base --refiner sdxl-refiner --denoising-end 0.8 -p "an astronaut" -o out.png
+    refldm txt2img -m v1-5.safetensors --config sd15 -p "a castle" --seed 5 --rng cuda --ensd 31337 \
+        --hires-scale 2 --hires-denoise 0.5 -o castle.png        # the web UI's NV noise, ENSD and hires fix
+    refldm txt2img --from-png castle.png -m v1-5.safetensors --config sd15 -o again.png   # the same image
 
 MODEL (``-m``) is a diffusers folder (SD 1.x / 2.x, or SDXL: detected by its text_encoder_2) or an original
 single-file ``.safetensors`` (SD 1.x / 2.x; give ``--config FOLDER`` or ``--tokenizer FOLDER`` with it; SDXL:
