@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 import numpy
 
 from refldm import backend
-from refldm.core import ops
+from refldm.core import functional as F
 from refldm.checkpoints.config import parse_config
+from refldm.checkpoints.stored import materialize
 from refldm.models.blocks import (Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D,
                                   Upsample2D)
 from refldm.core.nn import Module, ModuleList, PretrainedModel
@@ -205,7 +206,7 @@ class TimestepEmbedding(Module):
         self.linear_2 = Linear(time_embed_dim, time_embed_dim)
 
     def forward(self, t_emb):
-        return self.linear_2(ops.silu(self.linear_1(t_emb)))
+        return self.linear_2(F.silu(self.linear_1(t_emb)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -237,13 +238,13 @@ class Attention(Module):
         q = self.to_q(x)                           # (B, L, H*d)
         k = self.to_k(context)                     # (B, S, H*d)
         v = self.to_v(context)                     # (B, S, H*d)
-        q, k, v = (ops.split_heads(a, self.heads) for a in (q, k, v))  # (B, H, L or S, d), views
+        q, k, v = (F.split_heads(a, self.heads) for a in (q, k, v))  # (B, H, L or S, d), views
         dtype = q.dtype
         if self.upcast_attention and dtype.itemsize < 4:
             # SD 2.x's attention overflows float16; it is computed in float32 (as the original code does)
             q, k, v = (a.astype("float32") for a in (q, k, v))
-        out = ops.scaled_dot_product_attention(q, k, v)   # (B, H, L, d); chunked over queries
-        out = ops.merge_heads(out.astype(dtype, copy=False))  # (B, L, H*d)
+        out = F.scaled_dot_product_attention(q, k, v)     # (B, H, L, d); chunked over queries
+        out = F.merge_heads(out.astype(dtype, copy=False))  # (B, L, H*d)
         return self.to_out[0](out)                 # (B, L, C)
 
 
@@ -254,7 +255,7 @@ class GEGLU(Module):
         self.proj = Linear(dim_in, 2 * dim_out)
 
     def forward(self, x):
-        return ops.geglu(x, self.proj.weight, self.proj.bias)
+        return F.geglu(x, materialize(self.proj.weight), self.proj.bias)
 
 
 class Identity(Module):
@@ -636,27 +637,32 @@ class UNet2DConditionModel(PretrainedModel):
         cfg = self.config
         xp = backend.array_namespace(text_embeds, time_ids)
         b = text_embeds.shape[0]
-        s = ops.timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
-                                   flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                   downscale_freq_shift=cfg.freq_shift)        # (B*n, A)
+        s = F.timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                 flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                 downscale_freq_shift=cfg.freq_shift)          # (B*n, A)
         s = s.reshape(b, -1).astype(dtype, copy=False)                         # (B, n*A)
         a = xp.concatenate([text_embeds.astype(dtype, copy=False), s], axis=1)  # (B, P + n*A)
         return self.add_embedding(a)                                           # (B, 4*C0)
 
-    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs: dict | None = None):
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs: dict | None = None,
+                down_block_additional_residuals=None, mid_block_additional_residual=None):
         """eps_theta(x_t, t, c), the network top to bottom: latents `sample` (B, C_in, H, W) at `timestep`
         (scalar or (B,)) given text embeddings `encoder_hidden_states` (B, S, cross_attention_dim)
         -> the predicted noise (or v) (B, C_out, H, W).
 
         SDXL (addition_embed_type "text_time") also needs ``added_cond_kwargs={"text_embeds": (B, P),
         "time_ids": (B, n)}``: the pooled text embedding and the micro-conditioning ids (see
-        `added_embedding`), as diffusers' argument of the same name."""
+        `added_embedding`), as diffusers' argument of the same name.
+
+        A ControlNet's residuals (refldm/models/controlnet.py) enter with diffusers' names: every skip
+        connection k gets ``skip_k + down_block_additional_residuals[k]`` and the mid block's output gets
+        ``+ mid_block_additional_residual``; both or neither."""
         cfg = self.config
         sample, t, context, added = self._inputs(sample, timestep, encoder_hidden_states, added_cond_kwargs)
 
         # 1. time: sinusoid of t, then the MLP
-        t_emb = ops.timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                       downscale_freq_shift=cfg.freq_shift)  # (B, C0)
+        t_emb = F.timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                     downscale_freq_shift=cfg.freq_shift)  # (B, C0)
         emb = self.time_embedding(t_emb.astype(sample.dtype, copy=False))   # (B, 4*C0)
         if added is not None:                                               # SDXL's micro-conditioning
             emb = emb + self.added_embedding(*added, dtype=sample.dtype)    # (B, 4*C0)
@@ -667,13 +673,35 @@ class UNet2DConditionModel(PretrainedModel):
         for block in self.down_blocks:
             x, res = block(x, emb, context)                                 # (B, C_i, H/2^i, W/2^i)
             skips.extend(res)
+        control = _control_residuals(skips, down_block_additional_residuals, mid_block_additional_residual)
+        if control:                                                         # ControlNet: skip_k + r_k
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
 
         # 3. mid
         x = self.mid_block(x, emb, context)                                 # (B, C_last, H/f, W/f)
+        if control:                                                         # ControlNet: mid + r_mid
+            x = x + mid_block_additional_residual
 
         # 4. up: each block takes its layers_per_block + 1 skips, last in first out
         for block in self.up_blocks:
             x = block(x, skips, emb, context)
         # 5. out
-        x = ops.silu(self.conv_norm_out(x))                                 # (B, C0, H, W)
+        x = F.silu(self.conv_norm_out(x))                                 # (B, C0, H, W)
         return self.conv_out(x)                                             # (B, C_out, H, W)
+
+
+def _control_residuals(skips, down, mid) -> bool:
+    """Check a ControlNet's residuals against the U-Net's skips: both or neither, one per skip, same shapes."""
+    if down is None and mid is None:
+        return False
+    if down is None or mid is None:
+        raise ValueError("unet: give both down_block_additional_residuals and mid_block_additional_residual "
+                         "(a ControlNet's outputs), or neither")
+    if len(down) != len(skips):
+        raise ValueError(f"unet: {len(down)} down_block_additional_residuals for {len(skips)} skip connections")
+    for k, (s, r) in enumerate(zip(skips, down)):
+        # (B, C, H, W) as the skip, or (B, C, 1, 1) from a ControlNet with global_pool_conditions (broadcast)
+        if tuple(r.shape[:2]) != tuple(s.shape[:2]) or tuple(r.shape[2:]) not in (tuple(s.shape[2:]), (1, 1)):
+            raise ValueError(f"unet: down_block_additional_residuals[{k}] has shape {tuple(r.shape)}, the skip "
+                             f"has {tuple(s.shape)}")
+    return True

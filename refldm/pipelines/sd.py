@@ -183,7 +183,9 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
                  callback=None, progress: bool = True, noise_dtype: str | None = None,
                  prompt_syntax: str = "plain", clip_skip: int | None = None,
                  scheduler: str | None = None, num_images_per_prompt: int = 1,
-                 output_type: str = "pil", rng: str | None = None, sampler_rng: str | None = None,
+                 output_type: str = "pil", callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=None, preview_every: int | None = None,
+                 preview_dir=None, preview: str = "linear", rng: str | None = None, sampler_rng: str | None = None,
                  ensd: int | None = None, variation_seed: int | None = None, variation_strength: float | None = None,
                  seed_resize_from=None, hires_scale: float | None = None, hires_steps: int | None = None,
                  hires_denoise: float | None = None, hires_upscaler: str | None = None
@@ -207,6 +209,10 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
         prompt_syntax="webui": the AUTOMATIC1111 web UI's (word:1.3) weights, BREAK and prompts over 75
         tokens (refldm/adapters/prompt_weighting.py); clip_skip=k: the text encoder's k-th layer from the end, as
         diffusers' clip_skip.
+        callback_on_step_end(pipe, i, t, callback_kwargs) / callback_on_step_end_tensor_inputs: diffusers' step
+        callback (`refldm.pipelines.common.StepEnd`); the dict it returns may replace "latents".
+        preview_every=N, preview_dir=DIR, preview="linear"|"tiny"|"vae": write the noisy latent and the
+        predicted x_0 of every N-th step as PNGs (`refldm.pipelines.preview`), through that callback.
         The web UIs' noise (text-to-image; `refldm.pipelines.common.NoiseOptions`, docs/reproduce.md):
         rng="cpu"|"cuda" (torch's CPU stream or the GPU's Philox stream, A1111's "CPU" / "NV"), ensd,
         variation_seed + variation_strength, seed_resize_from=(w, h): A1111's per-image noise, image i from
@@ -221,6 +227,10 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
                                height=size and size[0], width=size and size[1],
                                strength=strength if image is not None else None,
                                num_images_per_prompt=num_images_per_prompt, output_type=output_type)
+        common.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        if preview_every is not None:
+            from refldm.pipelines.preview import check_preview
+            check_preview(preview_every, call.steps, preview_dir, preview)
         noise = common.check_noise(rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from)
         hires = None if image is not None else common.check_hires(hires_scale, hires_steps, hires_denoise,
                                                                    hires_upscaler, call.height, call.width)
@@ -281,16 +291,18 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
         # 3. the denoising loop (refldm/pipelines/sampling.py): per step, with CFG, one U-Net batch of 2B:
         #    eps_u, eps_c = unet(scale(x_t), t, [c_uncond; c]);  eps = eps_u + w (eps_c - eps_u);  x = step(eps)
         start = time.perf_counter()
-        guard = common.nan_guard(len(timesteps))
+        if preview_every is not None:
+            from refldm.pipelines.preview import with_previews
+            callback_on_step_end, callback_on_step_end_tensor_inputs = with_previews(
+                self, len(timesteps), preview_every, preview_dir, preview, callback_on_step_end,
+                callback_on_step_end_tensor_inputs)
 
-        def after_step(i, t, x):
-            guard(i, t, x)
-            if callback is not None:
-                callback(i, t, x)
-
-        def denoise(x, sched, timesteps, generator):
-            return sample(lambda x, t: self.unet(x, t, context), sched, x, timesteps,
-                          guidance_scale=guidance_scale if do_cfg else None, generator=generator,
+        def denoise(x, sched, timesteps, generator):  # one pass of the loop (the hires fix runs a second)
+            after_step = common.StepEnd(self, len(timesteps), callback, callback_on_step_end,
+                                        callback_on_step_end_tensor_inputs,
+                                        {"prompt_embeds": context, "negative_prompt_embeds": uncond})
+            return sample(lambda x, t: self.unet(x, t, after_step.tensors["prompt_embeds"]), sched, x,
+                          timesteps, guidance_scale=guidance_scale if do_cfg else None, generator=generator,
                           callback=after_step, progress=progress)
 
         latents = denoise(latents, sched, timesteps, generator)
