@@ -244,3 +244,24 @@ def test_from_png_names_what_it_cannot_honour_and_a_different_model(tmp_path, ca
     Image.new("RGB", (8, 8)).save(src, pnginfo=info)
     rc, _, err = cli(capsys, "txt2img", "--from-png", src, "-o", tmp_path / "y.png")
     assert rc != 0 and "sampler 'Euler a Karras' is not one refldm runs" in err and not (tmp_path / "y.png").exists()
+
+
+def test_sd_parsers_reads_every_field_the_pipeline_writes(pipe, tmp_path):
+    """A real metadata reader (sd-parsers) reads a pipeline's PNG with every option on, field for field."""
+    sd_parsers = require("sd_parsers")
+    out = pipe(PROMPT, negative_prompt="blue", seed=6, rng="cuda", ensd=31337, variation_seed=2, variation_strength=0.5,
+               seed_resize_from=(48, 48), sampler_rng="cpu", clip_skip=1, hires_scale=1.5, hires_steps=2,
+               hires_upscaler="Latent (nearest-exact)", **RUN)
+    path = tmp_path / "all.png"
+    out.save(path)
+    info = sd_parsers.ParserManager().parse(str(path))
+    assert info is not None and info.generator.name == "AUTOMATIC1111"
+    (sampler,) = info.samplers
+    theirs = dict(info.metadata)
+    back = {"cfg_scale": "CFG scale", "seed": "Seed", "steps": "Steps", "ensd": "ENSD", "scheduler": "Schedule type"}
+    theirs.update({back[k]: v for k, v in sampler.parameters.items()})
+    theirs.update({"Sampler": sampler.name, "Model": sampler.model.name, "Model hash": sampler.model.hash})
+    ours = {name.strip(): value.strip() for name, value in pnginfo._FIELD.findall(out.parameters[0].splitlines()[-1])}
+    assert {"RNG", "ENSD", "Variation seed", "Seed resize from", "Hires upscaler", "Model hash", "Clip skip"} <= set(ours)
+    assert theirs == ours
+    assert [p.value for p in sampler.prompts] == [PROMPT] and [p.value for p in sampler.negative_prompts] == ["blue"]
