@@ -262,6 +262,7 @@ def test_sd_parsers_reads_every_field_the_pipeline_writes(pipe, tmp_path):
     theirs.update({back[k]: v for k, v in sampler.parameters.items()})
     theirs.update({"Sampler": sampler.name, "Model": sampler.model.name, "Model hash": sampler.model.hash})
     ours = {name.strip(): value.strip() for name, value in pnginfo._FIELD.findall(out.parameters[0].splitlines()[-1])}
-    assert {"RNG", "ENSD", "Variation seed", "Seed resize from", "Hires upscaler", "Model hash", "Clip skip"} <= set(ours)
+    wanted = {"RNG", "ENSD", "Variation seed", "Seed resize from", "Hires upscaler", "Model hash", "Clip skip"}
+    assert wanted <= set(ours)
     assert theirs == ours
     assert [p.value for p in sampler.prompts] == [PROMPT] and [p.value for p in sampler.negative_prompts] == ["blue"]

@@ -34,7 +34,7 @@ __all__ = ["StepEnd", "check_callback", "CALLBACK_TENSOR_INPUTS", "NonFiniteLate
            "check_seed", "check_count", "check_output_type", "make_generator", "initial_noise", "nan_guard",
            "sampler_label", "parameters_text", "finish", "SEED_MAX", "OUTPUT_TYPES", "NoiseOptions", "check_noise",
            "check_rng", "make_noise", "checkpoint_hash", "Hires", "check_hires", "upscale_latents", "LATENT_UPSCALERS",
-           "PIXEL_UPSCALERS", "hires_timesteps", "hires_pass"]
+           "PIXEL_UPSCALERS", "hires_timesteps", "hires_pass", "seed_brownian"]
 
 SEED_MAX = 2 ** 64 - 1            # torch's seed range, 0..2**64-1
 OUTPUT_TYPES = ("pil", "latent")  # PIL images, or the latents alone (no decode; a refiner continues them)
