@@ -68,8 +68,9 @@ CFG_RANGE = (0.0, 100.0)  # a finite guidance scale; beyond ~30 images saturate,
 SEED_MAX = 2 ** 64 - 1    # torch's seed range, 0..2**64-1 (refldm.pipelines.common.SEED_MAX)
 
 
-def add_generation_args(p, default_output="refldm-txt2img.png / refldm-img2img.png"):
-    p.add_argument("-p", "--prompt", required=True, help='the prompt ("" for an unconditional image)')
+def add_generation_args(p, default_output="refldm-txt2img.png / refldm-img2img.png", *, prompt_required=True):
+    p.add_argument("-p", "--prompt", required=prompt_required, default=None,
+                   help='the prompt ("" for an unconditional image)')
     p.add_argument("-n", "--negative", default=None, help="the negative prompt (default: none)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"denoising steps (default {STEPS}; {DEMO_STEPS} for the built-in model)")

@@ -6,6 +6,9 @@
     refldm img2img -i in.png --strength 0.7 -p "a large blue square in the center on a white background"
     refldm info path/to/sd-folder                        # each part's config, parameter count, dtype
     refldm txt2img -m sdxl-base --refiner sdxl-refiner --denoising-end 0.8 -p "an astronaut" -o out.png
+    refldm txt2img -m v1-5.safetensors --config sd15 -p "a castle" --seed 5 --rng cuda --ensd 31337 \
+        --hires-scale 2 --hires-denoise 0.5 -o castle.png        # the web UI's NV noise, ENSD and hires fix
+    refldm txt2img --from-png castle.png -m v1-5.safetensors --config sd15 -o again.png   # the same image
 
 MODEL (``-m``) is a diffusers folder (SD 1.x / 2.x, or SDXL: detected by its text_encoder_2) or an original
 single-file ``.safetensors`` (SD 1.x / 2.x; give ``--config FOLDER`` or ``--tokenizer FOLDER`` with it; SDXL:
@@ -49,7 +52,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("txt2img", help="generate an image from a prompt",
                               description="Generate an image from a text prompt and write it as a PNG.")
     add_model_args(p)
-    add_generation_args(p)
+    add_generation_args(p, prompt_required=False)  # -p, or --from-png's prompt
     add_adapter_args(p)  # --lora, --lora-dir, --embedding, --prompt-syntax, --clip-skip (refldm/cli/adapters.py)
     p.add_argument("-W", "--width", type=int, default=None, help="image width, a multiple of 8 "
                                                                   "(default: the model's training size)")
@@ -58,6 +61,10 @@ def register(subparsers) -> None:
     p.add_argument("--denoising-end", type=float, default=None,
                    help="SDXL: the fraction of the schedule the base runs (with --refiner; default 0.8)")
     add_preview_args(p)
+    add_noise_args(p)
+    p.add_argument("--from-png", metavar="IMAGE", default=None,
+                   help="generate with the settings an image carries (A1111 / Forge / refldm parameters, ComfyUI "
+                        "graph; `refldm png-info` shows them); flags given as well override them")
     p.set_defaults(func=run_txt2img)
 
     p = subparsers.add_parser("img2img", help="transform an image guided by a prompt",
@@ -136,12 +143,195 @@ def _preview_kwargs(args, pipe) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the web UIs' noise options and hires fix (refldm/pipelines/common.py; docs/reproduce.md)
+
+NOISE_FLAGS = {"rng": "--rng", "sampler_rng": "--sampler-rng", "ensd": "--ensd", "variation_seed": "--variation-seed",
+               "variation_strength": "--variation-strength", "seed_resize_from": "--seed-resize-from",
+               "hires_scale": "--hires-scale", "hires_steps": "--hires-steps", "hires_denoise": "--hires-denoise",
+               "hires_upscaler": "--hires-upscaler"}
+
+
+def add_noise_args(p) -> None:
+    g = p.add_argument_group("the web UIs' noise options and hires fix (docs/reproduce.md)")
+    g.add_argument("--rng", default=None, metavar="cpu|cuda",
+                   help="the noise's random stream: cpu (torch's CPU generator, the web UI's CPU) or cuda (torch's "
+                        "GPU generator computed on the CPU, the web UI's NV); with it image i gets seed + i "
+                        "(default: diffusers' noise)")
+    g.add_argument("--sampler-rng", default=None, metavar="cpu|cuda",
+                   help="the sampler's noise (ancestral / SDE samplers) from its own generator of this stream, "
+                        "seeded with the seed (+ ENSD), as ComfyUI and sd.cpp")
+    g.add_argument("--ensd", type=int, default=None, help="A1111's eta noise seed delta: the sampler's noise from "
+                                                          "seed + ENSD")
+    g.add_argument("--variation-seed", type=int, default=None, help="a second seed whose noise is mixed in")
+    g.add_argument("--variation-strength", type=float, default=None,
+                   help="how much of the variation seed's noise, in [0, 1] (spherical interpolation)")
+    g.add_argument("--seed-resize-from", default=None, metavar="WxH",
+                   help="draw the noise as for a WxH image and paste it centred (A1111's 'Seed resize from')")
+    g.add_argument("--hires-scale", type=float, default=None,
+                   help="hires fix: upscale by this factor and run a second pass (A1111's 'Upscale by')")
+    g.add_argument("--hires-steps", type=int, default=None, help="hires fix: the second pass's steps (default: "
+                                                                 "as --steps)")
+    g.add_argument("--hires-denoise", type=float, default=None,
+                   help="hires fix: the second pass's denoising strength in (0, 1] (default 0.7)")
+    g.add_argument("--hires-upscaler", default=None,
+                   help='hires fix: "Latent" (bilinear, the default), "Latent (nearest)", "Latent (nearest-exact)", '
+                        '"Latent (bicubic)", or in pixels through the VAE: "Lanczos", "Nearest"')
+
+
+def _flag_message(e: ValueError) -> ValueError:
+    """A pipeline's message about keyword `variation_strength` -> the same about --variation-strength."""
+    import re
+    pattern = re.compile(r"(?<![\w-])(" + "|".join(sorted(NOISE_FLAGS, key=len, reverse=True)) + r")(?!\w)(=?)")
+    return ValueError(pattern.sub(lambda m: NOISE_FLAGS[m.group(1)] + (" " if m.group(2) else ""), str(e)))
+
+
+def _size_flag(value, flag):
+    import re
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value or "")
+    if not match:
+        raise ValueError(f"{flag} {value!r}: give WIDTHxHEIGHT, e.g. 512x512")
+    return int(match.group(1)), int(match.group(2))
+
+
+def noise_kwargs(args) -> dict:
+    """The pipeline's keyword arguments from the noise and hires flags (only those given), checked here,
+    before the model loads, with the flags named."""
+    from refldm.pipelines import common
+    kwargs = {key: getattr(args, key, None) for key in NOISE_FLAGS}
+    if kwargs["seed_resize_from"] is not None and not isinstance(kwargs["seed_resize_from"], tuple):
+        kwargs["seed_resize_from"] = _size_flag(kwargs["seed_resize_from"], "--seed-resize-from")
+    try:
+        common.check_noise(*(kwargs[k] for k in ("rng", "sampler_rng", "ensd", "variation_seed",
+                                                 "variation_strength", "seed_resize_from")))
+        if args.width is not None and args.height is not None:
+            common.check_hires(*(kwargs[k] for k in ("hires_scale", "hires_steps", "hires_denoise",
+                                                     "hires_upscaler")), args.height, args.width)
+    except ValueError as e:
+        raise _flag_message(e) from None
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --from-png: the settings an image carries
+
+# settings that do not change the image (or that refldm checks itself): not reported as unhonoured
+_INFORMATIONAL = {"prompt", "negative_prompt", "loras", "other", "defaults", "model", "version", "model_hash",
+                  "lora_hashes", "ti_hashes", "batch_size", "batch_pos", "passes", "unsupported"}
+
+
+def _sampler_of(settings, source) -> str | None:
+    from refldm.schedulers import names
+    if source == "comfyui":
+        name = settings.get("sampler")
+        scheduler = settings.get("scheduler")
+        name = f"{name} {scheduler}" if scheduler and scheduler != "normal" else name
+    else:
+        name = settings.get("sampler")
+        kind = settings.get("schedule_type")
+        if name and kind and kind.lower() not in ("automatic",) and kind.lower() not in name.lower():
+            name = f"{name} {kind}"
+    if name is None:
+        return None
+    try:
+        names.resolve(name)
+    except ValueError:
+        raise ValueError(f"the image's sampler {name!r} is not one refldm runs (`refldm samplers` lists them)") \
+            from None
+    return name
+
+
+def apply_png_settings(args) -> list:
+    """Fill the flags not given on the command line from the settings `args.from_png` carries; returns the
+    fields refldm cannot honour (by their web-UI names), and warns about each approximation."""
+    import sys
+
+    from refldm.core import pnginfo
+    info = pnginfo.read_image_info(args.from_png)
+    settings, source = dict(info["settings"]), info["source"]
+    used = set(_INFORMATIONAL)
+    unhonoured = [f"node {n}" for n in info["unsupported"]]
+
+    def take(key, dest, convert=lambda v: v):
+        used.add(key)
+        if key in settings and getattr(args, dest, None) is None:
+            setattr(args, dest, convert(settings[key]))
+
+    if args.prompt is None:
+        args.prompt = settings.get("prompt", "")
+    if args.negative is None and settings.get("negative_prompt"):
+        args.negative = settings["negative_prompt"]
+    take("steps", "steps")
+    take("cfg_scale", "cfg")
+    take("seed", "seed")
+    take("width", "width")
+    take("height", "height")
+    used.update(("sampler", "schedule_type", "scheduler"))
+    if args.sampler is None:
+        args.sampler = _sampler_of(settings, source)
+    used.add("clip_skip")
+    if settings.get("clip_skip", 1) > 1 and args.clip_skip is None:
+        args.clip_skip = settings["clip_skip"] - 1  # the web UI counts the last layer as 1, diffusers as 0
+    if source in ("a1111", "forge") and args.prompt_syntax == "plain":
+        args.prompt_syntax = "webui"  # their (word:1.2) weights and BREAK
+    used.add("rng")
+    rng = settings.get("rng")
+    if source == "comfyui":  # the whole batch from one CPU generator, the sampler's noise from a fresh one
+        if args.sampler_rng is None:
+            args.sampler_rng = "cpu"
+    elif not (source == "refldm" and "rng" in settings.get("defaults", ())) and args.rng is None:
+        args.rng = {"CPU": "cpu", "NV": "cuda", "GPU": "cuda"}[rng]
+        if rng == "GPU":
+            print(f"refldm: warning: {args.from_png}: RNG GPU (torch's CUDA generator) is reproduced by the "
+                  "Philox stream as NV: to ~1e-6, exactly the GPU's numbers up to its thread count "
+                  "(docs/reproduce.md)", file=sys.stderr)
+    take("ensd", "ensd", lambda v: v or None)
+    take("variation_seed", "variation_seed")
+    take("variation_seed_strength", "variation_strength")
+    take("seed_resize_from", "seed_resize_from", tuple)
+    other = dict(settings.get("other", {}))
+    if "Sampler RNG" in other and args.sampler_rng is None:
+        args.sampler_rng = other.pop("Sampler RNG")
+    other.pop("Sampler RNG", None)
+    take("hires_upscale", "hires_scale")
+    take("hires_steps", "hires_steps", lambda v: v or None)
+    take("hires_upscaler", "hires_upscaler")
+    if "hires_upscale" in settings:
+        take("denoising_strength", "hires_denoise")
+    elif source == "comfyui" and settings.get("denoising_strength") == 1.0:
+        used.add("denoising_strength")
+    if source == "comfyui":  # LoRA loader nodes (A1111's <lora:...> tags stay in the prompt for --lora-dir)
+        unhonoured += [f"LoRA {entry['name']} (give it with --lora)" for entry in settings.get("loras", [])
+                       if not any(os.path.basename(f.split(":")[0]) == entry["name"] for f in args.lora)]
+    if source == "comfyui" and len(settings.get("passes", [])) > 1:
+        unhonoured.append(f"{len(settings['passes']) - 1} further sampler pass(es)")
+    for key in ("Original size", "Target size"):  # refldm's SDXL fields: honoured when they are the image size
+        if key in other and other[key] == f"{args.width}x{args.height}":
+            other.pop(key)
+    if other.get("Crop") == "0x0":
+        other.pop("Crop")
+    names = {key: name for name, (key, _) in pnginfo.FIELDS.items()}
+    unhonoured += [names.get(k, k) for k in settings if k not in used]
+    unhonoured += list(other)
+    args._png_model_hash = settings.get("model_hash")
+    return unhonoured
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # txt2img, img2img
 
 
 def _generate(args, image=None):
+    import sys
+
     from refldm.core.images import check_output
+    unhonoured = apply_png_settings(args) if getattr(args, "from_png", None) else []
+    if unhonoured:
+        print(f"refldm: warning: {args.from_png}: refldm cannot honour {', '.join(unhonoured)}; the image will "
+              "differ", file=sys.stderr)
+    if args.prompt is None:
+        raise ValueError("give the prompt with -p (or --from-png IMAGE)")
     check_generation_args(args)
+    noise = noise_kwargs(args) if image is None else {}
     resolve_defaults(args)
     default = "refldm-txt2img.png" if image is None else "refldm-img2img.png"
     path = check_output(default if args.output is None else args.output)  # before the work, not after
@@ -151,11 +341,28 @@ def _generate(args, image=None):
         pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
                              prediction_type=args.prediction_type, dtype=args.dtype,
                              max_length=args.max_length, img2img=image is not None)
+        recorded, have = getattr(args, "_png_model_hash", None), getattr(pipe, "model_hash", None)
+        if recorded and have and not have.startswith(recorded.lower()[:10]):
+            print(f"refldm: warning: the model's hash is {have}, {args.from_png} was made with Model "
+                  f"hash {recorded}: another checkpoint gives another image", file=sys.stderr)
+        if noise and "rng" not in inspect.signature(type(pipe).__call__).parameters:
+            raise ValueError(f"{', '.join(NOISE_FLAGS[k] for k in noise)}: {type(pipe).__name__} takes no web-UI "
+                             "noise options or hires fix (the SD 1.x / 2.x and SDXL pipelines do)")
         refiner, end = _refiner_args(args, pipe)
         prompt, kwargs = apply_adapter_args(args, pipe)  # LoRAs, embeddings, prompt syntax (cli/adapters.py)
         kwargs.update(_preview_kwargs(args, pipe))  # --preview-every (refldm/pipelines/preview.py)
         if image is None:
-            kwargs.update(height=args.height, width=args.width)
+            if "hires_scale" in noise:  # the size is known now (the model's default when not given)
+                size = pipe.default_size
+                try:
+                    from refldm.pipelines.common import check_hires
+                    check_hires(noise["hires_scale"], noise.get("hires_steps"), noise.get("hires_denoise"),
+                                noise.get("hires_upscaler"), args.height or size, args.width or size)
+                except ValueError as e:
+                    raise _flag_message(e) from None
+                if refiner is not None:
+                    raise ValueError("--hires-scale and --refiner: choose one")
+            kwargs.update(height=args.height, width=args.width, **noise)
             warn_run_choices(args, pipe, args.height, args.width)
             check_resources(pipe, 1, args.height, args.width, args.steps, args.cfg)
         else:

@@ -33,7 +33,9 @@ from refldm.core.images import to_tensor, to_uint8, unscale_latents
 __all__ = ["StepEnd", "check_callback", "CALLBACK_TENSOR_INPUTS", "NonFiniteLatentsError", "StableDiffusionPipelineOutput", "GenerationParameters", "DiffusionPipeline",
            "Call", "prologue", "check_prompts", "check_steps", "check_guidance", "check_size", "check_strength",
            "check_seed", "check_count", "check_output_type", "make_generator", "initial_noise", "nan_guard",
-           "sampler_label", "parameters_text", "finish", "SEED_MAX", "OUTPUT_TYPES"]
+           "sampler_label", "parameters_text", "finish", "SEED_MAX", "OUTPUT_TYPES", "NoiseOptions", "check_noise",
+           "check_rng", "make_noise", "checkpoint_hash", "Hires", "check_hires", "upscale_latents", "LATENT_UPSCALERS",
+           "PIXEL_UPSCALERS", "hires_timesteps", "hires_pass", "seed_brownian"]
 
 SEED_MAX = 2 ** 64 - 1            # torch's seed range, 0..2**64-1
 OUTPUT_TYPES = ("pil", "latent")  # PIL images, or the latents alone (no decode; a refiner continues them)
@@ -329,6 +331,358 @@ def initial_noise(shape, scheduler, generator, dtype: str, latents=None, noise_d
     return backend.asarray(eps, dtype=dtype) * sigma
 
 
+# -- the web UIs' noise options (refldm/core/noise.py) and the model hash ---------------------------------------
+
+RNG_NAMES = {"cpu": "CPU", "cuda": "NV", "nv": "NV", "gpu": "GPU"}  # refldm / sd.cpp names and the web UI's
+
+
+def check_rng(rng, name: str = "rng"):
+    """"cpu" | "cuda" (sd.cpp's names) or the web UI's "CPU" | "NV" | "GPU" -> the web UI's name; None stays None."""
+    if rng is None:
+        return None
+    key = str(rng).strip().lower()
+    if key not in RNG_NAMES:
+        raise ValueError(f"{name}: unknown random source {rng!r}; choose cpu or cuda (the web UI's CPU, NV, GPU "
+                         "are taken too)")
+    return RNG_NAMES[key]
+
+
+@dataclass(frozen=True)
+class NoiseOptions:
+    """The web UIs' noise options of a call (A1111's fields; refldm/core/noise.py computes them).
+
+    rng None and no other option: diffusers' noise, today's default (one generator for the whole batch,
+    drawn in the pipeline's dtype, the sampler's noise continuing it). Any option set: A1111's per-image
+    noise (`refldm.core.noise.ImageNoise`): image i from seed + i on the `rng` stream ("CPU" when only
+    another option is given), float32 draws, the sampler's noise from the same per-image generators
+    (reseeded seed + ENSD when `ensd` != 0). sampler_rng: the sampler's noise from a separate fresh
+    generator of that stream seeded seed + ENSD, drawing the whole batch per step (ComfyUI, sd.cpp)."""
+
+    rng: str | None = None
+    sampler_rng: str | None = None
+    ensd: int = 0
+    variation_seed: int | None = None
+    variation_strength: float = 0.0
+    seed_resize_from: tuple | None = None
+
+    @property
+    def webui(self) -> bool:
+        return (self.rng is not None or bool(self.ensd) or self.variation_seed is not None
+                or self.seed_resize_from is not None)
+
+    def fields(self) -> dict:
+        """The web UI's fields for these options (None: not written)."""
+        varied = self.variation_seed is not None and self.variation_strength != 0
+        return {"RNG": (self.rng or "CPU") if self.webui else None,
+                "Sampler RNG": self.sampler_rng,
+                "ENSD": self.ensd or None,
+                "Variation seed": self.variation_seed if varied else None,
+                "Variation seed strength": self.variation_strength if varied else None,
+                "Seed resize from": (f"{self.seed_resize_from[0]}x{self.seed_resize_from[1]}"
+                                     if self.seed_resize_from else None)}
+
+
+def check_noise(rng=None, sampler_rng=None, ensd=None, variation_seed=None, variation_strength=None,
+                seed_resize_from=None) -> NoiseOptions:
+    """The noise keyword arguments, checked (one line each): rng / sampler_rng a stream name, ensd an
+    integer >= 0, variation_seed a seed, variation_strength in [0, 1] (needs variation_seed),
+    seed_resize_from (width, height) in pixels, each side >= 8 (divided by 8 as the web UI does; 0 or None: off)."""
+    rng = check_rng(rng)
+    sampler_rng = check_rng(sampler_rng, "sampler_rng")
+    ensd = 0 if ensd is None else _integer(ensd, "ensd", 0)
+    check_seed(variation_seed, "variation_seed")
+    strength = 0.0 if variation_strength is None else variation_strength
+    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 <= float(strength) <= 1:
+        raise ValueError(f"variation_strength={variation_strength!r} must lie in [0, 1]")
+    if variation_strength is not None and variation_seed is None and float(strength) != 0:
+        raise ValueError("variation_strength needs a variation_seed (the second noise it mixes in)")
+    if variation_seed is not None and variation_strength is None:
+        raise ValueError("variation_seed needs a variation_strength in [0, 1] (0 keeps the seed's noise)")
+    if seed_resize_from is not None:
+        try:
+            w, h = (int(v) for v in seed_resize_from)
+            ok = [w, h] == [v for v in seed_resize_from]
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"seed_resize_from must be (width, height), got {_short(seed_resize_from)}")
+        if w <= 0 and h <= 0:
+            seed_resize_from = None  # the web UI's "off"
+        elif w < 8 or h < 8:
+            raise ValueError(f"seed_resize_from={w}x{h}: each side must be at least 8 pixels (0x0: off)")
+        else:
+            seed_resize_from = (w, h)
+    return NoiseOptions(rng, sampler_rng, ensd, None if variation_seed is None else int(variation_seed),
+                        float(strength), seed_resize_from)
+
+
+def make_noise(shape, scheduler, call: Call, options: NoiseOptions, dtype: str, latents=None,
+               noise_dtype: str | None = None):
+    """(x_T, the sampler's generator, per-image field changes) for a text-to-image call.
+
+    Default options: `initial_noise` from the call's generator, which the sampler continues (today's
+    noise, unchanged). Web-UI options (`NoiseOptions`): ``ImageNoise(...).first()`` (float32, upcast to
+    `dtype`) times init_noise_sigma, the sampler drawing from the per-image generators; each image's
+    parameters name its own seed (seed + i, or the variation seed + i). sampler_rng replaces the
+    sampler's generator by ``Generator(seed + ensd, mode)``. A caller's own `latents` are used as they are."""
+    from refldm.core.noise import generator_for, webui_noise
+    seed_brownian(scheduler, call.seed)
+    per_image = [{} for _ in range(shape[0])]
+    if latents is not None or not options.webui:
+        if (options.webui or options.sampler_rng) and call.seed is None:
+            raise ValueError("the noise options need a seed (not a generator of your own)")
+        x = initial_noise(shape, scheduler, call.generator, dtype, latents, noise_dtype)
+        sampler_generator = call.generator
+    else:
+        if call.seed is None:
+            raise ValueError("the noise options (rng, ensd, variation_seed, seed_resize_from) need seed=, "
+                             "not a generator of your own")
+        noise = webui_noise(tuple(shape[1:]), call.seed, shape[0], rng=options.rng or "CPU",
+                            variation_seed=options.variation_seed, variation_strength=options.variation_strength,
+                            seed_resize_from=options.seed_resize_from, ensd=options.ensd)
+        x = backend.asarray(noise.first(), dtype=dtype) * float(scheduler.init_noise_sigma)
+        sampler_generator = noise.generators
+        for i in range(shape[0]):
+            per_image[i]["seed"] = noise.seeds[i]
+            if noise.variation_seeds is not None and options.variation_strength != 0:
+                per_image[i]["fields"] = {"Variation seed": noise.variation_seeds[i]}
+    if options.sampler_rng is not None:
+        sampler_generator = generator_for(call.seed + options.ensd, options.sampler_rng)
+    return x, sampler_generator, per_image
+
+
+def seed_brownian(scheduler, seed) -> None:
+    """DPM++ SDE's Brownian noise (`noise_sampler_seed`, None in a folder's config: a fresh random seed per
+    run, as in diffusers) is seeded with the call's seed, as A1111 seeds its Brownian tree, so that the
+    image can be made again from its parameters."""
+    config = getattr(scheduler, "config", None)
+    if seed is not None and hasattr(config, "noise_sampler_seed") and config.noise_sampler_seed is None:
+        config.noise_sampler_seed = int(seed)
+
+
+def checkpoint_hash(path) -> str | None:
+    """The web UI's "Model hash" of what a pipeline was loaded from: a single file's short SHA-256
+    (`refldm.core.pnginfo.model_hash`); for a diffusers folder, the same hash of its U-Net weights file
+    (unet/diffusion_pytorch_model.safetensors; the web UI loads single files only, so a folder has no
+    hash of its own and this one names its weights). None when there is no such file."""
+    from refldm.core.pnginfo import model_hash
+    if path is None:
+        return None
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"):
+            candidate = os.path.join(path, "unet", name)
+            if os.path.isfile(candidate):
+                return model_hash(candidate)
+        return None
+    return model_hash(path) if os.path.isfile(path) else None
+
+
+# -- hires fix: A1111's two-pass text-to-image --------------------------------------------------------------------
+
+# the web UI's latent upscale modes -> torch.nn.functional.interpolate's mode (antialias off, align_corners off)
+LATENT_UPSCALERS = {"Latent": "bilinear", "Latent (nearest)": "nearest", "Latent (nearest-exact)": "nearest-exact",
+                    "Latent (bicubic)": "bicubic"}
+# the pixel-space upscalers: decode, resize with PIL, encode again (the web UI's "Lanczos" and "Nearest")
+PIXEL_UPSCALERS = {"Lanczos": "LANCZOS", "Nearest": "NEAREST"}
+
+
+@dataclass(frozen=True)
+class Hires:
+    """A checked hires fix: the scale, the second pass's steps (0: as many as the first), its denoising
+    strength, the upscaler's web-UI name and the final (width, height)."""
+
+    scale: float
+    steps: int
+    denoise: float
+    upscaler: str
+    width: int
+    height: int
+
+    def fields(self) -> dict:
+        return {"Hires upscale": self.scale, "Hires steps": self.steps or None, "Hires upscaler": self.upscaler}
+
+
+def check_hires(scale, steps, denoise, upscaler, height: int, width: int) -> Hires | None:
+    """The hires keyword arguments, checked (one line each). scale None: no second pass. The final size is
+    (int(width * scale), int(height * scale)) as the web UI computes it, and must be multiples of 8 here
+    (the message names the nearest sizes that are)."""
+    if scale is None:
+        for name, value in (("hires_steps", steps), ("hires_denoise", denoise), ("hires_upscaler", upscaler)):
+            if value is not None:
+                raise ValueError(f"{name} needs hires_scale (the second pass's upscale factor)")
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 1 <= float(scale) <= 8:
+        raise ValueError(f"hires_scale={scale!r} must lie in [1, 8]")
+    steps = 0 if steps is None else _integer(steps, "hires_steps", 0)
+    denoise = 0.7 if denoise is None else denoise
+    if isinstance(denoise, bool) or not isinstance(denoise, numbers.Real) or not 0 < float(denoise) <= 1:
+        raise ValueError(f"hires_denoise={denoise!r} must lie in (0, 1]")
+    upscaler = "Latent" if upscaler is None else upscaler
+    if upscaler not in LATENT_UPSCALERS and upscaler not in PIXEL_UPSCALERS:
+        names = ", ".join(repr(n) for n in (*LATENT_UPSCALERS, *PIXEL_UPSCALERS))
+        raise ValueError(f"hires_upscaler: unknown upscaler {upscaler!r}; choose one of {names}")
+    w, h = int(width * float(scale)), int(height * float(scale))
+    if w % 8 or h % 8:
+        lo, hi = f"{w // 8 * 8}x{h // 8 * 8}", f"{-(-w // 8) * 8}x{-(-h // 8) * 8}"
+        raise ValueError(f"hires_scale={float(scale):g} makes {width}x{height} into {w}x{h}, not multiples of 8; "
+                         f"the nearest sizes are {lo} and {hi}")
+    return Hires(float(scale), steps, float(denoise), upscaler, w, h)
+
+
+def _source_index(size_in: int, size_out: int, cubic: bool = False):
+    """torch's source coordinate of each output pixel (align_corners=False), in float32:
+    s = (in / out) (i + 1/2) - 1/2, clamped at 0 except for cubic (torch's area_pixel_compute_source_index)."""
+    import numpy as np
+    scale = np.float32(size_in / size_out)
+    half = np.arange(size_out, dtype=np.float32) + np.float32(0.5)
+    # one rounding of scale * half - 1/2, as the fused multiply-add torch's compiled kernel uses (the float32
+    # product is exact in float64)
+    real = (np.float64(scale) * half.astype(np.float64) - 0.5).astype(np.float32)
+    return real if cubic else np.maximum(real, np.float32(0))
+
+
+def _nearest_index(size_in: int, size_out: int, exact: bool):
+    """torch's nearest source index: floor(i * in / out) ("nearest"), floor((i + 1/2) in / out)
+    ("nearest-exact"), in float32, capped at in - 1; twice the size is i >> 1 and the same size i."""
+    import numpy as np
+    i = np.arange(size_out)
+    if size_out == size_in:
+        return i
+    if size_out == 2 * size_in and not exact:
+        return i >> 1
+    scale = np.float32(size_in / size_out)
+    pos = (i.astype(np.float32) + np.float32(0.5 if exact else 0.0)) * scale
+    return np.minimum(np.floor(pos).astype(np.int64), size_in - 1)
+
+
+def _linear_weights(size_in: int, size_out: int):
+    import numpy as np
+    real = _source_index(size_in, size_out)
+    i0 = np.floor(real).astype(np.int64)
+    lam = real - i0.astype(np.float32)
+    i1 = np.minimum(i0 + 1, size_in - 1)
+    return [i0, i1], [np.float32(1) - lam, lam]
+
+
+def _cubic_weights(size_in: int, size_out: int, a: float = -0.75):
+    """Keys' cubic convolution (A = -0.75, torch's bicubic): for t the fractional position, weights
+    W(t + 1), W(t), W(1 - t), W((1 - t) + 1) on pixels i - 1 .. i + 2 (indices clamped to the edge), with
+    W(x) = ((A + 2) x - (A + 3)) x^2 + 1 for |x| <= 1 and ((A x - 5A) x + 8A) x - 4A for 1 < |x| < 2."""
+    import numpy as np
+    real = _source_index(size_in, size_out, cubic=True)
+    i = np.floor(real).astype(np.int64)
+    t = real - i.astype(np.float32)
+    a = np.float32(a)
+    one = np.float32(1)
+
+    def near(x):
+        return ((a + 2) * x - (a + 3)) * x * x + one
+
+    def far(x):
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    weights = [far(t + one), near(t), near(one - t), far((one - t) + one)]  # torch's roundings of 1+t, 1-t, 2-t
+    index = [np.clip(i - 1 + k, 0, size_in - 1) for k in range(4)]
+    return index, weights
+
+
+def upscale_latents(latents, size, mode: str = "bilinear"):
+    """Resize latents (B, C, h, w) to size = (H, W) as ``torch.nn.functional.interpolate(x, size, mode)``
+    (align_corners=False, no antialias) computes it: "nearest", "nearest-exact" (exact index rules),
+    "bilinear" and "bicubic" (separable, float32 weights from the same source coordinates as torch's, its
+    fused multiply-add included; the order of torch's sums is not reproduced, so they agree to float32
+    rounding: measured <= 5e-7 bilinear, <= 4e-6 bicubic on N(0, 1) values, tests/test_reproduce.py).
+    On the host; returned on the active backend."""
+    import numpy as np
+    x = np.asarray(backend.to_numpy(latents))
+    (h, w), (H, W) = x.shape[2:], (int(size[0]), int(size[1]))
+    if mode in ("nearest", "nearest-exact"):
+        exact = mode == "nearest-exact"
+        out = x[:, :, _nearest_index(h, H, exact)][:, :, :, _nearest_index(w, W, exact)]
+        return backend.asarray(np.ascontiguousarray(out))
+    if mode not in ("bilinear", "bicubic"):
+        raise ValueError(f"upscale_latents: unknown mode {mode!r}; choose nearest, nearest-exact, bilinear, bicubic")
+    weights = _linear_weights if mode == "bilinear" else _cubic_weights
+    rows, row_w = weights(h, H)
+    cols, col_w = weights(w, W)
+    dt = x.dtype
+    if mode == "bilinear":  # along the width first (closest to torch's sums: within 2 float32 ulps)
+        tmp = sum(x[:, :, :, c] * wt.astype(dt)[None, :] for c, wt in zip(cols, col_w))        # (B, C, h, W)
+        out = sum(tmp[:, :, r, :] * wt.astype(dt)[:, None] for r, wt in zip(rows, row_w))      # (B, C, H, W)
+    else:                   # bicubic: along the height first (within ~4e-6 of torch on N(0, 1) values)
+        tmp = sum(x[:, :, r, :] * wt.astype(dt)[:, None] for r, wt in zip(rows, row_w))        # (B, C, H, w)
+        out = sum(tmp[:, :, :, c] * wt.astype(dt)[None, :] for c, wt in zip(cols, col_w))      # (B, C, H, W)
+    return backend.asarray(out.astype(dt))
+
+
+def hires_timesteps(scheduler, steps: int, denoise: float):
+    """The second pass's timesteps, as A1111's img2img chooses them (``sd_samplers_common.setup_img2img_steps``,
+    ``sd_samplers_kdiffusion.sample_img2img``): of the `steps`-step schedule it runs the last
+    t_enc + 1 steps, t_enc = int(min(denoise, 0.999) * steps) (diffusers' img2img runs int(denoise * steps)).
+    Sets the scheduler's begin index; returns the timesteps."""
+    t_enc = int(min(float(denoise), 0.999) * steps)
+    start = max(steps - t_enc - 1, 0)
+    timesteps = scheduler.timesteps[start * scheduler.order:] if start else scheduler.timesteps
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start * scheduler.order)
+    return timesteps
+
+
+def hires_pass(pipe, latents, call: Call, options: NoiseOptions, hires: Hires, sampler, first_steps: int,
+               sampler_generator, denoise):
+    """A1111's hires fix second pass: upscale the first pass's latents (B, C, h, w) to the final size,
+    noise them to `hires.denoise` and denoise again.
+
+        x_0' = resize(x_0)                            latent upscaler (`upscale_latents`), or
+        x_0' = E(resize_pixels(D(x_0)))               a pixel upscaler: decode, PIL resize, encode (the mean)
+        x_t  = scheduler.add_noise(x_0', eps, t_0)    t_0: `hires_timesteps`
+        x    = loop(x_t) over the remaining timesteps
+
+    eps: with the web-UI noise options a fresh `ImageNoise` at the new size from the same seeds (as A1111
+    makes a new ImageRNG), the sampler drawing from its generators; otherwise the call's generator,
+    continued. `denoise(x, scheduler, timesteps, generator)` runs the pipeline's loop with its
+    conditioning at the new size. Returns the final latents."""
+    from refldm.core.images import scale_latents
+    from refldm.core.noise import generator_for, webui_noise
+    from refldm.core.random import randn
+    f = pipe.vae_scale_factor
+    size = (hires.height // f, hires.width // f)
+    if hires.upscaler in LATENT_UPSCALERS:
+        x0 = upscale_latents(latents, size, LATENT_UPSCALERS[hires.upscaler])
+    else:
+        from PIL import Image
+        pixels = pipe.decode_latents(latents)                                      # (B, H, W, 3) uint8
+        method = getattr(Image.Resampling, PIXEL_UPSCALERS[hires.upscaler])
+        big = [Image.fromarray(p).resize((hires.width, hires.height), method) for p in pixels]
+        xp = backend.array_namespace(latents)
+        image = xp.concatenate([to_tensor(im, dtype=pipe.dtype.name) for im in big], axis=0)
+        with record.scope("vae"):
+            x0 = scale_latents(pipe.vae.encode(image).mode(), pipe.vae.config)
+    steps = hires.steps or first_steps
+    sched = pipe.make_scheduler(sampler)
+    sched.set_timesteps(steps)
+    pipe.check_schedule(sched, steps, sampler)
+    seed_brownian(sched, call.seed)
+    timesteps = hires_timesteps(sched, steps, hires.denoise)
+    shape = (latents.shape[0], latents.shape[1]) + size
+    if options.webui:
+        noise = webui_noise(shape[1:], call.seed, shape[0], rng=options.rng or "CPU",
+                            variation_seed=options.variation_seed, variation_strength=options.variation_strength,
+                            seed_resize_from=options.seed_resize_from, ensd=options.ensd)
+        eps = backend.asarray(noise.first(), dtype=pipe.dtype.name)
+        generator = noise.generators
+        if options.sampler_rng is not None:
+            generator = generator_for(call.seed + options.ensd, options.sampler_rng)
+    else:
+        eps = backend.asarray(randn(shape, generator=sampler_generator, dtype=pipe.dtype.name))
+        generator = sampler_generator
+    import numpy as np
+    t0 = np.repeat(np.asarray(backend.to_numpy(timesteps))[:1], shape[0])
+    x = sched.add_noise(backend.asarray(x0, dtype=pipe.dtype.name), eps, t0)
+    return denoise(x, sched, timesteps, generator)
+
+
 def nan_guard(n_steps: int):
     """check(i, t, x): raise NonFiniteLatentsError when the latents after step i hold NaN or inf."""
     def check(i, t, x):
@@ -408,9 +762,11 @@ class StepEnd:
 
 
 def finish(pipe, latents, call: Call, timings: dict, record: GenerationParameters,
-           postprocess=None) -> StableDiffusionPipelineOutput:
+           postprocess=None, per_image=None, size=None) -> StableDiffusionPipelineOutput:
     """Decode (unless output_type="latent"), apply `postprocess` to the PIL images (inpainting's paste-back),
-    and put each image's parameters text on it: `record` with the image's prompt, negative prompt and size."""
+    and put each image's parameters text on it: `record` with the image's prompt, negative prompt and size.
+    per_image: a list of {field: value} changes per image (its seed, its variation seed: `make_noise`);
+    size: (width, height) to record instead of the image's (the first pass's size of a hires fix)."""
     images = []
     if call.output_type != "latent":
         start = time.perf_counter()
@@ -428,8 +784,13 @@ def finish(pipe, latents, call: Call, timings: dict, record: GenerationParameter
             width, height = images[k].width, images[k].height
         else:
             height, width = latents.shape[2] * f, latents.shape[3] * f
+        if size is not None:
+            width, height = size
+        changes = dict(per_image[k]) if per_image else {}
+        if "fields" in changes:
+            changes["fields"] = {**record.fields, **changes["fields"]}
         generation.append(record.replace(prompt=call.prompts[k], negative_prompt=negatives[k], width=width,
-                                         height=height))
+                                         height=height, **changes))
     parameters = [g.text() for g in generation]
     for image, text in zip(images, parameters):
         image.info["parameters"] = text
@@ -454,6 +815,17 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         self.configs = configs or {}                    # the raw config.json dicts of the parts (`refldm info`)
         self.name = name                                # the model's name, as the parameters text records it
         self.dtype = backend.resolve_dtype(dtype)
+        self.checkpoint_path = None                     # the file or folder it was loaded from (Model hash)
+
+    @property
+    def model_hash(self) -> str | None:
+        """The web UI's "Model hash" of `checkpoint_path` (`checkpoint_hash`), computed once."""
+        path = getattr(self, "checkpoint_path", None)
+        cached = getattr(self, "_model_hash", (None, None))
+        if cached[0] != path:
+            cached = (path, checkpoint_hash(path))
+            self._model_hash = cached
+        return cached[1]
 
     @property
     def vae_scale_factor(self) -> int:

@@ -101,7 +101,9 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
         name = os.path.basename(os.path.normpath(folder))
         if os.path.realpath(folder) == os.path.realpath(DEFAULT_MODEL):
             name = "refldm-default"  # as the CLI records the built-in model
-        return cls(vae, text_encoder, tokenizer, unet, scheduler_config, configs, name=name, dtype=dtype)
+        pipe = cls(vae, text_encoder, tokenizer, unet, scheduler_config, configs, name=name, dtype=dtype)
+        pipe.checkpoint_path = folder  # its "Model hash": the U-Net weights file's (common.checkpoint_hash)
+        return pipe
 
     @classmethod
     def from_single_file(cls, path, config=None, tokenizer=None, dtype="float32",
@@ -149,8 +151,10 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
             model.load_state_dict(parts.pop(part), dtype=dtype, source=f"{path} ({part})")
         tok = Tokenizer.from_pretrained(tokenizer_dir)
         name = os.path.splitext(os.path.basename(path))[0]
-        return cls(models["vae"], models["text_encoder"], tok, models["unet"], scheduler_config, configs,
+        pipe = cls(models["vae"], models["text_encoder"], tok, models["unet"], scheduler_config, configs,
                    name=name, dtype=dtype)
+        pipe.checkpoint_path = path  # its "Model hash", the web UI's short SHA-256 of the file
+        return pipe
 
     # -- the parts of a call ------------------------------------------------------------------------------------
 
@@ -181,7 +185,11 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
                  scheduler: str | None = None, num_images_per_prompt: int = 1,
                  output_type: str = "pil", callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=None, preview_every: int | None = None,
-                 preview_dir=None, preview: str = "linear") -> StableDiffusionPipelineOutput:
+                 preview_dir=None, preview: str = "linear", rng: str | None = None, sampler_rng: str | None = None,
+                 ensd: int | None = None, variation_seed: int | None = None, variation_strength: float | None = None,
+                 seed_resize_from=None, hires_scale: float | None = None, hires_steps: int | None = None,
+                 hires_denoise: float | None = None, hires_upscaler: str | None = None
+                 ) -> StableDiffusionPipelineOutput:
         """Generate images. See the module docstring for the loop; diffusers' argument names and defaults.
 
         prompt / negative_prompt: a string or a list (one per image). "" is allowed (unconditional); a
@@ -205,6 +213,12 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
         callback (`refldm.pipelines.common.StepEnd`); the dict it returns may replace "latents".
         preview_every=N, preview_dir=DIR, preview="linear"|"tiny"|"vae": write the noisy latent and the
         predicted x_0 of every N-th step as PNGs (`refldm.pipelines.preview`), through that callback.
+        The web UIs' noise (text-to-image; `refldm.pipelines.common.NoiseOptions`, docs/reproduce.md):
+        rng="cpu"|"cuda" (torch's CPU stream or the GPU's Philox stream, A1111's "CPU" / "NV"), ensd,
+        variation_seed + variation_strength, seed_resize_from=(w, h): A1111's per-image noise, image i from
+        seed + i; sampler_rng: the sampler's noise from its own generator. None of them: diffusers' noise.
+        hires_scale (+ hires_steps, hires_denoise=0.7, hires_upscaler="Latent"): A1111's hires fix, a second
+        pass at the scaled size (`refldm.pipelines.common.hires_pass`).
         """
         timings = {}
         size = None if image is not None else (self.default_size if height is None else height,
@@ -217,6 +231,11 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
         if preview_every is not None:
             from refldm.pipelines.preview import check_preview
             check_preview(preview_every, call.steps, preview_dir, preview)
+        noise = common.check_noise(rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from)
+        hires = None if image is not None else common.check_hires(hires_scale, hires_steps, hires_denoise,
+                                                                   hires_upscaler, call.height, call.width)
+        if image is not None and (noise.webui or noise.sampler_rng or hires_scale is not None):
+            raise ValueError("the noise options and hires_scale are for text-to-image; not with image=")
         if noise_dtype not in (None, "float16", "float32", "float64"):
             raise ValueError(f"noise_dtype={noise_dtype!r}; choose 'float16', 'float32' or 'float64'")
         if image is not None:
@@ -250,8 +269,10 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
         timesteps = sched.timesteps
         latent_shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,
                         width // self.vae_scale_factor)
-        if image is None:
-            latents = common.initial_noise(latent_shape, sched, generator, dtype, latents, noise_dtype)  # eps * sigma
+        per_image = None
+        if image is None:  # eps * sigma: diffusers' noise, or the web UI's (the sampler's generator with it)
+            latents, generator, per_image = common.make_noise(latent_shape, sched, call, noise, dtype, latents,
+                                                              noise_dtype)
         else:
             # img2img starts part-way: strength s runs the last int(s * n) of the n steps
             timesteps, steps_left = img2img_timesteps(sched, steps, strength)
@@ -275,18 +296,29 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
             callback_on_step_end, callback_on_step_end_tensor_inputs = with_previews(
                 self, len(timesteps), preview_every, preview_dir, preview, callback_on_step_end,
                 callback_on_step_end_tensor_inputs)
-        after_step = common.StepEnd(self, len(timesteps), callback, callback_on_step_end,
-                                    callback_on_step_end_tensor_inputs,
-                                    {"prompt_embeds": context, "negative_prompt_embeds": uncond})
-        latents = sample(lambda x, t: self.unet(x, t, after_step.tensors["prompt_embeds"]), sched, latents,
-                         timesteps, guidance_scale=guidance_scale if do_cfg else None, generator=generator,
-                         callback=after_step, progress=progress)
+
+        def denoise(x, sched, timesteps, generator):  # one pass of the loop (the hires fix runs a second)
+            after_step = common.StepEnd(self, len(timesteps), callback, callback_on_step_end,
+                                        callback_on_step_end_tensor_inputs,
+                                        {"prompt_embeds": context, "negative_prompt_embeds": uncond})
+            return sample(lambda x, t: self.unet(x, t, after_step.tensors["prompt_embeds"]), sched, x,
+                          timesteps, guidance_scale=guidance_scale if do_cfg else None, generator=generator,
+                          callback=after_step, progress=progress)
+
+        latents = denoise(latents, sched, timesteps, generator)
+        if hires is not None:  # A1111's hires fix: upscale, re-noise to hires.denoise, a second pass
+            latents = common.hires_pass(self, latents, call, noise, hires, sampler, steps, generator, denoise)
         timings["denoise"] = time.perf_counter() - start
 
         # 4. latents -> pixels, each image with its parameters text
+        fields = {"Clip skip": clip_skip + 1 if clip_skip else None,  # the web UI counts the last layer as 1
+                  **noise.fields(), **(hires.fields() if hires else {})}
         made = common.GenerationParameters("", "", steps, self.sampler_label(sampler), guidance_scale, call.seed,
-                                           width, height, self.name, strength=None if image is None else strength)
-        return common.finish(self, latents, call, timings, made)
+                                           width, height, self.name,
+                                           strength=hires.denoise if hires else None if image is None else strength,
+                                           model_hash=self.model_hash, fields=fields)
+        return common.finish(self, latents, call, timings, made, per_image=per_image,
+                             size=(width, height) if hires else None)
 
     # -- description -----------------------------------------------------------------------------------------------
 

@@ -148,10 +148,12 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
         scheduler_config = read_config(path("scheduler"), "scheduler_config.json")
         configs = {p: read_config(path(p)) for p in ("unet", "vae", "text_encoder", "text_encoder_2")
                    if p in present}
-        return cls(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler_config, configs,
+        pipe = cls(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler_config, configs,
                    name=os.path.basename(os.path.normpath(folder)), dtype=dtype,
                    force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
                    requires_aesthetics_score=refiner)
+        pipe.checkpoint_path = folder  # "Model hash": the U-Net weights file's (common.checkpoint_hash)
+        return pipe
 
     @classmethod
     def from_single_file(cls, path, config=None, dtype="float32"):
@@ -189,12 +191,14 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
         for part, model in models.items():
             model.load_state_dict(parts.pop(part), dtype=dtype, source=f"{path} ({part})")
         index = read_config(config, "model_index.json")
-        return cls(models["vae"], models["text_encoder"], models["text_encoder_2"],
+        pipe = cls(models["vae"], models["text_encoder"], models["text_encoder_2"],
                    CLIPTokenizer.from_pretrained(os.path.join(config, "tokenizer")),
                    CLIPTokenizer.from_pretrained(os.path.join(config, "tokenizer_2")), models["unet"],
                    read_config(os.path.join(config, "scheduler"), "scheduler_config.json"), configs,
                    name=os.path.splitext(os.path.basename(path))[0], dtype=dtype,
                    force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
+        pipe.checkpoint_path = path  # "Model hash": the web UI's short SHA-256 of the file
+        return pipe
 
     # -- text ---------------------------------------------------------------------------------------------------
 
@@ -334,7 +338,11 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
                  latents=None, output_type: str = "pil", callback=None,
                  progress: bool = True, scheduler: str | None = None,
                  num_images_per_prompt: int = 1, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=None) -> StableDiffusionPipelineOutput:
+                 callback_on_step_end_tensor_inputs=None, rng: str | None = None, sampler_rng: str | None = None,
+                 ensd: int | None = None, variation_seed: int | None = None, variation_strength: float | None = None,
+                 seed_resize_from=None, hires_scale: float | None = None, hires_steps: int | None = None,
+                 hires_denoise: float | None = None, hires_upscaler: str | None = None
+                 ) -> StableDiffusionPipelineOutput:
         """Text to image with diffusers' SDXL arguments and defaults (guidance 5.0, 1024x1024 for SDXL).
 
         original_size / target_size default to (height, width), crops_coords_top_left to (0, 0); the
@@ -346,6 +354,9 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
         callback_on_step_end(pipe, i, t, callback_kwargs) with callback_on_step_end_tensor_inputs: diffusers'
         step callback ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids", and the step's
         predictions; `refldm.pipelines.common.StepEnd`).
+        rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from: the web UIs' noise, and
+        hires_scale, hires_steps, hires_denoise, hires_upscaler: A1111's hires fix, as in
+        `StableDiffusionPipeline`; the second pass's time ids use the final size as original and target size.
         """
         common.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, SDXL_CALLBACK_INPUTS)
         size = (self.default_size if height is None else height, self.default_size if width is None else width)
@@ -356,6 +367,10 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
         prompts, negatives, generator, do_cfg = call.prompts, call.negatives, call.generator, call.do_cfg
         prompts_2, negatives_2 = call.texts["prompt_2"], call.texts["negative_prompt_2"]
         batch, height, width = call.batch, call.height, call.width
+        noise = common.check_noise(rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from)
+        hires = common.check_hires(hires_scale, hires_steps, hires_denoise, hires_upscaler, height, width)
+        if hires is not None and end is not None:
+            raise ValueError("hires_scale and denoising_end: choose one (a hires pass finishes the image)")
         timings = {}
 
         # 1. text: (2B, 77, D1 + D2) context and (2B, P) pooled embeddings; the time ids (2B, 6)
@@ -377,15 +392,31 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
         sched, sampler = self.scheduler_for(sampler, scheduler, call.steps)
         latent_shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor,
                         width // self.vae_scale_factor)
-        latents = common.initial_noise(latent_shape, sched, generator, self.dtype.name, latents)  # eps * sigma
+        latents, generator, per_image = common.make_noise(latent_shape, sched, call, noise, self.dtype.name,
+                                                          latents)  # eps * sigma
 
-        # 3. the loop, 4. the decode
+        # 3. the loop (and the hires pass), 4. the decode
         start = time.perf_counter()
         latents = self._denoise(latents, sched, sched.timesteps, context, text_embeds, time_ids, guidance_scale,
                                 guidance_rescale, do_cfg, generator, callback, progress, end,
                                 callback_on_step_end, callback_on_step_end_tensor_inputs)
+        made = self._record(call, sampler, original, crop, target)
+        if hires is not None:
+            big = (hires.height, hires.width)
+            big_ids = self._added(batch, do_cfg, self.time_ids(big, crop, big), self.time_ids(big, crop, big))
+
+            def denoise(x, sched2, timesteps, gen):
+                return self._denoise(x, sched2, timesteps, context, text_embeds, big_ids, guidance_scale,
+                                     guidance_rescale, do_cfg, gen, callback, progress, None,
+                                     callback_on_step_end, callback_on_step_end_tensor_inputs)
+
+            latents = common.hires_pass(self, latents, call, noise, hires, sampler, call.steps, generator, denoise)
+            made = made.replace(strength=hires.denoise)
         timings["denoise"] = time.perf_counter() - start
-        return common.finish(self, latents, call, timings, self._record(call, sampler, original, crop, target))
+        made = made.replace(model_hash=self.model_hash,
+                            fields={**noise.fields(), **(hires.fields() if hires else {})})
+        return common.finish(self, latents, call, timings, made, per_image=per_image,
+                             size=(width, height) if hires else None)
 
     # -- description --------------------------------------------------------------------------------------------
 
