@@ -32,8 +32,14 @@ SEQ = 8             # max_sequence_length: T5's (zero) tokens, kept short here
 TEXT1, TEXT2, PROJ1, PROJ2 = 12, 16, 12, 12  # CLIP-L projects to its own width, as SD3's (768)
 
 
-def build_tiny_sd3(folder, seed=0, scheduler_config=None):
-    """Write a tiny random-weight SD3 folder (no T5) in diffusers' layout; return its path."""
+T5 = dict(d_model=32, d_kv=8, d_ff=24, num_layers=2, num_heads=2, feed_forward_proj="gated-gelu",
+          relative_attention_num_buckets=8, relative_attention_max_distance=20)  # d_model = joint_attention_dim
+
+
+def build_tiny_sd3(folder, seed=0, scheduler_config=None, t5=False):
+    """Write a tiny random-weight SD3 folder in diffusers' layout; return its path. t5: with a tiny
+    T5EncoderModel (tests/test_t5.py's `reference`) and a T5TokenizerFast over a unigram model trained by
+    sentencepiece (tests/test_t5_tokenizer.py's `train`) as text_encoder_3 / tokenizer_3; else without T5."""
     torch = require("torch")
     diffusers = require("diffusers")
     transformers = require("transformers")
@@ -63,9 +69,18 @@ def build_tiny_sd3(folder, seed=0, scheduler_config=None):
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**(scheduler_config or {"shift": 3.0}))
     tok1 = transformers.CLIPTokenizer.from_pretrained(os.path.join(work, "t1"))
     tok2 = transformers.CLIPTokenizer.from_pretrained(os.path.join(work, "t2"))
+    enc3 = tok3 = None
+    if t5:
+        from tests.test_t5 import reference as tiny_t5
+        from tests.test_t5_tokenizer import train
+        os.makedirs(os.path.join(work, "t3"))
+        with open(os.path.join(work, "t3", "spiece.model"), "wb") as f:
+            f.write(train(byte_fallback=False))
+        tok3 = transformers.T5TokenizerFast.from_pretrained(os.path.join(work, "t3"))
+        enc3 = tiny_t5(dict(T5, vocab_size=len(tok3)), seed=seed * 10 + 4)
     pipe = diffusers.StableDiffusion3Pipeline(
         transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=enc1, tokenizer=tok1,
-        text_encoder_2=enc2, tokenizer_2=tok2, text_encoder_3=None, tokenizer_3=None)
+        text_encoder_2=enc2, tokenizer_2=tok2, text_encoder_3=enc3, tokenizer_3=tok3)
     pipe.save_pretrained(folder)
     _tokenizer_folder(os.path.join(folder, "tokenizer"), os.path.join(work, "t1"))
     _tokenizer_folder(os.path.join(folder, "tokenizer_2"), os.path.join(work, "t2"))
@@ -87,6 +102,11 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def folder_t5(tmp_path_factory):
+    return build_tiny_sd3(tmp_path_factory.mktemp("sd3t5") / "tiny_t5", seed=2, t5=True)
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +305,47 @@ def test_t5_states_follow_the_clip_states_along_the_sequence(pipes):
     with pytest.raises(ValueError, match="give text_encoder_3 and tokenizer_3 together"):
         StableDiffusion3Pipeline(base.transformer, base.vae, base.text_encoder, base.tokenizer, base.text_encoder_2,
                                  base.tokenizer_2, Encoder(), None)
+
+
+def test_with_t5_same_image_and_float64_conditioning_as_diffusers(folder_t5):
+    """The real T5 classes in the pipeline: refldm's T5EncoderModel and T5TokenizerFast read text_encoder_3/ and
+    tokenizer_3/ (tokenizer.json as transformers writes it). The T5 states (prompt truncated to SEQ tokens, with a
+    warning naming the limit) agree in float64 to 1e-10 (transformers' T5 norm widened to float64 as in
+    tests/test_t5.py), and the 8-bit image to 2/255."""
+    torch = require("torch")
+    diffusers = require("diffusers")
+    from refldm.models.t5 import T5EncoderModel
+    from refldm.models.t5_tokenizer import T5TokenizerFast
+    from refldm.pipelines.sd3 import StableDiffusion3Pipeline
+    from tests.test_t5 import wide_norm
+    ref = diffusers.StableDiffusion3Pipeline.from_pretrained(folder_t5)
+    ref.set_progress_bar_config(disable=True)
+    assert type(ref.text_encoder_3).__name__ == "T5EncoderModel"
+    kwargs = dict(prompt=PROMPT, negative_prompt="a dog", height=SIZE, width=SIZE, num_inference_steps=3,
+                  guidance_scale=5.0, max_sequence_length=SEQ)
+    expected = run_diffusers({"txt2img": ref}, seed=6, **kwargs)
+    _check_not_degenerate(expected)
+    ours = StableDiffusion3Pipeline.from_pretrained(folder_t5)
+    assert isinstance(ours.text_encoder_3, T5EncoderModel) and isinstance(ours.tokenizer_3, T5TokenizerFast)
+    with pytest.warns(UserWarning, match=f"max_length={SEQ}"):
+        out = ours(**kwargs, seed=6, progress=False)
+    assert _max_pixel_diff(out.images, expected) <= 2
+    # without T5 (zeros in its place) the image is another one: the T5 states do reach the transformer
+    assert _max_pixel_diff(StableDiffusion3Pipeline.from_pretrained(folder_t5, use_t5=False)(
+        **kwargs, seed=6, progress=False).images, expected) > 2
+
+    ours64 = StableDiffusion3Pipeline.from_pretrained(folder_t5, dtype="float64")
+    ref.to(torch.float64)
+    with torch.no_grad(), wide_norm():
+        embeds, neg, pooled, neg_pooled = ref.encode_prompt(PROMPT, None, None, negative_prompt="a dog",
+                                                            do_classifier_free_guidance=True,
+                                                            max_sequence_length=SEQ)
+    with pytest.warns(UserWarning, match=f"max_length={SEQ}"):
+        context, pooled_ours = ours64._conditioning([PROMPT], [PROMPT], [PROMPT], (["a dog"],) * 3, True, None,
+                                                    SEQ)
+    ref_context = torch.cat([neg, embeds]).numpy()
+    ref_pooled = torch.cat([neg_pooled, pooled]).numpy()
+    assert context.dtype == np.float64 and context.shape == ref_context.shape == (2, 77 + SEQ, 32)
+    assert np.abs(ref_context[:, 77:]).max() > 0.1  # the T5 part is not zeros
+    assert np.abs(context - ref_context).max() <= 1e-10 * np.abs(ref_context).max()
+    assert np.abs(pooled_ours - ref_pooled).max() <= 1e-10 * np.abs(ref_pooled).max()

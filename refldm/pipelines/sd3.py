@@ -433,7 +433,7 @@ class StableDiffusion3Pipeline:
         return to_uint8(image)
 
     def _parameters(self, prompt, negative, steps, sampler, cfg, seed, width, height, strength) -> str:
-        from refldm.core.images import parameters_text
+        from refldm.pipelines.common import parameters_text
         label = {"FlowMatchEulerDiscreteScheduler": "Euler", "FlowMatchHeunDiscreteScheduler": "Heun",
                  "DPMSolverMultistepScheduler": "DPM++ 2M"}
         key = self.make_scheduler(sampler).__class__.__name__
