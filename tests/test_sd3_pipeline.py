@@ -252,8 +252,16 @@ def test_dynamic_shifting_mu_from_the_token_count(tmp_path):
 def test_bad_sizes_and_folders_are_one_clear_line(pipes, folder, tmp_path):
     from refldm.checkpoints.weights import WeightsError
     from refldm.pipelines.sd3 import StableDiffusion3Pipeline
-    with pytest.raises(ValueError, match=r"multiples of 8 \(vae_scale_factor 4 x patch_size 2\), got 36x32"):
-        pipes["txt2img"](PROMPT, height=32, width=36, num_inference_steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"^height and width must be positive multiples of 8, got 36x32$"):
+        pipes["txt2img"](PROMPT, height=32, width=36, num_inference_steps=1, progress=False)  # the core's check
+    config = pipes["txt2img"].transformer.config
+    config.patch_size = 4  # then a patch is 4 x 4 latent pixels = 16 x 16 pixels: 40 passes the core, not SD3
+    try:
+        with pytest.raises(ValueError, match=r"multiples of 16 \(vae_scale_factor 4 x patch_size 4\), got 40x32; "
+                                             "for example 32x32"):
+            pipes["txt2img"](PROMPT, height=32, width=40, num_inference_steps=1, progress=False)
+    finally:
+        config.patch_size = 2
     with pytest.raises(ValueError, match="max_sequence_length=600 must be an integer in"):
         pipes["txt2img"](PROMPT, max_sequence_length=600, progress=False)
     broken = tmp_path / "no_clip_g"
