@@ -357,3 +357,79 @@ def test_with_t5_same_image_and_float64_conditioning_as_diffusers(folder_t5):
     assert np.abs(ref_context[:, 77:]).max() > 0.1  # the T5 part is not zeros
     assert np.abs(context - ref_context).max() <= 1e-10 * np.abs(ref_context).max()
     assert np.abs(pooled_ours - ref_pooled).max() <= 1e-10 * np.abs(ref_pooled).max()
+
+
+# -- the CLI on the tiny folders: `refldm txt2img -m SD3_FOLDER`, `refldm img2img`, `refldm info` ----------------
+
+
+def test_cli_txt2img_on_an_sd3_folder_is_the_python_apis_image(folder_t5, tmp_path, capsys):
+    """-m SD3_FOLDER loads StableDiffusion3Pipeline (T5 included); --sampler names resolve to the flow samplers;
+    without --steps / --cfg, diffusers' SD3 defaults (28, 7) apply. Same image as the Python API, bit for bit."""
+    from PIL import Image
+    from refldm.pipelines.sd3 import StableDiffusion3Pipeline
+    from tests.test_cli import parse_parameters, run
+    out = tmp_path / "sd3.png"
+    rc, stdout, err = run(capsys, "txt2img", "-m", str(folder_t5), "-p", "a cat", "--negative", "blurry", "--seed",
+                          "4", "-W", "48", "-H", "32", "--sampler", "Heun", "-q", "-o", str(out))
+    assert rc == 0, err
+    image = Image.open(out)
+    meta = parse_parameters(image.info["parameters"])
+    assert (meta["Steps"], meta["Sampler"], meta["CFG scale"], meta["Size"]) == ("28", "Heun", "7", "48x32")
+    want = StableDiffusion3Pipeline.from_pretrained(folder_t5)(
+        "a cat", negative_prompt="blurry", height=32, width=48, num_inference_steps=28, guidance_scale=7.0,
+        seed=4, sampler="heun", progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(want))
+
+
+def test_cli_img2img_on_an_sd3_folder(folder, tmp_path, capsys):
+    from PIL import Image
+    from refldm.pipelines.sd3 import StableDiffusion3Img2ImgPipeline
+    from tests.test_cli import parse_parameters, run
+    from tests.test_pipeline import gradient_image
+    source = tmp_path / "in.png"
+    gradient_image(SIZE).save(source)
+    out = tmp_path / "out.png"
+    rc, stdout, err = run(capsys, "img2img", "-m", str(folder), "-i", str(source), "--strength", "0.5", "-p",
+                          "a blue square", "--steps", "4", "--cfg", "4", "--seed", "9", "--sampler", "euler", "-q",
+                          "-o", str(out))
+    assert rc == 0, err
+    image = Image.open(out)
+    assert parse_parameters(image.info["parameters"])["Denoising strength"] == "0.5"
+    want = StableDiffusion3Img2ImgPipeline.from_pretrained(folder)(
+        "a blue square", image=Image.open(source), strength=0.5, num_inference_steps=4, guidance_scale=4.0,
+        seed=9, sampler="euler", progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(want))
+
+
+def test_cli_info_describes_the_sd3_parts(folder, folder_t5, capsys):
+    import re
+    from refldm.pipelines.sd3 import StableDiffusion3Pipeline
+    from tests.test_cli import run
+    rc, stdout, err = run(capsys, "info", str(folder_t5))
+    assert rc == 0, err
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder_t5)
+    for part, cls in (("transformer", "SD3Transformer2DModel"), ("vae", "AutoencoderKL"),
+                      ("text_encoder", "CLIPTextModelWithProjection"),
+                      ("text_encoder_2", "CLIPTextModelWithProjection"), ("text_encoder_3", "T5EncoderModel")):
+        n = getattr(pipe, part).num_parameters()
+        if part == "transformer":  # info counts what the file stores: the fixed position table too (a buffer)
+            c = pipe.transformer.config
+            n += c.pos_embed_max_size ** 2 * c.num_attention_heads * c.attention_head_dim
+        assert re.search(rf"^{part}: {cls}, {n:,} parameters, stored as F32$", stdout, re.M), (part, stdout)
+    # (transformers 5 names its one T5 tokenizer class T5Tokenizer; diffusers records that name)
+    assert re.search(rf"^tokenizer_3: class T5Tokenizer(Fast)?, vocabulary {len(pipe.tokenizer_3)}$", stdout, re.M)
+    rc, stdout, err = run(capsys, "info", str(folder))  # no T5: said so
+    assert rc == 0, err
+    assert re.search(r"^text_encoder_3: class None, note left out \(no T5\)", stdout, re.M), stdout
+    assert not re.search(r"^tokenizer_3", stdout, re.M)
+
+
+def test_cli_sd3_bad_input_is_one_line(folder, tmp_path, capsys):
+    from tests.test_cli import run
+    out = str(tmp_path / "x.png")
+    common = ("-m", str(folder), "-p", "a cat", "--steps", "1", "-W", "32", "-H", "32", "-q", "-o", out)
+    rc, _, err = run(capsys, "txt2img", *common, "--sampler", "DPM++ SDE")
+    assert rc == 2 and "sampler 'DPM++ SDE' has no rectified-flow version in refldm" in err
+    assert err.count("\n") == 1
+    rc, _, err = run(capsys, "txt2img", *common, "--prompt-syntax", "webui")
+    assert rc == 2 and "--prompt-syntax: not supported for SD3 models" in err and err.count("\n") == 1

@@ -7,9 +7,10 @@
     refldm info path/to/sd-folder                        # each part's config, parameter count, dtype
     refldm txt2img -m sdxl-base --refiner sdxl-refiner --denoising-end 0.8 -p "an astronaut" -o out.png
 
-MODEL (``-m``) is a diffusers folder (SD 1.x / 2.x, or SDXL: detected by its text_encoder_2) or an original
-single-file ``.safetensors`` (SD 1.x / 2.x; give ``--config FOLDER`` or ``--tokenizer FOLDER`` with it; SDXL:
-``--config SDXL_FOLDER``); without ``-m`` the model shipped inside refldm (refldm/default_model) is used.
+MODEL (``-m``) is a diffusers folder (SD 1.x / 2.x; SDXL: detected by its text_encoder_2; SD3 / SD3.5: by its
+SD3Transformer2DModel, with the flow versions of the samplers) or an original single-file ``.safetensors``
+(SD 1.x / 2.x; give ``--config FOLDER`` or ``--tokenizer FOLDER`` with it; SDXL: ``--config SDXL_FOLDER``; SD3:
+``--config SD3_FOLDER``); without ``-m`` the model shipped inside refldm (refldm/default_model) is used.
 Each PNG carries its generation parameters in a ``parameters`` text chunk, written as the Stable Diffusion
 web UIs write it, so their "PNG info" readers show them.
 """
@@ -105,6 +106,8 @@ def _generate(args, image=None):
         pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
                              prediction_type=args.prediction_type, dtype=args.dtype, img2img=image is not None)
         refiner, end = _refiner_args(args, pipe)
+        if getattr(pipe, "transformer", None) is not None:
+            _check_sd3_args(args)
         prompt, kwargs = apply_adapter_args(args, pipe)  # LoRAs, embeddings, prompt syntax (cli/adapters.py)
         if image is None:
             kwargs.update(height=args.height, width=args.width)
@@ -155,6 +158,17 @@ def _refiner_args(args, pipe):
         raise ValueError(f"--refiner {refiner}: a base model, not a refiner (its model_index.json has no "
                          "requires_aesthetics_score)")
     return ref, 0.8 if end is None else end
+
+
+def _check_sd3_args(args):
+    """What an SD3 model does not take from the command line, refused in one line each (the adapters and the web
+    UIs' prompt syntax are written for the U-Net models' CLIP text encoder and U-Net)."""
+    for flag, given in (("--lora", getattr(args, "lora", None)), ("--embedding", getattr(args, "embedding", None)),
+                        ("--prompt-syntax", getattr(args, "prompt_syntax", "plain") not in (None, "plain")),
+                        ("<lora:...> in the prompt", "<lora:" in (args.prompt or ""))):
+        if given:
+            raise ValueError(f"{flag}: not supported for SD3 models in refldm (LoRAs, embeddings and prompt "
+                             "weighting are implemented for the U-Net models: SD 1.x / 2.x / SDXL)")
 
 
 def run_img2img(args) -> int:
