@@ -433,3 +433,29 @@ def test_cli_sd3_bad_input_is_one_line(folder, tmp_path, capsys):
     assert err.count("\n") == 1
     rc, _, err = run(capsys, "txt2img", *common, "--prompt-syntax", "webui")
     assert rc == 2 and "--prompt-syntax: not supported for SD3 models" in err and err.count("\n") == 1
+
+
+def test_cli_trace_and_compare_on_an_sd3_folder(folder, tmp_path, capsys):
+    """refldm trace --part transformer (names: diffusers' module paths) in float32 and float64, then compare;
+    --part pipeline on an SD3 folder runs the SD3 pipeline with a flow sampler."""
+    diffusers = require("diffusers")
+    from refldm.crosscheck.trace import load
+    from tests.test_cli import run
+    paths = {}
+    for dtype in ("float32", "float64"):
+        paths[dtype] = str(tmp_path / f"mmdit_{dtype}.safetensors")
+        rc, _, err = run(capsys, "trace", str(folder), "--part", "transformer", "--height", "8", "--width", "12",
+                         "--seq-len", "20", "--dtype", dtype, "-o", paths[dtype])
+        assert rc == 0, err
+    rc, stdout, err = run(capsys, "compare", paths["float32"], paths["float64"], "--summary")
+    assert rc == 0 and "0 over tolerance" in stdout, (stdout, err)
+    names = set(load(paths["float32"]).activations)
+    modules = {n for n, _ in diffusers.SD3Transformer2DModel.from_pretrained(
+        os.path.join(folder, "transformer")).named_modules()}
+    assert {"pos_embed", "context_embedder", "transformer_blocks.0.attn", "transformer_blocks.0.attn2",
+            "proj_out"} <= names and not names - modules - {"<root>"}, sorted(names - modules)  # <root>: the output
+    rc, stdout, err = run(capsys, "trace", str(folder), "--part", "pipeline", "--height", "32", "--width", "32",
+                          "--steps", "2", "--sampler", "heun", "-o", str(tmp_path / "pipe.safetensors"))
+    assert rc == 0, err
+    t = load(str(tmp_path / "pipe.safetensors"))
+    assert "steps.1.noise_pred" in t.activations and t.metadata["scheduler"] == "heun"
