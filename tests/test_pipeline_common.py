@@ -1,6 +1,6 @@
 """The pipeline core (refldm/pipelines/common.py) seen through every pipeline: SD txt2img, SD img2img, SDXL,
-SDXL img2img, inpainting, SD3 txt2img and img2img. The same bad argument gets the same one-line message from each; every pipeline
-fills in the parameters text; the core's record formats the web UIs' text.
+SDXL img2img, inpainting, SD3 txt2img and img2img. The same bad argument gets the same one-line message from
+each; every pipeline fills in the parameters text; the core's record formats the web UIs' text.
 
 No torch: SD and inpainting run the model shipped with refldm; the SDXL pipelines are built from its parts
 plus a second text encoder and an SDXL U-Net (or an SD3 transformer) with random weights (a few seconds in all).

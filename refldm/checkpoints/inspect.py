@@ -1,11 +1,12 @@
 """What a model holds, read from its files without loading a weight: `refldm info`'s description.
 
 A diffusers folder: model_index.json names each part's class; per network (unet, vae, text_encoder,
-text_encoder_2; for SD3 transformer, vae, text_encoder, text_encoder_2, text_encoder_3 (T5)) its config.json, and from the safetensors headers alone its parameter count and stored
-dtypes; per tokenizer the vocabulary size; the scheduler's config. An SDXL refiner lists only the second text
-encoder and tokenizer ([null, null] for the first). A single ``.safetensors`` file (original CompVis / SDXL
-key names, refldm/checkpoints/convert.py): counts and dtypes per network (SD 1.x / 2.x, SDXL, SD3 / SD3.5), and
-for SD 1.x / 2.x the configs read off the tensor shapes.
+text_encoder_2; for SD3 transformer, vae, text_encoder, text_encoder_2, text_encoder_3 (T5)) its config.json,
+and from the safetensors headers alone its parameter count (what the file stores, buffers such as SD3's
+position table included) and stored dtypes; per tokenizer the vocabulary size; the scheduler's config. An SDXL
+refiner lists only the second text encoder and tokenizer ([null, null] for the first). A single
+``.safetensors`` file (original CompVis / SDXL key names, refldm/checkpoints/convert.py): counts and dtypes
+per network (SD 1.x / 2.x, SDXL, SD3 / SD3.5), and for SD 1.x / 2.x the configs read off the tensor shapes.
 """
 
 from __future__ import annotations
