@@ -459,3 +459,19 @@ def test_cli_trace_and_compare_on_an_sd3_folder(folder, tmp_path, capsys):
     assert rc == 0, err
     t = load(str(tmp_path / "pipe.safetensors"))
     assert "steps.1.noise_pred" in t.activations and t.metadata["scheduler"] == "heun"
+
+
+def test_the_resource_estimate_walks_the_mmdit(pipes):
+    """refldm txt2img's memory / time check on an SD3 pipeline: the weights of its networks, `steps` MMDiT calls
+    of batch 2B with 77 + 256 text tokens (count_sd3) and one decode."""
+    import dataclasses
+    from refldm.analysis.cost import count_sd3, estimate_decode, estimate_pipeline
+    pipe = pipes["txt2img"]
+    est = estimate_pipeline(pipe, 1, 32, 48, 3, 5.0)
+    call = count_sd3(dataclasses.asdict(pipe.transformer.config), 8, 12, batch=2, text_tokens=77 + 256)
+    decode = estimate_decode(pipe.vae.config, (1, 16, 8, 12))
+    assert est["flops"] == 3 * call.flops + decode["flops"]
+    weights = 4 * sum(getattr(pipe, p).num_parameters() for p in ("transformer", "vae", "text_encoder",
+                                                                    "text_encoder_2"))
+    assert est["bytes"] > weights and est["bytes"] - weights >= decode["bytes"]
+    assert estimate_pipeline(pipe, 1, 32, 48, 3, 1.0)["flops"] < est["flops"]  # no guidance: batch B
