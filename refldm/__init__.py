@@ -37,6 +37,13 @@ _LAZY = {
     "SD3Transformer2DModel": "refldm.models.sd3_transformer",
     "StableDiffusion3Pipeline": "refldm.pipelines.sd3",
     "StableDiffusion3Img2ImgPipeline": "refldm.pipelines.sd3",
+    "ControlNetModel": "refldm.models.controlnet",
+    "MultiControlNetModel": "refldm.models.controlnet",
+    "StableDiffusionControlNetPipeline": "refldm.pipelines.controlnet",
+    "StableDiffusionControlNetImg2ImgPipeline": "refldm.pipelines.controlnet",
+    "StableDiffusionControlNetInpaintPipeline": "refldm.pipelines.controlnet",
+    "StableDiffusionXLControlNetPipeline": "refldm.pipelines.controlnet",
+    "StableDiffusionXLControlNetImg2ImgPipeline": "refldm.pipelines.controlnet",
 }
 _SCHEDULERS = "refldm.schedulers"
 

@@ -623,3 +623,121 @@ SD_SCHEDULER_CONFIG = {
     "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
     "steps_offset": 1, "prediction_type": "epsilon", "timestep_spacing": "leading",
 }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ControlNet single files (the original "cldm" layout, lllyasviel's control_v11*.safetensors): the U-Net encoder's
+# keys as in UNET_TABLE under "control_model.", plus
+#   input_hint_block.{0, 2, ..., 2m}   the conditioning embedding's convs (the odd indices are its SiLUs):
+#                                      0 = conv_in, 2(j + 1) = blocks.j, 2m = conv_out
+#   zero_convs.{k}.0                   controlnet_down_blocks.{k}
+#   middle_block_out.0                 controlnet_mid_block
+# Some files (e.g. the SD 2.x ControlNets) hold these keys without the "control_model." prefix.
+
+CONTROLNET_PREFIX = "control_model."
+
+
+def controlnet_original_key(key: str, layers_per_block: int, hint_blocks: int) -> str:
+    """The original key of a ControlNet's diffusers key `key` (hint_blocks = len(controlnet_cond_embedding.blocks))."""
+    p = CONTROLNET_PREFIX
+    head, _, leaf = key.rpartition(".")                          # leaf: weight / bias
+    if head == "controlnet_cond_embedding.conv_in":
+        return f"{p}input_hint_block.0.{leaf}"
+    if head == "controlnet_cond_embedding.conv_out":
+        return f"{p}input_hint_block.{2 * (hint_blocks + 1)}.{leaf}"
+    if m := re.fullmatch(r"controlnet_cond_embedding\.blocks\.(\d+)", head):
+        return f"{p}input_hint_block.{2 * (int(m.group(1)) + 1)}.{leaf}"
+    if m := re.fullmatch(r"controlnet_down_blocks\.(\d+)", head):
+        return f"{p}zero_convs.{m.group(1)}.0.{leaf}"
+    if head == "controlnet_mid_block":
+        return f"{p}middle_block_out.0.{leaf}"
+    target = original_key("unet", key, Shape(layers_per_block=layers_per_block))
+    return p + target.key[len(UNET_PREFIX):]
+
+
+def controlnet_state(state: dict) -> dict:
+    """A ControlNet single file's tensors under "control_model." (adding the prefix to a file without it);
+    tensors of other models in the same file (model.diffusion_model.*, ...) are left out."""
+    if any(k.startswith(CONTROLNET_PREFIX) for k in state):
+        return {k: v for k, v in state.items() if k.startswith(CONTROLNET_PREFIX)}
+    if "time_embed.0.weight" in state and "input_hint_block.0.weight" in state:
+        return {CONTROLNET_PREFIX + k: v for k, v in state.items()}
+    if "controlnet_cond_embedding.conv_in.weight" in state:
+        raise ConversionError("a ControlNet file with diffusers' key names: give config= (its config.json or "
+                              "folder), the shapes alone do not say it in that layout")
+    found = sorted({k.split(".")[0] for k in state})[:6]
+    raise ConversionError(f"not a ControlNet checkpoint: no control_model.* or input_hint_block.* keys (found "
+                          f"top-level names: {', '.join(found) or 'none'})")
+
+
+def controlnet_from_original(state: dict, expected, layers_per_block: int, hint_blocks: int,
+                             source: str = "checkpoint") -> dict:
+    """{diffusers key: array} for the ControlNet keys `expected`, from an original single file's `state`;
+    one ConversionError lists the missing keys and the ones no rule uses."""
+    state = controlnet_state(state)
+    out, missing = {}, []
+    for key in expected:
+        k = controlnet_original_key(key, layers_per_block, hint_blocks)
+        if k in state:
+            out[key] = np.asarray(state[k])
+        else:
+            missing.append(k)
+    used = {controlnet_original_key(key, layers_per_block, hint_blocks) for key in expected}
+    leftover = sorted(k for k in state if k not in used)
+    problems = [f"{label}: " + ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+                for label, keys in (("missing", missing), ("not understood", leftover)) if keys]
+    if problems:
+        raise ConversionError(f"{source} does not match the ControlNet single-file layout: " + "; ".join(problems))
+    return out
+
+
+def infer_controlnet_config(state: dict) -> dict:
+    """A ControlNet's diffusers config read off an original single file's shapes. The family follows the text
+    width: 768 SD 1.x (8 heads), 1024 SD 2.x and 2048 SDXL (64 channels per head); SDXL adds text_time."""
+    state = controlnet_state(state)
+    keys = list(state)
+    u = CONTROLNET_PREFIX
+
+    def shape(key):
+        if key not in state:
+            raise ConversionError(f"cannot infer the ControlNet's configuration: key {key!r} is missing")
+        return tuple(state[key].shape)
+
+    op = re.compile(re.escape(u) + r"input_blocks\.(\d+)\.0\.op\.weight$")
+    down_ids = sorted(int(m.group(1)) for k in keys if (m := op.match(k)))
+    n_input = _count(keys, re.escape(u) + r"input_blocks\.(\d+)\.")
+    layers = down_ids[0] - 1 if down_ids else n_input - 1
+    levels = n_input // (layers + 1)
+    block_out, down_types, depths = [], [], []
+    for b in range(levels):
+        first = f"{u}input_blocks.{1 + b * (layers + 1)}"
+        block_out.append(shape(f"{first}.0.out_layers.3.weight")[0])
+        attention = f"{first}.1.proj_in.weight" in state
+        down_types.append("CrossAttnDownBlock2D" if attention else "DownBlock2D")
+        depths.append(_count(keys, re.escape(f"{first}.1.") + r"transformer_blocks\.(\d+)\.") if attention else 1)
+    attn = next((k for k in keys if k.endswith("attn2.to_k.weight")), None)
+    proj_in = next((k for k in keys if k.endswith(".proj_in.weight")), None)
+    if attn is None or proj_in is None:
+        raise ConversionError("cannot infer the ControlNet's configuration: it has no cross-attention layers")
+    cross = shape(attn)[1]
+    n_hint = _count(keys, re.escape(u) + r"input_hint_block\.(\d+)\.")      # the last conv's index + 1
+    hint_levels = (n_hint - 1) // 4 + 1                                     # convs 0, 2, ..., 4(L-1)+2
+    hint_channels = [shape(f"{u}input_hint_block.0.weight")[0]] + \
+        [shape(f"{u}input_hint_block.{4 * m}.weight")[0] for m in range(1, hint_levels)]
+    config = {
+        "_class_name": "ControlNetModel",
+        "in_channels": shape(u + "input_blocks.0.0.weight")[1],
+        "conditioning_channels": shape(u + "input_hint_block.0.weight")[1],
+        "down_block_types": down_types,
+        "block_out_channels": block_out,
+        "layers_per_block": layers,
+        "cross_attention_dim": cross,
+        "attention_head_dim": 8 if cross == 768 else [c // 64 for c in block_out],
+        "use_linear_projection": len(shape(proj_in)) == 2,
+        "transformer_layers_per_block": depths,
+        "conditioning_embedding_out_channels": hint_channels,
+    }
+    if u + "label_emb.0.0.weight" in state:                                  # SDXL's added embedding
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=shape(u + "label_emb.0.0.weight")[1])
+    return config

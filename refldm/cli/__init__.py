@@ -22,6 +22,7 @@ _MODULES = ("refldm.cli.generate", "refldm.cli.vae", "refldm.cli.trace", "refldm
             "refldm.cli.samplers")
 _MODULES += ("refldm.cli.inpaint",)  # inpainting (refldm/cli/inpaint.py)
 _MODULES += ("refldm.cli.pnginfo",)  # png-info: settings read back from an image (refldm/cli/pnginfo.py)
+_MODULES += ("refldm.cli.control",)  # control: control images for ControlNets (refldm/cli/control.py)
 _MODULES += ("refldm.cli.vectors",)  # conformance vectors and verify (refldm/cli/vectors.py)
 
 

@@ -643,14 +643,19 @@ class UNet2DConditionModel(PretrainedModel):
         a = xp.concatenate([text_embeds.astype(dtype, copy=False), s], axis=1)  # (B, P + n*A)
         return self.add_embedding(a)                                           # (B, 4*C0)
 
-    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs: dict | None = None):
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs: dict | None = None,
+                down_block_additional_residuals=None, mid_block_additional_residual=None):
         """eps_theta(x_t, t, c), the network top to bottom: latents `sample` (B, C_in, H, W) at `timestep`
         (scalar or (B,)) given text embeddings `encoder_hidden_states` (B, S, cross_attention_dim)
         -> the predicted noise (or v) (B, C_out, H, W).
 
         SDXL (addition_embed_type "text_time") also needs ``added_cond_kwargs={"text_embeds": (B, P),
         "time_ids": (B, n)}``: the pooled text embedding and the micro-conditioning ids (see
-        `added_embedding`), as diffusers' argument of the same name."""
+        `added_embedding`), as diffusers' argument of the same name.
+
+        A ControlNet's residuals (refldm/models/controlnet.py) enter with diffusers' names: every skip
+        connection k gets ``skip_k + down_block_additional_residuals[k]`` and the mid block's output gets
+        ``+ mid_block_additional_residual``; both or neither."""
         cfg = self.config
         sample, t, context, added = self._inputs(sample, timestep, encoder_hidden_states, added_cond_kwargs)
 
@@ -667,9 +672,14 @@ class UNet2DConditionModel(PretrainedModel):
         for block in self.down_blocks:
             x, res = block(x, emb, context)                                 # (B, C_i, H/2^i, W/2^i)
             skips.extend(res)
+        control = _control_residuals(skips, down_block_additional_residuals, mid_block_additional_residual)
+        if control:                                                         # ControlNet: skip_k + r_k
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
 
         # 3. mid
         x = self.mid_block(x, emb, context)                                 # (B, C_last, H/f, W/f)
+        if control:                                                         # ControlNet: mid + r_mid
+            x = x + mid_block_additional_residual
 
         # 4. up: each block takes its layers_per_block + 1 skips, last in first out
         for block in self.up_blocks:
@@ -677,3 +687,20 @@ class UNet2DConditionModel(PretrainedModel):
         # 5. out
         x = ops.silu(self.conv_norm_out(x))                                 # (B, C0, H, W)
         return self.conv_out(x)                                             # (B, C_out, H, W)
+
+
+def _control_residuals(skips, down, mid) -> bool:
+    """Check a ControlNet's residuals against the U-Net's skips: both or neither, one per skip, same shapes."""
+    if down is None and mid is None:
+        return False
+    if down is None or mid is None:
+        raise ValueError("unet: give both down_block_additional_residuals and mid_block_additional_residual "
+                         "(a ControlNet's outputs), or neither")
+    if len(down) != len(skips):
+        raise ValueError(f"unet: {len(down)} down_block_additional_residuals for {len(skips)} skip connections")
+    for k, (s, r) in enumerate(zip(skips, down)):
+        # (B, C, H, W) as the skip, or (B, C, 1, 1) from a ControlNet with global_pool_conditions (broadcast)
+        if tuple(r.shape[:2]) != tuple(s.shape[:2]) or tuple(r.shape[2:]) not in (tuple(s.shape[2:]), (1, 1)):
+            raise ValueError(f"unet: down_block_additional_residuals[{k}] has shape {tuple(r.shape)}, the skip "
+                             f"has {tuple(s.shape)}")
+    return True
