@@ -15,8 +15,9 @@ StableDiffusion3Img2ImgPipeline. docs/sd3.md explains what changes from SD 1.x /
 
 The T5 encoder is optional, as in diffusers: a folder whose model_index.json lists no text_encoder_3, or
 ``from_pretrained(folder, use_t5=False)``, gives zeros of (B, max_sequence_length, 4096) in its place (a large
-saving in memory and time for a small loss in prompt following). The output, the seeded noise (torch's CPU
-generator, refldm.core.random) and the image rounding are those of refldm.pipelines.sd.
+saving in memory and time for a small loss in prompt following). The frame of a call (argument checks, the seeded
+noise of torch's CPU generator, the NaN guard, the decode and its rounding, the parameters text, the output) is
+the pipeline core's, refldm/pipelines/common.py.
 """
 
 from __future__ import annotations
