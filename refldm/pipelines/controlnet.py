@@ -36,7 +36,7 @@ from PIL import Image
 
 from refldm import backend
 from refldm.core import record
-from refldm.core.images import parameters_text
+from refldm.pipelines.common import parameters_text
 from refldm.models.controlnet import ControlNetModel, MultiControlNetModel, check_compatible, check_scale
 from refldm.core.images import scale_latents
 from refldm.pipelines.sampling import img2img_latents, img2img_timesteps, initial_latents, sample
