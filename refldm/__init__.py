@@ -44,6 +44,9 @@ _LAZY = {
     "StableDiffusionControlNetInpaintPipeline": "refldm.pipelines.controlnet",
     "StableDiffusionXLControlNetPipeline": "refldm.pipelines.controlnet",
     "StableDiffusionXLControlNetImg2ImgPipeline": "refldm.pipelines.controlnet",
+    "FluxTransformer2DModel": "refldm.models.flux_transformer",
+    "FluxPipeline": "refldm.pipelines.flux",
+    "FluxImg2ImgPipeline": "refldm.pipelines.flux",
 }
 _SCHEDULERS = "refldm.schedulers"
 

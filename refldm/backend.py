@@ -49,8 +49,8 @@ def _load(name: str):
             import cupy
         except ImportError as e:  # pragma: no cover - depends on the machine
             raise BackendError(
-                "backend 'cupy' needs CuPy: pip install 'refldm[gpu]' (cupy-cuda12x) "
-                f"on a machine with an NVIDIA GPU ({e})") from None
+                "backend 'cupy' needs CuPy: pip install 'refldm[gpu]' (CUDA 12) or 'refldm[gpu-cuda13]' "
+                f"(CUDA 13) on a machine with an NVIDIA GPU ({e})") from None
         try:
             count = cupy.cuda.runtime.getDeviceCount()
         except Exception as e:  # pragma: no cover - depends on the machine

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -53,7 +54,8 @@ def on_backend(request):
 # The fast subset for the edit-test loop: `python -m pytest -m "not slow"`.
 #
 # A test is marked `slow` automatically when it needs the cross-check packages (torch, diffusers,
-# transformers): its code, a fixture it uses, or a helper either calls reaches `require(...)`. Tests
+# transformers): its code, a fixture it uses, or a helper either calls (one of its module, or one it
+# imports from another test module inside the function) reaches `require(...)`. Tests
 # may also be marked `@pytest.mark.slow` by hand. CI runs everything, marked or not.
 
 CROSSCHECK_CALL = "require("
@@ -95,12 +97,26 @@ def _needing_names(module) -> set:
     return needing
 
 
+_LOCAL_IMPORT = re.compile(r"from (tests\.\w+) import ([\w, ]+)")
+
+
+def _imports_needing(src: str) -> bool:
+    """True when `src` imports, inside a function (``from tests.test_pipeline import build_tiny_sd``), a
+    helper of another test module that needs the cross-check packages."""
+    for module, names in _LOCAL_IMPORT.findall(src):
+        needing = _needing_names(importlib.import_module(module))
+        if any(name.strip() in needing for name in names.split(",")):
+            return True
+    return False
+
+
 def _needs_crosscheck(item) -> bool:
     names = _needing_names(item.module)
     sources = [_source(item.function)]
     for defs in getattr(item, "_fixtureinfo", None).name2fixturedefs.values() if hasattr(item, "_fixtureinfo") else ():
         sources.extend(_source(d.func) for d in defs)
-    return any(CROSSCHECK_CALL in src or any(f"{n}(" in src for n in names) for src in sources)
+    return any(CROSSCHECK_CALL in src or any(f"{n}(" in src for n in names) or _imports_needing(src)
+               for src in sources)
 
 
 def pytest_collection_modifyitems(config, items):

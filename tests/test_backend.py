@@ -233,7 +233,8 @@ def test_refldm_backend_env_cupy_where_absent_fails_clearly_on_first_use():
 def test_refldm_num_threads_env_bad_value_fails_on_first_use(value):
     out = python("from refldm import accel; print(accel.num_threads())", REFLDM_NUM_THREADS="3")
     assert out.stdout.strip() == "3", out.stderr
-    out = python("import refldm, refldm.backend, refldm.core.ops; print('imported')", REFLDM_NUM_THREADS=value)
+    out = python("import refldm, refldm.backend, refldm.core.ops, refldm.core.functional; print('imported')",
+                 REFLDM_NUM_THREADS=value)
     assert out.returncode == 0, out.stderr
     out = python("from refldm import accel; accel.num_threads()", REFLDM_NUM_THREADS=value)
     last = out.stderr.strip().splitlines()[-1]

@@ -121,7 +121,7 @@ def pipeline():
     torch.set_num_threads(2)
     # the weights are stored in float16; ask for float32 (transformers 5 would otherwise keep the text
     # encoder in the checkpoint's float16, which the CPU cannot multiply with float32 activations)
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(FOLDER, torch_dtype=torch.float32,
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(FOLDER, dtype=torch.float32,
                                                              local_files_only=True)
     assert pipe.unet.dtype == pipe.text_encoder.dtype == torch.float32
     pipe.set_progress_bar_config(disable=True)

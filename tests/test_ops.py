@@ -9,7 +9,9 @@ cupy where present):
 - on invariants that hold whatever the implementation (softmax rows sum to 1, a centred identity
   kernel is the identity, group_norm output has zero mean and unit variance per group, ...).
 Array values are random normal draws from a seed hypothesis picks; hypothesis chooses the shapes and
-options. Outputs must stay on the active backend and keep the input dtype.
+options. Outputs must stay on the active backend and keep the input dtype. The ops are called as the
+models call them, through refldm.core.functional: on NumPy that runs the host kernels (the speed
+layer), on the fake device the reference in ops.py, so both meet the same independent references.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from refldm import backend
-from refldm.core import ops
+from refldm.core import functional as ops  # as the models call them: the host kernels on NumPy, the reference elsewhere
 from tests.conftest import require
 
 TOL = {np.float64: 1e-10, np.float32: 1e-5}  # relative error, max|a - b| / max|b|

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from refldm import accel, backend
-from refldm.core import ops
+from refldm.core import functional as ops  # as the models call them: the host kernels on NumPy, the reference elsewhere
 from tests.conftest import require
 from tests.test_ops import TOL, check_out, dev, randn, rel, torch_of
 

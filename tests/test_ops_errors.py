@@ -1,7 +1,9 @@
 """Bad input to every op is one ValueError whose message names the op and the shapes (or dtypes) it got.
 
 Each case runs on every backend of `on_backend`; arrays are built on the active backend inside the
-case, so the check is the op's own validation, not a device mix-up.
+case, so the check is the op's own validation, not a device mix-up. Each case runs twice: against the
+reference ops (refldm.core.ops) and against the dispatcher the models call (refldm.core.functional, with
+the speed layer on), which share their checks (refldm.core.checks): the same message either way.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refldm import backend
-from refldm.core import ops
+from refldm import accel, backend
+from refldm.core import functional, ops
 
 
 def a(*shape, dtype=np.float32):
@@ -106,8 +108,17 @@ CASES = [
 ]
 
 
+@pytest.fixture(params=["ops", "functional"])
+def through(request, monkeypatch):
+    """The cases call `ops.<name>`; with "functional" that name means refldm.core.functional here."""
+    if request.param == "functional":
+        monkeypatch.setitem(globals(), "ops", functional)
+    with accel.enabled(True):
+        yield request.param
+
+
 @pytest.mark.parametrize("call, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_raises_one_clear_value_error(on_backend, call, expected):
+def test_bad_input_raises_one_clear_value_error(on_backend, through, call, expected):
     with pytest.raises(ValueError) as info:
         call()
     message = str(info.value)
@@ -123,6 +134,7 @@ def test_every_op_has_a_bad_input_case():
     covered = {aliases.get(name, name) for name in covered}
     public = {name for name in ops.__all__ if callable(getattr(ops, name))}
     assert public <= covered, f"ops without a bad-input case: {sorted(public - covered)}"
+    assert public == {name for name in functional.__all__ if callable(getattr(functional, name))}
 
 
 def test_mixing_host_and_device_arrays_is_refused():

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from refldm import schedulers as rs
 from refldm.checkpoints.config import ConfigError
-from tests.test_schedulers import (FLOAT64_REL, MODULES, _common, _grid, _thresholding, float64_reference, rel_err,
-                                   run_diffusers, run_refldm)
+from tests.test_schedulers import (FLOAT64_REL, MODULES, _common, _grid, _thresholding, expect_repeated_first_timestep,
+                                   float64_reference, rel_err, run_diffusers, run_refldm)
 
 NAME = "DPMSolverSinglestepScheduler"
 MODULES.setdefault(NAME, "scheduling_dpmsolver_singlestep")  # where float64_reference patches diffusers
@@ -46,8 +46,9 @@ def test_singlestep_agrees_with_float64_diffusers(case):
     try:
         with float64_reference(NAME):
             ref, ref_timesteps, ref_traj = run_diffusers(NAME, config, steps, seed, strength)
-    except (AssertionError, IndexError):
-        assume(False)  # rounded Karras timesteps repeating the first one break diffusers' index rule
+    except (AssertionError, IndexError) as error:  # rounded Karras timesteps repeating the first one
+        expect_repeated_first_timestep(NAME, config, steps, seed, strength, error=error)
+        return
     # a zero-length step (grid sigmas repeating) divides 0/0 in diffusers' higher orders: not compared
     assume(all(numpy.isfinite(x).all() for x in ref_traj))
     ours, our_timesteps, our_traj = run_refldm(NAME, config, steps, seed, strength)

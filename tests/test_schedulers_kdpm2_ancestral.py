@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from refldm import schedulers as rs
 from tests.conftest import require
-from tests.test_schedulers import (FLOAT64_REL, MODULES, _common, _grid, float64_reference, rel_err, run_diffusers,
-                                   run_refldm)
+from tests.test_schedulers import (FLOAT64_REL, MODULES, _common, _grid, expect_repeated_first_timestep,
+                                   float64_reference, rel_err, run_diffusers, run_refldm)
 
 NAME = "KDPM2AncestralDiscreteScheduler"
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers 0.42 on NumPy 2: slow when recorded
@@ -36,8 +36,9 @@ def test_dpm2_ancestral_agrees_with_float64_diffusers_with_the_same_noise(case):
     try:
         with float64_reference(NAME):
             ref, ref_timesteps, ref_traj = run_diffusers(NAME, config, steps, seed, strength)
-    except (AssertionError, IndexError):
-        assume(False)  # rounded Karras timesteps repeating the first one break diffusers' index rule
+    except (AssertionError, IndexError) as error:  # rounded Karras timesteps repeating the first one
+        expect_repeated_first_timestep(NAME, config, steps, seed, strength, error=error)
+        return
     assume(all(numpy.isfinite(x).all() for x in ref_traj))
     ours, our_timesteps, our_traj = run_refldm(NAME, config, steps, seed, strength)
     # midpoint timesteps are mapped back from sigma_mid through log/exp, whose last bit torch and NumPy may round

@@ -463,7 +463,9 @@ def test_old_style_merge_strings_in_tokenizer_json(small_folder, tmp_path):
     (saved / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
     a, b = CLIPTokenizer.from_pretrained(saved), CLIPTokenizer.from_pretrained(small_folder)
     texts = prompts(50, seed=7)
-    np.testing.assert_array_equal(a(texts)["input_ids"], b(texts)["input_ids"])
+    with pytest.warns(UserWarning, match="only 75 fit"):  # some of the prompts are long: truncated, and said so
+        ids_a, ids_b = a(texts)["input_ids"], b(texts)["input_ids"]
+    np.testing.assert_array_equal(ids_a, ids_b)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from refldm import accel  # noqa: E402
-from refldm.core import ops
+from refldm.core import functional  # noqa: E402  (the ops as the models call them)
 
 
 def machine() -> dict:
@@ -77,36 +77,36 @@ def cases(torch, dtype=np.float32):
     out = {}
     (x, w, b), (tx, tw, tb) = both(arr(2, 320, 64, 64), arr(320, 320, 3, 3, scale=0.02), arr(320))
     out["conv3x3"] = ("conv2d 3x3, N=2, 320->320, 64x64, pad 1",
-                      lambda: ops.conv2d(x, w, b, padding=1), lambda: F.conv2d(tx, tw, tb, padding=1))
+                      lambda: functional.conv2d(x, w, b, padding=1), lambda: F.conv2d(tx, tw, tb, padding=1))
     (w1,), (tw1,) = both(arr(320, 320, 1, 1, scale=0.05))
     out["conv1x1"] = ("conv2d 1x1, N=2, 320->320, 64x64",
-                      lambda: ops.conv2d(x, w1, b), lambda: F.conv2d(tx, tw1, tb))
+                      lambda: functional.conv2d(x, w1, b), lambda: F.conv2d(tx, tw1, tb))
     (xs, ws, bs), (txs, tws, tbs) = both(arr(2, 320, 64, 64), arr(320, 320, 3, 3, scale=0.02), arr(320))
     out["conv3x3_s2"] = ("conv2d 3x3 stride 2, N=2, 320->320, 64x64 -> 32x32, pad 1",
-                         lambda: ops.conv2d(xs, ws, bs, stride=2, padding=1),
+                         lambda: functional.conv2d(xs, ws, bs, stride=2, padding=1),
                          lambda: F.conv2d(txs, tws, tbs, stride=2, padding=1))
     (q, k, v), (tq, tk, tv) = both(arr(2, 8, 4096, 40), arr(2, 8, 4096, 40), arr(2, 8, 4096, 40))
     out["attention"] = ("attention, B=2, 8 heads, 4096 queries and keys, head size 40",
-                        lambda: ops.scaled_dot_product_attention(q, k, v),
+                        lambda: functional.scaled_dot_product_attention(q, k, v),
                         lambda: F.scaled_dot_product_attention(tq, tk, tv))
     (kc, vc), (tkc, tvc) = both(arr(2, 8, 77, 40), arr(2, 8, 77, 40))
     out["cross_attention"] = ("cross-attention, B=2, 8 heads, 4096 queries, 77 keys, head size 40",
-                              lambda: ops.scaled_dot_product_attention(q, kc, vc),
+                              lambda: functional.scaled_dot_product_attention(q, kc, vc),
                               lambda: F.scaled_dot_product_attention(tq, tkc, tvc))
     (g, gb), (tg, tgb) = both(arr(320), arr(320))
     out["group_norm"] = ("group_norm, 32 groups, (2, 320, 64, 64)",
-                         lambda: ops.group_norm(x, 32, g, gb, eps=1e-5),
+                         lambda: functional.group_norm(x, 32, g, gb, eps=1e-5),
                          lambda: F.group_norm(tx, 32, tg, tgb, eps=1e-5))
     (x2, g2, b2), (tx2, tg2, tb2) = both(arr(2, 1280, 16, 16), arr(1280), arr(1280))
     out["group_norm_1280"] = ("group_norm, 32 groups, (2, 1280, 16, 16)",
-                              lambda: ops.group_norm(x2, 32, g2, b2), lambda: F.group_norm(tx2, 32, tg2, tb2))
+                              lambda: functional.group_norm(x2, 32, g2, b2), lambda: F.group_norm(tx2, 32, tg2, tb2))
     (t,), (tt,) = both(arr(2, 4096, 320))
     out["layer_norm"] = ("layer_norm, (2, 4096, 320)",
-                         lambda: ops.layer_norm(t, g, gb), lambda: F.layer_norm(tt, (320,), tg, tgb))
-    out["silu"] = ("silu, (2, 320, 64, 64)", lambda: ops.silu(x), lambda: F.silu(tx))
+                         lambda: functional.layer_norm(t, g, gb), lambda: F.layer_norm(tt, (320,), tg, tgb))
+    out["silu"] = ("silu, (2, 320, 64, 64)", lambda: functional.silu(x), lambda: F.silu(tx))
     (h,), (th,) = both(arr(2, 4096, 1280))
-    out["gelu"] = ("gelu (erf), (2, 4096, 1280)", lambda: ops.gelu(h), lambda: F.gelu(th))
-    out["gelu_tanh"] = ("gelu (tanh), (2, 4096, 1280)", lambda: ops.gelu(h, approximate="tanh"),
+    out["gelu"] = ("gelu (erf), (2, 4096, 1280)", lambda: functional.gelu(h), lambda: F.gelu(th))
+    out["gelu_tanh"] = ("gelu (tanh), (2, 4096, 1280)", lambda: functional.gelu(h, approximate="tanh"),
                         lambda: F.gelu(th, approximate="tanh"))
     (wg, bg), (twg, tbg) = both(arr(2560, 320, scale=0.05), arr(2560))
 
@@ -115,10 +115,10 @@ def cases(torch, dtype=np.float32):
         return hh * F.gelu(gg)
 
     out["geglu"] = ("geglu, x (2, 4096, 320), W (2560, 320) (the U-Net feed-forward's first layer)",
-                    lambda: ops.geglu(t, wg, bg), torch_geglu)
-    out["softmax"] = ("softmax over the last axis, (2, 4096, 1280)", lambda: ops.softmax(h),
+                    lambda: functional.geglu(t, wg, bg), torch_geglu)
+    out["softmax"] = ("softmax over the last axis, (2, 4096, 1280)", lambda: functional.softmax(h),
                       lambda: F.softmax(th, dim=-1))
-    out["upsample"] = ("upsample_nearest2x, (2, 1280, 16, 16)", lambda: ops.upsample_nearest2x(x2),
+    out["upsample"] = ("upsample_nearest2x, (2, 1280, 16, 16)", lambda: functional.upsample_nearest2x(x2),
                        lambda: F.interpolate(tx2, scale_factor=2.0, mode="nearest"))
     return out
 

@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from refldm import accel  # noqa: E402
-from refldm.core import ops
+from refldm.core import functional  # noqa: E402
 from refldm.models.unet import UNet2DConditionModel  # noqa: E402
 
 SD1 = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
@@ -144,14 +144,14 @@ class OpTimer:
 
     def __enter__(self):
         for name in self.NAMES:
-            fn = getattr(ops, name)
+            fn = getattr(functional, name)
             self.saved.append((name, fn))
-            setattr(ops, name, self._wrap(name, fn))  # blocks.py and unet.py call ops.<name>
+            setattr(functional, name, self._wrap(name, fn))  # blocks.py and unet.py call F.<name>
         return self
 
     def __exit__(self, *exc):
         for name, fn in self.saved:
-            setattr(ops, name, fn)
+            setattr(functional, name, fn)
         return False
 
     def report(self, cpu: float, runs: int):

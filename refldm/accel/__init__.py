@@ -1,11 +1,13 @@
 """The speed layer: everything that exists only to make the host (NumPy) ops fast.
 
 refldm/core/ops.py is the reference: each op computes the equation in its docstring with the array
-namespace alone. On the host, an op whose reference would be slow hands its (already checked) inputs
-to the kernel of the same name here, in one visible line at the top of the op:
+namespace alone. Models call the ops through refldm/core/functional.py, the one place where the speed
+layer plugs in: on the host, an op whose reference would be slow has its (already checked) inputs handed
+to the kernel of the same name here,
 
-    if accel.active(xp):
+    if _fast(x, weight, bias):                      # accel.active(xp): NumPy arrays, switch on
         return accel.conv2d(x, weight, bias, (sh, sw), (top, bottom, left, right))
+    return ops.conv2d(x, weight, bias, stride, padding)
 
 What lives here: the thread pool (`threads`), the host BLAS's thread count and an in-place gemm
 through ctypes (`blas`), and the fast kernels (`kernels`: per-tap in-place convolution, blocked

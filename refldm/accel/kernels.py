@@ -9,7 +9,8 @@ NumPy arrays, and computes the same equation as the op it accelerates. What make
   padded image (no im2col matrix, no temporary per tap), in cache-sized bands of output rows; on a
   small image it is one im2col product, and a 3x3 one with many channels runs by Winograd's F(2x2, 3x3).
 - Attention works per head on cache-sized blocks of query rows, folds the scale into q, and divides
-  by the softmax row sums after the product P V.
+  by the softmax row sums after the product P V; where NumPy's float32 exp is its AVX2 build, a block
+  whose shifted scores underflow is clamped at -87 first (that exp leaves its SIMD loop for them).
 - gelu in float32 evaluates erf by a short polynomial instead of SciPy's erf.
 - Small matrix products run on one BLAS thread (waking BLAS's helper threads costs more).
 """
@@ -72,14 +73,45 @@ SHIFT_FREE_LOW, SHIFT_FREE_HIGH = -30.0, 60.0
 # that finds the row maxima too: each row's max then lies within +-29, inside the window with room for
 # rounding, so the row comes out exactly as if its max had been found.
 SHIFT_FREE_BOUND = 29.0
+# NumPy's float32 exp built for AVX2 (its X86_V3 target) leaves its SIMD loop for every vector that holds
+# a value below about -87.3, where exp underflows: on a 2 MiB block of scores with such values it takes
+# 2.2-2.3 ns per value instead of 0.55 (tools/bench_exp.py; its AVX-512 build, 0.31 ns, has no such
+# path). Attention therefore clamps the exponents of a float32 block at EXP_LOW first (one pass of 0.3-0.5
+# ns per value) where NumPy's float32 exp is not the AVX-512 build and the block does hold such values:
+# a block with a mask, or without one unless |q_i| max_j |k_j| <= EXP_LOW_BOUND for all its rows (then
+# s_ij - max_j s_ij >= -2 |q_i| max_j |k_j| >= EXP_LOW), looks at the smallest score of every
+# EXP_LOW_SAMPLE-th row and clamps if min_j s_ij - c_i < EXP_LOW in one of them, c_i its shift (a sample:
+# the decision only costs or saves time, the clamp never changes a result). The clamp changes no result: e^-87 is
+# 1.6e-38, and a row's largest term is at least e^-30 (1e-13), so a weight that small is below half a
+# float32 unit of every sum it enters (a test checks the bytes).
+EXP_LOW = -87.0
+EXP_LOW_BOUND = 43.5
+EXP_LOW_SAMPLE = 8
+EXP_CLAMP = None  # None: decided on first use (_exp_underflow_is_slow); True / False force it
+
+
+def _exp_underflow_is_slow() -> bool:
+    """True unless NumPy's float32 exp runs its AVX-512 build here (decided from NumPy's dispatch, never by
+    timing)."""
+    try:
+        from numpy.lib.introspect import opt_func_info
+        current = opt_func_info(func_name="exp$", signature="float32")["exp"]["ff"]["current"]
+    except Exception:  # noqa: BLE001 - an older NumPy without the introspection: clamp, it is always correct
+        return True
+    return not (current.startswith("X86_V4") or current.startswith("AVX512"))
+
+
+# A large product is cut into at least this many blocks (an even number), so that a mid-sized product (the
+# U-Net's 16x16 and 8x8 levels) keeps every core busy, and a thread slowed by another process on its core
+# holds back only a small share of it (the others take the remaining blocks; see threads.parallel_map).
+PRODUCT_MIN_BLOCKS = 2
 
 
 def _even_blocks(size: int, step: int, align: int = 16) -> int:
     """The block length for cutting `size` rows (or columns) into an even number of blocks of at most
-    about `step`, each a multiple of `align`: two or more blocks, so that a mid-sized product (the
-    U-Net's 16x16 and 8x8 levels) keeps both cores busy. It depends on the sizes only, never on the
-    thread count, so the bytes of a result do not either."""
-    blocks = max(2, -(-size // step))
+    about `step`, each a multiple of `align`: PRODUCT_MIN_BLOCKS or more. It depends on the sizes
+    only, never on the thread count, so the bytes of a result do not either."""
+    blocks = max(PRODUCT_MIN_BLOCKS, -(-size // step))
     blocks += blocks % 2
     return max(align, -(-(-(-size // blocks)) // align) * align)
 
@@ -532,6 +564,10 @@ def scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget):
     # weight is exactly 1 and the output exactly v, as in the reference)
     may_skip = q.dtype.itemsize >= 4 and lk >= 2
     may_bound = may_skip and mask is None
+    global EXP_CLAMP
+    if EXP_CLAMP is None:
+        EXP_CLAMP = _exp_underflow_is_slow()
+    clamp_exp = EXP_CLAMP and q.dtype == np.float32
     if may_bound:
         # |s_ij| <= |q_i| |k_j| (Cauchy-Schwarz): a row whose bound is at most SHIFT_FREE_BOUND has its
         # max inside the window, so it needs no max to be found
@@ -547,8 +583,10 @@ def scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget):
             s[np.arange(lk).reshape(1, -1) > np.arange(lq)[rows].reshape(-1, 1)] = -np.inf
         return s
 
-    def weighted_values(s, v_g, o):
+    def weighted_values(s, v_g, o, clamp):
         """o = softmax(s) V from shifted (or unshifted) scores s, which it overwrites."""
+        if clamp:
+            np.maximum(s, EXP_LOW, out=s)                          # no underflowing exp (see EXP_LOW)
         np.exp(s, out=s)                                           # P up to its row sums
         np.matmul(s, v_g, out=o)                                   # P V, (rows, d_v)
         o /= _sums(s, "ij->i").reshape(-1, 1)                      # / sum_j P_ij
@@ -556,27 +594,34 @@ def scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget):
     def block(item):
         g, i, j = item                                             # head index g, query rows i..j-1
         s = scores(g, slice(i, j))
-        if may_bound and q_norms[g][i:j].max() * k_norm[g] <= SHIFT_FREE_BOUND:
+        bound = q_norms[g][i:j].max() * k_norm[g] if may_bound else math.inf
+        clamp = False
+        if bound <= SHIFT_FREE_BOUND:
             shift = np.zeros(j - i, dtype=bool)                    # every row bounded: no max pass
         else:
             m = np.max(s, axis=-1, keepdims=True)                  # the row maxima
             shift = (~((m >= SHIFT_FREE_LOW) & (m <= SHIFT_FREE_HIGH))).ravel() if may_skip else None
+            if clamp_exp and bound > EXP_LOW_BOUND:                # may a shifted score fall below EXP_LOW?
+                c = m[::EXP_LOW_SAMPLE, 0]                         # the sampled rows' shifts
+                if shift is not None:
+                    c = np.where(shift[::EXP_LOW_SAMPLE], c, 0)
+                clamp = bool(np.any(np.min(s[::EXP_LOW_SAMPLE], axis=-1) - c < EXP_LOW))
         o = out[g][i:j]
         if shift is None or shift.all():
             s -= m                                                 # the reference's shift (NaN, -inf maxima too)
-            weighted_values(s, v[g], o)
+            weighted_values(s, v[g], o, clamp)
             return
         if shift.any():
             rows = np.flatnonzero(shift)
             s[rows] -= m[rows]
         with np.errstate(over="ignore", invalid="ignore"):         # an overflow here is redone below
-            weighted_values(s, v[g], o)
+            weighted_values(s, v[g], o, clamp)
         redo = np.flatnonzero(~shift & ~np.isfinite(o).all(axis=1))  # unshifted rows that overflowed
         if redo.size:
             s = scores(g, i + redo)
             s -= np.max(s, axis=-1, keepdims=True)
             o_redo = np.empty((redo.size, dv), dtype=o.dtype)
-            weighted_values(s, v[g], o_redo)
+            weighted_values(s, v[g], o_redo, clamp)
             o[redo] = o_redo
 
     rows = max(1, min(lq, min(budget, ATTENTION_BLOCK_BYTES) // max(1, lk * q.dtype.itemsize)))

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from refldm import backend
-from refldm.core import ops
+from refldm.core import functional as F
 from refldm.checkpoints.weights import WeightsError, read_header, load_file
 
 __all__ = ["LoRA", "LoRALayer", "LoRAError", "load_lora", "apply_loras", "remove_loras", "adapted_layers"]
@@ -397,9 +397,9 @@ def _forward_with_branches(self, x):
     y = type(self).forward(self, x)
     for down, up, s in self._lora_branches:
         if down.ndim == 2:
-            branch = ops.linear(ops.linear(x, down), up)                                    # (..., in) -> r -> out
+            branch = F.linear(F.linear(x, down), up)                                    # (..., in) -> r -> out
         else:
-            branch = ops.conv2d(ops.conv2d(x, down, stride=self.stride, padding=self.padding), up)  # 1x1 up
+            branch = F.conv2d(F.conv2d(x, down, stride=self.stride, padding=self.padding), up)  # 1x1 up
         y = y + s * branch
     return y
 
@@ -418,7 +418,7 @@ def _route_geglu(model) -> None:
 def _geglu_through_layer(self, x):
     proj = self.proj(x)                                   # (..., 2 * D_out), with the LoRA branches
     half = proj.shape[-1] // 2
-    return proj[..., :half] * ops.gelu(proj[..., half:])  # h * gelu(g)
+    return proj[..., :half] * F.gelu(proj[..., half:])    # h * gelu(g)
 
 
 def _all_modules(model):

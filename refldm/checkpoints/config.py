@@ -46,6 +46,10 @@ RULES = [
 ]
 
 
+# String keys with a fixed set of values, named in the message when another value (or type) is given.
+CHOICES = {"table_dtype": ("float64", "float32")}
+
+
 def parse_config(cls, config: dict, *, ignored=(), fixed=None, where: str = "config"):
     """Build dataclass `cls` from `config`; raise ConfigError naming any unsupported key or value."""
     fixed = fixed or {}
@@ -55,8 +59,13 @@ def parse_config(cls, config: dict, *, ignored=(), fixed=None, where: str = "con
     for key, value in config.items():
         if not isinstance(key, str):
             raise ConfigError(f"{where}: config key {short(key)} is not a string")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"{where}: {key}={short(value)} is not supported (choose one of "
+                              f"{', '.join(repr(c) for c in CHOICES[key])})")
         if key in fields:
-            kwargs[key] = check_value(key, value, str(fields[key].type), rules, where)
+            default = fields[key].default
+            infinite_ok = isinstance(default, float) and math.isinf(default)  # lambda_min_clipped = -inf
+            kwargs[key] = check_value(key, value, str(fields[key].type), rules, where, infinite_ok)
         elif key.startswith("_") or key in ignored:
             continue
         elif key in fixed:
@@ -74,9 +83,10 @@ def parse_config(cls, config: dict, *, ignored=(), fixed=None, where: str = "con
         raise ConfigError(f"{where}: {e}") from None
 
 
-def check_value(key: str, value, annotation: str, rules=RULES, where: str = "config"):
+def check_value(key: str, value, annotation: str, rules=RULES, where: str = "config", infinite_ok: bool = False):
     """`value` checked against the field's annotated type ("int", "float | None", "int | list", ...) and
-    the first rule whose pattern matches `key`; returns it unchanged. Errors read
+    the first rule whose pattern matches `key`; returns it unchanged (+-inf only where `infinite_ok`: a field
+    whose default is infinite, such as lambda_min_clipped). Errors read
     ``{where}: {key}={value!r} must be {what it must be}``."""
     kinds = [k.strip() for k in annotation.split("|")]
     if isinstance(value, (list, tuple)) and any(k in ("list", "tuple") for k in kinds):
@@ -86,13 +96,13 @@ def check_value(key: str, value, annotation: str, rules=RULES, where: str = "con
             for v in inner:
                 if isinstance(v, (list, tuple, dict)):
                     raise ConfigError(f"{where}: {key}={short(value)} is nested too deeply; expected {annotation}")
-                _scalar(key, v, scalar_kinds + ["None"], rules, where)
+                _scalar(key, v, scalar_kinds + ["None"], rules, where, infinite_ok)
         if not value and "int" in kinds:  # sample_size: [] and the like
             raise ConfigError(f"{where}: {key}=[] must be {_expect(key, kinds, rules)}")
         return value
     if "dict" in kinds and isinstance(value, dict):
         return value
-    _scalar(key, value, [k for k in kinds if k not in ("list", "tuple")], rules, where)
+    _scalar(key, value, [k for k in kinds if k not in ("list", "tuple")], rules, where, infinite_ok)
     return value
 
 
@@ -128,7 +138,7 @@ def _expect(key, kinds, rules) -> str:
     return " or ".join(words) or "one of " + ", ".join(kinds)
 
 
-def _scalar(key, value, kinds, rules, where):
+def _scalar(key, value, kinds, rules, where, infinite_ok=False):
     def fail():
         raise ConfigError(f"{where}: {key}={short(value)} must be {_expect(key, kinds, rules)}")
 
@@ -141,8 +151,10 @@ def _scalar(key, value, kinds, rules, where):
             fail()
         return
     if isinstance(value, (int, float)):
-        if not math.isfinite(value):
+        if math.isnan(value) or (math.isinf(value) and not (infinite_ok and "float" in kinds)):
             fail()
+        if math.isinf(value):
+            return
         if "int" in kinds and isinstance(value, int):
             (low, high), open_low = _rule(key, rules, True)
         elif "float" in kinds:

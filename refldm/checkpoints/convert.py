@@ -741,3 +741,134 @@ def infer_controlnet_config(state: dict) -> dict:
         config.update(addition_embed_type="text_time", addition_time_embed_dim=256,
                       projection_class_embeddings_input_dim=shape(u + "label_emb.0.0.weight")[1])
     return config
+
+
+# FLUX.1 single files: the transformer under the reference repository's names (black-forest-labs/flux,
+# flux1-dev.safetensors / flux1-schnell.safetensors; ComfyUI's copies put "model.diffusion_model." in front).
+#
+#     time_in / guidance_in / vector_in .in_layer, .out_layer     the time, guidance and pooled-text MLPs
+#     img_in, txt_in                                               x_embedder, context_embedder
+#     double_blocks.{i}.img_mod.lin, .txt_mod.lin                  norm1.linear, norm1_context.linear
+#     double_blocks.{i}.img_attn.qkv (3D, D)                       to_q, to_k, to_v: rows [0, D), [D, 2D), [2D, 3D)
+#     double_blocks.{i}.img_attn.norm.query_norm.scale             attn.norm_q.weight (RMS scales are "scale")
+#     double_blocks.{i}.img_attn.proj, .img_mlp.0, .img_mlp.2      attn.to_out.0, ff.net.0.proj, ff.net.2
+#     (txt_* likewise: add_q/k/v_proj, norm_added_q/k, to_add_out, ff_context)
+#     single_blocks.{i}.linear1 (3D + 4D, D)                       to_q, to_k, to_v, proj_mlp (rows in that order)
+#     single_blocks.{i}.linear2, .modulation.lin, .norm.*_norm     proj_out, norm.linear, attn.norm_q / norm_k
+#     final_layer.linear, final_layer.adaLN_modulation.1           proj_out, norm_out.linear ([shift; scale] in the
+#                                                                  file, [scale; shift] in diffusers: halves swapped)
+
+FLUX_FILE_PREFIX = "model.diffusion_model."
+FLUX_TOP = [
+    ("time_text_embed.timestep_embedder.linear_1", "time_in.in_layer"),
+    ("time_text_embed.timestep_embedder.linear_2", "time_in.out_layer"),
+    ("time_text_embed.guidance_embedder.linear_1", "guidance_in.in_layer"),
+    ("time_text_embed.guidance_embedder.linear_2", "guidance_in.out_layer"),
+    ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
+    ("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
+    ("context_embedder", "txt_in"), ("x_embedder", "img_in"), ("proj_out", "final_layer.linear"),
+    ("norm_out.linear", "final_layer.adaLN_modulation.1"),
+]
+# (diffusers module in a block, original module, which D-row chunk of a fused matrix or None)
+FLUX_DOUBLE = [
+    ("norm1.linear", "img_mod.lin", None), ("norm1_context.linear", "txt_mod.lin", None),
+    ("attn.to_q", "img_attn.qkv", 0), ("attn.to_k", "img_attn.qkv", 1), ("attn.to_v", "img_attn.qkv", 2),
+    ("attn.add_q_proj", "txt_attn.qkv", 0), ("attn.add_k_proj", "txt_attn.qkv", 1),
+    ("attn.add_v_proj", "txt_attn.qkv", 2),
+    ("attn.norm_q", "img_attn.norm.query_norm", None), ("attn.norm_k", "img_attn.norm.key_norm", None),
+    ("attn.norm_added_q", "txt_attn.norm.query_norm", None), ("attn.norm_added_k", "txt_attn.norm.key_norm", None),
+    ("attn.to_out.0", "img_attn.proj", None), ("attn.to_add_out", "txt_attn.proj", None),
+    ("ff.net.0.proj", "img_mlp.0", None), ("ff.net.2", "img_mlp.2", None),
+    ("ff_context.net.0.proj", "txt_mlp.0", None), ("ff_context.net.2", "txt_mlp.2", None),
+]
+FLUX_SINGLE = [
+    ("norm.linear", "modulation.lin", None), ("attn.to_q", "linear1", 0), ("attn.to_k", "linear1", 1),
+    ("attn.to_v", "linear1", 2), ("proj_mlp", "linear1", 3), ("attn.norm_q", "norm.query_norm", None),
+    ("attn.norm_k", "norm.key_norm", None), ("proj_out", "linear2", None),
+]
+
+
+def is_flux(keys) -> bool:
+    """True when the keys hold a FLUX transformer under the reference names (double_blocks.*.img_attn.qkv)."""
+    return any(".img_attn.qkv." in k and "double_blocks." in k for k in keys)
+
+
+def flux_key(key: str, dim: int):
+    """(original key, rows, swap_halves) for FluxTransformer2DModel key `key` (model width D = `dim`): rows is
+    the (start, stop) of the fused matrix's rows that hold it, or None."""
+    m = re.match(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)\.(weight|bias)$", key)
+    if m:
+        kind, i, module, leaf = m.group(1), m.group(2), m.group(3), m.group(4)
+        table, block = (FLUX_DOUBLE, "double_blocks") if kind == "transformer_blocks" else (FLUX_SINGLE,
+                                                                                            "single_blocks")
+        for new, old, chunk in table:
+            if module == new:
+                leaf = "scale" if old.endswith("_norm") else leaf
+                rows = None if chunk is None else (chunk * dim, None if chunk == 3 else (chunk + 1) * dim)
+                return f"{block}.{i}.{old}.{leaf}", rows, False
+    else:
+        for new, old in FLUX_TOP:
+            if key.startswith(new + "."):
+                return old + key[len(new):], None, new == "norm_out.linear"
+    raise ConversionError(f"no rule in refldm/checkpoints/convert.py maps FLUX transformer key {key!r} to an "
+                          "original checkpoint key")
+
+
+def flux_from_original(state: dict, expected, dim: int, source: str = "checkpoint") -> dict:
+    """Rename a FLUX single file's tensors to diffusers keys ({key: array}) for the keys `expected` of a model of
+    width `dim`; with or without the "model.diffusion_model." prefix. Memory-mapped tensors (weights_dtype=
+    "stored") stay mapped where only rows are taken. One ConversionError lists every missing or unused key."""
+    if any(k.startswith(FLUX_FILE_PREFIX) for k in state):
+        state = {k[len(FLUX_FILE_PREFIX):]: v for k, v in state.items() if k.startswith(FLUX_FILE_PREFIX)}
+    out, used, missing = {}, set(), []
+    for key in expected:
+        old, rows, swap = flux_key(key, dim)
+        if old not in state:
+            missing.append(old)
+            continue
+        value = state[old] if hasattr(state[old], "bind") else np.asarray(state[old])
+        if rows is not None:
+            value = value[rows[0]:rows[1]]
+        elif swap:
+            value = _swap_halves(np.asarray(value))
+        out[key] = value
+        used.add(old)
+    leftover = sorted(k for k in state if k not in used)
+    problems = [f"{label}: " + ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+                for label, keys in (("missing", sorted(set(missing))), ("not understood", leftover)) if keys]
+    if problems:
+        raise ConversionError(f"{source} does not match the FLUX single-file layout of the given config: "
+                              + "; ".join(problems))
+    return out
+
+
+def flux_to_original(state: dict, dim: int) -> dict:
+    """The inverse of `flux_from_original` (the tests write a reference-layout file from a diffusers model)."""
+    out, fused = {}, {}
+    for key, value in state.items():
+        old, rows, swap = flux_key(key, dim)
+        value = np.asarray(value)
+        if rows is not None:
+            fused.setdefault(old, {})[rows[0]] = value
+        else:
+            out[old] = _swap_halves(value) if swap else value
+    for old, parts in fused.items():
+        out[old] = np.concatenate([parts[k] for k in sorted(parts)], axis=0)
+    return out
+
+
+def flux_config_from_shapes(state: dict) -> dict:
+    """A FluxTransformer2DModel config read off a single file's shapes (heads of 128 and RoPE axes (16, 56, 56),
+    as in FLUX.1 dev and schnell; those two the shapes do not tell)."""
+    keys = [k[len(FLUX_FILE_PREFIX):] if k.startswith(FLUX_FILE_PREFIX) else k for k in state]
+    shapes = {k: tuple(v.shape) for k, v in zip(keys, state.values())}
+    try:
+        dim, in_channels = shapes["img_in.weight"]
+        joint = shapes["txt_in.weight"][1]
+        pooled = shapes["vector_in.in_layer.weight"][1]
+    except KeyError as e:
+        raise ConversionError(f"not a FLUX single file: no {e.args[0]}") from None
+    return dict(patch_size=1, in_channels=in_channels, num_layers=_count(keys, r"double_blocks\.(\d+)\."),
+                num_single_layers=_count(keys, r"single_blocks\.(\d+)\."), attention_head_dim=128,
+                num_attention_heads=dim // 128, joint_attention_dim=joint, pooled_projection_dim=pooled,
+                guidance_embeds="guidance_in.in_layer.weight" in shapes, axes_dims_rope=[16, 56, 56])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 
@@ -232,11 +233,28 @@ def read_header(path) -> tuple[dict, dict, int]:
     return infos, dict(metadata), 8 + n
 
 
-def load_file(path, keys=None) -> dict:
-    """Read a safetensors file into {key: NumPy array} (bf16 becomes float32; others keep their dtype)."""
+# Float dtypes a tensor may be converted between while it is read (load_file's `dtype`).
+_FLOATS = ("F16", "BF16", "F32", "F64")
+# A tensor converted while read passes through a buffer of at most this many bytes.
+_READ_CHUNK = 16 * 2**20
+
+
+def load_file(path, keys=None, dtype=None) -> dict:
+    """Read a safetensors file into {key: NumPy array} without a second copy of the weights.
+
+    The file is memory-mapped copy-on-write (``mmap.ACCESS_COPY``): a tensor kept in its stored dtype
+    is a view of the mapping, so its bytes are read from the page cache when first touched and are
+    never copied (writing to the array changes this process's copy only, never the file). With
+    `dtype` ("float32", "float16", "float64"), a float tensor stored in another float dtype is
+    converted while it is read, in chunks of at most 16 MiB through a small buffer, straight into an
+    array of `dtype`: the stored bytes are never all held at once. Without `dtype`, bf16 becomes
+    float32 and every other tensor keeps its stored dtype. `keys`: read only these.
+    """
     header, _, start = read_header(path)
+    target = None if dtype is None else backend.resolve_dtype(dtype)
     out = {}
     with open(path, "rb") as f:
+        mapped = None
         for key, info in header.items():
             if keys is not None and key not in keys:
                 continue
@@ -245,17 +263,48 @@ def load_file(path, keys=None) -> dict:
                 raise WeightsError(f"{path}: key {shown(key)}: dtype {dt} has no NumPy type; refldm cannot "
                                    "read it (convert the file to F32, F16 or BF16)")
             b, e = info["data_offsets"]
-            f.seek(start + b)
-            buf = f.read(e - b)
-            if len(buf) != e - b:
-                raise WeightsError(f"{path}: key {shown(key)}: file ends inside the tensor data")
+            stored = _DTYPES[dt]
+            count = (e - b) // stored.itemsize
             try:  # NumPy's limits: 64 dimensions, each size within its index type
-                arr = np.frombuffer(buf, dtype=_DTYPES[dt]).reshape(shape)
+                want = np.dtype("<f4") if dt == "BF16" else stored
+                if target is not None and dt in _FLOATS:
+                    want = target
+                if want == stored and e > b and (start + b) % stored.itemsize == 0:
+                    if mapped is None:
+                        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                    arr = np.frombuffer(mapped, dtype=stored, count=count, offset=start + b).reshape(shape)
+                else:
+                    arr = np.empty(shape, dtype=want)
+                    _read_into(f, start + b, stored, count, arr.reshape(-1), bf16=dt == "BF16")
             except (ValueError, OverflowError) as err:
                 raise WeightsError(f"{path}: key {shown(key)}: NumPy cannot hold an array of shape "
                                    f"{shown(shape, 60)} ({shown(str(err), 80)})") from None
-            out[key] = bf16_to_float32(arr) if dt == "BF16" else arr.copy()
+            except OSError as err:
+                raise WeightsError(f"{path}: key {shown(key)}: cannot read the tensor data ({err})") from None
+            out[key] = arr
     return out
+
+
+def _read_into(f, offset: int, stored, count: int, flat, bf16: bool) -> None:
+    """Read `count` values of dtype `stored` at byte `offset` of file `f` into the 1-d array `flat`,
+    converting them to its dtype (bf16 bits through float32), through a buffer of at most _READ_CHUNK bytes."""
+    if count == 0:
+        return
+    if flat.dtype == stored and not bf16:
+        f.seek(offset)
+        view = memoryview(flat.view(np.uint8))
+        got = f.readinto(view)
+        if got != view.nbytes:
+            raise OSError("the file ends inside the tensor data")
+        return
+    step = max(1, _READ_CHUNK // stored.itemsize)
+    buf = np.empty(min(step, count), dtype=stored)
+    f.seek(offset)
+    for i in range(0, count, step):
+        part = buf[:min(step, count - i)]
+        if f.readinto(memoryview(part.view(np.uint8))) != part.nbytes:
+            raise OSError("the file ends inside the tensor data")
+        flat[i:i + part.size] = bf16_to_float32(part) if bf16 else part
 
 
 def save_file(tensors: dict, path, metadata: dict | None = None) -> None:
@@ -314,11 +363,12 @@ def find_weights(folder, stem: str = "diffusion_pytorch_model") -> list[str]:
     raise WeightsError(f"{folder}: no {stem}.safetensors (nor a sharded index) found")
 
 
-def load_state(paths) -> dict:
-    """Read and merge one or more safetensors files into one {key: array}; a key in two files is an error."""
+def load_state(paths, dtype=None) -> dict:
+    """Read and merge one or more safetensors files into one {key: array}; a key in two files is an error.
+    dtype: convert float tensors to it while reading (see load_file)."""
     state, where = {}, {}
     for path in paths:
-        for key, value in load_file(path).items():
+        for key, value in load_file(path, dtype=dtype).items():
             if key in state:
                 raise WeightsError(f"key {shown(key)} appears in both {where[key]} and {path}")
             state[key], where[key] = value, path
@@ -330,7 +380,8 @@ def load_into(model, state: dict, dtype="float32", source: str = "checkpoint"):
 
     Every expected key must be present with the expected shape and no key may be left over; a mismatch
     raises one WeightsError listing the keys at fault. Arrays are cast to `dtype` (fp16 / bf16 files are
-    upcast) and moved to the active backend.
+    upcast) and moved to the active backend; a host array already in `dtype` is used as it is (no copy:
+    a view of load_file's mapping stays one), and arrays of a device backend are cast on their device.
     """
     dt = backend.resolve_dtype(dtype)
     expected = {key: (owner, attr, value) for key, owner, attr, value in model.params()}
@@ -347,9 +398,18 @@ def load_into(model, state: dict, dtype="float32", source: str = "checkpoint"):
         raise WeightsError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
     for key, (owner, attr, _) in expected.items():
         value = state[key]
-        if not np.issubdtype(np.asarray(value).dtype, np.floating):
+        if hasattr(value, "bind") and attr in getattr(owner, "keeps_stored", ()):
+            setattr(owner, attr, value.bind(dt))  # weights_dtype="stored": converted when the layer runs
+            continue                              # (refldm.checkpoints.stored)
+        on_device = type(value).__module__.split(".")[0] in ("cupy", "refldm")  # CuPy or the fake device
+        if not on_device:
+            value = np.asarray(value)
+        if not np.issubdtype(value.dtype, np.floating):
             raise WeightsError(f"{source}: key {key!r} has non-float dtype {value.dtype}")
-        arr = backend.asarray(np.asarray(value).astype(dt, copy=False))
+        if on_device:  # an array of a device backend (a model's own state_dict, upcast): cast where it lives
+            arr = backend.asarray(value.astype(dt) if value.dtype != dt else value)
+        else:          # a host array: cast only if needed, so a view of load_file's mapping stays one
+            arr = backend.asarray(value.astype(dt, copy=False))
         if not bool(backend.xp().all(backend.xp().isfinite(arr))):
             raise WeightsError(f"{source}: key {key!r} holds NaN or inf")
         setattr(owner, attr, arr)

@@ -130,12 +130,24 @@ class PretrainedModel(Module):
         return cls(cls.parse_config(dict(config), where))
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="float32", subfolder: str | None = None):
-        """Load `folder`/config.json and its safetensors weights (single file or shards), as `dtype`."""
+    def from_pretrained(cls, folder, dtype="float32", subfolder: str | None = None, weights_dtype: str | None = None):
+        """Load `folder`/config.json and its safetensors weights (single file or shards), as `dtype`.
+
+        weights_dtype="stored" keeps the layers' weights as the file stores them (bfloat16 / float16 / float32,
+        memory-mapped, not copied); each Linear / Conv2d converts its weight to `dtype` when it runs and drops
+        the copy after (refldm.checkpoints.stored). The results are those of the default mode, bit for bit."""
+        if weights_dtype not in (None, "stored"):
+            raise ValueError(f"{cls.__name__}.from_pretrained: weights_dtype={weights_dtype!r}; the only option is "
+                             "'stored' (keep the file's dtype, convert per layer when it runs)")
         folder = os.path.join(os.fspath(folder), subfolder) if subfolder else os.fspath(folder)
         model = cls.from_config(read_config(folder), where=os.path.join(folder, "config.json"))
         paths = find_weights(folder, cls.weights_stem)
-        return model.load_state_dict(load_state(paths), dtype=dtype, source=", ".join(paths))
+        if weights_dtype == "stored":
+            from refldm.checkpoints.stored import load_state_mapped
+            state = load_state_mapped(paths)
+        else:
+            state = load_state(paths, dtype=dtype)
+        return model.load_state_dict(state, dtype=dtype, source=", ".join(paths))
 
     def convert_keys(self, state: dict, source: str) -> dict:
         """Rename older checkpoint keys to the current ones; the default keeps them as they are."""

@@ -7,19 +7,21 @@ Layouts follow PyTorch so checkpoints load without transposes: images are (N, C,
 Every function gets its array namespace ``xp`` from its inputs (`refldm.backend.array_namespace`), so
 the same code runs on NumPy, CuPy, and the test device.
 
-Speed lives elsewhere. On the host (NumPy) an op whose reference would be slow hands its checked
-inputs to the kernel of the same name in `refldm.accel` (threads, BLAS in place, cached blocks), in
-one visible line: ``if accel.active(xp): return accel.<op>(...)``. Each kernel is proven equal to the
-code below it by tests/test_accel.py; ``REFLDM_ACCEL=0`` (or ``refldm.accel.enabled(False)``, or the
-CLI's ``--reference``) runs this file alone. GPU backends always run this file.
+Speed lives elsewhere, and nothing here knows of it. Models call the ops through
+`refldm.core.functional`, which checks the arguments and picks, in that one place, between this file
+and the host kernel of the same name in `refldm.accel` (threads, BLAS in place, cached blocks); each
+kernel is proven equal to the code below it by tests/test_accel.py. With the speed layer off
+(``REFLDM_ACCEL=0``, ``refldm.accel.enabled(False)`` or the CLI's ``--reference``), and on every GPU
+backend, this file is what runs, so a breakpoint here is reached (docs/ops.md, "Stepping through the
+reference"). The argument checks, shared with functional, live in `refldm.core.checks`.
 """
 
 from __future__ import annotations
 
 import math
 
-from refldm import accel
 from refldm.backend import array_namespace, erf
+from refldm.core import checks
 
 __all__ = [
     "conv2d", "group_norm", "layer_norm", "linear", "silu", "gelu", "quick_gelu", "geglu", "softmax",
@@ -29,43 +31,6 @@ __all__ = [
 
 # Upper bound on the bytes of one block of attention scores (see scaled_dot_product_attention).
 ATTENTION_CHUNK_BYTES = 64 * 2**20
-
-
-def _fail(op: str, message: str):
-    raise ValueError(f"{op}: {message}")
-
-
-def _check_float(op: str, *arrays):
-    dtypes = {a.dtype for a in arrays if a is not None}
-    if len(dtypes) > 1:
-        _fail(op, f"dtypes differ: {', '.join(sorted(str(d) for d in dtypes))} (shapes "
-                  f"{', '.join(str(tuple(a.shape)) for a in arrays if a is not None)})")
-    for d in dtypes:
-        if d.kind != "f":
-            _fail(op, f"expected floating-point arrays, got {d} (shapes "
-                      f"{', '.join(str(tuple(a.shape)) for a in arrays if a is not None)})")
-
-
-def _pair(v, op, what):
-    if isinstance(v, int):
-        return v, v
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
-        return int(v[0]), int(v[1])
-    _fail(op, f"{what} must be an int or a pair of ints, got {v!r}")
-
-
-def _padding(padding, op):
-    """int | (ph, pw) | ((top, bottom), (left, right)) -> (top, bottom, left, right)."""
-    if isinstance(padding, int):
-        return (padding,) * 4
-    if isinstance(padding, (tuple, list)) and len(padding) == 2:
-        if all(isinstance(p, int) for p in padding):
-            return padding[0], padding[0], padding[1], padding[1]
-        if all(isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(i, int) for i in p)
-               for p in padding):
-            (t, b), (l, r) = padding
-            return int(t), int(b), int(l), int(r)
-    _fail(op, f"padding must be an int, (ph, pw) or ((top, bottom), (left, right)), got {padding!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,44 +50,11 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     strided window of x_pad, and that window times the tap's (C_out, C_in) weights is a matrix product
     over the channels:  y = b + sum_{u, v} w[:, :, u, v] @ window(u, v).
     """
-    sh, sw, top, bottom, left, right = _check_conv2d(x, weight, bias, stride, padding)
-    hp, wp = x.shape[2] + top + bottom, x.shape[3] + left + right
+    sh, sw, top, bottom, left, right = checks.conv2d(x, weight, bias, stride, padding)
     xp = array_namespace(x, weight, bias)
-    if accel.active(xp):
-        return accel.conv2d(x, weight, bias, (sh, sw), (top, bottom, left, right))
-    return _conv2d(xp, x, weight, bias, sh, sw, top, left, hp, wp)
-
-
-def _check_conv2d(x, weight, bias, stride, padding):
-    """conv2d's argument checks; returns (s_h, s_w, top, bottom, left, right)."""
-    op = "conv2d"
-    if x.ndim != 4 or weight.ndim != 4:
-        _fail(op, f"expected x (N, C, H, W) and weight (C_out, C_in, kH, kW), got x {tuple(x.shape)}, "
-                  f"weight {tuple(weight.shape)}")
-    n, c, h, w = x.shape
-    c_out, c_in, kh, kw = weight.shape
-    if c != c_in:
-        _fail(op, f"x {tuple(x.shape)} has {c} channels but weight {tuple(weight.shape)} expects {c_in}")
-    if bias is not None and tuple(bias.shape) != (c_out,):
-        _fail(op, f"bias shape {tuple(bias.shape)} != ({c_out},) for weight {tuple(weight.shape)}")
-    _check_float(op, x, weight, bias)
-    sh, sw = _pair(stride, op, "stride")
-    if sh < 1 or sw < 1:
-        _fail(op, f"stride must be >= 1, got {stride!r}")
-    top, bottom, left, right = _padding(padding, op)
-    if min(top, bottom, left, right) < 0:
-        _fail(op, f"padding must be >= 0, got {padding!r}")
-    hp, wp = h + top + bottom, w + left + right
-    if hp < kh or wp < kw:
-        _fail(op, f"padded input {hp}x{wp} (x {tuple(x.shape)}, padding {padding!r}) is smaller than "
-                  f"the {kh}x{kw} kernel")
-    return sh, sw, top, bottom, left, right
-
-
-def _conv2d(xp, x, weight, bias, sh, sw, top, left, hp, wp):
-    """conv2d's sum over the taps, on checked inputs (x_pad is hp x wp, x at rows top.., columns left..)."""
     n, c, h, w = x.shape
     c_out, _, kh, kw = weight.shape
+    hp, wp = h + top + bottom, w + left + right                         # x_pad: x at rows top.., columns left..
     ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
     x_pad = xp.zeros((n, c, hp, wp), dtype=x.dtype)
     x_pad[:, :, top:top + h, left:left + w] = x
@@ -149,19 +81,9 @@ def group_norm(x, num_groups: int, weight=None, bias=None, eps: float = 1e-5):
 
     x: (N, C, ...) with C divisible by G; weight (gamma), bias (beta): (C,) or None. Output: x's shape.
     """
-    op = "group_norm"
-    if x.ndim < 2:
-        _fail(op, f"expected x (N, C, ...), got {tuple(x.shape)}")
-    n, c = x.shape[:2]
-    if not isinstance(num_groups, int) or num_groups < 1 or c % num_groups:
-        _fail(op, f"x {tuple(x.shape)}: {c} channels cannot be split into {num_groups!r} groups")
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and tuple(p.shape) != (c,):
-            _fail(op, f"{name} shape {tuple(p.shape)} != ({c},) for x {tuple(x.shape)}")
-    _check_float(op, x, weight, bias)
+    checks.group_norm(x, num_groups, weight, bias)
     xp = array_namespace(x, weight, bias)
-    if accel.active(xp):
-        return accel.group_norm(x, num_groups, weight, bias, eps)
+    n, c = x.shape[:2]
     groups = x.reshape(n, num_groups, -1)                               # (N, G, C/G * positions)
     mu = xp.mean(groups, axis=-1, keepdims=True)                        # mu_g, (N, G, 1)
     var = xp.mean((groups - mu) ** 2, axis=-1, keepdims=True)           # var_g, (N, G, 1)
@@ -181,17 +103,11 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
 
     x: (..., D); weight (gamma), bias (beta): (D,) or None. Output: x's shape.
     """
-    op = "layer_norm"
-    if x.ndim < 1:
-        _fail(op, "expected at least a 1-d array, got a 0-d array")
-    d = x.shape[-1]
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and tuple(p.shape) != (d,):
-            _fail(op, f"{name} shape {tuple(p.shape)} != ({d},) for x {tuple(x.shape)}")
-    _check_float(op, x, weight, bias)
+    checks.layer_norm(x, weight, bias)
+    if x.dtype.itemsize < 4:  # float16: the statistics in float32, as torch (x^2 overflows float16 past 256)
+        wide = [None if a is None else a.astype("float32") for a in (x, weight, bias)]
+        return layer_norm(*wide, eps=eps).astype(x.dtype)
     xp = array_namespace(x, weight, bias)
-    if accel.active(xp):
-        return accel.layer_norm(x, weight, bias, eps)
     mean = xp.mean(x, axis=-1, keepdims=True)                           # (..., 1)
     var = xp.mean((x - mean) ** 2, axis=-1, keepdims=True)              # (..., 1)
     y = (x - mean) / xp.sqrt(var + eps)
@@ -210,16 +126,8 @@ def linear(x, weight, bias=None):
 
     x: (..., D_in); weight: (D_out, D_in); bias: (D_out,) or None. Output: (..., D_out).
     """
-    op = "linear"
-    if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1]:
-        _fail(op, f"x {tuple(x.shape)} does not fit weight {tuple(weight.shape)} (expected x (..., "
-                  f"{weight.shape[1] if weight.ndim == 2 else '?'}) and weight (D_out, D_in))")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        _fail(op, f"bias shape {tuple(bias.shape)} != ({weight.shape[0]},) for weight {tuple(weight.shape)}")
-    _check_float(op, x, weight, bias)
+    checks.linear(x, weight, bias)
     xp = array_namespace(x, weight, bias)
-    if accel.active(xp):
-        return accel.linear(x, weight, bias)
     y = xp.matmul(x.reshape(-1, x.shape[-1]), weight.T)  # (rows, D_out)
     if bias is not None:
         y += bias
@@ -228,20 +136,13 @@ def linear(x, weight, bias=None):
 
 def silu(x):
     """SiLU / swish: silu(x) = x * sigmoid(x) = x / (1 + exp(-x)). Output: x's shape and dtype."""
-    _check_float("silu", x)
+    checks.silu(x)
     xp = array_namespace(x)
-    if accel.active(xp):
-        return accel.silu(x)
     return x / (1.0 + xp.exp(-x))
 
 
 _SQRT_HALF = math.sqrt(0.5)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-def _check_approximate(op, approximate):
-    if approximate not in ("none", "tanh"):
-        _fail(op, f"approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
 def gelu(x, approximate: str = "none"):
@@ -252,11 +153,8 @@ def gelu(x, approximate: str = "none"):
     Output: x's shape and dtype. (The host's float32 kernel evaluates erf by a polynomial accurate to
     1.5e-7, as torch's CPU kernel does; see refldm/accel/kernels.py.)
     """
-    _check_approximate("gelu", approximate)
-    _check_float("gelu", x)
+    checks.gelu(x, approximate)
     xp = array_namespace(x)
-    if accel.active(xp):
-        return accel.gelu(x, approximate)
     if approximate == "none":
         inner = erf(x * _SQRT_HALF).astype(x.dtype, copy=False)  # SciPy's float16 erf answers in float32
     else:
@@ -267,10 +165,8 @@ def gelu(x, approximate: str = "none"):
 def quick_gelu(x):
     """OpenAI CLIP's GELU approximation: quick_gelu(x) = x * sigmoid(1.702 x) = x / (1 + exp(-1.702 x)).
     Output: x's shape."""
-    _check_float("quick_gelu", x)
+    checks.quick_gelu(x)
     xp = array_namespace(x)
-    if accel.active(xp):
-        return accel.quick_gelu(x)
     return x / (1.0 + xp.exp(-1.702 * x))
 
 
@@ -280,13 +176,8 @@ def geglu(x, weight, bias=None, approximate: str = "none"):
 
     x: (..., D_in); weight: (2 * D_out, D_in); bias: (2 * D_out,). Output: (..., D_out).
     """
-    op = "geglu"
-    if weight.ndim != 2 or weight.shape[0] % 2:
-        _fail(op, f"weight must be (2 * D_out, D_in), got {tuple(weight.shape)} (x {tuple(x.shape)})")
-    _check_approximate(op, approximate)
+    checks.geglu(x, weight, approximate)
     proj = linear(x, weight, bias)  # (..., 2 * D_out)
-    if accel.active(array_namespace(proj)):
-        return accel.geglu(proj, approximate)
     half = weight.shape[0] // 2
     h, g = proj[..., :half], proj[..., half:]
     return h * gelu(g, approximate)
@@ -298,13 +189,8 @@ def softmax(x, axis: int = -1):
     Subtracting the maximum changes nothing mathematically and keeps exp from overflowing.
     x: any shape; axis: the axis to normalise over. Output: x's shape and dtype.
     """
-    op = "softmax"
-    _check_float(op, x)
-    if not isinstance(axis, int) or not -x.ndim <= axis < x.ndim:
-        _fail(op, f"axis {axis!r} is out of range for x {tuple(x.shape)}")
+    checks.softmax(x, axis)
     xp = array_namespace(x)
-    if accel.active(xp) and axis % x.ndim == x.ndim - 1:
-        return accel.softmax(x)
     if x.shape[axis] == 0:
         return x.copy()
     e = xp.exp(x - xp.max(x, axis=axis, keepdims=True))                # exp(x_i - max(x))
@@ -328,13 +214,11 @@ def scaled_dot_product_attention(q, k, v, mask=None, is_causal: bool = False, sc
     q: (..., Lq, d); k: (..., Lk, d); v: (..., Lk, d_v); the leading axes (batch, heads) must match.
     mask: broadcastable to (..., Lq, Lk). Output: (..., Lq, d_v).
     """
-    mask = _check_attention(q, k, v, mask)                              # None, or additive, (..., Lq, Lk)
+    mask = checks.scaled_dot_product_attention(q, k, v, mask)           # None, or additive, (..., Lq, Lk)
     xp = array_namespace(q, k, v, mask)
     lead, (lq, d), (lk, dv) = q.shape[:-2], q.shape[-2:], v.shape[-2:]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     budget = ATTENTION_CHUNK_BYTES if max_chunk_bytes is None else max_chunk_bytes
-    if accel.active(xp):
-        return accel.scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget)
     rows = max(1, min(lq, budget // max(1, math.prod(lead) * lk * q.dtype.itemsize)))
     out = xp.empty(lead + (lq, dv), dtype=q.dtype)
     for i in range(0, lq, rows):  # query rows i..j-1: at most `budget` bytes of scores at once
@@ -348,32 +232,6 @@ def scaled_dot_product_attention(q, k, v, mask=None, is_causal: bool = False, sc
     return out
 
 
-def _check_attention(q, k, v, mask):
-    """scaled_dot_product_attention's argument checks; returns the mask as an additive float mask
-    broadcast (a view) to (..., Lq, Lk), or None."""
-    op = "scaled_dot_product_attention"
-    if q.ndim < 2 or k.ndim != q.ndim or v.ndim != q.ndim:
-        _fail(op, f"q, k, v must have the same rank >= 2, got q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                  f"v {tuple(v.shape)}")
-    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or q.shape[:-2] != k.shape[:-2] \
-            or k.shape[:-2] != v.shape[:-2]:
-        _fail(op, f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                  "(expected (..., Lq, d), (..., Lk, d), (..., Lk, d_v))")
-    if mask is not None and mask.dtype.kind == "b":
-        xp = array_namespace(q, mask)
-        mask = xp.where(mask, xp.asarray(0, dtype=q.dtype), xp.asarray(-xp.inf, dtype=q.dtype))
-    _check_float(op, q, k, v, mask)
-    xp = array_namespace(q, k, v, mask)
-    lead, lq, lk = q.shape[:-2], q.shape[-2], k.shape[-2]
-    if mask is not None:
-        try:
-            mask = xp.broadcast_to(mask, lead + (lq, lk))  # a view: nothing is copied
-        except ValueError:
-            _fail(op, f"mask {tuple(mask.shape)} does not broadcast to {lead + (lq, lk)} (q {tuple(q.shape)}, "
-                      f"k {tuple(k.shape)})")
-    return mask
-
-
 def _causal_mask(xp, i, j, lk, dtype):
     """Rows i..j-1 of the causal mask: 0 where key <= query, -inf after."""
     rows = xp.arange(i, j).reshape(-1, 1)
@@ -383,24 +241,17 @@ def _causal_mask(xp, i, j, lk, dtype):
 
 def split_heads(x, heads: int):
     """(B, L, H*d) -> (B, H, L, d): view each token's features as H heads of size d (no copy)."""
-    if x.ndim != 3:
-        _fail("split_heads", f"expected x (B, L, H*d), got {tuple(x.shape)}")
+    checks.split_heads(x, heads)
     b, l, hd = x.shape
-    if not isinstance(heads, int) or heads < 1 or hd % heads:
-        _fail("split_heads", f"x {tuple(x.shape)}: {hd} features cannot be split into {heads!r} heads")
     return x.reshape(b, l, heads, hd // heads).transpose(0, 2, 1, 3)
 
 
 def merge_heads(x):
     """(B, H, L, d) -> (B, L, H*d), the inverse of split_heads."""
-    if x.ndim != 4:
-        _fail("merge_heads", f"expected x (B, H, L, d), got {tuple(x.shape)}")
+    checks.merge_heads(x)
     b, h, l, d = x.shape
     return x.transpose(0, 2, 1, 3).reshape(b, l, h * d)
 
-
-# --------------------------------------------------------------------------------------------------
-# Resampling and lookups
 
 # --------------------------------------------------------------------------------------------------
 # Resampling and lookups
@@ -410,11 +261,8 @@ def upsample_nearest2x(x):
 
     x: (N, C, H, W) -> (N, C, 2H, 2W).
     """
-    if x.ndim != 4:
-        _fail("upsample_nearest2x", f"expected x (N, C, H, W), got {tuple(x.shape)}")
+    checks.upsample_nearest2x(x)
     xp = array_namespace(x)
-    if accel.active(xp):
-        return accel.upsample_nearest2x(x)
     return xp.repeat(xp.repeat(x, 2, axis=2), 2, axis=3)  # each row twice, then each column twice
 
 
@@ -423,15 +271,8 @@ def embedding(ids, table):
 
     ids: integer array of any shape, each in [0, V); table: (V, D). Output: ids.shape + (D,).
     """
-    op = "embedding"
-    if table.ndim != 2:
-        _fail(op, f"table must be (V, D), got {tuple(table.shape)}")
-    if ids.dtype.kind not in "iu":
-        _fail(op, f"ids must be integers, got {ids.dtype} (ids {tuple(ids.shape)})")
+    checks.embedding(ids, table)
     xp = array_namespace(ids, table)
-    if ids.size and (int(xp.min(ids)) < 0 or int(xp.max(ids)) >= table.shape[0]):
-        _fail(op, f"ids must lie in [0, {table.shape[0]}) for table {tuple(table.shape)}, got range "
-                  f"[{int(xp.min(ids))}, {int(xp.max(ids))}]")
     return xp.take(table, ids.reshape(-1), axis=0).reshape(tuple(ids.shape) + (table.shape[1],))
 
 
@@ -446,18 +287,12 @@ def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = False, downs
     timesteps: (N,) (scalars become (1,)); output (N, dim), in the timesteps' dtype if floating,
     else float32.
     """
-    op = "timestep_embedding"
     xp = array_namespace(timesteps)
     t = xp.asarray(timesteps)
     if t.ndim == 0:
         t = t.reshape(1)
-    if t.ndim != 1:
-        _fail(op, f"timesteps must be a scalar or 1-d, got shape {tuple(t.shape)}")
-    if not isinstance(dim, int) or dim < 2:
-        _fail(op, f"dim must be an int >= 2, got {dim!r}")
+    checks.timestep_embedding(t, dim, downscale_freq_shift)
     half = dim // 2
-    if half - downscale_freq_shift == 0:
-        _fail(op, f"half - downscale_freq_shift is zero (dim={dim}, shift={downscale_freq_shift})")
     dtype = t.dtype if t.dtype.kind == "f" else xp.float32
     t = t.astype(dtype)
     exponent = -math.log(max_period) * xp.arange(half, dtype=dtype) / (half - downscale_freq_shift)

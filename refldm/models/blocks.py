@@ -19,8 +19,9 @@ then fills every ``Param`` from the checkpoint. See docs/vae.md and docs/unet.md
 
 from __future__ import annotations
 
-from refldm.core import ops
+from refldm.core import functional as F
 from refldm.backend import array_namespace
+from refldm.checkpoints.stored import materialize
 from refldm.core.nn import Module, Param
 
 __all__ = ["Conv2d", "Linear", "GroupNorm", "LayerNorm", "RMSNorm", "Embedding", "ResnetBlock2D", "Downsample2D", "Upsample2D",
@@ -40,8 +41,10 @@ class Conv2d(Module):
         self.stride = stride
         self.padding = padding
 
+    keeps_stored = ("weight",)  # weights_dtype="stored": converted here, per call (refldm.checkpoints.stored)
+
     def forward(self, x):
-        return ops.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding)
+        return F.conv2d(x, materialize(self.weight), self.bias, stride=self.stride, padding=self.padding)
 
 
 class Linear(Module):
@@ -51,8 +54,10 @@ class Linear(Module):
         self.weight = Param(out_features, in_features)
         self.bias = Param(out_features) if bias else None
 
+    keeps_stored = ("weight",)  # weights_dtype="stored": converted here, per call (refldm.checkpoints.stored)
+
     def forward(self, x):
-        return ops.linear(x, self.weight, self.bias)
+        return F.linear(x, materialize(self.weight), self.bias)
 
 
 class GroupNorm(Module):
@@ -65,7 +70,7 @@ class GroupNorm(Module):
         self.eps = float(eps)
 
     def forward(self, x):
-        return ops.group_norm(x, self.num_groups, self.weight, self.bias, eps=self.eps)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, eps=self.eps)
 
 
 class LayerNorm(Module):
@@ -77,7 +82,7 @@ class LayerNorm(Module):
         self.eps = float(eps)
 
     def forward(self, x):
-        return ops.layer_norm(x, self.weight, self.bias, eps=self.eps)
+        return F.layer_norm(x, self.weight, self.bias, eps=self.eps)
 
 
 class RMSNorm(Module):
@@ -108,7 +113,7 @@ class Embedding(Module):
         self.weight = Param(num, dim)
 
     def forward(self, ids):
-        return ops.embedding(ids, self.weight)
+        return F.embedding(ids, self.weight)
 
 
 class ResnetBlock2D(Module):
@@ -149,12 +154,12 @@ class ResnetBlock2D(Module):
         self.output_scale_factor = float(output_scale_factor)
 
     def forward(self, x, temb=None):
-        h = self.conv1(ops.silu(self.norm1(x)))  # (N, C_in, H, W) -> (N, C_out, H, W)
+        h = self.conv1(F.silu(self.norm1(x)))  # (N, C_in, H, W) -> (N, C_out, H, W)
         scale_shift = None
         if self.time_emb_proj is not None:
             if temb is None:
                 raise ValueError(f"{self._name or 'ResnetBlock2D'}: this block has a time_emb_proj and needs temb")
-            t = self.time_emb_proj(ops.silu(temb))[:, :, None, None]  # (N, T) -> (N, C_out or 2*C_out, 1, 1)
+            t = self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (N, T) -> (N, C_out or 2*C_out, 1, 1)
             if self.time_embedding_norm == "default":
                 h = h + t
             else:
@@ -163,7 +168,7 @@ class ResnetBlock2D(Module):
         if scale_shift is not None:
             c = h.shape[1]
             h = h * (1.0 + scale_shift[:, :c]) + scale_shift[:, c:]
-        h = self.conv2(ops.silu(h))
+        h = self.conv2(F.silu(h))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         h += shortcut  # h is a fresh array from conv2, so adding in place changes nothing upstream
         if self.output_scale_factor != 1.0:
@@ -203,7 +208,7 @@ class Upsample2D(Module):
 
     def forward(self, x, output_size=None):
         if output_size is None or tuple(output_size) == (2 * x.shape[2], 2 * x.shape[3]):
-            x = ops.upsample_nearest2x(x)  # (N, C, H, W) -> (N, C, 2H, 2W)
+            x = F.upsample_nearest2x(x)  # (N, C, H, W) -> (N, C, 2H, 2W)
         else:
             x = upsample_nearest(x, output_size)
         return self.conv(x)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from refldm import backend
-from refldm.core import ops
+from refldm.core import functional as F
 from refldm.checkpoints.config import ConfigError, parse_config
 from refldm.models.blocks import Embedding, LayerNorm, Linear
 from refldm.core.nn import Module, ModuleList, Param, PretrainedModel
@@ -38,10 +38,10 @@ __all__ = ["CLIPTextConfig", "CLIPTextModel", "CLIPTextOutput", "CLIPTextWithPro
 
 # Activation functions by transformers' ``hidden_act`` name (transformers.activations.ACT2FN).
 ACTIVATIONS = {
-    "quick_gelu": ops.quick_gelu,                                  # x * sigmoid(1.702 x): OpenAI CLIP, SD 1.x
-    "gelu": ops.gelu,                                              # exact erf GELU: OpenCLIP, SD 2.x
-    "gelu_new": lambda x: ops.gelu(x, approximate="tanh"),         # tanh approximation
-    "gelu_pytorch_tanh": lambda x: ops.gelu(x, approximate="tanh"),
+    "quick_gelu": F.quick_gelu,                                    # x * sigmoid(1.702 x): OpenAI CLIP, SD 1.x
+    "gelu": F.gelu,                                                # exact erf GELU: OpenCLIP, SD 2.x
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),           # tanh approximation
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
 
 # Config keys that do not change the forward pass: bookkeeping, training-only settings (dropout,
@@ -181,17 +181,17 @@ class CLIPAttention(Module):
         the queries that see no key at all (left padding): their output is set to zero, as PyTorch's
         scaled_dot_product_attention gives.
         """
-        q = ops.split_heads(self.q_proj(x), self.heads)  # (B, L, D) -> (B, H, L, d)
-        k = ops.split_heads(self.k_proj(x), self.heads)
-        v = ops.split_heads(self.v_proj(x), self.heads)
+        q = F.split_heads(self.q_proj(x), self.heads)  # (B, L, D) -> (B, H, L, d)
+        k = F.split_heads(self.k_proj(x), self.heads)
+        v = F.split_heads(self.v_proj(x), self.heads)
         if additive_mask is None:  # no padding mask: the causal mask alone
-            o = ops.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:  # (B, 1, L, L), causal and padding together
-            o = ops.scaled_dot_product_attention(q, k, v, mask=additive_mask, scale=self.scale)
+            o = F.scaled_dot_product_attention(q, k, v, mask=additive_mask, scale=self.scale)
         if query_sees_keys is not None:  # queries that see no key at all get a zero output
             xp = backend.array_namespace(o)
             o = xp.where(query_sees_keys, o, xp.zeros((), dtype=o.dtype))
-        return self.out_proj(ops.merge_heads(o))  # (B, H, L, d) -> (B, L, D)
+        return self.out_proj(F.merge_heads(o))  # (B, H, L, d) -> (B, L, D)
 
 
 class CLIPMLP(Module):

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 import numpy
 
 from refldm.checkpoints.config import parse_config
-from refldm.core import ops, record
+from refldm.core import functional as F
+from refldm.core import record
 from refldm.core.nn import ModuleList, Module
 from refldm.models.blocks import Conv2d
 from refldm.models.unet import (CrossAttnDownBlock2D, DownBlock2D, TimestepEmbedding, UNet2DConditionConfig,
@@ -98,9 +99,9 @@ class ControlNetConditioningEmbedding(Module):
         self.conv_out = Conv2d(channels[-1], out_channels, kernel_size=3, padding=1)
 
     def forward(self, y):
-        h = ops.silu(self.conv_in(y))                       # (B, 16, H, W)
+        h = F.silu(self.conv_in(y))                       # (B, 16, H, W)
         for block in self.blocks:
-            h = ops.silu(block(h))                          # halved at every second conv
+            h = F.silu(block(h))                          # halved at every second conv
         return self.conv_out(h)                             # (B, C0, H/8, W/8)
 
 
@@ -191,7 +192,7 @@ class ControlNetModel(UNet2DConditionModel):
             controlnet_cond = controlnet_cond[:, ::-1]
 
         # 1. time (and SDXL's added) embedding, as in the U-Net
-        t_emb = ops.timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+        t_emb = F.timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
                                        downscale_freq_shift=cfg.freq_shift)     # (B, C0)
         emb = self.time_embedding(t_emb.astype(sample.dtype, copy=False))       # (B, 4*C0)
         if added is not None:

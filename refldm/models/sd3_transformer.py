@@ -32,7 +32,7 @@ import numpy
 
 from refldm import backend
 from refldm.checkpoints.config import parse_config
-from refldm.core import ops
+from refldm.core import functional as F
 from refldm.core.nn import Module, ModuleList, Param, PretrainedModel
 from refldm.models.blocks import Conv2d, Linear, RMSNorm
 from refldm.models.unet import Identity, TimestepEmbedding
@@ -150,7 +150,7 @@ class PatchEmbed(Module):
 
 def modulate(x, shift, scale):
     """LN(x) (1 + scale) + shift, LN without learned affine (eps 1e-6); shift, scale (B, D) per sample."""
-    return ops.layer_norm(x, eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    return F.layer_norm(x, eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
 
 
 class AdaLayerNormZero(Module):
@@ -163,10 +163,10 @@ class AdaLayerNormZero(Module):
         self.n_chunks = n_chunks
 
     def forward(self, x, temb):
-        emb = self.linear(ops.silu(temb))                              # (B, n*D)
+        emb = self.linear(F.silu(temb))                              # (B, n*D)
         chunks = [emb[:, i * x.shape[-1]:(i + 1) * x.shape[-1]] for i in range(self.n_chunks)]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = chunks[:6]
-        normed = ops.layer_norm(x, eps=1e-6)
+        normed = F.layer_norm(x, eps=1e-6)
         out = (normed * (1 + scale_msa[:, None]) + shift_msa[:, None], gate_msa, shift_mlp, scale_mlp, gate_mlp)
         if self.n_chunks == 9:
             shift2, scale2, gate2 = chunks[6:]
@@ -182,7 +182,7 @@ class AdaLayerNormContinuous(Module):
         self.linear = Linear(dim, 2 * dim)
 
     def forward(self, x, temb):
-        emb = self.linear(ops.silu(temb))                              # (B, 2D)
+        emb = self.linear(F.silu(temb))                              # (B, 2D)
         d = x.shape[-1]
         return modulate(x, shift=emb[:, d:], scale=emb[:, :d])
 
@@ -219,7 +219,7 @@ class JointAttention(Module):
         self.heads, self.qk_norm, self.joint, self.context_pre_only = heads, qk_norm, joint, context_pre_only
 
     def _qkv(self, x, q_proj, k_proj, v_proj, norm_q, norm_k):
-        q, k, v = (ops.split_heads(proj(x), self.heads) for proj in (q_proj, k_proj, v_proj))  # (B, H, L, d)
+        q, k, v = (F.split_heads(proj(x), self.heads) for proj in (q_proj, k_proj, v_proj))  # (B, H, L, d)
         if self.qk_norm is not None:
             q, k = norm_q(q), norm_k(k)
         return q, k, v
@@ -233,7 +233,7 @@ class JointAttention(Module):
             qc, kc, vc = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
                                    getattr(self, "norm_added_q", None), getattr(self, "norm_added_k", None))
             q, k, v = (xp.concatenate(pair, axis=2) for pair in ((q, qc), (k, kc), (v, vc)))  # (B, H, N+S, d)
-        out = ops.merge_heads(ops.scaled_dot_product_attention(q, k, v))  # (B, N(+S), H*d)
+        out = F.merge_heads(F.scaled_dot_product_attention(q, k, v))  # (B, N(+S), H*d)
         out_x = self.to_out[0](out[:, :n])
         if not self.joint:
             return out_x
@@ -248,7 +248,7 @@ class GELUProj(Module):
         self.proj = Linear(dim_in, dim_out)
 
     def forward(self, x):
-        return ops.gelu(self.proj(x), approximate="tanh")
+        return F.gelu(self.proj(x), approximate="tanh")
 
 
 class FeedForward(Module):
@@ -426,5 +426,5 @@ class _CombinedTimestepTextProjEmbeddings(Module):
         self.text_embedder = TimestepEmbedding(pooled_projection_dim, dim)  # the same MLP shape (PixArt's)
 
     def forward(self, t, pooled):
-        s = ops.timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0)  # (B, 256) [cos, sin]
+        s = F.timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=0)  # (B, 256) [cos, sin]
         return self.timestep_embedder(s.astype(pooled.dtype, copy=False)) + self.text_embedder(pooled)

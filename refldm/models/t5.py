@@ -40,7 +40,7 @@ import numpy as np
 from refldm import backend
 from refldm.checkpoints.config import parse_config
 from refldm.checkpoints.weights import WeightsError
-from refldm.core import ops
+from refldm.core import functional as F
 from refldm.core.nn import Module, ModuleList, Param, PretrainedModel
 from refldm.models.blocks import Embedding, Linear
 from refldm.models.clip import IGNORED_KEYS as _PRETRAINED_CONFIG_KEYS
@@ -57,10 +57,10 @@ def _relu(x):
 # The activation of the feed-forward block by transformers' name (``dense_act_fn``, from feed_forward_proj).
 ACTIVATIONS = {
     "relu": _relu,                                                 # T5 v1.0
-    "gelu": ops.gelu,                                              # exact erf GELU
-    "gelu_new": lambda x: ops.gelu(x, approximate="tanh"),         # tanh approximation: T5 v1.1 ("gated-gelu")
-    "gelu_pytorch_tanh": lambda x: ops.gelu(x, approximate="tanh"),
-    "silu": ops.silu,
+    "gelu": F.gelu,                                              # exact erf GELU
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),         # tanh approximation: T5 v1.1 ("gated-gelu")
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
 }
 
 # Keys that do not change the encoder's forward pass: the generic PretrainedConfig keys (as for CLIP, less
@@ -239,16 +239,16 @@ class T5Attention(Module):
         table = self.relative_attention_bias.weight                                # (num_buckets, H)
         if backend.array_namespace(table) is not np:
             buckets = backend.asarray(buckets)
-        values = ops.embedding(buckets, table)                                     # (L, L, H)
+        values = F.embedding(buckets, table)                                     # (L, L, H)
         return values.transpose(2, 0, 1)[None]                                     # (1, H, L, L)
 
     def forward(self, x, additive_mask):
         """x (B, L, D), additive_mask B + M (1 or B, H, L, L) -> (B, L, D)."""
-        q = ops.split_heads(self.q(x), self.heads)       # (B, L, H*d) -> (B, H, L, d)
-        k = ops.split_heads(self.k(x), self.heads)
-        v = ops.split_heads(self.v(x), self.heads)
-        o = ops.scaled_dot_product_attention(q, k, v, mask=additive_mask, scale=1.0)
-        return self.o(ops.merge_heads(o))
+        q = F.split_heads(self.q(x), self.heads)       # (B, L, H*d) -> (B, H, L, d)
+        k = F.split_heads(self.k(x), self.heads)
+        v = F.split_heads(self.v(x), self.heads)
+        o = F.scaled_dot_product_attention(q, k, v, mask=additive_mask, scale=1.0)
+        return self.o(F.merge_heads(o))
 
 
 class T5LayerSelfAttention(Module):

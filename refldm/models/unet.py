@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 import numpy
 
 from refldm import backend
-from refldm.core import ops
+from refldm.core import functional as F
 from refldm.checkpoints.config import parse_config
+from refldm.checkpoints.stored import materialize
 from refldm.models.blocks import (Conv2d, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D,
                                   Upsample2D)
 from refldm.core.nn import Module, ModuleList, PretrainedModel
@@ -205,7 +206,7 @@ class TimestepEmbedding(Module):
         self.linear_2 = Linear(time_embed_dim, time_embed_dim)
 
     def forward(self, t_emb):
-        return self.linear_2(ops.silu(self.linear_1(t_emb)))
+        return self.linear_2(F.silu(self.linear_1(t_emb)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -237,13 +238,13 @@ class Attention(Module):
         q = self.to_q(x)                           # (B, L, H*d)
         k = self.to_k(context)                     # (B, S, H*d)
         v = self.to_v(context)                     # (B, S, H*d)
-        q, k, v = (ops.split_heads(a, self.heads) for a in (q, k, v))  # (B, H, L or S, d), views
+        q, k, v = (F.split_heads(a, self.heads) for a in (q, k, v))  # (B, H, L or S, d), views
         dtype = q.dtype
         if self.upcast_attention and dtype.itemsize < 4:
             # SD 2.x's attention overflows float16; it is computed in float32 (as the original code does)
             q, k, v = (a.astype("float32") for a in (q, k, v))
-        out = ops.scaled_dot_product_attention(q, k, v)   # (B, H, L, d); chunked over queries
-        out = ops.merge_heads(out.astype(dtype, copy=False))  # (B, L, H*d)
+        out = F.scaled_dot_product_attention(q, k, v)     # (B, H, L, d); chunked over queries
+        out = F.merge_heads(out.astype(dtype, copy=False))  # (B, L, H*d)
         return self.to_out[0](out)                 # (B, L, C)
 
 
@@ -254,7 +255,7 @@ class GEGLU(Module):
         self.proj = Linear(dim_in, 2 * dim_out)
 
     def forward(self, x):
-        return ops.geglu(x, self.proj.weight, self.proj.bias)
+        return F.geglu(x, materialize(self.proj.weight), self.proj.bias)
 
 
 class Identity(Module):
@@ -636,9 +637,9 @@ class UNet2DConditionModel(PretrainedModel):
         cfg = self.config
         xp = backend.array_namespace(text_embeds, time_ids)
         b = text_embeds.shape[0]
-        s = ops.timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
-                                   flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                   downscale_freq_shift=cfg.freq_shift)        # (B*n, A)
+        s = F.timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                 flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                 downscale_freq_shift=cfg.freq_shift)          # (B*n, A)
         s = s.reshape(b, -1).astype(dtype, copy=False)                         # (B, n*A)
         a = xp.concatenate([text_embeds.astype(dtype, copy=False), s], axis=1)  # (B, P + n*A)
         return self.add_embedding(a)                                           # (B, 4*C0)
@@ -660,8 +661,8 @@ class UNet2DConditionModel(PretrainedModel):
         sample, t, context, added = self._inputs(sample, timestep, encoder_hidden_states, added_cond_kwargs)
 
         # 1. time: sinusoid of t, then the MLP
-        t_emb = ops.timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
-                                       downscale_freq_shift=cfg.freq_shift)  # (B, C0)
+        t_emb = F.timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                     downscale_freq_shift=cfg.freq_shift)  # (B, C0)
         emb = self.time_embedding(t_emb.astype(sample.dtype, copy=False))   # (B, 4*C0)
         if added is not None:                                               # SDXL's micro-conditioning
             emb = emb + self.added_embedding(*added, dtype=sample.dtype)    # (B, 4*C0)
@@ -685,7 +686,7 @@ class UNet2DConditionModel(PretrainedModel):
         for block in self.up_blocks:
             x = block(x, skips, emb, context)
         # 5. out
-        x = ops.silu(self.conv_norm_out(x))                                 # (B, C0, H, W)
+        x = F.silu(self.conv_norm_out(x))                                 # (B, C0, H, W)
         return self.conv_out(x)                                             # (B, C_out, H, W)
 
 

@@ -20,7 +20,7 @@ import dataclasses
 import os
 
 from refldm import backend
-from refldm.core import ops
+from refldm.core import functional as F
 from refldm.checkpoints.config import parse_config
 from refldm.models.blocks import (
     Conv2d,
@@ -180,10 +180,10 @@ class VAEAttention(Module):
     def forward(self, x):
         n, c, h, w = x.shape
         t = self.group_norm(x).reshape(n, c, h * w).transpose(0, 2, 1)     # (N, C, H, W) -> (N, HW, C)
-        q = ops.split_heads(self.to_q(t), self.heads)                        # (N, heads, HW, C/heads)
-        k = ops.split_heads(self.to_k(t), self.heads)
-        v = ops.split_heads(self.to_v(t), self.heads)
-        a = ops.merge_heads(ops.scaled_dot_product_attention(q, k, v))       # (N, HW, C)
+        q = F.split_heads(self.to_q(t), self.heads)                          # (N, heads, HW, C/heads)
+        k = F.split_heads(self.to_k(t), self.heads)
+        v = F.split_heads(self.to_v(t), self.heads)
+        a = F.merge_heads(F.scaled_dot_product_attention(q, k, v))           # (N, HW, C)
         out = self.to_out[0](a).transpose(0, 2, 1).reshape(n, c, h, w)       # (N, HW, C) -> (N, C, H, W)
         return out + x
 
@@ -254,7 +254,7 @@ class Encoder(Module):
         for block in self.down_blocks:
             x = block(x)                         # ... -> (N, ch[-1], H/f, W/f)
         x = self.mid_block(x)
-        x = ops.silu(self.conv_norm_out(x))
+        x = F.silu(self.conv_norm_out(x))
         return self.conv_out(x)                  # (N, 2*latent_channels, H/f, W/f)
 
 
@@ -276,7 +276,7 @@ class Decoder(Module):
         x = self.mid_block(x)
         for block in self.up_blocks:
             x = block(x)                         # ... -> (N, ch[0], h*f, w*f)
-        x = ops.silu(self.conv_norm_out(x))
+        x = F.silu(self.conv_norm_out(x))
         return self.conv_out(x)                  # (N, 3, H, W)
 
 
@@ -306,7 +306,8 @@ class AutoencoderKL(PretrainedModel):
         return parse_config(AutoencoderKLConfig, config, where=where)
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="float32", subfolder: str | None = None) -> AutoencoderKL:
+    def from_pretrained(cls, folder, dtype="float32", subfolder: str | None = None,
+                        weights_dtype: str | None = None) -> AutoencoderKL:
         """Load config.json and diffusion_pytorch_model.safetensors (or its shards) from a VAE folder.
 
         A pipeline folder (one with a ``vae/`` subfolder and no config.json of its own) works too.
@@ -316,7 +317,7 @@ class AutoencoderKL(PretrainedModel):
         if subfolder is None and not os.path.isfile(os.path.join(folder, "config.json")) and \
                 os.path.isfile(os.path.join(folder, "vae", "config.json")):
             subfolder = "vae"
-        return super().from_pretrained(folder, dtype=dtype, subfolder=subfolder)
+        return super().from_pretrained(folder, dtype=dtype, subfolder=subfolder, weights_dtype=weights_dtype)
 
     def convert_keys(self, state: dict, source: str) -> dict:
         """Older diffusers VAEs name the attention weights query/key/value/proj_attn: rename them."""

@@ -1,0 +1,133 @@
+"""Weights kept as stored: a checkpoint's bfloat16 / float16 tensors left in the file, memory-mapped, and
+converted to the compute dtype one layer at a time, when that layer runs.
+
+``Model.from_pretrained(folder, weights_dtype="stored")`` reads the safetensors header as usual
+(`refldm.checkpoints.weights.read_header`, every check included), maps the file read-only, and gives each
+tensor as a `StoredTensor`: a view of its bytes in the mapping, nothing copied. On loading
+(`refldm.checkpoints.weights.load_into`):
+
+- the ``weight`` of a layer that declares it can convert on the fly (``keeps_stored = ("weight",)``:
+  Linear and Conv2d in refldm.models.blocks, which hold almost all of a model's numbers) stays a
+  `StoredTensor`, bound to the compute dtype;
+- every other tensor (biases, norm scales, embedding tables, position tables) is converted once, as in the
+  default mode; they are a small part of the model.
+
+When the layer runs it calls `materialize`, which returns the weight in the compute dtype; the copy is a local
+of ``forward`` and is freed when the layer returns. Memory: the file's pages (shared, clean, dropped by the
+kernel under pressure) plus one layer's float32 copy at a time, instead of the whole model in float32.
+
+The conversion is exact (every bfloat16 and float16 value is a float32), so the results equal those of the
+default mode, which converts the same tensors to float32 on loading, bit for bit (tests/test_stored_weights.py).
+
+bfloat16 by hand: a bfloat16 is the upper half of a float32 (1 sign, 8 exponent, 7 fraction bits), so
+
+    float32 bits = bfloat16 bits << 16            (as uint32, then reinterpreted as float32)
+
+(`refldm.checkpoints.weights.bf16_to_float32`). float16 widens with NumPy's astype (IEEE half -> single).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import numpy as np
+
+from refldm import backend
+from refldm.checkpoints.weights import WeightsError, bf16_to_float32, read_header, shown
+
+__all__ = ["StoredTensor", "load_file_mapped", "load_state_mapped", "materialize", "KEPT_DTYPES"]
+
+# safetensors dtype -> the NumPy type its bytes are viewed as (bfloat16 has none: its raw 16 bits)
+KEPT_DTYPES = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+
+
+class StoredTensor:
+    """One tensor as the file stores it: ``raw`` is a read-only view into the memory-mapped file (uint16 bits for
+    BF16, float16 for F16, float32 for F32), ``stored`` its safetensors dtype name. ``dtype`` is the compute
+    dtype it converts to (float32 until `bind` says otherwise); ``shape`` is the tensor's."""
+
+    __slots__ = ("raw", "stored", "dtype", "source")
+
+    def __init__(self, raw, stored: str, dtype="float32", source: str = "checkpoint"):
+        self.raw, self.stored, self.dtype, self.source = raw, stored, np.dtype(dtype), source
+
+    @property
+    def shape(self):
+        return tuple(self.raw.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.raw.nbytes)
+
+    def bind(self, dtype) -> "StoredTensor":
+        """The same stored bytes, converting to `dtype` (float32 / float64 / float16)."""
+        return StoredTensor(self.raw, self.stored, backend.resolve_dtype(dtype), self.source)
+
+    def reshape(self, *shape) -> "StoredTensor":
+        return StoredTensor(self.raw.reshape(*shape), self.stored, self.dtype, self.source)
+
+    def __getitem__(self, index) -> "StoredTensor":
+        return StoredTensor(self.raw[index], self.stored, self.dtype, self.source)
+
+    def to_numpy(self) -> np.ndarray:
+        """The tensor in the compute dtype, as a new host array (bfloat16: bits << 16, then the cast)."""
+        wide = bf16_to_float32(self.raw) if self.stored == "BF16" else self.raw
+        return np.array(wide, dtype=self.dtype, copy=True)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.to_numpy()
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __add__(self, other):
+        """weight + delta (a LoRA merged into a kept weight): the sum, converted, as an ordinary array."""
+        return materialize(self) + other
+
+    __radd__ = __add__
+
+    def __repr__(self):
+        return f"StoredTensor({self.stored} {self.shape} -> {self.dtype.name})"
+
+
+def materialize(weight):
+    """`weight` in the compute dtype on the active backend: a StoredTensor is converted (a fresh array the caller
+    drops after use); anything else is returned as it is."""
+    if isinstance(weight, StoredTensor):
+        return backend.asarray(weight.to_numpy())
+    return weight
+
+
+def load_file_mapped(path) -> dict:
+    """{key: StoredTensor} for a safetensors file, each a view into one read-only memory mapping of it.
+
+    The header is parsed and checked by `read_header` (the same rules as `load_file`). A tensor of a dtype
+    other than BF16, F16 or F32 is refused, naming the key and the dtype."""
+    path = os.fspath(path)
+    header, _, start = read_header(path)
+    for key, info in header.items():
+        if info["dtype"] not in KEPT_DTYPES:
+            raise WeightsError(f"{path}: key {shown(key)} is stored as {info['dtype']}; weights_dtype='stored' "
+                               "keeps BF16, F16 and F32 tensors only (load without it to convert on reading)")
+    size = os.path.getsize(path)
+    if size == 0 or not header:
+        return {}
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)    # stays valid after the file is closed
+    data = np.frombuffer(mapping, dtype=np.uint8)
+    out = {}
+    for key, info in header.items():
+        b, e = info["data_offsets"]
+        view = data[start + b:start + e].view(KEPT_DTYPES[info["dtype"]]).reshape(info["shape"])
+        out[key] = StoredTensor(view, info["dtype"], source=path)
+    return out
+
+
+def load_state_mapped(paths) -> dict:
+    """`load_file_mapped` over one or more shards, merged; a key in two files is an error."""
+    state, where = {}, {}
+    for path in paths:
+        for key, value in load_file_mapped(path).items():
+            if key in state:
+                raise WeightsError(f"key {shown(key)} appears in both {where[key]} and {path}")
+            state[key], where[key] = value, path
+    return state
