@@ -369,7 +369,7 @@ def test_attention_exp_clamp_changes_no_byte(masked, monkeypatch):
         mask = np.where(rng.random((260, 260)) < 0.6, 0.0, -1e4).astype(np.float32)
         mask[:, 1::5] = -np.inf
         mask[:, 0] = 0.0
-    attention = functools.partial(ops.scaled_dot_product_attention, mask=mask)
+    attention = functools.partial(F.scaled_dot_product_attention, mask=mask)
     spread = np.einsum("hid,hjd->hij", q, k) / 4.0
     assert (spread - spread.max(axis=-1, keepdims=True)).min() < -87 * 3
     outs = []

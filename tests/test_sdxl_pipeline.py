@@ -319,3 +319,31 @@ def test_sd_pipeline_points_sdxl_folders_to_the_xl_pipeline(folders):
         with pytest.raises(ValueError, match="an SDXL folder.*StableDiffusionXLPipeline") as e:
             StableDiffusionPipeline.from_pretrained(folder)
         assert "\n" not in str(e.value)
+
+
+def test_step_callback_sees_diffusers_tensors_and_can_replace_latents(pipes, reference):
+    """callback_on_step_end: per step the same latents, prompt_embeds and add_text_embeds as diffusers' (float32,
+    max |a - b| / max |b| <= 1e-4), with the latents halved after step 1 in both."""
+    torch = require("torch")
+    names = ["latents", "prompt_embeds", "add_text_embeds"]
+    ref, got = [], []
+
+    def ref_cb(p, i, t, kw):
+        ref.append([kw[k].double().numpy().copy() for k in names])
+        return {"latents": kw["latents"] * 0.5} if i == 1 else {}
+
+    def our_cb(p, i, t, kw):
+        got.append([np.asarray(kw[k], np.float64).copy() for k in names])
+        return {"latents": kw["latents"] * 0.5} if i == 1 else {}
+
+    kwargs = dict(prompt=PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=5.0)
+    run_diffusers(reference, "base", "euler", callback_on_step_end=ref_cb,
+                  callback_on_step_end_tensor_inputs=names, output_type="latent", **kwargs)
+    pipes["base"](**kwargs, seed=1, scheduler="euler", progress=False, output_type="latent",
+                  callback_on_step_end=our_cb, callback_on_step_end_tensor_inputs=names)
+    assert len(got) == len(ref) == STEPS
+    for i, (ours, theirs) in enumerate(zip(got, ref)):
+        for k, a, b in zip(names, ours, theirs):
+            assert a.shape == b.shape and np.abs(a - b).max() / np.abs(b).max() <= 1e-4, (i, k)
+    with pytest.raises(ValueError, match="'negative_pooled' is not one of"):
+        pipes["base"](**kwargs, callback_on_step_end=our_cb, callback_on_step_end_tensor_inputs=["negative_pooled"])

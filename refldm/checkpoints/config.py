@@ -35,7 +35,8 @@ MAX_LAYERS = 1000  # counts of repeated layers (the deepest text encoders have 2
 
 # (pattern over the field name, (low, high) for numbers, whether low is excluded). The first match wins.
 RULES = [
-    (r".*(layers|_per_block)$", (1, MAX_LAYERS), False),          # num_hidden_layers, layers_per_block, ...
+    (r"(num_\w*layers|\w*layers_per_block)$", (1, MAX_LAYERS), False),  # num_hidden_layers, layers_per_block
+    (r"\w*_layers$", (0, MAX_LAYERS), False),                     # layer indices (SD3.5's dual_attention_layers)
     (r"(num_train_timesteps|original_inference_steps)$", (1, 100_000), False),
     (r".*(channels|groups|heads|_dim|_size|vocab_size|embeddings|num_buckets|max_distance)$",
      (1, MAX_SIZE), False),

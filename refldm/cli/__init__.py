@@ -24,6 +24,7 @@ _MODULES += ("refldm.cli.inpaint",)  # inpainting (refldm/cli/inpaint.py)
 _MODULES += ("refldm.cli.pnginfo",)  # png-info: settings read back from an image (refldm/cli/pnginfo.py)
 _MODULES += ("refldm.cli.control",)  # control: control images for ControlNets (refldm/cli/control.py)
 _MODULES += ("refldm.cli.vectors",)  # conformance vectors and verify (refldm/cli/vectors.py)
+_MODULES += ("refldm.cli.explain",)  # explain: one HTML page of a generation (refldm/cli/explain.py)
 
 
 # Commands that print facts or compare files: no op runs, so --reference would mean nothing there.

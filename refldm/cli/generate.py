@@ -17,6 +17,8 @@ web UIs write it, so their "PNG info" readers show them.
 
 from __future__ import annotations
 
+import inspect
+
 import json
 import os
 import time
@@ -56,6 +58,7 @@ def register(subparsers) -> None:
     p.add_argument("--refiner", default=None, help="SDXL: a refiner folder that finishes the base's latents")
     p.add_argument("--denoising-end", type=float, default=None,
                    help="SDXL: the fraction of the schedule the base runs (with --refiner; default 0.8)")
+    add_preview_args(p)
     p.set_defaults(func=run_txt2img)
 
     p = subparsers.add_parser("img2img", help="transform an image guided by a prompt",
@@ -66,6 +69,7 @@ def register(subparsers) -> None:
                    help="how much to change: 0 keeps the image, 1 ignores it (default 0.8)")
     add_generation_args(p)
     add_adapter_args(p)
+    add_preview_args(p)
     p.set_defaults(func=run_img2img)
 
     p = subparsers.add_parser("info", help="describe a model: configs, parameter counts, dtypes",
@@ -91,6 +95,47 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_demo)
 
 
+def add_preview_args(p) -> None:
+    """--preview-every N --preview-dir DIR --preview linear|tiny|vae [--taesd DIR] (refldm/pipelines/preview.py)."""
+    p.add_argument("--preview-every", type=int, default=None, metavar="N",
+                   help="write the noisy latent and the predicted x_0 of every N-th step as PNGs")
+    p.add_argument("--preview-dir", default=None, metavar="DIR", help="the folder for the previews")
+    p.add_argument("--preview", default="linear", choices=("linear", "tiny", "vae"),
+                   help="the preview decoder: linear latent-to-RGB, TAESD (--taesd), or the model's VAE")
+    p.add_argument("--taesd", default=None, metavar="DIR", help="an AutoencoderTiny (TAESD) folder for --preview tiny")
+
+
+def _check_preview_args(args) -> None:
+    """The preview flags, checked before the model loads (one line each)."""
+    if args.preview_every is None:
+        for flag in ("preview_dir", "taesd"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --preview-every N")
+        return
+    from refldm.pipelines.preview import check_preview
+    if args.preview_dir is None:
+        raise ValueError("--preview-every needs --preview-dir DIR")
+    try:
+        check_preview(args.preview_every, args.steps, args.preview_dir, args.preview)
+    except ValueError as e:
+        raise ValueError(str(e).replace("preview_every=", "--preview-every ").replace("(preview_dir)",
+                                                                                     "(--preview-dir)")) from None
+    if args.preview == "tiny" and args.taesd is None:
+        raise ValueError("--preview tiny needs --taesd DIR, an AutoencoderTiny (TAESD) folder")
+
+
+def _preview_kwargs(args, pipe) -> dict:
+    """The pipeline's preview arguments from the (checked) flags; a TAESD folder is loaded here."""
+    if args.preview_every is None:
+        return {}
+    if "preview_every" not in inspect.signature(type(pipe).__call__).parameters:
+        raise ValueError(f"--preview-every: {type(pipe).__name__} takes no previews (SD 1.x / 2.x pipelines do)")
+    if args.preview == "tiny":
+        from refldm.models.autoencoder_tiny import AutoencoderTiny
+        pipe.tiny_vae = AutoencoderTiny.from_pretrained(args.taesd, dtype=args.dtype or "float32")
+    return dict(preview_every=args.preview_every, preview_dir=args.preview_dir, preview=args.preview)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # txt2img, img2img
 
@@ -101,6 +146,7 @@ def _generate(args, image=None):
     resolve_defaults(args)
     default = "refldm-txt2img.png" if image is None else "refldm-img2img.png"
     path = check_output(default if args.output is None else args.output)  # before the work, not after
+    _check_preview_args(args)
     use_backend(args.backend)
     with one_line_warnings():
         pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
@@ -109,6 +155,7 @@ def _generate(args, image=None):
         if getattr(pipe, "transformer", None) is not None:
             _check_sd3_args(args)
         prompt, kwargs = apply_adapter_args(args, pipe)  # LoRAs, embeddings, prompt syntax (cli/adapters.py)
+        kwargs.update(_preview_kwargs(args, pipe))  # --preview-every (refldm/pipelines/preview.py)
         if image is None:
             kwargs.update(height=args.height, width=args.width)
             check_resources(pipe, 1, args.height, args.width, args.steps, args.cfg)

@@ -29,7 +29,7 @@ from refldm import backend
 from refldm.core import record
 from refldm.core.images import to_tensor, to_uint8, unscale_latents
 
-__all__ = ["NonFiniteLatentsError", "StableDiffusionPipelineOutput", "GenerationParameters", "DiffusionPipeline",
+__all__ = ["StepEnd", "check_callback", "CALLBACK_TENSOR_INPUTS", "NonFiniteLatentsError", "StableDiffusionPipelineOutput", "GenerationParameters", "DiffusionPipeline",
            "Call", "prologue", "check_prompts", "check_steps", "check_guidance", "check_size", "check_strength",
            "check_seed", "check_count", "check_output_type", "make_generator", "initial_noise", "nan_guard",
            "sampler_label", "parameters_text", "finish", "SEED_MAX", "OUTPUT_TYPES"]
@@ -347,6 +347,60 @@ def sampler_label(name, scheduler_config: dict) -> str:
         return names.label(key)
     except ValueError:
         return str(key)
+
+
+# -- step callbacks: diffusers' callback_on_step_end -------------------------------------------------------------
+
+# What diffusers' SD / SDXL pipelines let a callback ask for (`_callback_tensor_inputs`), and what refldm adds:
+# the step's guided prediction, the scheduler's estimate of x_0, and with guidance the two halves.
+CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")
+STEP_TENSOR_INPUTS = ("noise_pred", "pred_original_sample", "noise_pred_uncond", "noise_pred_text")
+
+
+def check_callback(callback_on_step_end, tensor_inputs, allowed=CALLBACK_TENSOR_INPUTS) -> list:
+    """The checked list of tensor names a step-end callback asks for (diffusers' default: ["latents"])."""
+    if callback_on_step_end is not None and not callable(callback_on_step_end):
+        raise ValueError(f"callback_on_step_end must be callable, got {type(callback_on_step_end).__name__}")
+    names = ["latents"] if tensor_inputs is None else list(tensor_inputs)
+    known = tuple(allowed) + STEP_TENSOR_INPUTS
+    bad = [k for k in names if k not in known]
+    if bad:
+        raise ValueError(f"callback_on_step_end_tensor_inputs: {bad[0]!r} is not one of {', '.join(known)}")
+    return names
+
+
+class StepEnd:
+    """What runs after each step of the loop (`sampling.sample`'s callback): the NaN guard, the old
+    ``callback(i, t, latents)``, then diffusers' ``callback_on_step_end(pipe, i, t, callback_kwargs)``.
+
+    callback_kwargs holds the tensors named in `tensor_inputs`: "latents" (x after the step), the call's
+    `tensors` ("prompt_embeds" is what the U-Net sees: [negative; positive] under guidance, as in diffusers),
+    and the step's own ("noise_pred", "pred_original_sample", "noise_pred_uncond", "noise_pred_text").
+    The dict the callback returns may replace "latents" (the loop continues from it) and the entries of
+    `tensors` (the pipeline's model function reads ``tensors["prompt_embeds"]`` at every step)."""
+
+    def __init__(self, pipe, n_steps: int, callback=None, callback_on_step_end=None, tensor_inputs=None,
+                 tensors: dict | None = None):
+        self.pipe, self.callback, self.on_step_end = pipe, callback, callback_on_step_end
+        self.guard = nan_guard(n_steps)
+        self.names = check_callback(callback_on_step_end, tensor_inputs, tuple(tensors or ()) + ("latents",))
+        self.tensors = dict(tensors or {})
+
+    def __call__(self, i, t, x, step=None):
+        self.guard(i, t, x)
+        if self.callback is not None:
+            self.callback(i, t, x)
+        if self.on_step_end is None:
+            return None
+        step = step or {}
+        found = {"latents": x, **self.tensors, "noise_pred": step.get("noise_pred"),
+                 "pred_original_sample": step.get("pred_original_sample"),
+                 "noise_pred_uncond": step.get("pred_uncond"), "noise_pred_text": step.get("pred_cond")}
+        outputs = self.on_step_end(self.pipe, i, t, {k: found[k] for k in self.names}) or {}
+        for k in self.tensors:
+            if k in outputs:
+                self.tensors[k] = outputs[k]
+        return outputs.get("latents")
 
 
 # -- the epilogue -------------------------------------------------------------------------------------------------

@@ -166,12 +166,16 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
                  height: int | None = None, width: int | None = None, callback=None,
                  progress: bool = True, prompt_syntax: str = "plain",
                  clip_skip: int | None = None, scheduler: str | None = None, num_images_per_prompt: int = 1,
-                 output_type: str = "pil") -> StableDiffusionPipelineOutput:
+                 output_type: str = "pil", callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=None) -> StableDiffusionPipelineOutput:
         """image: PIL (sides multiples of 8); mask_image: PIL, white = repaint. strength 1 starts from pure
         noise; below 1 from the image noised to the strength's timestep (as img2img). padding_mask_crop=p:
         repaint only the box around the mask grown by p pixels, scaled to (width, height) (default: the
-        image's size), then pasted back (diffusers' "inpaint only masked" mode)."""
+        image's size), then pasted back (diffusers' "inpaint only masked" mode). callback_on_step_end /
+        callback_on_step_end_tensor_inputs: diffusers' step callback, after the kept region is blended back
+        (`refldm.pipelines.common.StepEnd`)."""
         from refldm.adapters.prompt_weighting import encode_prompts
+        common.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         if image is None or mask_image is None:
             raise ValueError("inpainting needs image= and mask_image=")
         size = None
@@ -247,12 +251,14 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         def model(x, t):
             if channels != latent_c:                                                  # (n, 4 + 1 + 4, h, w)
                 x = xp.concatenate([x, xp.concatenate([extra] * (x.shape[0] // batch), axis=0)], axis=1)
-            return self.unet(x, t, context)
+            return self.unet(x, t, step_end.tensors["prompt_embeds"])
 
         n_steps = len(timesteps)
         guard = common.nan_guard(n_steps)
+        step_end = common.StepEnd(self, n_steps, None, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                  {"prompt_embeds": context, "negative_prompt_embeds": uncond if do_cfg else None})
 
-        def after_step(i, t, x):
+        def after_step(i, t, x, step=None):
             guard(i, t, x)
             if channels == latent_c:
                 kept = z_image
@@ -261,7 +267,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
                 x = (1 - masks) * kept + masks * x
             if callback is not None:
                 callback(i, t, x)
-            return x
+            replaced = step_end(i, t, x, step=step)
+            return x if replaced is None else replaced
 
         start = time.perf_counter()
         latents = sample(model, sched, latents, timesteps, guidance_scale=guidance_scale if do_cfg else None,

@@ -115,7 +115,9 @@ def sample(model_fn, scheduler, latents, timesteps=None, *, guidance_scale: floa
 
     Per step: x_in = scale_model_input(x, t); pred = model_fn(x_in, t) (guided as in the module docstring when
     guidance_scale is set); x = scheduler.step(pred, t, x, generator=..., **step_kwargs).prev_sample.
-    ``callback(i, t, x)`` runs after each step; if it returns an array, that replaces x. A scheduler whose
+    ``callback(i, t, x)`` runs after each step; if it returns an array, that replaces x. A callback that takes a
+    keyword ``step`` also gets ``step={"noise_pred": pred, "pred_original_sample": x_0 or None, "pred_uncond",
+    "pred_cond"}`` (the guided prediction, the scheduler's estimate of x_0, and with guidance the two halves). A scheduler whose
     ``timesteps`` is a Python list (DPM adaptive) appends the model calls it decides on while this loop iterates it.
     ``progress=False`` silences the tqdm bar. With a trace on (`refldm.core.record`), step i records
     ``steps.<i>.timestep``, ``.model_input``, ``.unet.<layer>``, ``.noise_pred``, ``.latents`` (x), ``.guided``
@@ -132,8 +134,10 @@ def sample(model_fn, scheduler, latents, timesteps=None, *, guidance_scale: floa
                              "pass timesteps=None (or scheduler.timesteps itself), not a copy or a part")
         total = float("inf")  # tqdm's "unknown": the loop below runs while the list grows
     x = latents
+    wants_step = callback is not None and _accepts(callback, "step")
     for i, t in enumerate(tqdm(timesteps, total=total, disable=not progress, desc=type(scheduler).__name__)):
         x_in = scheduler.scale_model_input(x, t)
+        pred_uncond = pred_cond = None
         if guidance_scale is None:
             pred = _model_call(model_fn, x_in, t, i)
         else:
@@ -152,7 +156,12 @@ def sample(model_fn, scheduler, latents, timesteps=None, *, guidance_scale: floa
         record.value(f"steps.{i}.prev_sample", x)
         record.value(f"steps.{i}.pred_original_sample", getattr(out, "pred_original_sample", None))
         if callback is not None:
-            replaced = callback(i, t, x)
+            if wants_step:
+                step = {"noise_pred": pred, "pred_original_sample": getattr(out, "pred_original_sample", None),
+                        "pred_uncond": pred_uncond, "pred_cond": pred_cond}
+                replaced = callback(i, t, x, step=step)
+            else:
+                replaced = callback(i, t, x)
             if replaced is not None:
                 x = replaced
     return x

@@ -179,7 +179,9 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
                  callback=None, progress: bool = True, noise_dtype: str | None = None,
                  prompt_syntax: str = "plain", clip_skip: int | None = None,
                  scheduler: str | None = None, num_images_per_prompt: int = 1,
-                 output_type: str = "pil") -> StableDiffusionPipelineOutput:
+                 output_type: str = "pil", callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=None, preview_every: int | None = None,
+                 preview_dir=None, preview: str = "linear") -> StableDiffusionPipelineOutput:
         """Generate images. See the module docstring for the loop; diffusers' argument names and defaults.
 
         prompt / negative_prompt: a string or a list (one per image). "" is allowed (unconditional); a
@@ -199,6 +201,10 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
         prompt_syntax="webui": the AUTOMATIC1111 web UI's (word:1.3) weights, BREAK and prompts over 75
         tokens (refldm/adapters/prompt_weighting.py); clip_skip=k: the text encoder's k-th layer from the end, as
         diffusers' clip_skip.
+        callback_on_step_end(pipe, i, t, callback_kwargs) / callback_on_step_end_tensor_inputs: diffusers' step
+        callback (`refldm.pipelines.common.StepEnd`); the dict it returns may replace "latents".
+        preview_every=N, preview_dir=DIR, preview="linear"|"tiny"|"vae": write the noisy latent and the
+        predicted x_0 of every N-th step as PNGs (`refldm.pipelines.preview`), through that callback.
         """
         timings = {}
         size = None if image is not None else (self.default_size if height is None else height,
@@ -207,6 +213,10 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
                                height=size and size[0], width=size and size[1],
                                strength=strength if image is not None else None,
                                num_images_per_prompt=num_images_per_prompt, output_type=output_type)
+        common.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        if preview_every is not None:
+            from refldm.pipelines.preview import check_preview
+            check_preview(preview_every, call.steps, preview_dir, preview)
         if noise_dtype not in (None, "float16", "float32", "float64"):
             raise ValueError(f"noise_dtype={noise_dtype!r}; choose 'float16', 'float32' or 'float64'")
         if image is not None:
@@ -260,15 +270,16 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
         # 3. the denoising loop (refldm/pipelines/sampling.py): per step, with CFG, one U-Net batch of 2B:
         #    eps_u, eps_c = unet(scale(x_t), t, [c_uncond; c]);  eps = eps_u + w (eps_c - eps_u);  x = step(eps)
         start = time.perf_counter()
-        guard = common.nan_guard(len(timesteps))
-
-        def after_step(i, t, x):
-            guard(i, t, x)
-            if callback is not None:
-                callback(i, t, x)
-
-        latents = sample(lambda x, t: self.unet(x, t, context), sched, latents, timesteps,
-                         guidance_scale=guidance_scale if do_cfg else None, generator=generator,
+        if preview_every is not None:
+            from refldm.pipelines.preview import with_previews
+            callback_on_step_end, callback_on_step_end_tensor_inputs = with_previews(
+                self, len(timesteps), preview_every, preview_dir, preview, callback_on_step_end,
+                callback_on_step_end_tensor_inputs)
+        after_step = common.StepEnd(self, len(timesteps), callback, callback_on_step_end,
+                                    callback_on_step_end_tensor_inputs,
+                                    {"prompt_embeds": context, "negative_prompt_embeds": uncond})
+        latents = sample(lambda x, t: self.unet(x, t, after_step.tensors["prompt_embeds"]), sched, latents,
+                         timesteps, guidance_scale=guidance_scale if do_cfg else None, generator=generator,
                          callback=after_step, progress=progress)
         timings["denoise"] = time.perf_counter() - start
 

@@ -45,6 +45,8 @@ XL_PARTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encode
             "tokenizer": "CLIPTokenizer", "text_encoder_2": "CLIPTextModelWithProjection",
             "tokenizer_2": "CLIPTokenizer", "scheduler": None}
 OPTIONAL = ("text_encoder", "tokenizer")
+# the tensors a step callback may ask for (diffusers' names; refldm's step predictions are added by StepEnd)
+SDXL_CALLBACK_INPUTS = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")
 
 
 def is_sdxl_folder(folder) -> bool:
@@ -285,22 +287,26 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
         return call, start, end
 
     def _denoise(self, latents, sched, timesteps, context, text_embeds, time_ids, guidance_scale, guidance_rescale,
-                 do_cfg, generator, callback, progress, denoising_end):
+                 do_cfg, generator, callback, progress, denoising_end, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=None):
         """The loop (refldm/pipelines/sampling.py) with the added conditioning; timesteps cut at denoising_end as diffusers:
         keep t >= round(T - denoising_end * T), T = num_train_timesteps."""
         if denoising_end is not None:
             big_t = sched.config.num_train_timesteps
             cutoff = int(round(big_t - denoising_end * big_t))
             timesteps = timesteps[:sum(1 for t in timesteps if float(t) >= cutoff)]
-        guard = common.nan_guard(len(timesteps))
-        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        # after each step: the NaN guard, callback(i, t, x), diffusers' callback_on_step_end (common.StepEnd)
+        after_step = common.StepEnd(self, len(timesteps), callback, callback_on_step_end,
+                                    callback_on_step_end_tensor_inputs,
+                                    {"prompt_embeds": context, "add_text_embeds": text_embeds,
+                                     "add_time_ids": time_ids})
+        tensors = after_step.tensors  # what the callback may replace
 
-        def after_step(i, t, x):
-            guard(i, t, x)
-            if callback is not None:
-                callback(i, t, x)
+        def model(x, t):
+            added = {"text_embeds": tensors["add_text_embeds"], "time_ids": tensors["add_time_ids"]}
+            return self.unet(x, t, tensors["prompt_embeds"], added_cond_kwargs=added)
 
-        return sample(lambda x, t: self.unet(x, t, context, added_cond_kwargs=added), sched, latents, timesteps,
+        return sample(model, sched, latents, timesteps,
                       guidance_scale=guidance_scale if do_cfg else None,
                       guidance_rescale=guidance_rescale if do_cfg else 0.0, generator=generator,
                       callback=after_step, progress=progress)
@@ -327,7 +333,8 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
                  clip_skip: int | None = None, seed: int | None = None, generator=None, sampler: str | None = None,
                  latents=None, output_type: str = "pil", callback=None,
                  progress: bool = True, scheduler: str | None = None,
-                 num_images_per_prompt: int = 1) -> StableDiffusionPipelineOutput:
+                 num_images_per_prompt: int = 1, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=None) -> StableDiffusionPipelineOutput:
         """Text to image with diffusers' SDXL arguments and defaults (guidance 5.0, 1024x1024 for SDXL).
 
         original_size / target_size default to (height, width), crops_coords_top_left to (0, 0); the
@@ -336,7 +343,11 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
         (for a refiner to continue; with output_type="latent" the images are skipped). callback(i, t, x)
         after every step; latents: your own starting noise (B, 4, H/8, W/8), times init_noise_sigma.
         The checks, the seed, the output and its parameters text: `refldm.pipelines.common`.
+        callback_on_step_end(pipe, i, t, callback_kwargs) with callback_on_step_end_tensor_inputs: diffusers'
+        step callback ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids", and the step's
+        predictions; `refldm.pipelines.common.StepEnd`).
         """
+        common.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, SDXL_CALLBACK_INPUTS)
         size = (self.default_size if height is None else height, self.default_size if width is None else width)
         call, _, end = self._prepare(prompt, prompt_2, negative_prompt, negative_prompt_2, seed, generator,
                                      num_inference_steps, guidance_scale, size=size,
@@ -371,7 +382,8 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
         # 3. the loop, 4. the decode
         start = time.perf_counter()
         latents = self._denoise(latents, sched, sched.timesteps, context, text_embeds, time_ids, guidance_scale,
-                                guidance_rescale, do_cfg, generator, callback, progress, end)
+                                guidance_rescale, do_cfg, generator, callback, progress, end,
+                                callback_on_step_end, callback_on_step_end_tensor_inputs)
         timings["denoise"] = time.perf_counter() - start
         return common.finish(self, latents, call, timings, self._record(call, sampler, original, crop, target))
 
@@ -395,7 +407,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                  aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, clip_skip: int | None = None,
                  seed: int | None = None, generator=None, sampler: str | None = None, output_type: str = "pil",
                  callback=None, progress: bool = True, scheduler: str | None = None,
-                 num_images_per_prompt: int = 1) -> StableDiffusionPipelineOutput:
+                 num_images_per_prompt: int = 1, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=None) -> StableDiffusionPipelineOutput:
         """Image to image with diffusers' SDXL arguments and defaults (strength 0.3, guidance 5.0).
 
         image: a PIL image / uint8 array (encoded by the VAE, then noised to the timestep `strength`
@@ -406,6 +419,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
         """
         if image is None:
             raise ValueError("image is required (a PIL image, a uint8 array, or latents (B, 4, h, w))")
+        common.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, SDXL_CALLBACK_INPUTS)
         call, begin, end = self._prepare(prompt, prompt_2, negative_prompt, negative_prompt_2, seed, generator,
                                          num_inference_steps, guidance_scale, strength=strength,
                                          num_images_per_prompt=num_images_per_prompt, output_type=output_type,
@@ -474,7 +488,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
 
         start = time.perf_counter()
         latents = self._denoise(latents, sched, timesteps, context, text_embeds, time_ids, guidance_scale,
-                                guidance_rescale, do_cfg, generator, callback, progress, end)
+                                guidance_rescale, do_cfg, generator, callback, progress, end,
+                                callback_on_step_end, callback_on_step_end_tensor_inputs)
         timings["denoise"] = time.perf_counter() - start
         made = self._record(call, sampler, original, crop, target, strength=strength if begin is None else None)
         return common.finish(self, latents, call, timings, made)

@@ -1,0 +1,150 @@
+"""`refldm explain`: the page (refldm/analysis/explain.py), its CLI, and the page in a real browser.
+
+The browser test runs the Debian package `chromium` headless on the page opened from a file (.ci/run installs
+it where missing). A copy of the page gets a first script that notes console errors and failed loads and,
+once the page has loaded, writes what it found (images that did not decode, errors, the page's text) into
+the DOM, which ``chromium --dump-dom`` prints. A control page with a broken image and a console error shows
+that these checks can fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from refldm.cli import main
+
+PROMPT = "a large red circle in the top left on a white background"
+LIMIT = 5_000_000  # bytes, the default page's budget
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """The default page (built-in model, 10 steps, every token), written by the CLI."""
+    path = tmp_path_factory.mktemp("explain") / "explain.html"
+    assert main(["explain", "-p", PROMPT, "-o", str(path)]) == 0
+    return path
+
+
+def test_page_is_self_contained_small_and_complete(page):
+    text = page.read_text(encoding="utf-8")
+    assert os.path.getsize(page) < LIMIT
+    imgs = re.findall(r"<img\b[^>]*>", text)
+    assert len(imgs) >= 10 * 5 + 1                              # five pictures per step, and the image
+    for tag in imgs:
+        assert re.search(r'\salt="[^"]+"', tag), tag[:80]        # alt text on every image
+        assert 'src="data:image/png;base64,' in tag              # inline, nothing to fetch
+    assert "<script" not in text and "<link" not in text and "url(" not in text
+    assert not re.search(r'(src|href)="(https?:|//)', text)
+    assert text.count("<svg") >= 3                               # the schedule plots and the prediction plot
+    assert f"Prompt: <b id=\"prompt\">{PROMPT}</b>" in text and '<b id="steps">10</b>' in text
+    assert [int(k) for k in re.findall(r"<h3>token (\d+):", text)] == list(range(1, 13))  # every token mapped
+    assert "<h3>token 4: circle</h3>" in text and "<h3>token 3: red</h3>" in text
+    assert "Steps: 10, Sampler: DDIM, CFG scale: 3, Seed: 0, Size: 64x64" in text    # the PNG parameters
+
+
+def test_cli_bad_input_one_line(tmp_path, capsys):
+    (tmp_path / "folder.html").mkdir()
+    for args, message in ((["-o", str(tmp_path / "folder.html")], "is a folder"),
+                          (["-o", str(tmp_path / "x.png")], "must end in .html"),
+                          (["-o", str(tmp_path / "x.html"), "--steps", "0"], "--steps"),
+                          (["-o", str(tmp_path / "x.html"), "-m", str(tmp_path / "none")], "no such model")):
+        assert main(["explain", "-p", "x", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_chosen_tokens_and_one_beyond_the_text(tmp_path, capsys):
+    path = tmp_path / "t.html"
+    assert main(["explain", "-p", PROMPT, "-o", str(path), "--steps", "2", "--token", "4", "--token", "99"]) == 0
+    assert "note: token 99 ignored: the prompt has 12 tokens (1..12)" in capsys.readouterr().out
+    text = path.read_text(encoding="utf-8")
+    assert re.findall(r"<h3>token (\d+):", text) == ["4"] and "Note: token 99 ignored" in text
+
+
+def test_model_without_tokenizer_is_named():
+    from refldm.about import DEFAULT_MODEL
+    from refldm.analysis.explain import explain
+    from refldm.pipelines.sd import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL)
+    pipe.tokenizer = None
+    with pytest.raises(ValueError, match="refldm-default: has no tokenizer"):
+        explain(pipe, "x", num_inference_steps=2)
+
+
+# -- in the browser --------------------------------------------------------------------------------------------
+
+PROBE = """<script>
+window.__errors = [];
+const __error = console.error;
+console.error = function (...a) { window.__errors.push('console.error: ' + a.join(' ')); __error.apply(console, a); };
+window.addEventListener('error', e => window.__errors.push('error: ' +
+    (e.message || (e.target && (e.target.currentSrc || e.target.tagName)) || 'unknown').slice(0, 80)), true);
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const out = {images: imgs.length, broken: imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt),
+               missing_alt: imgs.filter(i => !i.alt).length, errors: window.__errors, text: document.body.innerText};
+  const pre = document.createElement('pre');
+  pre.id = '__checks';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _chromium():
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install chromium (.ci/run does: apt-get install -y chromium)")
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    return exe
+
+
+def _run(exe, tmp_path, *flags):
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
+           f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0", *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def _checks(exe, tmp_path, html_text, name):
+    probe = tmp_path / name
+    probe.write_text(html_text.replace("<head>", "<head>" + PROBE, 1), encoding="utf-8")
+    run = _run(exe, tmp_path, "--virtual-time-budget=5000", "--dump-dom", probe.as_uri())
+    m = re.search(r'<pre id="__checks">(.*?)</pre>', run.stdout, re.S)
+    assert m, (run.returncode, run.stderr[-2000:])
+    import html as html_module
+    found = json.loads(html_module.unescape(m.group(1)))
+    console = [line for line in run.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    return found, console
+
+
+@pytest.mark.slow
+def test_page_in_headless_chromium(page, tmp_path):
+    exe = _chromium()
+    found, console = _checks(exe, tmp_path, page.read_text(encoding="utf-8"), "probe.html")
+    assert found["images"] >= 51 and found["broken"] == [] and found["missing_alt"] == 0
+    assert found["errors"] == [] and console == []
+    assert PROMPT in found["text"] and "Steps: 10" in found["text"]
+    shot = tmp_path / "explain.png"
+    run = _run(exe, tmp_path, "--window-size=1200,2400", f"--screenshot={shot}", page.as_uri())
+    assert shot.exists(), run.stderr[-2000:]
+    with Image.open(shot) as im:
+        assert im.size == (1200, 2400) and len(np.unique(np.asarray(im.convert("L")))) > 20  # drawn, not blank
+
+
+@pytest.mark.slow
+def test_browser_checks_catch_a_broken_page(tmp_path):
+    exe = _chromium()
+    bad = ('<!DOCTYPE html><html><head><title>t</title></head><body><img src="data:image/png;base64,AAAA" '
+           'alt="broken"><img src="data:image/png;base64,AAAA"><script>console.error("boom")</script></body></html>')
+    found, console = _checks(exe, tmp_path, bad, "bad.html")
+    assert found["broken"] == ["broken", ""] and found["missing_alt"] == 1
+    assert any("boom" in e for e in found["errors"]) and any("boom" in line for line in console)
