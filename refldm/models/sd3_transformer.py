@@ -61,10 +61,6 @@ class SD3Transformer2DConfig:
     dual_attention_layers: list = field(default_factory=list)
     qk_norm: str | None = None
 
-    # dual_attention_layers holds layer indices (0 is the first layer), not a count of layers: the generic
-    # "*layers: 1 and up" rule of refldm.checkpoints.config would refuse SD3.5-medium's [0, ..., 12]
-    RULES = [(r"dual_attention_layers$", (0, 1000), False)]
-
     def __post_init__(self):
         for key in ("sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim",
                     "num_attention_heads", "joint_attention_dim", "caption_projection_dim",
