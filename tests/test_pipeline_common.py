@@ -1,9 +1,9 @@
 """The pipeline core (refldm/pipelines/common.py) seen through every pipeline: SD txt2img, SD img2img, SDXL,
-SDXL img2img, inpainting. The same bad argument gets the same one-line message from each; every pipeline
-fills in the parameters text; the core's record formats the web UIs' text.
+SDXL img2img, inpainting, SD3 txt2img and img2img. The same bad argument gets the same one-line message from
+each; every pipeline fills in the parameters text; the core's record formats the web UIs' text.
 
 No torch: SD and inpainting run the model shipped with refldm; the SDXL pipelines are built from its parts
-plus a second text encoder and an SDXL U-Net with random weights (a few seconds in all).
+plus a second text encoder and an SDXL U-Net (or an SD3 transformer) with random weights (a few seconds in all).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def pipes():
     from refldm.pipelines.inpaint import StableDiffusionInpaintPipeline
     from refldm.pipelines.sd import StableDiffusionPipeline
     from refldm.pipelines.sdxl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from refldm.pipelines.sd3 import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
     from refldm.checkpoints.weights import read_config
     import os
 
@@ -55,6 +56,9 @@ def pipes():
     parts = (sd.vae, sd.text_encoder, encoder_2, tokenizer, tokenizer, unet, scheduler, {"unet": unet_config})
     xl = StableDiffusionXLPipeline(*parts, name="tiny-xl")
     xl_img = StableDiffusionXLImg2ImgPipeline(*parts, name="tiny-xl")
+    sd3 = _tiny_sd3(sd, encoder_2, tokenizer)
+    sd3_img = StableDiffusion3Img2ImgPipeline(*sd3, name="tiny-sd3")
+    sd3 = StableDiffusion3Pipeline(*sd3, name="tiny-sd3")
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
     mask = Image.fromarray(np.pad(np.full((32, 32), 255, np.uint8), 16))
     return {
@@ -63,12 +67,27 @@ def pipes():
         "sdxl": lambda *a, **k: xl(*a, **k),
         "sdxl img2img": lambda *a, **k: xl_img(*a, image=image, **k),
         "inpaint": lambda *a, **k: inpaint(*a, image=image, mask_image=mask, **k),
+        "sd3": lambda *a, **k: sd3(*a, **k),  # default size: sample_size 8 x 8 = SIZE
+        "sd3 img2img": lambda *a, **k: sd3_img(*a, image=image, **k),
     }
 
 
-ALL = ["sd", "sd img2img", "sdxl", "sdxl img2img", "inpaint"]
-SIZED = ["sd", "sdxl", "inpaint"]            # the pipelines that take height / width
-STRENGTH = ["sd img2img", "sdxl img2img", "inpaint"]
+def _tiny_sd3(sd, encoder, tokenizer):
+    """The parts of a tiny SD3 pipeline (without T5): an SD3 transformer with random weights over the default
+    model's 4-channel VAE, the projecting CLIP encoder as both CLIP-L and CLIP-G (pooled 2 x 64)."""
+    from refldm.models.sd3_transformer import SD3Transformer2DModel
+    config = dict(sample_size=SIZE // 8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
+                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=128, caption_projection_dim=16,
+                  pooled_projection_dim=128, pos_embed_max_size=8)
+    transformer = _randomise(SD3Transformer2DModel.from_config(config), 3)
+    scheduler = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}
+    return (transformer, sd.vae, encoder, tokenizer, encoder, tokenizer, None, None, scheduler,
+            {"transformer": config})
+
+
+ALL = ["sd", "sd img2img", "sdxl", "sdxl img2img", "inpaint", "sd3", "sd3 img2img"]
+SIZED = ["sd", "sdxl", "inpaint", "sd3"]            # the pipelines that take height / width
+STRENGTH = ["sd img2img", "sdxl img2img", "inpaint", "sd3 img2img"]
 
 BAD = [  # (argument, the one line every pipeline says), each over ALL unless restricted
     (dict(prompt=5), "prompt must be a string or a non-empty list of strings, got 5", ALL),
@@ -122,7 +141,7 @@ def test_every_pipeline_fills_in_the_parameters_and_takes_integral_float_steps(p
         assert ("Original size: 64x64, Target size: 64x64, Crop: 0x0" in lines[2]) == which.startswith("sdxl")
 
 
-@pytest.mark.parametrize("which", ["sd", "sdxl", "inpaint"])
+@pytest.mark.parametrize("which", ["sd", "sdxl", "inpaint", "sd3"])
 def test_num_images_per_prompt_repeats_each_prompt(pipes, which):
     kwargs = dict(num_inference_steps=1, seed=3, progress=False, output_type="latent")
     repeated = pipes[which](["a", "b"], num_images_per_prompt=2, **kwargs)

@@ -90,3 +90,31 @@ def test_file_without_clip_encoders_is_one_clear_line(folder_and_file, tmp_path)
     weights.save_file({k: v for k, v in original.items() if not k.startswith("text_encoders.")}, path)
     with pytest.raises(ValueError, match=r"holds no text_encoders\.clip_l\.transformer\.\* \(text_encoder\)"):
         StableDiffusion3Pipeline.from_single_file(path, config=folder)
+
+
+def test_cli_runs_and_describes_the_single_file(folder_and_file, tmp_path, capsys):
+    """refldm txt2img -m FILE --config SD3_FOLDER: the folder's image (same weights, bar CLIP-L's projection,
+    which the file leaves out); without --config, one line asking for it. refldm info FILE: counts per part."""
+    import re
+    from PIL import Image
+    from refldm.pipelines.sd3 import StableDiffusion3Pipeline
+    from tests.test_cli import run
+    folder, path, original, _ = folder_and_file
+    out = tmp_path / "file.png"
+    args = ("txt2img", "-m", path, "-p", "a cat", "--steps", "2", "--seed", "1", "-W", "32", "-H", "32", "-q",
+            "-o", str(out))
+    rc, _, err = run(capsys, *args)
+    assert rc == 2 and "an SD3 / SD3.5 single file; give --config SD3_FOLDER" in err and err.count("\n") == 1
+    rc, _, err = run(capsys, *args, "--config", folder)
+    assert rc == 0, err
+    want = StableDiffusion3Pipeline.from_single_file(path, config=folder)(
+        "a cat", height=32, width=32, num_inference_steps=2, guidance_scale=7.5, seed=1, progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(want))
+    rc, stdout, err = run(capsys, "info", path)
+    assert rc == 0, err
+    for part, prefix in convert.SD3_PREFIXES.items():
+        n = sum(int(np.prod(v.shape)) for k, v in original.items() if k.startswith(prefix))
+        if part == "text_encoder_3":
+            assert n == 0 and re.search(r"^text_encoder_3: class None, note not in the file", stdout, re.M)
+        else:
+            assert re.search(rf"^{part}: \w+, {n:,} parameters, stored as F32$", stdout, re.M), (part, stdout)

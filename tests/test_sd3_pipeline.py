@@ -32,8 +32,14 @@ SEQ = 8             # max_sequence_length: T5's (zero) tokens, kept short here
 TEXT1, TEXT2, PROJ1, PROJ2 = 12, 16, 12, 12  # CLIP-L projects to its own width, as SD3's (768)
 
 
-def build_tiny_sd3(folder, seed=0, scheduler_config=None):
-    """Write a tiny random-weight SD3 folder (no T5) in diffusers' layout; return its path."""
+T5 = dict(d_model=32, d_kv=8, d_ff=24, num_layers=2, num_heads=2, feed_forward_proj="gated-gelu",
+          relative_attention_num_buckets=8, relative_attention_max_distance=20)  # d_model = joint_attention_dim
+
+
+def build_tiny_sd3(folder, seed=0, scheduler_config=None, t5=False):
+    """Write a tiny random-weight SD3 folder in diffusers' layout; return its path. t5: with a tiny
+    T5EncoderModel (tests/test_t5.py's `reference`) and a T5TokenizerFast over a unigram model trained by
+    sentencepiece (tests/test_t5_tokenizer.py's `train`) as text_encoder_3 / tokenizer_3; else without T5."""
     torch = require("torch")
     diffusers = require("diffusers")
     transformers = require("transformers")
@@ -63,9 +69,18 @@ def build_tiny_sd3(folder, seed=0, scheduler_config=None):
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**(scheduler_config or {"shift": 3.0}))
     tok1 = transformers.CLIPTokenizer.from_pretrained(os.path.join(work, "t1"))
     tok2 = transformers.CLIPTokenizer.from_pretrained(os.path.join(work, "t2"))
+    enc3 = tok3 = None
+    if t5:
+        from tests.test_t5 import reference as tiny_t5
+        from tests.test_t5_tokenizer import train
+        os.makedirs(os.path.join(work, "t3"))
+        with open(os.path.join(work, "t3", "spiece.model"), "wb") as f:
+            f.write(train(byte_fallback=False))
+        tok3 = transformers.T5TokenizerFast.from_pretrained(os.path.join(work, "t3"))
+        enc3 = tiny_t5(dict(T5, vocab_size=len(tok3)), seed=seed * 10 + 4)
     pipe = diffusers.StableDiffusion3Pipeline(
         transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=enc1, tokenizer=tok1,
-        text_encoder_2=enc2, tokenizer_2=tok2, text_encoder_3=None, tokenizer_3=None)
+        text_encoder_2=enc2, tokenizer_2=tok2, text_encoder_3=enc3, tokenizer_3=tok3)
     pipe.save_pretrained(folder)
     _tokenizer_folder(os.path.join(folder, "tokenizer"), os.path.join(work, "t1"))
     _tokenizer_folder(os.path.join(folder, "tokenizer_2"), os.path.join(work, "t2"))
@@ -87,6 +102,11 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return build_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def folder_t5(tmp_path_factory):
+    return build_tiny_sd3(tmp_path_factory.mktemp("sd3t5") / "tiny_t5", seed=2, t5=True)
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +252,16 @@ def test_dynamic_shifting_mu_from_the_token_count(tmp_path):
 def test_bad_sizes_and_folders_are_one_clear_line(pipes, folder, tmp_path):
     from refldm.checkpoints.weights import WeightsError
     from refldm.pipelines.sd3 import StableDiffusion3Pipeline
-    with pytest.raises(ValueError, match=r"multiples of 8 \(vae_scale_factor 4 x patch_size 2\), got 36x32"):
-        pipes["txt2img"](PROMPT, height=32, width=36, num_inference_steps=1, progress=False)
+    with pytest.raises(ValueError, match=r"^height and width must be positive multiples of 8, got 36x32$"):
+        pipes["txt2img"](PROMPT, height=32, width=36, num_inference_steps=1, progress=False)  # the core's check
+    config = pipes["txt2img"].transformer.config
+    config.patch_size = 4  # then a patch is 4 x 4 latent pixels = 16 x 16 pixels: 40 passes the core, not SD3
+    try:
+        with pytest.raises(ValueError, match=r"multiples of 16 \(vae_scale_factor 4 x patch_size 4\), got 40x32; "
+                                             "for example 32x32"):
+            pipes["txt2img"](PROMPT, height=32, width=40, num_inference_steps=1, progress=False)
+    finally:
+        config.patch_size = 2
     with pytest.raises(ValueError, match="max_sequence_length=600 must be an integer in"):
         pipes["txt2img"](PROMPT, max_sequence_length=600, progress=False)
     broken = tmp_path / "no_clip_g"
@@ -285,3 +313,165 @@ def test_t5_states_follow_the_clip_states_along_the_sequence(pipes):
     with pytest.raises(ValueError, match="give text_encoder_3 and tokenizer_3 together"):
         StableDiffusion3Pipeline(base.transformer, base.vae, base.text_encoder, base.tokenizer, base.text_encoder_2,
                                  base.tokenizer_2, Encoder(), None)
+
+
+def test_with_t5_same_image_and_float64_conditioning_as_diffusers(folder_t5):
+    """The real T5 classes in the pipeline: refldm's T5EncoderModel and T5TokenizerFast read text_encoder_3/ and
+    tokenizer_3/ (tokenizer.json as transformers writes it). The T5 states (prompt truncated to SEQ tokens, with a
+    warning naming the limit) agree in float64 to 1e-10 (transformers' T5 norm widened to float64 as in
+    tests/test_t5.py), and the 8-bit image to 2/255."""
+    torch = require("torch")
+    diffusers = require("diffusers")
+    from refldm.models.t5 import T5EncoderModel
+    from refldm.models.t5_tokenizer import T5TokenizerFast
+    from refldm.pipelines.sd3 import StableDiffusion3Pipeline
+    from tests.test_t5 import wide_norm
+    ref = diffusers.StableDiffusion3Pipeline.from_pretrained(folder_t5)
+    ref.set_progress_bar_config(disable=True)
+    assert type(ref.text_encoder_3).__name__ == "T5EncoderModel"
+    kwargs = dict(prompt=PROMPT, negative_prompt="a dog", height=SIZE, width=SIZE, num_inference_steps=3,
+                  guidance_scale=5.0, max_sequence_length=SEQ)
+    expected = run_diffusers({"txt2img": ref}, seed=6, **kwargs)
+    _check_not_degenerate(expected)
+    ours = StableDiffusion3Pipeline.from_pretrained(folder_t5)
+    assert isinstance(ours.text_encoder_3, T5EncoderModel) and isinstance(ours.tokenizer_3, T5TokenizerFast)
+    with pytest.warns(UserWarning, match=f"max_length={SEQ}"):
+        out = ours(**kwargs, seed=6, progress=False)
+    assert _max_pixel_diff(out.images, expected) <= 2
+    # without T5 (zeros in its place) the image is another one: the T5 states do reach the transformer
+    assert _max_pixel_diff(StableDiffusion3Pipeline.from_pretrained(folder_t5, use_t5=False)(
+        **kwargs, seed=6, progress=False).images, expected) > 2
+
+    ours64 = StableDiffusion3Pipeline.from_pretrained(folder_t5, dtype="float64")
+    ref.to(torch.float64)
+    with torch.no_grad(), wide_norm():
+        embeds, neg, pooled, neg_pooled = ref.encode_prompt(PROMPT, None, None, negative_prompt="a dog",
+                                                            do_classifier_free_guidance=True,
+                                                            max_sequence_length=SEQ)
+    with pytest.warns(UserWarning, match=f"max_length={SEQ}"):
+        context, pooled_ours = ours64._conditioning([PROMPT], [PROMPT], [PROMPT], (["a dog"],) * 3, True, None,
+                                                    SEQ)
+    ref_context = torch.cat([neg, embeds]).numpy()
+    ref_pooled = torch.cat([neg_pooled, pooled]).numpy()
+    assert context.dtype == np.float64 and context.shape == ref_context.shape == (2, 77 + SEQ, 32)
+    assert np.abs(ref_context[:, 77:]).max() > 0.1  # the T5 part is not zeros
+    assert np.abs(context - ref_context).max() <= 1e-10 * np.abs(ref_context).max()
+    assert np.abs(pooled_ours - ref_pooled).max() <= 1e-10 * np.abs(ref_pooled).max()
+
+
+# -- the CLI on the tiny folders: `refldm txt2img -m SD3_FOLDER`, `refldm img2img`, `refldm info` ----------------
+
+
+def test_cli_txt2img_on_an_sd3_folder_is_the_python_apis_image(folder_t5, tmp_path, capsys):
+    """-m SD3_FOLDER loads StableDiffusion3Pipeline (T5 included); --sampler names resolve to the flow samplers;
+    without --steps / --cfg, diffusers' SD3 defaults (28, 7) apply. Same image as the Python API, bit for bit."""
+    from PIL import Image
+    from refldm.pipelines.sd3 import StableDiffusion3Pipeline
+    from tests.test_cli import parse_parameters, run
+    out = tmp_path / "sd3.png"
+    rc, stdout, err = run(capsys, "txt2img", "-m", str(folder_t5), "-p", "a cat", "--negative", "blurry", "--seed",
+                          "4", "-W", "48", "-H", "32", "--sampler", "Heun", "-q", "-o", str(out))
+    assert rc == 0, err
+    image = Image.open(out)
+    meta = parse_parameters(image.info["parameters"])
+    assert (meta["Steps"], meta["Sampler"], meta["CFG scale"], meta["Size"]) == ("28", "Heun", "7", "48x32")
+    want = StableDiffusion3Pipeline.from_pretrained(folder_t5)(
+        "a cat", negative_prompt="blurry", height=32, width=48, num_inference_steps=28, guidance_scale=7.0,
+        seed=4, sampler="heun", progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(want))
+
+
+def test_cli_img2img_on_an_sd3_folder(folder, tmp_path, capsys):
+    from PIL import Image
+    from refldm.pipelines.sd3 import StableDiffusion3Img2ImgPipeline
+    from tests.test_cli import parse_parameters, run
+    from tests.test_pipeline import gradient_image
+    source = tmp_path / "in.png"
+    gradient_image(SIZE).save(source)
+    out = tmp_path / "out.png"
+    rc, stdout, err = run(capsys, "img2img", "-m", str(folder), "-i", str(source), "--strength", "0.5", "-p",
+                          "a blue square", "--steps", "4", "--cfg", "4", "--seed", "9", "--sampler", "euler", "-q",
+                          "-o", str(out))
+    assert rc == 0, err
+    image = Image.open(out)
+    assert parse_parameters(image.info["parameters"])["Denoising strength"] == "0.5"
+    want = StableDiffusion3Img2ImgPipeline.from_pretrained(folder)(
+        "a blue square", image=Image.open(source), strength=0.5, num_inference_steps=4, guidance_scale=4.0,
+        seed=9, sampler="euler", progress=False).images[0]
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(want))
+
+
+def test_cli_info_describes_the_sd3_parts(folder, folder_t5, capsys):
+    import re
+    from refldm.pipelines.sd3 import StableDiffusion3Pipeline
+    from tests.test_cli import run
+    rc, stdout, err = run(capsys, "info", str(folder_t5))
+    assert rc == 0, err
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder_t5)
+    for part, cls in (("transformer", "SD3Transformer2DModel"), ("vae", "AutoencoderKL"),
+                      ("text_encoder", "CLIPTextModelWithProjection"),
+                      ("text_encoder_2", "CLIPTextModelWithProjection"), ("text_encoder_3", "T5EncoderModel")):
+        n = getattr(pipe, part).num_parameters()
+        if part == "transformer":  # info counts what the file stores: the fixed position table too (a buffer)
+            c = pipe.transformer.config
+            n += c.pos_embed_max_size ** 2 * c.num_attention_heads * c.attention_head_dim
+        assert re.search(rf"^{part}: {cls}, {n:,} parameters, stored as F32$", stdout, re.M), (part, stdout)
+    # (transformers 5 names its one T5 tokenizer class T5Tokenizer; diffusers records that name)
+    assert re.search(rf"^tokenizer_3: class T5Tokenizer(Fast)?, vocabulary {len(pipe.tokenizer_3)}$", stdout, re.M)
+    rc, stdout, err = run(capsys, "info", str(folder))  # no T5: said so
+    assert rc == 0, err
+    assert re.search(r"^text_encoder_3: class None, note left out \(no T5\)", stdout, re.M), stdout
+    assert not re.search(r"^tokenizer_3", stdout, re.M)
+
+
+def test_cli_sd3_bad_input_is_one_line(folder, tmp_path, capsys):
+    from tests.test_cli import run
+    out = str(tmp_path / "x.png")
+    common = ("-m", str(folder), "-p", "a cat", "--steps", "1", "-W", "32", "-H", "32", "-q", "-o", out)
+    rc, _, err = run(capsys, "txt2img", *common, "--sampler", "DPM++ SDE")
+    assert rc == 2 and "sampler 'DPM++ SDE' has no rectified-flow version in refldm" in err
+    assert err.count("\n") == 1
+    rc, _, err = run(capsys, "txt2img", *common, "--prompt-syntax", "webui")
+    assert rc == 2 and "--prompt-syntax: not supported for SD3 models" in err and err.count("\n") == 1
+
+
+def test_cli_trace_and_compare_on_an_sd3_folder(folder, tmp_path, capsys):
+    """refldm trace --part transformer (names: diffusers' module paths) in float32 and float64, then compare;
+    --part pipeline on an SD3 folder runs the SD3 pipeline with a flow sampler."""
+    diffusers = require("diffusers")
+    from refldm.crosscheck.trace import load
+    from tests.test_cli import run
+    paths = {}
+    for dtype in ("float32", "float64"):
+        paths[dtype] = str(tmp_path / f"mmdit_{dtype}.safetensors")
+        rc, _, err = run(capsys, "trace", str(folder), "--part", "transformer", "--height", "8", "--width", "12",
+                         "--seq-len", "20", "--dtype", dtype, "-o", paths[dtype])
+        assert rc == 0, err
+    rc, stdout, err = run(capsys, "compare", paths["float32"], paths["float64"], "--summary")
+    assert rc == 0 and "0 over tolerance" in stdout, (stdout, err)
+    names = set(load(paths["float32"]).activations)
+    modules = {n for n, _ in diffusers.SD3Transformer2DModel.from_pretrained(
+        os.path.join(folder, "transformer")).named_modules()}
+    assert {"pos_embed", "context_embedder", "transformer_blocks.0.attn", "transformer_blocks.0.attn2",
+            "proj_out"} <= names and not names - modules - {"<root>"}, sorted(names - modules)  # <root>: the output
+    rc, stdout, err = run(capsys, "trace", str(folder), "--part", "pipeline", "--height", "32", "--width", "32",
+                          "--steps", "2", "--sampler", "heun", "-o", str(tmp_path / "pipe.safetensors"))
+    assert rc == 0, err
+    t = load(str(tmp_path / "pipe.safetensors"))
+    assert "steps.1.noise_pred" in t.activations and t.metadata["scheduler"] == "heun"
+
+
+def test_the_resource_estimate_walks_the_mmdit(pipes):
+    """refldm txt2img's memory / time check on an SD3 pipeline: the weights of its networks, `steps` MMDiT calls
+    of batch 2B with 77 + 256 text tokens (count_sd3) and one decode."""
+    import dataclasses
+    from refldm.analysis.cost import count_sd3, estimate_decode, estimate_pipeline
+    pipe = pipes["txt2img"]
+    est = estimate_pipeline(pipe, 1, 32, 48, 3, 5.0)
+    call = count_sd3(dataclasses.asdict(pipe.transformer.config), 8, 12, batch=2, text_tokens=77 + 256)
+    decode = estimate_decode(pipe.vae.config, (1, 16, 8, 12))
+    assert est["flops"] == 3 * call.flops + decode["flops"]
+    weights = 4 * sum(getattr(pipe, p).num_parameters() for p in ("transformer", "vae", "text_encoder",
+                                                                    "text_encoder_2"))
+    assert est["bytes"] > weights and est["bytes"] - weights >= decode["bytes"]
+    assert estimate_pipeline(pipe, 1, 32, 48, 3, 1.0)["flops"] < est["flops"]  # no guidance: batch B

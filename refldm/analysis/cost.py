@@ -560,12 +560,32 @@ def estimate_pipeline(pipe, batch: int, height: int, width: int, steps: int, gui
     text length. Rough (the elementwise temporaries are not counted), for refusing what cannot fit and
     announcing long runs."""
     itemsize = pipe.dtype.itemsize
+    if getattr(pipe, "transformer", None) is not None:  # SD3: the MMDiT in place of the U-Net
+        return _estimate_sd3(pipe, batch, height, width, steps, guidance_scale)
     models = [getattr(pipe, part, None) for part in ("unet", "vae", "text_encoder", "text_encoder_2")]
     weights = sum(m.num_parameters() for m in models if m is not None) * itemsize
     tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
     tokens = int(getattr(tokenizer, "model_max_length", 77) or 77)
     return estimate_generation(pipe.unet.config, pipe.vae.config, batch, height, width, steps, guidance_scale,
                                itemsize, weights, tokens)
+
+
+def _estimate_sd3(pipe, batch, height, width, steps, guidance_scale, text_tokens: int = 77 + 256) -> dict:
+    """`estimate_pipeline` for an SD3 pipeline: the weights of its five networks, then the larger of one
+    transformer call (77 CLIP + 256 T5 tokens, the default max_sequence_length; batch 2B with guidance) and the
+    decode; `steps` transformer calls and one decode."""
+    import dataclasses
+    itemsize = pipe.dtype.itemsize
+    parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+    weights = sum(m.num_parameters() for m in (getattr(pipe, p, None) for p in parts) if m is not None) * itemsize
+    vae = VAEShape.from_config(pipe.vae.config)
+    f = vae.factor
+    h, w = -(-height // f), -(-width // f)
+    call = count_sd3(dataclasses.asdict(pipe.transformer.config), h, w, batch * (2 if guidance_scale > 1 else 1),
+                     text_tokens)
+    decode = estimate_decode(vae, (batch, vae.latent_channels, h, w), itemsize)
+    peak = max(WORKING_SET * itemsize * call.peak_chunked_values + _chunk_bytes(), decode["bytes"])
+    return {"bytes": weights + peak, "flops": steps * call.flops + decode["flops"]}
 
 
 # ---------------------------------------------------------------------------------------------------

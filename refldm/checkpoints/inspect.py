@@ -1,11 +1,12 @@
 """What a model holds, read from its files without loading a weight: `refldm info`'s description.
 
 A diffusers folder: model_index.json names each part's class; per network (unet, vae, text_encoder,
-text_encoder_2) its config.json, and from the safetensors headers alone its parameter count and stored
-dtypes; per tokenizer the vocabulary size; the scheduler's config. An SDXL refiner lists only the second text
-encoder and tokenizer ([null, null] for the first). A single ``.safetensors`` file (original CompVis / SDXL
-key names, refldm/checkpoints/convert.py): counts and dtypes per network, and for SD 1.x / 2.x the configs
-read off the tensor shapes.
+text_encoder_2; for SD3 transformer, vae, text_encoder, text_encoder_2, text_encoder_3 (T5)) its config.json,
+and from the safetensors headers alone its parameter count (what the file stores, buffers such as SD3's
+position table included) and stored dtypes; per tokenizer the vocabulary size; the scheduler's config. An SDXL
+refiner lists only the second text encoder and tokenizer ([null, null] for the first). A single
+``.safetensors`` file (original CompVis / SDXL key names, refldm/checkpoints/convert.py): counts and dtypes
+per network (SD 1.x / 2.x, SDXL, SD3 / SD3.5), and for SD 1.x / 2.x the configs read off the tensor shapes.
 """
 
 from __future__ import annotations
@@ -28,11 +29,16 @@ def describe_model(model=None) -> dict:
     out = {}
     if os.path.isdir(model):
         index = read_config(model, "model_index.json")
-        parts = ("unet", "vae", "text_encoder", "text_encoder_2") if "text_encoder_2" in index else \
+        sd3 = (index.get("transformer") or [None])[-1] == "SD3Transformer2DModel"
+        parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3") if sd3 else \
+            ("unet", "vae", "text_encoder", "text_encoder_2") if "text_encoder_2" in index else \
             ("unet", "vae", "text_encoder")
         for part in parts:
             if part == "text_encoder" and "text_encoder_2" in index and (index.get(part) or [None])[-1] is None:
                 continue  # an SDXL refiner has the second text encoder only
+            if part == "text_encoder_3" and (index.get(part) or [None])[-1] is None:
+                out[part] = {"class": None, "note": "left out (no T5): zeros stand in for its states"}
+                continue
             folder = os.path.join(model, part)
             if not os.path.isdir(folder):
                 raise OSError(f"{model}: the model folder has no {part}/")
@@ -45,13 +51,13 @@ def describe_model(model=None) -> dict:
                     dtypes.add(info["dtype"])
             out[part] = {"class": (index.get(part) or [None, None])[-1], "parameters": count,
                          "dtypes": sorted(dtypes), "config": read_config(folder)}
-        for name in ("tokenizer", "tokenizer_2"):
+        for name in ("tokenizer", "tokenizer_2") + (("tokenizer_3",) if sd3 else ()):
             if (index.get(name) or [None])[-1] is None and (name == "tokenizer_2" or "text_encoder_2" in index):
                 continue  # not an SDXL folder, or an SDXL refiner (no first tokenizer)
             tok = os.path.join(model, name)
             vocab, fast = os.path.join(tok, "vocab.json"), os.path.join(tok, "tokenizer.json")
             n_vocab = None
-            if os.path.isfile(fast):  # transformers 5's one file: the vocabulary is its BPE model's
+            if os.path.isfile(fast):  # transformers 5's one file: the vocabulary is its model's (BPE or unigram)
                 with open(fast, encoding="utf-8") as f:
                     n_vocab = len((json.load(f).get("model") or {}).get("vocab") or {})
             elif os.path.isfile(vocab):
@@ -64,6 +70,19 @@ def describe_model(model=None) -> dict:
     if not os.path.isfile(model):
         raise OSError(f"{model}: no such model folder or file")
     header, metadata, _ = read_header(model)
+    if convert.is_sd3(header):  # counts and dtypes per network; the configs come with --config SD3_FOLDER
+        classes = {"transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL",
+                   "text_encoder": "CLIPTextModelWithProjection", "text_encoder_2": "CLIPTextModelWithProjection",
+                   "text_encoder_3": "T5EncoderModel"}
+        for part, pre in convert.SD3_PREFIXES.items():
+            infos = [v for k, v in header.items() if k.startswith(pre)]
+            if infos:
+                out[part] = {"class": classes[part], "parameters": sum(_numel(i["shape"]) for i in infos),
+                             "dtypes": sorted({i["dtype"] for i in infos}),
+                             "config": {"_layout": "SD3 single file"}}
+            elif part.startswith("text_encoder"):
+                out[part] = {"class": None, "note": f"not in the file (no {pre}*)"}
+        return out
     kind = convert.detect(header)
     if kind == "sdxl":  # counts and dtypes per network; SDXL configs are not read off the shapes
         for part, pre, cls in (("unet", convert.UNET_PREFIX, "UNet2DConditionModel"),

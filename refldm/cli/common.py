@@ -46,7 +46,7 @@ def sampler_name(value):
 def add_model_args(p, *, model_flag=True):
     if model_flag:
         p.add_argument("-m", "--model", default=None,
-                       help="a diffusers SD folder or an SD 1.x/2.x single-file .safetensors "
+                       help="a diffusers SD / SDXL / SD3 folder or a single-file .safetensors "
                             "(default: the model shipped with refldm)")
     p.add_argument("--config", default=None,
                    help="for a single file: a diffusers folder with the model's configs, tokenizer and scheduler")
@@ -64,6 +64,7 @@ def add_model_args(p, *, model_flag=True):
 # defaults for a model given with -m (diffusers' own); the built-in model uses DEMO_STEPS / DEMO_CFG
 STEPS = 20
 CFG = 7.5
+SD3_STEPS, SD3_CFG = 28, 7.0  # diffusers' StableDiffusion3Pipeline defaults
 CFG_RANGE = (0.0, 100.0)  # a finite guidance scale; beyond ~30 images saturate, 1e30 is flat grey
 SEED_MAX = 2 ** 64 - 1    # torch's seed range, 0..2**64-1 (refldm.pipelines.common.SEED_MAX)
 
@@ -174,6 +175,10 @@ def _load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=N
         pipe.name = "refldm-default"
         return pipe
     refuse_pickle(model)
+    from refldm.pipelines.sd3 import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline, is_sd3_folder
+    sd3 = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
+    if os.path.isdir(model) and is_sd3_folder(model):  # SD3 / SD3.5: an SD3Transformer2DModel in model_index.json
+        return sd3.from_pretrained(model, dtype=dtype)
     if os.path.isdir(model) and is_sdxl_folder(model):  # SDXL: a text_encoder_2 in model_index.json
         cls = StableDiffusionXLImg2ImgPipeline if img2img else StableDiffusionXLPipeline
         return cls.from_pretrained(model, dtype=dtype)
@@ -185,7 +190,13 @@ def _load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=N
         raise ValueError(f"{model}: not a model folder nor a .safetensors file")
     from refldm.checkpoints import convert
     from refldm.checkpoints.weights import read_header
-    if convert.detect(read_header(model)[0]) == "sdxl":  # conditioner.embedders.* keys
+    header = read_header(model)[0]
+    if convert.is_sd3(header):  # model.diffusion_model.joint_blocks.*
+        if config is None:
+            raise ValueError(f"{model}: an SD3 / SD3.5 single file; give --config SD3_FOLDER (a diffusers SD3 "
+                             "folder with the model's configs, tokenizers and scheduler)")
+        return sd3.from_single_file(model, config, dtype=dtype)
+    if convert.detect(header) == "sdxl":  # conditioner.embedders.* keys
         return StableDiffusionXLPipeline.from_single_file(model, config=config, dtype=dtype)
     return StableDiffusionPipeline.from_single_file(model, config=config, tokenizer=tokenizer, dtype=dtype,
                                                     prediction_type=prediction_type)
@@ -216,12 +227,16 @@ def check_steps(steps, flag="--steps"):
 
 
 def resolve_defaults(args):
-    """--steps / --cfg not given: the built-in model's recommended settings, or diffusers' for -m MODEL."""
-    builtin = getattr(args, "model", None) is None
+    """--steps / --cfg not given: the built-in model's recommended settings, or diffusers' for -m MODEL (for
+    an SD3 folder, diffusers' SD3 pipeline defaults: 28 steps, guidance 7)."""
+    model = getattr(args, "model", None)
+    builtin = model is None
+    from refldm.pipelines.sd3 import is_sd3_folder
+    sd3 = not builtin and os.path.isdir(model) and is_sd3_folder(model)
     if args.steps is None:
-        args.steps = DEMO_STEPS if builtin else STEPS
+        args.steps = DEMO_STEPS if builtin else SD3_STEPS if sd3 else STEPS
     if args.cfg is None:
-        args.cfg = DEMO_CFG if builtin else CFG
+        args.cfg = DEMO_CFG if builtin else SD3_CFG if sd3 else CFG
 
 
 def check_text(text, flag):

@@ -10,9 +10,10 @@
         --hires-scale 2 --hires-denoise 0.5 -o castle.png        # the web UI's NV noise, ENSD and hires fix
     refldm txt2img --from-png castle.png -m v1-5.safetensors --config sd15 -o again.png   # the same image
 
-MODEL (``-m``) is a diffusers folder (SD 1.x / 2.x, or SDXL: detected by its text_encoder_2) or an original
-single-file ``.safetensors`` (SD 1.x / 2.x; give ``--config FOLDER`` or ``--tokenizer FOLDER`` with it; SDXL:
-``--config SDXL_FOLDER``); without ``-m`` the model shipped inside refldm (refldm/default_model) is used.
+MODEL (``-m``) is a diffusers folder (SD 1.x / 2.x; SDXL: detected by its text_encoder_2; SD3 / SD3.5: by its
+SD3Transformer2DModel, with the flow versions of the samplers) or an original single-file ``.safetensors``
+(SD 1.x / 2.x; give ``--config FOLDER`` or ``--tokenizer FOLDER`` with it; SDXL: ``--config SDXL_FOLDER``; SD3:
+``--config SD3_FOLDER``); without ``-m`` the model shipped inside refldm (refldm/default_model) is used.
 Each PNG carries its generation parameters in a ``parameters`` text chunk, written as the Stable Diffusion
 web UIs write it, so their "PNG info" readers show them.
 """
@@ -349,6 +350,8 @@ def _generate(args, image=None):
             raise ValueError(f"{', '.join(NOISE_FLAGS[k] for k in noise)}: {type(pipe).__name__} takes no web-UI "
                              "noise options or hires fix (the SD 1.x / 2.x and SDXL pipelines do)")
         refiner, end = _refiner_args(args, pipe)
+        if getattr(pipe, "transformer", None) is not None:
+            _check_sd3_args(args)
         prompt, kwargs = apply_adapter_args(args, pipe)  # LoRAs, embeddings, prompt syntax (cli/adapters.py)
         kwargs.update(_preview_kwargs(args, pipe))  # --preview-every (refldm/pipelines/preview.py)
         if image is None:
@@ -412,6 +415,17 @@ def _refiner_args(args, pipe):
         raise ValueError(f"--refiner {refiner}: a base model, not a refiner (its model_index.json has no "
                          "requires_aesthetics_score)")
     return ref, 0.8 if end is None else end
+
+
+def _check_sd3_args(args):
+    """What an SD3 model does not take from the command line, refused in one line each (the adapters and the web
+    UIs' prompt syntax are written for the U-Net models' CLIP text encoder and U-Net)."""
+    for flag, given in (("--lora", getattr(args, "lora", None)), ("--embedding", getattr(args, "embedding", None)),
+                        ("--prompt-syntax", getattr(args, "prompt_syntax", "plain") not in (None, "plain")),
+                        ("<lora:...> in the prompt", "<lora:" in (args.prompt or ""))):
+        if given:
+            raise ValueError(f"{flag}: not supported for SD3 models in refldm (LoRAs, embeddings and prompt "
+                             "weighting are implemented for the U-Net models: SD 1.x / 2.x / SDXL)")
 
 
 def run_img2img(args) -> int:

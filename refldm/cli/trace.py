@@ -22,8 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("model_folder", nargs="?", default=None, help="a diffusers pipeline folder, or the part's "
                    "own folder (unet/, vae/, ...); default: the built-in model")
     p.add_argument("--part", required=True, choices=list(trace.PARTS) + ["pipeline"],
-                   help="what to run: the U-Net, the VAE encoder or decoder, the text encoder, or the whole "
-                        "pipeline (per-step latents, noise predictions and guidance outputs too)")
+                   help="what to run: the U-Net (SD3: the transformer), the VAE encoder or decoder, a text "
+                        "encoder, or the whole pipeline (per-step latents, noise predictions and guidance outputs too)")
     p.add_argument("-o", "--output", required=True, help="the trace file to write (.safetensors)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16"],
                    help="compute dtype (float64 gives golden references; default float32)")

@@ -153,6 +153,8 @@ PARTS = {
     "vae-decode": ("vae", ("latents",)),
     "text-encoder": ("text_encoder", ("input_ids",)),
     "text-encoder-2": ("text_encoder_2", ("input_ids",)),  # SDXL's second encoder (with projection)
+    # SD3's MMDiT (SD3Transformer2DModel), in its forward's order
+    "transformer": ("transformer", ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep")),
 }
 # SDXL U-Nets (addition_embed_type "text_time") also take the pooled text embedding and the time ids
 SDXL_UNET_INPUTS = ("text_embeds", "time_ids")
@@ -220,6 +222,13 @@ def make_inputs(part: str, config: dict, batch: int = 1, height: int | None = No
             inputs["text_embeds"] = rng.standard_normal((batch, pooled))
             inputs["time_ids"] = np.tile(np.array([8.0 * h, 8.0 * w, 0.0, 0.0, 8.0 * h, 8.0 * w]), (batch, 1))
         return inputs
+    if part == "transformer":  # SD3: latent ~ N(0, 1), text tokens of seq_len (77 + 256), pooled text, t
+        h, w = size(config.get("sample_size") or 128)
+        return {"hidden_states": rng.standard_normal((batch, config.get("in_channels", 16), h, w)),
+                "encoder_hidden_states": rng.standard_normal((batch, seq_len or 333,
+                                                              config.get("joint_attention_dim", 4096))),
+                "pooled_projections": rng.standard_normal((batch, config.get("pooled_projection_dim", 2048))),
+                "timestep": np.full((batch,), float(timestep))}
     if part == "vae-encode":
         h, w = size(config.get("sample_size") or 256)
         return {"images": rng.uniform(-1.0, 1.0, (batch, config.get("in_channels", 3), h, w))}
@@ -240,6 +249,8 @@ def load_part(folder, part: str, dtype="float32"):
     folder = part_folder(folder, part)
     if part == "unet":
         from refldm.models.unet import UNet2DConditionModel as cls
+    elif part == "transformer":
+        from refldm.models.sd3_transformer import SD3Transformer2DModel as cls
     elif part.startswith("vae"):
         from refldm.models.vae import AutoencoderKL as cls
     elif part == "text-encoder-2":
@@ -259,6 +270,9 @@ def run_part(model, part: str, inputs: dict, dtype="float32"):
         added = {k: arr(k, "float64" if k == "time_ids" else dtype) for k in SDXL_UNET_INPUTS if k in inputs}
         return model(arr("sample"), arr("timestep", "float64"), arr("encoder_hidden_states"),
                      added_cond_kwargs=added or None)
+    if part == "transformer":
+        return model(arr("hidden_states"), arr("encoder_hidden_states"), arr("pooled_projections"),
+                     arr("timestep", "float64"))
     if part == "vae-encode":
         return model.encode(arr("images"))
     if part == "vae-decode":
@@ -334,8 +348,12 @@ def trace_pipeline(folder=None, prompt: str = "", negative_prompt=None, steps: i
     """
     if pipe is None:
         from refldm.pipelines.sd import StableDiffusionPipeline
+        from refldm.pipelines.sd3 import StableDiffusion3Pipeline, is_sd3_folder
 
-        pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype)
+        cls = StableDiffusion3Pipeline if folder is not None and is_sd3_folder(folder) else StableDiffusionPipeline
+        pipe = cls.from_pretrained(folder, dtype=dtype)
+    sd3 = getattr(pipe, "transformer", None) is not None
+    denoiser = pipe.transformer if sd3 else pipe.unet  # SD3: the MMDiT (its layers under steps.*.unet.*)
     from refldm.core.random import Generator
 
     # The starting noise x_T is drawn in float32 whatever the compute dtype, so that a float32 run and
@@ -347,12 +365,13 @@ def trace_pipeline(folder=None, prompt: str = "", negative_prompt=None, steps: i
     if height % f or width % f or height < f or width < f:
         raise ValueError(f"height and width must be positive multiples of {f}, got {width}x{height}")
     generator = Generator(seed)
-    noise = generator.randn((1, pipe.unet.config.in_channels, height // f, width // f), dtype="float32")
+    noise = generator.randn((1, denoiser.config.in_channels, height // f, width // f), dtype="float32")
     # the pipeline and the sampler name what they record themselves (refldm.core.record): nothing is patched
     with record(PIPELINE_INCLUDE if include is None else include) as rec:
         pipe(prompt, negative_prompt=negative_prompt, height=height, width=width,
              num_inference_steps=steps, guidance_scale=guidance_scale, generator=generator,
-             latents=noise, scheduler=scheduler, progress=False)
+             latents=noise, **({"sampler": scheduler} if sd3 else {"scheduler": scheduler}),
+             progress=False)
     configs = getattr(pipe, "configs", {}) or {}
     meta = {"part": "pipeline", "dtype": backend.resolve_dtype(getattr(pipe, "dtype", dtype)).name,
             "config": json.dumps(configs), "seed": str(seed), "prompt": prompt,

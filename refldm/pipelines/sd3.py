@@ -15,26 +15,25 @@ StableDiffusion3Img2ImgPipeline. docs/sd3.md explains what changes from SD 1.x /
 
 The T5 encoder is optional, as in diffusers: a folder whose model_index.json lists no text_encoder_3, or
 ``from_pretrained(folder, use_t5=False)``, gives zeros of (B, max_sequence_length, 4096) in its place (a large
-saving in memory and time for a small loss in prompt following). The output, the seeded noise (torch's CPU
-generator, refldm.core.random) and the image rounding are those of refldm.pipelines.sd.
+saving in memory and time for a small loss in prompt following). The frame of a call (argument checks, the seeded
+noise of torch's CPU generator, the NaN guard, the decode and its rounding, the parameters text, the output) is
+the pipeline core's, refldm/pipelines/common.py.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import secrets
 import time
 
 import numpy
-from PIL import Image
 
 from refldm import backend
 from refldm.checkpoints.weights import WeightsError, read_config
 from refldm.core import record
-from refldm.core.images import scale_latents, to_tensor, to_uint8, unscale_latents
+from refldm.core.images import scale_latents
+from refldm.pipelines import common
+from refldm.pipelines.common import StableDiffusionPipelineOutput
 from refldm.pipelines.sampling import sample
-from refldm.pipelines.sd import NonFiniteLatentsError, StableDiffusionPipelineOutput
 
 __all__ = ["StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "SD3_PARTS", "is_sd3_folder"]
 
@@ -60,18 +59,10 @@ def is_sd3_folder(folder) -> bool:
     return isinstance(entry, list) and entry[-1] == "SD3Transformer2DModel"
 
 
-def _strings(value, batch: int, what: str, default):
-    """A string or a list of strings -> a list of `batch` strings; None -> `default` (already a list)."""
-    if value is None:
-        return default
-    values = [value] * batch if isinstance(value, str) else list(value)
-    if len(values) != batch or not all(isinstance(v, str) for v in values):
-        raise ValueError(f"{what}: give one string, or a list of {batch} strings (one per prompt)")
-    return values
-
-
-class StableDiffusion3Pipeline:
-    """SD3 / SD3.5 text to image (module docstring)."""
+class StableDiffusion3Pipeline(common.DiffusionPipeline):
+    """SD3 / SD3.5 text to image (module docstring). The frame of a call (argument checks, seed, NaN guard,
+    decoding, parameters text, output) is the pipeline core's, refldm/pipelines/common.py; this class keeps what
+    is SD3's own: its folder, its three text encoders, the flow samplers and the patch-size rule."""
 
     def __init__(self, transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, text_encoder_3=None,
                  tokenizer_3=None, scheduler_config: dict | None = None, configs: dict | None = None,
@@ -79,14 +70,12 @@ class StableDiffusion3Pipeline:
         if (text_encoder_3 is None) != (tokenizer_3 is None):
             raise ValueError("StableDiffusion3Pipeline: give text_encoder_3 and tokenizer_3 together (or neither: "
                              "zeros stand in for the T5 states, as in diffusers)")
-        self.transformer, self.vae = transformer, vae
+        super().__init__(vae, None, scheduler_config or {"_class_name": "FlowMatchEulerDiscreteScheduler"}, configs,
+                         name=name, dtype=dtype)  # no U-Net: the denoiser is the transformer
+        self.transformer = transformer
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.text_encoder_3, self.tokenizer_3 = text_encoder_3, tokenizer_3
-        self.scheduler_config = dict(scheduler_config or {"_class_name": "FlowMatchEulerDiscreteScheduler"})
-        self.configs = configs or {}
-        self.name = name
-        self.dtype = backend.resolve_dtype(dtype)
 
     # -- loading ------------------------------------------------------------------------------------------------
 
@@ -196,11 +185,6 @@ class StableDiffusion3Pipeline:
     # -- sizes --------------------------------------------------------------------------------------------------
 
     @property
-    def vae_scale_factor(self) -> int:
-        """Pixels per latent pixel along a side: 2 ** (VAE levels - 1) = 8."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
     def default_size(self) -> int:
         """transformer sample_size * vae_scale_factor: 1024 for SD3 / SD3.5."""
         return int(self.transformer.config.sample_size) * self.vae_scale_factor
@@ -300,157 +284,118 @@ class StableDiffusion3Pipeline:
 
     # -- a call ---------------------------------------------------------------------------------------------------
 
-    def _check_size(self, height, width):
+    def check_size(self, height, width):
+        """Sides must be multiples of vae_scale_factor * patch_size (16 for SD3): each patch of the latent is one
+        token. (The core has checked multiples of 8 first, with the message every pipeline gives.)"""
         f = self.vae_scale_factor * self.transformer.config.patch_size
         if height % f or width % f or height < f or width < f:
             raise ValueError(f"height and width must be positive multiples of {f} (vae_scale_factor "
                              f"{self.vae_scale_factor} x patch_size {self.transformer.config.patch_size}), got "
                              f"{width}x{height}; for example {max(f, width - width % f)}x{max(f, height - height % f)}")
 
-    def _prompts(self, prompt, prompt_2, prompt_3, negative_prompt, negative_prompt_2, negative_prompt_3):
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
-        batch = len(prompts)
-        prompts_2 = _strings(prompt_2, batch, "prompt_2", prompts)
-        prompts_3 = _strings(prompt_3, batch, "prompt_3", prompts)
-        neg = _strings(negative_prompt, batch, "negative_prompt", [""] * batch)
-        negs = (neg, _strings(negative_prompt_2, batch, "negative_prompt_2", neg),
-                _strings(negative_prompt_3, batch, "negative_prompt_3", neg))
-        return prompts, prompts_2, prompts_3, negs
+    def sampler_label(self, name) -> str:
+        """The web UIs' name of the flow sampler a call used ("Euler", "Heun", "DPM++ 2M")."""
+        label = {"FlowMatchEulerDiscreteScheduler": "Euler", "FlowMatchHeunDiscreteScheduler": "Heun",
+                 "DPMSolverMultistepScheduler": "DPM++ 2M"}
+        key = self.make_scheduler(name).__class__.__name__
+        return label.get(key, key)
 
     def __call__(self, prompt="", **kwargs) -> StableDiffusionPipelineOutput:
         """Generate images; diffusers' argument names and defaults (28 steps, guidance 7.0, 1024 x 1024):
         prompt_2, prompt_3, negative_prompt(_2, _3), height, width, num_inference_steps, guidance_scale, seed,
-        generator, latents, sampler, sigmas, mu, max_sequence_length, clip_skip, callback, progress
-        (see `_generate`)."""
+        generator, latents, sampler, sigmas, mu, max_sequence_length, clip_skip, num_images_per_prompt,
+        output_type, callback, progress (see `_generate`)."""
         return self._generate(prompt, **kwargs)
 
     def _generate(self, prompt="", prompt_2=None, prompt_3=None, negative_prompt=None, negative_prompt_2=None,
-                 negative_prompt_3=None, height: int | None = None, width: int | None = None,
-                 num_inference_steps: int = 28, guidance_scale: float = 7.0, seed: int | None = None,
-                 generator=None, latents=None, sampler: str | None = None, sigmas=None, mu: float | None = None,
-                 max_sequence_length: int = 256, clip_skip: int | None = None, callback=None,
-                 progress: bool = True, init=None, strength=None) -> StableDiffusionPipelineOutput:
+                  negative_prompt_3=None, height: int | None = None, width: int | None = None,
+                  num_inference_steps: int = 28, guidance_scale: float = 7.0, seed: int | None = None,
+                  generator=None, latents=None, sampler: str | None = None, sigmas=None, mu: float | None = None,
+                  max_sequence_length: int = 256, clip_skip: int | None = None, num_images_per_prompt: int = 1,
+                  output_type: str = "pil", callback=None, progress: bool = True, image=None,
+                  strength=None) -> StableDiffusionPipelineOutput:
         """Generate images; diffusers' argument names and defaults (28 steps, guidance 7.0, 1024 x 1024).
 
         prompt_2 / prompt_3 go to CLIP-G / T5 (default: prompt); negative_prompt (and _2, _3) likewise.
         seed or generator (refldm.core.random.Generator) make the noise as torch's CPU generator does.
         latents: your own starting noise (B, 16, H/8, W/8). sampler: "euler" / "heun" / "DPM++ 2M" (their flow
-        versions) or a FlowMatch class name. sigmas / mu: as diffusers' (custom t grid; dynamic-shift parameter)."""
-        from refldm.core.random import Generator
+        versions) or a FlowMatch class name. sigmas / mu: as diffusers' (custom t grid; dynamic-shift parameter).
+        image + strength: img2img (StableDiffusion3Img2ImgPipeline)."""
         timings = {}
-        prompts, prompts_2, prompts_3, negatives = self._prompts(prompt, prompt_2, prompt_3, negative_prompt,
-                                                                 negative_prompt_2, negative_prompt_3)
-        batch = len(prompts)
-        if isinstance(num_inference_steps, bool) or int(num_inference_steps) != num_inference_steps \
-                or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps}")
-        num_inference_steps = int(num_inference_steps)
-        if not math.isfinite(float(guidance_scale)):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        size = None if image is not None else (self.default_size if height is None else height,
+                                               self.default_size if width is None else width)
+        call = common.prologue(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
+                               height=size and size[0], width=size and size[1],
+                               strength=strength if image is not None else None,
+                               num_images_per_prompt=num_images_per_prompt, output_type=output_type,
+                               texts=(("prompt_2", prompt_2), ("prompt_3", prompt_3),
+                                      ("negative_prompt_2", negative_prompt_2),
+                                      ("negative_prompt_3", negative_prompt_3)))
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
                 or not 1 <= max_sequence_length <= 512:
             raise ValueError(f"max_sequence_length={max_sequence_length!r} must be an integer in [1, 512] (T5's "
                              "limit in SD3)")
-        if init is not None:
+        if image is not None:
+            if latents is not None:
+                raise ValueError("give either image (img2img) or latents, not both")
+            init = self.preprocess_image(image)                                  # (1, 3, H, W) in [-1, 1]
             height, width = init.shape[2], init.shape[3]
-        height = self.default_size if height is None else int(height)
-        width = self.default_size if width is None else int(width)
-        self._check_size(height, width)
-        if generator is None:
-            if seed is None:
-                seed = secrets.randbelow(2 ** 32)
-            generator = Generator(seed)
-        do_cfg = guidance_scale > 1.0
+        else:
+            height, width = call.height, call.width
+        self.check_size(height, width)
+        # as diffusers: prompt_2 / prompt_3 default to prompt; negative_prompt to "", its _2 / _3 to it
+        prompts, texts = call.prompts, call.texts
+        negs = call.negatives or [""] * call.batch
+        negatives = (negs, texts["negative_prompt_2"] or negs, texts["negative_prompt_3"] or negs)
+        batch, generator = call.batch, call.generator
         dtype = self.dtype.name
 
         # 1. text: context (B or 2B, 77 + L, 4096), pooled (B or 2B, 2048)
         start = time.perf_counter()
-        context, pooled = self._conditioning(prompts, prompts_2, prompts_3, negatives, do_cfg, clip_skip,
-                                             max_sequence_length)
+        context, pooled = self._conditioning(prompts, texts["prompt_2"] or prompts, texts["prompt_3"] or prompts,
+                                             negatives, call.do_cfg, clip_skip, max_sequence_length)
         timings["text encode"] = time.perf_counter() - start
 
         # 2. the t grid and the start x_1 = e (txt2img) or the forward process at the first t (img2img)
         f = self.vae_scale_factor
         latent_shape = (batch, self.transformer.config.in_channels, height // f, width // f)
         sched = self.make_scheduler(sampler)
-        self._set_timesteps(sched, num_inference_steps, latent_shape, mu, sigmas)
+        self._set_timesteps(sched, call.steps, latent_shape, mu, sigmas)
         timesteps = sched.timesteps
-        if init is None:
-            if latents is None:
-                from refldm.core.random import randn
-                latents = backend.asarray(randn(latent_shape, generator=generator, dtype=dtype))
-            elif tuple(latents.shape) != latent_shape:
-                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {latent_shape}")
-            else:
-                latents = backend.asarray(latents, dtype=dtype)
-        else:  # (StableDiffusion3Img2ImgPipeline)
-            if latents is not None:
-                raise ValueError("give either image (img2img) or latents, not both")
+        if image is None:
+            latents = common.initial_noise(latent_shape, sched, generator, dtype, latents)  # e * 1 (sigma_1 = 1)
+        else:
             start = time.perf_counter()
-            timesteps, latents = self._img2img_start(sched, init, strength, num_inference_steps, batch, generator)
+            timesteps, latents = self._img2img_start(sched, init, strength, call.steps, batch, generator)
             timings["image encode"] = time.perf_counter() - start
 
         # 3. the loop (refldm/pipelines/sampling.py): v = transformer(x_t, c, y, t); CFG; x = step(v)
         start = time.perf_counter()
-        n_steps = len(timesteps)
+        guard = common.nan_guard(len(timesteps))
 
         def after_step(i, t, x):
-            xp = backend.array_namespace(x)
-            if not bool(xp.all(xp.isfinite(x))):
-                raise NonFiniteLatentsError(f"the latents hold NaN or inf after step {i + 1} of {n_steps} "
-                                            f"(timestep {float(t):g}); stopped. Try float32 rather than float16")
+            guard(i, t, x)
             if callback is not None:
                 callback(i, t, x)
 
         def model_fn(x, t):
             return self.transformer(x, context, pooled, t)
 
-        latents = sample(model_fn, sched, latents, timesteps, guidance_scale=guidance_scale if do_cfg else None,
+        latents = sample(model_fn, sched, latents, timesteps, guidance_scale=guidance_scale if call.do_cfg else None,
                          generator=generator, callback=after_step, progress=progress)
         timings["denoise"] = time.perf_counter() - start
 
-        # 4. latents -> pixels: z = x_0 / scaling_factor + shift_factor, then the VAE decoder
-        start = time.perf_counter()
-        pixels = self.decode_latents(latents)
-        images = [Image.fromarray(p) for p in pixels]
-        timings["decode"] = time.perf_counter() - start
-        parameters = []
-        for k, im in enumerate(images):
-            text = self._parameters(prompts[k], negatives[0][k], num_inference_steps, sampler, guidance_scale, seed,
-                                    im.width, im.height, strength)
-            im.info["parameters"] = text
-            parameters.append(text)
-        return StableDiffusionPipelineOutput(images=images, latents=latents, seed=seed, timings=timings,
-                                             parameters=parameters)
-
-    def decode_latents(self, latents):
-        """Latents (B, 16, h, w) -> uint8 pixels (B, H, W, 3): vae.decode(x / scaling_factor + shift_factor)."""
-        from refldm.models.vae import decode_checked
-        with record.scope("vae"):
-            image = decode_checked(self.vae, unscale_latents(latents, self.vae.config))
-        return to_uint8(image)
-
-    def _parameters(self, prompt, negative, steps, sampler, cfg, seed, width, height, strength) -> str:
-        from refldm.pipelines.common import parameters_text
-        label = {"FlowMatchEulerDiscreteScheduler": "Euler", "FlowMatchHeunDiscreteScheduler": "Heun",
-                 "DPMSolverMultistepScheduler": "DPM++ 2M"}
-        key = self.make_scheduler(sampler).__class__.__name__
-        return parameters_text(prompt, negative, steps, label.get(key, key), cfg,
-                               "unknown" if seed is None else seed, width, height, self.name, strength=strength)
+        # 4. latents -> pixels (z = x_0 / scaling_factor + shift_factor, then the VAE decoder), parameters text
+        made = common.GenerationParameters("", "", call.steps, self.sampler_label(sampler), guidance_scale, call.seed,
+                                           width, height, self.name, strength=strength)
+        return common.finish(self, latents, call, timings, made)
 
     def describe(self) -> dict:
-        """{part: {"class", "parameters", "dtype", "config"}} for `refldm info`."""
-        out = {}
-        for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-            model = getattr(self, part)
-            if model is None:
-                out[part] = {"class": None, "note": "left out: zeros stand in for its states"}
-                continue
-            out[part] = {"class": type(model).__name__, "parameters": model.num_parameters(),
-                         "dtype": self.dtype.name, "config": self.configs.get(part, {})}
-        out["scheduler"] = {"class": self.scheduler_config.get("_class_name"), "config": self.scheduler_config}
+        """{part: {"class", "parameters", "dtype", "config"}} for `refldm info`; a left-out T5 is named so."""
+        out = self.describe_parts(("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"),
+                                  [("tokenizer", ()), ("tokenizer_2", ()), ("tokenizer_3", ())])
+        if self.text_encoder_3 is None:
+            out["text_encoder_3"] = {"class": None, "note": "left out: zeros stand in for its states"}
         return out
 
 
@@ -463,10 +408,7 @@ class StableDiffusion3Img2ImgPipeline(StableDiffusion3Pipeline):
         of 16) and `strength` in [0, 1] (1: from pure noise; diffusers' default 0.6)."""
         if image is None:
             raise ValueError("StableDiffusion3Img2ImgPipeline needs image= (a PIL image)")
-        if isinstance(strength, bool) or not 0 <= float(strength) <= 1:
-            raise ValueError(f"strength={strength!r} must be in [0, 1]")
-        init = to_tensor(image, dtype=self.dtype.name)                     # (1, 3, H, W) in [-1, 1]
-        return self._generate(prompt, init=init, strength=float(strength), **kwargs)
+        return self._generate(prompt, image=image, strength=strength, **kwargs)
 
     def _img2img_start(self, sched, init, strength, n, batch, generator):
         """diffusers' get_timesteps + prepare_latents: t_start = int(n - min(n s, n)) (the float n s, as SD3's
