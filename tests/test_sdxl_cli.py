@@ -96,7 +96,7 @@ def test_single_file_with_config_and_img2img_on_sdxl(folders, tmp_path, capsys):
     assert run(capsys, "txt2img", "-m", base, *common, "-o", str(b))[0] == 0
     np.testing.assert_array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
     rc, _, err = run(capsys, "txt2img", "-m", str(path), *common, "-o", str(a))
-    assert rc == 2 and "give config=an SDXL diffusers folder" in err
+    assert rc == 2 and "give --config an SDXL diffusers folder" in err
     src = tmp_path / "in.png"
     gradient_image().save(src)
     rc, _, err = run(capsys, "img2img", "-m", base, "-i", str(src), "--strength", "0.5", "-p", PROMPT, "--steps", "4",

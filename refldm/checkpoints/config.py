@@ -35,7 +35,8 @@ MAX_LAYERS = 1000  # counts of repeated layers (the deepest text encoders have 2
 
 # (pattern over the field name, (low, high) for numbers, whether low is excluded). The first match wins.
 RULES = [
-    (r"(num_\w*layers|\w*layers_per_block)$", (1, MAX_LAYERS), False),  # num_hidden_layers, layers_per_block
+    (r"\w*layers_per_block$", (1, MAX_LAYERS), False),               # layers_per_block (a block has one at least)
+    (r"num_\w*layers$", (0, MAX_LAYERS), False),                    # num_hidden_layers, FLUX's num_layers (0 legal)
     (r"\w*_layers$", (0, MAX_LAYERS), False),                     # layer indices (SD3.5's dual_attention_layers)
     (r"(num_train_timesteps|original_inference_steps)$", (1, 100_000), False),
     (r".*(channels|groups|heads|_dim|_size|vocab_size|embeddings|num_buckets|max_distance)$",
@@ -144,7 +145,7 @@ def _scalar(key, value, kinds, rules, where, infinite_ok=False):
         raise ConfigError(f"{where}: {key}={short(value)} must be {_expect(key, kinds, rules)}")
 
     if value is None:
-        if "None" not in kinds:
+        if "None" not in kinds and "bool" not in kinds:  # a JSON null for a flag is "off" (SDXL: upcast_attention)
             fail()
         return
     if isinstance(value, bool):
