@@ -321,42 +321,8 @@ class CLIPTokenizer:
         model_max_length), with a warning when something is cut. return_tensors: "np" gives (B, L)
         int64 arrays (B = 1 for one prompt), None gives lists (a flat list for one prompt).
         """
-        single = isinstance(text, str)
-        texts = [text] if single else list(text)
-        if not all(isinstance(t, str) for t in texts):
-            raise TokenizerError("CLIPTokenizer: expected a string or a list of strings, got "
-                                 f"{type(text).__name__ if single else [type(t).__name__ for t in texts]}")
-        if padding not in ("max_length", "longest", True, False, "do_not_pad"):
-            raise TokenizerError(f"CLIPTokenizer: padding={padding!r}; choose 'max_length', 'longest' or False")
-        if return_tensors not in ("np", None):
-            raise TokenizerError(f"CLIPTokenizer: return_tensors={return_tensors!r}; refldm returns 'np' or None")
-        if truncation not in (True, False, "longest_first", "do_not_truncate"):
-            raise TokenizerError(f"CLIPTokenizer: truncation={truncation!r}; choose True or False")
-        for t in texts:  # a lone surrogate (an undecodable byte kept by Python) has no UTF-8 bytes to tokenize
-            bad = next((i for i, ch in enumerate(t) if "\ud800" <= ch <= "\udfff"), None)
-            if bad is not None:
-                raise TokenizerError(f"CLIPTokenizer: the text holds a lone surrogate U+{ord(t[bad]):04X} at "
-                                     f"position {bad} (a byte that was not UTF-8?); it has no UTF-8 encoding")
-        truncation = truncation in (True, "longest_first")
-        ids = [self.encode(t, add_special_tokens, truncation, max_length) for t in texts]
-        if padding == "max_length":
-            width = self._limit(max_length)
-        elif padding in ("longest", True):
-            width = max((len(row) for row in ids), default=0)
-        else:
-            width = 0
-        mask = [[1] * len(row) + [0] * max(0, width - len(row)) for row in ids]
-        ids = [row + [self.pad_token_id] * max(0, width - len(row)) for row in ids]
-        if return_tensors == "np":
-            if len({len(row) for row in ids}) > 1:
-                raise TokenizerError("CLIPTokenizer: the prompts have different lengths; use padding='longest' "
-                                     "or 'max_length' to get one array")
-            shape = (len(ids), len(ids[0]) if ids else 0)
-            return {"input_ids": np.asarray(ids, dtype=np.int64).reshape(shape),
-                    "attention_mask": np.asarray(mask, dtype=np.int64).reshape(shape)}
-        if single:
-            return {"input_ids": ids[0], "attention_mask": mask[0]}
-        return {"input_ids": ids, "attention_mask": mask}
+        return tokenize_batch(self, "CLIPTokenizer", text, padding, max_length, truncation, return_tensors,
+                              add_special_tokens)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Ids -> text: tokens joined, byte characters back to UTF-8, each </w> a space, stripped."""
@@ -431,6 +397,50 @@ class CLIPTokenizer:
         if i not in self.decoder:
             raise TokenizerError(f"CLIPTokenizer: id {i} is not in the vocabulary (0..{len(self.vocab) - 1})")
         return self.decoder[i]
+
+
+
+def tokenize_batch(tok, name: str, text, padding, max_length, truncation, return_tensors, add_special_tokens):
+    """A tokenizer's ``__call__`` (CLIP's and T5's alike): check the arguments, ``tok.encode`` each text
+    (truncated to max_length when asked), pad with ``tok.pad_token_id`` to max_length or to the longest,
+    and return {"input_ids", "attention_mask"} as (B, L) int64 arrays ("np") or lists. `name` opens every
+    error message."""
+    single = isinstance(text, str)
+    texts = [text] if single else list(text)
+    if not all(isinstance(t, str) for t in texts):
+        raise TokenizerError(f"{name}: expected a string or a list of strings, got "
+                             f"{type(text).__name__ if single else [type(t).__name__ for t in texts]}")
+    if padding not in ("max_length", "longest", True, False, "do_not_pad"):
+        raise TokenizerError(f"{name}: padding={padding!r}; choose 'max_length', 'longest' or False")
+    if return_tensors not in ("np", None):
+        raise TokenizerError(f"{name}: return_tensors={return_tensors!r}; refldm returns 'np' or None")
+    if truncation not in (True, False, "longest_first", "do_not_truncate"):
+        raise TokenizerError(f"{name}: truncation={truncation!r}; choose True or False")
+    for t in texts:  # a lone surrogate (an undecodable byte kept by Python) has no UTF-8 bytes to tokenize
+        bad = next((i for i, ch in enumerate(t) if "\ud800" <= ch <= "\udfff"), None)
+        if bad is not None:
+            raise TokenizerError(f"{name}: the text holds a lone surrogate U+{ord(t[bad]):04X} at "
+                                 f"position {bad} (a byte that was not UTF-8?); it has no UTF-8 encoding")
+    truncation = truncation in (True, "longest_first")
+    ids = [tok.encode(t, add_special_tokens, truncation, max_length) for t in texts]
+    if padding == "max_length":
+        width = tok._limit(max_length)
+    elif padding in ("longest", True):
+        width = max((len(row) for row in ids), default=0)
+    else:
+        width = 0
+    mask = [[1] * len(row) + [0] * max(0, width - len(row)) for row in ids]
+    ids = [row + [tok.pad_token_id] * max(0, width - len(row)) for row in ids]
+    if return_tensors == "np":
+        if len({len(row) for row in ids}) > 1:
+            raise TokenizerError(f"{name}: the prompts have different lengths; use padding='longest' "
+                                 "or 'max_length' to get one array")
+        shape = (len(ids), len(ids[0]) if ids else 0)
+        return {"input_ids": np.asarray(ids, dtype=np.int64).reshape(shape),
+                "attention_mask": np.asarray(mask, dtype=np.int64).reshape(shape)}
+    if single:
+        return {"input_ids": ids[0], "attention_mask": mask[0]}
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def _read_json(path, required: bool = False) -> dict:
