@@ -916,3 +916,29 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
                              "vocabulary": len(getattr(tok, "encoder", getattr(tok, "vocab", {})) or {})}
         out["scheduler"] = {"class": self.scheduler_config.get("_class_name"), "config": self.scheduler_config}
         return out
+
+
+# -- image-to-image on a rectified-flow model (SD3, FLUX) ----------------------------------------------------
+
+
+def flow_img2img_start(pipe, sched, init, strength, n, batch, generator):
+    """diffusers' get_timesteps + prepare_latents for a flow model: t_start = int(n - min(n s, n)) (the float
+    n s, as diffusers computes it); x_0 = (z - shift) * scale with z ~ q(z | image); x = t_0 e + (1 - t_0) x_0.
+    Returns (the timesteps that run, x (batch, C, h, w)); FLUX packs x into 2x2 patches after."""
+    import numpy
+
+    from refldm.core.images import scale_latents
+    from refldm.core.random import randn
+    t_start = int(max(n - min(n * strength, n), 0))
+    timesteps = sched.timesteps[t_start * sched.order:]
+    sched.set_begin_index(t_start * sched.order)
+    if len(timesteps) == 0:
+        raise ValueError(f"strength {strength} with {n} steps leaves no step to run; raise strength or steps")
+    with record.scope("vae"):
+        posterior = pipe.vae.encode(init)
+    x0 = scale_latents(posterior.sample(generator=generator), pipe.vae.config)   # (1, C, h, w)
+    xp = backend.array_namespace(x0)
+    x0 = xp.concatenate([x0] * batch, axis=0)
+    noise = backend.asarray(randn(tuple(x0.shape), generator=generator, dtype=pipe.dtype.name))
+    t0 = numpy.repeat(numpy.asarray(timesteps)[:1], batch)
+    return timesteps, sched.scale_noise(x0, t0, noise)

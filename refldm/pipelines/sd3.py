@@ -30,7 +30,6 @@ import numpy
 from refldm import backend
 from refldm.checkpoints.weights import WeightsError, read_config
 from refldm.core import record
-from refldm.core.images import scale_latents
 from refldm.pipelines import common
 from refldm.pipelines.common import StableDiffusionPipelineOutput
 from refldm.pipelines.sampling import sample
@@ -411,19 +410,7 @@ class StableDiffusion3Img2ImgPipeline(StableDiffusion3Pipeline):
         return self._generate(prompt, image=image, strength=strength, **kwargs)
 
     def _img2img_start(self, sched, init, strength, n, batch, generator):
-        """diffusers' get_timesteps + prepare_latents: t_start = int(n - min(n s, n)) (the float n s, as SD3's
-        pipeline computes it); x_0 = (z - shift) * scale with z ~ q(z | image); x = t_0 e + (1 - t_0) x_0."""
-        from refldm.core.random import randn
-        t_start = int(max(n - min(n * strength, n), 0))
-        timesteps = sched.timesteps[t_start * sched.order:]
-        sched.set_begin_index(t_start * sched.order)
-        if len(timesteps) == 0:
-            raise ValueError(f"strength {strength} with {n} steps leaves no step to run; raise strength or steps")
-        with record.scope("vae"):
-            posterior = self.vae.encode(init)
-        x0 = scale_latents(posterior.sample(generator=generator), self.vae.config)   # (1, 16, h, w)
-        xp = backend.array_namespace(x0)
-        x0 = xp.concatenate([x0] * batch, axis=0)
-        noise = backend.asarray(randn(tuple(x0.shape), generator=generator, dtype=self.dtype.name))
-        t0 = numpy.repeat(numpy.asarray(timesteps)[:1], batch)
-        return timesteps, sched.scale_noise(x0, t0, noise)
+        """The flow models' image-to-image start (pipelines/common.py, `flow_img2img_start`)."""
+        from refldm.pipelines.common import flow_img2img_start
+        timesteps, x = flow_img2img_start(self, sched, init, strength, n, batch, generator)
+        return timesteps, x
