@@ -44,7 +44,7 @@ import numpy as np
 
 from refldm.backend import to_numpy
 from refldm.errors import TokenizerError
-from refldm.models.tokenizer import tokenize_batch
+from refldm.models.tokenizer import split_whole, tokenize_batch
 
 __all__ = ["T5TokenizerFast", "TokenizerError", "CharsMap", "SentencePieceModel", "read_spiece_model",
            "graphemes", "viterbi"]
@@ -653,20 +653,7 @@ class T5TokenizerFast:
         whole = self.__dict__.get("_by_length")
         if whole is None:
             whole = self._by_length = sorted(self.added, key=lambda s: (-len(s), s))
-        start = i = 0
-        n = len(text)
-        while i < n:
-            token = next((t for t in whole if text.startswith(t, i)), None)
-            if token is None:
-                i += 1
-                continue
-            if i > start:
-                yield text[start:i], False
-            yield token, True
-            i += len(token)
-            start = i
-        if start < n:
-            yield text[start:], False
+        yield from split_whole(text, whole)
 
     def _limit(self, max_length):
         limit = self.model_max_length if max_length is None else max_length

@@ -367,21 +367,7 @@ class CLIPTokenizer:
     def _split_specials(self, text: str):
         """Step 1: (piece, is_special) in order; the leftmost special string wins, the longest on a tie.
         Tokens added with `add_tokens` are cut out the same way."""
-        start = i = 0
-        n = len(text)
-        whole = self.__dict__.get("_whole_tokens", self.special_tokens)  # specials + added, longest first
-        while i < n:
-            special = next((s for s in whole if text.startswith(s, i)), None)
-            if special is None:
-                i += 1
-                continue
-            if i > start:
-                yield text[start:i], False
-            yield special, True
-            i += len(special)
-            start = i
-        if start < n:
-            yield text[start:], False
+        yield from split_whole(text, self.__dict__.get("_whole_tokens", self.special_tokens))  # longest first
 
     def _limit(self, max_length):
         limit = self.model_max_length if max_length is None else max_length
@@ -399,6 +385,25 @@ class CLIPTokenizer:
         return self.decoder[i]
 
 
+
+
+def split_whole(text: str, whole):
+    """(piece, is_whole) in order: every occurrence of a string of `whole` (special and added tokens, longest
+    first, so the leftmost match wins and the longer one on a tie) cut out of `text`, the rest in between."""
+    start = i = 0
+    n = len(text)
+    while i < n:
+        token = next((t for t in whole if text.startswith(t, i)), None)
+        if token is None:
+            i += 1
+            continue
+        if i > start:
+            yield text[start:i], False
+        yield token, True
+        i += len(token)
+        start = i
+    if start < n:
+        yield text[start:], False
 
 def tokenize_batch(tok, name: str, text, padding, max_length, truncation, return_tensors, add_special_tokens):
     """A tokenizer's ``__call__`` (CLIP's and T5's alike): check the arguments, ``tok.encode`` each text
