@@ -72,11 +72,15 @@ def register(subparsers) -> None:
                               description="Encode an image, noise it to --strength, and denoise it under a prompt.")
     add_model_args(p)
     p.add_argument("-i", "--image", required=True, help="input image (its sides must be multiples of 8)")
-    p.add_argument("--strength", type=float, default=0.8,
+    p.add_argument("--strength", type=float, default=None,
                    help="how much to change: 0 keeps the image, 1 ignores it (default 0.8)")
-    add_generation_args(p)
+    add_generation_args(p, prompt_required=False)  # -p, or --from-png's prompt
     add_adapter_args(p)
     add_preview_args(p)
+    add_noise_args(p, hires=False)
+    p.add_argument("--from-png", metavar="IMAGE", default=None,
+                   help="use the settings an image carries (its Denoising strength as --strength); flags given "
+                        "as well override them")
     p.set_defaults(func=run_img2img)
 
     p = subparsers.add_parser("info", help="describe a model: configs, parameter counts, dtypes",
@@ -152,8 +156,9 @@ NOISE_FLAGS = {"rng": "--rng", "sampler_rng": "--sampler-rng", "ensd": "--ensd",
                "hires_upscaler": "--hires-upscaler"}
 
 
-def add_noise_args(p) -> None:
-    g = p.add_argument_group("the web UIs' noise options and hires fix (docs/reproduce.md)")
+def add_noise_args(p, hires: bool = True) -> None:
+    g = p.add_argument_group("the web UIs' noise options" + (" and hires fix" if hires else "") +
+                             " (docs/reproduce.md)")
     g.add_argument("--rng", default=None, metavar="cpu|cuda",
                    help="the noise's random stream: cpu (torch's CPU generator, the web UI's CPU) or cuda (torch's "
                         "GPU generator computed on the CPU, the web UI's NV); with it image i gets seed + i "
@@ -168,6 +173,8 @@ def add_noise_args(p) -> None:
                    help="how much of the variation seed's noise, in [0, 1] (spherical interpolation)")
     g.add_argument("--seed-resize-from", default=None, metavar="WxH",
                    help="draw the noise as for a WxH image and paste it centred (A1111's 'Seed resize from')")
+    if not hires:
+        return
     g.add_argument("--hires-scale", type=float, default=None,
                    help="hires fix: upscale by this factor and run a second pass (A1111's 'Upscale by')")
     g.add_argument("--hires-steps", type=int, default=None, help="hires fix: the second pass's steps (default: "
@@ -177,6 +184,13 @@ def add_noise_args(p) -> None:
     g.add_argument("--hires-upscaler", default=None,
                    help='hires fix: "Latent" (bilinear, the default), "Latent (nearest)", "Latent (nearest-exact)", '
                         '"Latent (bicubic)", or in pixels through the VAE: "Lanczos", "Nearest"')
+
+
+def takes(pipe, key: str) -> bool:
+    """Whether a pipeline's call takes keyword `key` (SD3 / FLUX: through their ``_generate``)."""
+    cls = type(pipe)
+    return any(key in inspect.signature(getattr(cls, f)).parameters for f in ("__call__", "_generate")
+               if hasattr(cls, f))
 
 
 def _flag_message(e: ValueError) -> ValueError:
@@ -204,7 +218,7 @@ def noise_kwargs(args) -> dict:
     try:
         common.check_noise(*(kwargs[k] for k in ("rng", "sampler_rng", "ensd", "variation_seed",
                                                  "variation_strength", "seed_resize_from")))
-        if args.width is not None and args.height is not None:
+        if getattr(args, "width", None) is not None and getattr(args, "height", None) is not None:
             common.check_hires(*(kwargs[k] for k in ("hires_scale", "hires_steps", "hires_denoise",
                                                      "hires_upscaler")), args.height, args.width)
     except ValueError as e:
@@ -298,6 +312,8 @@ def apply_png_settings(args) -> list:
     take("hires_upscaler", "hires_upscaler")
     if "hires_upscale" in settings:
         take("denoising_strength", "hires_denoise")
+    elif hasattr(args, "strength"):  # img2img: the image's Denoising strength
+        take("denoising_strength", "strength")
     elif source == "comfyui" and settings.get("denoising_strength") == 1.0:
         used.add("denoising_strength")
     if source == "comfyui":  # LoRA loader nodes (A1111's <lora:...> tags stay in the prompt for --lora-dir)
@@ -331,8 +347,12 @@ def _generate(args, image=None):
               "differ", file=sys.stderr)
     if args.prompt is None:
         raise ValueError("give the prompt with -p (or --from-png IMAGE)")
+    if image is not None and args.strength is None:
+        args.strength = 0.8
+    if image is not None and not 0.0 <= args.strength <= 1.0:
+        raise ValueError(f"--strength must lie in [0, 1], got {args.strength}")
     check_generation_args(args)
-    noise = noise_kwargs(args) if image is None else {}
+    noise = noise_kwargs(args)
     resolve_defaults(args)
     default = "refldm-txt2img.png" if image is None else "refldm-img2img.png"
     path = check_output(default if args.output is None else args.output)  # before the work, not after
@@ -346,9 +366,10 @@ def _generate(args, image=None):
         if recorded and have and not have.startswith(recorded.lower()[:10]):
             print(f"refldm: warning: the model's hash is {have}, {args.from_png} was made with Model "
                   f"hash {recorded}: another checkpoint gives another image", file=sys.stderr)
-        if noise and "rng" not in inspect.signature(type(pipe).__call__).parameters:
-            raise ValueError(f"{', '.join(NOISE_FLAGS[k] for k in noise)}: {type(pipe).__name__} takes no web-UI "
-                             "noise options or hires fix (the SD 1.x / 2.x and SDXL pipelines do)")
+        refused = [NOISE_FLAGS[k] for k in noise if not takes(pipe, k)]
+        if refused:
+            raise ValueError(f"{', '.join(refused)}: {type(pipe).__name__} does not take "
+                             f"{'them' if len(refused) > 1 else 'it'} (hires fix: SD 1.x / 2.x and SDXL text-to-image)")
         refiner, end = _refiner_args(args, pipe)
         if getattr(pipe, "transformer", None) is not None:
             _check_sd3_args(args)
@@ -369,7 +390,7 @@ def _generate(args, image=None):
             warn_run_choices(args, pipe, args.height, args.width)
             check_resources(pipe, 1, args.height, args.width, args.steps, args.cfg)
         else:
-            kwargs.update(image=image, strength=args.strength)
+            kwargs.update(image=image, strength=args.strength, **noise)
             warn_run_choices(args, pipe, image.height, image.width)
             check_resources(pipe, 1, image.height, image.width, args.steps, args.cfg, strength=args.strength)
         if refiner is not None:
@@ -432,8 +453,6 @@ def run_img2img(args) -> int:
     from refldm.core.images import load_image
     if not os.path.isfile(args.image):
         raise OSError(f"{args.image}: no such image file")
-    if not 0.0 <= args.strength <= 1.0:
-        raise ValueError(f"--strength must lie in [0, 1], got {args.strength}")
     image = load_image(args.image)  # 16-bit scaled to 8; truncated or huge files: one line naming the file
     return _generate(args, image=image)
 

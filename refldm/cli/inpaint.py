@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from refldm.cli import common
 from refldm.cli.adapters import add_adapter_args, apply_adapter_args
+from refldm.cli.generate import add_noise_args, noise_kwargs
 
 
 def register(subparsers) -> None:
@@ -25,6 +26,7 @@ def register(subparsers) -> None:
                    help="inpaint only the box around the mask, grown by PIXELS, at full resolution, then paste it back")
     common.add_generation_args(p, default_output="refldm-inpaint.png")
     add_adapter_args(p)
+    add_noise_args(p, hires=False)  # --rng, --ensd, --variation-seed, ... (refldm/cli/generate.py)
     p.set_defaults(func=run_inpaint)
 
 
@@ -39,6 +41,7 @@ def run_inpaint(args) -> int:
         raise ValueError(f"--strength must lie in (0, 1], got {args.strength}")
     from refldm.core.images import check_output
     common.check_generation_args(args)
+    noise = noise_kwargs(args)
     common.resolve_defaults(args)
     path = check_output(args.output or "refldm-inpaint.png")  # before the work, not after
     image = _open(args.image, "image").convert("RGB")
@@ -50,12 +53,14 @@ def run_inpaint(args) -> int:
                                     max_length=args.max_length)
         pipe = StableDiffusionInpaintPipeline(base.vae, base.text_encoder, base.tokenizer, base.unet,
                                               base.scheduler_config, base.configs, name=base.name, dtype=args.dtype)
+        pipe.checkpoint_path = base.checkpoint_path  # its Model hash
         prompt, kwargs = apply_adapter_args(args, pipe)
         common.warn_run_choices(args, pipe, image.height, image.width)
         common.check_resources(pipe, 1, image.height, image.width, args.steps, args.cfg, strength=args.strength)
         out = pipe(prompt, image=image, mask_image=mask, negative_prompt=args.negative, strength=args.strength,
                    padding_mask_crop=args.padding_mask_crop, num_inference_steps=args.steps,
-                   guidance_scale=args.cfg, seed=args.seed, sampler=args.sampler, progress=not args.quiet, **kwargs)
+                   guidance_scale=args.cfg, seed=args.seed, sampler=args.sampler, progress=not args.quiet, **kwargs,
+                   **noise)
     img = out.images[0]
     text = out.generation[0].replace(prompt=args.prompt).text()  # the pipeline's, with the prompt as typed
     common.save_png(img, path, text)

@@ -34,7 +34,7 @@ __all__ = ["StepEnd", "check_callback", "CALLBACK_TENSOR_INPUTS", "NonFiniteLate
            "Call", "prologue", "check_prompts", "check_steps", "check_guidance", "check_size", "check_strength",
            "check_seed", "check_count", "check_output_type", "make_generator", "initial_noise", "nan_guard",
            "sampler_label", "parameters_text", "finish", "SEED_MAX", "OUTPUT_TYPES", "NoiseOptions", "check_noise",
-           "check_rng", "make_noise", "checkpoint_hash", "Hires", "check_hires", "upscale_latents", "LATENT_UPSCALERS",
+           "check_rng", "make_noise", "start_noise", "checkpoint_hash", "Hires", "check_hires", "upscale_latents", "LATENT_UPSCALERS",
            "PIXEL_UPSCALERS", "hires_timesteps", "hires_pass", "seed_brownian"]
 
 SEED_MAX = 2 ** 64 - 1            # torch's seed range, 0..2**64-1
@@ -416,39 +416,51 @@ def check_noise(rng=None, sampler_rng=None, ensd=None, variation_seed=None, vari
                         float(strength), seed_resize_from)
 
 
-def make_noise(shape, scheduler, call: Call, options: NoiseOptions, dtype: str, latents=None,
-               noise_dtype: str | None = None):
-    """(x_T, the sampler's generator, per-image field changes) for a text-to-image call.
+def start_noise(shape, seed, generator, options: NoiseOptions, dtype: str, draw: bool = True):
+    """(eps or None, the sampler's generator, per-image field changes): the noise a call starts from
+    (text-to-image, times init_noise_sigma) or adds to its image (image-to-image, inpainting), shape (B, C, h, w).
 
-    Default options: `initial_noise` from the call's generator, which the sampler continues (today's
-    noise, unchanged). Web-UI options (`NoiseOptions`): ``ImageNoise(...).first()`` (float32, upcast to
-    `dtype`) times init_noise_sigma, the sampler drawing from the per-image generators; each image's
-    parameters name its own seed (seed + i, or the variation seed + i). sampler_rng replaces the
-    sampler's generator by ``Generator(seed + ensd, mode)``. A caller's own `latents` are used as they are."""
+    Default options: eps None -- the pipeline draws diffusers' noise from `generator` (the call's) where
+    diffusers draws it, and the sampler continues that generator. Web-UI options (`NoiseOptions`; `draw`
+    False: a caller's own latents, nothing drawn): eps = ``ImageNoise(...).first()`` (float32, cast to
+    `dtype`), A1111's per-image noise, which its img2img adds to the image's latents as its txt2img starts
+    from it (variation seed and seed resize included, `processing.py`: ``x = self.rng.next()`` in both);
+    the sampler draws from the per-image generators, and each image's parameters name its own seed (seed + i,
+    or the variation seed + i). sampler_rng: the sampler's generator is ``Generator(seed + ensd, mode)``.
+    With the web-UI options the image-to-image pipelines encode their image to the posterior's mean: A1111
+    samples it with its global generator, unseeded (its std is small, and no seed makes it again); the mean
+    keeps image i of a batch the image of seed + i alone, as in the web UI."""
     from refldm.core.noise import generator_for, webui_noise
-    seed_brownian(scheduler, call.seed)
     per_image = [{} for _ in range(shape[0])]
-    if latents is not None or not options.webui:
-        if (options.webui or options.sampler_rng) and call.seed is None:
-            raise ValueError("the noise options need a seed (not a generator of your own)")
-        x = initial_noise(shape, scheduler, call.generator, dtype, latents, noise_dtype)
-        sampler_generator = call.generator
-    else:
-        if call.seed is None:
-            raise ValueError("the noise options (rng, ensd, variation_seed, seed_resize_from) need seed=, "
-                             "not a generator of your own")
-        noise = webui_noise(tuple(shape[1:]), call.seed, shape[0], rng=options.rng or "CPU",
+    if (options.webui or options.sampler_rng) and seed is None:
+        raise ValueError("the noise options (rng, sampler_rng, ensd, variation_seed, seed_resize_from) need seed=, "
+                         "not a generator of your own")
+    eps = None
+    if options.webui and draw:
+        noise = webui_noise(tuple(shape[1:]), seed, shape[0], rng=options.rng or "CPU",
                             variation_seed=options.variation_seed, variation_strength=options.variation_strength,
                             seed_resize_from=options.seed_resize_from, ensd=options.ensd)
-        x = backend.asarray(noise.first(), dtype=dtype) * float(scheduler.init_noise_sigma)
-        sampler_generator = noise.generators
+        eps = backend.asarray(noise.first(), dtype=dtype)
+        generator = noise.generators
         for i in range(shape[0]):
             per_image[i]["seed"] = noise.seeds[i]
             if noise.variation_seeds is not None and options.variation_strength != 0:
                 per_image[i]["fields"] = {"Variation seed": noise.variation_seeds[i]}
     if options.sampler_rng is not None:
-        sampler_generator = generator_for(call.seed + options.ensd, options.sampler_rng)
-    return x, sampler_generator, per_image
+        generator = generator_for(seed + options.ensd, options.sampler_rng)
+    return eps, generator, per_image
+
+
+def make_noise(shape, scheduler, call: Call, options: NoiseOptions, dtype: str, latents=None,
+               noise_dtype: str | None = None):
+    """(x_T, the sampler's generator, per-image field changes) for a text-to-image call: x_T = eps *
+    init_noise_sigma with eps from `start_noise` (web-UI options), or `initial_noise` from the call's
+    generator (today's noise, unchanged), or the caller's own `latents` as they are."""
+    seed_brownian(scheduler, call.seed)
+    eps, generator, per_image = start_noise(shape, call.seed, call.generator, options, dtype, draw=latents is None)
+    if eps is None:
+        return initial_noise(shape, scheduler, call.generator, dtype, latents, noise_dtype), generator, per_image
+    return eps * float(scheduler.init_noise_sigma), generator, per_image
 
 
 def seed_brownian(scheduler, seed) -> None:
@@ -644,7 +656,6 @@ def hires_pass(pipe, latents, call: Call, options: NoiseOptions, hires: Hires, s
     continued. `denoise(x, scheduler, timesteps, generator)` runs the pipeline's loop with its
     conditioning at the new size. Returns the final latents."""
     from refldm.core.images import scale_latents
-    from refldm.core.noise import generator_for, webui_noise
     from refldm.core.random import randn
     f = pipe.vae_scale_factor
     size = (hires.height // f, hires.width // f)
@@ -666,14 +677,8 @@ def hires_pass(pipe, latents, call: Call, options: NoiseOptions, hires: Hires, s
     seed_brownian(sched, call.seed)
     timesteps = hires_timesteps(sched, steps, hires.denoise)
     shape = (latents.shape[0], latents.shape[1]) + size
-    if options.webui:
-        noise = webui_noise(shape[1:], call.seed, shape[0], rng=options.rng or "CPU",
-                            variation_seed=options.variation_seed, variation_strength=options.variation_strength,
-                            seed_resize_from=options.seed_resize_from, ensd=options.ensd)
-        eps = backend.asarray(noise.first(), dtype=pipe.dtype.name)
-        generator = noise.generators
-        if options.sampler_rng is not None:
-            generator = generator_for(call.seed + options.ensd, options.sampler_rng)
+    if options.webui:  # a fresh ImageNoise at the new size from the same seeds
+        eps, generator, _ = start_noise(shape, call.seed, call.generator, options, pipe.dtype.name)
     else:
         eps = backend.asarray(randn(shape, generator=sampler_generator, dtype=pipe.dtype.name))
         generator = sampler_generator
@@ -921,10 +926,11 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
 # -- image-to-image on a rectified-flow model (SD3, FLUX) ----------------------------------------------------
 
 
-def flow_img2img_start(pipe, sched, init, strength, n, batch, generator):
+def flow_img2img_start(pipe, sched, init, strength, n, batch, generator, noise=None):
     """diffusers' get_timesteps + prepare_latents for a flow model: t_start = int(n - min(n s, n)) (the float
     n s, as diffusers computes it); x_0 = (z - shift) * scale with z ~ q(z | image); x = t_0 e + (1 - t_0) x_0.
-    Returns (the timesteps that run, x (batch, C, h, w)); FLUX packs x into 2x2 patches after."""
+    e: `noise` (batch, C, h, w) when given (the web UIs' noise, `start_noise`; z is then the posterior's mean),
+    else drawn from `generator` after z. Returns (the timesteps that run, x (batch, C, h, w)); FLUX packs x into 2x2 patches after."""
     import numpy
 
     from refldm.core.images import scale_latents
@@ -936,9 +942,11 @@ def flow_img2img_start(pipe, sched, init, strength, n, batch, generator):
         raise ValueError(f"strength {strength} with {n} steps leaves no step to run; raise strength or steps")
     with record.scope("vae"):
         posterior = pipe.vae.encode(init)
-    x0 = scale_latents(posterior.sample(generator=generator), pipe.vae.config)   # (1, C, h, w)
+    z = posterior.sample(generator=generator) if noise is None else posterior.mode()  # the mean: start_noise
+    x0 = scale_latents(z, pipe.vae.config)                                        # (1, C, h, w)
     xp = backend.array_namespace(x0)
     x0 = xp.concatenate([x0] * batch, axis=0)
-    noise = backend.asarray(randn(tuple(x0.shape), generator=generator, dtype=pipe.dtype.name))
+    if noise is None:
+        noise = backend.asarray(randn(tuple(x0.shape), generator=generator, dtype=pipe.dtype.name))
     t0 = numpy.repeat(numpy.asarray(timesteps)[:1], batch)
     return timesteps, sched.scale_noise(x0, t0, noise)

@@ -178,8 +178,14 @@ class FluxPipeline:
                   true_cfg_scale: float = 1.0, height: int | None = None, width: int | None = None,
                   num_inference_steps: int = 28, guidance_scale: float | None = None, seed: int | None = None,
                   generator=None, latents=None, sigmas=None, max_sequence_length: int = 512, callback=None,
-                  progress: bool = True, init=None, strength=None) -> StableDiffusionPipelineOutput:
+                  progress: bool = True, init=None, strength=None, rng: str | None = None,
+                  sampler_rng: str | None = None, ensd: int | None = None, variation_seed: int | None = None,
+                  variation_strength: float | None = None, seed_resize_from=None) -> StableDiffusionPipelineOutput:
+        """rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from: the web UIs' noise for
+        the start (or the noise added to the image), on the unpacked latent (B, 16, h, w), as
+        `StableDiffusionPipeline` (`refldm.pipelines.common.start_noise`)."""
         from refldm.core.random import Generator, randn
+        from refldm.pipelines.common import check_noise, seed_brownian, start_noise
         timings = {}
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -194,6 +200,7 @@ class FluxPipeline:
                 or not 1 <= max_sequence_length <= 512:
             raise ValueError(f"max_sequence_length={max_sequence_length!r} must be an integer in [1, 512] (FLUX's "
                              "T5 limit)")
+        options = check_noise(rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from)
         guidance = self._guidance(guidance_scale)
         do_true_cfg = true_cfg_scale > 1 and negative_prompt is not None
         if not math.isfinite(float(true_cfg_scale)):
@@ -233,14 +240,17 @@ class FluxPipeline:
         sched.set_timesteps(sigmas=sigmas, mu=self.time_shift_mu(len(img_ids)))
         timesteps = sched.timesteps
         shape = (batch, self.transformer.config.in_channels // 4, h, w)
+        seed_brownian(sched, seed)
+        eps, sampler_generator, per_image = start_noise(shape, seed, generator, options, dtype, draw=latents is None)
         if init is not None:
             if latents is not None:
                 raise ValueError("give either image (img2img) or latents, not both")
             start = time.perf_counter()
-            timesteps, latents = self._img2img_start(sched, init, strength, n, batch, generator)
+            timesteps, latents = self._img2img_start(sched, init, strength, n, batch, generator, eps)
             timings["image encode"] = time.perf_counter() - start
         elif latents is None:
-            latents = pack_latents(backend.asarray(randn(shape, generator=generator, dtype=dtype)))
+            eps = backend.asarray(randn(shape, generator=generator, dtype=dtype)) if eps is None else eps
+            latents = pack_latents(eps)
         else:
             want = (batch, (h // 2) * (w // 2), shape[1] * 4)
             if tuple(latents.shape) != want:
@@ -267,7 +277,7 @@ class FluxPipeline:
                 callback(i, t, x)
 
         latents = sample(model_fn, sched, latents, timesteps, guidance_scale=true_cfg_scale if do_true_cfg else None,
-                         generator=generator, callback=after_step, progress=progress)
+                         generator=sampler_generator, callback=after_step, progress=progress)
         timings["denoise"] = time.perf_counter() - start
 
         # 4. unpack, z = x_0 / scaling_factor + shift_factor, decode
@@ -278,9 +288,10 @@ class FluxPipeline:
         parameters = []
         for k, im in enumerate(images):   # the web UIs' PNG info; CFG scale is true CFG's (1 when off)
             negative = negs[k] if do_true_cfg else ""
-            fields = {"Distilled CFG Scale": guidance} if guidance is not None else None
+            fields = {"Distilled CFG Scale": guidance, **options.fields(), **per_image[k].get("fields", {})}
+            image_seed = per_image[k].get("seed", seed)
             text = parameters_text(prompts[k], negative, n, "Euler", true_cfg_scale if do_true_cfg else 1,
-                                   "unknown" if seed is None else seed, im.width, im.height, self.name,
+                                   "unknown" if image_seed is None else image_seed, im.width, im.height, self.name,
                                    strength=strength, fields=fields)
             im.info["parameters"] = text
             parameters.append(text)
@@ -329,8 +340,8 @@ class FluxImg2ImgPipeline(FluxPipeline):
         init = to_tensor(image, dtype=self.dtype.name)                   # (1, 3, H, W) in [-1, 1]
         return self._generate(prompt, init=init, strength=float(strength), **kwargs)
 
-    def _img2img_start(self, sched, init, strength, n, batch, generator):
+    def _img2img_start(self, sched, init, strength, n, batch, generator, noise=None):
         """The flow models' image-to-image start (pipelines/common.py, `flow_img2img_start`), packed."""
         from refldm.pipelines.common import flow_img2img_start
-        timesteps, x = flow_img2img_start(self, sched, init, strength, n, batch, generator)
+        timesteps, x = flow_img2img_start(self, sched, init, strength, n, batch, generator, noise)
         return timesteps, pack_latents(x)

@@ -167,13 +167,17 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
                  progress: bool = True, prompt_syntax: str = "plain",
                  clip_skip: int | None = None, scheduler: str | None = None, num_images_per_prompt: int = 1,
                  output_type: str = "pil", callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=None) -> StableDiffusionPipelineOutput:
+                 callback_on_step_end_tensor_inputs=None, rng: str | None = None, sampler_rng: str | None = None,
+                 ensd: int | None = None, variation_seed: int | None = None, variation_strength: float | None = None,
+                 seed_resize_from=None) -> StableDiffusionPipelineOutput:
         """image: PIL (sides multiples of 8); mask_image: PIL, white = repaint. strength 1 starts from pure
         noise; below 1 from the image noised to the strength's timestep (as img2img). padding_mask_crop=p:
         repaint only the box around the mask grown by p pixels, scaled to (width, height) (default: the
         image's size), then pasted back (diffusers' "inpaint only masked" mode). callback_on_step_end /
         callback_on_step_end_tensor_inputs: diffusers' step callback, after the kept region is blended back
-        (`refldm.pipelines.common.StepEnd`)."""
+        (`refldm.pipelines.common.StepEnd`). rng, sampler_rng, ensd, variation_seed, variation_strength,
+        seed_resize_from: the web UIs' noise (as `StableDiffusionPipeline`; `refldm.pipelines.common.start_noise`)
+        for the starting noise, the noise added to the image and the kept region's re-noising."""
         from refldm.adapters.prompt_weighting import encode_prompts
         common.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         if image is None or mask_image is None:
@@ -186,6 +190,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         call = common.prologue(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
                                height=size and size[0], width=size and size[1], strength=strength,
                                num_images_per_prompt=num_images_per_prompt, output_type=output_type)
+        options = common.check_noise(rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from)
         original_image, original_mask, box = image, mask_image, None
         if padding_mask_crop is not None and (isinstance(padding_mask_crop, bool) or not isinstance(
                 padding_mask_crop, int) or padding_mask_crop < 0):
@@ -231,13 +236,21 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
             raise ValueError(f"strength {strength} with {steps} steps leaves no step to run; "
                              "raise strength or the number of steps")
         start = time.perf_counter()
+
+        def encoded(pixels):  # z ~ q(z | x), or its mean with the web UIs' noise (common.start_noise)
+            posterior = self.vae.encode(pixels)
+            return posterior.mode() if options.webui else posterior.sample(generator=generator)
+
         z_image = None
         if channels == latent_c or strength < 1.0:
-            z_image = scale_latents(self.vae.encode(init).sample(generator=generator), self.vae.config)
+            z_image = scale_latents(encoded(init), self.vae.config)
             z_image = xp.concatenate([z_image] * batch, axis=0)                       # (B, 4, h, w)
         shape = (batch, latent_c, height // f, width // f)
-        noise = backend.asarray(refldm_random.randn(shape, generator=generator, dtype=dtype))
-        z_masked = scale_latents(self.vae.encode(masked).sample(generator=generator), self.vae.config)
+        common.seed_brownian(sched, call.seed)
+        noise, sampler_generator, per_image = common.start_noise(shape, call.seed, generator, options, dtype)
+        if noise is None:  # diffusers' noise, drawn between the two encodes as diffusers draws it
+            noise = backend.asarray(refldm_random.randn(shape, generator=generator, dtype=dtype))
+        z_masked = scale_latents(encoded(masked), self.vae.config)
         if strength == 1.0:
             latents = noise * float(sched.init_noise_sigma)                           # x_T
         else:
@@ -272,12 +285,13 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
 
         start = time.perf_counter()
         latents = sample(model, sched, latents, timesteps, guidance_scale=guidance_scale if do_cfg else None,
-                         generator=generator, callback=after_step, progress=progress)
+                         generator=sampler_generator, callback=after_step, progress=progress)
         timings["denoise"] = time.perf_counter() - start
 
         # 5. latents -> pixels (pasted back into the original for padding_mask_crop), with the parameters text
         paste = None if box is None else (lambda images: [paste_back(original_mask, original_image, im, box)
                                                           for im in images])
         made = common.GenerationParameters("", "", steps, self.sampler_label(sampler), guidance_scale, call.seed,
-                                           width, height, self.name, strength=strength)
-        return common.finish(self, latents, call, timings, made, postprocess=paste)
+                                           width, height, self.name, strength=strength,
+                                           model_hash=self.model_hash, fields=options.fields())
+        return common.finish(self, latents, call, timings, made, postprocess=paste, per_image=per_image)

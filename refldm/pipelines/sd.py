@@ -213,10 +213,11 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
         callback (`refldm.pipelines.common.StepEnd`); the dict it returns may replace "latents".
         preview_every=N, preview_dir=DIR, preview="linear"|"tiny"|"vae": write the noisy latent and the
         predicted x_0 of every N-th step as PNGs (`refldm.pipelines.preview`), through that callback.
-        The web UIs' noise (text-to-image; `refldm.pipelines.common.NoiseOptions`, docs/reproduce.md):
+        The web UIs' noise (`refldm.pipelines.common.NoiseOptions`, docs/reproduce.md):
         rng="cpu"|"cuda" (torch's CPU stream or the GPU's Philox stream, A1111's "CPU" / "NV"), ensd,
         variation_seed + variation_strength, seed_resize_from=(w, h): A1111's per-image noise, image i from
-        seed + i; sampler_rng: the sampler's noise from its own generator. None of them: diffusers' noise.
+        seed + i (img2img: the noise added to the image, as A1111's img2img); sampler_rng: the sampler's noise
+        from its own generator. None of them: diffusers' noise.
         hires_scale (+ hires_steps, hires_denoise=0.7, hires_upscaler="Latent"): A1111's hires fix, a second
         pass at the scaled size (`refldm.pipelines.common.hires_pass`).
         """
@@ -234,8 +235,8 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
         noise = common.check_noise(rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from)
         hires = None if image is not None else common.check_hires(hires_scale, hires_steps, hires_denoise,
                                                                    hires_upscaler, call.height, call.width)
-        if image is not None and (noise.webui or noise.sampler_rng or hires_scale is not None):
-            raise ValueError("the noise options and hires_scale are for text-to-image; not with image=")
+        if image is not None and hires_scale is not None:
+            raise ValueError("hires_scale is for text-to-image; not with image=")
         if noise_dtype not in (None, "float16", "float32", "float64"):
             raise ValueError(f"noise_dtype={noise_dtype!r}; choose 'float16', 'float32' or 'float64'")
         if image is not None:
@@ -282,10 +283,15 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
             start = time.perf_counter()
             with record.scope("vae"):
                 posterior = self.vae.encode(init)                                # q(z | x) over (1, 4, H/8, W/8)
-            x0 = scale_latents(posterior.sample(generator=generator), self.vae.config)  # z ~ q, times 0.18215
+            z = posterior.mode() if noise.webui else posterior.sample(generator=generator)  # common.start_noise
+            x0 = scale_latents(z, self.vae.config)                               # z ~ q (or its mean), times 0.18215
             xp = backend.array_namespace(x0)
             x0 = xp.concatenate([x0] * batch, axis=0)                            # (B, 4, H/8, W/8), as diffusers
-            latents = img2img_latents(sched, x0, timesteps, generator=generator)  # add_noise(x0, eps, t_0)
+            # eps: the web UIs' noise with their options (common.start_noise), else drawn here as diffusers does
+            common.seed_brownian(sched, call.seed)
+            eps, sampler_generator, per_image = common.start_noise(tuple(x0.shape), call.seed, generator, noise, dtype)
+            latents = img2img_latents(sched, x0, timesteps, noise=eps, generator=generator)  # add_noise(x0, eps, t_0)
+            generator = sampler_generator
             timings["image encode"] = time.perf_counter() - start
 
         # 3. the denoising loop (refldm/pipelines/sampling.py): per step, with CFG, one U-Net batch of 2B:

@@ -312,14 +312,18 @@ class StableDiffusion3Pipeline(common.DiffusionPipeline):
                   generator=None, latents=None, sampler: str | None = None, sigmas=None, mu: float | None = None,
                   max_sequence_length: int = 256, clip_skip: int | None = None, num_images_per_prompt: int = 1,
                   output_type: str = "pil", callback=None, progress: bool = True, image=None,
-                  strength=None) -> StableDiffusionPipelineOutput:
+                  strength=None, rng: str | None = None, sampler_rng: str | None = None, ensd: int | None = None,
+                  variation_seed: int | None = None, variation_strength: float | None = None,
+                  seed_resize_from=None) -> StableDiffusionPipelineOutput:
         """Generate images; diffusers' argument names and defaults (28 steps, guidance 7.0, 1024 x 1024).
 
         prompt_2 / prompt_3 go to CLIP-G / T5 (default: prompt); negative_prompt (and _2, _3) likewise.
         seed or generator (refldm.core.random.Generator) make the noise as torch's CPU generator does.
         latents: your own starting noise (B, 16, H/8, W/8). sampler: "euler" / "heun" / "DPM++ 2M" (their flow
         versions) or a FlowMatch class name. sigmas / mu: as diffusers' (custom t grid; dynamic-shift parameter).
-        image + strength: img2img (StableDiffusion3Img2ImgPipeline)."""
+        image + strength: img2img (StableDiffusion3Img2ImgPipeline). rng, sampler_rng, ensd, variation_seed,
+        variation_strength, seed_resize_from: the web UIs' noise for the start (or the noise added to the image),
+        as `StableDiffusionPipeline` (`refldm.pipelines.common.start_noise`)."""
         timings = {}
         size = None if image is not None else (self.default_size if height is None else height,
                                                self.default_size if width is None else width)
@@ -342,6 +346,7 @@ class StableDiffusion3Pipeline(common.DiffusionPipeline):
         else:
             height, width = call.height, call.width
         self.check_size(height, width)
+        options = common.check_noise(rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from)
         # as diffusers: prompt_2 / prompt_3 default to prompt; negative_prompt to "", its _2 / _3 to it
         prompts, texts = call.prompts, call.texts
         negs = call.negatives or [""] * call.batch
@@ -361,11 +366,14 @@ class StableDiffusion3Pipeline(common.DiffusionPipeline):
         sched = self.make_scheduler(sampler)
         self._set_timesteps(sched, call.steps, latent_shape, mu, sigmas)
         timesteps = sched.timesteps
-        if image is None:
-            latents = common.initial_noise(latent_shape, sched, generator, dtype, latents)  # e * 1 (sigma_1 = 1)
+        if image is None:  # e * 1 (sigma_1 = 1): diffusers' noise, or the web UIs' (common.make_noise)
+            latents, generator, per_image = common.make_noise(latent_shape, sched, call, options, dtype, latents)
         else:
             start = time.perf_counter()
-            timesteps, latents = self._img2img_start(sched, init, strength, call.steps, batch, generator)
+            common.seed_brownian(sched, call.seed)
+            eps, sampler_generator, per_image = common.start_noise(latent_shape, call.seed, generator, options, dtype)
+            timesteps, latents = self._img2img_start(sched, init, strength, call.steps, batch, generator, eps)
+            generator = sampler_generator
             timings["image encode"] = time.perf_counter() - start
 
         # 3. the loop (refldm/pipelines/sampling.py): v = transformer(x_t, c, y, t); CFG; x = step(v)
@@ -386,8 +394,9 @@ class StableDiffusion3Pipeline(common.DiffusionPipeline):
 
         # 4. latents -> pixels (z = x_0 / scaling_factor + shift_factor, then the VAE decoder), parameters text
         made = common.GenerationParameters("", "", call.steps, self.sampler_label(sampler), guidance_scale, call.seed,
-                                           width, height, self.name, strength=strength)
-        return common.finish(self, latents, call, timings, made)
+                                           width, height, self.name, strength=strength,
+                                           model_hash=self.model_hash, fields=options.fields())
+        return common.finish(self, latents, call, timings, made, per_image=per_image)
 
     def describe(self) -> dict:
         """{part: {"class", "parameters", "dtype", "config"}} for `refldm info`; a left-out T5 is named so."""
@@ -409,8 +418,8 @@ class StableDiffusion3Img2ImgPipeline(StableDiffusion3Pipeline):
             raise ValueError("StableDiffusion3Img2ImgPipeline needs image= (a PIL image)")
         return self._generate(prompt, image=image, strength=strength, **kwargs)
 
-    def _img2img_start(self, sched, init, strength, n, batch, generator):
+    def _img2img_start(self, sched, init, strength, n, batch, generator, noise=None):
         """The flow models' image-to-image start (pipelines/common.py, `flow_img2img_start`)."""
         from refldm.pipelines.common import flow_img2img_start
-        timesteps, x = flow_img2img_start(self, sched, init, strength, n, batch, generator)
+        timesteps, x = flow_img2img_start(self, sched, init, strength, n, batch, generator, noise)
         return timesteps, x

@@ -439,14 +439,18 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                  seed: int | None = None, generator=None, sampler: str | None = None, output_type: str = "pil",
                  callback=None, progress: bool = True, scheduler: str | None = None,
                  num_images_per_prompt: int = 1, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=None) -> StableDiffusionPipelineOutput:
+                 callback_on_step_end_tensor_inputs=None, rng: str | None = None, sampler_rng: str | None = None,
+                 ensd: int | None = None, variation_seed: int | None = None, variation_strength: float | None = None,
+                 seed_resize_from=None) -> StableDiffusionPipelineOutput:
         """Image to image with diffusers' SDXL arguments and defaults (strength 0.3, guidance 5.0).
 
         image: a PIL image / uint8 array (encoded by the VAE, then noised to the timestep `strength`
         selects), or latents (B or 1, 4, h, w), e.g. a base model's ``output_type="latent"`` output.
         denoising_start in (0, 1): skip the first part of the schedule and do not add noise (the latents
         are already that noisy); it replaces strength. aesthetic_score / negative_aesthetic_score: the
-        refiner's last time id (requires_aesthetics_score). Other arguments as StableDiffusionXLPipeline.
+        refiner's last time id (requires_aesthetics_score). Other arguments as StableDiffusionXLPipeline; the
+        web UIs' noise options (rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from)
+        make the noise added to the image (`refldm.pipelines.common.start_noise`), not with denoising_start.
         """
         if image is None:
             raise ValueError("image is required (a PIL image, a uint8 array, or latents (B, 4, h, w))")
@@ -460,6 +464,9 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
         batch, steps = call.batch, call.steps
         dtype = self.dtype.name
         timings = {}
+        noise = common.check_noise(rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from)
+        if begin is not None and (noise.webui or noise.sampler_rng):
+            raise ValueError("the noise options make the noise added to an image; not with denoising_start")
 
         # the input: latents as they are, or an image to encode
         channels = self.unet.config.in_channels
@@ -510,12 +517,20 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
         else:
             from refldm.models.vae import encode_upcast
             posterior = encode_upcast(self.vae, init)                       # q(z | x) over (1, 4, H/8, W/8)
-            x0 = scale_latents(posterior.sample(generator=generator), self.vae.config).astype(dtype, copy=False)
+            z = posterior.mode() if noise.webui else posterior.sample(generator=generator)  # common.start_noise
+            x0 = scale_latents(z, self.vae.config).astype(dtype, copy=False)
             timings["image encode"] = time.perf_counter() - start
         xp = backend.array_namespace(x0)
         if x0.shape[0] != batch:
             x0 = xp.concatenate([x0] * batch, axis=0)                       # (B, 4, h, w)
-        latents = x0 if begin is not None else img2img_latents(sched, x0, timesteps, generator=generator)
+        per_image = None
+        if begin is None:  # eps: the web UIs' noise with their options, else drawn here as diffusers does
+            common.seed_brownian(sched, call.seed)
+            eps, sampler_generator, per_image = common.start_noise(tuple(x0.shape), call.seed, generator, noise, dtype)
+            latents = img2img_latents(sched, x0, timesteps, noise=eps, generator=generator)
+            generator = sampler_generator
+        else:
+            latents = x0
 
         start = time.perf_counter()
         latents = self._denoise(latents, sched, timesteps, context, text_embeds, time_ids, guidance_scale,
@@ -523,7 +538,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                                 callback_on_step_end, callback_on_step_end_tensor_inputs)
         timings["denoise"] = time.perf_counter() - start
         made = self._record(call, sampler, original, crop, target, strength=strength if begin is None else None)
-        return common.finish(self, latents, call, timings, made)
+        made = made.replace(model_hash=self.model_hash, fields=noise.fields())
+        return common.finish(self, latents, call, timings, made, per_image=per_image)
 
     @staticmethod
     def timesteps_from(sched, denoising_start: float):
