@@ -182,8 +182,9 @@ def add_noise_args(p, hires: bool = True) -> None:
     g.add_argument("--hires-denoise", type=float, default=None,
                    help="hires fix: the second pass's denoising strength in (0, 1] (default 0.7)")
     g.add_argument("--hires-upscaler", default=None,
-                   help='hires fix: "Latent" (bilinear, the default), "Latent (nearest)", "Latent (nearest-exact)", '
-                        '"Latent (bicubic)", or in pixels through the VAE: "Lanczos", "Nearest"')
+                   help='hires fix: "Latent" (bilinear, the default), "Latent (antialiased)", "Latent (bicubic)", '
+                        '"Latent (bicubic antialiased)", "Latent (nearest)", "Latent (nearest-exact)", or in pixels '
+                        'through the VAE: "Lanczos", "Nearest"')
 
 
 def takes(pipe, key: str) -> bool:

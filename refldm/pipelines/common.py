@@ -492,9 +492,10 @@ def checkpoint_hash(path) -> str | None:
 
 # -- hires fix: A1111's two-pass text-to-image --------------------------------------------------------------------
 
-# the web UI's latent upscale modes -> torch.nn.functional.interpolate's mode (antialias off, align_corners off)
-LATENT_UPSCALERS = {"Latent": "bilinear", "Latent (nearest)": "nearest", "Latent (nearest-exact)": "nearest-exact",
-                    "Latent (bicubic)": "bicubic"}
+# the web UI's latent upscale modes -> torch.nn.functional.interpolate's (mode, antialias), align_corners off
+LATENT_UPSCALERS = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True),
+                    "Latent (bicubic)": ("bicubic", False), "Latent (bicubic antialiased)": ("bicubic", True),
+                    "Latent (nearest)": ("nearest", False), "Latent (nearest-exact)": ("nearest-exact", False)}
 # the pixel-space upscalers: decode, resize with PIL, encode again (the web UI's "Lanczos" and "Nearest")
 PIXEL_UPSCALERS = {"Lanczos": "LANCZOS", "Nearest": "NEAREST"}
 
@@ -599,16 +600,80 @@ def _cubic_weights(size_in: int, size_out: int, a: float = -0.75):
     return index, weights
 
 
-def upscale_latents(latents, size, mode: str = "bilinear"):
-    """Resize latents (B, C, h, w) to size = (H, W) as ``torch.nn.functional.interpolate(x, size, mode)``
-    (align_corners=False, no antialias) computes it: "nearest", "nearest-exact" (exact index rules),
+def _antialias_weights(size_in: int, size_out: int, cubic: bool):
+    """torch's antialiased resampling weights along one axis (``interpolate(..., antialias=True)``, the
+    separable filter PIL uses; ATen's UpSampleKernel ``_compute_weights_aa``), in its float32 / double steps:
+
+        s = in / out;  support = (n / 2) max(s, 1);  c_i = s (i + 1/2)          n = 2 (bilinear), 4 (bicubic)
+        taps j = xmin .. xmin + xsize - 1,  xmin = max(trunc(c_i - support + 1/2), 0),
+                                            xmin + xsize = min(trunc(c_i + support + 1/2), in)
+        w_ij = f((j - c_i + 1/2) / max(s, 1)) / sum_j f(...)
+
+    f: the triangle max(0, 1 - |x|) (bilinear) or Keys' cubic with A = -0.5 (PIL's; plain bicubic uses
+    -0.75). Downscaling by s widens the filter s times (each output averages about s inputs: the
+    antialiasing); upscaling (s < 1) leaves f at its own width, so antialiased bilinear equals plain
+    bilinear (the clamp at the border and the renormalised edge weights agree), while antialiased bicubic
+    differs from plain bicubic by A and by the renormalised edges. Returns (indices, weights): one
+    array over the output positions per tap (taps past xsize weigh 0)."""
+    import numpy as np
+    f32 = np.float32
+    n = 4 if cubic else 2
+    scale = f32(size_in) / f32(size_out)
+    support = f32(n * 0.5 * float(scale)) if scale >= 1 else f32(n * 0.5)
+    invscale = f32(1.0 / float(scale)) if scale >= 1 else f32(1.0)
+    taps = int(np.ceil(support)) * 2 + 1
+    i = np.arange(size_out)
+    center = (np.float64(scale) * (i + 0.5)).astype(f32)
+    xmin = np.maximum(np.trunc((center - support).astype(np.float64) + 0.5).astype(np.int64), 0)
+    xsize = np.minimum(np.trunc((center + support).astype(np.float64) + 0.5).astype(np.int64), size_in) - xmin
+    xsize = np.clip(xsize, 0, taps)
+
+    def f(x):
+        x = np.abs(x)
+        if not cubic:
+            return np.where(x < 1, f32(1) - x, f32(0)).astype(f32)
+        a = f32(-0.5)
+        near = ((a + f32(2)) * x - (a + f32(3))) * x * x + f32(1)
+        far = ((a * x - f32(5) * a) * x + f32(8) * a) * x - f32(4) * a
+        return np.where(x < 1, near, np.where(x < 2, far, f32(0))).astype(f32)
+
+    weights = []
+    for j in range(taps):
+        x = (((j + xmin).astype(f32) - center).astype(np.float64) + 0.5) * np.float64(invscale)
+        weights.append(np.where(j < xsize, f(x.astype(f32)), f32(0)))
+    total = np.zeros(size_out, f32)
+    for wt in weights:                                           # summed in order, in float32
+        total = (total + wt).astype(f32)
+    safe = np.where(total != 0, total, f32(1))
+    weights = [np.where(total != 0, wt / safe, wt).astype(f32) for wt in weights]
+    index = [np.minimum(xmin + j, size_in - 1) for j in range(taps)]
+    return index, weights
+
+
+def upscale_latents(latents, size, mode: str = "bilinear", antialias: bool = False):
+    """Resize latents (B, C, h, w) to size = (H, W) as ``torch.nn.functional.interpolate(x, size, mode,
+    antialias=antialias)`` (align_corners=False) computes it: "nearest", "nearest-exact" (exact index rules),
     "bilinear" and "bicubic" (separable, float32 weights from the same source coordinates as torch's, its
     fused multiply-add included; the order of torch's sums is not reproduced, so they agree to float32
     rounding: measured <= 5e-7 bilinear, <= 4e-6 bicubic on N(0, 1) values, tests/test_reproduce.py).
+    antialias=True (bilinear / bicubic, the web UI's "Latent (antialiased)" and "Latent (bicubic
+    antialiased)"): `_antialias_weights`, along the width first, then the height, an axis of unchanged size
+    left as it is, as torch's separable kernel (tests/test_reproduce_passes.py states the agreement).
     On the host; returned on the active backend."""
     import numpy as np
     x = np.asarray(backend.to_numpy(latents))
     (h, w), (H, W) = x.shape[2:], (int(size[0]), int(size[1]))
+    if antialias and mode in ("bilinear", "bicubic"):
+        out, cubic = x, mode == "bicubic"
+        if W != w:
+            cols, col_w = _antialias_weights(w, W, cubic)
+            out = _weighted_sum([out[:, :, :, c] for c in cols], [wt[None, :] for wt in col_w])
+        if H != h:
+            rows, row_w = _antialias_weights(h, H, cubic)
+            out = _weighted_sum([out[:, :, r, :] for r in rows], [wt[:, None] for wt in row_w])
+        return backend.asarray(np.ascontiguousarray(out.astype(x.dtype)))
+    if antialias:
+        raise ValueError(f"upscale_latents: antialias is for bilinear and bicubic, not {mode!r}")
     if mode in ("nearest", "nearest-exact"):
         exact = mode == "nearest-exact"
         out = x[:, :, _nearest_index(h, H, exact)][:, :, :, _nearest_index(w, W, exact)]
@@ -626,6 +691,14 @@ def upscale_latents(latents, size, mode: str = "bilinear"):
         tmp = sum(x[:, :, r, :] * wt.astype(dt)[:, None] for r, wt in zip(rows, row_w))        # (B, C, H, w)
         out = sum(tmp[:, :, :, c] * wt.astype(dt)[None, :] for c, wt in zip(cols, col_w))      # (B, C, H, W)
     return backend.asarray(out.astype(dt))
+
+
+def _weighted_sum(values, weights):
+    """sum_k values[k] * weights[k], accumulated in order in the values' dtype (torch's loop over the taps)."""
+    out = values[0] * weights[0].astype(values[0].dtype)
+    for v, wt in zip(values[1:], weights[1:]):
+        out = out + v * wt.astype(v.dtype)
+    return out
 
 
 def hires_timesteps(scheduler, steps: int, denoise: float):
@@ -660,7 +733,8 @@ def hires_pass(pipe, latents, call: Call, options: NoiseOptions, hires: Hires, s
     f = pipe.vae_scale_factor
     size = (hires.height // f, hires.width // f)
     if hires.upscaler in LATENT_UPSCALERS:
-        x0 = upscale_latents(latents, size, LATENT_UPSCALERS[hires.upscaler])
+        mode, antialias = LATENT_UPSCALERS[hires.upscaler]
+        x0 = upscale_latents(latents, size, mode, antialias=antialias)
     else:
         from PIL import Image
         pixels = pipe.decode_latents(latents)                                      # (B, H, W, 3) uint8
