@@ -153,7 +153,7 @@ def _preview_kwargs(args, pipe) -> dict:
 NOISE_FLAGS = {"rng": "--rng", "sampler_rng": "--sampler-rng", "ensd": "--ensd", "variation_seed": "--variation-seed",
                "variation_strength": "--variation-strength", "seed_resize_from": "--seed-resize-from",
                "hires_scale": "--hires-scale", "hires_steps": "--hires-steps", "hires_denoise": "--hires-denoise",
-               "hires_upscaler": "--hires-upscaler"}
+               "hires_upscaler": "--hires-upscaler", "hires_comfyui": "the ComfyUI second pass (--from-png)"}
 
 
 def add_noise_args(p, hires: bool = True) -> None:
@@ -221,7 +221,8 @@ def noise_kwargs(args) -> dict:
                                                  "variation_strength", "seed_resize_from")))
         if getattr(args, "width", None) is not None and getattr(args, "height", None) is not None:
             common.check_hires(*(kwargs[k] for k in ("hires_scale", "hires_steps", "hires_denoise",
-                                                     "hires_upscaler")), args.height, args.width)
+                                                     "hires_upscaler")), args.height, args.width,
+                               kwargs["hires_comfyui"])
     except ValueError as e:
         raise _flag_message(e) from None
     return {k: v for k, v in kwargs.items() if v is not None}
@@ -320,8 +321,18 @@ def apply_png_settings(args) -> list:
     if source == "comfyui":  # LoRA loader nodes (A1111's <lora:...> tags stay in the prompt for --lora-dir)
         unhonoured += [f"LoRA {entry['name']} (give it with --lora)" for entry in settings.get("loras", [])
                        if not any(os.path.basename(f.split(":")[0]) == entry["name"] for f in args.lora)]
-    if source == "comfyui" and len(settings.get("passes", [])) > 1:
-        unhonoured.append(f"{len(settings['passes']) - 1} further sampler pass(es)")
+    if source == "comfyui":  # a second sampler node: ComfyUI's hires fix or a split schedule (pnginfo.comfyui_passes)
+        second, problems = pnginfo.comfyui_passes(settings)
+        unhonoured += problems
+        for key, value in second.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+    if other.get("Hires schedule") == "ComfyUI" and "hires_resize" in settings:  # refldm's record of one
+        start = other.pop("Hires start", None)
+        args.hires_comfyui = {"seed": int(other.pop("Hires seed", settings.get("seed", 0))),
+                              "size": tuple(settings["hires_resize"]), "start": None if start is None else int(start)}
+        other.pop("Hires schedule")
+        used.add("hires_resize")
     for key in ("Original size", "Target size"):  # refldm's SDXL fields: honoured when they are the image size
         if key in other and other[key] == f"{args.width}x{args.height}":
             other.pop(key)
@@ -382,7 +393,8 @@ def _generate(args, image=None):
                 try:
                     from refldm.pipelines.common import check_hires
                     check_hires(noise["hires_scale"], noise.get("hires_steps"), noise.get("hires_denoise"),
-                                noise.get("hires_upscaler"), args.height or size, args.width or size)
+                                noise.get("hires_upscaler"), args.height or size, args.width or size,
+                                noise.get("hires_comfyui"))
                 except ValueError as e:
                     raise _flag_message(e) from None
                 if refiner is not None:

@@ -433,7 +433,8 @@ def parse_comfyui_prompt(graph) -> dict:
                                      "multiple of 8")
         elif src["class_type"] == "LatentUpscale":
             p["upscale"] = {"method": g.value(src_id, "upscale_method", str), "width": g.value(src_id, "width", int),
-                            "height": g.value(src_id, "height", int)}
+                            "height": g.value(src_id, "height", int),
+                            "crop": g.value(src_id, "crop", str) if "crop" in src["inputs"] else "disabled"}
             p["_upstream"] = str(src["inputs"]["samples"][0]) if _is_link(src["inputs"].get("samples")) else None
         elif src["class_type"] == "LatentUpscaleBy":
             p["upscale"] = {"method": g.value(src_id, "upscale_method", str),
@@ -504,6 +505,96 @@ def parse_comfyui_prompt(graph) -> dict:
     settings["passes"] = [passes[i] for i in order]
     settings["unsupported"] = g.unsupported
     return settings
+
+
+# ComfyUI's latent upscale methods that are the web UI's latent upscalers (torch's interpolate, no antialias)
+COMFYUI_UPSCALERS = {"bilinear": "Latent", "bicubic": "Latent (bicubic)", "nearest-exact": "Latent (nearest-exact)"}
+_SAME = ("prompt", "negative_prompt", "cfg", "sampler_name", "scheduler", "model", "loras", "clip_skip")
+
+
+def _runs_whole_schedule(p: dict) -> bool:
+    """A first pass from pure noise over the whole schedule (KSampler denoise 1, or KSamplerAdvanced 0 .. end)."""
+    if p["class_type"] == "KSampler":
+        return p["denoise"] > 0.9999
+    return p["add_noise"] and p["start_at_step"] == 0 and p["end_at_step"] >= p["steps"]
+
+
+def comfyui_passes(settings: dict) -> tuple:
+    """(pipeline keyword arguments, what cannot be run) for the sampler passes of a ComfyUI graph
+    (`parse_comfyui_prompt`'s "passes"). One pass over the whole schedule: nothing to add. Two passes, the
+    second on the first's latents, resized or not (LatentUpscale / LatentUpscaleBy with bilinear, bicubic or
+    nearest-exact, no crop), with the same prompts, CFG, sampler, scheduler, model, LoRAs and clip skip,
+    map onto the hires pass (`refldm.pipelines.common.hires_pass`, ``hires_comfyui``):
+
+        KSampler (denoise 1) -> [upscale] -> KSampler (denoise d)                 ComfyUI's "hires fix"
+        KSamplerAdvanced (add_noise, 0 .. k, return_with_leftover_noise)
+            -> [upscale] -> KSamplerAdvanced (no add_noise, k .. end, the same steps)   a split schedule
+
+    Anything else is named, one entry per reason ("node 7 (KSampler): another cfg than node 3")."""
+    passes = settings.get("passes", [])
+    if not passes:
+        return {}, []
+    first = passes[0]
+    label = (lambda p: f"node {p['node']} ({p['class_type']})")
+    problems = []
+    if len(passes) == 1:
+        if not _runs_whole_schedule(first):
+            problems.append(_partial(first, label(first)))
+        return {}, [m for m in problems if m]
+    if len(passes) > 2:
+        return {}, [f"{len(passes) - 1} further sampler passes after {label(first)} (refldm runs one more: "
+                    "ComfyUI's hires fix or a split schedule)"]
+    second = passes[1]
+    problems += [f"{label(second)}: another {key} than node {first['node']}" for key in _SAME
+                 if second.get(key) != first.get(key)]
+    width, height = first.get("width"), first.get("height")
+    if width is None or height is None:
+        problems.append(f"{label(first)}: its latent is not an EmptyLatentImage")
+        return {}, problems
+    up = second.get("upscale")
+    size, upscaler = (width, height), "Latent"
+    if up is not None:
+        if up["method"] not in COMFYUI_UPSCALERS:
+            problems.append(f"{label(second)}: latent upscale_method {up['method']!r} (refldm has "
+                            f"{', '.join(COMFYUI_UPSCALERS)})")
+        upscaler = COMFYUI_UPSCALERS.get(up["method"], "Latent")
+        if up.get("crop", "disabled") != "disabled":
+            problems.append(f"{label(second)}: latent upscale crop {up['crop']!r}")
+        if "scale_by" in up:
+            size = (round(width // 8 * up["scale_by"]) * 8, round(height // 8 * up["scale_by"]) * 8)
+        else:
+            size = (up["width"] // 8 * 8, up["height"] // 8 * 8)
+        if min(size) < 8:
+            problems.append(f"{label(second)}: latent upscale to {up.get('width')}x{up.get('height')}")
+    elif not second.get("latent_from", "").endswith(("KSampler", "KSamplerAdvanced")):
+        problems.append(f"{label(second)}: its latent comes from {second.get('latent_from')}")
+    kwargs = {"hires_scale": size[0] / width, "hires_steps": second["steps"], "hires_upscaler": upscaler}
+    comfy = {"seed": second["seed"], "size": size}
+    if first["class_type"] == "KSampler" and second["class_type"] == "KSampler":
+        if not _runs_whole_schedule(first):
+            problems.append(_partial(first, label(first)))
+        kwargs["hires_denoise"] = second["denoise"]
+    elif first["class_type"] == second["class_type"] == "KSamplerAdvanced":
+        k = first["end_at_step"]
+        split = (first["add_noise"] and first["start_at_step"] == 0 and 0 < k < first["steps"]
+                 and first["return_with_leftover_noise"] and not second["add_noise"]
+                 and second["start_at_step"] == k and second["end_at_step"] >= second["steps"] == first["steps"])
+        if not split:
+            problems.append(f"{label(first)} -> {label(second)}: only a split schedule (0 .. k with leftover noise, "
+                            "then k .. end without add_noise, the same steps) runs as two KSamplerAdvanced passes")
+        kwargs["hires_denoise"] = 1.0
+        comfy["start"] = k
+    else:
+        problems.append(f"{label(first)} -> {label(second)}: a KSampler and a KSamplerAdvanced pass together")
+    kwargs["hires_comfyui"] = comfy
+    return kwargs, problems
+
+
+def _partial(p: dict, label: str) -> str:
+    if p["class_type"] == "KSampler":
+        return f"{label}: denoise {p['denoise']:g} on an empty latent"
+    return (f"{label}: add_noise {'enable' if p['add_noise'] else 'disable'}, steps {p['start_at_step']} .. "
+            f"{p['end_at_step']} of {p['steps']} (refldm runs a first pass from pure noise over all steps)")
 
 
 # --------------------------------------------------------------------------------------------------

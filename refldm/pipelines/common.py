@@ -503,7 +503,9 @@ PIXEL_UPSCALERS = {"Lanczos": "LANCZOS", "Nearest": "NEAREST"}
 @dataclass(frozen=True)
 class Hires:
     """A checked hires fix: the scale, the second pass's steps (0: as many as the first), its denoising
-    strength, the upscaler's web-UI name and the final (width, height)."""
+    strength, the upscaler's web-UI name and the final (width, height). comfyui: None (A1111's second pass)
+    or ComfyUI's second sampler node, {"seed": its noise seed, "start": None (a KSampler with denoise) or the
+    step a KSamplerAdvanced pair splits the schedule at} (`hires_pass`)."""
 
     scale: float
     steps: int
@@ -511,20 +513,29 @@ class Hires:
     upscaler: str
     width: int
     height: int
+    comfyui: dict | None = None
 
     def fields(self) -> dict:
-        return {"Hires upscale": self.scale, "Hires steps": self.steps or None, "Hires upscaler": self.upscaler}
+        out = {"Hires upscale": self.scale, "Hires steps": self.steps or None, "Hires upscaler": self.upscaler}
+        if self.comfyui is not None:  # refldm's own fields after A1111's "Hires resize"
+            out.update({"Hires resize": f"{self.width}x{self.height}", "Hires schedule": "ComfyUI",
+                        "Hires seed": self.comfyui["seed"], "Hires start": self.comfyui.get("start")})
+        return out
 
 
-def check_hires(scale, steps, denoise, upscaler, height: int, width: int) -> Hires | None:
+def check_hires(scale, steps, denoise, upscaler, height: int, width: int, comfyui=None) -> Hires | None:
     """The hires keyword arguments, checked (one line each). scale None: no second pass. The final size is
     (int(width * scale), int(height * scale)) as the web UI computes it, and must be multiples of 8 here
-    (the message names the nearest sizes that are)."""
+    (the message names the nearest sizes that are). comfyui: {"seed": s, "size": (W, H) (optional, the
+    final size as ComfyUI's LatentUpscale / LatentUpscaleBy made it), "start": k (optional)}."""
     if scale is None:
-        for name, value in (("hires_steps", steps), ("hires_denoise", denoise), ("hires_upscaler", upscaler)):
+        for name, value in (("hires_steps", steps), ("hires_denoise", denoise), ("hires_upscaler", upscaler),
+                            ("hires_comfyui", comfyui)):
             if value is not None:
                 raise ValueError(f"{name} needs hires_scale (the second pass's upscale factor)")
         return None
+    if comfyui is not None:
+        comfyui = _check_comfyui_pass(comfyui, steps)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 1 <= float(scale) <= 8:
         raise ValueError(f"hires_scale={scale!r} must lie in [1, 8]")
     steps = 0 if steps is None else _integer(steps, "hires_steps", 0)
@@ -536,11 +547,33 @@ def check_hires(scale, steps, denoise, upscaler, height: int, width: int) -> Hir
         names = ", ".join(repr(n) for n in (*LATENT_UPSCALERS, *PIXEL_UPSCALERS))
         raise ValueError(f"hires_upscaler: unknown upscaler {upscaler!r}; choose one of {names}")
     w, h = int(width * float(scale)), int(height * float(scale))
+    if comfyui is not None and comfyui.get("size") is not None:
+        w, h = comfyui["size"]
     if w % 8 or h % 8:
         lo, hi = f"{w // 8 * 8}x{h // 8 * 8}", f"{-(-w // 8) * 8}x{-(-h // 8) * 8}"
         raise ValueError(f"hires_scale={float(scale):g} makes {width}x{height} into {w}x{h}, not multiples of 8; "
                          f"the nearest sizes are {lo} and {hi}")
-    return Hires(float(scale), steps, float(denoise), upscaler, w, h)
+    comfyui = None if comfyui is None else {"seed": comfyui["seed"], "start": comfyui.get("start")}
+    return Hires(float(scale), steps, float(denoise), upscaler, w, h, comfyui)
+
+
+def _check_comfyui_pass(comfyui, steps) -> dict:
+    if not isinstance(comfyui, dict) or "seed" not in comfyui or set(comfyui) - {"seed", "size", "start"}:
+        raise ValueError(f"hires_comfyui must be a dict with seed (and size, start), got {_short(comfyui)}")
+    check_seed(comfyui["seed"], "hires_comfyui seed")
+    out = dict(comfyui)
+    if comfyui.get("size") is not None:
+        size = comfyui["size"]
+        if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) and v >= 8
+                                                                           for v in size)):
+            raise ValueError(f"hires_comfyui size must be (width, height) in pixels, got {_short(size)}")
+        out["size"] = tuple(size)
+    if comfyui.get("start") is not None:
+        start = _integer(comfyui["start"], "hires_comfyui start", 1)
+        if steps and start >= steps:
+            raise ValueError(f"hires_comfyui start {start} must be below the {steps} hires steps")
+        out["start"] = start
+    return out
 
 
 def _source_index(size_in: int, size_out: int, cubic: bool = False):
@@ -745,12 +778,14 @@ def hires_pass(pipe, latents, call: Call, options: NoiseOptions, hires: Hires, s
         with record.scope("vae"):
             x0 = scale_latents(pipe.vae.encode(image).mode(), pipe.vae.config)
     steps = hires.steps or first_steps
+    shape = (latents.shape[0], latents.shape[1]) + size
+    if hires.comfyui is not None:
+        return _comfyui_pass(pipe, x0, shape, hires, sampler, steps, denoise)
     sched = pipe.make_scheduler(sampler)
     sched.set_timesteps(steps)
     pipe.check_schedule(sched, steps, sampler)
     seed_brownian(sched, call.seed)
     timesteps = hires_timesteps(sched, steps, hires.denoise)
-    shape = (latents.shape[0], latents.shape[1]) + size
     if options.webui:  # a fresh ImageNoise at the new size from the same seeds
         eps, generator, _ = start_noise(shape, call.seed, call.generator, options, pipe.dtype.name)
     else:
@@ -760,6 +795,50 @@ def hires_pass(pipe, latents, call: Call, options: NoiseOptions, hires: Hires, s
     t0 = np.repeat(np.asarray(backend.to_numpy(timesteps))[:1], shape[0])
     x = sched.add_noise(backend.asarray(x0, dtype=pipe.dtype.name), eps, t0)
     return denoise(x, sched, timesteps, generator)
+
+
+def comfyui_schedule(steps: int, denoise: float, start=None):
+    """(the schedule's length, the step the pass begins at) of a ComfyUI sampler node (``comfy/samplers.py``
+    ``KSampler.set_steps``): a KSampler with denoise d < 1 (d <= 0.9999) runs the last `steps` steps of an
+    int(steps / d)-step schedule; a KSamplerAdvanced runs steps start .. of a `steps`-step schedule."""
+    if start is not None:
+        return steps, int(start)
+    total = steps if denoise > 0.9999 else int(steps / denoise)
+    return total, total - steps
+
+
+def first_pass_timesteps(timesteps, hires, order: int = 1):
+    """The timesteps of the first pass: all of them, or up to a ComfyUI KSamplerAdvanced pair's split step
+    (the first node's end_at_step with return_with_leftover_noise; `hires_pass` runs the rest)."""
+    start = None if hires is None or hires.comfyui is None else hires.comfyui.get("start")
+    return timesteps if start is None else timesteps[:start * order]
+
+
+def _comfyui_pass(pipe, x0, shape, hires: Hires, sampler, steps: int, denoise):
+    """ComfyUI's second sampler node on the (upscaled) latents x0 (``nodes.py`` ``common_ksampler``):
+
+        KSampler, denoise d:   the last `steps` of an int(steps / d)-step schedule (`comfyui_schedule`),
+                               x = add_noise(x0, eps, t_0), eps = randn(shape) from a fresh CPU generator
+                               seeded with the node's seed (``comfy/sample.py`` ``prepare_noise``, whole batch)
+        KSamplerAdvanced pair: steps start .. of the same `steps` schedule, add_noise disabled: x = x0
+
+    and the sampler's own noise from another fresh CPU generator of that seed (``default_noise_sampler``)."""
+    from refldm.core.random import Generator
+    seed, start = hires.comfyui["seed"], hires.comfyui.get("start")
+    total, begin = comfyui_schedule(steps, hires.denoise, start)
+    sched = pipe.make_scheduler(sampler)
+    sched.set_timesteps(total)
+    pipe.check_schedule(sched, total, sampler)
+    seed_brownian(sched, seed)
+    timesteps = sched.timesteps[begin * sched.order:] if begin else sched.timesteps
+    if hasattr(sched, "set_begin_index"):
+        sched.set_begin_index(begin * sched.order)
+    x = backend.asarray(x0, dtype=pipe.dtype.name)
+    if start is None:
+        import numpy as np
+        eps = backend.asarray(Generator(seed).randn(shape, dtype="float32"), dtype=pipe.dtype.name)
+        x = sched.add_noise(x, eps, np.repeat(np.asarray(backend.to_numpy(timesteps))[:1], shape[0]))
+    return denoise(x, sched, timesteps, Generator(seed))
 
 
 def nan_guard(n_steps: int):

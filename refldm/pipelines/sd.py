@@ -188,7 +188,7 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
                  preview_dir=None, preview: str = "linear", rng: str | None = None, sampler_rng: str | None = None,
                  ensd: int | None = None, variation_seed: int | None = None, variation_strength: float | None = None,
                  seed_resize_from=None, hires_scale: float | None = None, hires_steps: int | None = None,
-                 hires_denoise: float | None = None, hires_upscaler: str | None = None
+                 hires_denoise: float | None = None, hires_upscaler: str | None = None, hires_comfyui=None
                  ) -> StableDiffusionPipelineOutput:
         """Generate images. See the module docstring for the loop; diffusers' argument names and defaults.
 
@@ -219,7 +219,9 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
         seed + i (img2img: the noise added to the image, as A1111's img2img); sampler_rng: the sampler's noise
         from its own generator. None of them: diffusers' noise.
         hires_scale (+ hires_steps, hires_denoise=0.7, hires_upscaler="Latent"): A1111's hires fix, a second
-        pass at the scaled size (`refldm.pipelines.common.hires_pass`).
+        pass at the scaled size (`refldm.pipelines.common.hires_pass`); hires_comfyui={"seed": s, "size": (W, H),
+        "start": k}: that pass as ComfyUI's second sampler node runs it (KSampler with denoise, or from step k of
+        a KSamplerAdvanced pair, the first pass then stopping at k; `refldm.pipelines.common._comfyui_pass`).
         """
         timings = {}
         size = None if image is not None else (self.default_size if height is None else height,
@@ -234,7 +236,8 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
             check_preview(preview_every, call.steps, preview_dir, preview)
         noise = common.check_noise(rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from)
         hires = None if image is not None else common.check_hires(hires_scale, hires_steps, hires_denoise,
-                                                                   hires_upscaler, call.height, call.width)
+                                                                   hires_upscaler, call.height, call.width,
+                                                                   hires_comfyui)
         if image is not None and hires_scale is not None:
             raise ValueError("hires_scale is for text-to-image; not with image=")
         if noise_dtype not in (None, "float16", "float32", "float64"):
@@ -311,7 +314,7 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
                           timesteps, guidance_scale=guidance_scale if do_cfg else None, generator=generator,
                           callback=after_step, progress=progress)
 
-        latents = denoise(latents, sched, timesteps, generator)
+        latents = denoise(latents, sched, common.first_pass_timesteps(timesteps, hires, sched.order), generator)
         if hires is not None:  # A1111's hires fix: upscale, re-noise to hires.denoise, a second pass
             latents = common.hires_pass(self, latents, call, noise, hires, sampler, steps, generator, denoise)
         timings["denoise"] = time.perf_counter() - start

@@ -341,7 +341,7 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
                  callback_on_step_end_tensor_inputs=None, rng: str | None = None, sampler_rng: str | None = None,
                  ensd: int | None = None, variation_seed: int | None = None, variation_strength: float | None = None,
                  seed_resize_from=None, hires_scale: float | None = None, hires_steps: int | None = None,
-                 hires_denoise: float | None = None, hires_upscaler: str | None = None
+                 hires_denoise: float | None = None, hires_upscaler: str | None = None, hires_comfyui=None
                  ) -> StableDiffusionPipelineOutput:
         """Text to image with diffusers' SDXL arguments and defaults (guidance 5.0, 1024x1024 for SDXL).
 
@@ -355,7 +355,7 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
         step callback ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids", and the step's
         predictions; `refldm.pipelines.common.StepEnd`).
         rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from: the web UIs' noise, and
-        hires_scale, hires_steps, hires_denoise, hires_upscaler: A1111's hires fix, as in
+        hires_scale, hires_steps, hires_denoise, hires_upscaler, hires_comfyui: A1111's hires fix, as in
         `StableDiffusionPipeline`; the second pass's time ids use the final size as original and target size.
         """
         common.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, SDXL_CALLBACK_INPUTS)
@@ -368,7 +368,8 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
         prompts_2, negatives_2 = call.texts["prompt_2"], call.texts["negative_prompt_2"]
         batch, height, width = call.batch, call.height, call.width
         noise = common.check_noise(rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from)
-        hires = common.check_hires(hires_scale, hires_steps, hires_denoise, hires_upscaler, height, width)
+        hires = common.check_hires(hires_scale, hires_steps, hires_denoise, hires_upscaler, height, width,
+                                   hires_comfyui)
         if hires is not None and end is not None:
             raise ValueError("hires_scale and denoising_end: choose one (a hires pass finishes the image)")
         timings = {}
@@ -397,7 +398,8 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
 
         # 3. the loop (and the hires pass), 4. the decode
         start = time.perf_counter()
-        latents = self._denoise(latents, sched, sched.timesteps, context, text_embeds, time_ids, guidance_scale,
+        first = common.first_pass_timesteps(sched.timesteps, hires, sched.order)
+        latents = self._denoise(latents, sched, first, context, text_embeds, time_ids, guidance_scale,
                                 guidance_rescale, do_cfg, generator, callback, progress, end,
                                 callback_on_step_end, callback_on_step_end_tensor_inputs)
         made = self._record(call, sampler, original, crop, target)
