@@ -309,25 +309,29 @@ def apply_png_settings(args) -> list:
     if "Sampler RNG" in other and args.sampler_rng is None:
         args.sampler_rng = other.pop("Sampler RNG")
     other.pop("Sampler RNG", None)
-    take("hires_upscale", "hires_scale")
-    take("hires_steps", "hires_steps", lambda v: v or None)
-    take("hires_upscaler", "hires_upscaler")
-    if "hires_upscale" in settings:
-        take("denoising_strength", "hires_denoise")
-    elif hasattr(args, "strength"):  # img2img: the image's Denoising strength
+    image_mode = hasattr(args, "strength")  # img2img: no hires fix; Denoising strength is --strength
+    if not image_mode:
+        take("hires_upscale", "hires_scale")
+        take("hires_steps", "hires_steps", lambda v: v or None)
+        take("hires_upscaler", "hires_upscaler")
+    if image_mode:
         take("denoising_strength", "strength")
+    elif "hires_upscale" in settings:
+        take("denoising_strength", "hires_denoise")
     elif source == "comfyui" and settings.get("denoising_strength") == 1.0:
         used.add("denoising_strength")
     if source == "comfyui":  # LoRA loader nodes (A1111's <lora:...> tags stay in the prompt for --lora-dir)
         unhonoured += [f"LoRA {entry['name']} (give it with --lora)" for entry in settings.get("loras", [])
                        if not any(os.path.basename(f.split(":")[0]) == entry["name"] for f in args.lora)]
-    if source == "comfyui":  # a second sampler node: ComfyUI's hires fix or a split schedule (pnginfo.comfyui_passes)
+    if source == "comfyui" and image_mode and len(settings.get("passes", [])) > 1:
+        unhonoured.append(f"{len(settings['passes']) - 1} further sampler pass(es)")
+    elif source == "comfyui" and not image_mode:  # a second sampler node: hires fix or split (pnginfo.comfyui_passes)
         second, problems = pnginfo.comfyui_passes(settings)
         unhonoured += problems
         for key, value in second.items():
             if getattr(args, key, None) is None:
                 setattr(args, key, value)
-    if other.get("Hires schedule") == "ComfyUI" and "hires_resize" in settings:  # refldm's record of one
+    if other.get("Hires schedule") == "ComfyUI" and "hires_resize" in settings and not image_mode:  # refldm's
         start = other.pop("Hires start", None)
         args.hires_comfyui = {"seed": int(other.pop("Hires seed", settings.get("seed", 0))),
                               "size": tuple(settings["hires_resize"]), "start": None if start is None else int(start)}
