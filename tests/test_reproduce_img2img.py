@@ -75,7 +75,8 @@ def test_img2img_adds_the_web_uis_noise_to_the_image(pipe, image):
     assert np.max(np.abs(x_web - x_plain)) > 0.1
     texts = [fields(t) for t in out.parameters]
     assert [t["seed"] for t in texts] == [8, 8] and [t["variation_seed"] for t in texts] == [3, 4]
-    assert texts[0]["rng"] == "NV" and texts[0]["seed_resize_from"] == [48, 56] and texts[0]["denoising_strength"] == 0.5
+    assert texts[0]["rng"] == "NV" and texts[0]["seed_resize_from"] == [48, 56]
+    assert texts[0]["denoising_strength"] == 0.5
 
 
 def test_img2img_batch_is_seed_plus_i_and_ensd_changes_only_the_samplers_noise(pipe, image):
@@ -90,7 +91,7 @@ def test_img2img_batch_is_seed_plus_i_and_ensd_changes_only_the_samplers_noise(p
            for kw in ({}, {"ensd": 7}, {"sampler_rng": "cuda"})]
     assert not np.array_equal(anc[0], anc[1]) and not np.array_equal(anc[0], anc[2])
     plain = pipe("a blue square", seed=4, sampler="DDIM", **run).latents
-    assert not np.array_equal(plain, ddim[0])                  # A1111's noise: a fresh generator, not diffusers' 2nd draw
+    assert not np.array_equal(plain, ddim[0])  # A1111's noise: a fresh generator's draw, not diffusers' second
 
 
 def test_inpaint_starts_from_the_web_uis_noise(pipe, image):
@@ -121,7 +122,8 @@ def cli(capsys, *argv):
 
 
 @pytest.mark.parametrize("noise, other", [
-    (("--rng", "cuda", "--ensd", "5", "--variation-seed", "2", "--variation-strength", "0.3"), ("--sampler", "Euler a")),
+    (("--rng", "cuda", "--ensd", "5", "--variation-seed", "2", "--variation-strength", "0.3"),
+     ("--sampler", "Euler a")),
     (("--seed-resize-from", "48x40", "--sampler-rng", "cuda"), ("--sampler", "DPM++ SDE Karras", "--strength", "0.7")),
 ])
 def test_img2img_from_png_gives_the_same_bytes(tmp_path, capsys, image, noise, other):

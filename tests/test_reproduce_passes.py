@@ -12,6 +12,16 @@ from hypothesis import strategies as st
 from refldm.pipelines import common
 from tests.conftest import require
 
+PROMPT = "a red circle"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from refldm.about import DEFAULT_MODEL
+    from refldm.pipelines.sd import StableDiffusionPipeline
+    return StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL)
+
+
 # -- antialiased latent upscale --------------------------------------------------------------------------------
 
 # measured max |refldm - torch| on N(0, 1) values over 400 random sizes 1..39 -> 2..79: bilinear 4.8e-7,
@@ -27,7 +37,8 @@ def test_antialiased_upscale_matches_torch(h, w, big_h, big_w, mode):
     the output width is 1, a quirk of its own)."""
     torch = require("torch")
     x = np.random.default_rng(h * 41 + w).standard_normal((2, 3, h, w)).astype(np.float32)
-    want = torch.nn.functional.interpolate(torch.from_numpy(x), size=(big_h, big_w), mode=mode, antialias=True).numpy()
+    want = torch.nn.functional.interpolate(torch.from_numpy(x), size=(big_h, big_w), mode=mode,
+                                           antialias=True).numpy()
     got = np.asarray(common.upscale_latents(x, (big_h, big_w), mode, antialias=True))
     assert got.shape == want.shape and np.max(np.abs(got - want)) <= TOLERANCE[mode]
 
@@ -40,7 +51,8 @@ def test_antialias_fixed_factors_and_the_upscaling_identity(size, big):
     x = np.random.default_rng(3).standard_normal((1, 4) + size).astype(np.float32)
     for mode in ("bilinear", "bicubic"):
         want = torch.nn.functional.interpolate(torch.from_numpy(x), size=big, mode=mode, antialias=True).numpy()
-        assert np.max(np.abs(np.asarray(common.upscale_latents(x, big, mode, antialias=True)) - want)) <= TOLERANCE[mode]
+        got = np.asarray(common.upscale_latents(x, big, mode, antialias=True))
+        assert np.max(np.abs(got - want)) <= TOLERANCE[mode]
     if big[0] >= size[0] and big[1] >= size[1]:
         aa = np.asarray(common.upscale_latents(x, big, "bilinear", antialias=True))
         assert np.max(np.abs(aa - np.asarray(common.upscale_latents(x, big, "bilinear")))) <= 2e-6
@@ -64,17 +76,18 @@ def test_antialias_weights_sum_to_one_and_average_on_downscale():
         common.upscale_latents(flat, (5, 5), "area", antialias=True)
 
 
+def test_hires_fix_with_the_antialiased_upscalers(pipe):
+    """Upscaling: "Latent (antialiased)" is "Latent" to float32 rounding; the bicubic one is its own image."""
+    run = dict(num_inference_steps=2, seed=3, height=64, width=64, progress=False, hires_scale=1.5)
+    lat = {name: np.asarray(pipe(PROMPT, hires_upscaler=name, output_type="latent", **run).latents)
+           for name in ("Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)")}
+    assert np.max(np.abs(lat["Latent"] - lat["Latent (antialiased)"])) < 1e-4
+    assert np.max(np.abs(lat["Latent (bicubic)"] - lat["Latent (bicubic antialiased)"])) > 1e-3
+    text = pipe(PROMPT, hires_upscaler="Latent (bicubic antialiased)", **run).parameters[0]
+    assert "Hires upscaler: Latent (bicubic antialiased)" in text
+
+
 # -- ComfyUI graphs with several sampler passes -------------------------------------------------------------------
-
-PROMPT = "a red circle"
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    from refldm.about import DEFAULT_MODEL
-    from refldm.pipelines.sd import StableDiffusionPipeline
-    return StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL)
-
 
 def sampler_node(seed, steps, latent, advanced=None, denoise=1.0, cfg=3.0, sampler="euler"):
     inputs = {"steps": steps, "cfg": cfg, "sampler_name": sampler, "scheduler": "normal", "model": ["4", 0],
@@ -130,7 +143,8 @@ def test_comfyui_passes_map_onto_the_hires_pass():
                 ("LatentUpscale", {"upscale_method": "area", "width": 100, "height": 64, "crop": "center"}))
     _, problems = pnginfo.comfyui_passes(pnginfo.parse_comfyui_prompt(bad))
     assert problems == ["node 11 (KSampler): another cfg than node 3",
-                        "node 11 (KSampler): latent upscale_method 'area' (refldm has bilinear, bicubic, nearest-exact)",
+                        "node 11 (KSampler): latent upscale_method 'area' (refldm has bilinear, bicubic, "
+                        "nearest-exact)",
                         "node 11 (KSampler): latent upscale crop 'center'"]
     alone = graph(sampler_node(5, 4, ["5", 0], advanced=(True, 1, 4, False)))
     assert pnginfo.comfyui_passes(pnginfo.parse_comfyui_prompt(alone))[1] == [
@@ -203,4 +217,5 @@ def test_comfyui_graph_that_cannot_run_is_named_in_one_line(tmp_path, capsys):
     rc, _, err = cli(capsys, "txt2img", "--from-png", save_graph(tmp_path / "c.png", three), "-q",
                      "-o", tmp_path / "o.png")
     lines = [line for line in err.splitlines() if "warning" in line]
-    assert rc == 0 and len(lines) == 1 and "cannot honour 2 further sampler passes after node 3 (KSampler)" in lines[0]
+    assert rc == 0 and len(lines) == 1
+    assert "cannot honour 2 further sampler passes after node 3 (KSampler)" in lines[0]
