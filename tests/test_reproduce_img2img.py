@@ -199,3 +199,30 @@ def test_flux_noise_options_txt2img_and_img2img(tmp_path):
     a = i2i(PROMPT, image=out.images[0], seed=6, strength=0.7, **run)
     b = i2i(PROMPT, image=out.images[0], seed=6, strength=0.7, **run, **WEB)
     assert not np.array_equal(a.latents, b.latents) and fields(b.parameters[0])["seed_resize_from"] == [48, 56]
+
+
+def test_sdxl_img2img_noise_options_and_the_comfyui_split(tmp_path):
+    from refldm.core.images import scale_latents
+    from refldm.models.vae import encode_upcast
+    from refldm.pipelines.sdxl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from tests.test_sdxl_pipeline import build_tiny_sdxl
+    folder = build_tiny_sdxl(tmp_path / "base", seed=0)
+    base = StableDiffusionXLPipeline.from_pretrained(folder)
+    run = dict(num_inference_steps=4, progress=False, sampler="Euler", seed=5)
+    whole = base(PROMPT, height=32, width=32, output_type="latent", **run).latents
+    split = base(PROMPT, height=32, width=32, output_type="latent", hires_scale=1, hires_denoise=1.0,
+                 hires_comfyui={"seed": 5, "start": 2}, **run).latents
+    assert np.array_equal(whole, split)  # Euler keeps no state: 0..2 then 2..4 is the whole schedule
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(folder)
+    image = base(PROMPT, height=32, width=32, **run).images[0]
+    x, out = start_and_output(pipe, PROMPT, image=image, strength=0.5, sampler="DDIM", seed=5,
+                              num_inference_steps=4, progress=False, **WEB)
+    z = scale_latents(encode_upcast(pipe.vae, pipe.preprocess_image(image)).mode(), pipe.vae.config)
+    sched = pipe.make_scheduler("DDIM")
+    sched.set_timesteps(4)
+    t0 = np.asarray(img2img_timesteps(sched, 4, 0.5)[0])[:1]
+    want = np.asarray(sched.add_noise(z, web_eps(5, 1, (4, 8, 8)), t0))
+    assert np.max(np.abs(x - want)) <= 1e-6
+    assert fields(out.parameters[0])["variation_seed"] == 3
+    with pytest.raises(ValueError, match="not with denoising_start"):
+        pipe(PROMPT, image=whole, denoising_start=0.5, seed=5, rng="cuda", progress=False)
