@@ -33,7 +33,7 @@ from refldm.models.controlnet import check_scale
 from refldm.models.t2i_adapter import MultiAdapter, T2IAdapter, check_adapter_compatible
 
 __all__ = ["StableDiffusionAdapterPipeline", "StableDiffusionXLAdapterPipeline", "AdaptedUNet",
-           "prepare_adapter_image", "adapter_features"]
+           "prepare_adapter_image", "adapter_features", "with_control"]
 
 
 def prepare_adapter_image(image, height: int, width: int, channels: int, dtype: str, index: int = 0):
@@ -209,3 +209,37 @@ class StableDiffusionXLAdapterPipeline(StableDiffusionAdapterPipeline):
 
     _base_class = "StableDiffusionXLPipeline"
     default_guidance = 5.0
+
+
+def with_control(pipe, controlnets=(), adapters=(), images=(), scales=None, *, height: int, width: int,
+                 steps: int, guidance_scale: float):
+    """A shallow copy of `pipe` (an SD 1.x / 2.x or SDXL pipeline, for one image per call) whose U-Net adds,
+    at every step, the ControlNets' residuals (`refldm.pipelines.controlnet.ControlledUNet`) and the
+    T2I-Adapters' features (`AdaptedUNet`); both kinds at once is allowed, the U-Net takes the two inputs apart.
+    images: one per model, the ControlNets' first, in order; scales: one per model (default 1.0). Control
+    images of another size are resized to height x width with a warning. The CLI's --controlnet / --t2i-adapter."""
+    from refldm.pipelines.controlnet import ControlArguments, ControlledUNet, _nets
+    controlnets, adapters, images = list(controlnets), list(adapters), list(images)
+    n_models = len(controlnets) + len(adapters)
+    scales = [1.0] * n_models if scales is None else list(scales)
+    if len(images) != n_models or len(scales) != n_models:
+        raise ValueError(f"{len(images)} control images and {len(scales)} scales for {n_models} models "
+                         "(ControlNets and T2I-Adapters): give one of each per model")
+    for s in scales:
+        check_scale(s, "control scale")
+    unet = pipe.unet
+    if adapters:
+        adapter = adapters[0] if len(adapters) == 1 else MultiAdapter(adapters)
+        _check_adapter(adapter, pipe.unet, pipe.vae_scale_factor)
+        features = adapter_features(adapter, images[len(controlnets):], height, width, scales[len(controlnets):])
+        unet = AdaptedUNet(unet, features, int(steps))
+    if controlnets:
+        controlnet, nets = _nets(controlnets if len(controlnets) > 1 else controlnets[0], pipe.unet,
+                                 pipe.vae_scale_factor)
+        args = ControlArguments(nets, images[:len(controlnets)], scales[:len(controlnets)], 0.0, 1.0)
+        do_cfg = guidance_scale > 1.0
+        controls = args.tensors(height, width, 2 if do_cfg else 1, pipe.dtype.name, backend.xp())
+        unet = ControlledUNet(unet, controlnet, controls, args, int(steps), False, do_cfg)
+    out = copy.copy(pipe)
+    out.unet = unet
+    return out
