@@ -190,3 +190,35 @@ def test_bad_configs_and_images_are_one_line_naming_them(tmp_path):
     model.load_state_dict({k: np.zeros(v.shape) for k, _, _, v in model.params()})
     with pytest.raises(ValueError, match=r"multiples of downscale_factor 8, got \(1, 3, 12, 16\)"):
         model(np.zeros((1, 3, 12, 16), np.float32))
+
+
+def _random_model(model, seed):
+    """Every weight drawn with NumPy (no torch): N(0, 1/fan_in) for matrices, small values for vectors."""
+    rng = np.random.default_rng(seed)
+    state = {k: (rng.standard_normal(v.shape) / np.sqrt(np.prod(v.shape[1:])) if len(v.shape) > 1
+                 else 1.0 + 0.1 * rng.standard_normal(v.shape)) for k, _, _, v in model.params()}
+    return model, state
+
+
+def test_adapter_and_unet_with_features_run_on_every_backend(on_backend):
+    """The same features and U-Net output on NumPy, the fake device (catches host/device mixing) and CuPy;
+    odd sizes, so the ceil-mode pooling's partial windows run too."""
+    from tests.test_controlnet import _unet_config
+    cfg = dict(_unet_config(SD1_TINY))
+    cfg.pop("sample_size")
+    image = np.random.default_rng(1).uniform(0, 1, (1, 3, 8 * 5, 8 * 3))
+    case = _unet_case(SD1_TINY, np.random.default_rng(2), batch=1, h=5, w=3)
+    results = []
+    for name in ("numpy", on_backend):
+        with backend.use(name):
+            adapter, a_state = _random_model(T2IAdapter.from_config(SD1_ADAPTER), 3)
+            unet, u_state = _random_model(UNet2DConditionModel.from_config(cfg), 4)
+            adapter.load_state_dict(a_state, dtype="float32")
+            unet.load_state_dict(u_state, dtype="float32")
+            A = lambda a: backend.asarray(a, "float32")
+            feats = adapter(A(image))
+            assert [tuple(f.shape) for f in feats] == [(1, 8, 5, 3), (1, 16, 3, 2)]
+            out = unet(A(case["sample"]), A(case["t"]), A(case["context"]), down_intrablock_additional_residuals=feats)
+            results.append([backend.to_numpy(f) for f in feats] + [backend.to_numpy(out)])
+    for a, b in zip(*results):
+        assert rel_err(a, b) <= TOL32
