@@ -32,7 +32,6 @@ Key names are diffusers' (``adapter.conv_in.weight``, ``adapter.body.1.in_conv.w
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy

@@ -86,8 +86,10 @@ def adapter_features(adapter, images, height: int, width: int, scales) -> list:
 
 
 class AdaptedUNet:
-    """The U-Net with the adapter's features added while the call count is below `active_calls` (the first
-    int(n * factor) steps: one U-Net call per step, the batch [uncond; cond] with guidance).
+    """The U-Net with the adapter's features added while the call count is below `active_calls` (None: at
+    every call). The pipelines pass int(n * factor) for a factor below 1: the first steps, counted as diffusers
+    counts them, one per U-Net call (the batch [uncond; cond] is one call; a second-order sampler's
+    timesteps list holds its extra evaluations, as diffusers' does).
     ``adapted(x, t, context, **kwargs)`` passes everything else through; `config` and `dtype` are the U-Net's,
     and any other attribute is looked up on it."""
 
@@ -101,7 +103,7 @@ class AdaptedUNet:
 
     def __call__(self, x, t, context, **kwargs):
         i, self.calls = self.calls, self.calls + 1
-        if i < self.active_calls:
+        if self.active_calls is None or i < self.active_calls:
             xp = backend.array_namespace(x)
             b = x.shape[0]
             kwargs["down_intrablock_additional_residuals"] = [
@@ -134,12 +136,16 @@ def _check_adapter(adapter, unet, vae_scale_factor: int):
 class StableDiffusionAdapterPipeline:
     """Stable Diffusion 1.x / 2.x steered by one or several T2I-Adapters (module docstring)."""
 
-    _base_class = "StableDiffusionPipeline"
     default_guidance = 7.5
 
+    @staticmethod
+    def _base_class():
+        from refldm.pipelines.sd import StableDiffusionPipeline
+        return StableDiffusionPipeline
+
     def __init__(self, base, adapter):
-        if not _is_base(base, self._base_class):
-            raise ValueError(f"{type(self).__name__} needs a {self._base_class}, got {type(base).__name__}")
+        if not isinstance(base, self._base_class()):
+            raise ValueError(f"{type(self).__name__} needs a {self._base_class().__name__}, got {type(base).__name__}")
         self.base = base
         self.adapter = _load(adapter, base.dtype.name)
         _check_adapter(self.adapter, base.unet, base.vae_scale_factor)
@@ -147,10 +153,7 @@ class StableDiffusionAdapterPipeline:
     @classmethod
     def from_pretrained(cls, folder, adapter, dtype="float32"):
         """A model folder and `adapter`: a T2IAdapter, an adapter folder, or a list of them."""
-        import importlib
-        module = importlib.import_module("refldm.pipelines.sdxl" if "XL" in cls._base_class else "refldm.pipelines.sd")
-        base = getattr(module, cls._base_class).from_pretrained(folder, dtype=dtype)
-        return cls(base, _load(adapter, dtype))
+        return cls(cls._base_class().from_pretrained(folder, dtype=dtype), _load(adapter, dtype))
 
     def _size(self, image, height, width):
         """(height, width): as given, or the (first) image's size floored to the unshuffle factor (diffusers'
@@ -180,8 +183,6 @@ class StableDiffusionAdapterPipeline:
             if kwargs.get(key) is not None:
                 raise ValueError(f"{key}: not with a T2I-Adapter here (its features are made for one latent size, "
                                  "the text-to-image one)")
-        if "image" in kwargs:  # pragma: no cover - a Python error before this
-            raise ValueError("image: the control image")
         guidance_scale = self.default_guidance if guidance_scale is None else guidance_scale
         factor = adapter_conditioning_factor
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) \
@@ -194,21 +195,21 @@ class StableDiffusionAdapterPipeline:
         from refldm.pipelines.common import check_steps
         steps = check_steps(num_inference_steps)
         pipe = copy.copy(self.base)                     # the same parts; its own U-Net wrapper for this call
-        pipe.unet = AdaptedUNet(self.base.unet, features, int(steps * factor))
+        pipe.unet = AdaptedUNet(self.base.unet, features, None if factor >= 1 else int(steps * factor))
         return pipe(prompt, negative_prompt=negative_prompt, height=height, width=width, num_inference_steps=steps,
                     guidance_scale=guidance_scale, **kwargs)
-
-
-def _is_base(base, name: str) -> bool:
-    return any(c.__name__ == name for c in type(base).__mro__)
 
 
 class StableDiffusionXLAdapterPipeline(StableDiffusionAdapterPipeline):
     """SDXL steered by one or several SDXL T2I-Adapters (``full_adapter_xl``); guidance 5.0 by default, the
     rest of the SDXL pipeline's arguments (prompt_2, original_size, ...) passed through."""
 
-    _base_class = "StableDiffusionXLPipeline"
     default_guidance = 5.0
+
+    @staticmethod
+    def _base_class():
+        from refldm.pipelines.sdxl import StableDiffusionXLPipeline
+        return StableDiffusionXLPipeline
 
 
 def with_control(pipe, controlnets=(), adapters=(), images=(), scales=None, *, height: int, width: int,
@@ -232,7 +233,7 @@ def with_control(pipe, controlnets=(), adapters=(), images=(), scales=None, *, h
         adapter = adapters[0] if len(adapters) == 1 else MultiAdapter(adapters)
         _check_adapter(adapter, pipe.unet, pipe.vae_scale_factor)
         features = adapter_features(adapter, images[len(controlnets):], height, width, scales[len(controlnets):])
-        unet = AdaptedUNet(unet, features, int(steps))
+        unet = AdaptedUNet(unet, features, None)
     if controlnets:
         controlnet, nets = _nets(controlnets if len(controlnets) > 1 else controlnets[0], pipe.unet,
                                  pipe.vae_scale_factor)
