@@ -135,3 +135,27 @@ def test_control_image_of_another_size_is_resized_with_a_warning(models, tmp_pat
     assert "warning: adapter image 0 is 80x48; resized to 64x64" in err
     info = json.loads(json.dumps(parse_parameters(Image.open(tmp_path / "x.png").info["parameters"])["other"]))
     assert list(info) == ["ControlNet 0"]
+
+
+def test_webui_units_parse_as_the_extension_writes_them_and_png_info_shows_them(tmp_path, capsys):
+    """A unit as sd-webui-controlnet writes it (its sliders included), in an A1111 text; png-info parses it."""
+    from refldm.cli.common import save_png
+    unit = ("Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 1, Resize Mode: Crop and Resize, "
+            "Low Vram: False, Processor Res: 512, Threshold A: 100, Threshold B: 200, Guidance Start: 0.0, "
+            "Guidance End: 1.0, Pixel Perfect: False, Control Mode: Balanced, Hr Option: Both, "
+            "Save Detected Map: True")
+    text = (f'a house\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, '
+            f'ControlNet 0: {json.dumps(unit)}, Version: v1.9.4')
+    settings = parse_parameters(text)
+    (name, raw), = control_units(settings["other"])
+    u = parse_control_unit(raw, name)
+    assert (u["module"], u["model_name"], u["model_hash"], u["weight"], u["threshold_b"], u["hr_option"]) == \
+        ("canny", "control_v11p_sd15_canny", "d14c016b", 1, 200, "Both")
+    with pytest.raises(ValueError, match="ControlNet 1: 'starting/ending' is not 'Name: value'"):
+        parse_control_unit("preprocessor: canny, starting/ending", "ControlNet 1")
+    path = tmp_path / "a.png"
+    save_png(Image.new("RGB", (8, 8)), path, text)
+    assert main(["png-info", str(path)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["controlnet"][0]["model"] == "control_v11p_sd15_canny [d14c016b]"
+    assert shown["controlnet"][0]["field"] == "ControlNet 0"
