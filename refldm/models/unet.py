@@ -688,8 +688,8 @@ class UNet2DConditionModel(PretrainedModel):
         skips = [x]
         adapter = _adapter_residuals(down_intrablock_additional_residuals, len(self.down_blocks))
         for k, block in enumerate(self.down_blocks):
-            extra = {"additional_residual": adapter[k]} if k < len(adapter) else {}  # T2I-Adapter: h_k + F_k
-            x, res = block(x, emb, context, **extra)                        # (B, C_i, H/2^i, W/2^i)
+            feature = adapter[k] if k < len(adapter) else None              # T2I-Adapter: h_k + F_k inside
+            x, res = block(x, emb, context, feature)                        # (B, C_i, H/2^i, W/2^i)
             skips.extend(res)
         control = _control_residuals(skips, down_block_additional_residuals, mid_block_additional_residual)
         if control:                                                         # ControlNet: skip_k + r_k
@@ -737,7 +737,7 @@ def add_feature(x, feature, block):
 
 def _adapter_residuals(features, n_blocks: int) -> list:
     """A T2I-Adapter's features: one per down block, or one more for the mid block (SDXL's). The shapes are
-    checked where each enters (`_check_adapter_shape`)."""
+    checked where each enters (`add_feature`)."""
     if features is None:
         return []
     features = list(features)
