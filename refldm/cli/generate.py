@@ -63,6 +63,7 @@ def register(subparsers) -> None:
                    help="SDXL: the fraction of the schedule the base runs (with --refiner; default 0.8)")
     add_preview_args(p)
     add_noise_args(p)
+    _add_control_arguments(p)  # --controlnet, --t2i-adapter, --control-image, --control-scale
     p.add_argument("--from-png", metavar="IMAGE", default=None,
                    help="generate with the settings an image carries (A1111 / Forge / refldm parameters, ComfyUI "
                         "graph; `refldm png-info` shows them); flags given as well override them")
@@ -306,6 +307,7 @@ def apply_png_settings(args) -> list:
     take("variation_seed_strength", "variation_strength")
     take("seed_resize_from", "seed_resize_from", tuple)
     other = dict(settings.get("other", {}))
+    unhonoured += _png_control(args, other)  # the web UI's "ControlNet <i>" units (popped from other)
     if "Sampler RNG" in other and args.sampler_rng is None:
         args.sampler_rng = other.pop("Sampler RNG")
     other.pop("Sampler RNG", None)
@@ -350,6 +352,140 @@ def apply_png_settings(args) -> list:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# --controlnet / --t2i-adapter (refldm/pipelines/controlnet.py, refldm/pipelines/t2i_adapter.py; docs/control.md)
+
+
+def _add_control_arguments(p) -> None:
+    g = p.add_argument_group("control: ControlNets and T2I-Adapters (docs/control.md)")
+    g.add_argument("--controlnet", action="append", default=[], metavar="MODEL",
+                   help="a ControlNet: a diffusers folder or a single .safetensors file (repeat for several)")
+    g.add_argument("--t2i-adapter", action="append", default=[], metavar="MODEL",
+                   help="a T2I-Adapter folder (repeat for several; with --controlnet too)")
+    g.add_argument("--control-image", action="append", default=[], metavar="IMAGE",
+                   help="a control image per model, in order: the --controlnet models' first, then the "
+                        "--t2i-adapter ones; another size is resized with a warning")
+    g.add_argument("--control-scale", action="append", type=float, default=None, metavar="S",
+                   help="a conditioning scale per model, in the same order (default 1 each)")
+
+
+def _control_models(args) -> int:
+    return len(getattr(args, "controlnet", None) or []) + len(getattr(args, "t2i_adapter", None) or [])
+
+
+def _check_control_arguments(args) -> None:
+    """The control flags, checked before the model loads (one line each)."""
+    import math
+    n, images = _control_models(args), getattr(args, "control_image", None) or []
+    scales = getattr(args, "control_scale", None) or []
+    if not n:
+        for flag, given in (("--control-image", images), ("--control-scale", scales)):
+            if given:
+                raise ValueError(f"{flag} needs --controlnet MODEL or --t2i-adapter MODEL")
+        return
+    if len(images) != n:
+        raise ValueError(f"--control-image: {len(images)} image{'s' * (len(images) != 1)} for {n} model"
+                         f"{'s' * (n != 1)} (--controlnet, --t2i-adapter); give one per model, in order")
+    if len(scales) > n:
+        raise ValueError(f"--control-scale: {len(scales)} scales for {n} model{'s' * (n != 1)}")
+    for s in scales:
+        if not math.isfinite(s) or s < 0:
+            raise ValueError(f"--control-scale {s:g}: must be a finite number >= 0")
+    for path in images:
+        if not os.path.isfile(path):
+            raise OSError(f"--control-image {path}: no such image file")
+    for flag, paths in (("--controlnet", args.controlnet), ("--t2i-adapter", args.t2i_adapter)):
+        for path in paths:
+            if not os.path.exists(path):
+                raise OSError(f"{flag} {path}: no such folder or file")
+    if getattr(args, "hires_scale", None) is not None:
+        raise ValueError("--hires-scale: not with --controlnet / --t2i-adapter (the control is made for the "
+                         "first pass's size)")
+
+
+def _control_label(path) -> str:
+    """A model as sd-webui-controlnet names it: "file stem [legacy hash of the weights file]"."""
+    from refldm.checkpoints.weights import find_weights
+    from refldm.core.pnginfo import legacy_model_hash
+    path = os.path.normpath(path)
+    weights = path if os.path.isfile(path) else find_weights(path)[0]
+    name = os.path.splitext(os.path.basename(path))[0]
+    return f"{name} [{legacy_model_hash(weights)}]"
+
+
+def _apply_control(args, pipe):
+    """-> (the pipeline to call, {"ControlNet <i>": unit text}): the ControlNets and T2I-Adapters loaded, checked
+    against the U-Net's family, and the pipeline's U-Net wrapped (`refldm.pipelines.t2i_adapter.with_control`)."""
+    import sys
+    if not _control_models(args):
+        return pipe, {}
+    if getattr(pipe, "transformer", None) is not None or not hasattr(pipe, "unet"):
+        raise ValueError("--controlnet / --t2i-adapter: for the U-Net models (SD 1.x / 2.x, SDXL)")
+    from refldm.core.images import load_image
+    from refldm.core.pnginfo import format_control_unit
+    from refldm.models.controlnet import ControlNetModel
+    from refldm.models.t2i_adapter import T2IAdapter
+    from refldm.pipelines.t2i_adapter import with_control
+    dtype = pipe.dtype.name
+    nets, adapters = [], []
+    for path in args.controlnet:
+        try:
+            nets.append(ControlNetModel.from_single_file(path, dtype=dtype) if os.path.isfile(path)
+                        else ControlNetModel.from_pretrained(path, dtype=dtype))
+        except ValueError as e:
+            raise ValueError(f"--controlnet {path}: {e}") from None
+    for path in args.t2i_adapter:
+        adapters.append(T2IAdapter.from_pretrained(path, dtype=dtype))
+    n = len(nets) + len(adapters)
+    scales = list(args.control_scale or []) + [1.0] * (n - len(args.control_scale or []))
+    images = [load_image(p) for p in args.control_image]
+    height, width = args.height or pipe.default_size, args.width or pipe.default_size
+    try:
+        wrapped = with_control(pipe, nets, adapters, images, scales, height=height, width=width, steps=args.steps,
+                               guidance_scale=args.cfg)
+    except ValueError as e:  # another family, widths that do not fit: name the flag
+        flag = "--controlnet" if "ControlNet" in str(e) else "--t2i-adapter"
+        raise ValueError(f"{flag}: {e}") from None
+    labels = [_control_label(p) for p in args.controlnet + args.t2i_adapter]
+    for k, (label, recorded) in enumerate(zip(labels, getattr(args, "_png_control", []))):
+        if recorded != label:
+            print(f"refldm: warning: {args.from_png}: ControlNet {k} was {recorded}, now {label}", file=sys.stderr)
+    fields = {f"ControlNet {k}": format_control_unit(label, s) for k, (label, s) in enumerate(zip(labels, scales))}
+    return wrapped, fields
+
+
+def _png_control(args, other: dict) -> list:
+    """--from-png: the web UI's "ControlNet <i>" units, taken out of `other`. The image holds neither the models
+    nor the control images: give them again (--controlnet / --t2i-adapter MODEL --control-image IMAGE, in the
+    recorded order); the recorded weights fill --control-scale when it is not given. Returns what is not honoured."""
+    from refldm.core import pnginfo
+    units, unhonoured = [], []
+    for name, text in pnginfo.control_units(other):
+        other.pop(name)
+        try:
+            units.append((name, pnginfo.parse_control_unit(text, name)))
+        except ValueError as e:
+            unhonoured.append(str(e))
+    n = _control_models(args)
+    if not n:
+        return unhonoured + [f"{name} ({u['model']}; give it again: --controlnet or --t2i-adapter MODEL "
+                             "--control-image IMAGE)" for name, u in units]
+    if len(units) != n:
+        unhonoured.append(f"{len(units)} ControlNet units ({n} models given)")
+    if args.control_scale is None and units:
+        args.control_scale = [float(u.get("weight", 1.0)) for _, u in units][:n]
+    args._png_control = [u["model"] for _, u in units]
+    for name, u in units:
+        if u.get("module", "none") not in ("none", "None"):
+            unhonoured.append(f"{name} preprocessor {u['module']} (give the preprocessed control image; "
+                              "`refldm control` makes some)")
+        if (u.get("guidance_start", 0), u.get("guidance_end", 1)) != (0, 1):
+            unhonoured.append(f"{name} Guidance Start/End")
+        if u.get("control_mode", "Balanced") != "Balanced":
+            unhonoured.append(f"{name} Control Mode {u['control_mode']}")
+    return unhonoured
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # txt2img, img2img
 
 
@@ -373,6 +509,7 @@ def _generate(args, image=None):
     default = "refldm-txt2img.png" if image is None else "refldm-img2img.png"
     path = check_output(default if args.output is None else args.output)  # before the work, not after
     _check_preview_args(args)
+    _check_control_arguments(args)
     use_backend(args.backend)
     with one_line_warnings():
         pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
@@ -412,10 +549,13 @@ def _generate(args, image=None):
             check_resources(pipe, 1, image.height, image.width, args.steps, args.cfg, strength=args.strength)
         if refiner is not None:
             kwargs.update(denoising_end=end, output_type="latent")
+        pipe, control = _apply_control(args, pipe)  # --controlnet / --t2i-adapter: the U-Net wrapped; PNG fields
         out = pipe(prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                    guidance_scale=args.cfg, seed=args.seed, sampler=args.sampler, progress=not args.quiet,
                    **kwargs)
         made = out.generation[0].replace(prompt=args.prompt)  # the prompt as typed, <lora:...> tags included
+        if control:
+            made = made.replace(fields={**made.fields, **control})
         if refiner is not None:  # SDXL's ensemble: the refiner denoises the last (1 - end) of the schedule
             out = refiner(args.prompt, negative_prompt=args.negative, image=out.latents, denoising_start=end,
                           num_inference_steps=args.steps, guidance_scale=args.cfg, seed=out.seed,

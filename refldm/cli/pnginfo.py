@@ -42,5 +42,19 @@ def run_png_info(args) -> int:
                       f"with Model hash {recorded}", file=sys.stderr)
         else:
             info["model_hash"] = pnginfo.model_hash(args.model)
+    _control_units(info)
     print(json.dumps(info, indent=2, ensure_ascii=False))
     return 0
+
+
+def _control_units(info: dict) -> None:
+    """sd-webui-controlnet's "ControlNet <i>" fields, also shown parsed under "controlnet" (one entry each)."""
+    from refldm.core import pnginfo
+    units = []
+    for name, text in pnginfo.control_units(info["settings"].get("other", {})):
+        try:
+            units.append({"field": name, **pnginfo.parse_control_unit(text, name)})
+        except ValueError as e:
+            units.append({"field": name, "error": str(e)})
+    if units:
+        info["controlnet"] = units

@@ -41,7 +41,7 @@ import re
 
 __all__ = ["parse_parameters", "parse_comfyui_prompt", "read_image_info", "read_image_text", "format_parameters",
            "quote_value", "model_hash", "legacy_model_hash", "lora_hash", "hash_matches", "parse_lora_tags",
-           "FIELDS", "COMFYUI_NODES"]
+           "FIELDS", "COMFYUI_NODES", "format_control_unit", "parse_control_unit", "control_units"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,6 +280,68 @@ def format_parameters(settings: dict) -> str:
         fields.append(f"{name}: {quote_value(value)}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# sd-webui-controlnet's units: "ControlNet 0", "ControlNet 1", ... one field per unit
+
+# Its scripts/infotext.py (serialize_unit) writes each enabled unit as one field named "ControlNet <i>" whose
+# value is "Name: value" pairs joined by ", " (the unit's attributes, snake_case turned into Capitalised Words,
+# sliders at -1 left out), JSON-quoted as a whole by the web UI:
+#     ControlNet 0: "Module: canny, Model: control_v11p_sd15_canny [d14c016b], Weight: 1.0, Resize Mode: Crop and
+#     Resize, Low Vram: False, Processor Res: 512, Threshold A: 100, Threshold B: 200, Guidance Start: 0.0,
+#     Guidance End: 1.0, Pixel Perfect: False, Control Mode: Balanced"
+# Model is "file stem [hash]", the hash A1111's legacy 8-digit one of the model file (`legacy_model_hash`).
+# T2I-Adapters are units too (Model: t2iadapter_canny_sd15v2 [...]). Older formats are not read.
+_CONTROL_UNIT = re.compile(r"ControlNet (\d+)")
+
+
+def format_control_unit(model: str, weight: float, module: str = "none", guidance_start: float = 0.0,
+                        guidance_end: float = 1.0, resize_mode: str = "Just Resize") -> str:
+    """One unit's value as sd-webui-controlnet writes it (above); model: "name [hash]". Floats as Python
+    writes them (1.0), as the extension's str() does."""
+    items = {"Module": module, "Model": model, "Weight": float(weight), "Resize Mode": resize_mode,
+             "Low Vram": False, "Guidance Start": float(guidance_start), "Guidance End": float(guidance_end),
+             "Pixel Perfect": False, "Control Mode": "Balanced"}
+    for name, value in items.items():
+        if any(c in str(value) for c in ",:\n"):
+            raise ValueError(f"ControlNet unit: {name} {value!r} holds a comma or colon, which the format cannot carry")
+    return ", ".join(f"{name}: {value}" for name, value in items.items())
+
+
+def _unit_value(value: str):
+    if value in ("True", "False"):
+        return value == "True"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_control_unit(text: str, field: str = "ControlNet 0") -> dict:
+    """A unit's value -> {"module", "model", "weight", "guidance_start", ...} (Capitalised Words back to
+    snake_case, "True"/"False" and numbers typed); "model" "name [hash]" also gives "model_name" and
+    "model_hash". Raises ValueError naming `field` for text that is not "Name: value" pairs or lacks Model."""
+    unit = {}
+    for item in text.split(","):
+        name, sep, value = item.strip().partition(": ")
+        if not sep or not name:
+            raise ValueError(f"{field}: {item.strip()!r} is not 'Name: value' (an older sd-webui-controlnet "
+                             "format, not read)")
+        unit["_".join(w.lower() for w in name.split(" "))] = _unit_value(value.strip())
+    if "model" not in unit:
+        raise ValueError(f"{field}: the unit names no Model")
+    match = re.fullmatch(r"(.*?)\s*\[([0-9a-fA-F]+)\]", str(unit["model"]))
+    unit["model_name"], unit["model_hash"] = (match.group(1), match.group(2)) if match else (str(unit["model"]), None)
+    return unit
+
+
+def control_units(other: dict) -> list:
+    """The "ControlNet <i>" fields of a parsed text's ``other`` -> [(field name, its text)], by index."""
+    found = [(int(m.group(1)), k) for k in other for m in [_CONTROL_UNIT.fullmatch(k)] if m]
+    return [(k, other[k]) for _, k in sorted(found)]
 
 
 # --------------------------------------------------------------------------------------------------

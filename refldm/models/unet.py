@@ -386,7 +386,9 @@ class DownBlock2D(Module):
         if add_downsample:
             self.downsamplers = ModuleList([Downsample2D(cout, padding=cfg.downsample_padding)])
 
-    def forward(self, x, temb, context=None):
+    def forward(self, x, temb, context=None, additional_residual=None):
+        """additional_residual: a T2I-Adapter's feature, added to the block's output (after the downsampler),
+        which is also its last skip (diffusers adds it in place to the tensor both hold)."""
         skips = []
         for resnet in self.resnets:
             x = resnet(x, temb)                     # (B, C_out, H, W)
@@ -394,6 +396,9 @@ class DownBlock2D(Module):
         if hasattr(self, "downsamplers"):
             x = self.downsamplers[0](x)             # (B, C_out, H/2, W/2)
             skips.append(x)
+        if additional_residual is not None:         # T2I-Adapter: out + F_k, the last skip too
+            x = add_feature(x, additional_residual, self)
+            skips[-1] = x
         return x, skips
 
 
@@ -409,11 +414,15 @@ class CrossAttnDownBlock2D(DownBlock2D):
         if add_downsample:
             self.downsamplers = ModuleList([Downsample2D(cout, padding=cfg.downsample_padding)])
 
-    def forward(self, x, temb, context=None):
+    def forward(self, x, temb, context=None, additional_residual=None):
+        """additional_residual: a T2I-Adapter's feature, added after the last (ResNet, attention) pair, before
+        that skip is kept and before the downsampler."""
         skips = []
-        for resnet, attn in zip(self.resnets, self.attentions):
+        for i, (resnet, attn) in enumerate(zip(self.resnets, self.attentions)):
             x = resnet(x, temb)                     # (B, C_out, H, W)
             x = attn(x, context)                    # (B, C_out, H, W)
+            if additional_residual is not None and i == len(self.resnets) - 1:
+                x = add_feature(x, additional_residual, self)   # T2I-Adapter: h + F_k
             skips.append(x)
         if hasattr(self, "downsamplers"):
             x = self.downsamplers[0](x)             # (B, C_out, H/2, W/2)
@@ -645,7 +654,8 @@ class UNet2DConditionModel(PretrainedModel):
         return self.add_embedding(a)                                           # (B, 4*C0)
 
     def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs: dict | None = None,
-                down_block_additional_residuals=None, mid_block_additional_residual=None):
+                down_block_additional_residuals=None, mid_block_additional_residual=None,
+                down_intrablock_additional_residuals=None):
         """eps_theta(x_t, t, c), the network top to bottom: latents `sample` (B, C_in, H, W) at `timestep`
         (scalar or (B,)) given text embeddings `encoder_hidden_states` (B, S, cross_attention_dim)
         -> the predicted noise (or v) (B, C_out, H, W).
@@ -656,7 +666,13 @@ class UNet2DConditionModel(PretrainedModel):
 
         A ControlNet's residuals (refldm/models/controlnet.py) enter with diffusers' names: every skip
         connection k gets ``skip_k + down_block_additional_residuals[k]`` and the mid block's output gets
-        ``+ mid_block_additional_residual``; both or neither."""
+        ``+ mid_block_additional_residual``; both or neither.
+
+        A T2I-Adapter's features F_0, F_1, ... (refldm/models/t2i_adapter.py) enter inside the encoder, as
+        diffusers' ``down_intrablock_additional_residuals``: down block k's hidden state becomes h_k + F_k
+        (a cross-attention block: after its last attention, before its downsampler; a block without
+        attention: its output, after the downsampler) and, with one feature more than down blocks (SDXL's
+        adapter), the mid block's output becomes mid + F_last. Both the skips and the way down see it."""
         cfg = self.config
         sample, t, context, added = self._inputs(sample, timestep, encoder_hidden_states, added_cond_kwargs)
 
@@ -670,8 +686,10 @@ class UNet2DConditionModel(PretrainedModel):
         # 2. down: every output is kept as a skip connection
         x = self.conv_in(sample)                                            # (B, C0, H, W)
         skips = [x]
-        for block in self.down_blocks:
-            x, res = block(x, emb, context)                                 # (B, C_i, H/2^i, W/2^i)
+        adapter = _adapter_residuals(down_intrablock_additional_residuals, len(self.down_blocks))
+        for k, block in enumerate(self.down_blocks):
+            feature = adapter[k] if k < len(adapter) else None              # T2I-Adapter: h_k + F_k inside
+            x, res = block(x, emb, context, feature)                        # (B, C_i, H/2^i, W/2^i)
             skips.extend(res)
         control = _control_residuals(skips, down_block_additional_residuals, mid_block_additional_residual)
         if control:                                                         # ControlNet: skip_k + r_k
@@ -679,6 +697,8 @@ class UNet2DConditionModel(PretrainedModel):
 
         # 3. mid
         x = self.mid_block(x, emb, context)                                 # (B, C_last, H/f, W/f)
+        if len(adapter) > len(self.down_blocks):                            # SDXL's T2I-Adapter: mid + F_last
+            x = add_feature(x, adapter[-1], self.mid_block)
         if control:                                                         # ControlNet: mid + r_mid
             x = x + mid_block_additional_residual
 
@@ -705,3 +725,23 @@ def _control_residuals(skips, down, mid) -> bool:
             raise ValueError(f"unet: down_block_additional_residuals[{k}] has shape {tuple(r.shape)}, the skip "
                              f"has {tuple(s.shape)}")
     return True
+
+
+def add_feature(x, feature, block):
+    """h + F for a T2I-Adapter feature F of h's shape exactly (no broadcasting); the message names the block."""
+    if tuple(feature.shape) != tuple(x.shape):
+        raise ValueError(f"unet: a T2I-Adapter feature of shape {tuple(feature.shape)} enters "
+                         f"{block._name or 'a block'}, whose hidden state is {tuple(x.shape)}")
+    return x + feature
+
+
+def _adapter_residuals(features, n_blocks: int) -> list:
+    """A T2I-Adapter's features: one per down block, or one more for the mid block (SDXL's). The shapes are
+    checked where each enters (`add_feature`)."""
+    if features is None:
+        return []
+    features = list(features)
+    if len(features) not in (n_blocks, n_blocks + 1):
+        raise ValueError(f"unet: {len(features)} down_intrablock_additional_residuals (a T2I-Adapter's features) "
+                         f"for {n_blocks} down blocks; give one per down block (and one for the mid block)")
+    return features
