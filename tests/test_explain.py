@@ -148,3 +148,66 @@ def test_browser_checks_catch_a_broken_page(tmp_path):
     found, console = _checks(exe, tmp_path, bad, "bad.html")
     assert found["broken"] == ["broken", ""] and found["missing_alt"] == 1
     assert any("boom" in e for e in found["errors"]) and any("boom" in line for line in console)
+
+
+# -- SDXL: two text encoders, the SDXL latent-to-RGB factors and VAE scaling -------------------------------------
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    """refldm's own tiny SDXL base (refldm/crosscheck/tiny.py: NumPy only, VAE scaling factor 0.13025)."""
+    from refldm.crosscheck.tiny import build
+    return build("sdxl", tmp_path_factory.mktemp("xl") / "sdxl")
+
+
+def test_sdxl_page_from_the_cli(sdxl_folder, tmp_path, capsys):
+    path = tmp_path / "xl.html"
+    assert main(["explain", "-p", "a red circle", "-m", sdxl_folder, "-o", str(path), "--steps", "3"]) == 0
+    assert "note: no negative prompt: the unconditional half gets zero text embeddings" in capsys.readouterr().out
+    text = path.read_text(encoding="utf-8")
+    assert '<b id="steps">3</b>' in text and "Sampler: Euler" in text
+    assert re.findall(r"<h3>token \d+: (\w+)</h3>", text) == ["a", "red", "circle"]      # the first tokenizer's
+    assert "CLIPTextModel (8 wide) + CLIPTextModelWithProjection (16 wide)" in text and "24 features" in text
+    assert "77 tokens x 24" in text and "plus the 6 time ids" in text
+    for tag in re.findall(r"<img\b[^>]*>", text):
+        assert re.search(r'\salt="[^"]+"', tag), tag[:80]
+    assert "Original size: 16x16" in text or "Size: 16x16" in text
+
+
+def test_sdxl_explanation_previews_maps_and_sigmas(sdxl_folder):
+    from refldm.analysis.explain import explain
+    from refldm.core.images import to_uint8
+    from refldm.models.latent_rgb import latent_to_rgb
+    from refldm.pipelines.preview import decode_preview
+    from refldm.pipelines.sdxl import StableDiffusionXLPipeline
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    ex = explain(pipe, "a red circle", num_inference_steps=3, negative_prompt="blue")
+    assert not ex.notes and ex.latent_shape == (1, 4, 4, 4) and ex.text_shape == (77, 24)
+    # Euler's last step lands on its x_0 estimate (sigma_next = 0): the preview decodes as the image does,
+    # through the SDXL VAE's scaling factor
+    np.testing.assert_array_equal(ex.step_images[-1]["x0"], np.asarray(ex.image))
+    sched = pipe.make_scheduler()
+    sched.set_timesteps(3)
+    np.testing.assert_allclose(ex.sigmas, np.asarray(sched.sigmas)[:3], rtol=1e-6)   # sigma per step
+    assert ex.sigmas[0] > ex.sigmas[1] > ex.sigmas[2] > 0
+    for hw, m in ex.attention.items():                  # probabilities over the 77 tokens at every pixel
+        assert m.shape == (77, *hw)
+        np.testing.assert_allclose(m.sum(axis=0), 1.0, atol=1e-6)
+    # the linear preview takes SDXL's factors (scaling factor 0.13025), not SD 1.x's
+    z = np.random.default_rng(0).standard_normal((1, 4, 4, 4))
+    want = np.repeat(np.repeat(to_uint8(latent_to_rgb(z, "sdxl")), 4, axis=1), 4, axis=2)
+    np.testing.assert_array_equal(decode_preview(pipe, z, "linear"), want)
+    assert not np.array_equal(want, np.repeat(np.repeat(to_uint8(latent_to_rgb(z, "sd1")), 4, axis=1), 4, axis=2))
+
+
+@pytest.mark.slow
+def test_sdxl_page_in_headless_chromium(tmp_path):
+    """An SDXL page (a tiny base built by diffusers) opened from a file: every image decodes, no errors."""
+    from tests.test_sdxl_pipeline import build_tiny_sdxl
+    exe = _chromium()
+    folder = build_tiny_sdxl(tmp_path / "xl", seed=0)
+    path = tmp_path / "xl.html"
+    assert main(["explain", "-p", "a red circle", "-m", folder, "-o", str(path), "--steps", "2"]) == 0
+    found, console = _checks(exe, tmp_path, path.read_text(encoding="utf-8"), "probe.html")
+    assert found["images"] >= 2 * 5 + 1 and found["broken"] == [] and found["missing_alt"] == 0
+    assert found["errors"] == [] and console == []
+    assert "a red circle" in found["text"] and "Steps: 2" in found["text"] and "text encoders" in found["text"]

@@ -26,7 +26,7 @@ import time
 
 import numpy
 
-from refldm.analysis.attention_maps import ATTENTION_PATTERNS, from_recording, prompt_tokens
+from refldm.analysis.attention_maps import ATTENTION_PATTERNS, from_recording, map_tokenizer, prompt_ids, prompt_tokens
 from refldm.core import record
 
 __all__ = ["Explanation", "explain", "render_html", "write_html", "DEFAULT_STEPS", "DEFAULT_CFG"]
@@ -64,6 +64,7 @@ class Explanation:
     image: object                # the final PIL image
     parameters: str              # its PNG parameters text
     timings: dict
+    conditioning: list = dataclasses.field(default_factory=list)  # extra (name, what) rows: SDXL's text parts
 
 
 # -- colour maps --------------------------------------------------------------------------------------------------
@@ -129,11 +130,14 @@ def explain(pipe, prompt: str, *, negative_prompt: str = "", num_inference_steps
     "tiny", as `refldm.pipelines.preview`)."""
     from refldm.analysis.cost import count_unet, count_vae
     from refldm.pipelines.preview import decode_preview
-    if getattr(pipe, "tokenizer", None) is None or not hasattr(pipe, "tokenize"):
+    if map_tokenizer(pipe) is None:
         raise ValueError(f"{getattr(pipe, 'name', 'the model')}: has no tokenizer; explain names the prompt's "
-                         "tokens and needs one (an SD 1.x / 2.x pipeline with tokenizer/)")
+                         "tokens and needs one (an SD 1.x / 2.x or SDXL pipeline with tokenizer/)")
     words = prompt_tokens(pipe, prompt)
-    notes = []
+    notes, conditioning = [], _sdxl_conditioning(pipe, prompt)
+    if conditioning and not negative_prompt and getattr(pipe, "force_zeros_for_empty_prompt", False):
+        notes.append("no negative prompt: the unconditional half gets zero text embeddings, not the encoding of "
+                     "\"\" (SDXL's force_zeros_for_empty_prompt, as diffusers)")
     if tokens is None:
         shown = list(range(1, len(words) + 1))
     else:
@@ -147,7 +151,7 @@ def explain(pipe, prompt: str, *, negative_prompt: str = "", num_inference_steps
     sched.set_timesteps(num_inference_steps)
     start = time.perf_counter()
     with record.Recorder(include=ATTENTION_PATTERNS + STEP_PATTERNS) as rec:
-        out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+        out = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=num_inference_steps,
                    guidance_scale=guidance_scale, seed=seed, sampler=sampler, progress=False, height=height,
                    width=width)
     run_s = time.perf_counter() - start
@@ -183,10 +187,10 @@ def explain(pipe, prompt: str, *, negative_prompt: str = "", num_inference_steps
     maps, layers = from_recording(a, pipe.unet, (h, w), slice(b, 2 * b) if guided else None)
     attention = {hw: m[:, 0].mean(axis=0) for hw, m in maps.items()}      # (S, h, w), mean over the steps
     del rec, a
-    unet_count = count_unet(pipe.unet.config, h, w, 2 * b if guided else b,
-                            int(getattr(pipe.tokenizer, "model_max_length", 77) or 77))
+    n_text = len(prompt_ids(pipe, prompt))                                  # 77 for CLIP
+    unet_count = count_unet(pipe.unet.config, h, w, 2 * b if guided else b, n_text)
     _, decode_count = count_vae(pipe.vae.config, h * f, w * f, b)
-    text_shape = (int(getattr(pipe.tokenizer, "model_max_length", 77) or 77),
+    text_shape = (n_text,
                   int(pipe.unet.config.cross_attention_dim if not isinstance(pipe.unet.config.cross_attention_dim,
                                                                              (list, tuple))
                       else pipe.unet.config.cross_attention_dim[0]))
@@ -198,7 +202,31 @@ def explain(pipe, prompt: str, *, negative_prompt: str = "", num_inference_steps
     return Explanation(prompt, negative_prompt or "", n, float(guidance_scale), int(out.seed), gen.sampler,
                        pipe.name, (h * f, w * f), (b, c, h, w), text_shape, words, shown, notes, timesteps,
                        _sigmas(sched, sched.timesteps)[:n], cost, images, stats, attention, layers, out.images[0],
-                       out.parameters[0], dict(out.timings))
+                       out.parameters[0], dict(out.timings), conditioning)
+
+
+def _sdxl_conditioning(pipe, prompt: str) -> list:
+    """SDXL's text parts as (name, what) rows for the sizes table (empty for SD 1.x / 2.x), and a check that
+    the second tokenizer splits the prompt as the first does (the maps name the first one's tokens)."""
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return []
+    parts = [(tok, enc) for tok, enc in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))
+             if enc is not None]
+    widths = [int(enc.config.hidden_size) for _, enc in parts]
+    rows = [("text encoders", " + ".join(f"{type(enc).__name__} ({w} wide)" for (_, enc), w in zip(parts, widths))
+             + f": their penultimate layers side by side, {sum(widths)} features per token "
+             "(docs/sdxl.md); the maps below are over the first tokenizer's tokens"),
+            ("pooled text", f"{pipe.text_encoder_2.config.projection_dim} features (text_encoder_2's projection) "
+             + ("plus the 5 time ids (size, crop, aesthetic score)" if getattr(pipe, "requires_aesthetics_score", False)
+                else "plus the 6 time ids (sizes and crop)") + ", added to the timestep embedding")]
+    if len(parts) == 2:
+        ids = [[int(i) for i in tok([prompt], padding="max_length", truncation=True, return_tensors="np")
+                ["input_ids"][0]] for tok, _ in parts]
+        cut = [row[:row.index(tok.eos_token_id, 1) + 1] if tok.eos_token_id in row[1:] else row
+               for row, (tok, _) in zip(ids, parts)]
+        if cut[0] != cut[1]:
+            rows.append(("note", "the two tokenizers split this prompt differently; the maps follow the first"))
+    return rows
 
 
 # -- the page -----------------------------------------------------------------------------------------------------
@@ -285,6 +313,7 @@ def render_html(ex: Explanation) -> str:
             f"<tr><th>image</th><td>{W} x {H} pixels, 3 channels</td></tr>",
             f"<tr><th>latents</th><td>{b} x {c} x {h} x {w} (the VAE's factor {H // h} per side)</td></tr>",
             f"<tr><th>text embeddings</th><td>{ex.text_shape[0]} tokens x {ex.text_shape[1]}</td></tr>",
+            *(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in ex.conditioning),
             f"<tr><th>U-Net batch</th><td>{cost['unet_batch']} (unconditional and conditional together)</td></tr>",
             f"<tr><th>U-Net, per step</th><td>{_gflops(cost['unet_flops'])} ({kinds})</td></tr>",
             f"<tr><th>U-Net, all {ex.steps} steps</th><td>{_gflops(cost['unet_flops'] * ex.steps)}</td></tr>",

@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     p.add_argument("-p", "--prompt", required=True, help="the prompt")
     p.add_argument("-n", "--negative", default="", help="the negative prompt (default empty)")
     p.add_argument("-m", "--model", default=None,
-                   help="an SD 1.x / 2.x diffusers folder or .safetensors file (default: the built-in model)")
+                   help="an SD 1.x / 2.x or SDXL diffusers folder or .safetensors file (default: the built-in model)")
     p.add_argument("-o", "--output", default="explain.html", help="the page to write (default explain.html)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
     p.add_argument("--cfg", type=float, default=DEFAULT_CFG, help=f"guidance scale (default {DEFAULT_CFG:g})")
@@ -55,8 +55,8 @@ def run_explain(args) -> int:
     use_backend(args.backend)
     with one_line_warnings():
         pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer, dtype=args.dtype)
-        if type(pipe).__name__ != "StableDiffusionPipeline":
-            raise ValueError(f"{args.model}: a {type(pipe).__name__}; explain takes SD 1.x / 2.x models")
+        if type(pipe).__name__ not in ("StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+            raise ValueError(f"{args.model}: a {type(pipe).__name__}; explain takes SD 1.x / 2.x and SDXL models")
         ex = explain(pipe, args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                      guidance_scale=args.cfg, seed=args.seed, sampler=args.sampler, tokens=args.token,
                      decoder=args.decoder, height=args.height, width=args.width)
