@@ -117,3 +117,30 @@ def test_family_of(builtin):
     assert family_of(SimpleNamespace(latent_channels=4, scaling_factor=0.18215)) == "sd1"
     with pytest.raises(ValueError, match="16 latent channels"):
         family_of(SimpleNamespace(latent_channels=16, scaling_factor=1.5))
+
+
+def test_sdxl_previews_text_to_image_image_to_image_and_cli(tmp_path):
+    """SDXL (refldm's tiny base, VAE scaling 0.13025): the VAE preview of the last latent is the image; the linear
+    one uses SDXL's factors; img2img and `refldm txt2img --preview-every` write them too."""
+    from refldm.crosscheck.tiny import build
+    from refldm.pipelines.sdxl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    folder = build("sdxl", tmp_path / "xl")
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+    kw = dict(prompt="a red circle", num_inference_steps=3, seed=1, progress=False)
+    out = pipe(**kw, preview_every=2, preview_dir=tmp_path / "vae", preview="vae")
+    names = sorted(p.name for p in (tmp_path / "vae").iterdir())
+    assert names == [f"step-{i:03d}-{k}.png" for i in (2, 3) for k in ("latent", "x0")]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "vae" / "step-003-latent.png")),
+                                  np.asarray(out.images[0]))
+    pipe(**kw, preview_every=3, preview_dir=tmp_path / "lin")
+    lin = np.asarray(Image.open(tmp_path / "lin" / "step-003-latent.png"))
+    want = np.round(255 * np.clip((latent_to_rgb(out.latents, "sdxl") + 1) / 2, 0, 1)).astype(np.uint8)
+    np.testing.assert_array_equal(lin[::4, ::4], want[0].transpose(1, 2, 0))
+    with pytest.raises(ValueError, match="preview_every=4 must be an integer from 1 to the step count"):
+        pipe(**kw, preview_every=4, preview_dir=tmp_path / "bad")
+    i2i = StableDiffusionXLImg2ImgPipeline.from_pretrained(folder)
+    i2i(**kw, image=out.images[0], strength=0.7, preview_every=1, preview_dir=tmp_path / "i2i")
+    assert sorted(p.name for p in (tmp_path / "i2i").iterdir())[-1] == "step-002-x0.png"  # 2 of 3 steps
+    assert main(["txt2img", "-p", "a red circle", "-m", folder, "--steps", "2", "--seed", "1",
+                 "-o", str(tmp_path / "cli.png"), "--preview-every", "1", "--preview-dir", str(tmp_path / "c")]) == 0
+    assert len(list((tmp_path / "c").iterdir())) == 4

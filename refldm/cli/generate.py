@@ -136,7 +136,8 @@ def _preview_kwargs(args, pipe) -> dict:
     if args.preview_every is None:
         return {}
     if "preview_every" not in inspect.signature(type(pipe).__call__).parameters:
-        raise ValueError(f"--preview-every: {type(pipe).__name__} takes no previews (SD 1.x / 2.x pipelines do)")
+        raise ValueError(f"--preview-every: {type(pipe).__name__} takes no previews "
+                         "(SD 1.x / 2.x and SDXL pipelines do)")
     if args.preview == "tiny":
         from refldm.models.autoencoder_tiny import AutoencoderTiny
         pipe.tiny_vae = AutoencoderTiny.from_pretrained(args.taesd, dtype=args.dtype or "float32")
