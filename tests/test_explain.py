@@ -211,3 +211,42 @@ def test_sdxl_page_in_headless_chromium(tmp_path):
     assert found["images"] >= 2 * 5 + 1 and found["broken"] == [] and found["missing_alt"] == 0
     assert found["errors"] == [] and console == []
     assert "a red circle" in found["text"] and "Steps: 2" in found["text"] and "text encoders" in found["text"]
+
+
+# -- SD3 and FLUX: flow matching (sigma per step, x_0 = x_t - sigma v), no maps of the joint attention ---------------
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_model_pages_show_sigma_and_say_there_are_no_maps(family, tmp_path, capsys):
+    """Tiny SD3 / FLUX folders built by diffusers: the page names sigma = t / 1000 per step, decodes x_0 = x_t -
+    sigma v (at the last step that is the image: Euler's last step goes to sigma = 0) and says why no maps."""
+    from refldm.analysis.explain import explain
+    if family == "sd3":
+        from refldm.pipelines.sd3 import StableDiffusion3Pipeline as cls
+        from tests.test_sd3_pipeline import build_tiny_sd3 as build
+    else:
+        from refldm.pipelines.flux import FluxPipeline as cls
+        from tests.test_flux_pipeline import build_tiny_flux as build
+    folder = build(tmp_path / family)
+    path = tmp_path / "flow.html"
+    assert main(["explain", "-p", "a red circle", "-m", str(folder), "-o", str(path), "--steps", "3",
+                 "-W", "32", "-H", "32"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: attention maps are not drawn" in printed and "3 steps, 0 token maps" in printed
+    text = path.read_text(encoding="utf-8")
+    assert '<b id="steps">3</b>' in text and "sigma = t / 1000" in text and 'id="no-maps"' in text
+    assert "1 a, 2 red, 3 circle" in text and "<h3>token" not in text
+    pipe = cls.from_pretrained(folder)
+    ex = explain(pipe, "a red circle", num_inference_steps=3, height=32, width=32)
+    assert ex.family == family and ex.attention == {} and ex.latent_shape[1] == 16
+    assert ex.sigmas[0] == 1.0 and ex.sigmas[0] > ex.sigmas[1] > ex.sigmas[2] > 0
+    np.testing.assert_allclose(np.asarray(ex.timesteps) / 1000, ex.sigmas)
+    last = np.abs(ex.step_images[-1]["x0"].astype(int) - np.asarray(ex.image, int))
+    assert last.max() <= 1                                   # x_0 = x_t - sigma v in float64 vs the float32 step
+    first = np.abs(ex.step_images[0]["x0"].astype(int) - np.asarray(ex.image, int))
+    assert first.max() > last.max()                          # and it is an estimate, not the image, early on
+    if family == "sd3":
+        assert ex.cost["unet_flops"] > 0 and "eps_u" in ex.step_images[0]            # CFG: v_u and v_c
+        assert "v_c - v_u" in text and "MMDiT, per step" in text
+    else:
+        assert ex.cost["unet_flops"] is None and "eps_u" not in ex.step_images[0]   # distilled: no v_u
+        assert "not counted" in text and "guidance-distilled" in text
