@@ -144,3 +144,40 @@ def test_sdxl_previews_text_to_image_image_to_image_and_cli(tmp_path):
     assert main(["txt2img", "-p", "a red circle", "-m", folder, "--steps", "2", "--seed", "1",
                  "-o", str(tmp_path / "cli.png"), "--preview-every", "1", "--preview-dir", str(tmp_path / "c")]) == 0
     assert len(list((tmp_path / "c").iterdir())) == 4
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_pipelines_step_callback_and_previews(family, tmp_path):
+    """SD3 / FLUX (tiny folders built by diffusers): diffusers' callback_on_step_end with the flow estimate
+    x_0 = x_t - sigma v (at the last Euler step, sigma_next = 0, it is the result), latents a callback returns
+    continue the loop, and the previews decode unpacked latents with the family's 16 x 3 factors."""
+    if family == "sd3":
+        from refldm.pipelines.sd3 import StableDiffusion3Pipeline as cls
+        from tests.test_sd3_pipeline import build_tiny_sd3 as build
+    else:
+        from refldm.models.flux_transformer import unpack_latents
+        from refldm.pipelines.flux import FluxPipeline as cls
+        from tests.test_flux_pipeline import build_tiny_flux as build
+    pipe = cls.from_pretrained(build(tmp_path / family))
+    kw = dict(prompt="a red circle", num_inference_steps=3, seed=1, progress=False, height=32, width=32)
+    plain = pipe(**kw).latents
+    seen = []
+
+    def look(p, i, t, d):
+        seen.append({k: np.asarray(v) for k, v in d.items()})
+        return {}
+
+    out = pipe(**kw, callback_on_step_end=look, preview_every=3, preview_dir=tmp_path / "p",
+               callback_on_step_end_tensor_inputs=["latents", "prompt_embeds", "pred_original_sample"])
+    np.testing.assert_array_equal(out.latents, plain)                          # watching changes nothing
+    assert len(seen) == 3 and sorted(seen[0]) == ["latents", "pred_original_sample", "prompt_embeds"]
+    np.testing.assert_allclose(seen[-1]["pred_original_sample"], plain, rtol=1e-5, atol=1e-5)
+    assert np.abs(seen[0]["pred_original_sample"] - plain).max() > 1e-3        # an estimate early on
+    z = np.asarray(plain) if family == "sd3" else unpack_latents(np.asarray(plain), 8, 8)
+    want = np.round(255 * np.clip((latent_to_rgb(z, family) + 1) / 2, 0, 1)).astype(np.uint8)
+    lin = np.asarray(Image.open(tmp_path / "p" / "step-003-latent.png"))
+    np.testing.assert_array_equal(lin[::pipe.vae_scale_factor, ::pipe.vae_scale_factor], want[0].transpose(1, 2, 0))
+    halved = pipe(**kw, callback_on_step_end=lambda p, i, t, d: {"latents": d["latents"] * 0.5} if i == 0 else {})
+    assert not np.allclose(halved.latents, plain)                               # returned latents are used
+    with pytest.raises(ValueError, match=r"callback_on_step_end_tensor_inputs: 'add_time_ids' is not one of"):
+        pipe(**kw, callback_on_step_end=look, callback_on_step_end_tensor_inputs=["add_time_ids"])

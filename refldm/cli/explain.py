@@ -58,10 +58,12 @@ def _load(args):
     if type(pipe).__name__ not in KINDS:
         raise ValueError(f"{args.model}: a {type(pipe).__name__}; explain takes SD 1.x / 2.x, SDXL, SD3 and FLUX "
                          "text-to-image models")
-    channels = pipe.vae.config.latent_channels
-    if args.decoder == "linear" and channels != 4:
-        raise ValueError(f"--decoder linear: refldm has no latent-to-RGB factors for {channels} latent channels "
-                         f"({type(pipe).__name__}); use --decoder vae")
+    if args.decoder == "linear":
+        from refldm.models.latent_rgb import family_of
+        try:
+            family_of(pipe.vae.config, pipe.name)
+        except ValueError as e:
+            raise ValueError(f"--decoder linear: {e}".replace("preview='vae'", "--decoder vae")) from None
     return pipe
 
 
