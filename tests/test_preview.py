@@ -103,8 +103,8 @@ def test_cli_writes_previews(tmp_path):
 @settings(max_examples=10)
 @given(st.sampled_from(sorted(LATENT_RGB)), st.integers(0, 2 ** 31))
 def test_latent_to_rgb_is_the_affine_map(family, seed):
-    z = np.random.default_rng(seed).standard_normal((2, 4, 3, 5))
     w, b = np.asarray(LATENT_RGB[family]["factors"]), np.asarray(LATENT_RGB[family]["bias"])
+    z = np.random.default_rng(seed).standard_normal((2, w.shape[0], 3, 5))        # 4 channels, or SD3 / FLUX's 16
     got = latent_to_rgb(z, family)
     for n, i, j in ((0, 0, 0), (1, 2, 4), (0, 1, 3)):
         np.testing.assert_allclose(got[n, :, i, j], z[n, :, i, j] @ w + b, rtol=0, atol=1e-12)
@@ -115,8 +115,10 @@ def test_family_of(builtin):
     assert family_of(builtin.vae.config, builtin.name) == "refldm-default"
     assert family_of(SimpleNamespace(latent_channels=4, scaling_factor=0.13025)) == "sdxl"
     assert family_of(SimpleNamespace(latent_channels=4, scaling_factor=0.18215)) == "sd1"
-    with pytest.raises(ValueError, match="16 latent channels"):
-        family_of(SimpleNamespace(latent_channels=16, scaling_factor=1.5))
+    assert family_of(SimpleNamespace(latent_channels=16, scaling_factor=1.5305)) == "sd3"
+    assert family_of(SimpleNamespace(latent_channels=16, scaling_factor=0.3611)) == "flux"
+    with pytest.raises(ValueError, match="8 latent channels"):
+        family_of(SimpleNamespace(latent_channels=8, scaling_factor=1.5))
 
 
 def test_sdxl_previews_text_to_image_image_to_image_and_cli(tmp_path):
