@@ -24,7 +24,13 @@ evaluator of evaluate.py reads where the shape landed. The same prompts without 
 baseline. The figure for docs/control.md (docs/img/control-worked-example.png): one prompt and one seed, two
 control images, two layouts.
 
-    nice -n 10 python tools/train_tiny/train_controlnet.py --workdir runs/controlnet --minutes 12
+    nice -n 10 python tools/train_tiny/train_controlnet.py --workdir runs/controlnet
+
+The run behind docs/control.md's figure: the defaults (batch 32, AdamW at 5e-4, 22 minutes of wall time on a
+shared 2-core machine: 808 steps, loss 0.21 -> 0.15), then 36 measurement prompts: the shape landed in the
+control image's cell 36 times of 36 with the ControlNet, 4 of 36 (chance) without. The ControlNet is 2.6 M
+parameters (10.5 MB in float32), a copy of the built-in U-Net's encoder, so it is not shipped: the tool
+makes it again. ``--figure-only`` redraws the figure from WORKDIR/controlnet.
 """
 
 from __future__ import annotations
@@ -197,7 +203,8 @@ def figure(args, controlnet_dir, path, log):
               progress=False)
     plain = pipe.base(prompt, **kw).images[0]
     tiles, labels = [plain], ["no control"]
-    for where, shape in (("top left", "circle"), ("bottom right", "square")):
+    for where in args.figure_places:
+        shape = "circle"
         a = data.Attributes(shape, "red", "medium", where, "white")
         control = control_image(data.render(a, seed=1))
         out = pipe(prompt, image=control, **kw).images[0]
@@ -224,9 +231,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=4096)
     p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--minutes", type=float, default=12.0, help="stop training after this much wall time")
+    p.add_argument("--minutes", type=float, default=22.0, help="stop training after this much wall time")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--embedding", type=int, nargs="+", default=[16, 32, 64, 64],
                    help="conditioning_embedding_out_channels (4 entries: 3 halvings, 64 -> 8 pixels)")
@@ -241,15 +248,21 @@ def main(argv=None):
     p.add_argument("--prompt", default="a red circle on a white background")
     p.add_argument("--figure-seed", type=int, default=3)
     p.add_argument("--figure", default=str(FIGURE))
+    p.add_argument("--figure-places", nargs=2, default=["bottom left", "top right"], choices=data.POSITION_NAMES,
+                   help="where the figure's two control images put the shape")
+    p.add_argument("--figure-only", action="store_true", help="draw the figure from WORKDIR/controlnet only")
     p.add_argument("--skip-training", action="store_true", help="measure and draw WORKDIR/controlnet only")
     args = p.parse_args(argv)
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     log = common.Log(work / "controlnet.log")
-    if args.skip_training:
+    if args.skip_training or args.figure_only:
         out, steps = work / "controlnet", None
     else:
         out, steps = train(args, log)
+    if args.figure_only:
+        figure(args, out, args.figure, log)
+        return
     result = measure(args, out, log)
     result["steps"] = steps
     common.write_json(work / "controlnet_eval.json", result)
