@@ -197,6 +197,11 @@ def test_sdxl_explanation_previews_maps_and_sigmas(sdxl_folder):
     want = np.repeat(np.repeat(to_uint8(latent_to_rgb(z, "sdxl")), 4, axis=1), 4, axis=2)
     np.testing.assert_array_equal(decode_preview(pipe, z, "linear"), want)
     assert not np.array_equal(want, np.repeat(np.repeat(to_uint8(latent_to_rgb(z, "sd1")), 4, axis=1), 4, axis=2))
+    from refldm.analysis.attention_maps import attention_maps      # the Python API takes SDXL too
+    maps = attention_maps(pipe, "a red circle", num_inference_steps=3, negative_prompt="blue", guidance_scale=3.0,
+                          seed=0, progress=False)
+    assert maps.tokens == ["a", "red", "circle"]
+    np.testing.assert_allclose(maps.maps[(2, 2)].mean(axis=0)[0], ex.attention[(2, 2)], atol=1e-6)  # same run
 
 
 @pytest.mark.slow
