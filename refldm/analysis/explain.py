@@ -186,7 +186,6 @@ def explain(pipe, prompt: str, *, negative_prompt: str = "", num_inference_steps
                    width=width, **family_kw)
     run_s = time.perf_counter() - start
     a = rec.activations
-    f = pipe.vae_scale_factor
     H, W = out.images[0].height, out.images[0].width
     if family == "flux":                       # packed (B, h/2 * w/2, 4C) -> (B, C, h, w)
         from refldm.models.flux_transformer import unpack_latents

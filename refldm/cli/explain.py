@@ -86,6 +86,7 @@ def run_explain(args) -> int:
     size = write_html(ex, path)
     for note in ex.notes:
         print(f"note: {note}")
-    print(f"wrote {path} ({size / 1e6:.2f} MB; {ex.steps} steps, {len(ex.shown_tokens) if ex.attention else 0} token maps, "
+    maps = len(ex.shown_tokens) if ex.attention else 0      # SD3 / FLUX: no maps (the page says why)
+    print(f"wrote {path} ({size / 1e6:.2f} MB; {ex.steps} steps, {maps} token maps, "
           f"{ex.cost['run_s']:.1f} s)")
     return 0
