@@ -148,3 +148,110 @@ def test_browser_checks_catch_a_broken_page(tmp_path):
     found, console = _checks(exe, tmp_path, bad, "bad.html")
     assert found["broken"] == ["broken", ""] and found["missing_alt"] == 1
     assert any("boom" in e for e in found["errors"]) and any("boom" in line for line in console)
+
+
+# -- SDXL: two text encoders, the SDXL latent-to-RGB factors and VAE scaling -------------------------------------
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory):
+    """refldm's own tiny SDXL base (refldm/crosscheck/tiny.py: NumPy only, VAE scaling factor 0.13025)."""
+    from refldm.crosscheck.tiny import build
+    return build("sdxl", tmp_path_factory.mktemp("xl") / "sdxl")
+
+
+def test_sdxl_page_from_the_cli(sdxl_folder, tmp_path, capsys):
+    path = tmp_path / "xl.html"
+    assert main(["explain", "-p", "a red circle", "-m", sdxl_folder, "-o", str(path), "--steps", "3"]) == 0
+    assert "note: no negative prompt: the unconditional half gets zero text embeddings" in capsys.readouterr().out
+    text = path.read_text(encoding="utf-8")
+    assert '<b id="steps">3</b>' in text and "Sampler: Euler" in text
+    assert re.findall(r"<h3>token \d+: (\w+)</h3>", text) == ["a", "red", "circle"]      # the first tokenizer's
+    assert "CLIPTextModel (8 wide) + CLIPTextModelWithProjection (16 wide)" in text and "24 features" in text
+    assert "77 tokens x 24" in text and "plus the 6 time ids" in text
+    for tag in re.findall(r"<img\b[^>]*>", text):
+        assert re.search(r'\salt="[^"]+"', tag), tag[:80]
+    assert "Original size: 16x16" in text or "Size: 16x16" in text
+
+
+def test_sdxl_explanation_previews_maps_and_sigmas(sdxl_folder):
+    from refldm.analysis.explain import explain
+    from refldm.core.images import to_uint8
+    from refldm.models.latent_rgb import latent_to_rgb
+    from refldm.pipelines.preview import decode_preview
+    from refldm.pipelines.sdxl import StableDiffusionXLPipeline
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
+    ex = explain(pipe, "a red circle", num_inference_steps=3, negative_prompt="blue")
+    assert not ex.notes and ex.latent_shape == (1, 4, 4, 4) and ex.text_shape == (77, 24)
+    # Euler's last step lands on its x_0 estimate (sigma_next = 0): the preview decodes as the image does,
+    # through the SDXL VAE's scaling factor
+    np.testing.assert_array_equal(ex.step_images[-1]["x0"], np.asarray(ex.image))
+    sched = pipe.make_scheduler()
+    sched.set_timesteps(3)
+    np.testing.assert_allclose(ex.sigmas, np.asarray(sched.sigmas)[:3], rtol=1e-6)   # sigma per step
+    assert ex.sigmas[0] > ex.sigmas[1] > ex.sigmas[2] > 0
+    for hw, m in ex.attention.items():                  # probabilities over the 77 tokens at every pixel
+        assert m.shape == (77, *hw)
+        np.testing.assert_allclose(m.sum(axis=0), 1.0, atol=1e-6)
+    # the linear preview takes SDXL's factors (scaling factor 0.13025), not SD 1.x's
+    z = np.random.default_rng(0).standard_normal((1, 4, 4, 4))
+    want = np.repeat(np.repeat(to_uint8(latent_to_rgb(z, "sdxl")), 4, axis=1), 4, axis=2)
+    np.testing.assert_array_equal(decode_preview(pipe, z, "linear"), want)
+    assert not np.array_equal(want, np.repeat(np.repeat(to_uint8(latent_to_rgb(z, "sd1")), 4, axis=1), 4, axis=2))
+    from refldm.analysis.attention_maps import attention_maps      # the Python API takes SDXL too
+    maps = attention_maps(pipe, "a red circle", num_inference_steps=3, negative_prompt="blue", guidance_scale=3.0,
+                          seed=0, progress=False)
+    assert maps.tokens == ["a", "red", "circle"]
+    np.testing.assert_allclose(maps.maps[(2, 2)].mean(axis=0)[0], ex.attention[(2, 2)], atol=1e-6)  # same run
+
+
+@pytest.mark.slow
+def test_sdxl_page_in_headless_chromium(tmp_path):
+    """An SDXL page (a tiny base built by diffusers) opened from a file: every image decodes, no errors."""
+    from tests.test_sdxl_pipeline import build_tiny_sdxl
+    exe = _chromium()
+    folder = build_tiny_sdxl(tmp_path / "xl", seed=0)
+    path = tmp_path / "xl.html"
+    assert main(["explain", "-p", "a red circle", "-m", folder, "-o", str(path), "--steps", "2"]) == 0
+    found, console = _checks(exe, tmp_path, path.read_text(encoding="utf-8"), "probe.html")
+    assert found["images"] >= 2 * 5 + 1 and found["broken"] == [] and found["missing_alt"] == 0
+    assert found["errors"] == [] and console == []
+    assert "a red circle" in found["text"] and "Steps: 2" in found["text"] and "text encoders" in found["text"]
+
+
+# -- SD3 and FLUX: flow matching (sigma per step, x_0 = x_t - sigma v), no maps of the joint attention ---------------
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_model_pages_show_sigma_and_say_there_are_no_maps(family, tmp_path, capsys):
+    """Tiny SD3 / FLUX folders built by diffusers: the page names sigma = t / 1000 per step, decodes x_0 = x_t -
+    sigma v (at the last step that is the image: Euler's last step goes to sigma = 0) and says why no maps."""
+    from refldm.analysis.explain import explain
+    if family == "sd3":
+        from refldm.pipelines.sd3 import StableDiffusion3Pipeline as cls
+        from tests.test_sd3_pipeline import build_tiny_sd3 as build
+    else:
+        from refldm.pipelines.flux import FluxPipeline as cls
+        from tests.test_flux_pipeline import build_tiny_flux as build
+    folder = build(tmp_path / family)
+    path = tmp_path / "flow.html"
+    assert main(["explain", "-p", "a red circle", "-m", str(folder), "-o", str(path), "--steps", "3",
+                 "-W", "32", "-H", "32"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: attention maps are not drawn" in printed and "3 steps, 0 token maps" in printed
+    text = path.read_text(encoding="utf-8")
+    assert '<b id="steps">3</b>' in text and "sigma = t / 1000" in text and 'id="no-maps"' in text
+    assert "1 a, 2 red, 3 circle" in text and "<h3>token" not in text
+    pipe = cls.from_pretrained(folder)
+    ex = explain(pipe, "a red circle", num_inference_steps=3, height=32, width=32)
+    assert ex.family == family and ex.attention == {} and ex.latent_shape[1] == 16
+    assert ex.sigmas[0] == 1.0 and ex.sigmas[0] > ex.sigmas[1] > ex.sigmas[2] > 0
+    np.testing.assert_allclose(np.asarray(ex.timesteps) / 1000, ex.sigmas)
+    last = np.abs(ex.step_images[-1]["x0"].astype(int) - np.asarray(ex.image, int))
+    assert last.max() <= 1                                   # x_0 = x_t - sigma v in float64 vs the float32 step
+    first = np.abs(ex.step_images[0]["x0"].astype(int) - np.asarray(ex.image, int))
+    assert first.max() > last.max()                          # and it is an estimate, not the image, early on
+    if family == "sd3":
+        assert ex.cost["unet_flops"] > 0 and "eps_u" in ex.step_images[0]            # CFG: v_u and v_c
+        assert "v_c - v_u" in text and "MMDiT, per step" in text
+    else:
+        assert ex.cost["unet_flops"] is None and "eps_u" not in ex.step_images[0]   # distilled: no v_u
+        assert "not counted" in text and "guidance-distilled" in text

@@ -330,3 +330,19 @@ def test_the_clip_tokenizer_folder_is_refused_in_one_line():
     import os
     with pytest.raises(TokenizerError, match=r"no tokenizer.json nor spiece.model \(found .*: not a T5 tokenizer\)"):
         T5TokenizerFast.from_pretrained(os.path.join(DEFAULT_MODEL, "tokenizer"))
+
+
+def test_max_length_is_bounded_as_the_clip_tokenizers(tmp_path):
+    """Padding to a huge max_length would fill the memory: over 65,536 tokens is one clear line, as CLIP's."""
+    from refldm.models.tokenizer import MAX_LENGTH
+    tok = T5TokenizerFast.from_pretrained(write_folder(tmp_path / "t"))
+    assert tok("ab", padding="max_length", max_length=MAX_LENGTH)["input_ids"].shape == (1, MAX_LENGTH)
+    for bad in (MAX_LENGTH + 1, 10 ** 12):
+        with pytest.raises(TokenizerError, match=rf"T5TokenizerFast: max_length={bad} is over 65536 tokens$"):
+            tok("ab", padding="max_length", max_length=bad)
+    with pytest.raises(TokenizerError, match=r"model_max_length=65537 must be an integer from 1 to 65536$"):
+        T5TokenizerFast.from_pretrained(write_folder(tmp_path / "big", config={"model_max_length": MAX_LENGTH + 1}))
+    for k, unset in enumerate((1e30, int(1e30), 10 ** 40)):  # transformers' "no limit": max_length must be given
+        t = T5TokenizerFast.from_pretrained(write_folder(tmp_path / f"u{k}", config={"model_max_length": unset}))
+        with pytest.raises(TokenizerError, match="sets no model_max_length"):
+            t("ab", padding="max_length")

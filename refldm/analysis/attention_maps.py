@@ -26,7 +26,8 @@ import numpy
 
 from refldm.core import ops, record
 
-__all__ = ["AttentionMaps", "ATTENTION_PATTERNS", "from_recording", "attention_maps", "prompt_tokens"]
+__all__ = ["AttentionMaps", "ATTENTION_PATTERNS", "from_recording", "attention_maps", "prompt_tokens", "prompt_ids",
+           "map_tokenizer"]
 
 # what a recording must keep for the maps: the queries and keys of every cross-attention layer
 ATTENTION_PATTERNS = ("steps.*.unet.*attn2.to_q", "steps.*.unet.*attn2.to_k")
@@ -105,13 +106,30 @@ def from_recording(activations: dict, unet, latent_hw, conditional: slice | None
     return maps, layers
 
 
-def prompt_tokens(pipe, prompt: str) -> list:
-    """The prompt's token strings as the text encoder sees them, without BOS, EOS and padding ("red", ...)."""
+def map_tokenizer(pipe):
+    """The tokenizer whose tokens the maps are over: ``pipe.tokenizer`` (SDXL: the first of its two, CLIP ViT-L's;
+    the context is [enc1(prompt), enc2(prompt)] along the features, one row per token position, and both
+    CLIP tokenizers split a prompt alike), or ``tokenizer_2`` for an SDXL refiner, which has that one alone."""
     tok = getattr(pipe, "tokenizer", None)
+    return tok if tok is not None else getattr(pipe, "tokenizer_2", None)
+
+
+def prompt_ids(pipe, prompt: str) -> list:
+    """The prompt's token ids as the map tokenizer gives them: [BOS] + ids + [EOS] + padding."""
+    tok = map_tokenizer(pipe)
     if tok is None:
         raise ValueError(f"{getattr(pipe, 'name', 'the model')}: has no tokenizer, so its tokens cannot be named")
-    ids = [int(i) for i in pipe.tokenize([prompt])[0]]
-    eos = ids.index(ids[-1]) if ids[-1] in ids[1:] else len(ids)
+    if hasattr(pipe, "tokenize") and tok is getattr(pipe, "tokenizer", None):
+        return [int(i) for i in pipe.tokenize([prompt])[0]]
+    return [int(i) for i in tok([prompt], padding="max_length", truncation=True, return_tensors="np")["input_ids"][0]]
+
+
+def prompt_tokens(pipe, prompt: str) -> list:
+    """The prompt's token strings as the text encoder sees them, without BOS, EOS and padding ("red", ...)."""
+    tok = map_tokenizer(pipe)
+    ids = prompt_ids(pipe, prompt)
+    end = getattr(tok, "eos_token_id", ids[-1])                   # (a tokenizer padding with "!" ends in "!")
+    eos = ids.index(end, 1) if end in ids[1:] else len(ids)
     words = tok.convert_ids_to_tokens(ids[1:eos])
     return [w.replace("</w>", "") for w in words]
 

@@ -26,10 +26,10 @@ import time
 
 import numpy
 
-from refldm.analysis.attention_maps import ATTENTION_PATTERNS, from_recording, prompt_tokens
+from refldm.analysis.attention_maps import ATTENTION_PATTERNS, from_recording, map_tokenizer, prompt_ids, prompt_tokens
 from refldm.core import record
 
-__all__ = ["Explanation", "explain", "render_html", "write_html", "DEFAULT_STEPS", "DEFAULT_CFG"]
+__all__ = ["Explanation", "explain", "family_of", "render_html", "write_html", "DEFAULT_STEPS", "DEFAULT_CFG"]
 
 DEFAULT_STEPS = 10
 DEFAULT_CFG = 3.0   # the built-in model's best guidance for colour (docs/default-model.md)
@@ -64,6 +64,8 @@ class Explanation:
     image: object                # the final PIL image
     parameters: str              # its PNG parameters text
     timings: dict
+    conditioning: list = dataclasses.field(default_factory=list)  # extra (name, what) rows: SDXL's text parts
+    family: str = "sd"           # "sd", "sdxl", "sd3" or "flux" (`family_of`)
 
 
 # -- colour maps --------------------------------------------------------------------------------------------------
@@ -119,21 +121,55 @@ def _sigmas(sched, timesteps) -> list:
     return [float(math.sqrt((1 - abar[int(t)]) / abar[int(t)])) for t in numpy.asarray(timesteps)]
 
 
+def family_of(pipe) -> str:
+    """"sd" (SD 1.x / 2.x and the built-in model), "sdxl", "sd3" or "flux", from the pipeline's parts."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None:
+        return "flux" if hasattr(pipe, "latent_size") else "sd3"
+    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+
+
+def _call_arguments(pipe, family: str, negative_prompt, guidance_scale, sampler, notes) -> dict:
+    """The family's own keyword arguments for one call (the rest are shared)."""
+    if family != "flux":
+        return dict(negative_prompt=negative_prompt or None, guidance_scale=guidance_scale, sampler=sampler)
+    if sampler is not None:
+        raise ValueError(f"sampler={sampler!r}: the FLUX pipeline runs its own flow Euler sampler; leave it out")
+    if negative_prompt:
+        notes.append("the negative prompt is ignored: FLUX is guidance-distilled (one prediction per step, no "
+                     "unconditional half)")
+    if pipe.transformer.config.guidance_embeds:              # dev: the guidance value is an input; schnell: none
+        notes.append(f"guidance {guidance_scale:g} enters the transformer as an input (FLUX-dev is guidance-"
+                     "distilled): one prediction per step, no unconditional half to subtract")
+        return dict(guidance_scale=guidance_scale)
+    notes.append("no guidance: this FLUX transformer takes no guidance input (schnell) and the page runs no "
+                 "unconditional half")
+    return {}
+
+
 def explain(pipe, prompt: str, *, negative_prompt: str = "", num_inference_steps: int = DEFAULT_STEPS,
             guidance_scale: float = DEFAULT_CFG, seed: int = 0, sampler: str | None = None, tokens=None,
             decoder: str = "vae", height: int | None = None, width: int | None = None) -> Explanation:
     """Run `pipe` once on `prompt` with the recording on and collect what the page shows.
 
-    tokens: the token slots to map (1 = the first token of the prompt); default all of the prompt's. Slots
-    beyond the prompt are left out with a note. decoder: how latents become pictures ("vae", "linear",
-    "tiny", as `refldm.pipelines.preview`)."""
-    from refldm.analysis.cost import count_unet, count_vae
+    pipe: an SD 1.x / 2.x, SDXL, SD3 or FLUX text-to-image pipeline. tokens: the token slots to map (1 = the
+    first token of the prompt); default all of the prompt's. Slots beyond the prompt are left out with a note.
+    decoder: how latents become pictures ("vae", "linear", "tiny", as `refldm.pipelines.preview`).
+
+    The flow-matching families (SD3, FLUX) predict a velocity v with x_t = (1 - sigma) x_0 + sigma e, so
+    x_0 = x_t - sigma v and sigma = t / 1000; their attention is joint (text and image tokens in one softmax,
+    after per-head norms and, in FLUX, rotary positions), and the page says that its maps are not drawn."""
     from refldm.pipelines.preview import decode_preview
-    if getattr(pipe, "tokenizer", None) is None or not hasattr(pipe, "tokenize"):
+    if map_tokenizer(pipe) is None:
         raise ValueError(f"{getattr(pipe, 'name', 'the model')}: has no tokenizer; explain names the prompt's "
-                         "tokens and needs one (an SD 1.x / 2.x pipeline with tokenizer/)")
+                         "tokens and needs one (an SD 1.x / 2.x, SDXL, SD3 or FLUX pipeline with tokenizer/)")
+    family = family_of(pipe)
+    flow = family in ("sd3", "flux")
     words = prompt_tokens(pipe, prompt)
-    notes = []
+    notes, conditioning = [], _sdxl_conditioning(pipe, prompt) if family == "sdxl" else []
+    if family == "sdxl" and not negative_prompt and getattr(pipe, "force_zeros_for_empty_prompt", False):
+        notes.append("no negative prompt: the unconditional half gets zero text embeddings, not the encoding of "
+                     "\"\" (SDXL's force_zeros_for_empty_prompt, as diffusers)")
     if tokens is None:
         shown = list(range(1, len(words) + 1))
     else:
@@ -143,30 +179,47 @@ def explain(pipe, prompt: str, *, negative_prompt: str = "", num_inference_steps
                 shown.append(int(k))
             else:
                 notes.append(f"token {k} ignored: the prompt has {len(words)} tokens (1..{len(words)})")
-    sched = pipe.make_scheduler(sampler)
-    sched.set_timesteps(num_inference_steps)
+    family_kw = _call_arguments(pipe, family, negative_prompt, guidance_scale, sampler, notes)
     start = time.perf_counter()
-    with record.Recorder(include=ATTENTION_PATTERNS + STEP_PATTERNS) as rec:
-        out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, seed=seed, sampler=sampler, progress=False, height=height,
-                   width=width)
+    with record.Recorder(include=(() if flow else ATTENTION_PATTERNS) + STEP_PATTERNS) as rec:
+        out = pipe(prompt, num_inference_steps=num_inference_steps, seed=seed, progress=False, height=height,
+                   width=width, **family_kw)
     run_s = time.perf_counter() - start
     a = rec.activations
-    latents = numpy.asarray(out.latents)
+    H, W = out.images[0].height, out.images[0].width
+    if family == "flux":                       # packed (B, h/2 * w/2, 4C) -> (B, C, h, w)
+        from refldm.models.flux_transformer import unpack_latents
+        h_lat, w_lat = pipe.latent_size(H, W)
+
+        def unpack(z):
+            return unpack_latents(numpy.asarray(z), h_lat, w_lat)
+    else:
+        def unpack(z):
+            return numpy.asarray(z)
+    latents = unpack(out.latents)
     b, c, h, w = latents.shape
-    guided = guidance_scale > 1.0
-    f = pipe.vae_scale_factor
     timesteps = [float(numpy.asarray(a[f"steps.{i}.timestep"])) for i in range(num_inference_steps)
                  if f"steps.{i}.timestep" in a]
     n = len(timesteps)
+    guided = n > 0 and numpy.asarray(a["steps.0.noise_pred"]).shape[0] == 2 * b     # a [uncond; cond] batch
+    if flow:                                   # sigma = t / T: diffusers' flow timesteps are sigma * T
+        big_t = float(getattr(getattr(pipe.make_scheduler(), "config", None), "num_train_timesteps", 1000))
+        sigmas = [t / big_t for t in timesteps]
+    else:
+        sched = pipe.make_scheduler(sampler)
+        sched.set_timesteps(num_inference_steps)
+        sigmas = _sigmas(sched, sched.timesteps)[:n]
     images, stats = [], []
     for i in range(n):
-        x_in = numpy.asarray(a[f"steps.{i}.model_input"])[:b]
-        pred = numpy.asarray(a[f"steps.{i}.noise_pred"], numpy.float64)
+        x_in = unpack(numpy.asarray(a[f"steps.{i}.model_input"])[:b])
+        pred = unpack(numpy.asarray(a[f"steps.{i}.noise_pred"], numpy.float64))
         eps_u, eps_c = (pred[:b], pred[b:]) if guided else (None, pred)
-        x0 = a.get(f"steps.{i}.pred_original_sample")
+        if flow:                               # x_0 = x_t - sigma v, with the guided v the sampler steps with
+            x0 = x_in - sigmas[i] * unpack(numpy.asarray(a[f"steps.{i}.guided"], numpy.float64))
+        else:
+            x0 = a.get(f"steps.{i}.pred_original_sample")
         row = {"x_t": decode_preview(pipe, x_in, decoder)[0],
-               "x0": None if x0 is None else decode_preview(pipe, numpy.asarray(x0), decoder)[0]}
+               "x0": None if x0 is None else decode_preview(pipe, numpy.asarray(x0, x_in.dtype), decoder)[0]}
         scale = float(numpy.abs(pred).max())
         factor = max(1, 64 // max(h, w))
         row["eps_c"] = _channels(eps_c[0], scale, factor)
@@ -180,25 +233,76 @@ def explain(pipe, prompt: str, *, negative_prompt: str = "", num_inference_steps
                       diff_scale=dscale)
         images.append(row)
         stats.append(st)
-    maps, layers = from_recording(a, pipe.unet, (h, w), slice(b, 2 * b) if guided else None)
-    attention = {hw: m[:, 0].mean(axis=0) for hw, m in maps.items()}      # (S, h, w), mean over the steps
+    if flow:
+        attention, layers = {}, {}
+        notes.append(f"attention maps are not drawn for {FAMILY_NAMES[family]}: its attention is joint (one softmax "
+                     "over the text and image tokens together, after per-head norms"
+                     + (" and rotary positions" if family == "flux" else "") + "), which this page does not "
+                     "take apart yet; the tokens are listed")
+    else:
+        maps, layers = from_recording(a, pipe.unet, (h, w), slice(b, 2 * b) if guided else None)
+        attention = {hw: m[:, 0].mean(axis=0) for hw, m in maps.items()}      # (S, h, w), mean over the steps
     del rec, a
-    unet_count = count_unet(pipe.unet.config, h, w, 2 * b if guided else b,
-                            int(getattr(pipe.tokenizer, "model_max_length", 77) or 77))
-    _, decode_count = count_vae(pipe.vae.config, h * f, w * f, b)
-    text_shape = (int(getattr(pipe.tokenizer, "model_max_length", 77) or 77),
-                  int(pipe.unet.config.cross_attention_dim if not isinstance(pipe.unet.config.cross_attention_dim,
-                                                                             (list, tuple))
-                      else pipe.unet.config.cross_attention_dim[0]))
-    cost = {"unet_flops": unet_count.flops, "unet_by_kind": unet_count.flops_by_kind(),
-            "unet_by_block": unet_count.flops_by_block(), "decode_flops": decode_count.flops,
-            "unet_batch": 2 * b if guided else b, "largest_scores": unet_count.largest_scores,
-            "run_s": run_s}
-    gen = out.generation[0]
-    return Explanation(prompt, negative_prompt or "", n, float(guidance_scale), int(out.seed), gen.sampler,
-                       pipe.name, (h * f, w * f), (b, c, h, w), text_shape, words, shown, notes, timesteps,
-                       _sigmas(sched, sched.timesteps)[:n], cost, images, stats, attention, layers, out.images[0],
-                       out.parameters[0], dict(out.timings))
+    cost, text_shape = _cost(pipe, family, prompt, h, w, H, W, b, guided)
+    cost["run_s"] = run_s
+    gen = out.generation[0] if getattr(out, "generation", None) else None
+    sampler_label = gen.sampler if gen is not None else "Euler (flow)"
+    return Explanation(prompt, negative_prompt or "", n, float(guidance_scale), int(out.seed), sampler_label,
+                       pipe.name, (H, W), (b, c, h, w), text_shape, words, shown, notes, timesteps, sigmas, cost,
+                       images, stats, attention, layers, out.images[0], out.parameters[0], dict(out.timings),
+                       conditioning, family)
+
+
+FAMILY_NAMES = {"sd": "SD 1.x / 2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX"}
+
+
+def _cost(pipe, family: str, prompt: str, h: int, w: int, H: int, W: int, b: int, guided: bool):
+    """(the cost dict, the text embeddings' (tokens, width)) of one model call and the decode."""
+    from refldm.analysis.cost import count_sd3, count_unet, count_vae
+    batch = 2 * b if guided else b
+    _, decode_count = count_vae(pipe.vae.config, H, W, b)
+    cost = {"decode_flops": decode_count.flops, "unet_batch": batch, "model": "U-Net", "unet_flops": None,
+            "unet_by_kind": {}, "unet_by_block": {}, "largest_scores": None}
+    if family in ("sd", "sdxl"):
+        n_text = len(prompt_ids(pipe, prompt))                                  # 77 for CLIP
+        count = count_unet(pipe.unet.config, h, w, batch, n_text)
+        dim = pipe.unet.config.cross_attention_dim
+        text_shape = (n_text, int(dim[0] if isinstance(dim, (list, tuple)) else dim))
+    else:
+        config = pipe.transformer.config
+        t5 = 256 if family == "sd3" else 512               # the pipelines' default max_sequence_length
+        text_shape = (77 + t5 if family == "sd3" else t5, int(config.joint_attention_dim))
+        cost["model"] = "MMDiT" if family == "sd3" else "FLUX transformer"
+        if family != "sd3":
+            return cost, text_shape                        # refldm cost walks U-Nets and SD3's MMDiT only
+        count = count_sd3(dataclasses.asdict(config), h, w, batch, text_shape[0])
+    cost.update(unet_flops=count.flops, unet_by_kind=count.flops_by_kind(), unet_by_block=count.flops_by_block(),
+                largest_scores=count.largest_scores)
+    return cost, text_shape
+
+
+def _sdxl_conditioning(pipe, prompt: str) -> list:
+    """SDXL's text parts as (name, what) rows for the sizes table (empty for SD 1.x / 2.x), and a check that
+    the second tokenizer splits the prompt as the first does (the maps name the first one's tokens)."""
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return []
+    parts = [(tok, enc) for tok, enc in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))
+             if enc is not None]
+    widths = [int(enc.config.hidden_size) for _, enc in parts]
+    rows = [("text encoders", " + ".join(f"{type(enc).__name__} ({w} wide)" for (_, enc), w in zip(parts, widths))
+             + f": their penultimate layers side by side, {sum(widths)} features per token "
+             "(docs/sdxl.md); the maps below are over the first tokenizer's tokens"),
+            ("pooled text", f"{pipe.text_encoder_2.config.projection_dim} features (text_encoder_2's projection) "
+             + ("plus the 5 time ids (size, crop, aesthetic score)" if getattr(pipe, "requires_aesthetics_score", False)
+                else "plus the 6 time ids (sizes and crop)") + ", added to the timestep embedding")]
+    if len(parts) == 2:
+        ids = [[int(i) for i in tok([prompt], padding="max_length", truncation=True, return_tensors="np")
+                ["input_ids"][0]] for tok, _ in parts]
+        cut = [row[:row.index(tok.eos_token_id, 1) + 1] if tok.eos_token_id in row[1:] else row
+               for row, (tok, _) in zip(ids, parts)]
+        if cut[0] != cut[1]:
+            rows.append(("note", "the two tokenizers split this prompt differently; the maps follow the first"))
+    return rows
 
 
 # -- the page -----------------------------------------------------------------------------------------------------
@@ -279,47 +383,64 @@ def render_html(ex: Explanation) -> str:
         out.append(f'<p class="note">Note: {e(note)}</p>')
     # sizes and cost
     cost = ex.cost
+    net = e(cost.get("model", "U-Net"))
+    flow = ex.family in ("sd3", "flux")
     kinds = ", ".join(f"{k} {_gflops(v)}" for k, v in cost["unet_by_kind"].items())
     blocks = "".join(f"<tr><td>{e(k)}</td><td>{_gflops(v)}</td></tr>" for k, v in cost["unet_by_block"].items())
     out += ["<h2>Sizes and cost</h2><table>",
             f"<tr><th>image</th><td>{W} x {H} pixels, 3 channels</td></tr>",
             f"<tr><th>latents</th><td>{b} x {c} x {h} x {w} (the VAE's factor {H // h} per side)</td></tr>",
             f"<tr><th>text embeddings</th><td>{ex.text_shape[0]} tokens x {ex.text_shape[1]}</td></tr>",
-            f"<tr><th>U-Net batch</th><td>{cost['unet_batch']} (unconditional and conditional together)</td></tr>",
-            f"<tr><th>U-Net, per step</th><td>{_gflops(cost['unet_flops'])} ({kinds})</td></tr>",
-            f"<tr><th>U-Net, all {ex.steps} steps</th><td>{_gflops(cost['unet_flops'] * ex.steps)}</td></tr>",
-            f"<tr><th>VAE decode</th><td>{_gflops(cost['decode_flops'])}</td></tr>",
-            f"<tr><th>largest attention matrix</th><td>{cost['largest_scores']:,} probabilities</td></tr>",
+            *(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in ex.conditioning),
+            f"<tr><th>{net} batch</th><td>{cost['unet_batch']} "
+            + ("(unconditional and conditional together)" if cost['unet_batch'] > b else "(no unconditional half)")
+            + "</td></tr>"]
+    if cost["unet_flops"] is None:
+        out.append(f"<tr><th>{net}, per step</th><td>not counted (refldm cost walks the U-Nets and SD3's MMDiT)"
+                   "</td></tr>")
+    else:
+        out += [f"<tr><th>{net}, per step</th><td>{_gflops(cost['unet_flops'])} ({kinds})</td></tr>",
+                f"<tr><th>{net}, all {ex.steps} steps</th><td>{_gflops(cost['unet_flops'] * ex.steps)}</td></tr>"]
+    out += [f"<tr><th>VAE decode</th><td>{_gflops(cost['decode_flops'])}</td></tr>",
+            *([f"<tr><th>largest attention matrix</th><td>{cost['largest_scores']:,} probabilities</td></tr>"]
+              if cost["largest_scores"] is not None else []),
             f"<tr><th>time (this run, recording on)</th><td>{cost['run_s']:.2f} s</td></tr>",
-            "</table>",
-            "<details><summary>U-Net FLOPs per block, one step (refldm cost)</summary><table>"
-            f"<tr><th>block</th><th>FLOPs</th></tr>{blocks}</table></details>"]
+            "</table>"]
+    if blocks:
+        out.append(f"<details><summary>{net} FLOPs per block, one step (refldm cost)</summary><table>"
+                   f"<tr><th>block</th><th>FLOPs</th></tr>{blocks}</table></details>")
     # schedule
     xs = list(range(1, ex.steps + 1))
     out += ["<h2>The schedule</h2>",
-            "<p>The timestep t and the noise level sigma = sqrt((1 - abar_t) / abar_t) the U-Net sees at each "
-            "step: large sigma first (mostly noise), small last.</p>",
+            ("<p>The timestep t and the noise level sigma = t / 1000 the transformer sees at each step (flow "
+             "matching: x_t = (1 - sigma) x_0 + sigma e, a straight line from the image to the noise): sigma = 1 "
+             "first (pure noise), small last.</p>" if flow else
+             "<p>The timestep t and the noise level sigma = sqrt((1 - abar_t) / abar_t) the U-Net sees at each "
+             "step: large sigma first (mostly noise), small last.</p>"),
             _plot(xs, [("t", ex.timesteps, "#1f5fa8")], "timestep t per step", "t"), " ",
             _plot(xs, [("sigma", ex.sigmas, "#b0301c")], "noise level sigma per step (log scale)", "sigma",
                   log=True)]
     # the steps
+    p = "v" if flow else "eps"               # what the network predicts (the flow families: a velocity)
     out += ["<h2>Every step</h2>",
-            "<p>Per step: the noisy latent x_t as the U-Net sees it and the scheduler's estimate of the clean "
-            "image x_0 (both decoded); the unconditional prediction eps_u and the conditional eps_c (the "
+            f"<p>Per step: the noisy latent x_t as the {'transformer' if flow else 'U-Net'} sees it and the "
+            + ("estimate of the clean image x_0 = x_t - sigma v (both decoded); " if flow else
+               "scheduler's estimate of the clean image x_0 (both decoded); ")
+            + f"the unconditional prediction {p}_u and the conditional {p}_c (the "
             f"{c} latent channels side by side, blue negative, red positive, one scale per step); and "
-            "eps_c - eps_u, what the prompt changes (its own scale). Guidance adds (w - 1)(eps_c - eps_u) to "
-            "eps_c: eps = eps_u + w (eps_c - eps_u).</p>",
-            "<table><tr><th>step</th><th>x_t</th><th>x_0 estimate</th><th>eps_u</th><th>eps_c</th>"
-            "<th>eps_c - eps_u</th></tr>"]
+            f"{p}_c - {p}_u, what the prompt changes (its own scale). Guidance adds (w - 1)({p}_c - {p}_u) to "
+            f"{p}_c: {p} = {p}_u + w ({p}_c - {p}_u).</p>",
+            f"<table><tr><th>step</th><th>x_t</th><th>x_0 estimate</th><th>{p}_u</th><th>{p}_c</th>"
+            f"<th>{p}_c - {p}_u</th></tr>"]
     for i, (row, st) in enumerate(zip(ex.step_images, ex.step_stats)):
         t = ex.timesteps[i]
         cells = [f"<td>{i + 1}<br>t = {t:g}<br>sigma = {ex.sigmas[i]:.3g}</td>",
                  f"<td>{_png(row['x_t'], f'step {i + 1}: noisy latent x_t, decoded', show // 2)}</td>",
                  "<td>" + (_png(row['x0'], f"step {i + 1}: predicted x_0, decoded", show // 2)
                            if row["x0"] is not None else "(this sampler gives no x_0 estimate)") + "</td>"]
-        for key, label, rms in (("eps_u", "unconditional prediction eps_u", "rms_u"),
-                                ("eps_c", "conditional prediction eps_c", "rms_c"),
-                                ("diff", "eps_c - eps_u", "rms_diff")):
+        for key, label, rms in (("eps_u", f"unconditional prediction {p}_u", "rms_u"),
+                                ("eps_c", f"conditional prediction {p}_c", "rms_c"),
+                                ("diff", f"{p}_c - {p}_u", "rms_diff")):
             if key in row:
                 cells.append(f"<td>{_png(row[key], f'step {i + 1}: {label}')}<br>rms {st[rms]:.3g}</td>")
             else:
@@ -327,18 +448,24 @@ def render_html(ex: Explanation) -> str:
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</table>")
     if ex.step_stats and "rms_diff" in ex.step_stats[0]:
-        out.append(_plot(xs, [("rms eps_c", [s["rms_c"] for s in ex.step_stats], "#1f5fa8"),
-                              ("rms (eps_c - eps_u)", [s["rms_diff"] for s in ex.step_stats], "#b0301c")],
+        out.append(_plot(xs, [(f"rms {p}_c", [s["rms_c"] for s in ex.step_stats], "#1f5fa8"),
+                              (f"rms ({p}_c - {p}_u)", [s["rms_diff"] for s in ex.step_stats], "#b0301c")],
                          "how much the prompt changes the prediction", "rms", log=True))
     # attention
+    if not ex.attention:                     # the flow families: joint attention, not taken apart here
+        out += ["<h2>Where each word looks</h2>",
+                f'<p id="no-maps">Attention maps are not shown for {FAMILY_NAMES.get(ex.family, ex.family)} models: '
+                "the text and image tokens share one softmax (joint attention), so a map per word would need the "
+                "image-to-text block of it taken apart, which this page does not do yet. The prompt's tokens (the "
+                "first tokenizer's): " + ", ".join(f"{k} {e(t)}" for k, t in enumerate(ex.tokens, 1)) + ".</p>"]
     finest = sorted(ex.attention, key=lambda hw: -hw[0] * hw[1])
-    out += ["<h2>Where each word looks</h2>",
+    out += [] if not ex.attention else ["<h2>Where each word looks</h2>",
             "<p>The cross-attention probabilities softmax(Q K^T / sqrt(d)) from every pixel to each prompt token, "
             "averaged over the heads, over the layers at one resolution and over the steps (brighter: more "
             "attention; each map stretched from its own minimum to its maximum, which the caption gives). Resolutions: "
             + ", ".join(f"{a} x {bb} ({len(ex.attention_layers[(a, bb)])} layers)" for a, bb in finest) + ".</p>"]
     final = numpy.asarray(ex.image.convert("RGB"), numpy.float64)
-    for slot in ex.shown_tokens:
+    for slot in ex.shown_tokens if ex.attention else ():
         word = ex.tokens[slot - 1]
         figs = []
         for hw in finest:

@@ -23,7 +23,8 @@ def register(subparsers) -> None:
     p.add_argument("-p", "--prompt", required=True, help="the prompt")
     p.add_argument("-n", "--negative", default="", help="the negative prompt (default empty)")
     p.add_argument("-m", "--model", default=None,
-                   help="an SD 1.x / 2.x diffusers folder or .safetensors file (default: the built-in model)")
+                   help="an SD 1.x / 2.x, SDXL, SD3 or FLUX diffusers folder, or a .safetensors file (default: the "
+                        "built-in model)")
     p.add_argument("-o", "--output", default="explain.html", help="the page to write (default explain.html)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
     p.add_argument("--cfg", type=float, default=DEFAULT_CFG, help=f"guidance scale (default {DEFAULT_CFG:g})")
@@ -42,9 +43,33 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_explain)
 
 
+KINDS = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+
+
+def _load(args):
+    """The text-to-image pipeline of -m (a FLUX folder too), refused naming it when explain cannot take it."""
+    import os
+    from refldm.cli.common import load_pipeline
+    from refldm.pipelines.flux import FluxPipeline, is_flux_folder
+    if args.model is not None and os.path.isdir(args.model) and is_flux_folder(args.model):
+        pipe = FluxPipeline.from_pretrained(args.model, dtype=args.dtype)
+    else:
+        pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer, dtype=args.dtype)
+    if type(pipe).__name__ not in KINDS:
+        raise ValueError(f"{args.model}: a {type(pipe).__name__}; explain takes SD 1.x / 2.x, SDXL, SD3 and FLUX "
+                         "text-to-image models")
+    if args.decoder == "linear":
+        from refldm.models.latent_rgb import family_of
+        try:
+            family_of(pipe.vae.config, pipe.name)
+        except ValueError as e:
+            raise ValueError(f"--decoder linear: {e}".replace("preview='vae'", "--decoder vae")) from None
+    return pipe
+
+
 def run_explain(args) -> int:
     from refldm.analysis.explain import explain, write_html
-    from refldm.cli.common import load_pipeline, one_line_warnings
+    from refldm.cli.common import one_line_warnings
     from refldm.core.images import check_output
     check_text(args.prompt, "--prompt")
     check_text(args.negative, "--negative")
@@ -54,15 +79,14 @@ def run_explain(args) -> int:
     path = check_output(args.output, (".html", ".htm"), what="page")
     use_backend(args.backend)
     with one_line_warnings():
-        pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer, dtype=args.dtype)
-        if type(pipe).__name__ != "StableDiffusionPipeline":
-            raise ValueError(f"{args.model}: a {type(pipe).__name__}; explain takes SD 1.x / 2.x models")
+        pipe = _load(args)
         ex = explain(pipe, args.prompt, negative_prompt=args.negative, num_inference_steps=args.steps,
                      guidance_scale=args.cfg, seed=args.seed, sampler=args.sampler, tokens=args.token,
                      decoder=args.decoder, height=args.height, width=args.width)
     size = write_html(ex, path)
     for note in ex.notes:
         print(f"note: {note}")
-    print(f"wrote {path} ({size / 1e6:.2f} MB; {ex.steps} steps, {len(ex.shown_tokens)} token maps, "
+    maps = len(ex.shown_tokens) if ex.attention else 0      # SD3 / FLUX: no maps (the page says why)
+    print(f"wrote {path} ({size / 1e6:.2f} MB; {ex.steps} steps, {maps} token maps, "
           f"{ex.cost['run_s']:.1f} s)")
     return 0

@@ -140,8 +140,10 @@ def _preview_kwargs(args, pipe) -> dict:
     """The pipeline's preview arguments from the (checked) flags; a TAESD folder is loaded here."""
     if args.preview_every is None:
         return {}
-    if "preview_every" not in inspect.signature(type(pipe).__call__).parameters:
-        raise ValueError(f"--preview-every: {type(pipe).__name__} takes no previews (SD 1.x / 2.x pipelines do)")
+    call = getattr(type(pipe), "_generate", type(pipe).__call__)   # SD3 / FLUX: __call__(prompt, **kwargs)
+    if "preview_every" not in inspect.signature(call).parameters:
+        raise ValueError(f"--preview-every: {type(pipe).__name__} takes no previews "
+                         "(SD 1.x / 2.x, SDXL, SD3 and FLUX pipelines do)")
     if args.preview == "tiny":
         from refldm.models.autoencoder_tiny import AutoencoderTiny
         pipe.tiny_vae = AutoencoderTiny.from_pretrained(args.taesd, dtype=args.dtype or "float32")

@@ -13,6 +13,11 @@ The factors per family:
                     (comfy/latent_formats.py, class SD15) carry; no bias.
     sdxl            SDXL's VAE (scaling factor 0.13025): ComfyUI's comfy/latent_formats.py, class SDXL,
                     latent_rgb_factors and latent_rgb_factors_bias.
+    sd3             SD3 / SD3.5's 16-channel VAE (scaling factor 1.5305, shift 0.0609): ComfyUI's
+                    comfy/latent_formats.py, class SD3 (16 x 3 factors and a bias), for the latents the sampler
+                    sees, (z - shift) * scale.
+    flux            FLUX's 16-channel VAE (scaling factor 0.3611, shift 0.1159): the same file, class Flux; the
+                    latents unpacked from FLUX's 2x2 patches first (C = 16, not 64).
     refldm-default  refldm's built-in model: fitted by least squares on its own VAE decodes by
                     tools/fit_latent_rgb.py (48 images drawn by the model, DDIM 12 steps, guidance 3; the
                     decodes average-pooled to the 8x8 latent grid). Held-out RMS error 0.508 in the [-1, 1]
@@ -43,6 +48,22 @@ LATENT_RGB = {
                          [-0.3165, -0.2492, -0.2188]],
              "bias": [0.1084, -0.0175, -0.0011],
              "source": "ComfyUI comfy/latent_formats.py SDXL (latent_rgb_factors, latent_rgb_factors_bias)"},
+    "sd3": {"factors": [[-0.0922, -0.0175, 0.0749], [0.0311, 0.0633, 0.0954], [0.1994, 0.0927, 0.0458],
+                        [0.0856, 0.0339, 0.0902], [0.0587, 0.0272, -0.0496], [-0.0006, 0.1104, 0.0309],
+                        [0.0978, 0.0306, 0.0427], [-0.0042, 0.1038, 0.1358], [-0.0194, 0.0020, 0.0669],
+                        [-0.0488, 0.0130, -0.0268], [0.0922, 0.0988, 0.0951], [-0.0278, 0.0524, -0.0542],
+                        [0.0332, 0.0456, 0.0895], [-0.0069, -0.0030, -0.0810], [-0.0596, -0.0465, -0.0293],
+                        [-0.1448, -0.1463, -0.1189]],
+            "bias": [0.2394, 0.2135, 0.1925],
+            "source": "ComfyUI comfy/latent_formats.py SD3 (latent_rgb_factors, latent_rgb_factors_bias)"},
+    "flux": {"factors": [[-0.0346, 0.0244, 0.0681], [0.0034, 0.0210, 0.0687], [0.0275, -0.0668, -0.0433],
+                         [-0.0174, 0.0160, 0.0617], [0.0859, 0.0721, 0.0329], [0.0004, 0.0383, 0.0115],
+                         [0.0405, 0.0861, 0.0915], [-0.0236, -0.0185, -0.0259], [-0.0245, 0.0250, 0.1180],
+                         [0.1008, 0.0755, -0.0421], [-0.0515, 0.0201, 0.0011], [0.0428, -0.0012, -0.0036],
+                         [0.0817, 0.0765, 0.0749], [-0.1264, -0.0522, -0.1103], [-0.0280, -0.0881, -0.0499],
+                         [-0.1262, -0.0982, -0.0778]],
+             "bias": [-0.0329, -0.0718, -0.0851],
+             "source": "ComfyUI comfy/latent_formats.py Flux (latent_rgb_factors, latent_rgb_factors_bias)"},
     "refldm-default": {"factors": [[-0.4819, -0.4582, -0.4177],
                                    [-0.0906, -0.1772, -0.1838],
                                    [-0.2605, -0.2509, -0.2105],
@@ -54,15 +75,20 @@ LATENT_RGB = {
 
 def family_of(vae_config, name: str | None = None) -> str:
     """Which factors fit a model: the built-in model's own (`name` "refldm-default", as its pipeline is named, or
-    its folder), SDXL's (scaling factor 0.13025), else SD 1.x's."""
+    its folder); for 4 latent channels SDXL's (scaling factor 0.13025), else SD 1.x's; for 16, FLUX's (scaling
+    factor 0.3611), else SD3's."""
     from refldm.about import DEFAULT_MODEL
     if name == "refldm-default" or (name is not None and os.path.isdir(name)
                                     and os.path.realpath(name) == os.path.realpath(DEFAULT_MODEL)):
         return "refldm-default"
-    if getattr(vae_config, "latent_channels", 4) != 4:
-        raise ValueError(f"no linear latent-to-RGB factors for {vae_config.latent_channels} latent channels "
-                         "(refldm has them for 4-channel SD 1.x / 2.x / SDXL latents); use preview='vae'")
-    return "sdxl" if abs(float(getattr(vae_config, "scaling_factor", 0.18215)) - 0.13025) < 1e-6 else "sd1"
+    channels = getattr(vae_config, "latent_channels", 4)
+    scaling = float(getattr(vae_config, "scaling_factor", 0.18215))
+    if channels == 16:
+        return "flux" if abs(scaling - 0.3611) < 1e-6 else "sd3"
+    if channels != 4:
+        raise ValueError(f"no linear latent-to-RGB factors for {channels} latent channels (refldm has them for "
+                         "the 4-channel SD 1.x / 2.x / SDXL and the 16-channel SD3 / FLUX latents); use preview='vae'")
+    return "sdxl" if abs(scaling - 0.13025) < 1e-6 else "sd1"
 
 
 def latent_to_rgb(latents, family: str = "sd1"):

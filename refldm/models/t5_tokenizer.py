@@ -44,7 +44,7 @@ import numpy as np
 
 from refldm.backend import to_numpy
 from refldm.errors import TokenizerError
-from refldm.models.tokenizer import split_whole, tokenize_batch
+from refldm.models.tokenizer import MAX_LENGTH, split_whole, tokenize_batch
 
 __all__ = ["T5TokenizerFast", "TokenizerError", "CharsMap", "SentencePieceModel", "read_spiece_model",
            "graphemes", "viterbi"]
@@ -470,8 +470,10 @@ class T5TokenizerFast:
         self.special_ids = set(self.added.values())
         self.decoder = {i: p for i, p in enumerate(self.pieces)}
         self.decoder.update({i: t for t, i in self.added.items()})
-        if not isinstance(model_max_length, int) or model_max_length < 1:
-            raise TokenizerError(f"{source}: model_max_length={model_max_length!r} must be a positive integer")
+        if not isinstance(model_max_length, int) or isinstance(model_max_length, bool) or not (
+                1 <= model_max_length <= MAX_LENGTH or model_max_length == NO_LIMIT):
+            raise TokenizerError(f"{source}: model_max_length={model_max_length!r} must be an integer from 1 to "
+                                 f"{MAX_LENGTH}")
         self.model_max_length = model_max_length
         self._cache = {}
 
@@ -552,8 +554,8 @@ class T5TokenizerFast:
                                          "implements added tokens that are vocabulary pieces only")
                 added[content] = ids_of[content]
         limit = config.get("model_max_length", NO_LIMIT)
-        if isinstance(limit, float) and limit >= NO_LIMIT:
-            limit = NO_LIMIT
+        if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit >= NO_LIMIT:
+            limit = NO_LIMIT  # transformers' "no limit", written as 1e30 or as the integer
         return cls(vocab, unk_id=unk_id, byte_fallback=byte_fallback, charsmap=charsmap, added_tokens=added,
                    model_max_length=limit, source=source, **tokens)
 
@@ -659,6 +661,8 @@ class T5TokenizerFast:
         limit = self.model_max_length if max_length is None else max_length
         if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
             raise TokenizerError(f"T5TokenizerFast: max_length={max_length!r} must be a non-negative integer")
+        if max_length is not None and limit > MAX_LENGTH:                 # padding to it would fill the memory
+            raise TokenizerError(f"T5TokenizerFast: max_length={max_length} is over {MAX_LENGTH} tokens")
         if limit >= NO_LIMIT:
             raise TokenizerError("T5TokenizerFast: the folder sets no model_max_length; pass max_length "
                                  "(SD3 uses 256, FLUX 512)")

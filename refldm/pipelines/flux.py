@@ -36,7 +36,7 @@ from refldm.core.images import to_tensor, to_uint8, unscale_latents
 from refldm.pipelines.common import parameters_text
 from refldm.models.flux_transformer import latent_image_ids, pack_latents, unpack_latents
 from refldm.pipelines.sampling import sample
-from refldm.pipelines.sd import NonFiniteLatentsError, StableDiffusionPipelineOutput
+from refldm.pipelines.sd import StableDiffusionPipelineOutput
 
 __all__ = ["FluxPipeline", "FluxImg2ImgPipeline", "FLUX_PARTS", "is_flux_folder"]
 
@@ -44,6 +44,10 @@ __all__ = ["FluxPipeline", "FluxImg2ImgPipeline", "FLUX_PARTS", "is_flux_folder"
 FLUX_PARTS = {"transformer": "FluxTransformer2DModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel",
               "tokenizer": "CLIPTokenizer", "text_encoder_2": "T5EncoderModel", "tokenizer_2": "T5TokenizerFast",
               "scheduler": None}
+
+
+# the tensors a step callback may ask for (diffusers' FluxPipeline._callback_tensor_inputs)
+FLUX_CALLBACK_INPUTS = ("latents", "prompt_embeds")
 
 
 def is_flux_folder(folder) -> bool:
@@ -180,10 +184,18 @@ class FluxPipeline:
                   generator=None, latents=None, sigmas=None, max_sequence_length: int = 512, callback=None,
                   progress: bool = True, init=None, strength=None, rng: str | None = None,
                   sampler_rng: str | None = None, ensd: int | None = None, variation_seed: int | None = None,
-                  variation_strength: float | None = None, seed_resize_from=None) -> StableDiffusionPipelineOutput:
-        """rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from: the web UIs' noise for
-        the start (or the noise added to the image), on the unpacked latent (B, 16, h, w), as
-        `StableDiffusionPipeline` (`refldm.pipelines.common.start_noise`)."""
+                  variation_strength: float | None = None, seed_resize_from=None, callback_on_step_end=None,
+                  callback_on_step_end_tensor_inputs=None, preview_every: int | None = None, preview_dir=None,
+                  preview: str = "linear") -> StableDiffusionPipelineOutput:
+        """The call (see __call__). rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from:
+        the web UIs' noise for the start (or the noise added to the image), on the unpacked latent (B, 16, h, w),
+        as `StableDiffusionPipeline` (`refldm.pipelines.common.start_noise`). callback_on_step_end(pipe, i, t, callback_kwargs) with
+        callback_on_step_end_tensor_inputs: diffusers' step callback ("latents", packed as diffusers' FLUX hands
+        them, "prompt_embeds", and the step's predictions; x_0 = x_t - sigma v, `preview.FlowStepEnd`);
+        preview_every, preview_dir, preview: every N-th step's latent and x_0 as PNGs (unpacked; the linear
+        preview with FLUX's 16 x 3 factors)."""
+        from refldm.pipelines import common
+        from refldm.pipelines.preview import FlowStepEnd, check_preview, with_previews
         from refldm.core.random import Generator, randn
         from refldm.pipelines.common import check_noise, seed_brownian, start_noise
         timings = {}
@@ -201,6 +213,9 @@ class FluxPipeline:
             raise ValueError(f"max_sequence_length={max_sequence_length!r} must be an integer in [1, 512] (FLUX's "
                              "T5 limit)")
         options = check_noise(rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from)
+        common.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, FLUX_CALLBACK_INPUTS)
+        if preview_every is not None:
+            check_preview(preview_every, n, preview_dir, preview)
         guidance = self._guidance(guidance_scale)
         do_true_cfg = true_cfg_scale > 1 and negative_prompt is not None
         if not math.isfinite(float(true_cfg_scale)):
@@ -260,24 +275,26 @@ class FluxPipeline:
         # 3. the loop: v = transformer(x_t, c, y, t / 1000, ids, g); true CFG; x = x + (t' - t) v
         start = time.perf_counter()
         n_steps = len(timesteps)
+        if preview_every is not None:
+            callback_on_step_end, callback_on_step_end_tensor_inputs = with_previews(
+                self, n_steps, preview_every, preview_dir, preview, callback_on_step_end,
+                callback_on_step_end_tensor_inputs, unpack=lambda z: unpack_latents(z, h, w))
+        # after each step: the NaN guard, callback(i, t, x), diffusers' callback_on_step_end (with x_0)
+        after_step = FlowStepEnd(common.StepEnd(self, n_steps, callback, callback_on_step_end,
+                                                callback_on_step_end_tensor_inputs, {"prompt_embeds": context}),
+                                 getattr(sched.config, "num_train_timesteps", 1000))
+        tensors = after_step.tensors  # what the callback may replace
 
         def model_fn(x, t):
             # as diffusers: t cast to the latents' dtype, divided by 1000 there (the model multiplies back)
             t_in = numpy.full(x.shape[0], numpy.asarray(t, dtype=dtype) / numpy.asarray(1000, dtype=dtype))
             g = None if guidance is None else numpy.full(x.shape[0], guidance, dtype=numpy.float32)
             with record.scope("transformer"):
-                return self.transformer(x, context, pooled, t_in, img_ids, txt_ids, guidance=g)
+                return self.transformer(x, tensors["prompt_embeds"], pooled, t_in, img_ids, txt_ids, guidance=g)
 
-        def after_step(i, t, x):
-            xp = backend.array_namespace(x)
-            if not bool(xp.all(xp.isfinite(x))):
-                raise NonFiniteLatentsError(f"the latents hold NaN or inf after step {i + 1} of {n_steps} "
-                                            f"(timestep {float(t):g}); stopped. Try float32 rather than float16")
-            if callback is not None:
-                callback(i, t, x)
-
-        latents = sample(model_fn, sched, latents, timesteps, guidance_scale=true_cfg_scale if do_true_cfg else None,
-                         generator=sampler_generator, callback=after_step, progress=progress)
+        latents = sample(after_step.model(model_fn), sched, latents, timesteps,
+                         guidance_scale=true_cfg_scale if do_true_cfg else None, generator=sampler_generator,
+                         callback=after_step, progress=progress)
         timings["denoise"] = time.perf_counter() - start
 
         # 4. unpack, z = x_0 / scaling_factor + shift_factor, decode

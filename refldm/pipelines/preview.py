@@ -5,6 +5,7 @@ latents x_{t_{i+1}} and the scheduler's estimate of the clean latents,
 
     x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)      (DDPM-type schedules, eps-prediction)
     x_0 = x_t - sigma_t eps                                 (sigma-parameterised samplers: Euler, DPM++ ...)
+    x_0 = x_t - sigma_t v,  sigma_t = t / 1000              (flow matching, SD3 and FLUX: `flow_x0`)
 
 (docs/schedulers.md), and draws both with one of three decoders, cheapest first:
 
@@ -25,7 +26,7 @@ import numpy
 
 from refldm.core.images import to_uint8
 
-__all__ = ["KINDS", "check_preview", "decode_preview", "with_previews"]
+__all__ = ["KINDS", "check_preview", "decode_preview", "with_previews", "FlowStepEnd"]
 
 KINDS = ("linear", "tiny", "vae")
 
@@ -61,9 +62,10 @@ def decode_preview(pipe, latents, kind: str):
     return numpy.repeat(numpy.repeat(pixels, f, axis=1), f, axis=2)
 
 
-def with_previews(pipe, n_steps: int, every, folder, kind: str, callback=None, tensor_inputs=None):
+def with_previews(pipe, n_steps: int, every, folder, kind: str, callback=None, tensor_inputs=None, unpack=None):
     """(callback_on_step_end, tensor_inputs) that write the previews, then call the caller's `callback` (if
-    any) with the tensors it asked for; what the caller's callback returns is what the loop gets."""
+    any) with the tensors it asked for; what the caller's callback returns is what the loop gets.
+    unpack: latents as the loop holds them -> (B, C, h, w) (FLUX's packed 2x2 patches)."""
     from PIL import Image
     every = check_preview(every, n_steps, folder, kind)
     folder = os.fspath(folder)
@@ -74,6 +76,7 @@ def with_previews(pipe, n_steps: int, every, folder, kind: str, callback=None, t
         for name, z in (("latent", x), ("x0", x0)):
             if z is None:
                 continue
+            z = z if unpack is None else unpack(z)
             for k, pixels in enumerate(decode_preview(pipe, z, kind)):
                 suffix = f"-{k}" if len(z) > 1 else ""
                 Image.fromarray(pixels).save(os.path.join(folder, f"step-{i + 1:03d}-{name}{suffix}.png"))
@@ -86,3 +89,31 @@ def with_previews(pipe, n_steps: int, every, folder, kind: str, callback=None, t
         return callback(p, i, t, {k: kw[k] for k in wanted})
 
     return on_step_end, sorted(set(wanted) | {"latents", "pred_original_sample"})
+
+
+class FlowStepEnd:
+    """The step callback of the flow-matching pipelines (SD3, FLUX): `refldm.pipelines.common.StepEnd`, with the
+    estimate of the clean latents the flow schedulers do not return filled in from the last model call,
+
+        x_0 = x_t - sigma_t v,   sigma_t = t / T   (x_t = (1 - sigma) x_0 + sigma e, so v = e - x_0)
+
+    (x_t: that call's input, whose first B rows are the latents under CFG; v: the guided velocity the scheduler
+    stepped with; T: num_train_timesteps, diffusers' flow timesteps being sigma T). `model` wraps the model
+    function so that each call's input and timestep are kept."""
+
+    def __init__(self, step_end, big_t: float):
+        self.step_end, self.big_t, self.last = step_end, float(big_t), None
+        self.tensors = step_end.tensors
+
+    def model(self, fn):
+        def call(x, t):
+            self.last = (x, t)
+            return fn(x, t)
+        return call
+
+    def __call__(self, i, t, x, step=None):
+        if step is not None and step.get("pred_original_sample") is None and self.step_end.on_step_end is not None \
+                and self.last is not None and step.get("noise_pred") is not None:
+            x_in, t_in = self.last
+            step = dict(step, pred_original_sample=x_in[:x.shape[0]] - (float(t_in) / self.big_t) * step["noise_pred"])
+        return self.step_end(i, t, x, step)

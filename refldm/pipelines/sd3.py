@@ -42,6 +42,8 @@ SD3_PARTS = {"transformer": "SD3Transformer2DModel", "vae": "AutoencoderKL",
              "text_encoder_2": "CLIPTextModelWithProjection", "tokenizer_2": "CLIPTokenizer",
              "text_encoder_3": "T5EncoderModel", "tokenizer_3": "T5TokenizerFast", "scheduler": None}
 T5_PARTS = ("text_encoder_3", "tokenizer_3")
+# the tensors a step callback may ask for (diffusers' names; the step's predictions are added by StepEnd)
+SD3_CALLBACK_INPUTS = ("latents", "prompt_embeds", "pooled_prompt_embeds")
 
 
 def _listed(index: dict, part: str) -> bool:
@@ -314,7 +316,10 @@ class StableDiffusion3Pipeline(common.DiffusionPipeline):
                   output_type: str = "pil", callback=None, progress: bool = True, image=None,
                   strength=None, rng: str | None = None, sampler_rng: str | None = None, ensd: int | None = None,
                   variation_seed: int | None = None, variation_strength: float | None = None,
-                  seed_resize_from=None) -> StableDiffusionPipelineOutput:
+                  seed_resize_from=None,
+                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=None,
+                  preview_every: int | None = None, preview_dir=None,
+                  preview: str = "linear") -> StableDiffusionPipelineOutput:
         """Generate images; diffusers' argument names and defaults (28 steps, guidance 7.0, 1024 x 1024).
 
         prompt_2 / prompt_3 go to CLIP-G / T5 (default: prompt); negative_prompt (and _2, _3) likewise.
@@ -323,8 +328,13 @@ class StableDiffusion3Pipeline(common.DiffusionPipeline):
         versions) or a FlowMatch class name. sigmas / mu: as diffusers' (custom t grid; dynamic-shift parameter).
         image + strength: img2img (StableDiffusion3Img2ImgPipeline). rng, sampler_rng, ensd, variation_seed,
         variation_strength, seed_resize_from: the web UIs' noise for the start (or the noise added to the image),
-        as `StableDiffusionPipeline` (`refldm.pipelines.common.start_noise`)."""
+        as `StableDiffusionPipeline` (`refldm.pipelines.common.start_noise`).
+        callback_on_step_end(pipe, i, t, callback_kwargs) / callback_on_step_end_tensor_inputs: diffusers' step
+        callback ("latents", "prompt_embeds", "pooled_prompt_embeds" and the step's predictions; x_0 = x_t - sigma v,
+        `refldm.pipelines.preview.FlowStepEnd`); preview_every, preview_dir, preview: every N-th step's latent and
+        x_0 as PNGs, as `StableDiffusionPipeline` (the linear preview with SD3's 16 x 3 factors)."""
         timings = {}
+        common.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, SD3_CALLBACK_INPUTS)
         size = None if image is not None else (self.default_size if height is None else height,
                                                self.default_size if width is None else width)
         call = common.prologue(prompt, negative_prompt, num_inference_steps, guidance_scale, seed, generator,
@@ -347,6 +357,9 @@ class StableDiffusion3Pipeline(common.DiffusionPipeline):
             height, width = call.height, call.width
         self.check_size(height, width)
         options = common.check_noise(rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from)
+        if preview_every is not None:
+            from refldm.pipelines.preview import check_preview
+            check_preview(preview_every, call.steps, preview_dir, preview)
         # as diffusers: prompt_2 / prompt_3 default to prompt; negative_prompt to "", its _2 / _3 to it
         prompts, texts = call.prompts, call.texts
         negs = call.negatives or [""] * call.batch
@@ -378,18 +391,24 @@ class StableDiffusion3Pipeline(common.DiffusionPipeline):
 
         # 3. the loop (refldm/pipelines/sampling.py): v = transformer(x_t, c, y, t); CFG; x = step(v)
         start = time.perf_counter()
-        guard = common.nan_guard(len(timesteps))
-
-        def after_step(i, t, x):
-            guard(i, t, x)
-            if callback is not None:
-                callback(i, t, x)
+        from refldm.pipelines.preview import FlowStepEnd, with_previews
+        if preview_every is not None:
+            callback_on_step_end, callback_on_step_end_tensor_inputs = with_previews(
+                self, len(timesteps), preview_every, preview_dir, preview, callback_on_step_end,
+                callback_on_step_end_tensor_inputs)
+        # after each step: the NaN guard, callback(i, t, x), diffusers' callback_on_step_end (with x_0)
+        after_step = FlowStepEnd(common.StepEnd(self, len(timesteps), callback, callback_on_step_end,
+                                                callback_on_step_end_tensor_inputs,
+                                                {"prompt_embeds": context, "pooled_prompt_embeds": pooled}),
+                                 getattr(sched.config, "num_train_timesteps", 1000))
+        tensors = after_step.tensors  # what the callback may replace
 
         def model_fn(x, t):
-            return self.transformer(x, context, pooled, t)
+            return self.transformer(x, tensors["prompt_embeds"], tensors["pooled_prompt_embeds"], t)
 
-        latents = sample(model_fn, sched, latents, timesteps, guidance_scale=guidance_scale if call.do_cfg else None,
-                         generator=generator, callback=after_step, progress=progress)
+        latents = sample(after_step.model(model_fn), sched, latents, timesteps,
+                         guidance_scale=guidance_scale if call.do_cfg else None, generator=generator,
+                         callback=after_step, progress=progress)
         timings["denoise"] = time.perf_counter() - start
 
         # 4. latents -> pixels (z = x_0 / scaling_factor + shift_factor, then the VAE decoder), parameters text

@@ -290,6 +290,20 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
             raise ValueError(f"denoising_start={start} must be below denoising_end={end}")
         return call, start, end
 
+    @staticmethod
+    def _check_previews(preview_every, n_steps, preview_dir, preview) -> None:
+        """The preview arguments, checked before any work (`refldm.pipelines.preview.check_preview`)."""
+        if preview_every is not None:
+            from refldm.pipelines.preview import check_preview
+            check_preview(preview_every, n_steps, preview_dir, preview)
+
+    def _previews(self, n_steps, preview_every, preview_dir, preview, callback_on_step_end, tensor_inputs):
+        """(callback_on_step_end, tensor_inputs), wrapped to write the previews when preview_every is set."""
+        if preview_every is None:
+            return callback_on_step_end, tensor_inputs
+        from refldm.pipelines.preview import with_previews
+        return with_previews(self, n_steps, preview_every, preview_dir, preview, callback_on_step_end, tensor_inputs)
+
     def _denoise(self, latents, sched, timesteps, context, text_embeds, time_ids, guidance_scale, guidance_rescale,
                  do_cfg, generator, callback, progress, denoising_end, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=None):
@@ -341,7 +355,8 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
                  callback_on_step_end_tensor_inputs=None, rng: str | None = None, sampler_rng: str | None = None,
                  ensd: int | None = None, variation_seed: int | None = None, variation_strength: float | None = None,
                  seed_resize_from=None, hires_scale: float | None = None, hires_steps: int | None = None,
-                 hires_denoise: float | None = None, hires_upscaler: str | None = None, hires_comfyui=None
+                 hires_denoise: float | None = None, hires_upscaler: str | None = None, hires_comfyui=None,
+                 preview_every: int | None = None, preview_dir=None, preview: str = "linear"
                  ) -> StableDiffusionPipelineOutput:
         """Text to image with diffusers' SDXL arguments and defaults (guidance 5.0, 1024x1024 for SDXL).
 
@@ -357,6 +372,8 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
         rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from: the web UIs' noise, and
         hires_scale, hires_steps, hires_denoise, hires_upscaler, hires_comfyui: A1111's hires fix, as in
         `StableDiffusionPipeline`; the second pass's time ids use the final size as original and target size.
+        preview_every, preview_dir, preview: every N-th step's latent and x_0 as PNGs, as `StableDiffusionPipeline`
+        (the linear preview with SDXL's latent-to-RGB factors).
         """
         common.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, SDXL_CALLBACK_INPUTS)
         size = (self.default_size if height is None else height, self.default_size if width is None else width)
@@ -370,6 +387,7 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
         noise = common.check_noise(rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from)
         hires = common.check_hires(hires_scale, hires_steps, hires_denoise, hires_upscaler, height, width,
                                    hires_comfyui)
+        self._check_previews(preview_every, call.steps, preview_dir, preview)
         if hires is not None and end is not None:
             raise ValueError("hires_scale and denoising_end: choose one (a hires pass finishes the image)")
         timings = {}
@@ -399,6 +417,9 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
         # 3. the loop (and the hires pass), 4. the decode
         start = time.perf_counter()
         first = common.first_pass_timesteps(sched.timesteps, hires, sched.order)
+        callback_on_step_end, callback_on_step_end_tensor_inputs = self._previews(
+            len(first), preview_every, preview_dir, preview, callback_on_step_end,
+            callback_on_step_end_tensor_inputs)
         latents = self._denoise(latents, sched, first, context, text_embeds, time_ids, guidance_scale,
                                 guidance_rescale, do_cfg, generator, callback, progress, end,
                                 callback_on_step_end, callback_on_step_end_tensor_inputs)
@@ -443,15 +464,17 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                  num_images_per_prompt: int = 1, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=None, rng: str | None = None, sampler_rng: str | None = None,
                  ensd: int | None = None, variation_seed: int | None = None, variation_strength: float | None = None,
-                 seed_resize_from=None) -> StableDiffusionPipelineOutput:
+                 seed_resize_from=None,
+                 preview_every: int | None = None, preview_dir=None,
+                 preview: str = "linear") -> StableDiffusionPipelineOutput:
         """Image to image with diffusers' SDXL arguments and defaults (strength 0.3, guidance 5.0).
 
         image: a PIL image / uint8 array (encoded by the VAE, then noised to the timestep `strength`
         selects), or latents (B or 1, 4, h, w), e.g. a base model's ``output_type="latent"`` output.
         denoising_start in (0, 1): skip the first part of the schedule and do not add noise (the latents
         are already that noisy); it replaces strength. aesthetic_score / negative_aesthetic_score: the
-        refiner's last time id (requires_aesthetics_score). Other arguments as StableDiffusionXLPipeline; the
-        web UIs' noise options (rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from)
+        refiner's last time id (requires_aesthetics_score). Other arguments (previews included) as
+        StableDiffusionXLPipeline; the web UIs' noise options (rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from)
         make the noise added to the image (`refldm.pipelines.common.start_noise`), not with denoising_start.
         """
         if image is None:
@@ -464,6 +487,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
         prompts, negatives, generator, do_cfg = call.prompts, call.negatives, call.generator, call.do_cfg
         prompts_2, negatives_2 = call.texts["prompt_2"], call.texts["negative_prompt_2"]
         batch, steps = call.batch, call.steps
+        self._check_previews(preview_every, steps, preview_dir, preview)
         dtype = self.dtype.name
         timings = {}
         noise = common.check_noise(rng, sampler_rng, ensd, variation_seed, variation_strength, seed_resize_from)
@@ -535,6 +559,9 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
             latents = x0
 
         start = time.perf_counter()
+        callback_on_step_end, callback_on_step_end_tensor_inputs = self._previews(
+            len(timesteps), preview_every, preview_dir, preview, callback_on_step_end,
+            callback_on_step_end_tensor_inputs)
         latents = self._denoise(latents, sched, timesteps, context, text_embeds, time_ids, guidance_scale,
                                 guidance_rescale, do_cfg, generator, callback, progress, end,
                                 callback_on_step_end, callback_on_step_end_tensor_inputs)
