@@ -100,3 +100,152 @@ def test_vision_bad_input_is_one_line(vision_folder):
     with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\), got \(1, 3, 24, 24\)") as e:
         ours(np.zeros((1, 3, 24, 24), np.float32))
     assert "\n" not in str(e.value)
+
+
+# -- the image projections ----------------------------------------------------------------------------------------
+
+def ip_adapter_state(torch, unet, embed_dim: int, seed: int, plus: bool = False, queries: int = 3, depth: int = 4,
+                     hidden: int = 64, vision_tokens_dim: int | None = None) -> dict:
+    """A random IP-Adapter state dict in the file's layout (image_proj.*, ip_adapter.{2k+1}.*) for `unet`."""
+    g = torch.Generator().manual_seed(seed)
+    cross = unet.config.cross_attention_dim
+    cross = cross if isinstance(cross, int) else cross[0]
+
+    def w(*shape):
+        return torch.randn(shape, generator=g) / np.sqrt(shape[-1])
+
+    def v(n, scale=0.1, one=0.0):
+        return one + scale * torch.randn(n, generator=g)
+
+    state = {}
+    if not plus:
+        state.update({"image_proj.proj.weight": w(4 * cross, embed_dim), "image_proj.proj.bias": v(4 * cross),
+                      "image_proj.norm.weight": v(cross, one=1), "image_proj.norm.bias": v(cross)})
+    else:
+        inner = 64  # one head of 64
+        state.update({"image_proj.latents": torch.randn((1, queries, hidden), generator=g) / hidden ** 0.5,
+                      "image_proj.proj_in.weight": w(hidden, vision_tokens_dim), "image_proj.proj_in.bias": v(hidden),
+                      "image_proj.proj_out.weight": w(cross, hidden), "image_proj.proj_out.bias": v(cross),
+                      "image_proj.norm_out.weight": v(cross, one=1), "image_proj.norm_out.bias": v(cross)})
+        for i in range(depth):
+            p = f"image_proj.layers.{i}."
+            state.update({p + "0.norm1.weight": v(hidden, one=1), p + "0.norm1.bias": v(hidden),
+                          p + "0.norm2.weight": v(hidden, one=1), p + "0.norm2.bias": v(hidden),
+                          p + "0.to_q.weight": w(inner, hidden), p + "0.to_kv.weight": w(2 * inner, hidden),
+                          p + "0.to_out.weight": w(hidden, inner),
+                          p + "1.0.weight": v(hidden, one=1), p + "1.0.bias": v(hidden),
+                          p + "1.1.weight": w(4 * hidden, hidden), p + "1.3.weight": w(hidden, 4 * hidden)})
+    names = [n for n in unet.attn_processors if n.endswith("attn2.processor")]
+    k = 1
+    for name in unet.attn_processors:
+        if not name.endswith("attn2.processor"):
+            continue
+        attn = unet.get_submodule(name[:-len(".processor")])
+        inner = attn.to_k.weight.shape[0]
+        state[f"ip_adapter.{2 * names.index(name) + 1}.to_k_ip.weight"] = w(inner, cross) * 2
+        state[f"ip_adapter.{2 * names.index(name) + 1}.to_v_ip.weight"] = w(inner, cross) * 2
+        k += 2
+    return state
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["plain", "plus"])
+def test_image_projection_agrees_with_diffusers(tmp_path, plus):
+    torch = require("torch")
+    diffusers = require("diffusers")
+    from safetensors.torch import save_file
+    from refldm.adapters.ip_adapter import load_ip_adapter_file
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8, cross_attention_dim=24,
+        attention_head_dim=2, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    state = ip_adapter_state(torch, unet, 20, seed=5, plus=plus, vision_tokens_dim=20)
+    save_file(state, tmp_path / "ipa.safetensors")
+    ref = unet._convert_ip_adapter_image_proj_to_diffusers(
+        {k[len("image_proj."):]: t for k, t in state.items() if k.startswith("image_proj.")},
+        low_cpu_mem_usage=False).double()
+    x = np.random.default_rng(2).normal(size=(3, 7, 20) if plus else (3, 20))
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x))
+    for dtype, tol in (("float64", TOL64), ("float32", TOL32)):
+        adapter = load_ip_adapter_file(tmp_path / "ipa.safetensors", dtype=dtype)
+        assert adapter.kind == ("plus" if plus else "plain")
+        assert rel(adapter.image_proj(backend.asarray(x, dtype=dtype)), want) <= tol
+
+
+# -- the pipelines ------------------------------------------------------------------------------------------------
+
+SIZE, STEPS, PROMPT = 32, 5, "a photo of a red cat on the white background"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    from refldm.accel import single_threaded_blas
+    with single_threaded_blas():
+        yield
+
+
+def _write_adapters(torch, unet, folder, vision_folder, seed):
+    """folder/image_encoder (the tiny CLIP ViT) and folder/ip-adapter{,-plus}.safetensors for `unet`."""
+    import shutil
+    from safetensors.torch import save_file
+    shutil.copytree(vision_folder, folder / "image_encoder")
+    save_file(ip_adapter_state(torch, unet, VISION["projection_dim"], seed), folder / "ip-adapter.safetensors")
+    save_file(ip_adapter_state(torch, unet, VISION["projection_dim"], seed + 1, plus=True,
+                               vision_tokens_dim=VISION["hidden_size"]), folder / "ip-adapter-plus.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sd_folders(tmp_path_factory, vision_folder):
+    torch = require("torch")
+    diffusers = require("diffusers")
+    from tests.test_pipeline import build_tiny_sd
+    root = tmp_path_factory.mktemp("ip-adapter-sd")
+    sd = build_tiny_sd(root / "sd", kind="sd1", seed=0)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(sd, subfolder="unet")
+    return sd, _write_adapters(torch, unet, root / "ipa", vision_folder, 10)
+
+
+def _diffusers_image(cls, folder, ipa, weight_name, scale, dtype="float32", **kwargs):
+    torch = require("torch")
+    diffusers = require("diffusers")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipe = getattr(diffusers, cls).from_pretrained(folder, **({"safety_checker": None} if cls ==
+                                                                   "StableDiffusionPipeline" else {}))
+        pipe.load_ip_adapter(str(ipa), subfolder="", weight_name=weight_name)
+        pipe.set_ip_adapter_scale(scale)
+        pipe = pipe.to(getattr(torch, dtype))
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe(PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1),
+                   output_type="latent" if dtype == "float64" else "np", ip_adapter_image=picture(7), **kwargs)
+        if dtype == "float64":
+            return out.images.numpy()
+        return (out.images * 255).round().astype(np.uint8)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("weight_name", ["ip-adapter.safetensors", "ip-adapter-plus.safetensors"],
+                         ids=["plain", "plus"])
+def test_sd_pipeline_with_ip_adapter_same_image_as_diffusers(sd_folders, weight_name):
+    from refldm.pipelines.sd import StableDiffusionPipeline
+    from tests.test_pipeline import _max_pixel_diff
+    sd, ipa = sd_folders
+    want = _diffusers_image("StableDiffusionPipeline", sd, ipa, weight_name, 0.8, height=SIZE, width=SIZE)
+    pipe = StableDiffusionPipeline.from_pretrained(sd)
+    plain = pipe(PROMPT, num_inference_steps=STEPS, seed=1, height=SIZE, width=SIZE, progress=False).images
+    pipe.load_ip_adapter(ipa, subfolder="", weight_name=weight_name)
+    pipe.set_ip_adapter_scale(0.8)
+    got = pipe(PROMPT, num_inference_steps=STEPS, seed=1, height=SIZE, width=SIZE, progress=False,
+               ip_adapter_image=picture(7)).images
+    assert _max_pixel_diff(got, want) <= 2
+    assert _max_pixel_diff(plain, want) > 6          # the adapter changed the image: the test can fail
+    pipe.set_ip_adapter_scale(0.0)                   # scale 0: the plain pipeline, bit for bit
+    zero = pipe(PROMPT, num_inference_steps=STEPS, seed=1, height=SIZE, width=SIZE, progress=False,
+                ip_adapter_image=picture(7)).images
+    assert _max_pixel_diff(zero, np.stack([np.asarray(im) for im in plain])) == 0
+    pipe.unload_ip_adapter()
+    again = pipe(PROMPT, num_inference_steps=STEPS, seed=1, height=SIZE, width=SIZE, progress=False).images
+    assert _max_pixel_diff(again, np.stack([np.asarray(im) for im in plain])) == 0
