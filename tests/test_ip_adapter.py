@@ -249,3 +249,68 @@ def test_sd_pipeline_with_ip_adapter_same_image_as_diffusers(sd_folders, weight_
     pipe.unload_ip_adapter()
     again = pipe(PROMPT, num_inference_steps=STEPS, seed=1, height=SIZE, width=SIZE, progress=False).images
     assert _max_pixel_diff(again, np.stack([np.asarray(im) for im in plain])) == 0
+
+
+
+@pytest.mark.parametrize("weight_name", ["ip-adapter.safetensors", "ip-adapter-plus.safetensors"],
+                         ids=["plain", "plus"])
+def test_unet_decoupled_cross_attention_agrees_with_diffusers(sd_folders, weight_name):
+    """The U-Net with the IP-Adapter at scales 0.7 and 0 (two images for one adapter, CFG-sized batch):
+    float64 <= 1e-10, float32 <= 1e-4 against diffusers' UNet2DConditionModel with IPAdapterAttnProcessor2_0."""
+    torch = require("torch")
+    diffusers = require("diffusers")
+    from safetensors import safe_open
+    from refldm.adapters.ip_adapter import apply_ip_adapters, load_ip_adapter_file, set_ip_adapter_scale
+    from refldm.models.unet import UNet2DConditionModel
+    from tests.test_unet import float64_timesteps
+    sd, ipa = sd_folders
+    path = ipa / weight_name
+    with safe_open(path, "pt") as f:
+        state = {"image_proj": {}, "ip_adapter": {}}
+        for key in f.keys():
+            group, rest = key.split(".", 1)
+            state[group][rest] = f.get_tensor(key)
+    ref = diffusers.UNet2DConditionModel.from_pretrained(sd, subfolder="unet")
+    ref._load_ip_adapter_weights([state], low_cpu_mem_usage=False)
+    ref = ref.double().eval()
+    rng = np.random.default_rng(4)
+    plus = "plus" in weight_name
+    embeds = rng.normal(size=(2, 2, 17, VISION["hidden_size"]) if plus else (2, 2, VISION["projection_dim"]))
+    x, text = rng.normal(size=(2, 4, 8, 8)), rng.normal(size=(2, 77, 32))
+    for scale in (0.7, 0.0):
+        for name, proc in ref.attn_processors.items():
+            if name.endswith("attn2.processor"):
+                proc.scale = [scale]
+        with torch.no_grad(), float64_timesteps():   # diffusers' sinusoid in float64 too (tests/test_unet.py)
+            want = ref(torch.from_numpy(x), 500, torch.from_numpy(text),
+                       added_cond_kwargs={"image_embeds": [torch.from_numpy(embeds)]}).sample
+        for dtype, tol in (("float64", TOL64), ("float32", TOL32)):
+            ours = UNet2DConditionModel.from_pretrained(sd, dtype=dtype, subfolder="unet")
+            apply_ip_adapters(ours, [load_ip_adapter_file(path, dtype=dtype)])
+            set_ip_adapter_scale(ours, scale)
+            got = ours(backend.asarray(x, dtype=dtype), 500, backend.asarray(text, dtype=dtype),
+                       added_cond_kwargs={"image_embeds": [embeds]})
+            assert rel(got, want) <= tol, (scale, dtype)
+
+
+def test_sdxl_pipeline_with_ip_adapter_same_image_as_diffusers(tmp_path, vision_folder):
+    torch = require("torch")
+    diffusers = require("diffusers")
+    from refldm.pipelines.sdxl import StableDiffusionXLPipeline
+    from tests.test_pipeline import _max_pixel_diff
+    from tests.test_sdxl_pipeline import build_tiny_sdxl
+    sd = build_tiny_sdxl(tmp_path / "xl", seed=0)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(sd, subfolder="unet")
+    ipa = _write_adapters(torch, unet, tmp_path / "ipa", vision_folder, 20)
+    del unet
+    want = _diffusers_image("StableDiffusionXLPipeline", sd, ipa, "ip-adapter-plus.safetensors", 0.9,
+                            height=SIZE, width=SIZE)
+    pipe = StableDiffusionXLPipeline.from_pretrained(sd)
+    pipe.load_ip_adapter(ipa, subfolder="", weight_name="ip-adapter-plus.safetensors")
+    pipe.set_ip_adapter_scale(0.9)
+    got = pipe(PROMPT, num_inference_steps=STEPS, seed=1, height=SIZE, width=SIZE, progress=False,
+               ip_adapter_image=picture(7)).images
+    pipe.unload_ip_adapter()
+    plain = pipe(PROMPT, num_inference_steps=STEPS, seed=1, height=SIZE, width=SIZE, progress=False).images
+    assert _max_pixel_diff(got, want) <= 2
+    assert _max_pixel_diff(plain, want) > 6
