@@ -314,3 +314,116 @@ def test_sdxl_pipeline_with_ip_adapter_same_image_as_diffusers(tmp_path, vision_
     plain = pipe(PROMPT, num_inference_steps=STEPS, seed=1, height=SIZE, width=SIZE, progress=False).images
     assert _max_pixel_diff(got, want) <= 2
     assert _max_pixel_diff(plain, want) > 6
+
+
+# -- bad input (NumPy only: refldm's own tiny model and a NumPy-written adapter) ------------------------------------
+
+def numpy_ip_adapter(unet, embed_dim=12, seed=0) -> dict:
+    """A random plain IP-Adapter state for a refldm U-Net, in the file's layout."""
+    from refldm.adapters.ip_adapter import cross_attentions
+    rng = np.random.default_rng(seed)
+    cross = unet.config.cross_attention_dim[0]
+    state = {"image_proj.proj.weight": rng.normal(size=(4 * cross, embed_dim)) / embed_dim ** 0.5,
+             "image_proj.proj.bias": rng.normal(size=4 * cross) * 0.1,
+             "image_proj.norm.weight": 1 + rng.normal(size=cross) * 0.1, "image_proj.norm.bias": np.zeros(cross)}
+    for k, attn in enumerate(cross_attentions(unet)):
+        inner = attn.to_k.weight.shape[0]
+        state[f"ip_adapter.{2 * k + 1}.to_k_ip.weight"] = rng.normal(size=(inner, cross))
+        state[f"ip_adapter.{2 * k + 1}.to_v_ip.weight"] = rng.normal(size=(inner, cross))
+    return {k: v.astype(np.float32) for k, v in state.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory):
+    from refldm.crosscheck.tiny import build
+    from refldm.pipelines.sd import StableDiffusionPipeline
+    folder = build("sd15", tmp_path_factory.mktemp("tiny") / "sd15")
+    return StableDiffusionPipeline.from_pretrained(folder)
+
+
+def _save(tmp_path, state, name="ipa.safetensors"):
+    from refldm.checkpoints.weights import save_file
+    save_file(state, tmp_path / name)
+    return tmp_path / name
+
+
+def _one_line(excinfo):
+    assert "\n" not in str(excinfo.value)
+    return str(excinfo.value)
+
+
+def test_ip_adapter_embeds_steer_the_image_and_scale_zero_is_plain(tiny_pipe, tmp_path):
+    pipe = tiny_pipe
+    path = _save(tmp_path, numpy_ip_adapter(pipe.unet))
+    kwargs = dict(num_inference_steps=3, seed=2, progress=False, output_type="latent")
+    plain = pipe("a cat", **kwargs).latents
+    embeds = [np.random.default_rng(1).normal(size=(2, 1, 12))]          # [negative; positive], one image
+    pipe.load_ip_adapter(path, image_encoder_folder=None)
+    try:
+        steered = pipe("a cat", ip_adapter_image_embeds=embeds, **kwargs).latents
+        assert np.abs(steered - plain).max() > 1e-3
+        pipe.set_ip_adapter_scale(0)
+        assert np.array_equal(pipe("a cat", ip_adapter_image_embeds=embeds, **kwargs).latents, plain)
+        with pytest.raises(ValueError, match="needs an image encoder") as e:
+            pipe("a cat", ip_adapter_image=picture(0), **kwargs)
+        _one_line(e)
+        with pytest.raises(ValueError, match="IP-Adapter is loaded") as e:
+            pipe("a cat", **kwargs)
+        _one_line(e)
+    finally:
+        pipe.unload_ip_adapter()
+    assert np.array_equal(pipe("a cat", **kwargs).latents, plain)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), -0.5, float("inf"), "1", {"up": 1.0}])
+def test_bad_scale_is_one_line(tiny_pipe, tmp_path, scale):
+    pipe = tiny_pipe
+    pipe.load_ip_adapter(_save(tmp_path, numpy_ip_adapter(pipe.unet)), image_encoder_folder=None)
+    try:
+        with pytest.raises(ValueError, match="scale") as e:
+            pipe.set_ip_adapter_scale(scale)
+        _one_line(e)
+    finally:
+        pipe.unload_ip_adapter()
+
+
+def _renamed(state, old, new):
+    return {(new if k == old else k): v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: {**s, "image_proj.extra.weight": np.zeros((2, 2), np.float32)}, "image_proj.extra.weight"),
+    (lambda s: {**s, "something.else": np.zeros(2, np.float32)}, "something.else"),
+    (lambda s: _renamed(s, "ip_adapter.3.to_k_ip.weight", "ip_adapter.3.to_q_ip.weight"), "ip_adapter.3.to_q_ip"),
+    (lambda s: {k: v for k, v in s.items() if k != "ip_adapter.5.to_v_ip.weight"}, "ip_adapter.5"),
+    (lambda s: {k: v for k, v in s.items() if not k.startswith("ip_adapter.")}, "no ip_adapter"),
+    (lambda s: {**{k: v for k, v in s.items() if not k.startswith("image_proj.proj")},
+                "image_proj.proj.3.weight": np.zeros((2, 2), np.float32)}, "Full Face"),
+    (lambda s: {k: v for k, v in s.items() if not k.startswith("image_proj.proj")}, "FaceID"),
+    (lambda s: {k: v for k, v in s.items() if k not in ("ip_adapter.1.to_k_ip.weight",
+                                                         "ip_adapter.1.to_v_ip.weight")}, "ip_adapter.1"),
+], ids=["extra-proj-key", "foreign-key", "renamed", "missing-v", "no-attention", "full-face", "faceid", "hole"])
+def test_unknown_layout_is_one_line_naming_the_keys(tiny_pipe, tmp_path, change, message):
+    from refldm.adapters.ip_adapter import IPAdapterError
+    path = _save(tmp_path, change(numpy_ip_adapter(tiny_pipe.unet)))
+    with pytest.raises(IPAdapterError) as e:
+        tiny_pipe.load_ip_adapter(path, image_encoder_folder=None)
+    assert message in _one_line(e)
+    assert tiny_pipe.unet.encoder_hid_proj is None                      # nothing changed
+
+
+def test_pickle_and_other_family_are_refused_in_one_line(tiny_pipe, tmp_path):
+    from refldm.adapters.ip_adapter import IPAdapterError
+    (tmp_path / "ip-adapter_sd15.bin").write_bytes(b"\x80\x04not opened")
+    with pytest.raises(Exception, match="pickle") as e:
+        tiny_pipe.load_ip_adapter(tmp_path / "ip-adapter_sd15.bin", image_encoder_folder=None)
+    _one_line(e)
+    state = numpy_ip_adapter(tiny_pipe.unet)
+    state = {k: v for k, v in state.items() if not k.startswith("ip_adapter.") or int(k.split(".")[1]) < 5}
+    with pytest.raises(IPAdapterError, match="cross-attentions") as e:
+        tiny_pipe.load_ip_adapter(_save(tmp_path, state), image_encoder_folder=None)
+    _one_line(e)
+    with pytest.raises(ValueError, match="no IP-Adapter is loaded") as e:
+        tiny_pipe("a cat", num_inference_steps=2, seed=1, progress=False, output_type="latent",
+                  ip_adapter_image_embeds=[np.zeros((2, 1, 12))])
+    _one_line(e)
