@@ -427,3 +427,48 @@ def test_pickle_and_other_family_are_refused_in_one_line(tiny_pipe, tmp_path):
         tiny_pipe("a cat", num_inference_steps=2, seed=1, progress=False, output_type="latent",
                   ip_adapter_image_embeds=[np.zeros((2, 1, 12))])
     _one_line(e)
+
+
+# -- the command line ---------------------------------------------------------------------------------------------
+
+def numpy_image_encoder(folder, seed=0):
+    """A random tiny CLIP image encoder folder written by refldm alone (config.json + model.safetensors)."""
+    from refldm.checkpoints.weights import save_file
+    config = {"architectures": ["CLIPVisionModelWithProjection"], "model_type": "clip_vision_model", **VISION,
+              "projection_dim": 12}
+    model = CLIPVisionModelWithProjection.from_config(config)
+    rng = np.random.default_rng(seed)
+    state = {}
+    for key, _, _, p in model.params():
+        shape = p.shape
+        state[key] = (rng.normal(size=shape) / np.sqrt(np.prod(shape[1:])) if len(shape) >= 2 else
+                      1 + 0.1 * rng.normal(size=shape) if "norm" in key and key.endswith("weight") else
+                      0.1 * rng.normal(size=shape)).astype(np.float32)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(state, folder / "model.safetensors")
+    return folder
+
+
+def test_cli_txt2img_with_ip_adapter_writes_the_field(tiny_pipe, tmp_path, capsys):
+    from refldm.cli import main
+    folder = tiny_pipe.checkpoint_path                                  # the tiny model's folder
+    ipa = tmp_path / "ipa"
+    numpy_image_encoder(ipa / "image_encoder")
+    _save(ipa, numpy_ip_adapter(tiny_pipe.unet), "ip-adapter_tiny.safetensors")
+    picture(4).save(tmp_path / "ref.png")
+    base = ["txt2img", "-m", folder, "-p", "a cat", "--steps", "2", "--seed", "3", "-q"]
+    assert main(base + ["-o", str(tmp_path / "plain.png")]) == 0
+    assert main(base + ["-o", str(tmp_path / "ip.png"), "--ip-adapter", str(ipa / "ip-adapter_tiny.safetensors"),
+                        "--ip-image", str(tmp_path / "ref.png"), "--ip-scale", "0.7"]) == 0
+    ip = Image.open(tmp_path / "ip.png")
+    assert 'IP-Adapter: "Model: ip-adapter_tiny, Weight: 0.7, Image: ref.png"' in ip.info["parameters"]
+    assert np.abs(np.asarray(ip, np.int16) - np.asarray(Image.open(tmp_path / "plain.png"), np.int16)).max() > 0
+    capsys.readouterr()
+    for argv, needle in ((["--ip-image", str(tmp_path / "ref.png")], "--ip-image needs --ip-adapter"),
+                         (["--ip-adapter", str(ipa / "ip-adapter_tiny.safetensors")], "needs --ip-image"),
+                         (["--ip-adapter", str(ipa / "ip-adapter_tiny.safetensors"), "--ip-image",
+                           str(tmp_path / "ref.png"), "--ip-scale", "nan"], "--ip-scale")):
+        assert main(base + ["-o", str(tmp_path / "x.png")] + argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
