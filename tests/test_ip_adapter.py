@@ -362,8 +362,13 @@ def test_ip_adapter_embeds_steer_the_image_and_scale_zero_is_plain(tiny_pipe, tm
     try:
         steered = pipe("a cat", ip_adapter_image_embeds=embeds, **kwargs).latents
         assert np.abs(steered - plain).max() > 1e-3
+        image = Image.new("RGB", (64, 64), (120, 30, 200))                # img2img takes it too
+        img2img = dict(image=image, strength=0.7, **kwargs)
+        steered_i2i = pipe("a cat", ip_adapter_image_embeds=embeds, **img2img).latents
         pipe.set_ip_adapter_scale(0)
         assert np.array_equal(pipe("a cat", ip_adapter_image_embeds=embeds, **kwargs).latents, plain)
+        plain_i2i = pipe("a cat", ip_adapter_image_embeds=embeds, **img2img).latents
+        assert np.abs(steered_i2i - plain_i2i).max() > 1e-3
         with pytest.raises(ValueError, match="needs an image encoder") as e:
             pipe("a cat", ip_adapter_image=picture(0), **kwargs)
         _one_line(e)
