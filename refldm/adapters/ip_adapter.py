@@ -113,8 +113,9 @@ def _image_projection(proj: dict, path: str):
     if "proj.weight" in proj:
         extra = sorted(set(proj) - _PLAIN)
         if extra:
-            raise IPAdapterError(f"{path}: unknown image_proj layout: keys image_proj.{', image_proj.'.join(extra[:6])} "
-                                 "do not fit the plain IP-Adapter (proj, norm)")
+            keys = ", ".join("image_proj." + k for k in extra[:6])
+            raise IPAdapterError(f"{path}: unknown image_proj layout: keys {keys} do not fit the plain IP-Adapter "
+                                 "(proj, norm)")
         rows, embed_dim = proj["proj.weight"].shape
         if rows % PLAIN_TOKENS:
             raise IPAdapterError(f"{path}: image_proj.proj.weight has {rows} rows, not {PLAIN_TOKENS} tokens' worth")

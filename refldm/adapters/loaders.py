@@ -327,6 +327,17 @@ class IPAdapterMixin:
         self.image_encoder = self.feature_extractor = None
         self.__dict__.pop("_ip_adapters", None)
 
+    def ip_adapter_embeds(self, ip_adapter_image, ip_adapter_image_embeds, batch: int, do_cfg: bool):
+        """What a pipeline call gives the U-Net as ``added_cond_kwargs["image_embeds"]``: None without an
+        IP-Adapter and without images; with both, `prepare_ip_adapter_image_embeds`; one without the other is
+        one clear line."""
+        given = ip_adapter_image is not None or ip_adapter_image_embeds is not None
+        if not given and self.__dict__.get("_ip_adapters"):
+            raise ValueError("an IP-Adapter is loaded: give ip_adapter_image= (or ip_adapter_image_embeds=), or "
+                             "call unload_ip_adapter() first")
+        return self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, batch, do_cfg) \
+            if given else None
+
     def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds, batch: int, do_cfg: bool):
         """diffusers' function of the same name: -> [one array per adapter, (B, n, ...) or with CFG
         [negative rows; positive rows] (2B, n, ...)], n the images given to that adapter.
@@ -343,7 +354,8 @@ class IPAdapterMixin:
             raise ValueError("give ip_adapter_image or ip_adapter_image_embeds, not both")
         pairs = []
         if ip_adapter_image_embeds is None:
-            images = ip_adapter_image if isinstance(ip_adapter_image, list) and len(adapters) > 1 else [ip_adapter_image]
+            several = isinstance(ip_adapter_image, list) and len(adapters) > 1
+            images = ip_adapter_image if several else [ip_adapter_image]     # one adapter: the image(s) itself
             if len(images) != len(adapters):
                 raise ValueError(f"ip_adapter_image: {len(images)} images for {len(adapters)} IP-Adapters")
             if self.image_encoder is None:

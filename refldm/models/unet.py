@@ -708,7 +708,6 @@ class UNet2DConditionModel(PretrainedModel):
         x = F.silu(self.conv_norm_out(x))                                 # (B, C0, H, W)
         return self.conv_out(x)                                             # (B, C_out, H, W)
 
-
     # -- IP-Adapter ----------------------------------------------------------------------------------------
 
     encoder_hid_proj = None  # MultiIPAdapterImageProjection once an IP-Adapter is loaded (diffusers' name)

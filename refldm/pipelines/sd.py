@@ -266,10 +266,8 @@ class StableDiffusionPipeline(common.DiffusionPipeline, IPAdapterMixin):
         else:
             context = cond
         timings["text encode"] = time.perf_counter() - start
-        added = None                                                        # IP-Adapter: the image features
-        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-            added = {"image_embeds": self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds,
-                                                                          batch, do_cfg)}
+        image_embeds = self.ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, batch, do_cfg)
+        added = None if image_embeds is None else {"image_embeds": image_embeds}  # IP-Adapter: the image features
 
         # 2. the timesteps and the starting latents x_T (B, 4, H/8, W/8)
         sched, sampler = self.scheduler_for(sampler, scheduler, steps)

@@ -390,10 +390,7 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline, IPAdapterMixin):
             negative_ids = self.time_ids(_pair(negative_original_size, None, "negative_original_size"),
                                          negative_crop, _pair(negative_target_size, None, "negative_target_size"))
         time_ids = self._added(batch, do_cfg, ids, negative_ids)
-        image_embeds = None                                                 # IP-Adapter: the image features
-        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-            image_embeds = self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, batch,
-                                                                do_cfg)
+        image_embeds = self.ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, batch, do_cfg)  # IP-Adapter
         timings["text encode"] = time.perf_counter() - start
 
         # 2. the schedule and the starting noise x_T (B, 4, H/8, W/8)
@@ -500,10 +497,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
         else:  # diffusers uses the positive crop here (its img2img _get_add_time_ids)
             negative_ids = self.time_ids(negative_original, crop, negative_target)
         time_ids = self._added(batch, do_cfg, ids, negative_ids)
-        image_embeds = None                                                 # IP-Adapter: the image features
-        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-            image_embeds = self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, batch,
-                                                                do_cfg)
+        image_embeds = self.ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, batch, do_cfg)  # IP-Adapter
         timings["text encode"] = time.perf_counter() - start
 
         # 2. the schedule: strength's tail, or everything below denoising_start
