@@ -216,10 +216,11 @@ def _diffusers_image(cls, folder, ipa, weight_name, scale, dtype="float32", **kw
                                                                    "StableDiffusionPipeline" else {}))
         pipe.load_ip_adapter(str(ipa), subfolder="", weight_name=weight_name)
         pipe.set_ip_adapter_scale(scale)
+        image = [picture(7), picture(8)] if isinstance(weight_name, list) else picture(7)
         pipe = pipe.to(getattr(torch, dtype))
         pipe.set_progress_bar_config(disable=True)
         out = pipe(PROMPT, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1),
-                   output_type="latent" if dtype == "float64" else "np", ip_adapter_image=picture(7), **kwargs)
+                   output_type="latent" if dtype == "float64" else "np", ip_adapter_image=image, **kwargs)
         if dtype == "float64":
             return out.images.numpy()
         return (out.images * 255).round().astype(np.uint8)
@@ -250,6 +251,30 @@ def test_sd_pipeline_with_ip_adapter_same_image_as_diffusers(sd_folders, weight_
     again = pipe(PROMPT, num_inference_steps=STEPS, seed=1, height=SIZE, width=SIZE, progress=False).images
     assert _max_pixel_diff(again, np.stack([np.asarray(im) for im in plain])) == 0
 
+
+
+
+def test_two_ip_adapters_at_once_same_image_as_diffusers(sd_folders):
+    """The plain and the plus adapter together, each with its own image and scale (a list, as diffusers)."""
+    from refldm.pipelines.sd import StableDiffusionPipeline
+    from tests.test_pipeline import _max_pixel_diff
+    sd, ipa = sd_folders
+    names = ["ip-adapter.safetensors", "ip-adapter-plus.safetensors"]
+    want = _diffusers_image("StableDiffusionPipeline", sd, ipa, names, [0.5, 0.7], height=SIZE, width=SIZE)
+    pipe = StableDiffusionPipeline.from_pretrained(sd)
+    pipe.load_ip_adapter(ipa, subfolder="", weight_name=names)
+    pipe.set_ip_adapter_scale([0.5, 0.7])
+    got = pipe(PROMPT, num_inference_steps=STEPS, seed=1, height=SIZE, width=SIZE, progress=False,
+               ip_adapter_image=[picture(7), picture(8)]).images
+    assert _max_pixel_diff(got, want) <= 2
+    pipe.set_ip_adapter_scale([0.5, 0.0])                                # the second off: the first alone
+    first = pipe(PROMPT, num_inference_steps=STEPS, seed=1, height=SIZE, width=SIZE, progress=False,
+                 ip_adapter_image=[picture(7), picture(8)]).images
+    assert _max_pixel_diff(first, want) > 6
+    with pytest.raises(ValueError, match="1 entry for 2 IP-Adapters") as e:
+        pipe(PROMPT, num_inference_steps=1, seed=1, height=SIZE, width=SIZE, progress=False,
+             ip_adapter_image=picture(7))
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("weight_name", ["ip-adapter.safetensors", "ip-adapter-plus.safetensors"],

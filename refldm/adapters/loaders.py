@@ -357,7 +357,8 @@ class IPAdapterMixin:
             several = isinstance(ip_adapter_image, list) and len(adapters) > 1
             images = ip_adapter_image if several else [ip_adapter_image]     # one adapter: the image(s) itself
             if len(images) != len(adapters):
-                raise ValueError(f"ip_adapter_image: {len(images)} images for {len(adapters)} IP-Adapters")
+                raise ValueError(f"ip_adapter_image gives {len(images)} entr{'y' if len(images) == 1 else 'ies'} for "
+                                 f"{len(adapters)} IP-Adapters; give one image (or list of images) per adapter")
             if self.image_encoder is None:
                 raise ValueError("ip_adapter_image needs an image encoder; load_ip_adapter found none "
                                  "(image_encoder_folder=None): pass ip_adapter_image_embeds= instead")
@@ -368,7 +369,8 @@ class IPAdapterMixin:
         else:
             embeds = list(ip_adapter_image_embeds)
             if len(embeds) != len(adapters):
-                raise ValueError(f"ip_adapter_image_embeds: {len(embeds)} arrays for {len(adapters)} IP-Adapters")
+                raise ValueError(f"ip_adapter_image_embeds gives {len(embeds)} arrays for {len(adapters)} IP-Adapters; "
+                                 "give one per adapter")
             for e in embeds:
                 e = backend.asarray(e, dtype=self.dtype)
                 if do_cfg:
