@@ -498,7 +498,11 @@ def test_cli_txt2img_with_ip_adapter_writes_the_field(tiny_pipe, tmp_path, capsy
     for argv, needle in ((["--ip-image", str(tmp_path / "ref.png")], "--ip-image needs --ip-adapter"),
                          (["--ip-adapter", str(ipa / "ip-adapter_tiny.safetensors")], "needs --ip-image"),
                          (["--ip-adapter", str(ipa / "ip-adapter_tiny.safetensors"), "--ip-image",
-                           str(tmp_path / "ref.png"), "--ip-scale", "nan"], "--ip-scale")):
+                           str(tmp_path / "ref.png"), "--ip-scale", "nan"], "--ip-scale"),
+                         (["--ip-adapter", str(ipa / "ip-adapter_tiny.safetensors"), "--ip-image",
+                           str(tmp_path / "ref.png"), "--image-encoder", str(tmp_path / "nowhere")], "nowhere"),
+                         (["--ip-adapter", str(tmp_path / "ref.png"), "--ip-image", str(tmp_path / "ref.png")],
+                          "image_encoder/")):
         assert main(base + ["-o", str(tmp_path / "x.png")] + argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err

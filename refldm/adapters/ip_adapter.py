@@ -28,6 +28,8 @@ import os
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 from refldm import backend
 from refldm.checkpoints.weights import WeightsError, load_file, load_into, refuse_pickle, shown
 from refldm.models.ip_adapter import (IPAdapterAttnProcessor, IPAdapterPlusImageProjection, ImageProjection,
@@ -251,7 +253,7 @@ def encode_image(image_encoder, processor, images, uses_hidden_states: bool):
     xp = backend.array_namespace(image_encoder.visual_projection.weight)
     if uses_hidden_states:
         cond = image_encoder(pixels, output_hidden_states=True).hidden_states[-2]      # (n, 1+N, E)
-        uncond = image_encoder(pixels * 0, output_hidden_states=True).hidden_states[-2]
+        uncond = image_encoder(np.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]
         return cond, uncond
     cond = image_encoder(pixels).image_embeds                                   # (n, E)
     return cond, xp.zeros_like(cond)

@@ -136,6 +136,12 @@ def _apply_ip_adapter(args, pipe, kwargs) -> dict:
     scale = 1.0 if scale is None else check_scale(scale, "--ip-scale")
     if not os.path.isfile(file):
         raise OSError(f"--ip-adapter {file}: no such file")
+    beside = os.path.join(os.path.dirname(os.path.abspath(file)), "image_encoder")
+    if encoder is not None and not os.path.isdir(encoder):
+        raise OSError(f"--image-encoder {encoder}: no such folder")
+    if encoder is None and not os.path.isdir(beside):
+        raise OSError(f"--ip-adapter {file}: no image_encoder/ folder beside it; give --image-encoder FOLDER "
+                      "(the CLIP image encoder the adapter was trained with)")
     image = load_image(image_path)
     pipe.load_ip_adapter(file, image_encoder_folder=os.path.abspath(encoder) if encoder else "image_encoder")
     pipe.set_ip_adapter_scale(scale)
