@@ -495,6 +495,11 @@ def test_cli_txt2img_with_ip_adapter_writes_the_field(tiny_pipe, tmp_path, capsy
     assert 'IP-Adapter: "Model: ip-adapter_tiny, Weight: 0.7, Image: ref.png"' in ip.info["parameters"]
     assert np.abs(np.asarray(ip, np.int16) - np.asarray(Image.open(tmp_path / "plain.png"), np.int16)).max() > 0
     capsys.readouterr()
+    again = ["txt2img", "-m", folder, "--from-png", str(tmp_path / "ip.png"), "-q", "-o", str(tmp_path / "again.png"),
+             "--ip-adapter", str(ipa / "ip-adapter_tiny.safetensors"), "--ip-image", str(tmp_path / "ref.png")]
+    assert main(again) == 0                                            # the weight 0.7 read back from the PNG
+    assert "cannot honour" not in capsys.readouterr().err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "again.png")), np.asarray(ip))
     for argv, needle in ((["--ip-image", str(tmp_path / "ref.png")], "--ip-image needs --ip-adapter"),
                          (["--ip-adapter", str(ipa / "ip-adapter_tiny.safetensors")], "needs --ip-image"),
                          (["--ip-adapter", str(ipa / "ip-adapter_tiny.safetensors"), "--ip-image",

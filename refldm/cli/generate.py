@@ -150,6 +150,22 @@ def _apply_ip_adapter(args, pipe, kwargs) -> dict:
     return {"IP-Adapter": f"Model: {name}, Weight: {scale:g}, Image: {os.path.basename(image_path)}"}
 
 
+def _ip_adapter_from_png(args, other: dict) -> None:
+    """--from-png and the IP-Adapter field `_apply_ip_adapter` writes: honoured when --ip-adapter and --ip-image
+    are given (the PNG keeps only their names), its Weight filling --ip-scale; else it stays unhonoured."""
+    import re
+    field = other.get("IP-Adapter")
+    if field is None or getattr(args, "ip_adapter", None) is None or getattr(args, "ip_image", None) is None:
+        return
+    weight = re.search(r"Weight: ([^,]+)", str(field))
+    if weight and args.ip_scale is None:
+        try:
+            args.ip_scale = float(weight.group(1))
+        except ValueError:
+            return
+    other.pop("IP-Adapter")
+
+
 def add_preview_args(p) -> None:
     """--preview-every N --preview-dir DIR --preview linear|tiny|vae [--taesd DIR] (refldm/pipelines/preview.py)."""
     p.add_argument("--preview-every", type=int, default=None, metavar="N",
@@ -358,6 +374,7 @@ def apply_png_settings(args) -> list:
             other.pop(key)
     if other.get("Crop") == "0x0":
         other.pop("Crop")
+    _ip_adapter_from_png(args, other)  # with --ip-adapter: the PNG's IP-Adapter weight as --ip-scale
     names = {key: name for name, (key, _) in pnginfo.FIELDS.items()}
     unhonoured += [names.get(k, k) for k in settings if k not in used]
     unhonoured += list(other)
