@@ -34,7 +34,7 @@ import os
 from refldm.adapters import lora as lora_module
 from refldm.adapters import textual_inversion
 
-__all__ = ["LoraLoaderMixin", "TextualInversionLoaderMixin"]
+__all__ = ["LoraLoaderMixin", "TextualInversionLoaderMixin", "IPAdapterMixin"]
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"    # diffusers' file name in a LoRA folder
 EMBEDDING_WEIGHT_NAME = "learned_embeds.safetensors"     # diffusers' file name in a textual-inversion folder
@@ -244,3 +244,148 @@ class TextualInversionLoaderMixin:
         for path, tok in zip(files, tokens):
             added += textual_inversion.load_textual_inversion(self, path, tok)
         return added
+
+
+class IPAdapterMixin:
+    """diffusers' ``load_ip_adapter`` / ``set_ip_adapter_scale`` / ``unload_ip_adapter`` on a pipeline with a
+    ``unet`` (SD 1.x / 2.x, SDXL), over `refldm.adapters.ip_adapter`:
+
+        pipe.load_ip_adapter("h94-IP-Adapter", subfolder="models", weight_name="ip-adapter_sd15.safetensors")
+        pipe.set_ip_adapter_scale(0.6)
+        pipe("a cat", ip_adapter_image=reference_image)
+        pipe.unload_ip_adapter()
+
+    The image encoder (`CLIPVisionModelWithProjection`) is loaded, as diffusers does, from
+    ``<folder>/<subfolder>/<image_encoder_folder>`` (a name without "/"), or ``<folder>/<image_encoder_folder>``
+    (a path with "/", or an absolute path), once, in the pipeline's dtype; given a file rather than a folder,
+    the folder is the file's. image_encoder_folder=None loads none (then pass ip_adapter_image_embeds=)."""
+
+    image_encoder = None
+    feature_extractor = None
+
+    def load_ip_adapter(self, pretrained_model_name_or_path_or_dict, subfolder=None, weight_name=None,
+                        image_encoder_folder: str | None = "image_encoder", **kwargs) -> None:
+        """Read the IP-Adapter file(s) (a list loads several at once, as diffusers) and attach them to the U-Net
+        at scale 1; every file is checked before the U-Net changes. Safetensors only; a .bin is refused."""
+        from refldm.adapters import ip_adapter
+        from refldm.models.clip_vision import CLIPImageProcessor, CLIPVisionModelWithProjection
+        unknown = set(kwargs) - {"low_cpu_mem_usage", "cache_dir", "local_files_only"}
+        if unknown:
+            raise TypeError(f"load_ip_adapter: unexpected argument {sorted(unknown)[0]!r}")
+        names = weight_name if isinstance(weight_name, list) else [weight_name]
+        sources = pretrained_model_name_or_path_or_dict
+        sources = sources if isinstance(sources, list) else [sources] * len(names)
+        if len(names) == 1 and len(sources) > 1:
+            names = names * len(sources)
+        subs = subfolder if isinstance(subfolder, list) else [subfolder] * len(names)
+        if not len(sources) == len(names) == len(subs):
+            raise ValueError(f"load_ip_adapter: {len(sources)} sources, {len(names)} weight_names and "
+                             f"{len(subs)} subfolders; give one of each per IP-Adapter")
+        files, folders = [], []
+        for source, name, sub in zip(sources, names, subs):
+            if isinstance(source, dict):
+                raise TypeError("load_ip_adapter: a state dict is not accepted; pass a .safetensors file or a folder")
+            source = os.fspath(source)
+            folder = os.path.join(source, sub) if sub else source
+            if os.path.isdir(folder):
+                if name is None:
+                    raise ValueError(f"load_ip_adapter: {folder} is a folder; say which file with weight_name=")
+                files.append(_file(folder, name, None, "load_ip_adapter"))
+            else:
+                files.append(_file(folder, None, None, "load_ip_adapter"))
+                source, sub = os.path.dirname(folder), None
+            folders.append((source, sub))
+        dtype = self.dtype.name
+        adapters = [ip_adapter.load_ip_adapter_file(f, dtype=dtype) for f in files]
+        encoder = self.image_encoder
+        if encoder is None and image_encoder_folder is not None:
+            source, sub = folders[0]
+            if "/" in image_encoder_folder or os.path.isabs(image_encoder_folder):
+                where = os.path.join(source, image_encoder_folder)
+            else:
+                where = os.path.join(source, sub, image_encoder_folder) if sub else \
+                    os.path.join(source, image_encoder_folder)
+            if not os.path.isdir(where):
+                raise FileNotFoundError(f"load_ip_adapter: no image encoder folder {where}; give "
+                                        "image_encoder_folder= (or None, and pass ip_adapter_image_embeds=)")
+            encoder = CLIPVisionModelWithProjection.from_pretrained(where, dtype=dtype)
+        ip_adapter.apply_ip_adapters(self.unet, adapters, dtype=dtype)
+        self.image_encoder = encoder
+        if self.feature_extractor is None and encoder is not None:
+            self.feature_extractor = CLIPImageProcessor(encoder.config.image_size)
+        self.__dict__["_ip_adapters"] = adapters
+
+    def set_ip_adapter_scale(self, scale) -> None:
+        """s in out = Attn(Q, K, V) + s Attn(Q, K_ip, V_ip): one number, or one per loaded adapter (finite, >= 0)."""
+        from refldm.adapters import ip_adapter
+        ip_adapter.set_ip_adapter_scale(self.unet, scale)
+
+    def unload_ip_adapter(self) -> None:
+        """Remove the adapters, the image encoder and the feature extractor: the plain pipeline, bit for bit."""
+        from refldm.adapters import ip_adapter
+        ip_adapter.remove_ip_adapters(self.unet)
+        self.image_encoder = self.feature_extractor = None
+        self.__dict__.pop("_ip_adapters", None)
+
+    def ip_adapter_embeds(self, ip_adapter_image, ip_adapter_image_embeds, batch: int, do_cfg: bool):
+        """What a pipeline call gives the U-Net as ``added_cond_kwargs["image_embeds"]``: None without an
+        IP-Adapter and without images; with both, `prepare_ip_adapter_image_embeds`; one without the other is
+        one clear line."""
+        given = ip_adapter_image is not None or ip_adapter_image_embeds is not None
+        if not given and self.__dict__.get("_ip_adapters"):
+            raise ValueError("an IP-Adapter is loaded: give ip_adapter_image= (or ip_adapter_image_embeds=), or "
+                             "call unload_ip_adapter() first")
+        return self.prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, batch, do_cfg) \
+            if given else None
+
+    def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds, batch: int, do_cfg: bool):
+        """diffusers' function of the same name: -> [one array per adapter, (B, n, ...) or with CFG
+        [negative rows; positive rows] (2B, n, ...)], n the images given to that adapter.
+
+        ip_adapter_image: one image (or a list of images) per adapter; a single adapter takes the image itself.
+        ip_adapter_image_embeds: one array per adapter, (1, n, ...) or with CFG (2, n, ...) = [negative; positive]."""
+        from refldm import backend
+        from refldm.adapters import ip_adapter
+        adapters = self.__dict__.get("_ip_adapters") or []
+        if not adapters:
+            raise ValueError("ip_adapter_image / ip_adapter_image_embeds given but no IP-Adapter is loaded "
+                             "(pipe.load_ip_adapter)")
+        if (ip_adapter_image is None) == (ip_adapter_image_embeds is None):
+            raise ValueError("give ip_adapter_image or ip_adapter_image_embeds, not both")
+        pairs = []
+        if ip_adapter_image_embeds is None:
+            several = isinstance(ip_adapter_image, list) and len(adapters) > 1
+            images = ip_adapter_image if several else [ip_adapter_image]     # one adapter: the image(s) itself
+            if len(images) != len(adapters):
+                raise ValueError(f"ip_adapter_image gives {len(images)} entr{'y' if len(images) == 1 else 'ies'} for "
+                                 f"{len(adapters)} IP-Adapters; give one image (or list of images) per adapter")
+            if self.image_encoder is None:
+                raise ValueError("ip_adapter_image needs an image encoder; load_ip_adapter found none "
+                                 "(image_encoder_folder=None): pass ip_adapter_image_embeds= instead")
+            for image, adapter in zip(images, adapters):
+                cond, uncond = ip_adapter.encode_image(self.image_encoder, self.feature_extractor, image,
+                                                       adapter.uses_hidden_states)   # (n, ...) each
+                pairs.append((cond[None], uncond[None]))                              # (1, n, ...)
+        else:
+            embeds = list(ip_adapter_image_embeds)
+            if len(embeds) != len(adapters):
+                raise ValueError(f"ip_adapter_image_embeds gives {len(embeds)} arrays for {len(adapters)} IP-Adapters; "
+                                 "give one per adapter")
+            for e in embeds:
+                e = backend.asarray(e, dtype=self.dtype)
+                if do_cfg:
+                    if e.shape[0] % 2:
+                        raise ValueError(f"ip_adapter_image_embeds: with guidance each array holds [negative; "
+                                         f"positive] on its first axis; got shape {tuple(e.shape)}")
+                    half = e.shape[0] // 2
+                    pairs.append((e[half:], e[:half]))
+                else:
+                    pairs.append((e, None))
+        out = []
+        for cond, uncond in pairs:
+            xp = backend.array_namespace(cond)
+            rows = [cond] * batch
+            if do_cfg:
+                rows = [uncond] * batch + rows
+            out.append(xp.concatenate(rows, axis=0))                                 # (B or 2B, n, ...)
+        return out

@@ -64,6 +64,7 @@ def register(subparsers) -> None:
     add_preview_args(p)
     add_noise_args(p)
     _add_control_arguments(p)  # --controlnet, --t2i-adapter, --control-image, --control-scale
+    _add_ip_adapter_arguments(p)
     p.add_argument("--from-png", metavar="IMAGE", default=None,
                    help="generate with the settings an image carries (A1111 / Forge / refldm parameters, ComfyUI "
                         "graph; `refldm png-info` shows them); flags given as well override them")
@@ -82,6 +83,7 @@ def register(subparsers) -> None:
     p.add_argument("--from-png", metavar="IMAGE", default=None,
                    help="use the settings an image carries (its Denoising strength as --strength); flags given "
                         "as well override them")
+    _add_ip_adapter_arguments(p)
     p.set_defaults(func=run_img2img)
 
     p = subparsers.add_parser("info", help="describe a model: configs, parameter counts, dtypes",
@@ -105,6 +107,68 @@ def register(subparsers) -> None:
     p.add_argument("--backend", choices=("numpy", "cupy"), default=None)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_demo)
+
+
+def _add_ip_adapter_arguments(p) -> None:
+    """--ip-adapter FILE --ip-image IMG [--ip-scale S] [--image-encoder FOLDER] (refldm/adapters/ip_adapter.py)."""
+    p.add_argument("--ip-adapter", default=None, metavar="FILE",
+                   help="an IP-Adapter .safetensors (ip-adapter_sd15, ip-adapter-plus_sd15, ip-adapter_sdxl, ...): "
+                        "the image of --ip-image steers the result")
+    p.add_argument("--ip-image", default=None, metavar="IMG", help="the IP-Adapter's reference image")
+    p.add_argument("--ip-scale", type=float, default=None, metavar="S",
+                   help="the IP-Adapter's weight (default 1.0; 0 turns it off, 0.5-0.7 keeps more of the prompt)")
+    p.add_argument("--image-encoder", default=None, metavar="FOLDER",
+                   help="the CLIP image encoder folder (default: image_encoder/ beside the --ip-adapter file)")
+
+
+def _apply_ip_adapter(args, pipe, kwargs) -> dict:
+    """Load --ip-adapter into `pipe`, put the --ip-image into `kwargs`; -> the PNG text field, written as the web
+    UI's ControlNet units are: ``IP-Adapter: "Model: ip-adapter_sd15, Weight: 0.6, Image: cat.png"``."""
+    file, image_path = getattr(args, "ip_adapter", None), getattr(args, "ip_image", None)
+    scale, encoder = getattr(args, "ip_scale", None), getattr(args, "image_encoder", None)
+    if file is None:
+        for flag, given in (("--ip-image", image_path), ("--ip-scale", scale), ("--image-encoder", encoder)):
+            if given is not None:
+                raise ValueError(f"{flag} needs --ip-adapter FILE")
+        return {}
+    if image_path is None:
+        raise ValueError("--ip-adapter needs --ip-image IMG (the reference image)")
+    if not hasattr(pipe, "load_ip_adapter"):
+        raise ValueError(f"--ip-adapter: {type(pipe).__name__} takes no IP-Adapter (the SD 1.x / 2.x and SDXL "
+                         "pipelines do)")
+    from refldm.adapters.ip_adapter import check_scale
+    from refldm.core.images import load_image
+    scale = 1.0 if scale is None else check_scale(scale, "--ip-scale")
+    if not os.path.isfile(file):
+        raise OSError(f"--ip-adapter {file}: no such file")
+    beside = os.path.join(os.path.dirname(os.path.abspath(file)), "image_encoder")
+    if encoder is not None and not os.path.isdir(encoder):
+        raise OSError(f"--image-encoder {encoder}: no such folder")
+    if encoder is None and not os.path.isdir(beside):
+        raise OSError(f"--ip-adapter {file}: no image_encoder/ folder beside it; give --image-encoder FOLDER "
+                      "(the CLIP image encoder the adapter was trained with)")
+    image = load_image(image_path)
+    pipe.load_ip_adapter(file, image_encoder_folder=os.path.abspath(encoder) if encoder else "image_encoder")
+    pipe.set_ip_adapter_scale(scale)
+    kwargs["ip_adapter_image"] = image
+    name = os.path.splitext(os.path.basename(file))[0]
+    return {"IP-Adapter": f"Model: {name}, Weight: {scale:g}, Image: {os.path.basename(image_path)}"}
+
+
+def _ip_adapter_from_png(args, other: dict) -> None:
+    """--from-png and the IP-Adapter field `_apply_ip_adapter` writes: honoured when --ip-adapter and --ip-image
+    are given (the PNG keeps only their names), its Weight filling --ip-scale; else it stays unhonoured."""
+    import re
+    field = other.get("IP-Adapter")
+    if field is None or getattr(args, "ip_adapter", None) is None or getattr(args, "ip_image", None) is None:
+        return
+    weight = re.search(r"Weight: ([^,]+)", str(field))
+    if weight and args.ip_scale is None:
+        try:
+            args.ip_scale = float(weight.group(1))
+        except ValueError:
+            return
+    other.pop("IP-Adapter")
 
 
 def add_preview_args(p) -> None:
@@ -346,6 +410,7 @@ def apply_png_settings(args) -> list:
             other.pop(key)
     if other.get("Crop") == "0x0":
         other.pop("Crop")
+    _ip_adapter_from_png(args, other)  # with --ip-adapter: the PNG's IP-Adapter weight as --ip-scale
     names = {key: name for name, (key, _) in pnginfo.FIELDS.items()}
     unhonoured += [names.get(k, k) for k in settings if k not in used]
     unhonoured += list(other)
@@ -530,6 +595,7 @@ def _generate(args, image=None):
             _check_sd3_args(args)
         prompt, kwargs = apply_adapter_args(args, pipe)  # LoRAs, embeddings, prompt syntax (cli/adapters.py)
         kwargs.update(_preview_kwargs(args, pipe))  # --preview-every (refldm/pipelines/preview.py)
+        ip_fields = _apply_ip_adapter(args, pipe, kwargs)  # --ip-adapter --ip-image (refldm/adapters/ip_adapter.py)
         if image is None:
             if "hires_scale" in noise:  # the size is known now (the model's default when not given)
                 size = pipe.default_size
@@ -558,6 +624,7 @@ def _generate(args, image=None):
         made = out.generation[0].replace(prompt=args.prompt)  # the prompt as typed, <lora:...> tags included
         if control:
             made = made.replace(fields={**made.fields, **control})
+        made = made.replace(fields={**made.fields, **ip_fields})
         if refiner is not None:  # SDXL's ensemble: the refiner denoises the last (1 - end) of the schedule
             out = refiner(args.prompt, negative_prompt=args.negative, image=out.latents, denoising_start=end,
                           num_inference_steps=args.steps, guidance_scale=args.cfg, seed=out.seed,

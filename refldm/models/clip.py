@@ -160,10 +160,11 @@ class CLIPAttention(Module):
     """Multi-head self-attention: softmax(Q K^T / sqrt(d) + M) V per head, then out_proj.
 
     Q = x Wq^T + bq (likewise K, V), split into H heads of d = D / H features; M is the causal mask
-    (token i attends to keys j <= i) plus the padding mask, given additively.
+    (token i attends to keys j <= i) plus the padding mask, given additively. causal=False (CLIP's
+    vision tower, refldm/models/clip_vision.py): M = 0, every token sees every token.
     """
 
-    def __init__(self, c: CLIPTextConfig):
+    def __init__(self, c: CLIPTextConfig, causal: bool = True):
         d = c.hidden_size
         self.k_proj = Linear(d, d)
         self.v_proj = Linear(d, d)
@@ -171,6 +172,7 @@ class CLIPAttention(Module):
         self.out_proj = Linear(d, d)
         self.heads = c.num_attention_heads
         self.scale = (d // c.num_attention_heads) ** -0.5  # as transformers: head_dim ** -0.5
+        self.causal = causal
 
     def forward(self, x, additive_mask=None, query_sees_keys=None):
         """x (B, L, D) -> (B, L, D).
@@ -184,8 +186,8 @@ class CLIPAttention(Module):
         q = F.split_heads(self.q_proj(x), self.heads)  # (B, L, D) -> (B, H, L, d)
         k = F.split_heads(self.k_proj(x), self.heads)
         v = F.split_heads(self.v_proj(x), self.heads)
-        if additive_mask is None:  # no padding mask: the causal mask alone
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        if additive_mask is None:  # no padding mask: the causal mask alone (or none, for the vision tower)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.scale)
         else:  # (B, 1, L, L), causal and padding together
             o = F.scaled_dot_product_attention(q, k, v, mask=additive_mask, scale=self.scale)
         if query_sees_keys is not None:  # queries that see no key at all get a zero output
@@ -209,8 +211,8 @@ class CLIPMLP(Module):
 class CLIPEncoderLayer(Module):
     """A pre-LN transformer layer: x + attn(ln1(x)), then + mlp(ln2(.))."""
 
-    def __init__(self, c: CLIPTextConfig):
-        self.self_attn = CLIPAttention(c)
+    def __init__(self, c: CLIPTextConfig, causal: bool = True):
+        self.self_attn = CLIPAttention(c, causal)
         self.layer_norm1 = LayerNorm(c.hidden_size, c.layer_norm_eps)
         self.mlp = CLIPMLP(c)
         self.layer_norm2 = LayerNorm(c.hidden_size, c.layer_norm_eps)
@@ -223,8 +225,8 @@ class CLIPEncoderLayer(Module):
 class CLIPEncoder(Module):
     """The stack of N layers: returns (output of the last layer, [output of each layer])."""
 
-    def __init__(self, c: CLIPTextConfig):
-        self.layers = ModuleList([CLIPEncoderLayer(c) for _ in range(c.num_hidden_layers)])
+    def __init__(self, c: CLIPTextConfig, causal: bool = True):
+        self.layers = ModuleList([CLIPEncoderLayer(c, causal) for _ in range(c.num_hidden_layers)])
 
     def forward(self, x, additive_mask=None, query_sees_keys=None):
         outputs = []

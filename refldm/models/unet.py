@@ -219,7 +219,16 @@ class Attention(Module):
     Q = x W_q^T, K = c W_k^T, V = c W_v^T (no biases), split into H heads of size d;
     out = concat_h softmax(Q_h K_h^T / sqrt(d)) V_h  W_o^T + b_o.
     Self-attention when c is x (attn1); cross-attention when c is the text embedding (attn2).
+
+    IP-Adapter (refldm/models/ip_adapter.py, off unless ``load_ip_adapter`` attached a `processor` to this
+    attn2): c arrives as (text, [image tokens c_i per adapter]) and a second attention over the image tokens,
+    with keys and values of its own, is added before the output projection (the decoupled cross-attention):
+
+        out = [softmax(Q K^T / sqrt(d)) V + sum_i s_i softmax(Q K_i^T / sqrt(d)) V_i] W_o^T + b_o
+              K_i = c_i W_k,i^T, V_i = c_i W_v,i^T  (to_k_ip.i, to_v_ip.i), s_i the adapter's scale
     """
+
+    processor = None  # an IPAdapterAttnProcessor once an IP-Adapter is loaded (attn2 only)
 
     def __init__(self, query_dim: int, heads: int, dim_head: int, cross_attention_dim: int | None = None,
                  upcast_attention: bool = False):
@@ -233,7 +242,9 @@ class Attention(Module):
         self.upcast_attention = upcast_attention
 
     def forward(self, x, context=None):
-        # x: (B, L, C) tokens; context: (B, S, D_c), or None for self-attention
+        # x: (B, L, C) tokens; context: (B, S, D_c), or None for self-attention; with an IP-Adapter, a pair
+        # (text (B, S, D_c), [image tokens (B, T_i, D_c)])
+        context, image_tokens = context if isinstance(context, tuple) else (context, None)
         context = x if context is None else context
         q = self.to_q(x)                           # (B, L, H*d)
         k = self.to_k(context)                     # (B, S, H*d)
@@ -244,6 +255,8 @@ class Attention(Module):
             # SD 2.x's attention overflows float16; it is computed in float32 (as the original code does)
             q, k, v = (a.astype("float32") for a in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v)     # (B, H, L, d); chunked over queries
+        if image_tokens is not None and self.processor is not None:  # IP-Adapter: + sum_i s_i Attn(Q, K_i, V_i)
+            out = self.processor(out, q, image_tokens)
         out = F.merge_heads(out.astype(dtype, copy=False))  # (B, L, H*d)
         return self.to_out[0](out)                 # (B, L, C)
 
@@ -664,6 +677,9 @@ class UNet2DConditionModel(PretrainedModel):
         "time_ids": (B, n)}``: the pooled text embedding and the micro-conditioning ids (see
         `added_embedding`), as diffusers' argument of the same name.
 
+        With an IP-Adapter loaded (refldm/adapters/ip_adapter.py), ``added_cond_kwargs["image_embeds"]`` holds
+        one array of CLIP image features per adapter, as diffusers' (see `image_tokens`).
+
         A ControlNet's residuals (refldm/models/controlnet.py) enter with diffusers' names: every skip
         connection k gets ``skip_k + down_block_additional_residuals[k]`` and the mid block's output gets
         ``+ mid_block_additional_residual``; both or neither.
@@ -674,7 +690,10 @@ class UNet2DConditionModel(PretrainedModel):
         attention: its output, after the downsampler) and, with one feature more than down blocks (SDXL's
         adapter), the mid block's output becomes mid + F_last. Both the skips and the way down see it."""
         cfg = self.config
+        added_cond_kwargs, image_embeds = self._image_embeds(added_cond_kwargs)
         sample, t, context, added = self._inputs(sample, timestep, encoder_hidden_states, added_cond_kwargs)
+        if image_embeds is not None:                                        # IP-Adapter: image tokens beside
+            context = (context, self.image_tokens(image_embeds, sample))    # the text, for every attn2
 
         # 1. time: sinusoid of t, then the MLP
         t_emb = F.timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
@@ -708,6 +727,38 @@ class UNet2DConditionModel(PretrainedModel):
         # 5. out
         x = F.silu(self.conv_norm_out(x))                                 # (B, C0, H, W)
         return self.conv_out(x)                                             # (B, C_out, H, W)
+
+    # -- IP-Adapter ----------------------------------------------------------------------------------------
+
+    encoder_hid_proj = None  # MultiIPAdapterImageProjection once an IP-Adapter is loaded (diffusers' name)
+
+    def _image_embeds(self, added_cond_kwargs):
+        """Split ``image_embeds`` (IP-Adapter) off added_cond_kwargs: -> (the rest or None, image_embeds or None)."""
+        if not added_cond_kwargs or "image_embeds" not in added_cond_kwargs:
+            if self.encoder_hid_proj is not None:
+                raise ValueError("unet: an IP-Adapter is loaded; give added_cond_kwargs['image_embeds'] (the "
+                                 "pipelines' ip_adapter_image=) or unload it")
+            return added_cond_kwargs, None
+        rest = {k: v for k, v in added_cond_kwargs.items() if k != "image_embeds"}
+        if self.encoder_hid_proj is None:
+            raise ValueError("unet: added_cond_kwargs has image_embeds but no IP-Adapter is loaded")
+        return rest or None, added_cond_kwargs["image_embeds"]
+
+    def image_tokens(self, image_embeds, sample):
+        """IP-Adapter's image tokens: one (B, n*T_i, D_c) array per adapter from its image features, a list of
+        (B, n, E) (plain) or (B, n, 1+N, E) (plus) arrays for n images each, through `encoder_hid_proj`."""
+        layers = self.encoder_hid_proj.image_projection_layers
+        embeds = list(image_embeds) if isinstance(image_embeds, (list, tuple)) else [image_embeds]
+        if len(embeds) != len(layers):
+            raise ValueError(f"unet: {len(embeds)} image_embeds for {len(layers)} IP-Adapters")
+        b = sample.shape[0]
+        for i, e in enumerate(embeds):
+            if e.ndim not in (3, 4) or e.shape[0] != b:
+                raise ValueError(f"unet: image_embeds[{i}] has shape {tuple(e.shape)}; expected ({b}, n, E) or "
+                                 f"({b}, n, tokens, E)")
+        embeds = [backend.asarray(e, dtype=sample.dtype) if backend.array_namespace(e) is not
+                  backend.array_namespace(sample) else e.astype(sample.dtype, copy=False) for e in embeds]
+        return self.encoder_hid_proj(embeds)                                # [(B, n*T_i, D_c)]
 
 
 def _control_residuals(skips, down, mid) -> bool:

@@ -32,6 +32,7 @@ from refldm.checkpoints import convert
 from refldm.core import record
 from refldm.core.images import scale_latents
 from refldm.errors import TooLargeError  # noqa: F401  (its old home; the CLI raises it, refldm.analysis.cost estimates)
+from refldm.adapters.loaders import IPAdapterMixin
 from refldm.pipelines import common
 from refldm.pipelines.common import NonFiniteLatentsError, StableDiffusionPipelineOutput  # noqa: F401
 from refldm.pipelines.sampling import img2img_latents, img2img_timesteps, sample
@@ -54,7 +55,7 @@ def _models():
     return UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer
 
 
-class StableDiffusionPipeline(common.DiffusionPipeline):
+class StableDiffusionPipeline(common.DiffusionPipeline, IPAdapterMixin):
     """The parts of Stable Diffusion and the loop that joins them (see the module docstring); what every
     pipeline shares (decoding, schedulers, the checks, the output) is `refldm.pipelines.common`."""
 
@@ -188,8 +189,8 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
                  preview_dir=None, preview: str = "linear", rng: str | None = None, sampler_rng: str | None = None,
                  ensd: int | None = None, variation_seed: int | None = None, variation_strength: float | None = None,
                  seed_resize_from=None, hires_scale: float | None = None, hires_steps: int | None = None,
-                 hires_denoise: float | None = None, hires_upscaler: str | None = None, hires_comfyui=None
-                 ) -> StableDiffusionPipelineOutput:
+                 hires_denoise: float | None = None, hires_upscaler: str | None = None, hires_comfyui=None,
+                 ip_adapter_image=None, ip_adapter_image_embeds=None) -> StableDiffusionPipelineOutput:
         """Generate images. See the module docstring for the loop; diffusers' argument names and defaults.
 
         prompt / negative_prompt: a string or a list (one per image). "" is allowed (unconditional); a
@@ -222,6 +223,8 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
         pass at the scaled size (`refldm.pipelines.common.hires_pass`); hires_comfyui={"seed": s, "size": (W, H),
         "start": k}: that pass as ComfyUI's second sampler node runs it (KSampler with denoise, or from step k of
         a KSamplerAdvanced pair, the first pass then stopping at k; `refldm.pipelines.common._comfyui_pass`).
+        ip_adapter_image / ip_adapter_image_embeds: the reference image(s) of the loaded IP-Adapter(s)
+        (`load_ip_adapter`, refldm/adapters/loaders.py), as diffusers.
         """
         timings = {}
         size = None if image is not None else (self.default_size if height is None else height,
@@ -267,6 +270,8 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
         else:
             context = cond
         timings["text encode"] = time.perf_counter() - start
+        image_embeds = self.ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, batch, do_cfg)
+        added = None if image_embeds is None else {"image_embeds": image_embeds}  # IP-Adapter: the image features
 
         # 2. the timesteps and the starting latents x_T (B, 4, H/8, W/8)
         sched, sampler = self.scheduler_for(sampler, scheduler, steps)
@@ -310,7 +315,8 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
             after_step = common.StepEnd(self, len(timesteps), callback, callback_on_step_end,
                                         callback_on_step_end_tensor_inputs,
                                         {"prompt_embeds": context, "negative_prompt_embeds": uncond})
-            return sample(lambda x, t: self.unet(x, t, after_step.tensors["prompt_embeds"]), sched, x,
+            return sample(lambda x, t: self.unet(x, t, after_step.tensors["prompt_embeds"], added_cond_kwargs=added),
+                          sched, x,
                           timesteps, guidance_scale=guidance_scale if do_cfg else None, generator=generator,
                           callback=after_step, progress=progress)
 

@@ -32,6 +32,7 @@ import time
 
 from refldm import backend
 from refldm.core.images import scale_latents
+from refldm.adapters.loaders import IPAdapterMixin
 from refldm.pipelines import common
 from refldm.pipelines.common import StableDiffusionPipelineOutput
 from refldm.pipelines.sampling import img2img_latents, img2img_timesteps, sample
@@ -82,7 +83,7 @@ def _pair(value, default, what: str):
     return pair
 
 
-class StableDiffusionXLPipeline(common.DiffusionPipeline):
+class StableDiffusionXLPipeline(common.DiffusionPipeline, IPAdapterMixin):
     """SDXL text to image: two text encoders, the pooled embedding and the time ids (module docstring).
     What every pipeline shares (decoding, schedulers, the checks, the output) is `refldm.pipelines.common`."""
 
@@ -306,7 +307,7 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
 
     def _denoise(self, latents, sched, timesteps, context, text_embeds, time_ids, guidance_scale, guidance_rescale,
                  do_cfg, generator, callback, progress, denoising_end, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=None):
+                 callback_on_step_end_tensor_inputs=None, image_embeds=None):
         """The loop (refldm/pipelines/sampling.py) with the added conditioning; timesteps cut at denoising_end as diffusers:
         keep t >= round(T - denoising_end * T), T = num_train_timesteps."""
         if denoising_end is not None:
@@ -322,6 +323,8 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
 
         def model(x, t):
             added = {"text_embeds": tensors["add_text_embeds"], "time_ids": tensors["add_time_ids"]}
+            if image_embeds is not None:                                # IP-Adapter's image features
+                added["image_embeds"] = image_embeds
             return self.unet(x, t, tensors["prompt_embeds"], added_cond_kwargs=added)
 
         return sample(model, sched, latents, timesteps,
@@ -356,8 +359,8 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
                  ensd: int | None = None, variation_seed: int | None = None, variation_strength: float | None = None,
                  seed_resize_from=None, hires_scale: float | None = None, hires_steps: int | None = None,
                  hires_denoise: float | None = None, hires_upscaler: str | None = None, hires_comfyui=None,
-                 preview_every: int | None = None, preview_dir=None, preview: str = "linear"
-                 ) -> StableDiffusionPipelineOutput:
+                 preview_every: int | None = None, preview_dir=None, preview: str = "linear",
+                 ip_adapter_image=None, ip_adapter_image_embeds=None) -> StableDiffusionPipelineOutput:
         """Text to image with diffusers' SDXL arguments and defaults (guidance 5.0, 1024x1024 for SDXL).
 
         original_size / target_size default to (height, width), crops_coords_top_left to (0, 0); the
@@ -374,6 +377,7 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
         `StableDiffusionPipeline`; the second pass's time ids use the final size as original and target size.
         preview_every, preview_dir, preview: every N-th step's latent and x_0 as PNGs, as `StableDiffusionPipeline`
         (the linear preview with SDXL's latent-to-RGB factors).
+        ip_adapter_image / ip_adapter_image_embeds: the loaded IP-Adapter's reference image(s), as diffusers.
         """
         common.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, SDXL_CALLBACK_INPUTS)
         size = (self.default_size if height is None else height, self.default_size if width is None else width)
@@ -405,6 +409,7 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
             negative_ids = self.time_ids(_pair(negative_original_size, None, "negative_original_size"),
                                          negative_crop, _pair(negative_target_size, None, "negative_target_size"))
         time_ids = self._added(batch, do_cfg, ids, negative_ids)
+        image_embeds = self.ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, batch, do_cfg)  # IP-Adapter
         timings["text encode"] = time.perf_counter() - start
 
         # 2. the schedule and the starting noise x_T (B, 4, H/8, W/8)
@@ -422,7 +427,7 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
             callback_on_step_end_tensor_inputs)
         latents = self._denoise(latents, sched, first, context, text_embeds, time_ids, guidance_scale,
                                 guidance_rescale, do_cfg, generator, callback, progress, end,
-                                callback_on_step_end, callback_on_step_end_tensor_inputs)
+                                callback_on_step_end, callback_on_step_end_tensor_inputs, image_embeds)
         made = self._record(call, sampler, original, crop, target)
         if hires is not None:
             big = (hires.height, hires.width)
@@ -431,7 +436,7 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
             def denoise(x, sched2, timesteps, gen):
                 return self._denoise(x, sched2, timesteps, context, text_embeds, big_ids, guidance_scale,
                                      guidance_rescale, do_cfg, gen, callback, progress, None,
-                                     callback_on_step_end, callback_on_step_end_tensor_inputs)
+                                     callback_on_step_end, callback_on_step_end_tensor_inputs, image_embeds)
 
             latents = common.hires_pass(self, latents, call, noise, hires, sampler, call.steps, generator, denoise)
             made = made.replace(strength=hires.denoise)
@@ -466,7 +471,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                  ensd: int | None = None, variation_seed: int | None = None, variation_strength: float | None = None,
                  seed_resize_from=None,
                  preview_every: int | None = None, preview_dir=None,
-                 preview: str = "linear") -> StableDiffusionPipelineOutput:
+                 preview: str = "linear", ip_adapter_image=None,
+                 ip_adapter_image_embeds=None) -> StableDiffusionPipelineOutput:
         """Image to image with diffusers' SDXL arguments and defaults (strength 0.3, guidance 5.0).
 
         image: a PIL image / uint8 array (encoded by the VAE, then noised to the timestep `strength`
@@ -524,6 +530,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
         else:  # diffusers uses the positive crop here (its img2img _get_add_time_ids)
             negative_ids = self.time_ids(negative_original, crop, negative_target)
         time_ids = self._added(batch, do_cfg, ids, negative_ids)
+        image_embeds = self.ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, batch, do_cfg)  # IP-Adapter
         timings["text encode"] = time.perf_counter() - start
 
         # 2. the schedule: strength's tail, or everything below denoising_start
@@ -564,7 +571,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
             callback_on_step_end_tensor_inputs)
         latents = self._denoise(latents, sched, timesteps, context, text_embeds, time_ids, guidance_scale,
                                 guidance_rescale, do_cfg, generator, callback, progress, end,
-                                callback_on_step_end, callback_on_step_end_tensor_inputs)
+                                callback_on_step_end, callback_on_step_end_tensor_inputs, image_embeds)
         timings["denoise"] = time.perf_counter() - start
         made = self._record(call, sampler, original, crop, target, strength=strength if begin is None else None)
         made = made.replace(model_hash=self.model_hash, fields=noise.fields())
