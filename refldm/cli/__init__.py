@@ -25,6 +25,7 @@ _MODULES += ("refldm.cli.pnginfo",)  # png-info: settings read back from an imag
 _MODULES += ("refldm.cli.control",)  # control: control images for ControlNets (refldm/cli/control.py)
 _MODULES += ("refldm.cli.vectors",)  # conformance vectors and verify (refldm/cli/vectors.py)
 _MODULES += ("refldm.cli.explain",)  # explain: one HTML page of a generation (refldm/cli/explain.py)
+_MODULES += ("refldm.cli.grid",)  # grid: X/Y/Z grids, here, in local processes or on Dask (refldm/cli/grid.py)
 
 
 # Commands that print facts or compare files: no op runs, so --reference would mean nothing there.

@@ -121,7 +121,7 @@ def render(settings: dict, key: str, loader=None, accel_switch=None) -> tuple:
     extra = {}
     if settings["dtype"] != "float32":
         extra["Dtype"] = settings["dtype"]
-    if accel is not None:
+    if accel == "reference":  # the speed layer is the default
         extra["Ops"] = accel
     if lora is not None:
         extra["LoRA"] = f"{os.path.basename(lora)}:{settings['lora_scale']:g}"

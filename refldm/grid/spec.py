@@ -154,7 +154,11 @@ def _choice(options):
 
 def _rng(value: str) -> str:
     from refldm.pipelines.common import check_rng
-    check_rng(value)
+    try:
+        check_rng(value)
+    except ValueError:
+        raise ValueError("unknown random source; choose cpu or cuda (the web UI's CPU, NV, GPU are taken too)") \
+            from None
     return value.strip().lower()
 
 
@@ -259,6 +263,16 @@ class GridSpec:
             value = getattr(self, flag)
             if value is not None and (value < 8 or value % 8):
                 raise ValueError(f"{flag} must be a positive multiple of 8, got {value}")
+        for name, value, low, high, open_low in (("denoise", self.denoise, 0.0, 1.0, True),
+                                                 ("hires_scale", self.hires_scale, 1.0, 8.0, False),
+                                                 ("lora_scale", self.lora_scale, -1e6, 1e6, False)):
+            if value is not None:
+                try:
+                    _number(str(value), low, high, open_low=open_low)
+                except ValueError as e:
+                    raise ValueError(f"{name} {value!r}: {e}") from None
+        if self.clip_skip is not None and not (isinstance(self.clip_skip, int) and self.clip_skip >= 0):
+            raise ValueError(f"clip_skip must be an integer >= 0, got {self.clip_skip!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.model is not None:
@@ -300,6 +314,7 @@ class GridSpec:
                     settings = dict(base)
                     for axis, i in zip(axes, (ix, iy, iz)):
                         _apply(settings, axis, i)
+                    _check_cell(settings, axes, (ix, iy, iz))
                     out.append(Cell(len(out), ix, iy, iz, settings))
         return axes, out
 
@@ -325,6 +340,18 @@ def _check_axis_fits(axis: Axis, base: dict) -> None:
         search = axis.values[0]
         if search not in base["prompt"] and search not in (base["negative"] or ""):
             raise ValueError(f"{where}: {search!r} does not occur in the prompt (the first value is searched)")
+
+
+def _check_cell(settings: dict, axes, at) -> None:
+    """What only the combination decides: the hires fix's final size (multiples of 8)."""
+    if settings["hires_scale"] is not None and settings["width"] and settings["height"]:
+        from refldm.pipelines.common import check_hires
+        try:
+            check_hires(settings["hires_scale"], None, settings["denoise"], None, settings["height"],
+                        settings["width"])
+        except ValueError as e:
+            where = ", ".join(a.label(i) for a, i in zip(axes, at))
+            raise ValueError(f"the cell {where}: {e}") from None
 
 
 def _apply(settings: dict, axis: Axis, i: int) -> None:
