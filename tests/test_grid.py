@@ -226,8 +226,9 @@ def test_two_local_processes_give_the_same_bytes(reference, tmp_path):
 @pytest.fixture(scope="module")
 def dask_client():
     import distributed  # the `cluster` extra, installed by the test set-up
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
-                                       memory_limit="1GiB", silence_logs=50)
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                       memory_limit="1GiB", silence_logs=50,
+                                       env={"REFLDM_NUM_THREADS": "1"})  # one thread each: the same bytes still
     client = distributed.Client(cluster, timeout=30)
     try:
         yield client

@@ -1,6 +1,7 @@
 """Where the cells run: this process, local worker processes, or a Dask cluster. Each executor takes the
 cells' tasks (in the order the grid wants them started: grouped by model) and yields their records as they
-finish; every one calls the same `refldm.grid.cell.run_cell`, so the images are the same bytes.
+finish; every one calls the same `refldm.grid.cell.run_cell`, so the images are the same bytes (or another
+module-level function of one task that never raises: refldm/grid/bundles.py's `run_bundle`).
 
     in_process(tasks)                   one after the other, here (the loaded model kept for the run)
     local_processes(tasks, n)           n spawned processes (concurrent.futures), each with its model cache
@@ -14,6 +15,7 @@ May import: as the grid package (refldm/grid/__init__.py). dask.distributed is o
 from __future__ import annotations
 
 import multiprocessing
+import os
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -29,20 +31,34 @@ def _failed(task, error: str) -> dict:
             "seconds": None, "where": None}
 
 
-def in_process(tasks):
+def threads_per_worker(n: int) -> str:
+    """REFLDM_NUM_THREADS for each of n local workers: this machine's CPUs shared out (at least 1), unless the
+    environment sets it already (then as it says)."""
+    if os.environ.get("REFLDM_NUM_THREADS"):
+        return os.environ["REFLDM_NUM_THREADS"]
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return str(max(1, cpus // n))
+
+
+def _set_threads(value: str) -> None:  # a local worker's initializer (the speed layer reads it on first use)
+    os.environ["REFLDM_NUM_THREADS"] = value
+
+
+def in_process(tasks, fn=run_cell):
     try:
         for task in tasks:
-            yield run_cell(task)
+            yield fn(task)
     finally:
         clear_cache()  # the models loaded for the grid are not kept past it
 
 
-def local_processes(tasks, n: int):
+def local_processes(tasks, n: int, fn=run_cell):
     if n < 1:
         raise ValueError(f"--workers must be >= 1, got {n}")
     context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked thread pools or locks
-    with ProcessPoolExecutor(max_workers=n, mp_context=context) as pool:
-        futures = {pool.submit(run_cell, task): task for task in tasks}
+    with ProcessPoolExecutor(max_workers=n, mp_context=context, initializer=_set_threads,
+                             initargs=(threads_per_worker(n),)) as pool:
+        futures = {pool.submit(fn, task): task for task in tasks}
         for future in as_completed(futures):
             try:
                 yield future.result()
@@ -70,7 +86,7 @@ def connect(address: str, timeout: float = 10.0):
         if n < 1:
             raise ValueError(f"--cluster {address}: give local:N with N >= 1 worker processes")
         cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                           dashboard_address=None)
+                                           dashboard_address=":0", env={"REFLDM_NUM_THREADS": threads_per_worker(n)})
         return distributed.Client(cluster), cluster
     try:
         return distributed.Client(address, timeout=timeout), None
@@ -85,12 +101,12 @@ def close(client, cluster) -> None:
         cluster.close()
 
 
-def on_dask(tasks, client):
+def on_dask(tasks, client, fn=run_cell):
     distributed = _distributed()
     run = uuid.uuid4().hex[:12]
     futures = {}
     for order, task in enumerate(tasks):  # higher priority first: the model groups start in order
-        future = client.submit(run_cell, task, key=f"refldm-grid-{run}-{task['index']}", pure=False,
+        future = client.submit(fn, task, key=f"refldm-grid-{run}-{task['index']}", pure=False,
                                priority=-order)
         futures[future] = task
     try:
