@@ -98,8 +98,10 @@ def test_the_whole_grid_is_checked_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"give at least one axis"):
         plan(_spec(tmp_path / "a", x=None, y=None))
     from refldm.errors import TooLargeError
-    big = _spec(tmp_path / "a", x="seed=" + ",".join(map(str, range(11))), y="steps=" + ",".join(map(str, range(1, 11))))
-    with pytest.raises(TooLargeError, match=r"the grid has 110 cells \(11 seed x 10 steps\), more than 100; give --yes"):
+    big = _spec(tmp_path / "a", x="seed=" + ",".join(map(str, range(11))),
+                y="steps=" + ",".join(map(str, range(1, 11))))
+    with pytest.raises(TooLargeError, match=r"the grid has 110 cells \(11 seed x 10 steps\), more than 100; "
+                                            r"give --yes"):
         plan(big)
     assert len(plan(big, yes=True)[1]) == 110
     with pytest.raises(ValueError, match=r"the cell size: 40x40, seed: 1: hires_scale=1\.5 makes 40x40 into 60x60"):
@@ -297,3 +299,43 @@ def test_the_cli_without_dask_names_the_extra(tmp_path, capsys, monkeypatch):
     code, out = _cli(capsys, "--x", "seed=1,2", "--cluster", "local:1", "-o", str(tmp_path / "g"))
     assert code == 2 and out.err.strip() == ("refldm: error: --cluster needs dask.distributed, which is not "
                                              "installed: pip install 'refldm[cluster]'")
+
+
+# -- refldm vectors for several models through the same executors ------------------------------------------------
+
+
+def _tree(folder) -> dict:
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return out
+
+
+@pytest.mark.slow
+def test_several_bundles_on_a_cluster_are_the_bundles_of_one_run_each(dask_client, tmp_path, capsys):
+    from refldm.cli import main
+    from refldm.grid.bundles import run_bundles
+    assert main(["vectors", "--tiny", "sd15", "--parts", "vae", "--out", str(tmp_path / "one")]) == 0
+    jobs = [{"tiny": "sd15", "parts": ["vae"], "out": str(tmp_path / "many" / "tiny-sd15")},
+            {"model": str(tmp_path / "one" / "model"), "parts": ["vae"], "size": 16, "steps": 3, "detail": "all",
+             "out": str(tmp_path / "many" / "folder")},  # the same tiny model as a folder, tiny's settings
+            {"model": str(tmp_path / "one"), "parts": ["vae"], "out": str(tmp_path / "many" / "bad")}]
+    from refldm.accel import enabled
+    records = run_bundles(jobs, client=dask_client, progress=False, accel_switch=enabled)
+    assert [r["status"] for r in records] == ["ok", "ok", "failed"] and records[0]["cases"] == 107
+    assert "\n" not in records[2]["error"]
+    assert _tree(tmp_path / "many" / "tiny-sd15") == _tree(tmp_path / "one")
+    assert _tree(tmp_path / "many" / "folder")["vae.safetensors"] == _tree(tmp_path / "one")["vae.safetensors"]
+    with pytest.raises(ValueError, match=r"two bundles would be written to the same folder"):
+        run_bundles([jobs[0], jobs[0]], progress=False)
+
+
+def test_the_vectors_command_takes_several_models(tmp_path, capsys):
+    from refldm.cli import main
+    with pytest.raises(SystemExit):
+        main(["vectors", "--tiny", "sd15,nope", "--out", str(tmp_path / "x")])
+    assert "unknown tiny kind 'nope'" in capsys.readouterr().err
+    assert main(["vectors", str(tmp_path / "a"), "--tiny", "sd15", "--out", str(tmp_path / "x")]) == 2
+    assert "no such model folder" in capsys.readouterr().err and not (tmp_path / "x" / "tiny-sd15").exists()

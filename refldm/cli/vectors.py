@@ -112,7 +112,8 @@ def _run_many(args, kwargs) -> int:
     if args.cluster:
         client, cluster = executors.connect(args.cluster, args.timeout)
     try:
-        records = run_bundles(jobs, client=client, workers=args.workers, progress=False)
+        from refldm.accel import enabled
+        records = run_bundles(jobs, client=client, workers=args.workers, progress=False, accel_switch=enabled)
     finally:
         if client is not None:
             executors.close(client, cluster)

@@ -14,6 +14,7 @@ May import: as the grid package (refldm/grid/__init__.py); refldm.crosscheck (th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -30,8 +31,9 @@ def run_bundle(job: dict) -> dict:
     start = time.perf_counter()
     cases = error = None
     options = {k: job[k] for k in OPTIONS if job.get(k) is not None}
+    switch = job.get("accel_switch")
     try:
-        with warnings.catch_warnings():
+        with (switch(False) if switch is not None else contextlib.nullcontext()), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the suite's over-long prompt is cut on purpose
             if job.get("tiny"):
                 manifest = vectors.generate_tiny(job["tiny"], job["out"], **options)
@@ -45,9 +47,12 @@ def run_bundle(job: dict) -> dict:
             "seconds": round(time.perf_counter() - start, 3), "where": f"{socket.gethostname()}:{os.getpid()}"}
 
 
-def run_bundles(jobs: list, client=None, workers: int | None = None, progress: bool = True) -> list:
+def run_bundles(jobs: list, client=None, workers: int | None = None, progress: bool = True,
+                accel_switch=None) -> list:
     """Run every job (see the module docstring) here, in `workers` local processes or on a Dask `client`;
-    the records in the jobs' order. Each job is checked first (a model folder that exists, one of model / tiny)."""
+    the records in the jobs' order. Each job is checked first (a model folder that exists, one of model / tiny).
+    accel_switch: refldm.accel.enabled (the CLI passes it): each bundle is computed with the reference ops
+    alone, as `refldm vectors` does, so that it does not depend on the machine's speed-layer kernels."""
     from tqdm.auto import tqdm
 
     from refldm.grid import executors
@@ -59,7 +64,7 @@ def run_bundles(jobs: list, client=None, workers: int | None = None, progress: b
             raise ValueError(f"{job['model']}: no such model folder")
         if not job.get("out"):
             raise ValueError(f"bundle {i + 1}: no output folder")
-        tasks.append({**job, "index": i})
+        tasks.append({**job, "index": i, "accel_switch": accel_switch})
     outs = [os.path.abspath(t["out"]) for t in tasks]
     if len(set(outs)) != len(outs):
         raise ValueError("two bundles would be written to the same folder; give each its own")
