@@ -27,11 +27,14 @@ def main():
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--only-overhead", action="store_true",
+                    help="only the dispatch overhead: --cells cells of 32x32, 2 steps, in-process against a "
+                         "LocalCluster of 1 worker (repeated --repeats times, interleaved)")
     args = ap.parse_args()
     import distributed
 
     from refldm.grid import GridSpec, run
-    from refldm.grid.executors import threads_per_worker
+    from refldm.grid.executors import worker_env
     root = tempfile.mkdtemp(prefix="refldm-measure-")
 
     def spec(name):
@@ -51,14 +54,38 @@ def main():
             assert all(c["status"] == "ok" for c in manifest["cells"]), manifest["cells"]
             row = results.setdefault(label, [])
             row.append({"wall_s": round(wall, 2), "cells_per_min": round(60 * args.cells / wall, 2),
-                        "cell_compute_s": round(compute / args.cells, 3), "load": os.getloadavg()[0]})
+                        "cell_compute_s": round(compute / args.cells, 3),
+                        "outside_cell_s_per_cell": round((wall - compute) / args.cells, 4),
+                        "load": os.getloadavg()[0]})
             print(label, row[-1], flush=True)
             shutil.rmtree(os.path.join(root, name))
 
+    if args.only_overhead:
+        args.size, args.steps = 32, 2
+        client = distributed.Client(distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50,
+            env=worker_env(1)))
+        try:
+            run(spec("warm"), client=client, progress=False)  # the worker loads the model once, as a long grid
+            for r in range(args.repeats):
+                measure("in-process")
+                measure("dask local:1", client=client)
+        finally:
+            client.close()
+            client.cluster.close() if getattr(client, "cluster", None) else None
+        best = {k: min(x["wall_s"] for x in v) for k, v in results.items()}
+        outside = {k: min(x["outside_cell_s_per_cell"] for x in v) for k, v in results.items()}
+        print(json.dumps({"cells": args.cells, "best_wall_s": best, "outside_cell_s_per_cell": outside,
+                          "overhead_per_cell_ms_outside": round(1000 * (outside["dask local:1"] -
+                                                                        outside["in-process"]), 1),
+                          "overhead_per_cell_ms":
+                          round(1000 * (best["dask local:1"] - best["in-process"]) / args.cells, 1),
+                          "loadavg": os.getloadavg(), "runs": results}, indent=1))
+        return
     clusters = {}
     for n in (1, 2):
         cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                           silence_logs=50, env={"REFLDM_NUM_THREADS": threads_per_worker(n)})
+                                           silence_logs=50, env=worker_env(n))
         clusters[n] = (distributed.Client(cluster), cluster)
     try:
         for _ in range(1):  # interleaved, so the machine's load falls on every executor alike

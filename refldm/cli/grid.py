@@ -61,7 +61,6 @@ def register(subparsers) -> None:
 def _spec(args):
     """The GridSpec of the flags. --reference (or REFLDM_ACCEL=0) is a setting of every cell, applied in each
     worker; otherwise the workers run as their environment says (the speed layer by default)."""
-    from refldm.accel import is_enabled
     from refldm.cli.adapters import parse_lora_flag
     from refldm.grid import GridSpec
     check_text(args.prompt, "--prompt")
@@ -71,13 +70,12 @@ def _spec(args):
     return GridSpec(args.prompt, x=args.x, y=args.y, z=args.z, negative=args.negative, model=args.model,
                     dtype=args.dtype, steps=args.steps, cfg=args.cfg, seed=args.seed, sampler=args.sampler,
                     width=args.width, height=args.height, lora=lora, lora_scale=scale, clip_skip=args.clip_skip,
-                    rng=args.rng, accel=None if is_enabled() else False, image=args.image, denoise=args.strength,
+                    rng=args.rng, accel=None if args.accel_on() else False, image=args.image, denoise=args.strength,
                     hires_scale=args.hires_scale, out=args.output)
 
 
 def run_grid(args) -> int:
     from refldm import grid
-    from refldm.accel import enabled
     from refldm.grid import executors
     spec = _spec(args)
     if args.backend:
@@ -90,7 +88,7 @@ def run_grid(args) -> int:
         client, cluster = executors.connect(args.cluster, args.timeout)
     try:
         manifest = grid.run(spec, client=client, workers=args.workers, resume=args.resume, yes=args.yes,
-                            progress=not args.quiet, loader=loader, accel_switch=enabled)
+                            progress=not args.quiet, loader=loader, accel_switch=args.accel_switch)
     finally:
         if client is not None:
             executors.close(client, cluster)

@@ -112,8 +112,8 @@ def _run_many(args, kwargs) -> int:
     if args.cluster:
         client, cluster = executors.connect(args.cluster, args.timeout)
     try:
-        from refldm.accel import enabled
-        records = run_bundles(jobs, client=client, workers=args.workers, progress=False, accel_switch=enabled)
+        records = run_bundles(jobs, client=client, workers=args.workers, progress=False,
+                              accel_switch=args.accel_switch)  # reference ops in every worker (main's hook)
     finally:
         if client is not None:
             executors.close(client, cluster)

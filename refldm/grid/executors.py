@@ -40,8 +40,16 @@ def threads_per_worker(n: int) -> str:
     return str(max(1, cpus // n))
 
 
-def _set_threads(value: str) -> None:  # a local worker's initializer (the speed layer reads it on first use)
-    os.environ["REFLDM_NUM_THREADS"] = value
+def worker_env(n: int) -> dict:
+    """The thread counts of each of n local workers: refldm's speed layer and the BLAS (which dask's nanny
+    would otherwise set to 1 thread), the machine's CPUs shared out."""
+    threads = threads_per_worker(n)
+    return {key: os.environ.get(key) or threads for key in ("REFLDM_NUM_THREADS", "OMP_NUM_THREADS",
+                                                             "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def _set_threads(env: dict) -> None:  # a local worker's initializer: before NumPy is imported there
+    os.environ.update(env)
 
 
 def in_process(tasks, fn=run_cell):
@@ -57,7 +65,7 @@ def local_processes(tasks, n: int, fn=run_cell):
         raise ValueError(f"--workers must be >= 1, got {n}")
     context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked thread pools or locks
     with ProcessPoolExecutor(max_workers=n, mp_context=context, initializer=_set_threads,
-                             initargs=(threads_per_worker(n),)) as pool:
+                             initargs=(worker_env(n),)) as pool:
         futures = {pool.submit(fn, task): task for task in tasks}
         for future in as_completed(futures):
             try:
@@ -86,7 +94,7 @@ def connect(address: str, timeout: float = 10.0):
         if n < 1:
             raise ValueError(f"--cluster {address}: give local:N with N >= 1 worker processes")
         cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                           dashboard_address=":0", env={"REFLDM_NUM_THREADS": threads_per_worker(n)})
+                                           dashboard_address=":0", env=worker_env(n))
         return distributed.Client(cluster), cluster
     try:
         return distributed.Client(address, timeout=timeout), None
