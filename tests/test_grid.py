@@ -228,9 +228,9 @@ def test_two_local_processes_give_the_same_bytes(reference, tmp_path):
 @pytest.fixture(scope="module")
 def dask_client():
     import distributed  # the `cluster` extra, installed by the test set-up
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                       memory_limit="1GiB", silence_logs=50,
-                                       env={"REFLDM_NUM_THREADS": "1"})  # one thread each: the same bytes still
+
+    from refldm.grid.executors import local_cluster
+    cluster = local_cluster(2, memory_limit="1GiB", silence_logs=50)  # 1 thread each here: the same bytes still
     client = distributed.Client(cluster, timeout=30)
     try:
         yield client
@@ -339,3 +339,25 @@ def test_the_vectors_command_takes_several_models(tmp_path, capsys):
     assert "unknown tiny kind 'nope'" in capsys.readouterr().err
     assert main(["vectors", str(tmp_path / "a"), "--tiny", "sd15", "--out", str(tmp_path / "x")]) == 2
     assert "no such model folder" in capsys.readouterr().err and not (tmp_path / "x" / "tiny-sd15").exists()
+
+
+def test_cells_are_grouped_by_checkpoint_and_each_model_loads_once(tmp_path, monkeypatch):
+    """x = checkpoint alternates models in the cells' order; run grouped, a one-model cache loads each once."""
+    from refldm.about import DEFAULT_MODEL
+    from refldm.grid import cell
+    from refldm.grid.cell import default_loader
+    loads = []
+
+    def loader(model, dtype="float32", img2img=False):
+        loads.append(model)
+        return default_loader(model, dtype=dtype, img2img=img2img)
+
+    monkeypatch.setattr(cell, "CACHE_SIZE", 1)
+    manifest = run(_spec(tmp_path / "g", x=f"checkpoint=builtin,{DEFAULT_MODEL}", y="seed=1,2,3"), progress=False,
+                   loader=loader)
+    assert loads == [None, DEFAULT_MODEL]  # grouped: each model once (ordered by model, then cell)
+    files = _files(tmp_path / "g")
+    assert [c["status"] for c in manifest["cells"]] == ["ok"] * 6
+    with pytest.raises(ValueError, match=r"denoise \(--strength\) needs an image"):
+        plan(_spec(tmp_path / "h", denoise=0.5))
+    assert len(files) == 7

@@ -34,7 +34,7 @@ def main():
     import distributed
 
     from refldm.grid import GridSpec, run
-    from refldm.grid.executors import worker_env
+    from refldm.grid.executors import local_cluster
     root = tempfile.mkdtemp(prefix="refldm-measure-")
 
     def spec(name):
@@ -62,14 +62,11 @@ def main():
 
     if args.only_overhead:
         args.size, args.steps = 32, 2
-        client = distributed.Client(distributed.LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=50,
-            env=worker_env(1)))
+        client = distributed.Client(local_cluster(1, silence_logs=50))
         try:
             run(spec("warm"), client=client, progress=False)  # the worker loads the model once, as a long grid
-            for r in range(args.repeats):
-                measure("in-process")
-                measure("dask local:1", client=client)
+            measure("in-process")
+            measure("dask local:1", client=client)
         finally:
             client.close()
             client.cluster.close() if getattr(client, "cluster", None) else None
@@ -84,8 +81,7 @@ def main():
         return
     clusters = {}
     for n in (1, 2):
-        cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
-                                           silence_logs=50, env=worker_env(n))
+        cluster = local_cluster(n, silence_logs=50)
         clusters[n] = (distributed.Client(cluster), cluster)
     try:
         for _ in range(1):  # interleaved, so the machine's load falls on every executor alike

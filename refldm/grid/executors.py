@@ -93,8 +93,7 @@ def connect(address: str, timeout: float = 10.0):
             n = 0
         if n < 1:
             raise ValueError(f"--cluster {address}: give local:N with N >= 1 worker processes")
-        cluster = distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                           dashboard_address=":0", env=worker_env(n))
+        cluster = local_cluster(n)
         return distributed.Client(cluster), cluster
     try:
         return distributed.Client(address, timeout=timeout), None
@@ -103,7 +102,20 @@ def connect(address: str, timeout: float = 10.0):
         raise OSError(f"--cluster {address}: no Dask scheduler answered within {timeout:g} s ({reason})") from None
 
 
-def close(client, cluster) -> None:
+def local_cluster(n: int, **kwargs):
+    """A LocalCluster of n one-thread worker processes, each with cores / n threads for refldm and the BLAS
+    (set before the worker starts: dask's nanny would give the BLAS 1 thread, and NumPy reads it on import)."""
+    import dask
+    distributed = _distributed()
+    env = worker_env(n)
+    spawn_env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **env}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}):
+        return distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                        env=env, **kwargs)
+
+
+def close(client, cluster=None) -> None:
+    """Close the client, and the LocalCluster `connect("local:N")` started."""
     client.close()
     if cluster is not None:
         cluster.close()

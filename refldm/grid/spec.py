@@ -271,6 +271,8 @@ class GridSpec:
                     _number(str(value), low, high, open_low=open_low)
                 except ValueError as e:
                     raise ValueError(f"{name} {value!r}: {e}") from None
+        if self.denoise is not None and self.image is None and self.hires_scale is None:
+            raise ValueError("denoise (--strength) needs an image (-i IMAGE, img2img) or hires_scale (--hires-scale)")
         if self.clip_skip is not None and not (isinstance(self.clip_skip, int) and self.clip_skip >= 0):
             raise ValueError(f"clip_skip must be an integer >= 0, got {self.clip_skip!r}")
         if self.dtype not in DTYPES:
