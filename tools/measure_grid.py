@@ -2,6 +2,8 @@
 of 1 and 2 workers; the cluster path's overhead per cell against in-process (docs/scale-out.md).
 
     nice -n 10 python tools/measure_grid.py [--cells 6] [--size 256] [--steps 20] [--repeats 2]
+    nice -n 10 python tools/measure_grid.py --only-overhead --cells 20 --repeats 4     # 32x32, 2 steps
+    nice -n 10 python tools/measure_grid.py --only-overhead --cells 3 --repeats 2 --size 256 --steps 20
 
 Every run is the same grid (a seed axis of --cells values, the built-in model); the clusters are started
 before the clock starts (a long-lived cluster is the use case), the local processes are not (they start per
@@ -24,13 +26,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cells", type=int, default=6)
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--size", type=int, default=None, help="image side (default 256; 32 with --only-overhead)")
+    ap.add_argument("--steps", type=int, default=None, help="steps (default 20; 2 with --only-overhead)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--only-overhead", action="store_true",
                     help="only the dispatch overhead: --cells cells of 32x32, 2 steps, in-process against a "
                          "LocalCluster of 1 worker (repeated --repeats times, interleaved)")
     args = ap.parse_args()
+    if not args.only_overhead:
+        args.size, args.steps = args.size or 256, args.steps or 20
     import distributed
 
     from refldm.grid import GridSpec, run
@@ -44,9 +48,9 @@ def main():
 
     results = {}
 
-    def measure(label, **kw):
-        for r in range(args.repeats):
-            name = f"{label}-{r}".replace(" ", "_").replace(":", "")
+    def measure(label, repeats=None, **kw):
+        for r in range(repeats or args.repeats):
+            name = f"{label}-{r}-{len(results.get(label, []))}".replace(" ", "_").replace(":", "")
             start = time.perf_counter()
             manifest = run(spec(name), progress=False, **kw)
             wall = time.perf_counter() - start
@@ -61,12 +65,13 @@ def main():
             shutil.rmtree(os.path.join(root, name))
 
     if args.only_overhead:
-        args.size, args.steps = 32, 2
+        args.size, args.steps = args.size or 32, args.steps or 2
         client = distributed.Client(local_cluster(1, silence_logs=50))
         try:
             run(spec("warm"), client=client, progress=False)  # the worker loads the model once, as a long grid
-            measure("in-process")
-            measure("dask local:1", client=client)
+            for _ in range(args.repeats):  # interleaved, one run each at a time
+                measure("in-process", repeats=1)
+                measure("dask local:1", client=client, repeats=1)
         finally:
             client.close()
             client.cluster.close() if getattr(client, "cluster", None) else None

@@ -6,7 +6,8 @@
 
 What a run writes into `spec.out`: one PNG per cell (zZZ-yYY-xXX.png, with the web UIs' ``parameters`` text
 and the cell's settings), one labelled grid image per z value (grid.png, or grid-zZZ.png), and manifest.json
-(every cell: its settings, file, status, error, seconds, where it ran). Every write is atomic.
+(every cell: its settings, file, status, error, seconds, where it ran; rewritten as cells arrive, at most
+every MANIFEST_EVERY_S seconds, and at the end). Every write is atomic.
 
 The whole grid is checked before any work (refldm/grid/spec.py). Every cell's noise comes from its own
 settings, so the same grid gives the same bytes however it runs. Cells that share a model run together and
@@ -33,6 +34,7 @@ from refldm.grid.spec import KINDS, MAX_CELLS, Axis, Cell, GridSpec, parse_axis
 __all__ = ["run", "GridSpec", "Axis", "Cell", "parse_axis", "KINDS", "MAX_CELLS", "plan"]
 
 MANIFEST = "manifest.json"
+MANIFEST_EVERY_S = 2.0  # the manifest is rewritten at most this often while cells arrive, and at the end
 _CELL_FILE = re.compile(r"z\d+-y\d+-x\d+\.png")
 
 
@@ -135,6 +137,7 @@ def run(spec: GridSpec, client=None, workers: int | None = None, *, resume: bool
         results = executors.in_process(tasks)
     from tqdm.auto import tqdm
     images = dict(done)
+    written = float("-inf")
     bar = tqdm(total=len(cells), initial=len(done), unit="cell", desc="grid", disable=not progress)
     try:
         for result in results:
@@ -146,7 +149,9 @@ def run(spec: GridSpec, client=None, workers: int | None = None, *, resume: bool
                 images[cell.index] = png
             record.update(status=result["status"], error=result["error"], seconds=result["seconds"],
                           where=result["where"], parameters=result["parameters"])
-            _write_json(os.path.join(out, MANIFEST), manifest)
+            if time.perf_counter() - written > MANIFEST_EVERY_S:  # a large grid: not rewritten per cell
+                _write_json(os.path.join(out, MANIFEST), manifest)
+                written = time.perf_counter()
             bar.update(1)
             if on_result is not None:
                 on_result(record)

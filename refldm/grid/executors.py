@@ -104,11 +104,14 @@ def connect(address: str, timeout: float = 10.0):
 
 def local_cluster(n: int, **kwargs):
     """A LocalCluster of n one-thread worker processes, each with cores / n threads for refldm and the BLAS
-    (set before the worker starts: dask's nanny would give the BLAS 1 thread, and NumPy reads it on import)."""
+    (set before the worker starts: dask's nanny would give the BLAS 1 thread, and NumPy reads it on import),
+    and glibc's malloc as in any process (dask's MALLOC_TRIM_THRESHOLD_ turns off glibc's adaptive mmap
+    threshold: each of a cell's large temporary arrays then costs an mmap and fresh zeroed pages)."""
     import dask
     distributed = _distributed()
     env = worker_env(n)
-    spawn_env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **env}
+    spawn_env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **env,
+                 "MALLOC_TRIM_THRESHOLD_": None}  # None: unset (dask's 64 KiB makes every large array an mmap)
     with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}):
         return distributed.LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=":0",
                                         env=env, **kwargs)
