@@ -5,6 +5,8 @@
     refldm vectors --candidate bundle/ --out mine.safetensors   # refldm itself (float32) as a candidate
     refldm vectors MODEL --candidate bundle/ --out mine.safetensors   # ... of a bundle without weights
     refldm verify bundle/ mine.safetensors [--names original | --map names.json] [--json] [--report r.html]
+    refldm vectors MODEL_A MODEL_B --out bundles/ --workers 2   # one bundle each, bundles/MODEL_A, ...; or
+    refldm vectors --tiny sd15,sdxl --out bundles/ --cluster tcp://HOST:8786   # on Dask (docs/scale-out.md)
 
 docs/porting.md shows the workflow; `refldm.crosscheck.vectors` and `refldm.crosscheck.verify` hold the code.
 """
