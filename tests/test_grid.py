@@ -361,3 +361,17 @@ def test_cells_are_grouped_by_checkpoint_and_each_model_loads_once(tmp_path, mon
     with pytest.raises(ValueError, match=r"denoise \(--strength\) needs an image"):
         plan(_spec(tmp_path / "h", denoise=0.5))
     assert len(files) == 7
+
+
+def test_size_rng_and_img2img_denoise_axes(tmp_path):
+    from PIL import Image
+    manifest = run(_spec(tmp_path / "g", x="size=32x32,40x32", y="rng=cpu,cuda"), progress=False)
+    assert [c["status"] for c in manifest["cells"]] == ["ok"] * 4
+    files = _files(tmp_path / "g")
+    sizes = [Image.open(io.BytesIO(files[c["file"]])).size for c in manifest["cells"]]
+    assert sizes == [(32, 32), (40, 32), (32, 32), (40, 32)]
+    assert "RNG: NV" in manifest["cells"][2]["parameters"] and files["z00-y00-x00.png"] != files["z00-y01-x00.png"]
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "in.png")
+    manifest = run(_spec(tmp_path / "i", x="denoise=0.5,1", y=None, image=str(tmp_path / "in.png")), progress=False)
+    assert [c["status"] for c in manifest["cells"]] == ["ok"] * 2
+    assert "Denoising strength: 0.5" in manifest["cells"][0]["parameters"]
