@@ -199,7 +199,7 @@ LAYERS = [
     {"refldm.models", "refldm.schedulers"},
     {"refldm.adapters"},
     {"refldm.pipelines"},
-    {"refldm.crosscheck", "refldm.analysis"},
+    {"refldm.crosscheck", "refldm.analysis", "refldm.grid"},
     {"refldm.cli", "refldm.__main__"},
 ]
 # The speed layer plugs in at these places only: functional's dispatch (the reference ops in core.ops never

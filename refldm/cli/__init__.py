@@ -25,10 +25,24 @@ _MODULES += ("refldm.cli.pnginfo",)  # png-info: settings read back from an imag
 _MODULES += ("refldm.cli.control",)  # control: control images for ControlNets (refldm/cli/control.py)
 _MODULES += ("refldm.cli.vectors",)  # conformance vectors and verify (refldm/cli/vectors.py)
 _MODULES += ("refldm.cli.explain",)  # explain: one HTML page of a generation (refldm/cli/explain.py)
+_MODULES += ("refldm.cli.grid",)  # grid: X/Y/Z grids, here, in local processes or on Dask (refldm/cli/grid.py)
 
 
 # Commands that print facts or compare files: no op runs, so --reference would mean nothing there.
 COMPUTE_NOTHING = {"sizes", "samplers", "compare", "info", "png-info", "verify"}
+
+
+def accel_switch(on: bool):
+    """``refldm.accel.enabled(on)`` for the grid's cells and bundles (refldm/grid/ never imports the speed layer;
+    `main` hands it to the subcommands as args.accel_switch): module-level, so it travels to worker processes by name."""
+    from refldm.accel import enabled
+    return enabled(on)
+
+
+def accel_on() -> bool:
+    """Whether the speed layer is on in this process (--reference / REFLDM_ACCEL=0: off)."""
+    from refldm.accel import is_enabled
+    return is_enabled()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +66,7 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    args.accel_switch, args.accel_on = accel_switch, accel_on  # the speed layer's switch, for the grid's workers
     try:
         if getattr(args, "reference_ops", False):
             from refldm.accel import enabled as accelerated

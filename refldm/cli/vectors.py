@@ -5,6 +5,8 @@
     refldm vectors --candidate bundle/ --out mine.safetensors   # refldm itself (float32) as a candidate
     refldm vectors MODEL --candidate bundle/ --out mine.safetensors   # ... of a bundle without weights
     refldm verify bundle/ mine.safetensors [--names original | --map names.json] [--json] [--report r.html]
+    refldm vectors MODEL_A MODEL_B --out bundles/ --workers 2   # one bundle each, bundles/MODEL_A, ...; or
+    refldm vectors --tiny sd15,sdxl --out bundles/ --cluster tcp://HOST:8786   # on Dask (docs/scale-out.md)
 
 docs/porting.md shows the workflow; `refldm.crosscheck.vectors` and `refldm.crosscheck.verify` hold the code.
 """
@@ -23,13 +25,15 @@ def register(subparsers) -> None:
         "vectors", help="write a conformance bundle: golden inputs and outputs of every part of a model",
         description="Run every part of a model in float64 on fixed inputs and write each layer's output, with "
                     "its inputs, tolerances and provenance, as manifest.json + safetensors files (docs/porting.md).")
-    p.add_argument("model", nargs="?", help="a diffusers model folder (not with --tiny; with --candidate: the model "
-                                            "to run, default the bundle's own weights)")
+    p.add_argument("model", nargs="*", help="a diffusers model folder (not with --tiny; with --candidate: the model "
+                                            "to run, default the bundle's own weights); several: one bundle each, "
+                                            "OUT/NAME")
     p.add_argument("--out", "-o", required=True, help="the bundle folder to write (or, with --candidate, the "
                                                       "candidate .safetensors file)")
-    p.add_argument("--tiny", choices=["sd15", "sd2-v", "sdxl", "sdxl-refiner", "inpaint"],
+    p.add_argument("--tiny", type=_tiny_kinds, default=[], metavar="KIND[,KIND]",
                    help="build refldm's tiny random-weight model of this architecture (fixed seed, no download) "
-                        "and bundle it with its weights")
+                        f"and bundle it with its weights: {', '.join(TINY)}; several: one bundle each, OUT/tiny-KIND")
+    _add_many_arguments(p)
     p.add_argument("--parts", help=f"comma-separated parts to include (default all: {','.join(vectors.PARTS)})")
     p.add_argument("--dtype", choices=["float64", "float32"], default=None,
                    help="dtype of the goldens (default float64); with --candidate, refldm's compute dtype "
@@ -69,6 +73,58 @@ def register(subparsers) -> None:
     v.set_defaults(func=run_verify)
 
 
+TINY = ("sd15", "sd2-v", "sdxl", "sdxl-refiner", "inpaint")
+
+
+def _tiny_kinds(value) -> list:
+    import argparse
+    kinds = [k.strip() for k in value.split(",")]
+    bad = [k for k in kinds if k not in TINY]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown tiny kind {bad[0]!r}; choose from {', '.join(TINY)}")
+    return kinds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# several bundles at once, through the grid's executors (refldm/grid/bundles.py)
+
+
+def _add_many_arguments(p) -> None:
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=None, metavar="N", help="several bundles: in N local processes")
+    where.add_argument("--cluster", default=None, metavar="ADDRESS", help="several bundles: on a dask.distributed "
+                       "scheduler, or local:N (OUT must be a folder every worker reaches; docs/scale-out.md)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for --cluster's scheduler (10)")
+
+
+def _run_many(args, kwargs) -> int:
+    """MODEL... / --tiny K1,K2: one bundle each in OUT/NAME, through the grid's executors; 1 if one fails."""
+    from refldm.grid import executors
+    from refldm.grid.bundles import run_bundles
+    if args.candidate:
+        raise ValueError("--candidate takes one model; run it once per bundle")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"{args.out}: exists and is not a folder")
+    jobs = [{"model": m, "out": os.path.join(args.out, os.path.basename(os.path.normpath(m))), **kwargs}
+            for m in args.model]
+    jobs += [{"tiny": k, "out": os.path.join(args.out, f"tiny-{k}"), **kwargs, "detail": args.detail or "all"}
+             for k in args.tiny]
+    os.makedirs(args.out, exist_ok=True)
+    client = cluster = None
+    if args.cluster:
+        client, cluster = executors.connect(args.cluster, args.timeout)
+    try:
+        records = run_bundles(jobs, client=client, workers=args.workers, progress=False,
+                              accel_switch=args.accel_switch)  # reference ops in every worker (main's hook)
+    finally:
+        if client is not None:
+            executors.close(client, cluster)
+    for r in records:
+        print(f"{r['out']}: {r['cases']} cases ({r['seconds']:.1f} s)" if r["status"] == "ok"
+              else f"refldm: {r['out']}: failed: {r['error']}")
+    return 0 if all(r["status"] == "ok" for r in records) else 1
+
+
 def _read_prompts(path) -> list:
     try:
         with open(path, encoding="utf-8") as f:
@@ -98,6 +154,13 @@ def run_vectors(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
+    if len(args.model) + len(args.tiny) > 1 or args.workers or args.cluster:  # several bundles (_run_many)
+        kwargs = {"parts": args.parts.split(",") if args.parts else None, "dtype": args.dtype, "size": args.size,
+                  "steps": args.steps, "prompts": _read_prompts(args.prompts) if args.prompts else None,
+                  "detail": args.detail or "blocks"}
+        return _run_many(args, kwargs)
+    args.model = args.model[0] if args.model else None
+    args.tiny = args.tiny[0] if args.tiny else None
     if args.candidate:
         if args.tiny:
             raise ValueError("--candidate runs refldm on a bundle's inputs; --tiny does not go with it")
