@@ -380,6 +380,34 @@ def test_attention_exp_clamp_changes_no_byte(masked, monkeypatch):
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+def test_exp_clamp_row_and_the_measured_decision(monkeypatch):
+    """The clamp's row of EXP_LOW values is read-only and made once per length; the decision whether to
+    clamp is measured (kernels._exp_underflow_is_slow), a bool that follows EXP_SLOW_RATIO: no exp is
+    100 times slower on underflowing values, and every exp is slower than 0 times its own speed."""
+    row = kernels._exp_low_row(37, np.float32)
+    assert row.shape == (37,) and row.dtype == np.float32 and (row == np.float32(kernels.EXP_LOW)).all()
+    assert not row.flags.writeable and kernels._exp_low_row(37, np.float32) is row
+    assert isinstance(kernels._exp_underflow_is_slow(size=2048, repeats=2), bool)
+    monkeypatch.setattr(kernels, "EXP_SLOW_RATIO", 100.0)
+    assert kernels._exp_underflow_is_slow(size=2048, repeats=2) is False
+    monkeypatch.setattr(kernels, "EXP_SLOW_RATIO", 0.0)
+    assert kernels._exp_underflow_is_slow(size=2048, repeats=2) is True
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_attention_with_a_contiguous_copy_of_the_keys(contiguous, monkeypatch):
+    """Long key sequences are multiplied through a contiguous copy of K^T (kernels.KEYS_CONTIGUOUS); with a
+    mask and causal too, equal to the reference either way."""
+    q, k, v = (randn(i, 2, 96, 24, dtype=np.float32) for i in range(3))
+    mask = np.where(np.random.default_rng(3).random((96, 96)) < 0.7, 0.0, -np.inf).astype(np.float32)
+    mask[:, 0] = 0.0
+    monkeypatch.setattr(kernels, "KEYS_CONTIGUOUS_MIN", 64)
+    monkeypatch.setattr(kernels, "KEYS_CONTIGUOUS", contiguous)
+    agree(F.scaled_dot_product_attention, q, k, v, dtype=np.float32)
+    agree(F.scaled_dot_product_attention, q, k, v, mask=mask, dtype=np.float32)
+    agree(F.scaled_dot_product_attention, q, k, v, is_causal=True, dtype=np.float32)
+
+
 @settings(max_examples=30)
 @given(n=st.integers(1, 2), c=st.integers(1, 4), h=st.integers(1, 9), w=st.integers(1, 9),
        strided=st.booleans(), seed=st.integers(0, 2**31), dtype=DTYPES)

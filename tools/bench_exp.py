@@ -116,14 +116,15 @@ def exp2_ldexp(x, chunk):
 
 
 def attention(rounds: int, widths) -> None:
-    """ops.scaled_dot_product_attention at SD 1.x's first level, (2, 8, 4096, 40), one thread, thread CPU
+    """functional.scaled_dot_product_attention (the speed layer) at SD 1.x's first level, (2, 8, 4096, 40),
+    one thread, thread CPU
     time: refldm with and without the clamp (kernels.EXP_CLAMP) and torch, alternating; q and k are
     N(0, w^2) for each w in `widths` (w = 1: scores of spread ~1; larger w: rows whose scores fall more
     than 87 below their max, where the clamp matters)."""
     import torch
     from refldm import accel
     from refldm.accel import kernels
-    from refldm.core import ops
+    from refldm.core import functional as ops  # the ops as the models call them (through the speed layer)
     accel.set_num_threads(1)
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)

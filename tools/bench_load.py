@@ -32,7 +32,7 @@ if ROOT not in sys.path:
 
 from refldm import accel  # noqa: E402
 from refldm.accel import kernels  # noqa: E402
-from refldm.core import ops  # noqa: E402
+from refldm.core import functional as ops  # noqa: E402  (the ops as models call them: the speed layer)
 
 NEIGHBOUR = r"""
 import os, sys, numpy as np
