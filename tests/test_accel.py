@@ -356,7 +356,7 @@ def test_attention_rows_do_not_depend_on_their_block(dtype):
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_exp_clamp_changes_no_byte(masked, monkeypatch):
-    """Where NumPy's float32 exp is its AVX2 build, attention clamps the exponents at EXP_LOW (-87) first
+    """Where NumPy's float32 exp is its AVX2 build, attention clamps the exponents at EXP_LOW (-86) first
     (kernels.EXP_CLAMP): an underflowing value would send exp off its SIMD loop. The clamp must change no
     byte of the result: on scores spread far below -87 (long query rows, so the bound does not rule the
     clamp out), and with a mask of -inf and -1e4, the outputs with and without it are identical, and
@@ -494,6 +494,28 @@ def test_parallel_map_keeps_order_and_raises():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="set_num_threads"):
             accel.set_num_threads(bad)
+
+
+def test_parallel_map_with_spinning_helpers(monkeypatch):
+    """With threads.SPIN_SECONDS > 0 a helper looks for work a while before it sleeps: the results, the
+    helpers' share of the work and a thread-count change (retiring the spinning helpers) are as without."""
+    from refldm.accel import threads
+    monkeypatch.setattr(threads, "SPIN_SECONDS", 0.002)
+    before = accel.num_threads()
+    try:
+        accel.set_num_threads(3)
+        for _ in range(3):  # back to back, so the helpers find the next job while they spin
+            assert accel.parallel_map(lambda i: i * i, range(50)) == [i * i for i in range(50)]
+
+        def name(i):
+            threading.Event().wait(0.005)
+            return threading.current_thread().name
+
+        assert any(n.startswith("refldm") for n in accel.parallel_map(name, range(40)))
+        accel.set_num_threads(2)
+        assert accel.parallel_map(lambda i: -i, range(9)) == [-i for i in range(9)]
+    finally:
+        accel.set_num_threads(before)
 
 
 def test_single_threaded_blas_restores_the_thread_count():

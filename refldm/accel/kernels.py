@@ -11,7 +11,7 @@ NumPy arrays, and computes the same equation as the op it accelerates. What make
 - Attention works per head on cache-sized blocks of query rows, folds the scale into q, and divides
   by the softmax row sums after the product P V; where NumPy's float32 exp is slow on values whose exp
   is subnormal (its AVX2 build: measured at first use), a block whose shifted scores fall that low is
-  clamped at -87 first.
+  clamped at -86 first.
 - gelu in float32 evaluates erf by a short polynomial instead of SciPy's erf.
 - Small matrix products run on one BLAS thread (waking BLAS's helper threads costs more).
 """
@@ -84,20 +84,20 @@ SHIFT_FREE_LOW, SHIFT_FREE_HIGH = -30.0, 60.0
 SHIFT_FREE_BOUND = 29.0
 # NumPy's float32 exp built for AVX2 (its X86_V3 target) leaves its SIMD loop for every vector holding a
 # value whose exp is subnormal (x in about [-103.9, -87.3]; its baseline SSE build is slow below -103.9,
-# where exp is 0: 4.1 ns per value against 1.7 elsewhere): on a 2 MiB block of
-# scores with such values it takes 2.2-2.3 ns per value instead of 0.55 (tools/bench_exp.py; its AVX-512
-# build, 0.31 ns, has no such path). Attention therefore clamps the exponents of a float32 block at EXP_LOW
-# first where NumPy's exp is slow on such values (_exp_underflow_is_slow: measured once, at first use) and
-# the block does hold such values: a block with a mask, or without one unless |q_i| max_j |k_j| <=
-# EXP_LOW_BOUND for all its rows (then s_ij - max_j s_ij >= -2 |q_i| max_j |k_j| >= EXP_LOW), looks at the
-# smallest score of every EXP_LOW_SAMPLE-th row and clamps if min_j s_ij - c_i < EXP_LOW in one of them,
-# c_i its shift (a sample: the decision only costs or saves time, the clamp never changes a result). The
-# clamp is np.maximum against a row of EXP_LOW values (_exp_low_row), 0.10 ns per value: against a scalar
-# NumPy's maximum runs no SIMD loop (0.43 ns, measured on the same block). The clamp changes no result:
-# e^-87 is 1.6e-38, and a row's largest term is at least e^-30 (1e-13), so a weight that small is below
-# half a float32 unit of every sum it enters (a test checks the bytes).
-EXP_LOW = -87.0
-EXP_LOW_BOUND = 43.5
+# where exp is 0: 4.1 ns per value against 1.7 elsewhere): on a 2 MiB block of scores with such values it
+# takes 2.2-2.6 ns per value instead of 0.55-0.66 (tools/bench_exp.py; its AVX-512 build, 0.31 ns, has no
+# such path), and it is slower at exactly -87 too (0.74 ns against 0.53 at -86). Attention therefore clamps
+# the exponents of a float32 block at EXP_LOW first where NumPy's exp is slow on such values
+# (_exp_underflow_is_slow: measured once, at first use) and the block does hold such values: a block with a
+# mask, or without one unless |q_i| max_j |k_j| <= EXP_LOW_BOUND for all its rows (then s_ij - max_j s_ij >=
+# -2 |q_i| max_j |k_j| >= EXP_LOW), looks at the smallest score of every EXP_LOW_SAMPLE-th row and clamps if
+# min_j s_ij - c_i < EXP_LOW in one of them, c_i its shift (a sample: the decision only costs or saves time,
+# the clamp never changes a result). The clamp is np.maximum against a row of EXP_LOW values (_exp_low_row),
+# 0.10 ns per value: against a scalar NumPy's maximum runs no SIMD loop (0.43 ns, measured on the same
+# block). The clamp changes no result: e^-86 is 4.4e-38, and a row's largest term is at least e^-30 (1e-13),
+# so a weight that small is below half a float32 unit of every sum it enters (a test checks the bytes).
+EXP_LOW = -86.0
+EXP_LOW_BOUND = 43.0
 EXP_LOW_SAMPLE = 8
 EXP_CLAMP = None  # None: decided on first use (_exp_underflow_is_slow); True / False force it
 # _exp_underflow_is_slow calls exp slow where its values with subnormal results take more than this many
