@@ -104,12 +104,12 @@ EXP_CLAMP = None  # None: decided on first use (_exp_underflow_is_slow); True / 
 # times as long as values with normal results (measured: the AVX2 build 3.8-4.2x, the SSE build 2.4x for
 # zero results, the AVX-512 build 1.0x).
 EXP_SLOW_RATIO = 2.0
-_EXP_LOW_ROWS = {}  # (length, dtype) -> a read-only row of EXP_LOW values
+_EXP_LOW_ROWS = {}  # (length, dtype, EXP_LOW) -> a read-only row of EXP_LOW values
 
 
 def _exp_low_row(n: int, dtype):
     """A read-only row of n EXP_LOW values in `dtype` (made once per length: attention has a few)."""
-    key = (n, np.dtype(dtype))
+    key = (n, np.dtype(dtype), EXP_LOW)
     row = _EXP_LOW_ROWS.get(key)
     if row is None:
         row = np.full(n, EXP_LOW, dtype=dtype)
