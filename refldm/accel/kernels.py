@@ -68,7 +68,8 @@ ATTENTION_BLOCK_BYTES = 2 * 2**20
 # core (thread CPU time, medians of 11-15 alternating rounds, loaded machine): the product of 128 query rows
 # and 4096 keys, d = 40, 0.76 ns per score against 1.04 through the view with the Haswell (AVX2) kernels,
 # 0.65 against 0.71 with SkylakeX (AVX-512); the whole op at (1, 8, 4096, 40) 0.96x and 0.85x; at 1024
-# keys, d = 64, no difference (1.00x, 1.05x). The bytes are the same.
+# keys, d = 64, no difference (1.00x, 1.05x); at 4096 keys the VAE's (1, 1, 4096, 512) 0.98x and 0.97x,
+# SDXL's (2, 10, 4096, 64) 1.02x and 1.00x. The bytes are the same.
 KEYS_CONTIGUOUS = True
 KEYS_CONTIGUOUS_MIN = 2048
 # Attention skips the softmax's max subtraction in a row whose max lies within
