@@ -356,7 +356,7 @@ def test_attention_rows_do_not_depend_on_their_block(dtype):
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_exp_clamp_changes_no_byte(masked, monkeypatch):
-    """Where NumPy's float32 exp is its AVX2 build, attention clamps the exponents at EXP_LOW (-87) first
+    """Where NumPy's float32 exp is its AVX2 build, attention clamps the exponents at EXP_LOW (-86) first
     (kernels.EXP_CLAMP): an underflowing value would send exp off its SIMD loop. The clamp must change no
     byte of the result: on scores spread far below -87 (long query rows, so the bound does not rule the
     clamp out), and with a mask of -inf and -1e4, the outputs with and without it are identical, and
@@ -378,6 +378,34 @@ def test_attention_exp_clamp_changes_no_byte(masked, monkeypatch):
         fast, _ = agree(attention, q, k, v, dtype=np.float32)
         outs.append(fast)
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_exp_clamp_row_and_the_measured_decision(monkeypatch):
+    """The clamp's row of EXP_LOW values is read-only and made once per length; the decision whether to
+    clamp is measured (kernels._exp_underflow_is_slow), a bool that follows EXP_SLOW_RATIO: no exp is
+    100 times slower on underflowing values, and every exp is slower than 0 times its own speed."""
+    row = kernels._exp_low_row(37, np.float32)
+    assert row.shape == (37,) and row.dtype == np.float32 and (row == np.float32(kernels.EXP_LOW)).all()
+    assert not row.flags.writeable and kernels._exp_low_row(37, np.float32) is row
+    assert isinstance(kernels._exp_underflow_is_slow(size=2048, repeats=2), bool)
+    monkeypatch.setattr(kernels, "EXP_SLOW_RATIO", 100.0)
+    assert kernels._exp_underflow_is_slow(size=2048, repeats=2) is False
+    monkeypatch.setattr(kernels, "EXP_SLOW_RATIO", 0.0)
+    assert kernels._exp_underflow_is_slow(size=2048, repeats=2) is True
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_attention_with_a_contiguous_copy_of_the_keys(contiguous, monkeypatch):
+    """Long key sequences are multiplied through a contiguous copy of K^T (kernels.KEYS_CONTIGUOUS); with a
+    mask and causal too, equal to the reference either way."""
+    q, k, v = (randn(i, 2, 96, 24, dtype=np.float32) for i in range(3))
+    mask = np.where(np.random.default_rng(3).random((96, 96)) < 0.7, 0.0, -np.inf).astype(np.float32)
+    mask[:, 0] = 0.0
+    monkeypatch.setattr(kernels, "KEYS_CONTIGUOUS_MIN", 64)
+    monkeypatch.setattr(kernels, "KEYS_CONTIGUOUS", contiguous)
+    agree(F.scaled_dot_product_attention, q, k, v, dtype=np.float32)
+    agree(F.scaled_dot_product_attention, q, k, v, mask=mask, dtype=np.float32)
+    agree(F.scaled_dot_product_attention, q, k, v, is_causal=True, dtype=np.float32)
 
 
 @settings(max_examples=30)
@@ -466,6 +494,28 @@ def test_parallel_map_keeps_order_and_raises():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="set_num_threads"):
             accel.set_num_threads(bad)
+
+
+def test_parallel_map_with_spinning_helpers(monkeypatch):
+    """With threads.SPIN_SECONDS > 0 a helper looks for work a while before it sleeps: the results, the
+    helpers' share of the work and a thread-count change (retiring the spinning helpers) are as without."""
+    from refldm.accel import threads
+    monkeypatch.setattr(threads, "SPIN_SECONDS", 0.002)
+    before = accel.num_threads()
+    try:
+        accel.set_num_threads(3)
+        for _ in range(3):  # back to back, so the helpers find the next job while they spin
+            assert accel.parallel_map(lambda i: i * i, range(50)) == [i * i for i in range(50)]
+
+        def name(i):
+            threading.Event().wait(0.005)
+            return threading.current_thread().name
+
+        assert any(n.startswith("refldm") for n in accel.parallel_map(name, range(40)))
+        accel.set_num_threads(2)
+        assert accel.parallel_map(lambda i: -i, range(9)) == [-i for i in range(9)]
+    finally:
+        accel.set_num_threads(before)
 
 
 def test_single_threaded_blas_restores_the_thread_count():

@@ -10,6 +10,8 @@ loaded ratio stays within 10% of the unloaded one.
 
     python tools/bench_load.py                         # the U-Net's cases, 7 rounds per state
     python tools/bench_load.py --min-blocks 2,4,8      # and refldm's product blocking (kernels.PRODUCT_MIN_BLOCKS)
+    python tools/bench_load.py --spin 0,0.002          # and the pool's helpers looking for work 2 ms before
+                                                       # they sleep (threads.SPIN_SECONDS)
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python tools/bench_load.py    # OpenBLAS's own kernels
 
 Never part of the tests. The machine's own load (load average) is printed with each state.
@@ -31,8 +33,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from refldm import accel  # noqa: E402
-from refldm.accel import kernels  # noqa: E402
-from refldm.core import ops  # noqa: E402
+from refldm.accel import kernels, threads  # noqa: E402
+from refldm.core import functional as ops  # noqa: E402  (the ops as models call them: the speed layer)
 
 NEIGHBOUR = r"""
 import os, sys, numpy as np
@@ -74,16 +76,21 @@ PAUSE = 0.3  # seconds between two timed calls: torch's OpenMP threads spin for 
 # region, and would otherwise take cores from whatever runs next in this process
 
 
-def run_state(name, table, rounds, blocks_list, torch):
+def sides(blocks_list, spins):
+    """refldm's variants: (label, min blocks, spin seconds)."""
+    return [(f"refldm (min blocks {b}, spin {s * 1e3:g} ms)", b, s) for b in blocks_list for s in spins]
+
+
+def run_state(name, table, rounds, blocks_list, spins, torch):
     """Every round runs each case's variants in a rotated order, so that no side always runs first."""
     rows = {}
     for r in range(rounds):
         for label, (ours, theirs) in table.items():
-            variants = [(f"refldm (min blocks {b})", ours, b) for b in blocks_list] + [("torch", theirs, None)]
+            variants = [(side, ours, (b, s)) for side, b, s in sides(blocks_list, spins)] + [("torch", theirs, None)]
             shift = r % len(variants)
-            for side, fn, blocks in variants[shift:] + variants[:shift]:
-                if blocks is not None:
-                    kernels.PRODUCT_MIN_BLOCKS = blocks
+            for side, fn, setting in variants[shift:] + variants[:shift]:
+                if setting is not None:
+                    kernels.PRODUCT_MIN_BLOCKS, threads.SPIN_SECONDS = setting
                 time.sleep(PAUSE)
                 with torch.no_grad():
                     t = time.perf_counter()
@@ -98,12 +105,14 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--neighbour-threads", type=int, default=2)
     p.add_argument("--min-blocks", default="2")
+    p.add_argument("--spin", default="0", help="comma-separated threads.SPIN_SECONDS values for refldm")
     p.add_argument("--cases", default="", help="comma-separated substrings selecting the cases (default: all)")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
     accel.set_num_threads(args.threads)
     blocks_list = [int(b) for b in args.min_blocks.split(",")]
+    spins = [float(s) for s in args.spin.split(",")]
     table = cases(torch, np.random.default_rng(0))
     if args.cases:
         table = {k: v for k, v in table.items() if any(c in k for c in args.cases.split(","))}
@@ -114,13 +123,13 @@ def main(argv=None):
     results = {}
     load = {}
     load["as is"] = os.getloadavg()[0]
-    results["as is"] = run_state("as is", table, args.rounds, blocks_list, torch)
+    results["as is"] = run_state("as is", table, args.rounds, blocks_list, spins, torch)
     env = dict(os.environ, OPENBLAS_NUM_THREADS=str(args.neighbour_threads), OMP_NUM_THREADS=str(args.neighbour_threads))
     neighbour = subprocess.Popen([sys.executable, "-c", NEIGHBOUR], env=env)
     try:
         time.sleep(2)
         load["busy neighbour"] = os.getloadavg()[0]
-        results["busy neighbour"] = run_state("busy neighbour", table, args.rounds, blocks_list, torch)
+        results["busy neighbour"] = run_state("busy neighbour", table, args.rounds, blocks_list, spins, torch)
     finally:
         neighbour.terminate()
         neighbour.wait()
@@ -130,7 +139,7 @@ def main(argv=None):
     print("| case | side | as is (ms) | busy neighbour (ms) | slowdown | ratio to torch, as is | ratio, busy | change |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label in table:
-        for side in [f"refldm (min blocks {b})" for b in blocks_list] + ["torch"]:
+        for side in [label for label, _, _ in sides(blocks_list, spins)] + ["torch"]:
             a, b = results["as is"][(label, side)], results["busy neighbour"][(label, side)]
             if side == "torch":
                 print(f"| {label} | torch | {a * 1e3:.1f} | {b * 1e3:.1f} | {b / a:.2f}x | | | |")

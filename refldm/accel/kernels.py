@@ -9,8 +9,9 @@ NumPy arrays, and computes the same equation as the op it accelerates. What make
   padded image (no im2col matrix, no temporary per tap), in cache-sized bands of output rows; on a
   small image it is one im2col product, and a 3x3 one with many channels runs by Winograd's F(2x2, 3x3).
 - Attention works per head on cache-sized blocks of query rows, folds the scale into q, and divides
-  by the softmax row sums after the product P V; where NumPy's float32 exp is its AVX2 build, a block
-  whose shifted scores underflow is clamped at -87 first (that exp leaves its SIMD loop for them).
+  by the softmax row sums after the product P V; where NumPy's float32 exp is slow on values whose exp
+  is subnormal (its AVX2 build: measured at first use), a block whose shifted scores fall that low is
+  clamped at -86 first.
 - gelu in float32 evaluates erf by a short polynomial instead of SciPy's erf.
 - Small matrix products run on one BLAS thread (waking BLAS's helper threads costs more).
 """
@@ -62,6 +63,15 @@ PRODUCT_BLOCK_ROWS = 512
 # float32): small enough to stay in cache between the products and the softmax passes, large enough
 # for efficient products (on one core: 0.5 MiB blocks cost 7% more time, 16 MiB blocks 5% more).
 ATTENTION_BLOCK_BYTES = 2 * 2**20
+# Attention multiplies q by a contiguous copy of K^T (made once per call) where there are at least
+# KEYS_CONTIGUOUS_MIN keys: OpenBLAS's product with a transposed view of K is slower there. Measured on one
+# core (thread CPU time, medians of 11-15 alternating rounds, loaded machine): the product of 128 query rows
+# and 4096 keys, d = 40, 0.76 ns per score against 1.04 through the view with the Haswell (AVX2) kernels,
+# 0.65 against 0.71 with SkylakeX (AVX-512); the whole op at (1, 8, 4096, 40) 0.96x and 0.85x; at 1024
+# keys, d = 64, no difference (1.00x, 1.05x); at 4096 keys the VAE's (1, 1, 4096, 512) 0.98x and 0.97x,
+# SDXL's (2, 10, 4096, 64) 1.02x and 1.00x. The bytes are the same.
+KEYS_CONTIGUOUS = True
+KEYS_CONTIGUOUS_MIN = 2048
 # Attention skips the softmax's max subtraction in a row whose max lies within
 # [SHIFT_FREE_LOW, SHIFT_FREE_HIGH] (see scaled_dot_product_attention): exp(s) <= e^60 (about 1.1e26)
 # cannot overflow float32 (largest number 3.4e38), nor can a row sum over fewer than 10^12 keys; the
@@ -73,32 +83,59 @@ SHIFT_FREE_LOW, SHIFT_FREE_HIGH = -30.0, 60.0
 # that finds the row maxima too: each row's max then lies within +-29, inside the window with room for
 # rounding, so the row comes out exactly as if its max had been found.
 SHIFT_FREE_BOUND = 29.0
-# NumPy's float32 exp built for AVX2 (its X86_V3 target) leaves its SIMD loop for every vector that holds
-# a value below about -87.3, where exp underflows: on a 2 MiB block of scores with such values it takes
-# 2.2-2.3 ns per value instead of 0.55 (tools/bench_exp.py; its AVX-512 build, 0.31 ns, has no such
-# path). Attention therefore clamps the exponents of a float32 block at EXP_LOW first (one pass of 0.3-0.5
-# ns per value) where NumPy's float32 exp is not the AVX-512 build and the block does hold such values:
-# a block with a mask, or without one unless |q_i| max_j |k_j| <= EXP_LOW_BOUND for all its rows (then
-# s_ij - max_j s_ij >= -2 |q_i| max_j |k_j| >= EXP_LOW), looks at the smallest score of every
-# EXP_LOW_SAMPLE-th row and clamps if min_j s_ij - c_i < EXP_LOW in one of them, c_i its shift (a sample:
-# the decision only costs or saves time, the clamp never changes a result). The clamp changes no result: e^-87 is
-# 1.6e-38, and a row's largest term is at least e^-30 (1e-13), so a weight that small is below half a
-# float32 unit of every sum it enters (a test checks the bytes).
-EXP_LOW = -87.0
-EXP_LOW_BOUND = 43.5
+# NumPy's float32 exp built for AVX2 (its X86_V3 target) leaves its SIMD loop for every vector holding a
+# value whose exp is subnormal (x in about [-103.9, -87.3]; its baseline SSE build is slow below -103.9,
+# where exp is 0: 4.1 ns per value against 1.7 elsewhere): on a 2 MiB block of scores with such values it
+# takes 2.2-2.6 ns per value instead of 0.55-0.66 (tools/bench_exp.py; its AVX-512 build, 0.31 ns, has no
+# such path), and it is slower at exactly -87 too (0.74 ns against 0.53 at -86). Attention therefore clamps
+# the exponents of a float32 block at EXP_LOW first where NumPy's exp is slow on such values
+# (_exp_underflow_is_slow: measured once, at first use) and the block does hold such values: a block with a
+# mask, or without one unless |q_i| max_j |k_j| <= EXP_LOW_BOUND for all its rows (then s_ij - max_j s_ij >=
+# -2 |q_i| max_j |k_j| >= EXP_LOW), looks at the smallest score of every EXP_LOW_SAMPLE-th row and clamps if
+# min_j s_ij - c_i < EXP_LOW in one of them, c_i its shift (a sample: the decision only costs or saves time,
+# the clamp never changes a result). The clamp is np.maximum against a row of EXP_LOW values (_exp_low_row),
+# 0.10 ns per value: against a scalar NumPy's maximum runs no SIMD loop (0.43 ns, measured on the same
+# block). The clamp changes no result: e^-86 is 4.4e-38, and a row's largest term is at least e^-30 (1e-13),
+# so a weight that small is below half a float32 unit of every sum it enters (a test checks the bytes).
+EXP_LOW = -86.0
+EXP_LOW_BOUND = 43.0
 EXP_LOW_SAMPLE = 8
 EXP_CLAMP = None  # None: decided on first use (_exp_underflow_is_slow); True / False force it
+# _exp_underflow_is_slow calls exp slow where its values with subnormal results take more than this many
+# times as long as values with normal results (measured: the AVX2 build 3.8-4.2x, the SSE build 2.4x for
+# zero results, the AVX-512 build 1.0x).
+EXP_SLOW_RATIO = 2.0
+_EXP_LOW_ROWS = {}  # (length, dtype, EXP_LOW) -> a read-only row of EXP_LOW values
 
 
-def _exp_underflow_is_slow() -> bool:
-    """True unless NumPy's float32 exp runs its AVX-512 build here (decided from NumPy's dispatch, never by
-    timing)."""
-    try:
-        from numpy.lib.introspect import opt_func_info
-        current = opt_func_info(func_name="exp$", signature="float32")["exp"]["ff"]["current"]
-    except Exception:  # noqa: BLE001 - an older NumPy without the introspection: clamp, it is always correct
-        return True
-    return not (current.startswith("X86_V4") or current.startswith("AVX512"))
+def _exp_low_row(n: int, dtype):
+    """A read-only row of n EXP_LOW values in `dtype` (made once per length: attention has a few)."""
+    key = (n, np.dtype(dtype), EXP_LOW)
+    row = _EXP_LOW_ROWS.get(key)
+    if row is None:
+        row = np.full(n, EXP_LOW, dtype=dtype)
+        row.flags.writeable = False
+        _EXP_LOW_ROWS[key] = row
+    return row
+
+
+def _exp_underflow_is_slow(size: int = 16384, repeats: int = 5) -> bool:
+    """True where NumPy's float32 exp is much slower on values whose exp underflows than on the others,
+    measured here: `repeats` alternating timings of exp on `size` values in [-30, 0], in [-100, -88]
+    (subnormal results) and in [-200, -110] (zero), by the thread's own CPU clock (other processes barely
+    disturb it); slow when the fastest time of either low range exceeds EXP_SLOW_RATIO times the fastest
+    in [-30, 0]. About 1 ms once per process; a wrong answer (a very busy core) costs only time."""
+    import time
+    ranges = {"normal": (-30.0, 0.0), "subnormal": (-100.0, -88.0), "zero": (-200.0, -110.0)}
+    values = {name: np.linspace(lo, hi, size, dtype=np.float32) for name, (lo, hi) in ranges.items()}
+    out = np.empty(size, dtype=np.float32)
+    best = dict.fromkeys(ranges, math.inf)
+    for _ in range(repeats):
+        for name, x in values.items():
+            t = time.thread_time_ns()
+            np.exp(x, out=out)
+            best[name] = min(best[name], time.thread_time_ns() - t)
+    return max(best["subnormal"], best["zero"]) > EXP_SLOW_RATIO * max(best["normal"], 1)
 
 
 # A large product is cut into at least this many blocks (an even number), so that a mid-sized product (the
@@ -557,6 +594,8 @@ def scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget):
     lk, dv = v.shape[-2:]
     qs = q * np.asarray(scale, dtype=q.dtype)                      # q * scale, (..., Lq, d)
     kt = np.swapaxes(k, -1, -2)                                    # K^T, (..., d, Lk)
+    if KEYS_CONTIGUOUS and lk >= KEYS_CONTIGUOUS_MIN:
+        kt = np.ascontiguousarray(kt)                              # a copy: Lk d per head, against Lq Lk scores
     out = np.empty(lead + (lq, dv), dtype=q.dtype)
     if out.size == 0:
         return out
@@ -586,7 +625,7 @@ def scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget):
     def weighted_values(s, v_g, o, clamp):
         """o = softmax(s) V from shifted (or unshifted) scores s, which it overwrites."""
         if clamp:
-            np.maximum(s, EXP_LOW, out=s)                          # no underflowing exp (see EXP_LOW)
+            np.maximum(s, _exp_low_row(s.shape[-1], s.dtype), out=s)  # no subnormal exp (see EXP_LOW)
         np.exp(s, out=s)                                           # P up to its row sums
         np.matmul(s, v_g, out=o)                                   # P V, (rows, d_v)
         o /= _sums(s, "ij->i").reshape(-1, 1)                      # / sum_j P_ij

@@ -17,11 +17,15 @@ import itertools
 import os
 import queue
 import threading
+import time
 
 from refldm.accel.blas import single_threaded_blas
 from refldm.accel.errors import AccelError
 
 MAX_THREADS = 1024  # far above any CPU's cores; more threads than this only exhaust the process's limits
+# A helper that finds the queue empty keeps looking (yielding its core to any other runnable thread between
+# looks) for this many seconds before it sleeps; 0 = sleep at once.
+SPIN_SECONDS = 0.0
 
 __all__ = ["num_threads", "set_num_threads", "parallel_map", "in_blocks"]
 
@@ -52,9 +56,20 @@ class _Pool:
         for k in range(helpers):
             threading.Thread(target=self._serve, name=f"refldm-{k}", daemon=True).start()
 
+    def _next(self):
+        spin = SPIN_SECONDS
+        if spin > 0:
+            deadline = time.perf_counter() + spin
+            while time.perf_counter() < deadline:
+                try:
+                    return self.queue.get_nowait()
+                except queue.Empty:
+                    os.sched_yield()
+        return self.queue.get()
+
     def _serve(self):
         while True:
-            job = self.queue.get()
+            job = self._next()
             if job is None:  # retired (set_num_threads): leave
                 return
             job.work()
