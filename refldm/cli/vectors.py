@@ -2,6 +2,7 @@
 
     refldm vectors MODEL --out bundle/                 # float64 goldens of every part of a diffusers folder
     refldm vectors --tiny sd15 --out tiny-sd15/        # a tiny random-weight model, its weights included
+    refldm vectors --tiny sd3 --out tiny-sd3/          # SD3 / SD3.5 (and --tiny flux): MMDiT, T5, flow schedulers
     refldm vectors --candidate bundle/ --out mine.safetensors   # refldm itself (float32) as a candidate
     refldm vectors MODEL --candidate bundle/ --out mine.safetensors   # ... of a bundle without weights
     refldm verify bundle/ mine.safetensors [--names original | --map names.json] [--json] [--report r.html]
@@ -27,7 +28,7 @@ def register(subparsers) -> None:
                                             "to run, default the bundle's own weights)")
     p.add_argument("--out", "-o", required=True, help="the bundle folder to write (or, with --candidate, the "
                                                       "candidate .safetensors file)")
-    p.add_argument("--tiny", choices=["sd15", "sd2-v", "sdxl", "sdxl-refiner", "inpaint"],
+    p.add_argument("--tiny", choices=["sd15", "sd2-v", "sdxl", "sdxl-refiner", "inpaint", "sd3", "flux"],
                    help="build refldm's tiny random-weight model of this architecture (fixed seed, no download) "
                         "and bundle it with its weights")
     p.add_argument("--parts", help=f"comma-separated parts to include (default all: {','.join(vectors.PARTS)})")
@@ -37,6 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--size", type=int, help="image side in pixels (default: 8 latent pixels; 16 for --tiny)")
     p.add_argument("--steps", type=int, help="sampler steps of the scheduler and pipeline cases (default 4; 3 "
                                              "for --tiny)")
+    p.add_argument("--max-sequence-length", type=int, metavar="N", help="SD3 / FLUX: T5's token count (default: "
+                   "the pipeline's, 256 for SD3 and 512 for FLUX; 32 for --tiny)")
     p.add_argument("--prompts", metavar="FILE", help="the prompt suite: a JSON list of strings, or a text file "
                                                      "with one prompt per line (default: refldm's hard suite)")
     p.add_argument("--detail", choices=["all", "blocks"], help="record every module ('all', default for --tiny) "
@@ -121,6 +124,8 @@ def run_vectors(args) -> int:
         kwargs["steps"] = args.steps
     if args.prompts:
         kwargs["prompts"] = _read_prompts(args.prompts)
+    if args.max_sequence_length is not None:
+        kwargs["max_sequence_length"] = args.max_sequence_length
     kwargs["detail"] = args.detail or ("all" if args.tiny else "blocks")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"{args.out}: exists and is not a folder")
