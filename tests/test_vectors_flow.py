@@ -122,6 +122,29 @@ def test_refldm_float32_passes_its_float64_bundles(bundles, refldm_f32, tmp_path
     assert r.first_failure.name == "transformer.t999.cond/transformer_blocks.1.attn.add_v_proj"
 
 
+def test_a_folder_without_t5_gets_zeros_in_its_place(tmp_path, capsys):
+    """A real SD3 folder may leave T5 out (model_index.json: text_encoder_3 null): the transformer's context
+    then holds zeros after the 77 CLIP tokens, as the pipeline's; --max-sequence-length sets their count."""
+    from refldm.crosscheck import tiny
+    folder = tiny.build("sd3", tmp_path / "model")
+    index = json.load(open(os.path.join(folder, "model_index.json")))
+    index["text_encoder_3"] = index["tokenizer_3"] = [None, None]
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f)
+    out = tmp_path / "bundle"
+    assert cli_main(["vectors", folder, "--parts", "text_encoder,transformer", "--max-sequence-length", "6",
+                     "--out", str(out)]) == 0
+    b = vectors.load(out)
+    assert not any(c.group.startswith("text_encoder_3") for c in b)
+    ctx = b.case("transformer.t500.cond/output").input_dict["encoder_hidden_states"]
+    assert ctx.shape == (1, 77 + 6, 32) and not ctx[:, 77:].any() and ctx[:, :77, :28].all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert verify(out, vectors.run_refldm(out, "float32", model=folder)).ok
+    assert cli_main(["vectors", folder, "--max-sequence-length", "600", "--out", str(tmp_path / "x")]) == 2
+    assert "max_sequence_length 600" in capsys.readouterr().err
+
+
 def test_the_same_command_writes_the_same_bytes(tmp_path):
     """In two processes with other hash seeds, thread counts and speed-layer settings."""
     outs = []
