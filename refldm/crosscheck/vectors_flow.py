@@ -290,8 +290,9 @@ def generate_flow(kit, w, models, parts, prompts, size: int, steps: int, latent:
         args = {"encoder": enc, "t5": True} if models.is_t5(enc) else {"encoder": enc, "projection": fam == "sd3"}
         for j, p in enumerate(text_prompts):
             ids = tokens[(tok, p)]
-            if "text_encoder" in parts:
-                out = w.add("text_encoder", f"{enc}.p{prompts.index(p):02d}", args, {"input_ids": ids}, net=enc)
+            if "text_encoder" in parts:  # T5-XXL's every module is GBs at 256 tokens: "blocks" keeps its blocks
+                out = w.add("text_encoder", f"{enc}.p{prompts.index(p):02d}", args, {"input_ids": ids}, net=enc,
+                            keep=keep if models.is_t5(enc) else None)
             else:
                 out = kit.run_text_encoder(models, {"args": args}, {"input_ids": ids})
             encoded[(enc, j)] = out
