@@ -1,7 +1,7 @@
-"""Every model family in one table: refldm against torch (diffusers) on the CPU, U-Net step and VAE decode.
+"""Every model family in one table: refldm against torch (diffusers) on the CPU, denoiser step and VAE decode.
 
-For each family landed (SD 1.x, SDXL base) and each case (one U-Net step with classifier-free guidance,
-batch 2; one VAE decode of one image), a fresh process builds diffusers' model with random weights,
+For each family (SD 1.x, SDXL base, SD3-medium, FLUX.1-dev) and each case (one U-Net or transformer step with
+classifier-free guidance, batch 2 (FLUX: batch 1, its guidance is an embedding); one VAE decode of one image), a fresh process builds diffusers' model with random weights,
 gives refldm the same weights (its arrays are views of torch's tensors), checks that the outputs agree,
 then times the two sides alternately for --rounds rounds (one warm-up each first): wall time and CPU
 time (time.process_time, all threads), both as medians over rounds, and the median of the per-round
@@ -17,8 +17,12 @@ between the markers ``<!-- bench_all -->`` and ``<!-- /bench_all -->``.
 
 Cases and shapes (full size): SD 1.x U-Net (2, 4, 64, 64) with text (2, 77, 768); SD 1.x VAE decode
 (1, 4, 64, 64) -> 512x512; SDXL base U-Net (2, 4, 128, 128) with text (2, 77, 2048) and the added
-embeddings; SDXL VAE decode (1, 4, 128, 128) -> 1024x1024. SDXL needs about 11 GB free for its U-Net
-(refused below --min-free-gb unless --force). SD3 and FLUX join the table when their models land.
+embeddings; SDXL VAE decode (1, 4, 128, 128) -> 1024x1024; SD3-medium MMDiT (2, 16, 128, 128) -> 4096 image
+tokens + 333 text tokens (tools/bench_sd3.py's case); FLUX.1-dev transformer (1, 4096, 64) packed tokens + 512
+T5 tokens, guidance 3.5; SD3's and FLUX's 16-channel VAE decode (1, 16, 128, 128) -> 1024x1024. A step whose
+float32 weights do not fit is skipped (SDXL needs about 11 GB free, SD3 about 12, FLUX.1 about 60: refused
+below --min-free-gb or the model's own need unless --force); --scale divides the widths (heads for the
+transformers; their depth stays) and halves the latents.
 Needs the crosscheck extra (torch, diffusers). Never part of the tests.
 """
 
@@ -42,7 +46,11 @@ if ROOT not in sys.path:
 
 DOC = os.path.join(ROOT, "docs", "performance.md")
 MARK, END = "<!-- bench_all -->", "<!-- /bench_all -->"
-FAMILIES = ("sd1", "sdxl")
+FAMILIES = ("sd1", "sdxl", "sd3", "flux")
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=[16, 56, 56])
+NEED_GB = {"sdxl": 11.0, "sd3": 12.0, "flux": 60.0}  # free memory a full-size step needs (weights + work)
 CASES = ("unet", "vae")
 
 
@@ -58,10 +66,22 @@ def _configs(family: str, scale: int) -> dict:
                         cross_attention_dim=768 // scale, norm_num_groups=max(1, 32 // scale),
                         attention_head_dim=max(1, 8 // scale))
         latent, text = 64, unet["cross_attention_dim"]
-    else:
+    elif family == "sdxl":
         unet = scaled_config(scale)
         vae.update(scaling_factor=0.13025, sample_size=1024)
         latent, text = 128, unet["cross_attention_dim"]
+    else:  # the transformers: "unet" is their denoiser; the 16-channel VAE without quant convs
+        from tools.bench_sd3 import sd3_config
+        if family == "sd3":
+            unet = sd3_config(scale)
+            vae.update(scaling_factor=1.5305, shift_factor=0.0609)
+        else:
+            heads = max(1, 24 // scale)
+            unet = dict(FLUX_DEV, num_attention_heads=heads, joint_attention_dim=max(8, 4096 // scale),
+                        pooled_projection_dim=max(8, 768 // scale))
+            vae.update(scaling_factor=0.3611, shift_factor=0.1159)
+        vae.update(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, sample_size=1024)
+        latent, text = 128, unet["joint_attention_dim"]
     if scale > 1:
         vae.update(block_out_channels=[c // scale for c in vae["block_out_channels"]],
                    norm_num_groups=max(1, 32 // scale))
@@ -77,7 +97,40 @@ def worker(family: str, case: str, scale: int, rounds: int, threads: int) -> dic
     accel.set_num_threads(threads)
     cfg = _configs(family, scale)
     rng = np.random.default_rng(1)
-    if case == "unet":
+    if case == "unet" and family in ("sd3", "flux"):
+        import diffusers
+        from tools.gpu_check import randomise
+        torch.manual_seed(0)
+        if family == "sd3":
+            from refldm.models.sd3_transformer import SD3Transformer2DModel as Ours
+            model = randomise(torch, diffusers.SD3Transformer2DModel(**cfg["unet"]), 0)
+            x = rng.standard_normal((2, 16, cfg["latent"], cfg["latent"]), dtype=np.float32)
+            ctx = rng.standard_normal((2, 333, cfg["text"]), dtype=np.float32)
+            pooled = rng.standard_normal((2, cfg["unet"]["pooled_projection_dim"]), dtype=np.float32)
+            t = np.full(2, 500.0, dtype=np.float32)
+            args = (x, ctx, pooled, t)
+            targs = tuple(torch.from_numpy(a) for a in args)
+            kw = tkw = {}
+            shape = f"({', '.join(map(str, x.shape))}) + 333 text tokens"
+        else:
+            from refldm.models.flux_transformer import FluxTransformer2DModel as Ours, latent_image_ids
+            model = randomise(torch, diffusers.FluxTransformer2DModel(**cfg["unet"]), 0)
+            n = (cfg["latent"] // 2) ** 2
+            x = rng.standard_normal((1, n, 64), dtype=np.float32)
+            ctx = rng.standard_normal((1, 512, cfg["text"]), dtype=np.float32)
+            pooled = rng.standard_normal((1, cfg["unet"]["pooled_projection_dim"]), dtype=np.float32)
+            t, g = np.full(1, 0.5, dtype=np.float32), np.full(1, 3.5, dtype=np.float32)
+            img_ids, txt_ids = latent_image_ids(cfg["latent"] // 2, cfg["latent"] // 2), np.zeros((512, 3), int)
+            args, kw = (x, ctx, pooled, t, img_ids, txt_ids), {"guidance": g}
+            targs = tuple(torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in args)
+            tkw = {"guidance": torch.from_numpy(g)}
+            shape = f"(1, {n}, 64) + 512 text tokens"
+        ours = Ours.from_config(dict(model.config))
+        ours.load_state_dict({k: v.detach().numpy() for k, v in model.state_dict().items()}, dtype="float32",
+                             source="torch model")
+        run_ours = lambda: ours(*args, **kw)  # noqa: E731
+        run_theirs = lambda: model(*targs, **tkw).sample  # noqa: E731
+    elif case == "unet":
         from tools.bench_unet import build_torch_unet
         from refldm.models.unet import UNet2DConditionModel
         model = build_torch_unet(0, cfg["unet"])
@@ -107,7 +160,7 @@ def worker(family: str, case: str, scale: int, rounds: int, threads: int) -> dic
         ours = AutoencoderKL.from_config(dict(model.config))
         ours.load_state_dict({k: v.detach().numpy() for k, v in model.state_dict().items()}, dtype="float32",
                              source="torch model")
-        z = rng.standard_normal((1, 4, cfg["latent"], cfg["latent"]), dtype=np.float32)
+        z = rng.standard_normal((1, cfg["vae"]["latent_channels"], cfg["latent"], cfg["latent"]), dtype=np.float32)
         shape = f"({', '.join(map(str, z.shape))}) -> {cfg['latent'] * 8}x{cfg['latent'] * 8}"
         run_ours = lambda: ours.decode(z)  # noqa: E731
         run_theirs = lambda: model.decode(torch.from_numpy(z)).sample  # noqa: E731
@@ -187,8 +240,9 @@ def _openblas_from_numpy() -> str:
 
 
 def table(rows: list, info: dict, threads: int) -> str:
-    names = {"sd1": "SD 1.x", "sdxl": "SDXL base"}
+    names = {"sd1": "SD 1.x", "sdxl": "SDXL base", "sd3": "SD3-medium", "flux": "FLUX.1-dev"}
     cases = {"unet": "U-Net step", "vae": "VAE decode"}
+    step = {"sd3": "MMDiT step", "flux": "transformer step"}
     lines = [f"Machine: {info['cpu']}, {info['cores']} cores, {info['isa']}; {threads} threads each; Python "
              f"{info['python']}, NumPy {info['numpy']} (float32 exp: {info.get('numpy_exp_float32', '?')}), OpenBLAS "
              f"{info.get('openblas')} (OPENBLAS_CORETYPE={info['OPENBLAS_CORETYPE']}), torch {info['torch']} "
@@ -201,12 +255,14 @@ def table(rows: list, info: dict, threads: int) -> str:
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {names[r['family']]} | {cases[r['case']]} | | | | {r['error']} | | | | | | |")
+            what = step.get(r["family"], cases[r["case"]]) if r["case"] == "unet" else cases[r["case"]]
+            lines.append(f"| {names[r['family']]} | {what} | | | | {r['error']} | | | | | | |")
             continue
         med = {k: statistics.median(v) for k, v in r["wall"].items()}
         cpu = {k: statistics.median(v) for k, v in r["cpu"].items()}
         scale = "" if r["scale"] == 1 else f" (1/{r['scale']} width)"
-        lines.append(f"| {names[r['family']]}{scale} | {cases[r['case']]} | {r['shape']} | {med['torch']:.2f} | "
+        what = step.get(r["family"], cases[r["case"]]) if r["case"] == "unet" else cases[r["case"]]
+        lines.append(f"| {names[r['family']]}{scale} | {what} | {r['shape']} | {med['torch']:.2f} | "
                      f"{med['refldm']:.2f} | **{r['ratio_median']:.2f}x** | {cpu['torch']:.2f} | {cpu['refldm']:.2f} | "
                      f"{cpu['refldm'] / cpu['torch']:.2f}x | {r['rounds']} | {r['agreement']:.1e} | "
                      f"{r['load_average']:.1f} |")
@@ -246,10 +302,11 @@ def main(argv=None) -> int:
     rows = []
     for family in args.families.split(","):
         for case in args.cases.split(","):
-            if family == "sdxl" and case == "unet" and args.scale == 1 and not args.force \
-                    and mem_available_gb() < args.min_free_gb:
+            need = max(args.min_free_gb, NEED_GB.get(family, 0.0))
+            if family in NEED_GB and case == "unet" and args.scale == 1 and not args.force \
+                    and mem_available_gb() < need:
                 rows.append({"family": family, "case": case, "error": f"skipped: MemAvailable "
-                             f"{mem_available_gb():.1f} GiB < {args.min_free_gb} GiB"})
+                             f"{mem_available_gb():.1f} GiB < {need:g} GiB"})
                 continue
             t = time.perf_counter()
             run = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", f"{family}:{case}",

@@ -181,10 +181,8 @@ def _bytes(n: float) -> str:
 def run_cost(args) -> int:
     fig = cost_figures(args.model, args.height, args.width, args.steps, args.batch, args.tokens, args.dtype)
     if args.measure:
-        if fig.get("denoiser") == "MMDiT":
-            raise ValueError("cost --measure: timing the MMDiT is not implemented yet; the count above does not "
-                             "need it")
-        fig["measure"] = measure_step(args.model, args.measure_size, args.batch, fig["text_tokens"])
+        measure = measure_mmdit_step if fig.get("denoiser") == "MMDiT" else measure_step
+        fig["measure"] = measure(args.model, args.measure_size, args.batch, fig["text_tokens"])
     if args.json:
         print(json.dumps(fig, indent=1))
         return 0
@@ -278,6 +276,55 @@ def measure_step(model, size: int, batch: int, tokens: int) -> dict:
         flops = cost.count_unet(cfg, side, side, batch, tokens).flops
         out[name] = {"shape": [batch, channels, side, side], "flops": flops, "seconds": min(times),
                      "gflops_per_second": flops / min(times) / 1e9}
+    out["time_ratio"] = out["pixel"]["seconds"] / out["latent"]["seconds"]
+    out["flops_ratio"] = out["pixel"]["flops"] / out["latent"]["flops"]
+    return out
+
+
+def measure_mmdit_step(model, size: int, batch: int, tokens: int) -> dict:
+    """`measure_step` for an SD3 / SD3.5 folder: one refldm SD3Transformer2DModel call (random weights, float32)
+    on the 16-channel latent of a size x size image and, with in_channels = 3, on its pixels (the position table
+    widened to the pixel grid where it is smaller: it changes no FLOP); the counted FLOPs (`count_sd3`) and the
+    seconds of each (best of 2, after a warm-up)."""
+    import numpy as np
+
+    from refldm import backend
+    from refldm.analysis import cost
+    from refldm.models.sd3_transformer import SD3Transformer2DModel
+
+    config, vae_cfg, where = cost.find_sd3_configs(model)
+    vae = cost.VAEShape.from_config(vae_cfg)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    f, p = vae.factor, config.get("patch_size", 2)
+    if size < f * p or size % (f * p):
+        raise ValueError(f"cost: --measure-size {size} is not a positive multiple of {f * p} (the VAE's factor {f} "
+                         f"x patch_size {p})")
+    if size > MAX_MEASURE_SIZE:
+        raise ValueError(f"cost: --measure-size {size} is over {MAX_MEASURE_SIZE} (one step at that size takes "
+                         "minutes and GBs on a CPU; the counted figures need no --measure)")
+    rng = np.random.default_rng(0)
+    out = {"size": size, "batch": batch, "dtype": "float32", "backend": backend.name()}
+    for name, channels, side in (("latent", config.get("in_channels", 16), size // f), ("pixel", vae.in_channels, size)):
+        cfg = dict(config, in_channels=channels, out_channels=channels)
+        cfg["pos_embed_max_size"] = max(int(cfg.get("pos_embed_max_size", 96)), side // p)
+        net = SD3Transformer2DModel.from_config(cfg, where=where)
+        state = {key: (rng.standard_normal(value.shape) * 0.02).astype(np.float32)
+                 for key, _, _, value in net.params()}
+        net.load_state_dict(state, dtype="float32", source="random weights")
+        c = net.config
+        x = backend.asarray(rng.standard_normal((batch, channels, side, side)).astype(np.float32))
+        ctx = backend.asarray(rng.standard_normal((batch, tokens, c.joint_attention_dim)).astype(np.float32))
+        y = backend.asarray(rng.standard_normal((batch, c.pooled_projection_dim)).astype(np.float32))
+        net(x, ctx, y, 500.0)                                       # warm-up
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            backend.to_numpy(net(x, ctx, y, 500.0))
+            times.append(time.perf_counter() - t0)
+        flops = cost.count_sd3(cfg, side, side, batch, tokens).flops
+        out[name] = {"shape": [batch, channels, side, side], "flops": flops, "seconds": min(times),
+                     "gflops_per_second": flops / min(times) / 1e9}
+        del net, state
     out["time_ratio"] = out["pixel"]["seconds"] / out["latent"]["seconds"]
     out["flops_ratio"] = out["pixel"]["flops"] / out["latent"]["flops"]
     return out

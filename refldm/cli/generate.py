@@ -68,6 +68,7 @@ def register(subparsers) -> None:
     p.add_argument("--from-png", metavar="IMAGE", default=None,
                    help="generate with the settings an image carries (A1111 / Forge / refldm parameters, ComfyUI "
                         "graph; `refldm png-info` shows them); flags given as well override them")
+    _add_t5_arguments(p)
     p.set_defaults(func=run_txt2img)
 
     p = subparsers.add_parser("img2img", help="transform an image guided by a prompt",
@@ -579,9 +580,9 @@ def _generate(args, image=None):
     _check_control_arguments(args)
     use_backend(args.backend)
     with one_line_warnings():
-        pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
-                             prediction_type=args.prediction_type, dtype=args.dtype,
-                             max_length=args.max_length, img2img=image is not None)
+        pipe = _load_without_t5(args, image is not None) or load_pipeline(
+            args.model, config=args.config, tokenizer=args.tokenizer, prediction_type=args.prediction_type,
+            dtype=args.dtype, max_length=args.max_length, img2img=image is not None)
         recorded, have = getattr(args, "_png_model_hash", None), getattr(pipe, "model_hash", None)
         if recorded and have and not have.startswith(recorded.lower()[:10]):
             print(f"refldm: warning: the model's hash is {have}, {args.from_png} was made with Model "
@@ -662,6 +663,38 @@ def _refiner_args(args, pipe):
         raise ValueError(f"--refiner {refiner}: a base model, not a refiner (its model_index.json has no "
                          "requires_aesthetics_score)")
     return ref, 0.8 if end is None else end
+
+
+def _add_t5_arguments(p) -> None:
+    p.add_argument("--no-t5", action="store_true",
+                   help="SD3 / SD3.5: leave the T5 encoder out (it is not loaded; zeros stand in for its states, as "
+                        "diffusers' text_encoder_3=None): 4.7 B parameters less, a different image")
+
+
+def _load_without_t5(args, img2img: bool):
+    """--no-t5: the SD3 pipeline of -m (a folder, or a single file with --config) loaded without T5; None when
+    the flag is not given. Another kind of model is refused in one line (FLUX needs its T5)."""
+    if not getattr(args, "no_t5", False):
+        return None
+    from refldm.checkpoints import convert
+    from refldm.checkpoints.weights import read_header
+    from refldm.cli.common import set_max_length
+    from refldm.pipelines.sd3 import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline, is_sd3_folder
+    cls = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
+    model = args.model
+    if model and os.path.isdir(model) and is_sd3_folder(model):
+        pipe = cls.from_pretrained(model, dtype=args.dtype, use_t5=False)
+    elif model and os.path.isfile(model) and model.lower().endswith(".safetensors") \
+            and convert.is_sd3(read_header(model)[0]):
+        if args.config is None:
+            raise ValueError(f"{model}: an SD3 / SD3.5 single file; give --config SD3_FOLDER (a diffusers SD3 "
+                             "folder with the model's configs, tokenizers and scheduler)")
+        pipe = cls.from_single_file(model, args.config, dtype=args.dtype, use_t5=False)
+    else:
+        raise ValueError(f"--no-t5: {model or 'the embedded model'} is not an SD3 / SD3.5 model (only SD3 runs "
+                         "without its T5 encoder)")
+    set_max_length(pipe, args.max_length)
+    return pipe
 
 
 def _check_sd3_args(args):

@@ -2,6 +2,7 @@
 
     refldm vectors MODEL --out bundle/                 # float64 goldens of every part of a diffusers folder
     refldm vectors --tiny sd15 --out tiny-sd15/        # a tiny random-weight model, its weights included
+    refldm vectors --tiny sd3 --out tiny-sd3/          # SD3 / SD3.5 (and --tiny flux): MMDiT, T5, flow schedulers
     refldm vectors --candidate bundle/ --out mine.safetensors   # refldm itself (float32) as a candidate
     refldm vectors MODEL --candidate bundle/ --out mine.safetensors   # ... of a bundle without weights
     refldm verify bundle/ mine.safetensors [--names original | --map names.json] [--json] [--report r.html]
@@ -41,6 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--size", type=int, help="image side in pixels (default: 8 latent pixels; 16 for --tiny)")
     p.add_argument("--steps", type=int, help="sampler steps of the scheduler and pipeline cases (default 4; 3 "
                                              "for --tiny)")
+    p.add_argument("--max-sequence-length", type=int, metavar="N", help="SD3 / FLUX: T5's token count (default: "
+                   "the pipeline's, 256 for SD3 and 512 for FLUX; 32 for --tiny)")
     p.add_argument("--prompts", metavar="FILE", help="the prompt suite: a JSON list of strings, or a text file "
                                                      "with one prompt per line (default: refldm's hard suite)")
     p.add_argument("--detail", choices=["all", "blocks"], help="record every module ('all', default for --tiny) "
@@ -73,7 +76,7 @@ def register(subparsers) -> None:
     v.set_defaults(func=run_verify)
 
 
-TINY = ("sd15", "sd2-v", "sdxl", "sdxl-refiner", "inpaint")
+TINY = ("sd15", "sd2-v", "sdxl", "sdxl-refiner", "inpaint", "sd3", "flux")
 
 
 def _tiny_kinds(value) -> list:
@@ -157,7 +160,7 @@ def run_vectors(args) -> int:
     if len(args.model) + len(args.tiny) > 1 or args.workers or args.cluster:  # several bundles (_run_many)
         kwargs = {"parts": args.parts.split(",") if args.parts else None, "dtype": args.dtype, "size": args.size,
                   "steps": args.steps, "prompts": _read_prompts(args.prompts) if args.prompts else None,
-                  "detail": args.detail or "blocks"}
+                  "detail": args.detail or "blocks", "max_sequence_length": args.max_sequence_length}
         return _run_many(args, kwargs)
     args.model = args.model[0] if args.model else None
     args.tiny = args.tiny[0] if args.tiny else None
@@ -184,6 +187,8 @@ def run_vectors(args) -> int:
         kwargs["steps"] = args.steps
     if args.prompts:
         kwargs["prompts"] = _read_prompts(args.prompts)
+    if args.max_sequence_length is not None:
+        kwargs["max_sequence_length"] = args.max_sequence_length
     kwargs["detail"] = args.detail or ("all" if args.tiny else "blocks")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"{args.out}: exists and is not a folder")

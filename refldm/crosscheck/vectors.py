@@ -43,6 +43,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -50,12 +51,13 @@ from refldm import backend
 from refldm.about import __version__
 from refldm.checkpoints.weights import load_file, read_config, read_header, save_file
 from refldm.core.record import Recorder
+from refldm.crosscheck import vectors_flow
 
 __all__ = ["FORMAT", "PARTS", "TOLERANCES", "PROMPTS", "SAMPLERS", "PIPELINE_SAMPLERS", "generate", "generate_tiny",
            "load", "Bundle", "Case", "score", "CaseResult", "VectorMismatch", "BundleError", "run_refldm", "save_candidate", "Models"]
 
 FORMAT = "refldm-vectors/1"
-PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler", "noise", "pipeline")  # data-flow order
+PARTS = ("tokenizer", "text_encoder", "vae", "unet", "transformer", "scheduler", "noise", "pipeline")  # data-flow order
 DOCS = "docs/"  # links are relative to the refldm repository
 
 # Relative-error tolerances (rel = max|a - b| / max|b|) for a port computing in float32 and in float16,
@@ -66,6 +68,7 @@ TOLERANCES = {  # kind of case: (float32, float16, float64)
     "text_encoder": (1e-4, 2e-2, 1e-10),
     "vae": (1e-4, 2e-2, 1e-10),
     "unet": (1e-4, 2e-2, 1e-10),
+    "transformer": (1e-4, 2e-2, 1e-10),           # the MMDiT of SD3 / FLUX: as the U-Net
     "scheduler_table": (1e-5, 2e-3, 1e-12),       # tables of 1000 cumulative products, then interpolation
     "scheduler_step": (1e-5, 2e-3, 1e-12),        # a few fused multiply-adds per element per step
     "noise": (1e-6, 1e-3, 1e-6),                  # a seed stream: the same numbers up to libm's last bit
@@ -75,7 +78,7 @@ TOLERANCES = {  # kind of case: (float32, float16, float64)
 PRECISIONS = ("float32", "float16", "float64")
 
 DOC_PAGES = {"tokenizer": "text_encoder.md", "text_encoder": "text_encoder.md", "vae": "vae.md", "unet": "unet.md",
-             "scheduler": "schedulers.md", "noise": "pipeline.md", "pipeline": "pipeline.md"}
+             "transformer": "sd3.md", "scheduler": "schedulers.md", "noise": "pipeline.md", "pipeline": "pipeline.md"}
 
 # The prompt suite: the hard parts of CLIP's tokenizer and of the web UI's prompt syntax.
 PROMPTS = (
@@ -117,7 +120,8 @@ class VectorMismatch(AssertionError):
 
 
 class Models:
-    """The parts of a model folder, each loaded on first use in `dtype` (a diffusers folder)."""
+    """The parts of a model folder, each loaded on first use in `dtype` (a diffusers folder). `family`: "sd"
+    (SD 1.x / 2.x / SDXL: a U-Net), "sd3" or "flux" (a transformer: refldm.crosscheck.vectors_flow)."""
 
     def __init__(self, folder, dtype="float64"):
         self.folder = os.fspath(folder)
@@ -126,8 +130,11 @@ class Models:
         if not os.path.isfile(os.path.join(self.folder, "model_index.json")):
             raise ValueError(f"{self.folder}: no model_index.json (give a diffusers model folder)")
         self.index = read_config(self.folder, "model_index.json")
+        entry = self.index.get("transformer")
+        self.family = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}.get(
+            entry[-1] if isinstance(entry, list) and entry else None, "sd")
         self.configs = {}
-        for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        for part in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
             entry = self.index.get(part)
             if entry and (not isinstance(entry, list) or entry[-1] is not None):
                 self.configs[part] = read_config(os.path.join(self.folder, part))
@@ -135,15 +142,23 @@ class Models:
 
     @property
     def xl(self) -> bool:
-        return "text_encoder_2" in self.configs
+        return self.family == "sd" and "text_encoder_2" in self.configs
 
     @property
     def text_encoders(self) -> list:
-        return [p for p in ("text_encoder", "text_encoder_2") if p in self.configs]
+        return [p for p in ("text_encoder", "text_encoder_2", "text_encoder_3") if p in self.configs]
+
+    def is_t5(self, part: str) -> bool:
+        """Whether text encoder (or tokenizer) `part` is T5: SD3's third, FLUX's second."""
+        part = part.replace("tokenizer", "text_encoder")
+        return (self.family, part) in (("sd3", "text_encoder_3"), ("flux", "text_encoder_2"))
 
     def get(self, part: str):
         if part not in self._cache:
             path = os.path.join(self.folder, part)
+            if self.family != "sd" and (part == "transformer" or self.is_t5(part) or part == "text_encoder"):
+                self._cache[part] = vectors_flow.load_part(self, part, path)
+                return self._cache[part]
             if part == "unet":
                 from refldm.models.unet import UNet2DConditionModel as cls
             elif part == "vae":
@@ -163,6 +178,9 @@ class Models:
 
     def pipeline(self):
         if "pipeline" not in self._cache:
+            if self.family != "sd":
+                self._cache["pipeline"] = vectors_flow.load_pipeline(self)
+                return self._cache["pipeline"]
             if self.xl:
                 from refldm.pipelines.sdxl import StableDiffusionXLPipeline as cls
             else:
@@ -182,6 +200,8 @@ def config_hash(configs: dict) -> str:
 
 def _original_tables(models: Models) -> dict:
     from refldm.checkpoints import convert
+    if models.family != "sd":
+        return {"family": models.family, "configs": models.configs, "tables": {}, "shape": None, "refiner": False}
     kind = "sd2" if models.configs.get("text_encoder", {}).get("hidden_act") == "gelu" else "sd1"
     tables = {"unet": "unet", "vae": "vae", "text_encoder": "xl_clip" if models.xl else
               ("open_clip" if kind == "sd2" else "clip"), "text_encoder_2": "xl_open_clip"}
@@ -199,6 +219,8 @@ def original_prefix(info: dict, part: str, layer: str, keys=()) -> str:
     a container maps to the longest prefix shared by the original keys of the weights below it.
     """
     from refldm.checkpoints import convert
+    if info.get("family", "sd") != "sd":
+        return vectors_flow.original_prefix(info, part, layer, keys)
     if info["shape"] is None or part not in info["tables"]:
         return ""
     table = info["tables"][part]
@@ -260,7 +282,9 @@ def run_tokenizer(models, group, inputs):
         chunks = chunk_tokens(tok, text)
         return {"ids": np.asarray([c[0] for c in chunks], dtype=np.int64),
                 "weights": np.asarray([c[1] for c in chunks], dtype=np.float64)}
-    out = tok([text], padding="max_length", truncation=True, return_tensors="np")
+    length = group["args"].get("max_length")  # T5's: the pipeline's max_sequence_length
+    out = tok([text], padding="max_length", truncation=True, return_tensors="np",
+              **({"max_length": length} if length else {}))
     return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
 
@@ -269,6 +293,9 @@ def run_text_encoder(models, group, inputs):
     ids = np.asarray(inputs["input_ids"], dtype=np.int64)
     acts, out = _record(lambda: model(ids, output_hidden_states=True))
     acts.pop("<root>", None)
+    if models.is_t5(group["args"]["encoder"]):  # T5: every layer, then the final layer norm's output
+        acts["last_hidden_state"] = _np(out.last_hidden_state)
+        return acts
     acts["penultimate_hidden_state"] = _np(out.hidden_states[-2])
     acts["last_hidden_state"] = _np(out.last_hidden_state)
     acts["pooled"] = _np(out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output)
@@ -330,6 +357,8 @@ def _sampler_key(spec: str) -> str:
 
 def make_scheduler(models, spec: str):
     from refldm.schedulers import get_scheduler
+    if models.family != "sd":
+        return vectors_flow.make_flow_scheduler(_kit(), models, spec)
     name, options = _sampler(spec)
     return get_scheduler(name, models.configs["scheduler"], **options)
 
@@ -356,7 +385,10 @@ def _given_noise(noise, where):
 def run_scheduler(models, group, inputs):
     args = group["args"]
     sched = make_scheduler(models, args["sampler"])
-    sched.set_timesteps(args["steps"])
+    if models.family != "sd":
+        vectors_flow.set_flow_timesteps(sched, args)
+    else:
+        sched.set_timesteps(args["steps"])
     out = {"timesteps": np.asarray(_np(sched.timesteps), dtype=np.float64)}
     if getattr(sched, "sigmas", None) is not None:
         out["sigmas"] = np.asarray(_np(sched.sigmas), dtype=np.float64)
@@ -403,6 +435,8 @@ PIPELINE_NAMES = ("steps.*.noise_pred", "steps.*.guided", "steps.*.prev_sample",
 
 
 def run_pipeline(models, group, inputs):
+    if models.family != "sd":
+        return vectors_flow.run_flow_pipeline(_kit(), models, group, inputs)
     pipe = models.pipeline()
     args = group["args"]
     noise = np.asarray(inputs["noise"], dtype=np.float64)
@@ -419,8 +453,18 @@ def run_pipeline(models, group, inputs):
     return result
 
 
+def run_transformer(models, group, inputs):
+    """SD3 / FLUX: one transformer call (refldm/crosscheck/vectors_flow.py)."""
+    return vectors_flow.run_transformer(_kit(), models, group, inputs)
+
+
+def _kit():
+    """This module, handed to vectors_flow for the runners and constants it shares (it cannot import us)."""
+    return sys.modules[__name__]
+
+
 RUNNERS = {"tokenizer": run_tokenizer, "text_encoder": run_text_encoder, "vae": run_vae, "unet": run_unet,
-           "scheduler": run_scheduler, "noise": run_noise, "pipeline": run_pipeline}
+           "transformer": run_transformer, "scheduler": run_scheduler, "noise": run_noise, "pipeline": run_pipeline}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -430,6 +474,8 @@ RUNNERS = {"tokenizer": run_tokenizer, "text_encoder": run_text_encoder, "vae": 
 def _describe(part: str, group: dict, layer: str) -> tuple[str, str]:
     """(one-line description, docs page) of a case."""
     page = DOC_PAGES[part]
+    if part == "transformer" or group["args"].get("t5") or (part == "tokenizer" and group["args"].get("max_length")):
+        return vectors_flow.describe(part, group, layer)
     if part == "tokenizer":
         what = {"input_ids": "token ids: [bos] + BPE ids + [eos], padded to 77 with the pad token",
                 "attention_mask": "1 for bos, the tokens and eos, 0 for padding",
@@ -482,11 +528,16 @@ def _module(part: str, group: dict, layer: str) -> str:
     """The diffusers / transformers module path that produces `layer` ("" for a value no module returns)."""
     if part == "unet":
         return "" if layer == "output" else layer
+    if part == "transformer":
+        return "" if layer in ("output", "pos_embed.sin") else layer
     if part == "text_encoder":
         if layer in ("penultimate_hidden_state", "last_hidden_state", "pooled"):
             return ""
+        if group["args"].get("t5"):
+            return layer
         # transformers 5 nests the layers under text_model in CLIPTextModelWithProjection, not in CLIPTextModel
-        nested = group["args"]["encoder"] == "text_encoder_2" and not layer.startswith("text_projection")
+        nested = group["args"].get("projection", group["args"]["encoder"] == "text_encoder_2") \
+            and not layer.startswith("text_projection")
         return "text_model." + layer if nested else layer
     if part == "vae":
         return "" if layer.startswith("latent_dist") else layer
@@ -520,7 +571,8 @@ class _Writer:
 
     def _keys(self, part):
         if part not in self.keys:
-            model = self.models.get(part) if part in ("unet", "vae", "text_encoder", "text_encoder_2") else None
+            model = self.models.get(part) if part in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2",
+                                                      "text_encoder_3") else None
             self.keys[part] = [k for k, *_ in model.params()] if model is not None else []
         return self.keys[part]
 
@@ -593,13 +645,15 @@ def _parts(parts) -> list:
 
 def generate(folder, out_dir, parts=None, dtype="float64", size: int | None = None, steps: int = 4,
              prompts=None, name: str | None = None, samplers=SAMPLERS, pipeline_samplers=PIPELINE_SAMPLERS,
-             timesteps=TIMESTEPS, detail: str = "all", extra: dict | None = None) -> dict:
+             timesteps=TIMESTEPS, detail: str = "all", extra: dict | None = None,
+             max_sequence_length: int | None = None) -> dict:
     """Write a conformance bundle of the diffusers model `folder` to `out_dir`; returns the manifest.
 
     parts: which of `PARTS` (default all); dtype: the goldens' dtype (float64); size: image side in pixels
     (default 8 latent pixels' worth); steps: sampler steps for the scheduler and pipeline cases;
     prompts: the prompt suite (default `PROMPTS`); detail: "all" (every module) or "blocks" (modules at
-    most four names deep: blocks, resnets, attentions; the choice for a full-size model).
+    most four names deep: blocks, resnets, attentions; the choice for a full-size model);
+    max_sequence_length: T5's token count (SD3 / FLUX; default the pipeline's, 32 for a tiny model).
     """
     parts = _parts(parts)
     dtype = backend.resolve_dtype(dtype).name
@@ -625,6 +679,16 @@ def generate(folder, out_dir, parts=None, dtype="float64", size: int | None = No
     keep = None if detail == "all" else (lambda layer: len(layer.split(".")) <= 4)
     rng = np.random.default_rng(SEED)
     latent = size // factor
+    if models.family != "sd":  # SD3 / FLUX: refldm/crosscheck/vectors_flow.py, the same writer
+        length = max_sequence_length or vectors_flow.t5_length(models.family, bool((extra or {}).get("tiny")))
+        if not 1 <= length <= 512:
+            raise ValueError(f"max_sequence_length {length} must lie in 1..512 (T5's limit in SD3 and FLUX)")
+        options["max_sequence_length"] = length
+        vectors_flow.generate_flow(_kit(), w, models, parts, prompts, size, steps, latent, keep, timesteps, length)
+        meta = {"model": {"name": name or os.path.basename(os.path.normpath(models.folder)),
+                          "tiny": (extra or {}).get("tiny")}, "options": options}
+        meta.update({k: v for k, v in (extra or {}).items() if k != "tiny"})
+        return w.write(out_dir, meta)
     text_prompts = [prompts[i] for i in TEXT_PROMPTS if i < len(prompts)] or prompts[:1]
     tokens, encoded = {}, {}
     toks = [p.replace("text_encoder", "tokenizer") for p in models.text_encoders]

@@ -22,7 +22,7 @@ import warnings
 
 __all__ = ["run_bundle", "run_bundles", "OPTIONS"]
 
-OPTIONS = ("parts", "dtype", "size", "steps", "prompts", "detail")
+OPTIONS = ("parts", "dtype", "size", "steps", "prompts", "detail", "max_sequence_length")
 
 
 def run_bundle(job: dict) -> dict:
