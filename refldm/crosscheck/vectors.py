@@ -243,16 +243,10 @@ def original_prefix(info: dict, part: str, layer: str, keys=()) -> str:
     if got and got[1] is not None:
         return f"{got[0]}[{got[1]}/3 of the rows]"
     below = [one(k) for k in keys if k.startswith(layer + ".")] if layer else []
-    below = [b[0].split(".") for b in below if b]
+    below = [b[0] for b in below if b]
     if not below:
         return ""
-    common = below[0][:-1]
-    for parts in below[1:]:
-        n = 0
-        while n < min(len(common), len(parts) - 1) and common[n] == parts[n]:
-            n += 1
-        common = common[:n]
-    joined = ".".join(common)
+    joined = vectors_flow.shared_key_prefix(below)
     network = convert._PREFIXES[table].rstrip(".")
     if info["refiner"] and table == "xl_open_clip":
         network = "conditioner.embedders.0.model"

@@ -106,6 +106,22 @@ def _original_key(info: dict, part: str, key: str):
     return None
 
 
+def shared_key_prefix(keys) -> str:
+    """The longest run of dotted components that every key starts with, never a whole key's last component
+    ("a.b.c.weight", "a.b.d.bias" -> "a.b"); "" for no keys. The prefix of a container module in the
+    original layout, from the original keys of the tensors below it (here and in `vectors.original_prefix`)."""
+    split = [k.split(".") for k in keys]
+    if not split:
+        return ""
+    common = split[0][:-1]
+    for parts in split[1:]:
+        n = 0
+        while n < min(len(common), len(parts) - 1) and common[n] == parts[n]:
+            n += 1
+        common = common[:n]
+    return ".".join(common)
+
+
 def original_prefix(info: dict, part: str, layer: str, keys=()) -> str:
     """The original key prefix of module `layer` of network `part` ("" when none maps): a module with weights
     maps directly, a container to the longest prefix shared by the original keys below it."""
@@ -117,16 +133,9 @@ def original_prefix(info: dict, part: str, layer: str, keys=()) -> str:
     if got:
         return f"{got[0].rsplit('.', 1)[0]}[{got[1]}]"
     below = [_original_key(info, part, k) for k in keys if k.startswith(layer + ".")]
-    below = [b[0].split(".") for b in below if b]
-    if not below:
+    joined = shared_key_prefix([b[0] for b in below if b])
+    if not joined:
         return ""
-    common = below[0][:-1]
-    for parts in below[1:]:
-        n = 0
-        while n < min(len(common), len(parts) - 1) and common[n] == parts[n]:
-            n += 1
-        common = common[:n]
-    joined = ".".join(common)
     from refldm.checkpoints import convert
     network = convert.SD3_PREFIXES.get(part, "").rstrip(".") if info["family"] == "sd3" else ""
     return "" if len(joined) <= len(network) else joined

@@ -56,24 +56,29 @@ def control_keep(n_steps: int, starts: list, ends: list) -> list:
             for i in range(n_steps)]
 
 
-def prepare_control_image(image, height: int, width: int, dtype: str, index: int = 0):
-    """A control image (PIL image, or uint8 array (H, W[, 3])) -> (1, 3, height, width) in [0, 1] on the backend.
+def prepare_control_image(image, height: int, width: int, dtype: str, index: int = 0, channels: int = 3,
+                          what: str = "control image", stacklevel: int = 3):
+    """A control image (PIL image, or uint8 array (H, W[, 3])) -> (1, channels, height, width) in [0, 1] on the
+    backend: x = pixels / 255, float32 as diffusers, then the compute dtype.
 
-    Another size is resized (Lanczos, as diffusers' image processor) with a warning naming both sizes."""
+    Another size is resized (Lanczos, as diffusers' image processor) with a warning naming both sizes;
+    channels=1 (the one-channel T2I-Adapters) takes the grey image ("L"), 3 the RGB one. `what` names the
+    image in messages ("control image 0", "adapter image 1"); stacklevel: the warning's, as warnings.warn."""
     if isinstance(image, numpy.ndarray):
         if image.dtype != numpy.uint8 or image.ndim not in (2, 3):
-            raise ValueError(f"control image {index}: a uint8 array (H, W) or (H, W, 3) is expected, got "
+            raise ValueError(f"{what} {index}: a uint8 array (H, W) or (H, W, 3) is expected, got "
                              f"{image.dtype} {image.shape}")
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
-        raise ValueError(f"control image {index}: expected a PIL image or a uint8 array, got {type(image).__name__}")
-    image = image.convert("RGB")
+        raise ValueError(f"{what} {index}: expected a PIL image or a uint8 array, got {type(image).__name__}")
+    image = image.convert("L" if channels == 1 else "RGB")
     if image.size != (width, height):
-        warnings.warn(f"control image {index} is {image.width}x{image.height}; resized to {width}x{height}",
-                      stacklevel=3)
+        warnings.warn(f"{what} {index} is {image.width}x{image.height}; resized to {width}x{height}",
+                      stacklevel=stacklevel)
         image = image.resize((width, height), Image.LANCZOS)
-    a = numpy.asarray(image, dtype=numpy.float32) / 255.0                   # (H, W, 3), as diffusers: float32
-    return backend.asarray(a.transpose(2, 0, 1)[None], dtype=dtype)         # (1, 3, H, W)
+    a = numpy.asarray(image, dtype=numpy.float32) / 255.0                   # (H, W[, 3])
+    a = a[:, :, None] if a.ndim == 2 else a
+    return backend.asarray(a.transpose(2, 0, 1)[None], dtype=dtype)         # (1, C, H, W)
 
 
 def _per_net(value, n: int, name: str) -> list:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import warnings
 
 import numpy
 from PIL import Image
@@ -30,6 +29,7 @@ from PIL import Image
 from refldm import backend
 from refldm.core import record
 from refldm.models.controlnet import check_scale
+from refldm.pipelines.controlnet import prepare_control_image
 from refldm.models.t2i_adapter import MultiAdapter, T2IAdapter, check_adapter_compatible
 
 __all__ = ["StableDiffusionAdapterPipeline", "StableDiffusionXLAdapterPipeline", "AdaptedUNet",
@@ -37,25 +37,10 @@ __all__ = ["StableDiffusionAdapterPipeline", "StableDiffusionXLAdapterPipeline",
 
 
 def prepare_adapter_image(image, height: int, width: int, channels: int, dtype: str, index: int = 0):
-    """A control image (PIL image, or uint8 array (H, W[, 3])) -> (1, channels, height, width) in [0, 1].
-
-    Another size is resized (Lanczos, as diffusers' ``_preprocess_adapter_image``) with a warning naming both;
-    a one-channel adapter gets the grey image ("L"), any other the RGB one."""
-    if isinstance(image, numpy.ndarray):
-        if image.dtype != numpy.uint8 or image.ndim not in (2, 3):
-            raise ValueError(f"adapter image {index}: a uint8 array (H, W) or (H, W, 3) is expected, got "
-                             f"{image.dtype} {image.shape}")
-        image = Image.fromarray(image)
-    if not isinstance(image, Image.Image):
-        raise ValueError(f"adapter image {index}: expected a PIL image or a uint8 array, got {type(image).__name__}")
-    image = image.convert("L" if channels == 1 else "RGB")
-    if image.size != (width, height):
-        warnings.warn(f"adapter image {index} is {image.width}x{image.height}; resized to {width}x{height}",
-                      stacklevel=3)
-        image = image.resize((width, height), Image.LANCZOS)
-    a = numpy.asarray(image, dtype=numpy.float32) / 255.0                  # (H, W[, 3]), float32 as diffusers
-    a = a[:, :, None] if a.ndim == 2 else a
-    return backend.asarray(a.transpose(2, 0, 1)[None], dtype=dtype)        # (1, C, H, W)
+    """A control image -> (1, channels, height, width) in [0, 1]: `prepare_control_image` (resized with a
+    warning, as diffusers' ``_preprocess_adapter_image``), grey for a one-channel adapter."""
+    return prepare_control_image(image, height, width, dtype, index, channels=channels, what="adapter image",
+                                 stacklevel=4)
 
 
 def _per_adapter(value, n: int, name: str) -> list:
