@@ -66,6 +66,8 @@ def register(subparsers) -> None:
     p.add_argument("--from-png", metavar="IMAGE", default=None,
                    help="generate with the settings an image carries (A1111 / Forge / refldm parameters, ComfyUI "
                         "graph; `refldm png-info` shows them); flags given as well override them")
+    add_low_memory_args(p)
+    add_flux_args(p)
     p.set_defaults(func=run_txt2img)
 
     p = subparsers.add_parser("img2img", help="transform an image guided by a prompt",
@@ -77,6 +79,8 @@ def register(subparsers) -> None:
     add_generation_args(p)
     add_adapter_args(p)
     add_preview_args(p)
+    add_low_memory_args(p)
+    add_flux_args(p)
     p.set_defaults(func=run_img2img)
 
     p = subparsers.add_parser("info", help="describe a model: configs, parameter counts, dtypes",
@@ -333,6 +337,7 @@ def _generate(args, image=None):
         raise ValueError("give the prompt with -p (or --from-png IMAGE)")
     check_generation_args(args)
     noise = noise_kwargs(args) if image is None else {}
+    flux_defaults(args)  # a FLUX model: its steps and true-CFG defaults (before the SD ones)
     resolve_defaults(args)
     default = "refldm-txt2img.png" if image is None else "refldm-img2img.png"
     path = check_output(default if args.output is None else args.output)  # before the work, not after
@@ -341,7 +346,10 @@ def _generate(args, image=None):
     with one_line_warnings():
         pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
                              prediction_type=args.prediction_type, dtype=args.dtype,
-                             max_length=args.max_length, img2img=image is not None)
+                             max_length=args.max_length, img2img=image is not None,
+                             weights_dtype=weights_dtype_of(args))
+        if is_flux_pipeline(pipe):
+            return generate_flux(args, pipe, path, image, noise)
         recorded, have = getattr(args, "_png_model_hash", None), getattr(pipe, "model_hash", None)
         if recorded and have and not have.startswith(recorded.lower()[:10]):
             print(f"refldm: warning: the model's hash is {have}, {args.from_png} was made with Model "
@@ -436,6 +444,92 @@ def run_img2img(args) -> int:
         raise ValueError(f"--strength must lie in [0, 1], got {args.strength}")
     image = load_image(args.image)  # 16-bit scaled to 8; truncated or huge files: one line naming the file
     return _generate(args, image=image)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --low-memory (weights kept as stored) and FLUX.1
+
+
+def add_low_memory_args(p) -> None:
+    """--low-memory: every model loads with weights_dtype="stored" (refldm/checkpoints/stored.py)."""
+    p.add_argument("--low-memory", action="store_true",
+                   help="keep the weights in the dtype the files store them in (float16 / bfloat16, memory-mapped) "
+                        "and convert each layer's weight to --dtype only while it runs: about half the memory for "
+                        "16-bit files, the same image bit for bit")
+
+
+def weights_dtype_of(args):
+    return "stored" if getattr(args, "low_memory", False) else None
+
+
+def add_flux_args(p) -> None:
+    """FLUX.1's own options (refldm/pipelines/flux.py)."""
+    p.add_argument("--guidance", type=float, default=None, metavar="G",
+                   help="FLUX.1-dev: the distilled guidance fed to the transformer (default 3.5); FLUX.1-schnell has "
+                        "none (a value is ignored with a warning). --cfg is FLUX's true CFG (default 1: off)")
+    p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
+                   help="FLUX: T5 prompt tokens, 1..512 (default 512)")
+
+
+FLUX_STEPS, FLUX_SCHNELL_STEPS, FLUX_TRUE_CFG = 28, 4, 1.0  # diffusers' FluxPipeline default; schnell's usual 4
+
+
+def flux_defaults(args) -> None:
+    """For a FLUX model: --steps 28 (dev) or 4 (schnell), --cfg 1 (no true CFG) when not given."""
+    from refldm.cli.common import is_flux_model
+    model = getattr(args, "model", None)
+    if not is_flux_model(model):
+        for flag, dest in (("--guidance", "guidance"), ("--max-sequence-length", "max_sequence_length")):
+            if getattr(args, dest, None) is not None:
+                raise ValueError(f"{flag}: a FLUX.1 option; -m names no FLUX model")
+        return
+    folder = model if os.path.isdir(model) else getattr(args, "config", None)
+    schnell = False
+    if folder and os.path.isfile(os.path.join(folder, "transformer", "config.json")):
+        with open(os.path.join(folder, "transformer", "config.json"), encoding="utf-8") as f:
+            schnell = not json.load(f).get("guidance_embeds", False)
+    if args.steps is None:
+        args.steps = FLUX_SCHNELL_STEPS if schnell else FLUX_STEPS
+    if args.cfg is None:
+        args.cfg = FLUX_TRUE_CFG
+
+
+def is_flux_pipeline(pipe) -> bool:
+    from refldm.pipelines.flux import FluxPipeline
+    return isinstance(pipe, FluxPipeline)
+
+
+def generate_flux(args, pipe, path, image, noise) -> int:
+    """txt2img / img2img with a FLUX pipeline: --guidance (dev), --cfg as true CFG with -n, --max-sequence-length."""
+    unsupported = [(flag, given) for flag, given in (
+        ("--lora", getattr(args, "lora", None)), ("--embedding", getattr(args, "embedding", None)),
+        ("--prompt-syntax", getattr(args, "prompt_syntax", "plain") not in (None, "plain")),
+        ("--clip-skip", getattr(args, "clip_skip", None) is not None),
+        ("<lora:...> in the prompt", "<lora:" in (args.prompt or "")),
+        ("--sampler", args.sampler is not None), ("--refiner", getattr(args, "refiner", None)),
+        ("--preview-every", getattr(args, "preview_every", None)), (", ".join(NOISE_FLAGS[k] for k in noise), noise))
+        if given]
+    if unsupported:
+        raise ValueError(f"{unsupported[0][0]}: not supported for FLUX models in refldm (FLUX runs its flow-matching "
+                         "Euler sampler; LoRAs, embeddings, prompt syntax, web-UI noise, refiner and previews are "
+                         "implemented for the U-Net models)")
+    kwargs = dict(negative_prompt=args.negative, true_cfg_scale=args.cfg, guidance_scale=args.guidance,
+                  num_inference_steps=args.steps, seed=args.seed, progress=not args.quiet)
+    if args.max_sequence_length is not None:
+        kwargs["max_sequence_length"] = args.max_sequence_length
+    if image is None:
+        kwargs.update(height=args.height, width=args.width)
+        check_resources(pipe, 1, args.height, args.width, args.steps, args.cfg if args.negative else 1.0)
+    else:
+        kwargs.update(image=image, strength=args.strength)
+        check_resources(pipe, 1, image.height, image.width, args.steps, args.cfg if args.negative else 1.0,
+                        strength=args.strength)
+    out = pipe(args.prompt, **kwargs)
+    img = out.images[0]
+    save_png(img, path, out.parameters[0] if out.parameters else None)
+    print(f"wrote {path} ({img.width}x{img.height}, seed {out.seed}, {args.steps} steps, "
+          f"denoise {out.timings.get('denoise', 0):.2f} s)")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
