@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from refldm.checkpoints.stored import StoredTensor
+from refldm.checkpoints.stored import StoredTensor, release_mapped
 from tests.conftest import require
 
 PROMPT = "a photo of a red cat on the white background"
@@ -48,6 +48,10 @@ def _same_generation(plain, stored, models, **kwargs):
     assert la.dtype == lb.dtype == np.float32 and np.all(np.isfinite(la)) and np.std(la) > 0
     np.testing.assert_array_equal(la, lb)
     np.testing.assert_array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    # the call dropped the mapped pages of the models it was done with; a second call reads them in again
+    assert release_mapped(*(getattr(stored, part) for part in models)) >= 1  # files (a single file: one)
+    again = stored(PROMPT, seed=3, progress=False, **kwargs)
+    np.testing.assert_array_equal(np.asarray(again.latents), lb)
 
 
 def _sd(tmp_path):

@@ -37,7 +37,7 @@ from refldm import backend
 from refldm.checkpoints.weights import WeightsError, bf16_to_float32, read_header, shown
 
 __all__ = ["StoredTensor", "load_file_mapped", "load_state_mapped", "materialize", "KEPT_DTYPES",
-           "check_weights_dtype", "load_checkpoint"]
+           "check_weights_dtype", "load_checkpoint", "release_mapped"]
 
 # safetensors dtype -> the NumPy type its bytes are viewed as (bfloat16 has none: its raw 16 bits)
 KEPT_DTYPES = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
@@ -159,3 +159,36 @@ def load_checkpoint(path, weights_dtype=None, where: str = "from_single_file") -
     check_weights_dtype(weights_dtype, where)
     refuse_pickle(path)
     return load_file_mapped(path) if weights_dtype == "stored" else load_file(path)
+
+
+def _mapping_of(raw):
+    """The mmap object under a StoredTensor's view (view -> uint8 array -> memoryview -> mmap), or None."""
+    base = raw
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    return base
+
+
+def release_mapped(*models) -> int:
+    """Drop the pages of the models' memory-mapped weight files from this process's resident set
+    (``madvise(MADV_DONTNEED)``); returns the number of files. A pipeline calls it when it is done with a model
+    (the text encoders after the prompt is encoded, the denoiser before the decode): the pages stay in the kernel's
+    page cache, nothing is copied or lost, and the next call of the model reads them in again as its layers run.
+    Models loaded without weights_dtype="stored", and systems without madvise, are left as they are."""
+    if not hasattr(mmap, "MADV_DONTNEED"):  # pragma: no cover - Linux and macOS have it
+        return 0
+    seen = {}
+    for model in models:
+        if model is None:
+            continue
+        for _, _, _, value in model.params():
+            if isinstance(value, StoredTensor):
+                mapping = _mapping_of(value.raw)
+                if mapping is not None:
+                    seen[id(mapping)] = mapping
+    for mapping in seen.values():
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # pragma: no cover - a closed mapping or a refusing kernel: nothing to drop
+            pass
+    return len(seen)

@@ -30,6 +30,7 @@ import numpy
 from PIL import Image
 
 from refldm import backend
+from refldm.checkpoints.stored import release_mapped
 from refldm.checkpoints.weights import WeightsError, read_config
 from refldm.core import record
 from refldm.core.images import to_tensor, to_uint8, unscale_latents
@@ -248,6 +249,7 @@ class FluxPipeline:
             xp = backend.array_namespace(context)
             context, pooled = xp.concatenate([neg_c, context], axis=0), xp.concatenate([neg_y, pooled], axis=0)
         timings["text encode"] = time.perf_counter() - start
+        release_mapped(self.text_encoder, self.text_encoder_2)  # --low-memory: T5's pages leave the resident set
 
         # 2. the t grid: linspace(1, 1/n, n) shifted by mu(token count); the start latent, packed
         img_ids = latent_image_ids(h // 2, w // 2)
@@ -295,6 +297,7 @@ class FluxPipeline:
 
         # 4. unpack, z = x_0 / scaling_factor + shift_factor, decode
         start = time.perf_counter()
+        release_mapped(self.transformer)  # --low-memory: the transformer's pages leave the resident set
         pixels = self.decode_latents(unpack_latents(latents, h, w))
         images = [Image.fromarray(p) for p in pixels]
         timings["decode"] = time.perf_counter() - start

@@ -269,6 +269,7 @@ class StableDiffusionPipeline(common.DiffusionPipeline):
         else:
             context = cond
         timings["text encode"] = time.perf_counter() - start
+        self.release_mapped("text_encoder", "text_encoder_2", "text_encoder_3")  # --low-memory: done with them
 
         # 2. the timesteps and the starting latents x_T (B, 4, H/8, W/8)
         sched, sampler = self.scheduler_for(sampler, scheduler, steps)

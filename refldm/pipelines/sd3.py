@@ -358,6 +358,7 @@ class StableDiffusion3Pipeline(common.DiffusionPipeline):
         context, pooled = self._conditioning(prompts, texts["prompt_2"] or prompts, texts["prompt_3"] or prompts,
                                              negatives, call.do_cfg, clip_skip, max_sequence_length)
         timings["text encode"] = time.perf_counter() - start
+        self.release_mapped("text_encoder", "text_encoder_2", "text_encoder_3")  # --low-memory: done with them
 
         # 2. the t grid and the start x_1 = e (txt2img) or the forward process at the first t (img2img)
         f = self.vae_scale_factor

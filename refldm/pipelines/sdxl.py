@@ -389,6 +389,7 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline):
                                          negative_crop, _pair(negative_target_size, None, "negative_target_size"))
         time_ids = self._added(batch, do_cfg, ids, negative_ids)
         timings["text encode"] = time.perf_counter() - start
+        self.release_mapped("text_encoder", "text_encoder_2", "text_encoder_3")  # --low-memory: done with them
 
         # 2. the schedule and the starting noise x_T (B, 4, H/8, W/8)
         sched, sampler = self.scheduler_for(sampler, scheduler, call.steps)
@@ -494,6 +495,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
             negative_ids = self.time_ids(negative_original, crop, negative_target)
         time_ids = self._added(batch, do_cfg, ids, negative_ids)
         timings["text encode"] = time.perf_counter() - start
+        self.release_mapped("text_encoder", "text_encoder_2", "text_encoder_3")  # --low-memory: done with them
 
         # 2. the schedule: strength's tail, or everything below denoising_start
         sched, sampler = self.scheduler_for(sampler, scheduler, steps)
