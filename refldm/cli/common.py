@@ -350,4 +350,5 @@ def warn_run_choices(args, pipe, height, width) -> None:
     if getattr(args, "dtype", None) == "float16" and backend.name() == "numpy":
         warnings.warn("--dtype float16 on the CPU runs 25-40x slower than float32: NumPy has no fast float16 "
                       "arithmetic (each product is converted element by element); use --dtype float32, which "
-                      "gives the same image within float rounding (docs/performance.md)", stacklevel=2)
+                      "gives the same image within float rounding, and --low-memory to keep 16-bit weights as "
+                      "stored (docs/performance.md)", stacklevel=2)
