@@ -179,7 +179,7 @@ def release_mapped(*models) -> int:
         return 0
     seen = {}
     for model in models:
-        if model is None:
+        if not hasattr(model, "params"):  # None, or a wrapper (the ControlNet pipelines' controlled U-Net): skipped
             continue
         for _, _, _, value in model.params():
             if isinstance(value, StoredTensor):
