@@ -6,6 +6,8 @@ files as the layers run) and one layer's float32 copy, and a run too large even 
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -123,3 +125,18 @@ def test_too_large_is_refused_before_the_work_with_the_estimate(flux_folders, ti
         rc, _, err = run(capsys, "txt2img", "-m", model, *flags, *extra, "-o", str(out))
         assert rc == 2 and not out.exists()
         one_error_line(err, "of memory", "estimated", "1 MiB available")
+
+
+def test_weights_that_cannot_fit_as_float32_are_refused_before_loading(flux_folders, tmp_path, capsys, monkeypatch):
+    """Counted from the headers before anything is read; the message points to --low-memory."""
+    from refldm.checkpoints.inspect import describe_model
+    from refldm.cli import generate, resources
+    from refldm.core import nn
+    params = sum(d.get("parameters", 0) for d in describe_model(str(flux_folders["dev"])).values())
+    monkeypatch.setattr(resources, "available_memory", lambda: 4 * params - 1)  # bf16 fits, float32 does not
+    loads = []
+    monkeypatch.setattr(nn.PretrainedModel, "load_state_dict", lambda *a, **k: loads.append(1))
+    rc, _, err = run(capsys, "txt2img", "-m", str(flux_folders["dev"]), *FLAGS, "-o", str(tmp_path / "o.png"))
+    assert rc == 2 and not loads
+    one_error_line(err, f"its {params:,} weights need about", "as float32", "Use --low-memory")
+    assert generate.weights_dtype_of(types.SimpleNamespace(low_memory=True)) == "stored"

@@ -343,6 +343,7 @@ def _generate(args, image=None):
     path = check_output(default if args.output is None else args.output)  # before the work, not after
     _check_preview_args(args)
     use_backend(args.backend)
+    check_weights_fit(args)  # before loading: a 24 GB bf16 file converted to float32 would not fit
     with one_line_warnings():
         pipe = load_pipeline(args.model, config=args.config, tokenizer=args.tokenizer,
                              prediction_type=args.prediction_type, dtype=args.dtype,
@@ -460,6 +461,29 @@ def add_low_memory_args(p) -> None:
 
 def weights_dtype_of(args):
     return "stored" if getattr(args, "low_memory", False) else None
+
+
+def check_weights_fit(args) -> None:
+    """Before loading -m MODEL without --low-memory: its weights, counted from the safetensors headers
+    (refldm/checkpoints/inspect.py), converted to --dtype must fit the available memory; otherwise refused in one
+    line with the estimate, pointing to --low-memory (then the run's own estimate is checked after loading)."""
+    if weights_dtype_of(args) or getattr(args, "model", None) is None or backend.name() != "numpy":
+        return
+    import numpy as np
+
+    from refldm.cli.common import gib
+    from refldm.cli.resources import available_memory
+    from refldm.errors import TooLargeError
+    have = available_memory()
+    if have is None or not os.path.exists(args.model):
+        return
+    params = sum(int(d.get("parameters", 0) or 0) for d in describe_model(args.model).values())
+    need = params * np.dtype(args.dtype or "float32").itemsize
+    if need > have:
+        raise TooLargeError(f"{args.model}: its {params:,} weights need about {gib(need)} of memory as {args.dtype} "
+                            f"(estimated from the file headers, before loading); this machine has {gib(have)} "
+                            "available. Use --low-memory (the weights stay as the files store them, memory-mapped, "
+                            "converted one layer at a time)")
 
 
 def add_flux_args(p) -> None:
