@@ -477,7 +477,10 @@ def check_weights_fit(args) -> None:
     have = available_memory()
     if have is None or not os.path.exists(args.model):
         return
-    params = sum(int(d.get("parameters", 0) or 0) for d in describe_model(args.model).values())
+    try:
+        params = sum(int(d.get("parameters", 0) or 0) for d in describe_model(args.model).values())
+    except (OSError, ValueError):  # a folder or file the loader will name the fault of
+        return
     need = params * np.dtype(args.dtype or "float32").itemsize
     if need > have:
         raise TooLargeError(f"{args.model}: its {params:,} weights need about {gib(need)} of memory as {args.dtype} "
