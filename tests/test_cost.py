@@ -307,3 +307,70 @@ def test_cli_cost_on_an_sd3_folder(tmp_path, capsys):
     assert "MMDiT of" in capsys.readouterr().out
     assert main(["cost", str(folder), "-H", "72", "-W", "64"]) == 2
     assert "not a multiple of 16" in capsys.readouterr().err
+
+
+def _torch_flux(config, h, w, batch, tokens):
+    """(FlopCounterMode's total, {leaf module output values}) for one diffusers FLUX transformer call on meta, on
+    the (h, w) 16-channel latent packed into (h/2)(w/2) tokens."""
+    torch = require("torch")
+    diffusers = require("diffusers")
+    from diffusers.models.normalization import RMSNorm
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n = (h // 2) * (w // 2)
+    with torch.device("meta"):
+        model = diffusers.FluxTransformer2DModel(**config)
+        x = torch.empty(batch, n, model.config.in_channels)
+        c = torch.empty(batch, tokens, model.config.joint_attention_dim)
+        y = torch.empty(batch, model.config.pooled_projection_dim)
+        t = torch.empty(batch)
+        g = torch.empty(batch) if model.config.guidance_embeds else None
+        img_ids, txt_ids = torch.empty(n, 3), torch.empty(tokens, 3)
+    written = []
+    leaves = (torch.nn.Linear, torch.nn.LayerNorm, RMSNorm, torch.nn.RMSNorm)  # FLUX: torch's own qk RMSNorm
+    hooks = [m.register_forward_hook(lambda m, i, o: written.append(o.numel()))
+             for m in model.modules() if isinstance(m, leaves)]
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x, c, y, t, img_ids, txt_ids, guidance=g)
+    for hook in hooks:
+        hook.remove()
+    return counter.get_total_flops(), sum(written)
+
+
+TINY_FLUX = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=3, attention_head_dim=8,
+                 num_attention_heads=2, joint_attention_dim=20, pooled_projection_dim=12, guidance_embeds=True,
+                 axes_dims_rope=[2, 4, 2])
+
+
+@pytest.mark.parametrize("config,h,w,batch,tokens", [
+    (TINY_FLUX, 8, 12, 2, 5),
+    ({**TINY_FLUX, "guidance_embeds": False, "out_channels": 16}, 6, 4, 1, 3),
+    # FLUX.1-dev at 1024x1024 (128x128 latent: 4,096 image tokens), batch 1, 512 T5 tokens
+    (dict(TINY_FLUX, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+          joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=[16, 56, 56]), 128, 128, 1, 512),
+], ids=["tiny-dev", "tiny-schnell", "flux-dev-1024"])
+def test_flux_flops_equal_torch_flop_counter(config, h, w, batch, tokens):
+    theirs, written = _torch_flux(config, h, w, batch, tokens)
+    ours = cost.count_flux(config, h, w, batch, tokens)
+    assert ours.flops == theirs
+    assert sum(op.out_values for op in ours.ops if op.kind != "attention") == written
+
+
+def test_cli_cost_on_a_flux_folder(tmp_path, capsys):
+    """`refldm cost FLUX_FOLDER`: the FLUX transformer's count (512 T5 tokens by default)."""
+    folder = tmp_path / "flux"
+    (folder / "transformer").mkdir(parents=True)
+    (folder / "vae").mkdir()
+    (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel",
+                                                                      **TINY_FLUX}))
+    (folder / "vae" / "config.json").write_text(json.dumps({**cost.SD_VAE_CONFIG, "latent_channels": 16}))
+    assert main(["cost", str(folder), "-H", "64", "-W", "96", "--batch", "1", "--json"]) == 0
+    fig = json.loads(capsys.readouterr().out)
+    assert fig["denoiser"] == "FLUX transformer" and fig["text_tokens"] == 512
+    assert fig["latent_step_flops"] == cost.count_flux(TINY_FLUX, 8, 12, 1, 512).flops
+    assert fig["latent_shape"] == [1, 16, 8, 12]
+    assert main(["cost", str(folder), "-H", "64", "-W", "64"]) == 0
+    assert "FLUX transformer of" in capsys.readouterr().out
+    assert main(["cost", str(folder), "-H", "72", "-W", "64"]) == 2
+    assert "not a multiple of 16" in capsys.readouterr().err

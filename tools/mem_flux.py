@@ -111,6 +111,150 @@ def write_random_bf16(folder: str, cfg: dict, seed: int = 0) -> int:
     return sum(math.prod(s) for _, s in params)
 
 
+# -- the whole pipeline: FLUX.1-dev's four networks, written with fast random bfloat16 bits ------------------------
+
+T5_XXL = dict(_class_name="T5EncoderModel", vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
+              num_heads=64, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+              layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu")
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768, layer_norm_eps=1e-5,
+              bos_token_id=0, eos_token_id=2, pad_token_id=1)
+FLUX_VAE = dict(_class_name="AutoencoderKL", in_channels=3, out_channels=3, latent_channels=16,
+                block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32,
+                down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, act_fn="silu",
+                sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                use_post_quant_conv=False, force_upcast=True, mid_block_add_attention=True)
+FLUX_SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                  "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                  "max_image_seq_len": 4096}
+
+
+POOL = 1 << 24  # random uint16 values drawn once and reused, shifted, for every tensor (speed: 33 GB to write)
+
+
+def bf16_pattern(shape, key: str):
+    """(mask, bits) making random uint16 r into bfloat16 (r & mask) | bits: sign and the 7 fraction bits random,
+    the exponent fixed so that |w| lies in [s, 2s) with s = 2^floor(log2(1/sqrt(fan_in))) for matrices, 2^-5
+    for biases, 2^-1 for embedding tables; norm scales 1 + f/128."""
+    if ("norm" in key or "layer_norm" in key) and key.endswith("weight"):
+        return np.uint16(0x007F), np.uint16(0x3F80)
+    if len(shape) >= 2:
+        fan_in = math.prod(shape[1:])
+        e = -1 if ("embed" in key or "shared" in key) else math.floor(math.log2(1 / math.sqrt(fan_in)))
+    else:
+        e = -5
+    return np.uint16(0x807F), np.uint16((127 + e) << 7)
+
+
+def write_model_bf16(model, path: str, seed: int) -> int:
+    """One safetensors file of random bfloat16 tensors for every key of a refldm model, streamed in chunks of a
+    pool of random bits (never a whole tensor in memory)."""
+    params = [(key, tuple(v.shape)) for key, _, _, v in model.params()]
+    header, offset = {}, 0
+    for key, shape in params:
+        size = 2 * math.prod(shape)
+        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    rng = np.random.default_rng(seed)
+    pool = rng.integers(0, 1 << 16, size=2 * POOL, dtype=np.uint16)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for key, shape in params:
+            mask, bits = bf16_pattern(shape, key)
+            left = math.prod(shape)
+            while left:
+                k = min(left, POOL)
+                start = int(rng.integers(0, POOL))
+                f.write(((pool[start:start + k] & mask) | bits).tobytes())
+                left -= k
+        f.flush()
+        os.fsync(f.fileno())
+        if hasattr(os, "posix_fadvise"):  # the written pages leave the page cache (a shared machine)
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return sum(math.prod(s) for _, s in params)
+
+
+def write_pipeline(folder: str, scale: int = 1, layers: int = 1) -> dict:
+    """A FLUX.1-dev diffusers folder of random bfloat16 weights (full size at scale = layers = 1: transformer
+    11.9 B, T5-XXL encoder 4.76 B, CLIP-L 123 M, VAE 84 M parameters). Tokenizers: refldm's embedded CLIP
+    tokenizer and a small unigram T5 tokenizer (tests/test_flux_pipeline.py); their ids fit both vocabularies."""
+    import shutil
+    sys.path.insert(0, os.path.join(ROOT, "tests", ".."))
+    from refldm.models.clip import CLIPTextModel
+    from refldm.models.flux_transformer import FluxTransformer2DModel
+    from refldm.models.t5 import T5EncoderModel
+    from refldm.models.vae import AutoencoderKL
+    from tests.test_flux_pipeline import write_t5_tokenizer
+    t5 = dict(T5_XXL)
+    if scale > 1 or layers > 1:
+        t5.update(d_model=4096 // scale, d_ff=10240 // scale, num_heads=max(1, 64 // scale),
+                  num_layers=max(1, 24 // layers))
+    clip = dict(CLIP_L, _class_name="CLIPTextModel")
+    parts = {"transformer": (FluxTransformer2DModel, dict(config(scale, layers), joint_attention_dim=t5["d_model"]),
+                             "diffusion_pytorch_model"),
+             "text_encoder_2": (T5EncoderModel, t5, "model"), "text_encoder": (CLIPTextModel, clip, "model"),
+             "vae": (AutoencoderKL, FLUX_VAE, "diffusion_pytorch_model")}
+    counts = {}
+    for i, (part, (cls, cfg, stem)) in enumerate(parts.items()):
+        os.makedirs(os.path.join(folder, part), exist_ok=True)
+        with open(os.path.join(folder, part, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        model = cls.from_config({k: v for k, v in cfg.items() if k != "_class_name"})
+        counts[part] = write_model_bf16(model, os.path.join(folder, part, stem + ".safetensors"), seed=i)
+        del model
+    shutil.copytree(os.path.join(ROOT, "refldm", "default_model", "tokenizer"), os.path.join(folder, "tokenizer"),
+                    dirs_exist_ok=True)
+    write_t5_tokenizer(os.path.join(folder, "tokenizer_2"))
+    os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(FLUX_SCHEDULER, f)
+    index = {"_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
+             "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump(index, f)
+    return counts
+
+
+def run_pipeline(folder: str, size: int, steps: int = 1) -> dict:
+    """In this process: FluxPipeline.from_pretrained(folder, weights_dtype="stored"), one generation of `steps`
+    steps at size x size (512 T5 tokens, guidance 3.5); the stage times, the peak RSS (VmHWM: the mapped files'
+    pages included) and the peak of the anonymous part (RssAnon, sampled every 20 ms), per stage too."""
+    from refldm.pipelines.flux import FluxPipeline
+    stage = ["load"]
+    peaks = {}
+    done = threading.Event()
+
+    def sample():
+        while not done.wait(0.02):
+            rss, anon = _status_kb("VmRSS"), _status_kb("RssAnon")
+            p = peaks.setdefault(stage[0], [0, 0])
+            p[0], p[1] = max(p[0], rss), max(p[1], anon)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t0 = time.perf_counter()
+    pipe = FluxPipeline.from_pretrained(folder, weights_dtype="stored")
+    load_s = time.perf_counter() - t0
+    stage[0] = "generate"
+    t0 = time.perf_counter()
+    out = pipe("a photograph of a red fox in the snow", height=size, width=size, num_inference_steps=steps,
+               guidance_scale=3.5, seed=1, max_sequence_length=T5_TOKENS, progress=False)
+    total_s = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    pixels = np.asarray(out.images[0])
+    return {"size": size, "steps": steps, "load_s": round(load_s, 1), "generate_s": round(total_s, 1),
+            "timings_s": {k: round(v, 1) for k, v in out.timings.items()},
+            "peak_rss_gb": round(_status_kb("VmHWM") * 1024 / GB, 3),
+            "peaks_gb": {k: {"rss": round(v[0] * 1024 / GB, 3), "anon": round(v[1] * 1024 / GB, 3)}
+                         for k, v in peaks.items()},
+            "image_std": round(float(pixels.std()), 2), "load_average": [round(v, 2) for v in os.getloadavg()]}
+
+
 def run_case(folder: str, mode: str, size: int) -> dict:
     """In this process: load, one transformer call at size x size pixels, the figures."""
     from refldm.models.flux_transformer import FluxTransformer2DModel, latent_image_ids
@@ -157,10 +301,22 @@ def main(argv=None):
     p.add_argument("--dir", default=None, help="where to write the weights (default: a temporary folder)")
     p.add_argument("--force", action="store_true")
     p.add_argument("--case", nargs=3, metavar=("FOLDER", "MODE", "SIZE"), help=argparse.SUPPRESS)
+    p.add_argument("--pipeline", metavar="FOLDER", default=None,
+                   help="the whole generation: write a random bf16 FLUX.1-dev folder here (unless it holds one), "
+                        "then run FluxPipeline with weights_dtype='stored' at each --size, one step (--steps)")
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--keep", action="store_true", help="--pipeline: keep the folder afterwards")
+    p.add_argument("--pipeline-case", nargs=3, metavar=("FOLDER", "SIZE", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.case:
         print(json.dumps(run_case(args.case[0], args.case[1], int(args.case[2]))))
         return 0
+    if args.pipeline_case:
+        f, size, steps = args.pipeline_case
+        print(json.dumps(run_pipeline(f, int(size), int(steps))))
+        return 0
+    if args.pipeline:
+        return main_pipeline(args)
     cfg = config(args.scale, args.layers)
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         t0 = time.perf_counter()
@@ -180,6 +336,27 @@ def main(argv=None):
                                      capture_output=True, text=True)
                 print(out.stdout.strip() or json.dumps({"mode": mode, "size": size, "failed": out.stderr[-500:]}),
                       flush=True)
+    return 0
+
+
+def main_pipeline(args) -> int:
+    import shutil
+    folder = args.pipeline
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        t0 = time.perf_counter()
+        counts = write_pipeline(folder, args.scale, args.layers)
+        print(json.dumps({"wrote_parameters": counts, "gb": round(2 * sum(counts.values()) / GB, 2),
+                          "write_s": round(time.perf_counter() - t0, 1)}), flush=True)
+    print(json.dumps({"mem_available_gb": round(mem_available_gb(), 1), "cpus": os.cpu_count(),
+                      "load_average": [round(v, 2) for v in os.getloadavg()]}), flush=True)
+    for size in args.size:
+        cmd = ["/usr/bin/time", "-v", sys.executable, __file__, "--pipeline-case", folder, str(size), str(args.steps)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        rss = [line for line in out.stderr.splitlines() if "Maximum resident set size" in line or "Elapsed" in line]
+        print(out.stdout.strip() or json.dumps({"size": size, "failed": out.stderr[-1500:]}), flush=True)
+        print(json.dumps({"size": size, "time_v": [r.strip() for r in rss]}), flush=True)
+    if not args.keep:
+        shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 

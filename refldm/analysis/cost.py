@@ -53,7 +53,8 @@ import os
 
 from refldm.about import DEFAULT_MODEL
 
-__all__ = ["Op", "Count", "UNetShape", "VAEShape", "count_unet", "count_vae", "count_sd3", "find_configs",
+__all__ = ["Op", "Count", "UNetShape", "VAEShape", "count_unet", "count_vae", "count_sd3", "count_flux", "find_configs",
+           "find_flux_configs", "weight_bytes",
            "find_sd3_configs", "estimate_generation", "estimate_pipeline", "estimate_decode", "WORKING_SET",
            "NORM_FLOPS_PER_VALUE", "SD_VAE_CONFIG"]
 
@@ -412,6 +413,68 @@ def count_sd3(config: dict, height: int, width: int, batch: int = 2, text_tokens
     return Count(t.ops)
 
 
+FLUX_DEFAULTS = {"patch_size": 1, "in_channels": 64, "out_channels": None, "num_layers": 19, "num_single_layers": 38,
+                 "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                 "pooled_projection_dim": 768, "guidance_embeds": False}
+
+
+def count_flux(config: dict, height: int, width: int, batch: int = 1, text_tokens: int = 512) -> Count:
+    """The ops of one FluxTransformer2DModel call for a 16-channel latent of height x width, packed in 2x2
+    patches: N = (height/2)(width/2) image tokens of in_channels = 64 values, S = `text_tokens` T5 tokens (the
+    pipeline's max_sequence_length, 512 by default), D = heads * head_dim. The embeddings: x_embedder (64 -> D on
+    N), context_embedder (4096 -> D on S), the timestep, guidance (dev) and pooled-text MLPs on one row each.
+    Per double-stream block: the adaLN-Zero linears (D -> 6D, both streams), q/k/v and the output on both
+    streams, one joint attention over N + S tokens, the 4D MLPs of both streams. Per single-stream block on the
+    N + S tokens: adaLN (D -> 3D), q/k/v, the MLP's D -> 4D, one attention, and the fused output (D + 4D -> D).
+    Then norm_out (D -> 2D) and proj_out (D -> 64). RMS qk-norms and LayerNorms count as norms."""
+    c = {**FLUX_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
+    if height % 2 or width % 2 or height < 2 or width < 2:
+        raise ValueError(f"cost: the FLUX latent {height}x{width} must have even sides (2x2 packing)")
+    heads, hd = c["num_attention_heads"], c["attention_head_dim"]
+    d, n, s, p = heads * hd, (height // 2) * (width // 2), int(text_tokens), c["patch_size"]
+    out = c["out_channels"] if c["out_channels"] is not None else c["in_channels"]
+    t = _Walk(batch)
+    t.linear("x_embedder", n, c["in_channels"], d)
+    embedders = ["timestep_embedder"] + (["guidance_embedder"] if c["guidance_embeds"] else [])
+    for e in embedders:
+        t.linear(f"time_text_embed.{e}.linear_1", 1, 256, d)
+        t.linear(f"time_text_embed.{e}.linear_2", 1, d, d)
+    t.linear("time_text_embed.text_embedder.linear_1", 1, c["pooled_projection_dim"], d)
+    t.linear("time_text_embed.text_embedder.linear_2", 1, d, d)
+    t.linear("context_embedder", s, c["joint_attention_dim"], d)
+    for i in range(c["num_layers"]):
+        b = f"transformer_blocks.{i}"
+        for stream, tokens, add in (("", n, False), ("_context", s, True)):
+            t.linear(f"{b}.norm1{stream}.linear", 1, d, 6 * d)
+            t.norm(f"{b}.norm1{stream}.norm", tokens * d)
+            for x in "qkv":
+                t.linear(f"{b}.attn.add_{x}_proj" if add else f"{b}.attn.to_{x}", tokens, d, d)
+            t.norm(f"{b}.attn.norm_added_q" if add else f"{b}.attn.norm_q", tokens * d)
+            t.norm(f"{b}.attn.norm_added_k" if add else f"{b}.attn.norm_k", tokens * d)
+        t.attention(f"{b}.attn", heads, n + s, n + s, hd)
+        t.linear(f"{b}.attn.to_out.0", n, d, d)
+        t.linear(f"{b}.attn.to_add_out", s, d, d)
+        for stream, tokens in (("", n), ("_context", s)):
+            t.norm(f"{b}.norm2{stream}", tokens * d)
+            t.linear(f"{b}.ff{stream}.net.0.proj", tokens, d, 4 * d)
+            t.linear(f"{b}.ff{stream}.net.2", tokens, 4 * d, d)
+    for i in range(c["num_single_layers"]):
+        b, tokens = f"single_transformer_blocks.{i}", n + s
+        t.linear(f"{b}.norm.linear", 1, d, 3 * d)
+        t.norm(f"{b}.norm.norm", tokens * d)
+        t.linear(f"{b}.proj_mlp", tokens, d, 4 * d)
+        for x in "qkv":
+            t.linear(f"{b}.attn.to_{x}", tokens, d, d)
+        t.norm(f"{b}.attn.norm_q", tokens * d)
+        t.norm(f"{b}.attn.norm_k", tokens * d)
+        t.attention(f"{b}.attn", heads, tokens, tokens, hd)
+        t.linear(f"{b}.proj_out", tokens, 5 * d, d)
+    t.linear("norm_out.linear", 1, d, 2 * d)
+    t.norm("norm_out.norm", n * d)
+    t.linear("proj_out", n, d, p * p * out)
+    return Count(t.ops)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The VAE: one encode (image -> posterior) and one decode (latent -> image)
 # ---------------------------------------------------------------------------------------------------
@@ -560,14 +623,39 @@ def estimate_pipeline(pipe, batch: int, height: int, width: int, steps: int, gui
     text length. Rough (the elementwise temporaries are not counted), for refusing what cannot fit and
     announcing long runs."""
     itemsize = pipe.dtype.itemsize
+    if type(pipe).__name__ in ("FluxPipeline", "FluxImg2ImgPipeline"):
+        return _estimate_flux(pipe, batch, height, width, steps, guidance_scale)
     if getattr(pipe, "transformer", None) is not None:  # SD3: the MMDiT in place of the U-Net
         return _estimate_sd3(pipe, batch, height, width, steps, guidance_scale)
     models = [getattr(pipe, part, None) for part in ("unet", "vae", "text_encoder", "text_encoder_2")]
-    weights = sum(m.num_parameters() for m in models if m is not None) * itemsize
+    weights, mapped = weight_bytes(models, itemsize)
     tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
     tokens = int(getattr(tokenizer, "model_max_length", 77) or 77)
-    return estimate_generation(pipe.unet.config, pipe.vae.config, batch, height, width, steps, guidance_scale,
-                               itemsize, weights, tokens)
+    return {**estimate_generation(pipe.unet.config, pipe.vae.config, batch, height, width, steps, guidance_scale,
+                                  itemsize, weights, tokens), "mapped": mapped}
+
+
+def weight_bytes(models, itemsize: int) -> tuple:
+    """(resident, mapped) bytes of the models' weights. Default load: every tensor in the compute dtype, resident.
+    weights_dtype="stored": the kept weights (StoredTensor) stay in the memory-mapped files -- `mapped`, clean
+    file pages the kernel reads in as the layers run and may drop again, so they need not fit in memory at
+    once -- and resident are the tensors converted on loading (biases, norms, embeddings) plus the float32 copy
+    of the largest kept weight with its stored pages (one layer's conversion at a time)."""
+    from refldm.checkpoints.stored import StoredTensor
+    resident = mapped = largest = 0
+    for model in models:
+        if model is None:
+            continue
+        for _, _, _, value in model.params():
+            size = 1
+            for dim in value.shape:
+                size *= int(dim)
+            if isinstance(value, StoredTensor):
+                mapped += value.nbytes
+                largest = max(largest, size * itemsize + value.nbytes)
+            else:
+                resident += size * itemsize
+    return resident + largest, mapped
 
 
 def _estimate_sd3(pipe, batch, height, width, steps, guidance_scale, text_tokens: int = 77 + 256) -> dict:
@@ -577,7 +665,7 @@ def _estimate_sd3(pipe, batch, height, width, steps, guidance_scale, text_tokens
     import dataclasses
     itemsize = pipe.dtype.itemsize
     parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-    weights = sum(m.num_parameters() for m in (getattr(pipe, p, None) for p in parts) if m is not None) * itemsize
+    weights, mapped = weight_bytes([getattr(pipe, p, None) for p in parts], itemsize)
     vae = VAEShape.from_config(pipe.vae.config)
     f = vae.factor
     h, w = -(-height // f), -(-width // f)
@@ -585,7 +673,24 @@ def _estimate_sd3(pipe, batch, height, width, steps, guidance_scale, text_tokens
                      text_tokens)
     decode = estimate_decode(vae, (batch, vae.latent_channels, h, w), itemsize)
     peak = max(WORKING_SET * itemsize * call.peak_chunked_values + _chunk_bytes(), decode["bytes"])
-    return {"bytes": weights + peak, "flops": steps * call.flops + decode["flops"]}
+    return {"bytes": weights + peak, "flops": steps * call.flops + decode["flops"], "mapped": mapped}
+
+
+def _estimate_flux(pipe, batch, height, width, steps, guidance_scale, text_tokens: int = 512) -> dict:
+    """`estimate_pipeline` for a FLUX pipeline: the weights of its four networks (`weight_bytes`), then the larger
+    of one transformer call (512 T5 tokens, the default max_sequence_length; batch 2B only with true CFG,
+    guidance_scale > 1 here) and the decode; `steps` transformer calls, one decode."""
+    import dataclasses
+    itemsize = pipe.dtype.itemsize
+    parts = ("transformer", "vae", "text_encoder", "text_encoder_2")
+    weights, mapped = weight_bytes([getattr(pipe, p, None) for p in parts], itemsize)
+    vae = VAEShape.from_config(pipe.vae.config)
+    h, w = pipe.latent_size(height, width)
+    call = count_flux(dataclasses.asdict(pipe.transformer.config), h, w, batch * (2 if guidance_scale > 1 else 1),
+                      text_tokens)
+    decode = estimate_decode(vae, (batch, vae.latent_channels, h, w), itemsize)
+    peak = max(WORKING_SET * itemsize * call.peak_chunked_values + _chunk_bytes(), decode["bytes"])
+    return {"bytes": weights + peak, "flops": steps * call.flops + decode["flops"], "mapped": mapped}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -603,8 +708,8 @@ def _read(path):
     return cfg
 
 
-def find_sd3_configs(model) -> tuple | None:
-    """(transformer config, vae config, where) when `model` is a folder holding an SD3Transformer2DModel (a
+def find_sd3_configs(model, kind: str = "SD3Transformer2DModel") -> tuple | None:
+    """(transformer config, vae config, where) when `model` is a folder holding a transformer of class `kind` (a
     pipeline folder with transformer/ and vae/); None otherwise."""
     if model is None or not os.path.isdir(os.fspath(model)):
         return None
@@ -612,12 +717,17 @@ def find_sd3_configs(model) -> tuple | None:
     if not os.path.isfile(path):
         return None
     cfg = _read(path)
-    if cfg.get("_class_name") != "SD3Transformer2DModel":
+    if cfg.get("_class_name") != kind:
         return None
     vae_path = os.path.join(os.fspath(model), "vae", "config.json")
     if not os.path.isfile(vae_path):
-        raise ValueError(f"{model}: an SD3 folder without vae/config.json")
+        raise ValueError(f"{model}: a {kind} folder without vae/config.json")
     return cfg, _read(vae_path), path
+
+
+def find_flux_configs(model) -> tuple | None:
+    """`find_sd3_configs` for a FLUX.1 folder (a FluxTransformer2DModel)."""
+    return find_sd3_configs(model, "FluxTransformer2DModel")
 
 
 def find_configs(model=None) -> tuple:

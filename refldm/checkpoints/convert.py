@@ -287,6 +287,12 @@ def _tables(kind: str) -> dict:
     return {"unet": "unet", "vae": "vae", "text_encoder": "clip" if kind == "sd1" else "open_clip"}
 
 
+def _kept(value):
+    """A memory-mapped StoredTensor as it is (rows and 1x1 kernels are taken as views of it); anything else as an
+    array."""
+    return value if hasattr(value, "bind") else np.asarray(value)
+
+
 def from_original(state: dict, expected: dict, configs: dict, kind: str, source: str = "checkpoint") -> dict:
     """Rename an original single file's tensors to diffusers keys.
 
@@ -305,7 +311,7 @@ def from_original(state: dict, expected: dict, configs: dict, kind: str, source:
             if t.key not in state:
                 missing.append(t.key)
                 continue
-            value = np.asarray(state[t.key])
+            value = _kept(state[t.key])  # a StoredTensor (weights_dtype="stored") stays mapped
             if t.third is not None:
                 if value.shape[0] % 3:
                     raise ConversionError(f"{source}: {t.key} has {value.shape[0]} rows, not a multiple of 3 "
@@ -313,7 +319,7 @@ def from_original(state: dict, expected: dict, configs: dict, kind: str, source:
                 n = value.shape[0] // 3
                 value = value[t.third * n:(t.third + 1) * n]
             elif t.transpose:
-                value = np.ascontiguousarray(value.T)  # a C-ordered copy: the same bytes as a folder load
+                value = np.ascontiguousarray(np.asarray(value).T)  # C-ordered: the bytes of a folder load
             elif t.conv1x1 and value.ndim == 4:
                 if value.shape[2:] != (1, 1):
                     raise ConversionError(f"{source}: {t.key} has shape {value.shape}, expected a 1x1 convolution")
@@ -464,7 +470,7 @@ def sd3_from_original(state: dict, expected: dict, configs: dict, source: str = 
                     continue
                 missing.append(t.key)
                 continue
-            value = np.asarray(state[t.key])
+            value = _kept(state[t.key])  # a StoredTensor (weights_dtype="stored") stays mapped
             if t.third is not None:
                 if value.shape[0] % 3:
                     raise ConversionError(f"{source}: {t.key} has {value.shape[0]} rows, not a multiple of 3 "
@@ -472,7 +478,7 @@ def sd3_from_original(state: dict, expected: dict, configs: dict, source: str = 
                 n = value.shape[0] // 3
                 value = value[t.third * n:(t.third + 1) * n]
             elif t.swap_halves:
-                value = _swap_halves(value)
+                value = _swap_halves(np.asarray(value))
             elif t.conv1x1 and value.ndim == 4:
                 value = value[:, :, 0, 0]
             out[part][key] = value
@@ -679,7 +685,7 @@ def controlnet_from_original(state: dict, expected, layers_per_block: int, hint_
     for key in expected:
         k = controlnet_original_key(key, layers_per_block, hint_blocks)
         if k in state:
-            out[key] = np.asarray(state[k])
+            out[key] = _kept(state[k])
         else:
             missing.append(k)
     used = {controlnet_original_key(key, layers_per_block, hint_blocks) for key in expected}

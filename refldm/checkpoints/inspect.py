@@ -30,7 +30,9 @@ def describe_model(model=None) -> dict:
     if os.path.isdir(model):
         index = read_config(model, "model_index.json")
         sd3 = (index.get("transformer") or [None])[-1] == "SD3Transformer2DModel"
+        flux = (index.get("transformer") or [None])[-1] == "FluxTransformer2DModel"  # CLIP-L + T5-XXL, no third
         parts = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3") if sd3 else \
+            ("transformer", "vae", "text_encoder", "text_encoder_2") if flux else \
             ("unet", "vae", "text_encoder", "text_encoder_2") if "text_encoder_2" in index else \
             ("unet", "vae", "text_encoder")
         for part in parts:
@@ -83,6 +85,16 @@ def describe_model(model=None) -> dict:
             elif part.startswith("text_encoder"):
                 out[part] = {"class": None, "note": f"not in the file (no {pre}*)"}
         return out
+    if convert.is_flux(header):  # the reference repository's FLUX.1 transformer file (the rest: --config FOLDER)
+        infos = list(header.values())
+        try:
+            config = dict(convert.flux_config_from_shapes({k: _Shaped(v["shape"]) for k, v in header.items()}),
+                          _inferred_from_shapes="FLUX single file")
+        except (ValueError, KeyError):
+            config = {"_layout": "FLUX single file"}
+        out["transformer"] = {"class": "FluxTransformer2DModel", "parameters": sum(_numel(i["shape"]) for i in infos),
+                              "dtypes": sorted({i["dtype"] for i in infos}), "config": config}
+        return out
     kind = convert.detect(header)
     if kind == "sdxl":  # counts and dtypes per network; SDXL configs are not read off the shapes
         for part, pre, cls in (("unet", convert.UNET_PREFIX, "UNet2DConditionModel"),
@@ -113,6 +125,13 @@ def describe_model(model=None) -> dict:
     if other:
         out["other tensors"] = {"count": len(other), "examples": sorted(other)[:5]}
     return out
+
+
+class _Shaped:
+    """A header entry standing in for its tensor where only .shape is read."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
 
 
 def _numel(shape) -> int:

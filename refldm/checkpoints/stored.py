@@ -36,10 +36,14 @@ import numpy as np
 from refldm import backend
 from refldm.checkpoints.weights import WeightsError, bf16_to_float32, read_header, shown
 
-__all__ = ["StoredTensor", "load_file_mapped", "load_state_mapped", "materialize", "KEPT_DTYPES"]
+__all__ = ["StoredTensor", "load_file_mapped", "load_state_mapped", "materialize", "KEPT_DTYPES",
+           "check_weights_dtype", "load_checkpoint", "release_mapped"]
 
 # safetensors dtype -> the NumPy type its bytes are viewed as (bfloat16 has none: its raw 16 bits)
 KEPT_DTYPES = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+# integer tensors (a single file's position_ids) are never a layer's weight: read as ordinary arrays
+INTEGER_DTYPES = {"I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+                  "U8": np.dtype("u1"), "BOOL": np.dtype("?")}
 
 
 class StoredTensor:
@@ -55,6 +59,10 @@ class StoredTensor:
     @property
     def shape(self):
         return tuple(self.raw.shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.raw.ndim
 
     @property
     def nbytes(self) -> int:
@@ -105,7 +113,7 @@ def load_file_mapped(path) -> dict:
     path = os.fspath(path)
     header, _, start = read_header(path)
     for key, info in header.items():
-        if info["dtype"] not in KEPT_DTYPES:
+        if info["dtype"] not in KEPT_DTYPES and info["dtype"] not in INTEGER_DTYPES:
             raise WeightsError(f"{path}: key {shown(key)} is stored as {info['dtype']}; weights_dtype='stored' "
                                "keeps BF16, F16 and F32 tensors only (load without it to convert on reading)")
     size = os.path.getsize(path)
@@ -117,6 +125,9 @@ def load_file_mapped(path) -> dict:
     out = {}
     for key, info in header.items():
         b, e = info["data_offsets"]
+        if info["dtype"] in INTEGER_DTYPES:  # an index table, not a weight: an ordinary array
+            out[key] = data[start + b:start + e].view(INTEGER_DTYPES[info["dtype"]]).reshape(info["shape"]).copy()
+            continue
         view = data[start + b:start + e].view(KEPT_DTYPES[info["dtype"]]).reshape(info["shape"])
         out[key] = StoredTensor(view, info["dtype"], source=path)
     return out
@@ -131,3 +142,53 @@ def load_state_mapped(paths) -> dict:
                 raise WeightsError(f"key {shown(key)} appears in both {where[key]} and {path}")
             state[key], where[key] = value, path
     return state
+
+
+def check_weights_dtype(weights_dtype, where: str) -> None:
+    """The one option: None (convert on loading) or "stored"; anything else is one line naming `where`."""
+    if weights_dtype not in (None, "stored"):
+        raise ValueError(f"{where}: weights_dtype={weights_dtype!r}; the only option is 'stored' (keep the file's "
+                         "dtype, convert per layer when it runs)")
+
+
+def load_checkpoint(path, weights_dtype=None, where: str = "from_single_file") -> dict:
+    """A single-file checkpoint's tensors: converted on reading (`load_file`), or with weights_dtype="stored"
+    mapped as `StoredTensor`s (`load_file_mapped`); the key converters keep them mapped where they only rename
+    or take rows."""
+    from refldm.checkpoints.weights import load_file, refuse_pickle
+    check_weights_dtype(weights_dtype, where)
+    refuse_pickle(path)
+    return load_file_mapped(path) if weights_dtype == "stored" else load_file(path)
+
+
+def _mapping_of(raw):
+    """The mmap object under a StoredTensor's view (view -> uint8 array -> memoryview -> mmap), or None."""
+    base = raw
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    return base
+
+
+def release_mapped(*models) -> int:
+    """Drop the pages of the models' memory-mapped weight files from this process's resident set
+    (``madvise(MADV_DONTNEED)``); returns the number of files. A pipeline calls it when it is done with a model
+    (the text encoders after the prompt is encoded, the denoiser before the decode): the pages stay in the kernel's
+    page cache, nothing is copied or lost, and the next call of the model reads them in again as its layers run.
+    Models loaded without weights_dtype="stored", and systems without madvise, are left as they are."""
+    if not hasattr(mmap, "MADV_DONTNEED"):  # pragma: no cover - Linux and macOS have it
+        return 0
+    seen = {}
+    for model in models:
+        if not hasattr(model, "params"):  # None, or a wrapper (the ControlNet pipelines' controlled U-Net): skipped
+            continue
+        for _, _, _, value in model.params():
+            if isinstance(value, StoredTensor):
+                mapping = _mapping_of(value.raw)
+                if mapping is not None:
+                    seen[id(mapping)] = mapping
+    for mapping in seen.values():
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # pragma: no cover - a closed mapping or a refusing kernel: nothing to drop
+            pass
+    return len(seen)

@@ -78,14 +78,14 @@ def cost_figures(model=None, height=512, width=512, steps=25, batch=2, tokens=No
     """Everything ``refldm cost`` prints, as a dict (the --json object)."""
     from refldm.analysis import cost
 
-    sd3 = cost.find_sd3_configs(model)
-    tokens = (333 if sd3 else 77) if tokens is None else tokens
+    sd3, flux = cost.find_sd3_configs(model), cost.find_flux_configs(model)
+    tokens = (333 if sd3 else 512 if flux else 77) if tokens is None else tokens
     for name, v in (("height", height), ("width", width), ("steps", steps), ("batch", batch),
                     ("tokens", tokens)):
         if v < 1:
             raise ValueError(f"cost: --{name} must be positive, got {v}")
-    if sd3:
-        return _sd3_figures(sd3, height, width, steps, batch, tokens, dtype)
+    if sd3 or flux:
+        return _sd3_figures(sd3 or flux, height, width, steps, batch, tokens, dtype, flux=bool(flux))
     unet_cfg, vae_cfg, where = cost.find_configs(model)
     shape = cost.UNetShape.from_config(unet_cfg, where=where)
     vae_note = "the model's vae/config.json"
@@ -125,26 +125,34 @@ def cost_figures(model=None, height=512, width=512, steps=25, batch=2, tokens=No
     return out
 
 
-def _sd3_figures(found, height, width, steps, batch, tokens, dtype) -> dict:
+def _sd3_figures(found, height, width, steps, batch, tokens, dtype, flux=False) -> dict:
     """cost_figures for an SD3 / SD3.5 folder: the MMDiT (`count_sd3`) on the 16-channel latent, and the same
-    transformer with 2 x 2 patches on the pixels, in the U-Net figures' keys."""
+    transformer with 2 x 2 patches on the pixels, in the U-Net figures' keys. flux: a FLUX.1 folder
+    (`count_flux`: 2 x 2 packing of the latent's 16 channels into 64, of the pixels' 3 into 12)."""
     from refldm.analysis import cost
 
     config, vae_cfg, where = found
     vae = cost.VAEShape.from_config(vae_cfg)
-    f, p = vae.factor, config.get("patch_size", 2)
+    f, p = vae.factor, 2 if flux else config.get("patch_size", 2)
     if height % (f * p) or width % (f * p):
         raise ValueError(f"cost: image size {height}x{width} is not a multiple of {f * p} (the VAE's factor {f} x "
-                         f"patch_size {p})")
+                         f"{'the 2 x 2 packing' if flux else 'patch_size'} {p})")
     h, w = height // f, width // f
-    channels = config.get("in_channels", 16)
-    latent = cost.count_sd3(config, h, w, batch, tokens)
-    pixel = cost.count_sd3({**config, "in_channels": vae.in_channels, "out_channels": vae.in_channels},
-                           height, width, batch, tokens)
+    if flux:
+        channels = vae.latent_channels
+        latent = cost.count_flux(config, h, w, batch, tokens)
+        pixel = cost.count_flux({**config, "in_channels": 4 * vae.in_channels, "out_channels": 4 * vae.in_channels},
+                                height, width, batch, tokens)
+    else:
+        channels = config.get("in_channels", 16)
+        latent = cost.count_sd3(config, h, w, batch, tokens)
+        pixel = cost.count_sd3({**config, "in_channels": vae.in_channels, "out_channels": vae.in_channels},
+                               height, width, batch, tokens)
     enc, dec = cost.count_vae(vae, height, width, batch=1)
     nbytes = _DTYPE_BYTES[dtype]
     out = {"model": where, "vae": "the model's vae/config.json", "height": height, "width": width, "steps": steps,
-           "batch": batch, "text_tokens": tokens, "dtype": dtype, "vae_factor": f, "denoiser": "MMDiT",
+           "batch": batch, "text_tokens": tokens, "dtype": dtype, "vae_factor": f,
+           "denoiser": "FLUX transformer" if flux else "MMDiT",
            "latent_shape": [batch, channels, h, w], "pixel_shape": [batch, vae.in_channels, height, width],
            "latent_values": channels * h * w, "pixel_values": vae.in_channels * height * width}
     for name, c in (("latent", latent), ("pixel", pixel)):
@@ -181,6 +189,9 @@ def _bytes(n: float) -> str:
 def run_cost(args) -> int:
     fig = cost_figures(args.model, args.height, args.width, args.steps, args.batch, args.tokens, args.dtype)
     if args.measure:
+        if fig.get("denoiser") == "FLUX transformer":
+            raise ValueError(f"cost --measure: timing the {fig['denoiser']} is not implemented yet; the count above "
+                             "does not need it")
         measure = measure_mmdit_step if fig.get("denoiser") == "MMDiT" else measure_step
         fig["measure"] = measure(args.model, args.measure_size, args.batch, fig["text_tokens"])
     if args.json:

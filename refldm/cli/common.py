@@ -128,13 +128,14 @@ def cli_words(message: str) -> str:
 
 
 def load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=None, dtype="float32",
-                  img2img=False, max_length=None):
+                  img2img=False, max_length=None, weights_dtype=None):
     """The pipeline for MODEL: a diffusers folder, a single .safetensors file, or None for the embedded model.
     Errors name the CLI's flags (--tokenizer, --config) where the library names its arguments. `max_length`
-    (--max-length): the prompt length in tokens for tokenizers whose folder sets no model_max_length."""
+    (--max-length): the prompt length in tokens for tokenizers whose folder sets no model_max_length.
+    `weights_dtype` ("stored" with --low-memory) goes to every model the pipeline loads."""
     try:
         pipe = _load_pipeline(model, config=config, tokenizer=tokenizer, prediction_type=prediction_type,
-                              dtype=dtype, img2img=img2img)
+                              dtype=dtype, img2img=img2img, weights_dtype=weights_dtype)
     except ValueError as e:
         if e.args and isinstance(e.args[0], str):
             e.args = (cli_words(e.args[0]),) + e.args[1:]
@@ -164,26 +165,30 @@ def set_max_length(pipe, max_length) -> None:
 
 
 def _load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=None, dtype="float32",
-                   img2img=False):
+                   img2img=False, weights_dtype=None):
     from refldm.pipelines.sd import StableDiffusionPipeline
     from refldm.pipelines.sdxl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, is_sdxl_folder
     from refldm.checkpoints.weights import refuse_pickle
     if model is None:
         if not os.path.isfile(os.path.join(DEFAULT_MODEL, "model_index.json")):
             raise OSError(f"the embedded model is missing ({DEFAULT_MODEL}); reinstall refldm or give -m MODEL")
-        pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, dtype=dtype)
+        pipe = StableDiffusionPipeline.from_pretrained(DEFAULT_MODEL, dtype=dtype, weights_dtype=weights_dtype)
         pipe.name = "refldm-default"
         return pipe
     refuse_pickle(model)
+    w = {"weights_dtype": weights_dtype}
+    flux = load_flux(model, config, dtype, img2img, weights_dtype)  # FLUX.1 folder or single file, else None
+    if flux is not None:
+        return flux
     from refldm.pipelines.sd3 import StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline, is_sd3_folder
     sd3 = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
     if os.path.isdir(model) and is_sd3_folder(model):  # SD3 / SD3.5: an SD3Transformer2DModel in model_index.json
-        return sd3.from_pretrained(model, dtype=dtype)
+        return sd3.from_pretrained(model, dtype=dtype, **w)
     if os.path.isdir(model) and is_sdxl_folder(model):  # SDXL: a text_encoder_2 in model_index.json
         cls = StableDiffusionXLImg2ImgPipeline if img2img else StableDiffusionXLPipeline
-        return cls.from_pretrained(model, dtype=dtype)
+        return cls.from_pretrained(model, dtype=dtype, **w)
     if os.path.isdir(model):
-        return StableDiffusionPipeline.from_pretrained(model, dtype=dtype)
+        return StableDiffusionPipeline.from_pretrained(model, dtype=dtype, **w)
     if not os.path.exists(model):
         raise OSError(f"{model}: no such model folder or file")
     if not model.lower().endswith(".safetensors"):
@@ -195,11 +200,39 @@ def _load_pipeline(model=None, *, config=None, tokenizer=None, prediction_type=N
         if config is None:
             raise ValueError(f"{model}: an SD3 / SD3.5 single file; give --config SD3_FOLDER (a diffusers SD3 "
                              "folder with the model's configs, tokenizers and scheduler)")
-        return sd3.from_single_file(model, config, dtype=dtype)
+        return sd3.from_single_file(model, config, dtype=dtype, **w)
     if convert.detect(header) == "sdxl":  # conditioner.embedders.* keys
-        return StableDiffusionXLPipeline.from_single_file(model, config=config, dtype=dtype)
+        return StableDiffusionXLPipeline.from_single_file(model, config=config, dtype=dtype, **w)
     return StableDiffusionPipeline.from_single_file(model, config=config, tokenizer=tokenizer, dtype=dtype,
-                                                    prediction_type=prediction_type)
+                                                    prediction_type=prediction_type, **w)
+
+
+def is_flux_model(model, config=None) -> bool:
+    """A FLUX.1 diffusers folder, or a FLUX single file (the reference repository's transformer file)."""
+    from refldm.pipelines.flux import is_flux_folder
+    if model is None or not os.path.exists(model):
+        return False
+    if os.path.isdir(model):
+        return is_flux_folder(model)
+    if not model.lower().endswith(".safetensors"):
+        return False
+    from refldm.checkpoints import convert
+    from refldm.checkpoints.weights import read_header
+    return convert.is_flux(read_header(model)[0])
+
+
+def load_flux(model, config, dtype, img2img, weights_dtype):
+    """FluxPipeline / FluxImg2ImgPipeline for a FLUX folder or single file (--config FLUX_FOLDER), else None."""
+    if not is_flux_model(model):
+        return None
+    from refldm.pipelines.flux import FluxImg2ImgPipeline, FluxPipeline, is_flux_folder
+    cls = FluxImg2ImgPipeline if img2img else FluxPipeline
+    if os.path.isdir(model):
+        return cls.from_pretrained(model, dtype=dtype, weights_dtype=weights_dtype)
+    if config is None or not os.path.isdir(config) or not is_flux_folder(config):
+        raise ValueError(f"{model}: a FLUX.1 transformer file; give --config FLUX_FOLDER (a diffusers FLUX folder "
+                         "with the VAE, text encoders, tokenizers, scheduler and the transformer's config)")
+    return cls.from_single_file(model, config, dtype=dtype, weights_dtype=weights_dtype)
 
 
 def save_png(image, path, parameters: str | None = None) -> None:
@@ -317,4 +350,5 @@ def warn_run_choices(args, pipe, height, width) -> None:
     if getattr(args, "dtype", None) == "float16" and backend.name() == "numpy":
         warnings.warn("--dtype float16 on the CPU runs 25-40x slower than float32: NumPy has no fast float16 "
                       "arithmetic (each product is converted element by element); use --dtype float32, which "
-                      "gives the same image within float rounding (docs/performance.md)", stacklevel=2)
+                      "gives the same image within float rounding, and --low-memory to keep 16-bit weights as "
+                      "stored (docs/performance.md)", stacklevel=2)

@@ -69,6 +69,8 @@ def register(subparsers) -> None:
                    help="generate with the settings an image carries (A1111 / Forge / refldm parameters, ComfyUI "
                         "graph; `refldm png-info` shows them); flags given as well override them")
     _add_t5_arguments(p)
+    add_low_memory_args(p)
+    add_flux_args(p)
     p.set_defaults(func=run_txt2img)
 
     p = subparsers.add_parser("img2img", help="transform an image guided by a prompt",
@@ -85,6 +87,8 @@ def register(subparsers) -> None:
                    help="use the settings an image carries (its Denoising strength as --strength); flags given "
                         "as well override them")
     _add_ip_adapter_arguments(p)
+    add_low_memory_args(p)
+    add_flux_args(p)
     p.set_defaults(func=run_img2img)
 
     p = subparsers.add_parser("info", help="describe a model: configs, parameter counts, dtypes",
@@ -573,16 +577,21 @@ def _generate(args, image=None):
         raise ValueError(f"--strength must lie in [0, 1], got {args.strength}")
     check_generation_args(args)
     noise = noise_kwargs(args)
+    flux_defaults(args)  # a FLUX model: its steps and true-CFG defaults (before the SD ones)
     resolve_defaults(args)
     default = "refldm-txt2img.png" if image is None else "refldm-img2img.png"
     path = check_output(default if args.output is None else args.output)  # before the work, not after
     _check_preview_args(args)
     _check_control_arguments(args)
     use_backend(args.backend)
+    check_weights_fit(args)  # before loading: a 24 GB bf16 file converted to float32 would not fit
     with one_line_warnings():
         pipe = _load_without_t5(args, image is not None) or load_pipeline(
             args.model, config=args.config, tokenizer=args.tokenizer, prediction_type=args.prediction_type,
-            dtype=args.dtype, max_length=args.max_length, img2img=image is not None)
+            dtype=args.dtype, max_length=args.max_length, img2img=image is not None,
+            weights_dtype=weights_dtype_of(args))
+        if is_flux_pipeline(pipe):
+            return generate_flux(args, pipe, path, image, noise)
         recorded, have = getattr(args, "_png_model_hash", None), getattr(pipe, "model_hash", None)
         if recorded and have and not have.startswith(recorded.lower()[:10]):
             print(f"refldm: warning: the model's hash is {have}, {args.from_png} was made with Model "
@@ -683,13 +692,14 @@ def _load_without_t5(args, img2img: bool):
     cls = StableDiffusion3Img2ImgPipeline if img2img else StableDiffusion3Pipeline
     model = args.model
     if model and os.path.isdir(model) and is_sd3_folder(model):
-        pipe = cls.from_pretrained(model, dtype=args.dtype, use_t5=False)
+        pipe = cls.from_pretrained(model, dtype=args.dtype, use_t5=False, weights_dtype=weights_dtype_of(args))
     elif model and os.path.isfile(model) and model.lower().endswith(".safetensors") \
             and convert.is_sd3(read_header(model)[0]):
         if args.config is None:
             raise ValueError(f"{model}: an SD3 / SD3.5 single file; give --config SD3_FOLDER (a diffusers SD3 "
                              "folder with the model's configs, tokenizers and scheduler)")
-        pipe = cls.from_single_file(model, args.config, dtype=args.dtype, use_t5=False)
+        pipe = cls.from_single_file(model, args.config, dtype=args.dtype, use_t5=False,
+                                     weights_dtype=weights_dtype_of(args))
     else:
         raise ValueError(f"--no-t5: {model or 'the embedded model'} is not an SD3 / SD3.5 model (only SD3 runs "
                          "without its T5 encoder)")
@@ -714,6 +724,119 @@ def run_img2img(args) -> int:
         raise OSError(f"{args.image}: no such image file")
     image = load_image(args.image)  # 16-bit scaled to 8; truncated or huge files: one line naming the file
     return _generate(args, image=image)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --low-memory (weights kept as stored) and FLUX.1
+
+
+def add_low_memory_args(p) -> None:
+    """--low-memory: every model loads with weights_dtype="stored" (refldm/checkpoints/stored.py)."""
+    p.add_argument("--low-memory", action="store_true",
+                   help="keep the weights in the dtype the files store them in (float16 / bfloat16, memory-mapped) "
+                        "and convert each layer's weight to --dtype only while it runs: about half the memory for "
+                        "16-bit files, the same image bit for bit")
+
+
+def weights_dtype_of(args):
+    return "stored" if getattr(args, "low_memory", False) else None
+
+
+def check_weights_fit(args) -> None:
+    """Before loading -m MODEL without --low-memory: its weights, counted from the safetensors headers
+    (refldm/checkpoints/inspect.py), converted to --dtype must fit the available memory; otherwise refused in one
+    line with the estimate, pointing to --low-memory (then the run's own estimate is checked after loading)."""
+    if weights_dtype_of(args) or getattr(args, "model", None) is None or backend.name() != "numpy":
+        return
+    import numpy as np
+
+    from refldm.cli.common import gib
+    from refldm.cli.resources import available_memory
+    from refldm.errors import TooLargeError
+    have = available_memory()
+    if have is None or not os.path.exists(args.model):
+        return
+    try:
+        params = sum(int(d.get("parameters", 0) or 0) for d in describe_model(args.model).values())
+    except (OSError, ValueError):  # a folder or file the loader will name the fault of
+        return
+    need = params * np.dtype(args.dtype or "float32").itemsize
+    if need > have:
+        raise TooLargeError(f"{args.model}: its {params:,} weights need about {gib(need)} of memory as {args.dtype} "
+                            f"(estimated from the file headers, before loading); this machine has {gib(have)} "
+                            "available. Use --low-memory (the weights stay as the files store them, memory-mapped, "
+                            "converted one layer at a time)")
+
+
+def add_flux_args(p) -> None:
+    """FLUX.1's own options (refldm/pipelines/flux.py)."""
+    p.add_argument("--guidance", type=float, default=None, metavar="G",
+                   help="FLUX.1-dev: the distilled guidance fed to the transformer (default 3.5); FLUX.1-schnell has "
+                        "none (a value is ignored with a warning). --cfg is FLUX's true CFG (default 1: off)")
+    p.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
+                   help="FLUX: T5 prompt tokens, 1..512 (default 512)")
+
+
+FLUX_STEPS, FLUX_SCHNELL_STEPS, FLUX_TRUE_CFG = 28, 4, 1.0  # diffusers' FluxPipeline default; schnell's usual 4
+
+
+def flux_defaults(args) -> None:
+    """For a FLUX model: --steps 28 (dev) or 4 (schnell), --cfg 1 (no true CFG) when not given."""
+    from refldm.cli.common import is_flux_model
+    model = getattr(args, "model", None)
+    if not is_flux_model(model):
+        for flag, dest in (("--guidance", "guidance"), ("--max-sequence-length", "max_sequence_length")):
+            if getattr(args, dest, None) is not None:
+                raise ValueError(f"{flag}: a FLUX.1 option; -m names no FLUX model")
+        return
+    folder = model if os.path.isdir(model) else getattr(args, "config", None)
+    schnell = False
+    if folder and os.path.isfile(os.path.join(folder, "transformer", "config.json")):
+        with open(os.path.join(folder, "transformer", "config.json"), encoding="utf-8") as f:
+            schnell = not json.load(f).get("guidance_embeds", False)
+    if args.steps is None:
+        args.steps = FLUX_SCHNELL_STEPS if schnell else FLUX_STEPS
+    if args.cfg is None:
+        args.cfg = FLUX_TRUE_CFG
+
+
+def is_flux_pipeline(pipe) -> bool:
+    from refldm.pipelines.flux import FluxPipeline
+    return isinstance(pipe, FluxPipeline)
+
+
+def generate_flux(args, pipe, path, image, noise) -> int:
+    """txt2img / img2img with a FLUX pipeline: --guidance (dev), --cfg as true CFG with -n, --max-sequence-length."""
+    unsupported = [(flag, given) for flag, given in (
+        ("--lora", getattr(args, "lora", None)), ("--embedding", getattr(args, "embedding", None)),
+        ("--prompt-syntax", getattr(args, "prompt_syntax", "plain") not in (None, "plain")),
+        ("--clip-skip", getattr(args, "clip_skip", None) is not None),
+        ("<lora:...> in the prompt", "<lora:" in (args.prompt or "")),
+        ("--sampler", args.sampler is not None), ("--refiner", getattr(args, "refiner", None)),
+        (", ".join(NOISE_FLAGS[k] for k in noise if k.startswith("hires")), any(k.startswith("hires") for k in noise)))
+        if given]
+    if unsupported:
+        raise ValueError(f"{unsupported[0][0]}: not supported for FLUX models in refldm (FLUX runs its flow-matching "
+                         "Euler sampler; LoRAs, embeddings, prompt syntax, refiner and hires fix are implemented for "
+                         "the U-Net models)")
+    kwargs = dict(negative_prompt=args.negative, true_cfg_scale=args.cfg, guidance_scale=args.guidance,
+                  num_inference_steps=args.steps, seed=args.seed, progress=not args.quiet, **noise)
+    kwargs.update(_preview_kwargs(args, pipe))  # --preview-every: FLUX's previews unpack the 2x2 patches
+    if args.max_sequence_length is not None:
+        kwargs["max_sequence_length"] = args.max_sequence_length
+    if image is None:
+        kwargs.update(height=args.height, width=args.width)
+        check_resources(pipe, 1, args.height, args.width, args.steps, args.cfg if args.negative else 1.0)
+    else:
+        kwargs.update(image=image, strength=args.strength)
+        check_resources(pipe, 1, image.height, image.width, args.steps, args.cfg if args.negative else 1.0,
+                        strength=args.strength)
+    out = pipe(args.prompt, **kwargs)
+    img = out.images[0]
+    save_png(img, path, out.parameters[0] if out.parameters else None)
+    print(f"wrote {path} ({img.width}x{img.height}, seed {out.seed}, {args.steps} steps, "
+          f"denoise {out.timings.get('denoise', 0):.2f} s)")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------

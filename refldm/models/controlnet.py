@@ -149,18 +149,21 @@ class ControlNetModel(UNet2DConditionModel):
         return parse_config(ControlNetConfig, config, ignored=_IGNORED, fixed=_FIXED, where=where)
 
     @classmethod
-    def from_single_file(cls, path, config=None, dtype="float32") -> "ControlNetModel":
+    def from_single_file(cls, path, config=None, dtype="float32", weights_dtype: str | None = None
+                         ) -> "ControlNetModel":
         """Load an original single-file ControlNet (``control_v11p_sd15_canny.safetensors``: ``control_model.*``
         or bare ``input_blocks.*`` / ``input_hint_block.*`` keys; the table is in refldm/checkpoints/convert.py).
 
         config: a config dict, a folder holding config.json, or None to read it off the shapes
         (`convert.infer_controlnet_config`; global_pool_conditions and the "bgr" channel order cannot be
-        seen there: give config= for those models). Pickle files (.pth, .ckpt) are refused, never opened."""
+        seen there: give config= for those models). Pickle files (.pth, .ckpt) are refused, never opened.
+        weights_dtype="stored": the file's tensors stay mapped, converted per layer when it runs."""
         import os
         from refldm.checkpoints import convert
-        from refldm.checkpoints.weights import load_file, read_config
+        from refldm.checkpoints.stored import load_checkpoint
+        from refldm.checkpoints.weights import read_config
         path = os.fspath(path)
-        state = load_file(path)                                   # refuses pickles; validates the file
+        state = load_checkpoint(path, weights_dtype)              # refuses pickles; validates the file
         if config is None:
             config = convert.infer_controlnet_config(state)
         elif not isinstance(config, dict):

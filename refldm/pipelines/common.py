@@ -1010,10 +1010,17 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
     def decode_latents(self, latents):
         """Latents (B, 4, h, w) -> uint8 pixels (B, H, W, 3) on the host, rounded exactly as diffusers does."""
         from refldm.models.vae import decode_checked
+        self.release_mapped("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
         # in float32 when a float16 VAE says force_upcast; NaN/inf in the image is an error (models/vae.py)
         with record.scope("vae"):                                             # trace names: vae.<layer>
             image = decode_checked(self.vae, unscale_latents(latents, self.vae.config))  # (B, 3, H, W), ~[-1, 1]
         return to_uint8(image)                                               # round(255 clip(x/2 + 1/2))
+
+    def release_mapped(self, *parts):
+        """weights_dtype="stored": drop the named models' memory-mapped weight pages from the process's resident
+        set once the call is done with them (refldm.checkpoints.stored.release_mapped); otherwise nothing."""
+        from refldm.checkpoints.stored import release_mapped
+        release_mapped(*(getattr(self, part, None) for part in parts))
 
     def preprocess_image(self, image):
         """A PIL image (or uint8 array (H, W, 3)) -> (1, 3, H, W) in [-1, 1] on the active backend.

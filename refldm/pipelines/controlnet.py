@@ -142,18 +142,18 @@ def _nets(controlnet, unet, vae_scale_factor: int):
     return controlnet, nets
 
 
-def _load(c, dtype):
+def _load(c, dtype, weights_dtype=None):
     """A ControlNetModel as it is; a folder (diffusers) or a .safetensors single file (original keys) loaded."""
     if not isinstance(c, (str, os.PathLike)):
         return c
     if os.path.isfile(c):
-        return ControlNetModel.from_single_file(c, dtype=dtype)
-    return ControlNetModel.from_pretrained(c, dtype=dtype)
+        return ControlNetModel.from_single_file(c, dtype=dtype, weights_dtype=weights_dtype)
+    return ControlNetModel.from_pretrained(c, dtype=dtype, weights_dtype=weights_dtype)
 
 
-def _load_nets(controlnet, dtype):
+def _load_nets(controlnet, dtype, weights_dtype=None):
     items = controlnet if isinstance(controlnet, (list, tuple)) else [controlnet]
-    nets = [_load(c, dtype) for c in items]
+    nets = [_load(c, dtype, weights_dtype) for c in items]
     return nets if isinstance(controlnet, (list, tuple)) else nets[0]
 
 
@@ -297,9 +297,12 @@ class StableDiffusionControlNetPipeline:
         self.controlnet, self.nets = _nets(controlnet, base.unet, base.vae_scale_factor)
 
     @classmethod
-    def from_pretrained(cls, folder, controlnet, dtype="float32") -> "StableDiffusionControlNetPipeline":
-        """An SD folder and `controlnet`: a ControlNetModel, a controlnet folder, a single file, or a list."""
-        return cls(StableDiffusionPipeline.from_pretrained(folder, dtype=dtype), _load_nets(controlnet, dtype))
+    def from_pretrained(cls, folder, controlnet, dtype="float32",
+                        weights_dtype: str | None = None) -> "StableDiffusionControlNetPipeline":
+        """An SD folder and `controlnet`: a ControlNetModel, a controlnet folder, a single file, or a list.
+        weights_dtype="stored": the base's models and the ControlNets keep their weights as stored."""
+        return cls(StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, weights_dtype=weights_dtype),
+                   _load_nets(controlnet, dtype, weights_dtype))
 
     def __call__(self, prompt="", image=None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, negative_prompt=None,
@@ -453,10 +456,13 @@ class StableDiffusionXLControlNetPipeline:
         self.controlnet, self.nets = _nets(controlnet, base.unet, base.vae_scale_factor)
 
     @classmethod
-    def from_pretrained(cls, folder, controlnet, dtype="float32") -> "StableDiffusionXLControlNetPipeline":
-        """An SDXL folder and `controlnet`: a ControlNetModel, a controlnet folder, a single file, or a list."""
+    def from_pretrained(cls, folder, controlnet, dtype="float32",
+                        weights_dtype: str | None = None) -> "StableDiffusionXLControlNetPipeline":
+        """An SDXL folder and `controlnet`: a ControlNetModel, a controlnet folder, a single file, or a list.
+        weights_dtype="stored": the base's models and the ControlNets keep their weights as stored."""
         from refldm.pipelines.sdxl import StableDiffusionXLPipeline
-        return cls(StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype), _load_nets(controlnet, dtype))
+        return cls(StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, weights_dtype=weights_dtype),
+                   _load_nets(controlnet, dtype, weights_dtype))
 
     def __call__(self, prompt="", image=None, height: int | None = None, width: int | None = None,
                  num_inference_steps: int = 50, guidance_scale: float = 5.0, negative_prompt=None,

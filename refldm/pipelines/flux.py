@@ -30,6 +30,7 @@ import numpy
 from PIL import Image
 
 from refldm import backend
+from refldm.checkpoints.stored import release_mapped
 from refldm.checkpoints.weights import WeightsError, read_config
 from refldm.core import record
 from refldm.core.images import to_tensor, to_uint8, unscale_latents
@@ -82,10 +83,12 @@ class FluxPipeline:
         self.dtype = backend.resolve_dtype(dtype)
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="float32", **load):
+    def from_pretrained(cls, folder, dtype="float32", weights_dtype: str | None = None, transformer=None):
         """Load a diffusers FLUX.1 folder: model_index.json, transformer/, vae/, text_encoder/ (CLIP-L),
-        tokenizer/, text_encoder_2/ (T5-XXL), tokenizer_2/, scheduler/. ``load`` goes to every model's
-        from_pretrained (e.g. weights_dtype="stored", where that option exists)."""
+        tokenizer/, text_encoder_2/ (T5-XXL), tokenizer_2/, scheduler/. weights_dtype="stored": every model
+        keeps its layers' weights as the files store them (bfloat16 for the published FLUX.1), memory-mapped and
+        converted per layer when it runs (refldm.checkpoints.stored); the results are the same bit for bit.
+        transformer: a loaded FluxTransformer2DModel to use instead of the folder's (as diffusers' components)."""
         from refldm.models.clip import CLIPTextModel
         from refldm.models.flux_transformer import FluxTransformer2DModel
         from refldm.models.t5 import T5EncoderModel
@@ -110,7 +113,10 @@ class FluxPipeline:
                                                                       want + "Fast"):
                 raise WeightsError(f"{folder}: {part} is a {entry[-1]}; refldm implements {want} only")
         path = lambda p: os.path.join(folder, p)  # noqa: E731
-        return cls(FluxTransformer2DModel.from_pretrained(path("transformer"), dtype=dtype, **load),
+        load = {"weights_dtype": weights_dtype}
+        if transformer is None:
+            transformer = FluxTransformer2DModel.from_pretrained(path("transformer"), dtype=dtype, **load)
+        return cls(transformer,
                    AutoencoderKL.from_pretrained(path("vae"), dtype=dtype, **load),
                    CLIPTextModel.from_pretrained(path("text_encoder"), dtype=dtype, **load),
                    CLIPTokenizer.from_pretrained(path("tokenizer")),
@@ -119,7 +125,25 @@ class FluxPipeline:
                    read_config(path("scheduler"), "scheduler_config.json"),
                    name=os.path.basename(os.path.normpath(folder)), dtype=dtype)
 
+    @classmethod
+    def from_single_file(cls, path, config, dtype="float32", weights_dtype: str | None = None):
+        """The reference repository's transformer file (flux1-dev.safetensors, flux1-schnell.safetensors: the
+        transformer alone) with the rest from `config`, a diffusers FLUX folder (its transformer config, VAE,
+        text encoders, tokenizers and scheduler; its transformer weights are not read)."""
+        from refldm.models.flux_transformer import FluxTransformer2DModel
+        path, config = os.fspath(path), os.fspath(config)
+        transformer = FluxTransformer2DModel.from_single_file(path, read_config(os.path.join(config, "transformer")),
+                                                              dtype=dtype, weights_dtype=weights_dtype)
+        pipe = cls.from_pretrained(config, dtype=dtype, weights_dtype=weights_dtype, transformer=transformer)
+        pipe.name = os.path.splitext(os.path.basename(path))[0]
+        return pipe
+
     # -- sizes --------------------------------------------------------------------------------------------------
+
+    @property
+    def default_size(self) -> int:
+        """1024: diffusers' default height and width for FLUX.1 (128 latent pixels x the VAE's 8)."""
+        return 128 * self.vae_scale_factor
 
     @property
     def vae_scale_factor(self) -> int:
@@ -247,6 +271,7 @@ class FluxPipeline:
             xp = backend.array_namespace(context)
             context, pooled = xp.concatenate([neg_c, context], axis=0), xp.concatenate([neg_y, pooled], axis=0)
         timings["text encode"] = time.perf_counter() - start
+        release_mapped(self.text_encoder, self.text_encoder_2)  # --low-memory: T5's pages leave the resident set
 
         # 2. the t grid: linspace(1, 1/n, n) shifted by mu(token count); the start latent, packed
         img_ids = latent_image_ids(h // 2, w // 2)
@@ -299,6 +324,7 @@ class FluxPipeline:
 
         # 4. unpack, z = x_0 / scaling_factor + shift_factor, decode
         start = time.perf_counter()
+        release_mapped(self.transformer)  # --low-memory: the transformer's pages leave the resident set
         pixels = self.decode_latents(unpack_latents(latents, h, w))
         images = [Image.fromarray(p) for p in pixels]
         timings["decode"] = time.perf_counter() - start

@@ -220,6 +220,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionPipeline):
         cond, uncond = encode_prompts(self, prompts, negatives if do_cfg else None, prompt_syntax, clip_skip)
         context = xp.concatenate([uncond, cond], axis=0) if do_cfg else cond
         timings["text encode"] = time.perf_counter() - start
+        self.release_mapped("text_encoder", "text_encoder_2", "text_encoder_3")  # --low-memory: done with them
 
         # 2. image (1, 3, H, W) in [-1, 1]; mask (1, 1, H, W) of 0 / 1; the masked image, hole at 0
         init = self.preprocess_image(image)

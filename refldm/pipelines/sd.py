@@ -36,7 +36,7 @@ from refldm.adapters.loaders import IPAdapterMixin
 from refldm.pipelines import common
 from refldm.pipelines.common import NonFiniteLatentsError, StableDiffusionPipelineOutput  # noqa: F401
 from refldm.pipelines.sampling import img2img_latents, img2img_timesteps, sample
-from refldm.checkpoints.weights import WeightsError, load_file, read_config
+from refldm.checkpoints.weights import WeightsError, read_config
 
 __all__ = ["StableDiffusionPipeline", "StableDiffusionPipelineOutput", "NonFiniteLatentsError", "TooLargeError",
            "PARTS"]
@@ -68,8 +68,10 @@ class StableDiffusionPipeline(common.DiffusionPipeline, IPAdapterMixin):
     # -- loading ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="float32") -> "StableDiffusionPipeline":
-        """Load a diffusers SD folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/."""
+    def from_pretrained(cls, folder, dtype="float32", weights_dtype: str | None = None) -> "StableDiffusionPipeline":
+        """Load a diffusers SD folder: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/.
+        weights_dtype="stored": every model keeps its layers' weights as the files store them (memory-mapped,
+        converted per layer when it runs; refldm.checkpoints.stored), same results bit for bit."""
         folder = os.fspath(folder)
         if os.path.isfile(folder):
             raise WeightsError(f"{folder}: is a file, not a model folder (a single-file checkpoint loads with "
@@ -92,9 +94,10 @@ class StableDiffusionPipeline(common.DiffusionPipeline, IPAdapterMixin):
             if name and isinstance(entry, list) and entry[-1] != name:
                 raise WeightsError(f"{folder}: {part} is a {entry[-1]}; refldm implements {name} only")
         Unet, Vae, TextEncoder, Tokenizer = _models()
-        unet = Unet.from_pretrained(os.path.join(folder, "unet"), dtype=dtype)
-        vae = Vae.from_pretrained(os.path.join(folder, "vae"), dtype=dtype)
-        text_encoder = TextEncoder.from_pretrained(os.path.join(folder, "text_encoder"), dtype=dtype)
+        unet = Unet.from_pretrained(os.path.join(folder, "unet"), dtype=dtype, weights_dtype=weights_dtype)
+        vae = Vae.from_pretrained(os.path.join(folder, "vae"), dtype=dtype, weights_dtype=weights_dtype)
+        text_encoder = TextEncoder.from_pretrained(os.path.join(folder, "text_encoder"), dtype=dtype,
+                                                   weights_dtype=weights_dtype)
         tokenizer = Tokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
         scheduler_config = read_config(os.path.join(folder, "scheduler"), "scheduler_config.json")
         configs = {p: read_config(os.path.join(folder, p)) for p in ("unet", "vae", "text_encoder")}
@@ -108,7 +111,8 @@ class StableDiffusionPipeline(common.DiffusionPipeline, IPAdapterMixin):
 
     @classmethod
     def from_single_file(cls, path, config=None, tokenizer=None, dtype="float32",
-                         prediction_type: str | None = None) -> "StableDiffusionPipeline":
+                         prediction_type: str | None = None, weights_dtype: str | None = None
+                         ) -> "StableDiffusionPipeline":
         """Load an original SD 1.x / 2.x single-file ``.safetensors`` checkpoint (CompVis key names).
 
         config: a diffusers SD folder whose configs (and tokenizer and scheduler) describe the file's model,
@@ -117,9 +121,11 @@ class StableDiffusionPipeline(common.DiffusionPipeline, IPAdapterMixin):
         (vocab.json + merges.txt): a single file holds no vocabulary. For SD 2.x without `config`,
         `prediction_type` must say "epsilon" (the -base models) or "v_prediction" (the 768-v models):
         the weights do not tell. Pickle files (.ckpt, .pt, .bin) are refused, never opened.
+        weights_dtype="stored": the file's tensors stay mapped, converted per layer when it runs (from_pretrained).
         """
+        from refldm.checkpoints.stored import load_checkpoint
         path = os.fspath(path)
-        state = load_file(path)  # refuses pickles; validates the file
+        state = load_checkpoint(path, weights_dtype)  # refuses pickles; validates the file
         kind = convert.detect(state)
         if kind == "sdxl":
             raise ValueError(f"{path}: an SDXL checkpoint; load it with StableDiffusionXLPipeline.from_single_file")
@@ -270,6 +276,7 @@ class StableDiffusionPipeline(common.DiffusionPipeline, IPAdapterMixin):
         else:
             context = cond
         timings["text encode"] = time.perf_counter() - start
+        self.release_mapped("text_encoder", "text_encoder_2", "text_encoder_3")  # --low-memory: done with them
         image_embeds = self.ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, batch, do_cfg)
         added = None if image_embeds is None else {"image_embeds": image_embeds}  # IP-Adapter: the image features
 

@@ -81,10 +81,12 @@ class StableDiffusion3Pipeline(common.DiffusionPipeline):
     # -- loading ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="float32", use_t5: bool = True):
+    def from_pretrained(cls, folder, dtype="float32", use_t5: bool = True, weights_dtype: str | None = None):
         """Load a diffusers SD3 / SD3.5 folder: model_index.json, transformer/, vae/, text_encoder/, tokenizer/,
         text_encoder_2/, tokenizer_2/, scheduler/, and text_encoder_3/ + tokenizer_3/ (T5) when model_index.json
-        lists them and use_t5 is True (otherwise zeros stand in for T5, as diffusers' text_encoder_3=None)."""
+        lists them and use_t5 is True (otherwise zeros stand in for T5, as diffusers' text_encoder_3=None).
+        weights_dtype="stored": every model keeps its layers' weights as the files store them (memory-mapped,
+        converted per layer when it runs; refldm.checkpoints.stored)."""
         from refldm.models.clip import CLIPTextModelWithProjection
         from refldm.models.sd3_transformer import SD3Transformer2DModel
         from refldm.models.tokenizer import CLIPTokenizer
@@ -116,17 +118,18 @@ class StableDiffusion3Pipeline(common.DiffusionPipeline):
                                                                       want + "Fast"):
                 raise WeightsError(f"{folder}: {part} is a {entry[-1]}; refldm implements {want} only")
         path = lambda p: os.path.join(folder, p)  # noqa: E731
-        transformer = SD3Transformer2DModel.from_pretrained(path("transformer"), dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path("vae"), dtype=dtype)
-        text_encoder = CLIPTextModelWithProjection.from_pretrained(path("text_encoder"), dtype=dtype)
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path("text_encoder_2"), dtype=dtype)
+        transformer = SD3Transformer2DModel.from_pretrained(path("transformer"), dtype=dtype, weights_dtype=weights_dtype)
+        vae = AutoencoderKL.from_pretrained(path("vae"), dtype=dtype, weights_dtype=weights_dtype)
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(path("text_encoder"), dtype=dtype, weights_dtype=weights_dtype)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path("text_encoder_2"), dtype=dtype,
+                                                                     weights_dtype=weights_dtype)
         tokenizer = CLIPTokenizer.from_pretrained(path("tokenizer"))
         tokenizer_2 = CLIPTokenizer.from_pretrained(path("tokenizer_2"))
         text_encoder_3 = tokenizer_3 = None
         if with_t5:  # imported only here: the T5 modules are needed only by folders that have T5
             from refldm.models.t5 import T5EncoderModel
             from refldm.models.t5_tokenizer import T5TokenizerFast
-            text_encoder_3 = T5EncoderModel.from_pretrained(path("text_encoder_3"), dtype=dtype)
+            text_encoder_3 = T5EncoderModel.from_pretrained(path("text_encoder_3"), dtype=dtype, weights_dtype=weights_dtype)
             tokenizer_3 = T5TokenizerFast.from_pretrained(path("tokenizer_3"))
         scheduler_config = read_config(path("scheduler"), "scheduler_config.json")
         configs = {p: read_config(path(p)) for p in ("transformer", "vae", "text_encoder", "text_encoder_2")}
@@ -137,21 +140,22 @@ class StableDiffusion3Pipeline(common.DiffusionPipeline):
                    dtype=dtype)
 
     @classmethod
-    def from_single_file(cls, path, config, dtype="float32", use_t5: bool = True):
+    def from_single_file(cls, path, config, dtype="float32", use_t5: bool = True, weights_dtype: str | None = None):
         """Load an original SD3 / SD3.5 single ``.safetensors`` (model.diffusion_model.joint_blocks.*,
         first_stage_model.*, text_encoders.clip_l / clip_g / t5xxl.*; the key table is `sd3_from_original` in
         refldm/checkpoints/convert.py). config: a diffusers SD3 folder whose configs, tokenizers and scheduler
         describe the file's model. The file must include the CLIP encoders; T5 is used when the file has it
-        (and use_t5), else zeros stand in. Pickle files are refused, never opened."""
+        (and use_t5), else zeros stand in. Pickle files are refused, never opened. weights_dtype="stored": as
+        from_pretrained."""
         from refldm.checkpoints import convert
-        from refldm.checkpoints.weights import load_file
+        from refldm.checkpoints.stored import load_checkpoint
         from refldm.models.clip import CLIPTextModelWithProjection
         from refldm.models.sd3_transformer import SD3Transformer2DModel
         from refldm.models.tokenizer import CLIPTokenizer
         from refldm.models.vae import AutoencoderKL
 
         path, config = os.fspath(path), os.fspath(config)
-        state = load_file(path)
+        state = load_checkpoint(path, weights_dtype)
         if not convert.is_sd3(state):
             raise ValueError(f"{path}: not an SD3 / SD3.5 single file (no model.diffusion_model.joint_blocks.*)")
         for part in ("text_encoder", "text_encoder_2"):
@@ -372,6 +376,7 @@ class StableDiffusion3Pipeline(common.DiffusionPipeline):
         context, pooled = self._conditioning(prompts, texts["prompt_2"] or prompts, texts["prompt_3"] or prompts,
                                              negatives, call.do_cfg, clip_skip, max_sequence_length)
         timings["text encode"] = time.perf_counter() - start
+        self.release_mapped("text_encoder", "text_encoder_2", "text_encoder_3")  # --low-memory: done with them
 
         # 2. the t grid and the start x_1 = e (txt2img) or the forward process at the first t (img2img)
         f = self.vae_scale_factor

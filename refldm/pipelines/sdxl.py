@@ -101,9 +101,10 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline, IPAdapterMixin):
     # -- loading ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, folder, dtype="float32"):
+    def from_pretrained(cls, folder, dtype="float32", weights_dtype: str | None = None):
         """Load a diffusers SDXL folder: model_index.json, unet/, vae/, text_encoder_2/, tokenizer_2/,
-        scheduler/, and (base only) text_encoder/, tokenizer/."""
+        scheduler/, and (base only) text_encoder/, tokenizer/. weights_dtype="stored": as
+        StableDiffusionPipeline.from_pretrained (weights kept as the files store them)."""
         from refldm.models.clip import CLIPTextModel, CLIPTextModelWithProjection
         from refldm.models.unet import UNet2DConditionModel
         from refldm.models.vae import AutoencoderKL
@@ -138,13 +139,14 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline, IPAdapterMixin):
             raise ValueError(f"{folder}: an SDXL refiner (requires_aesthetics_score); it continues a base model's "
                              "latents: load it with StableDiffusionXLImg2ImgPipeline")
         path = lambda p: os.path.join(folder, p)  # noqa: E731
-        unet = UNet2DConditionModel.from_pretrained(path("unet"), dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path("vae"), dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(path("unet"), dtype=dtype, weights_dtype=weights_dtype)
+        vae = AutoencoderKL.from_pretrained(path("vae"), dtype=dtype, weights_dtype=weights_dtype)
         text_encoder = tokenizer = None
         if "text_encoder" in present:
-            text_encoder = CLIPTextModel.from_pretrained(path("text_encoder"), dtype=dtype)
+            text_encoder = CLIPTextModel.from_pretrained(path("text_encoder"), dtype=dtype, weights_dtype=weights_dtype)
             tokenizer = CLIPTokenizer.from_pretrained(path("tokenizer"))
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path("text_encoder_2"), dtype=dtype)
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path("text_encoder_2"), dtype=dtype,
+                                                                     weights_dtype=weights_dtype)
         tokenizer_2 = CLIPTokenizer.from_pretrained(path("tokenizer_2"))
         scheduler_config = read_config(path("scheduler"), "scheduler_config.json")
         configs = {p: read_config(path(p)) for p in ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -157,22 +159,22 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline, IPAdapterMixin):
         return pipe
 
     @classmethod
-    def from_single_file(cls, path, config=None, dtype="float32"):
+    def from_single_file(cls, path, config=None, dtype="float32", weights_dtype: str | None = None):
         """Load an original SDXL base single-file ``.safetensors`` (model.diffusion_model.*, first_stage_model.*,
         conditioner.embedders.{0,1}.*; the key table is in refldm/checkpoints/convert.py).
 
         config: an SDXL diffusers folder whose configs, tokenizers and scheduler describe the file's model
         (as diffusers' ``from_single_file(path, config=...)``); refldm does not read SDXL configs off the
-        tensor shapes. Pickle files are refused, never opened."""
+        tensor shapes. Pickle files are refused, never opened. weights_dtype="stored": as from_pretrained."""
         from refldm.checkpoints import convert
         from refldm.models.clip import CLIPTextModel, CLIPTextModelWithProjection
         from refldm.models.unet import UNet2DConditionModel
         from refldm.models.vae import AutoencoderKL
         from refldm.models.tokenizer import CLIPTokenizer
-        from refldm.checkpoints.weights import load_file
+        from refldm.checkpoints.stored import load_checkpoint
 
         path = os.fspath(path)
-        state = load_file(path)
+        state = load_checkpoint(path, weights_dtype)
         kind = convert.detect(state)
         if kind != "sdxl":
             raise ValueError(f"{path}: an {kind.upper()} checkpoint, not SDXL; load it with "
@@ -411,6 +413,7 @@ class StableDiffusionXLPipeline(common.DiffusionPipeline, IPAdapterMixin):
         time_ids = self._added(batch, do_cfg, ids, negative_ids)
         image_embeds = self.ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, batch, do_cfg)  # IP-Adapter
         timings["text encode"] = time.perf_counter() - start
+        self.release_mapped("text_encoder", "text_encoder_2", "text_encoder_3")  # --low-memory: done with them
 
         # 2. the schedule and the starting noise x_T (B, 4, H/8, W/8)
         sched, sampler = self.scheduler_for(sampler, scheduler, call.steps)
@@ -532,6 +535,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
         time_ids = self._added(batch, do_cfg, ids, negative_ids)
         image_embeds = self.ip_adapter_embeds(ip_adapter_image, ip_adapter_image_embeds, batch, do_cfg)  # IP-Adapter
         timings["text encode"] = time.perf_counter() - start
+        self.release_mapped("text_encoder", "text_encoder_2", "text_encoder_3")  # --low-memory: done with them
 
         # 2. the schedule: strength's tail, or everything below denoising_start
         sched, sampler = self.scheduler_for(sampler, scheduler, steps)
