@@ -322,8 +322,8 @@ class StableDiffusionPipeline(common.DiffusionPipeline, IPAdapterMixin):
             after_step = common.StepEnd(self, len(timesteps), callback, callback_on_step_end,
                                         callback_on_step_end_tensor_inputs,
                                         {"prompt_embeds": context, "negative_prompt_embeds": uncond})
-            return sample(lambda x, t: self.unet(x, t, after_step.tensors["prompt_embeds"], added_cond_kwargs=added),
-                          sched, x,
+            extra = {} if added is None else {"added_cond_kwargs": added}  # IP-Adapter's image features, if any
+            return sample(lambda x, t: self.unet(x, t, after_step.tensors["prompt_embeds"], **extra), sched, x,
                           timesteps, guidance_scale=guidance_scale if do_cfg else None, generator=generator,
                           callback=after_step, progress=progress)
 
