@@ -438,8 +438,14 @@ def run_pipeline(models, group, inputs):
                                      num_inference_steps=args["steps"], guidance_scale=args["guidance_scale"],
                                      latents=noise, sampler=args["sampler"], seed=0, progress=False),
                         include=PIPELINE_NAMES)
+    return _pipeline_cases(acts, out, args["steps"])
+
+
+def _pipeline_cases(acts: dict, out, steps: int) -> dict:
+    """A recorded pipeline run -> its cases: each step's noise_pred, guided and prev_sample, the decoded image
+    (float) and the 8-bit image (shared by the U-Net and the flow families' pipeline groups)."""
     result = {}
-    for i in range(args["steps"]):
+    for i in range(steps):
         for name in ("noise_pred", "guided", "prev_sample"):
             result[f"steps.{i}.{name}"] = acts[f"steps.{i}.{name}"]
     result["image"] = acts["vae.decoder"]

@@ -236,13 +236,7 @@ def run_flow_pipeline(kit, models, group, inputs):
         from refldm.models.flux_transformer import pack_latents
         call = lambda: pipe(group["text"], latents=pack_latents(noise), **common)  # noqa: E731
     acts, out = kit._record(call, include=kit.PIPELINE_NAMES)
-    result = {}
-    for i in range(args["steps"]):
-        for name in ("noise_pred", "guided", "prev_sample"):
-            result[f"steps.{i}.{name}"] = acts[f"steps.{i}.{name}"]
-    result["image"] = acts["vae.decoder"]
-    result["image_uint8"] = np.asarray(out.images[0], dtype=np.uint8)
-    return result
+    return kit._pipeline_cases(acts, out, args["steps"])
 
 
 # ---------------------------------------------------------------------------------------------------
