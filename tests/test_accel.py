@@ -825,3 +825,17 @@ def test_every_computing_command_takes_reference_and_main_restores_the_switch(mo
         assert accel.is_enabled()  # back on after the command
         assert refldm_cli.main(["demo"]) == 0
     assert seen == [False, True]
+
+
+def test_process_environment_shares_the_cpus_and_keeps_what_the_environment_says(monkeypatch):
+    from refldm.accel import threads
+    for key in threads.THREAD_VARIABLES:
+        monkeypatch.delenv(key, raising=False)
+    cpus = len(os.sched_getaffinity(0))
+    env = threads.process_environment(2)
+    assert env == {key: str(max(1, cpus // 2)) for key in threads.THREAD_VARIABLES}
+    assert set(threads.process_environment(10 * cpus).values()) == {"1"}      # never 0 threads
+    monkeypatch.setenv("REFLDM_NUM_THREADS", "3")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    env = threads.process_environment(2)
+    assert env["REFLDM_NUM_THREADS"] == "3" and env["OMP_NUM_THREADS"] == "3" and env["OPENBLAS_NUM_THREADS"] == "2"

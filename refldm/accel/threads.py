@@ -27,7 +27,7 @@ MAX_THREADS = 1024  # far above any CPU's cores; more threads than this only exh
 # looks) for this many seconds before it sleeps; 0 = sleep at once.
 SPIN_SECONDS = 0.0
 
-__all__ = ["num_threads", "set_num_threads", "parallel_map", "in_blocks"]
+__all__ = ["num_threads", "set_num_threads", "parallel_map", "in_blocks", "process_environment"]
 
 
 def _threads_from_env() -> int:
@@ -44,6 +44,27 @@ def _threads_from_env() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+# The thread counts a worker process reads from its environment when it starts (NumPy's BLAS reads its own on
+# import, so they must be set before the process imports NumPy).
+THREAD_VARIABLES = ("REFLDM_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def process_environment(n: int) -> dict:
+    """The environment for each of n worker processes sharing this machine (refldm's grid workers): every
+    variable of THREAD_VARIABLES set to max(1, CPUs // n), the speed layer's pool and the BLAS alike, unless
+    this process's environment sets it already (then its value). Without it, n local processes would each
+    start CPUs threads (oversubscribed), and Dask's workers get 1 BLAS thread."""
+    if os.environ.get("REFLDM_NUM_THREADS"):
+        threads = os.environ["REFLDM_NUM_THREADS"]
+    else:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # pragma: no cover - not Linux
+            cpus = os.cpu_count() or 1
+        threads = str(max(1, cpus // n))
+    return {key: os.environ.get(key) or threads for key in THREAD_VARIABLES}
 
 
 class _Pool:

@@ -67,6 +67,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     args.accel_switch, args.accel_on = accel_switch, accel_on  # the speed layer's switch, for the grid's workers
+    from refldm.accel.threads import process_environment
+    args.worker_env = process_environment  # the grid's worker processes: the CPUs shared out (threads, BLAS)
     try:
         if getattr(args, "reference_ops", False):
             from refldm.accel import enabled as accelerated

@@ -85,10 +85,11 @@ def run_grid(args) -> int:
                                prediction_type=args.prediction_type, max_length=args.max_length)
     client = cluster = None
     if args.cluster:
-        client, cluster = executors.connect(args.cluster, args.timeout)
+        client, cluster = executors.connect(args.cluster, args.timeout, args.worker_env)
     try:
         manifest = grid.run(spec, client=client, workers=args.workers, resume=args.resume, yes=args.yes,
-                            progress=not args.quiet, loader=loader, accel_switch=args.accel_switch)
+                            progress=not args.quiet, loader=loader, accel_switch=args.accel_switch,
+                            worker_env=args.worker_env)
     finally:
         if client is not None:
             executors.close(client, cluster)

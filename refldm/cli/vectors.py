@@ -115,10 +115,11 @@ def _run_many(args, kwargs) -> int:
     os.makedirs(args.out, exist_ok=True)
     client = cluster = None
     if args.cluster:
-        client, cluster = executors.connect(args.cluster, args.timeout)
+        client, cluster = executors.connect(args.cluster, args.timeout, args.worker_env)
     try:
         records = run_bundles(jobs, client=client, workers=args.workers, progress=False,
-                              accel_switch=args.accel_switch)  # reference ops in every worker (main's hook)
+                              accel_switch=args.accel_switch,  # reference ops in every worker (main's hook)
+                              worker_env=args.worker_env)
     finally:
         if client is not None:
             executors.close(client, cluster)

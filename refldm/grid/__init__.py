@@ -94,13 +94,15 @@ def _write_json(path, data) -> None:
 
 
 def run(spec: GridSpec, client=None, workers: int | None = None, *, resume: bool = False, yes: bool = False,
-        progress: bool = True, loader=None, accel_switch=None, on_result=None) -> dict:
+        progress: bool = True, loader=None, accel_switch=None, worker_env=None, on_result=None) -> dict:
     """Run the grid `spec`; returns the manifest (also written to spec.out/manifest.json).
 
     client: a dask.distributed Client (cells as Client.submit tasks); workers: N local processes; neither:
     this process. loader(model, dtype=, img2img=): the pipeline for a checkpoint (default: the grid's own,
     refldm.grid.cell.default_loader; a module-level function or functools.partial, as it travels to
-    workers). accel_switch: refldm.accel.enabled, for an accel axis (or spec.accel). on_result(record): called
+    workers). accel_switch: refldm.accel.enabled, for an accel axis (or spec.accel). worker_env(n): the local
+    worker processes' thread counts (refldm.accel.threads.process_environment; the CLI passes both from the
+    speed layer, which the grid never imports). on_result(record): called
     with each cell's record as it arrives. progress: a tqdm bar of cells done / total with the ETA.
     """
     from refldm.grid import executors
@@ -132,7 +134,7 @@ def run(spec: GridSpec, client=None, workers: int | None = None, *, resume: bool
     if client is not None:
         results = executors.on_dask(tasks, client)
     elif workers:
-        results = executors.local_processes(tasks, workers)
+        results = executors.local_processes(tasks, workers, worker_env=worker_env)
     else:
         results = executors.in_process(tasks)
     from tqdm.auto import tqdm

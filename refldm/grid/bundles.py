@@ -48,11 +48,12 @@ def run_bundle(job: dict) -> dict:
 
 
 def run_bundles(jobs: list, client=None, workers: int | None = None, progress: bool = True,
-                accel_switch=None) -> list:
+                accel_switch=None, worker_env=None) -> list:
     """Run every job (see the module docstring) here, in `workers` local processes or on a Dask `client`;
     the records in the jobs' order. Each job is checked first (a model folder that exists, one of model / tiny).
     accel_switch: refldm.accel.enabled (the CLI passes it): each bundle is computed with the reference ops
-    alone, as `refldm vectors` does, so that it does not depend on the machine's speed-layer kernels."""
+    alone, as `refldm vectors` does, so that it does not depend on the machine's speed-layer kernels.
+    worker_env(n): the local processes' thread counts (refldm.accel.threads.process_environment)."""
     from tqdm.auto import tqdm
 
     from refldm.grid import executors
@@ -71,7 +72,7 @@ def run_bundles(jobs: list, client=None, workers: int | None = None, progress: b
     if client is not None:
         results = executors.on_dask(tasks, client, fn=run_bundle)
     elif workers:
-        results = executors.local_processes(tasks, workers, fn=run_bundle)
+        results = executors.local_processes(tasks, workers, fn=run_bundle, worker_env=worker_env)
     else:
         results = executors.in_process(tasks, fn=run_bundle)
     records = {}

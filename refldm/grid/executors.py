@@ -31,24 +31,7 @@ def _failed(task, error: str) -> dict:
             "seconds": None, "where": None}
 
 
-def threads_per_worker(n: int) -> str:
-    """REFLDM_NUM_THREADS for each of n local workers: this machine's CPUs shared out (at least 1), unless the
-    environment sets it already (then as it says)."""
-    if os.environ.get("REFLDM_NUM_THREADS"):
-        return os.environ["REFLDM_NUM_THREADS"]
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return str(max(1, cpus // n))
-
-
-def worker_env(n: int) -> dict:
-    """The thread counts of each of n local workers: refldm's speed layer and the BLAS (which dask's nanny
-    would otherwise set to 1 thread), the machine's CPUs shared out."""
-    threads = threads_per_worker(n)
-    return {key: os.environ.get(key) or threads for key in ("REFLDM_NUM_THREADS", "OMP_NUM_THREADS",
-                                                             "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-
-
-def _set_threads(env: dict) -> None:  # a local worker's initializer: before NumPy is imported there
+def _set_environment(env: dict) -> None:  # a local worker's initializer: before NumPy is imported there
     os.environ.update(env)
 
 
@@ -60,12 +43,15 @@ def in_process(tasks, fn=run_cell):
         clear_cache()  # the models loaded for the grid are not kept past it
 
 
-def local_processes(tasks, n: int, fn=run_cell):
+def local_processes(tasks, n: int, fn=run_cell, worker_env=None):
+    """worker_env(n) -> dict: each process's thread counts, set before it imports NumPy
+    (refldm.accel.threads.process_environment; the CLI passes it); None: the processes inherit this one's."""
     if n < 1:
         raise ValueError(f"--workers must be >= 1, got {n}")
     context = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked thread pools or locks
-    with ProcessPoolExecutor(max_workers=n, mp_context=context, initializer=_set_threads,
-                             initargs=(worker_env(n),)) as pool:
+    env = worker_env(n) if worker_env is not None else {}
+    with ProcessPoolExecutor(max_workers=n, mp_context=context, initializer=_set_environment,
+                             initargs=(env,)) as pool:
         futures = {pool.submit(fn, task): task for task in tasks}
         for future in as_completed(futures):
             try:
@@ -82,9 +68,10 @@ def _distributed():
     return distributed
 
 
-def connect(address: str, timeout: float = 10.0):
+def connect(address: str, timeout: float = 10.0, worker_env=None):
     """(client, cluster or None): "local:N" starts a LocalCluster of N one-thread worker processes (closed by
-    the caller through `close`); another address connects to a running scheduler, or fails in one line."""
+    the caller through `close`; worker_env as `local_cluster`); another address connects to a running
+    scheduler, or fails in one line."""
     distributed = _distributed()
     if address.startswith("local:"):
         try:
@@ -93,7 +80,7 @@ def connect(address: str, timeout: float = 10.0):
             n = 0
         if n < 1:
             raise ValueError(f"--cluster {address}: give local:N with N >= 1 worker processes")
-        cluster = local_cluster(n)
+        cluster = local_cluster(n, worker_env=worker_env)
         return distributed.Client(cluster), cluster
     try:
         return distributed.Client(address, timeout=timeout), None
@@ -102,14 +89,15 @@ def connect(address: str, timeout: float = 10.0):
         raise OSError(f"--cluster {address}: no Dask scheduler answered within {timeout:g} s ({reason})") from None
 
 
-def local_cluster(n: int, **kwargs):
-    """A LocalCluster of n one-thread worker processes, each with cores / n threads for refldm and the BLAS
-    (set before the worker starts: dask's nanny would give the BLAS 1 thread, and NumPy reads it on import),
-    and glibc's malloc as in any process (dask's MALLOC_TRIM_THRESHOLD_ turns off glibc's adaptive mmap
+def local_cluster(n: int, worker_env=None, **kwargs):
+    """A LocalCluster of n one-thread worker processes, each with the thread counts worker_env(n) gives
+    (refldm.accel.threads.process_environment, from the CLI: cores / n threads for refldm and the BLAS, set
+    before the worker starts, since dask's nanny would give the BLAS 1 thread and NumPy reads it on import;
+    None: dask's defaults), and glibc's malloc as in any process (dask's MALLOC_TRIM_THRESHOLD_ turns off glibc's adaptive mmap
     threshold: each of a cell's large temporary arrays then costs an mmap and fresh zeroed pages)."""
     import dask
     distributed = _distributed()
-    env = worker_env(n)
+    env = worker_env(n) if worker_env is not None else {}
     spawn_env = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **env,
                  "MALLOC_TRIM_THRESHOLD_": None}  # None: unset (dask's 64 KiB makes every large array an mmap)
     with dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}):
