@@ -25,7 +25,7 @@ from refldm import backend
 from refldm.checkpoints.config import parse_config
 from refldm.core import ops
 from refldm.core.nn import Module, ModuleList, PretrainedModel
-from refldm.models.blocks import Conv2d
+from refldm.models.blocks import Conv2d, relu
 
 __all__ = ["AutoencoderTiny", "AutoencoderTinyConfig", "AutoencoderTinyBlock"]
 
@@ -63,13 +63,7 @@ class AutoencoderTinyConfig:
                 raise ValueError(f"{side}_block_out_channels and num_{side}_blocks must have the same length (>= 1)")
 
 
-def _relu(x):
-    """relu(x) = max(x, 0)."""
-    xp = backend.array_namespace(x)
-    return xp.maximum(x, 0)
-
-
-_ACTIVATIONS = {"relu": _relu, "silu": ops.silu}
+_ACTIVATIONS = {"relu": relu, "silu": ops.silu}
 
 
 class _Act(Module):
@@ -109,7 +103,7 @@ class AutoencoderTinyBlock(Module):
         for layer in self.conv:
             h = layer(h)
         h += self.skip(x)
-        return _relu(h)
+        return relu(h)
 
 
 class _Sequential(Module):

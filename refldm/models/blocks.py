@@ -24,7 +24,7 @@ from refldm.backend import array_namespace
 from refldm.checkpoints.stored import materialize
 from refldm.core.nn import Module, Param
 
-__all__ = ["Conv2d", "Linear", "GroupNorm", "LayerNorm", "RMSNorm", "Embedding", "ResnetBlock2D", "Downsample2D", "Upsample2D",
+__all__ = ["Conv2d", "Linear", "GroupNorm", "LayerNorm", "RMSNorm", "Embedding", "ResnetBlock2D", "Downsample2D", "Upsample2D", "relu",
            "upsample_nearest"]
 
 
@@ -212,6 +212,12 @@ class Upsample2D(Module):
         else:
             x = upsample_nearest(x, output_size)
         return self.conv(x)
+
+
+def relu(x):
+    """relu(x) = max(x, 0), in x's dtype (T5 v1.0's feed-forward, TAESD's and the T2I-Adapter's blocks)."""
+    xp = array_namespace(x)
+    return xp.maximum(x, xp.zeros((), dtype=x.dtype))
 
 
 def upsample_nearest(x, size):

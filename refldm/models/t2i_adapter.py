@@ -39,7 +39,7 @@ import numpy
 from refldm import backend
 from refldm.checkpoints.config import MAX_LAYERS, parse_config
 from refldm.core.nn import Module, ModuleList, PretrainedModel
-from refldm.models.blocks import Conv2d
+from refldm.models.blocks import Conv2d, relu
 
 __all__ = ["T2IAdapter", "T2IAdapterConfig", "MultiAdapter", "ADAPTER_TYPES", "pixel_unshuffle", "avg_pool2x2",
            "check_adapter_compatible", "adapter_family"]
@@ -108,11 +108,6 @@ def avg_pool2x2(x):
     return total / xp.asarray(count.astype(x.dtype))
 
 
-def _relu(x):
-    """relu(x) = max(x, 0)."""
-    return backend.array_namespace(x).maximum(x, 0)
-
-
 # -- the blocks -------------------------------------------------------------------------------------------------
 
 class AdapterResnetBlock(Module):
@@ -123,7 +118,7 @@ class AdapterResnetBlock(Module):
         self.block2 = Conv2d(channels, channels, kernel_size=1)
 
     def forward(self, x):
-        return self.block2(_relu(self.block1(x))) + x
+        return self.block2(relu(self.block1(x))) + x
 
 
 class LightAdapterResnetBlock(AdapterResnetBlock):

@@ -42,21 +42,15 @@ from refldm.checkpoints.config import parse_config
 from refldm.checkpoints.weights import WeightsError
 from refldm.core import functional as F
 from refldm.core.nn import Module, ModuleList, Param, PretrainedModel
-from refldm.models.blocks import Embedding, Linear
+from refldm.models.blocks import Embedding, Linear, relu
 from refldm.models.clip import IGNORED_KEYS as _PRETRAINED_CONFIG_KEYS
 
 __all__ = ["T5Config", "T5EncoderModel", "T5EncoderOutput", "relative_position_bucket"]
 
 
-def _relu(x):
-    """relu(x) = max(x, 0)."""
-    xp = backend.array_namespace(x)
-    return xp.maximum(x, xp.zeros((), dtype=x.dtype))
-
-
 # The activation of the feed-forward block by transformers' name (``dense_act_fn``, from feed_forward_proj).
 ACTIVATIONS = {
-    "relu": _relu,                                                 # T5 v1.0
+    "relu": relu,                                                 # T5 v1.0
     "gelu": F.gelu,                                              # exact erf GELU
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),         # tanh approximation: T5 v1.1 ("gated-gelu")
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
