@@ -24,8 +24,8 @@ from refldm.backend import array_namespace
 from refldm.checkpoints.stored import materialize
 from refldm.core.nn import Module, Param
 
-__all__ = ["Conv2d", "Linear", "GroupNorm", "LayerNorm", "RMSNorm", "Embedding", "ResnetBlock2D", "Downsample2D", "Upsample2D", "relu",
-           "upsample_nearest"]
+__all__ = ["Conv2d", "Linear", "GroupNorm", "LayerNorm", "RMSNorm", "Embedding", "ResnetBlock2D", "Downsample2D",
+           "Upsample2D", "relu", "upsample_nearest"]
 
 
 class Conv2d(Module):
