@@ -223,6 +223,38 @@ def test_linear_and_geglu_accel_equal_reference(lead, d_in, d_out, bias, strided
         agree(F.geglu, x, w, b, approximate=approximate, dtype=dtype, scale=gelu_scale(h * g, dtype))
 
 
+@pytest.mark.parametrize("lead", [(2, 3), (3,), ()])
+def test_attention_output_lies_as_merge_heads_wants_it(lead):
+    """The host attention writes its output as (..., Lq, H, d) in memory and returns the (..., H, Lq, d) view:
+    merge_heads of it is then a view, not a copy, and every value equals the reference's."""
+    q, k, v = (randn(s, *lead, 70, 16, dtype=np.float32) for s in (0, 1, 2))
+    fast, reference = agree(F.scaled_dot_product_attention, q, k, v, dtype=np.float32)
+    assert fast.shape == reference.shape == lead + (70, 16)
+    if len(lead) == 2:
+        merged = F.merge_heads(fast)
+        assert np.shares_memory(merged, fast) and merged.shape == (2, 70, 3 * 16)
+        np.testing.assert_array_equal(merged, F.merge_heads(np.ascontiguousarray(fast)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_geglu_in_tiles_equals_reference(dtype, bias):
+    """A GEGLU above SMALL_FLOPS computes its projection in tiles of rows x columns and gates each tile in
+    cache; ragged last tiles in both directions, a strided input, both gelu forms."""
+    lead, d_in, half = (2, 333), 170, kernels.GEGLU_COLUMNS + 44
+    rows = lead[0] * lead[1]
+    assert rows * 2 * half * d_in > blas.SMALL_FLOPS and rows % kernels.GEGLU_ROWS and half % kernels.GEGLU_COLUMNS
+    x = randn(0, *lead, d_in, dtype=dtype, strided=True) * 2
+    w = randn(1, 2 * half, d_in, dtype=dtype) * dtype(0.2)
+    b = randn(2, 2 * half, dtype=dtype) if bias else None
+    with accel.enabled(False):
+        proj = F.linear(x, w, b)
+    for approximate in ("none", "tanh"):
+        fast, _ = agree(F.geglu, x, w, b, approximate=approximate, dtype=dtype,
+                        scale=gelu_scale(proj[..., :half] * proj[..., half:], dtype))
+        assert fast.shape == lead + (half,)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_large_products_in_blocks_equal_reference(dtype):
     """Products above SMALL_FLOPS run in blocks of rows (linear) or columns (1x1 and strided convs) on

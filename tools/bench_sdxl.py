@@ -9,6 +9,7 @@ refldm's arrays are views of the torch tensors' memory (10.3 GB in float32), so 
 
     python tools/bench_sdxl.py                       # torch, then refldm: time, GFLOP/s, peak memory
     python tools/bench_sdxl.py --profile             # and where refldm's time goes, per op
+    python tools/bench_sdxl.py --rounds 3            # torch and refldm alternating, 3 steps each: medians
     python tools/bench_sdxl.py --scale 8 --latent 32 # a 1/8-width model: checks the tool in seconds
 
 Time, CPU time, FLOPs (torch.utils.flop_counter) and peak memory above the weights are measured as in
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from refldm import accel, backend  # noqa: E402
 from refldm.models.unet import UNet2DConditionModel  # noqa: E402
-from tools.bench_unet import OpTimer, PeakMemory, _nothing, build_torch_unet  # noqa: E402
+from tools.bench_unet import OpTimer, PeakMemory, _alternate, _nothing, build_torch_unet  # noqa: E402
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the keys that differ from diffusers' defaults)
 SDXL_BASE = dict(
@@ -69,6 +70,10 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--scale", type=int, default=1, help="divide every width by this (1 = the real SDXL)")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="instead of --runs: alternate one torch and one refldm step this many times and "
+                             "report each side's fastest and median (a machine whose speed drifts then "
+                             "affects both sides alike)")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--min-free-gb", type=float, default=20.0)
@@ -114,6 +119,10 @@ def main(argv=None):
     print(f"FLOPs per step (torch.utils.flop_counter): {flops / 1e12:.3f} TFLOP")
 
     results = {}
+    if args.rounds:
+        _alternate(args, model, targs, (sample, t, context), ref, flops, torch_kwargs={"added_cond_kwargs": tadded},
+                   kwargs={"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}})
+        return
     if not args.skip_torch:
         times, cpus = [], []
         for _ in range(args.runs):
@@ -148,7 +157,7 @@ def main(argv=None):
         print(f"\nrefldm / torch: {results['refldm'][0] / results['torch'][0]:.2f}x in time, "
               f"{results['refldm'][1] / results['torch'][1]:.2f}x in CPU time")
     if args.profile:
-        timer.report(sum(cpus), args.runs)
+        timer.report(sum(cpus), args.runs, sum(times))
 
 
 if __name__ == "__main__":

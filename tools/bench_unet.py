@@ -109,7 +109,9 @@ class OpTimer:
     counts as geglu). Each call is timed by its thread's own CPU clock (time.thread_time), which other
     processes on the machine barely disturb; it covers all of an op's work when BLAS runs on the
     calling thread, as it does inside the U-Net's batch-parallel path and with one thread. GFLOP per
-    CPU-second is then an op's efficiency on one core."""
+    CPU-second is then an op's efficiency on one core. Each call's wall time and the process's CPU time
+    (all threads, the pool's helpers included) are recorded too: their ratio is how many cores the op
+    kept busy, and 2 x wall - CPU on two cores is the core time it left idle (serial parts, waiting)."""
 
     NAMES = ("conv2d", "group_norm", "layer_norm", "linear", "silu", "gelu", "geglu",
              "scaled_dot_product_attention", "split_heads", "merge_heads", "upsample_nearest2x",
@@ -117,6 +119,8 @@ class OpTimer:
 
     def __init__(self):
         self.cpu = collections.Counter()
+        self.wall = collections.Counter()
+        self.process_cpu = collections.Counter()
         self.flops = collections.Counter()
         self.calls = collections.Counter()
         self.local = threading.local()  # .depth: nesting of op calls on this thread
@@ -129,7 +133,7 @@ class OpTimer:
             if depth:
                 return fn(*args, **kwargs)
             self.local.depth = 1
-            c0 = time.thread_time()
+            c0, w0, p0 = time.thread_time(), time.perf_counter(), time.process_time()
             try:
                 out = fn(*args, **kwargs)
             finally:
@@ -137,6 +141,8 @@ class OpTimer:
             cpu = time.thread_time() - c0
             with self.lock:
                 self.cpu[name] += cpu
+                self.wall[name] += time.perf_counter() - w0
+                self.process_cpu[name] += time.process_time() - p0
                 self.calls[name] += 1
                 self.flops[name] += _flops(name, args, kwargs, out)
             return out
@@ -154,19 +160,28 @@ class OpTimer:
             setattr(functional, name, fn)
         return False
 
-    def report(self, cpu: float, runs: int):
+    def report(self, cpu: float, runs: int, wall: float | None = None):
+        """The table; `cpu` the process's CPU time over the runs, `wall` their wall time (adds the
+        wall-clock columns and the row for the time between ops)."""
         print(f"\nrefldm per op (CPU time of the calling threads; {cpu:.2f} CPU-s of the process over "
               f"{runs} run(s)):\n")
-        print("| op | calls per step | CPU-s per step | share | GFLOP per step | GFLOP per CPU-s |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        print("| op | calls per step | CPU-s per step | share | GFLOP per step | GFLOP per CPU-s | wall s per step "
+              "| cores busy |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for name, sec in self.cpu.most_common():
             gf = self.flops[name] / 1e9
             eff = f"{gf / sec:.0f}" if gf and sec > 0 else ""
+            busy = f"{self.process_cpu[name] / self.wall[name]:.2f}" if self.wall[name] > 0 else ""
             print(f"| {name} | {self.calls[name] // runs} | {sec / runs:.2f} | {100 * sec / cpu:.0f}% | "
-                  f"{gf / runs:.0f} | {eff} |")
+                  f"{gf / runs:.0f} | {eff} | {self.wall[name] / runs:.2f} | {busy} |")
         rest = cpu - sum(self.cpu.values())
-        print(f"| everything else (proj_in/out products, concatenations, residual adds, waiting) | | "
-              f"{rest / runs:.2f} | {100 * rest / cpu:.0f}% | | |")
+        print(f"| everything else (proj_in/out products, concatenations, residual adds, waiting, the pool's "
+              f"helpers) | | {rest / runs:.2f} | {100 * rest / cpu:.0f}% | | | | |")
+        if wall:
+            between = wall - sum(self.wall.values())
+            between_cpu = cpu - sum(self.process_cpu.values())
+            print(f"| between the ops (residual adds, concatenations, reshapes: plain NumPy in the models) | | | | "
+                  f"| | {between / runs:.2f} | {between_cpu / max(between, 1e-9):.2f} |")
 
 
 def main(argv=None):
@@ -254,11 +269,12 @@ def main(argv=None):
         print(f"\nrefldm / torch: {results['refldm'][0] / results['torch'][0]:.2f}x in time, "
               f"{results['refldm'][1] / results['torch'][1]:.2f}x in CPU time")
     if args.profile:
-        timer.report(sum(cpus), args.runs)
+        timer.report(sum(cpus), args.runs, sum(times))
 
 
-def _alternate(args, model, torch_inputs, inputs, ref, flops):
-    """--rounds: torch, refldm, torch, refldm, ... on the same weights; min and median per side."""
+def _alternate(args, model, torch_inputs, inputs, ref, flops, torch_kwargs=None, kwargs=None):
+    """--rounds: torch, refldm, torch, refldm, ... on the same weights; min and median per side.
+    torch_kwargs / kwargs: keyword inputs of each side's step (SDXL's added conditions)."""
     import statistics
 
     import torch
@@ -272,9 +288,9 @@ def _alternate(args, model, torch_inputs, inputs, ref, flops):
             t0 = time.perf_counter()
             if name == "torch":
                 with torch.no_grad():
-                    model(*torch_inputs)
+                    model(*torch_inputs, **(torch_kwargs or {}))
             else:
-                out = unet(*inputs)
+                out = unet(*inputs, **(kwargs or {}))
             times[name].append(time.perf_counter() - t0)
         print(f"round {r + 1}: torch {times['torch'][-1]:.2f} s, refldm {times['refldm'][-1]:.2f} s, "
               f"ratio {times['refldm'][-1] / times['torch'][-1]:.2f}, load average {os.getloadavg()[0]:.1f}",

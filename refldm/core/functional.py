@@ -93,11 +93,11 @@ def quick_gelu(x):
 
 
 def geglu(x, weight, bias=None, approximate: str = "none"):
-    """`ops.geglu`: [h, g] = x W^T + b, h * gelu(g). The kernel gates the projection `linear` made."""
+    """`ops.geglu`: [h, g] = x W^T + b, h * gelu(g)."""
     checks.geglu(x, weight, approximate)
     checks.linear(x, weight, bias)
     if _fast(x, weight, bias):
-        return accel.geglu(linear(x, weight, bias), approximate)
+        return accel.geglu(x, weight, bias, approximate)
     return ops.geglu(x, weight, bias, approximate)
 
 
