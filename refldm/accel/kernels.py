@@ -507,7 +507,7 @@ def _gelu_as_into(x, out):
         gelu(x) = x/2 (1 + erf(x/sqrt(2))) = (x + |x|)/2 - |x| (r(t)/2) exp(-x^2/2)
                 = max(x, 0) - |x| r'(t) exp(-x^2/2),
     r'(t) = r(t)/2 = (a1/2) t + ... + (a5/2) t^5, t = 1 / (1 + p |x|/sqrt(2)) = k / (k + |x|) with
-    k = sqrt(2)/p. Some 20 fast elementwise passes over a cached block (NumPy's reciprocal is about
+    k = sqrt(2)/p. 19 fast elementwise passes over a cached block (NumPy's reciprocal is about
     twice as slow as a division of a scalar by an array, so t is one division), instead of SciPy's
     erf, which costs 12-16 ns of CPU time per element.
     """
