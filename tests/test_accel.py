@@ -136,19 +136,22 @@ def test_conv2d_accel_equals_reference_on_a_small_image_with_many_channels():
 @given(n=st.integers(1, 3), c_in=st.integers(1, 6), c_out=st.integers(1, 6), h=st.integers(1, 13),
        w=st.integers(1, 13), pads=st.sampled_from([(1, 1, 1, 1), (0, 0, 0, 0), (2, 0, 1, 3), (0, 1, 0, 1)]),
        bias=st.booleans(), strided=st.booleans(), band=st.sampled_from([1, 3, 512]), seed=st.integers(0, 2**31),
-       dtype=DTYPES, split=st.booleans())
-def test_winograd_conv_equals_reference(n, c_in, c_out, h, w, pads, bias, strided, band, seed, dtype, split):
+       dtype=DTYPES, split=st.booleans(), chunk=st.sampled_from([1, 4, 32]))
+def test_winograd_conv_equals_reference(n, c_in, c_out, h, w, pads, bias, strided, band, seed, dtype, split,
+                                        chunk):
     """3x3 stride-1 convs by F(2x2, 3x3) (accel/winograd.py), forced on for any size: odd and even
     output sizes (the last tile overhangs), asymmetric paddings, bands of 1 or 3 tile rows, the weight
-    transform in blocks of 5 channel pairs; with split, U held for a few output channels at a time."""
+    transform in blocks of 5 channel pairs, the image laid out channels last 1 or 4 channels at a time
+    (a ragged last block); with split, U held for a few output channels at a time."""
     top, bottom, left, right = pads
     assume(h + top + bottom >= 3 and w + left + right >= 3)
     x = randn(seed, n, c_in, h, w, dtype=dtype, strided=strided)
     weight = randn(seed + 1, c_out, c_in, 3, 3, dtype=dtype)
     b = randn(seed + 2, c_out, dtype=dtype) if bias else None
     saved = (kernels.WINOGRAD_CHANNELS, kernels.WINOGRAD_PIXELS, kernels.SMALL_IMAGE_COLUMNS,
-             winograd.BAND_COLUMNS, winograd.WEIGHT_BLOCK, winograd.WEIGHT_BYTES)
+             winograd.BAND_COLUMNS, winograd.WEIGHT_BLOCK, winograd.WEIGHT_BYTES, winograd.TRANSPOSE_CHANNELS)
     try:
+        winograd.TRANSPOSE_CHANNELS = chunk
         kernels.WINOGRAD_CHANNELS = kernels.WINOGRAD_PIXELS = 1
         kernels.SMALL_IMAGE_COLUMNS = 0
         winograd.BAND_COLUMNS, winograd.WEIGHT_BLOCK = band, 5
@@ -157,16 +160,16 @@ def test_winograd_conv_equals_reference(n, c_in, c_out, h, w, pads, bias, stride
         agree(F.conv2d, x, weight, b, padding=((top, bottom), (left, right)), dtype=dtype)
     finally:
         (kernels.WINOGRAD_CHANNELS, kernels.WINOGRAD_PIXELS, kernels.SMALL_IMAGE_COLUMNS,
-         winograd.BAND_COLUMNS, winograd.WEIGHT_BLOCK, winograd.WEIGHT_BYTES) = saved
+         winograd.BAND_COLUMNS, winograd.WEIGHT_BLOCK, winograd.WEIGHT_BYTES, winograd.TRANSPOSE_CHANNELS) = saved
 
 
 def test_winograd_conv_equals_reference_at_the_default_thresholds():
-    """Convs the default rule sends to F(2x2, 3x3) (320 channels at 64x64; batch 2 at 16x16, the
-    smallest), on the thread pool, float32: the same tolerance as every other path; and the same bytes
-    on one thread as on four (the bands and the products' blocks depend on the sizes only)."""
+    """Convs the default rule sends to F(2x2, 3x3) (128 channels and up; here 320 at 64x64, and batch 2
+    at 16x16, the smallest), on the thread pool, float32: the same tolerance as every other path; and the
+    same bytes on one thread as on four (the bands and the products' blocks depend on the sizes only)."""
     f32 = np.dtype(np.float32)
     assert not kernels._winograd_pays(1, 320, 320, 16, 16, f32) and not kernels._winograd_pays(2, 320, 320, 8, 8, f32)
-    assert not kernels._winograd_pays(2, 256, 320, 64, 64, f32)
+    assert not kernels._winograd_pays(2, 96, 320, 64, 64, f32) and kernels._winograd_pays(1, 128, 256, 64, 64, f32)
     for n, size in ((1, 64), (2, 16)):
         assert kernels._winograd_pays(n, 320, 320, size, size, f32)
         x, w = randn(6, n, 320, size, size, dtype=np.float32), (randn(7, 320, 320, 3, 3) / 50).astype(np.float32)

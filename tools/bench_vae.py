@@ -123,7 +123,12 @@ def worker(side: str, folder: str, latent: int, repeat: int, out: str | None, th
 
 
 def _blas_kernel() -> str:
-    """The BLAS library and kernel NumPy uses here (OpenBLAS's "architecture"), when threadpoolctl can tell."""
+    """The BLAS library and kernel NumPy uses here: OpenBLAS's version and core name, asked through the
+    library NumPy loaded (as bench_all does), or threadpoolctl's report where that is installed."""
+    from bench_all import _openblas_from_numpy
+    found = _openblas_from_numpy()
+    if found != "unknown":
+        return f"OpenBLAS {found} kernels"
     try:
         import threadpoolctl
     except ImportError:

@@ -54,9 +54,13 @@ SMALL_IMAGE_COLUMNS = 2048
 #   its transforms run on one thread); batch 1 at 32x32 0.73x, at 64x64 0.59x;
 #   against one product per tap: SD's U-Net at 64x64 320->320 0.67x, 640->320 0.85x, 640->640 0.61x,
 #   the VAE's 512->512 at 128x128 0.74x; but 256->256 at 256x256 1.16x (few channels).
+# Since the transforms lost two transpositions (round 4, winograd.py), fewer channels pay too (alternating
+# calls, medians of 5, 2 threads, against the per-tap form): 256->256 at 256x256 0.62x (AVX2) and 0.83x
+# (AVX-512), 128->128 at 512x512 0.67x and 1.06x; the SD 1.x VAE's 512x512 decode with the threshold at
+# 320 / 256 / 128 channels: 10.41 / 8.91 / 8.05 s (AVX2), 6.58 / 6.24 / 6.27 s (AVX-512).
 # WINOGRAD = False turns it off.
 WINOGRAD = True
-WINOGRAD_CHANNELS = 320
+WINOGRAD_CHANNELS = 128
 WINOGRAD_PIXELS = 2 * 16 * 16
 # A large matrix product runs in blocks of this many rows (or columns) on the thread pool (see _matmul).
 PRODUCT_BLOCK_ROWS = 512
@@ -67,13 +71,22 @@ PRODUCT_BLOCK_ROWS = 512
 # with the untiled form in one process (AVX2 set-up: OpenBLAS's Haswell kernels, NumPy's AVX2 loops, 2
 # threads): SD 1.x, the step's 16 GEGLUs, medians of 4 rounds: untiled 1.18 s, tiles of 256 x 256 1.17 s,
 # 512 x 512 1.13 s, 256 x 1024 1.09 s; SDXL, its 70 GEGLUs, 256 x 256 tiles: 17.7-20.4 s (5 steps) against
-# 19.0-19.9 s (5 steps); single calls in isolation differ by less than the machine's noise.
-GEGLU_ROWS = 256
+# 19.0-19.9 s (5 steps); single calls in isolation differ by less than the machine's noise. Later, 9-15
+# rounds of the step's GEGLU shapes, each tile size in turn (round 4, docs/performance.md): 512 rows
+# instead of 256 (OpenBLAS packs each weight tile for twice the rows) took SDXL's GEGLUs from 16.96 to
+# 16.53 s (AVX2) and 10.72 to 10.06 s (AVX-512); SD 1.x's from 1.04 to 1.05 s (AVX2) and 0.71 to 0.68 s.
+GEGLU_ROWS = 512
 GEGLU_COLUMNS = 1024
-# Attention works on blocks of scores of about this size (one head, 128 query rows at 4096 keys in
-# float32): small enough to stay in cache between the products and the softmax passes, large enough
-# for efficient products (on one core: 0.5 MiB blocks cost 7% more time, 16 MiB blocks 5% more).
-ATTENTION_BLOCK_BYTES = 2 * 2**20
+# Attention works on blocks of scores of about this size (one head, 256 query rows at 4096 keys in
+# float32): small enough to stay in the shared cache between the products and the softmax passes, large
+# enough for efficient products (each block packs all of its head's K and V again). Measured on one core:
+# 0.5 MiB blocks cost 7% more time than 2 MiB, 16 MiB 5% more; on two, 9 rounds of each step's attention
+# shapes, each size in turn (round 4): 4 MiB against 2 MiB, SDXL 8.31 s against 8.43 (AVX2) and 5.33
+# against 5.49 (AVX-512); SD 1.x 1.54 against 1.53 s and 1.12 against 1.17.
+ATTENTION_BLOCK_BYTES = 4 * 2**20
+# Attention with at most this many bytes of scores in all runs on the calling thread alone: the pool's
+# hand-offs would cost more than the second core saves.
+ATTENTION_SERIAL_BYTES = 2 * 2**20
 # Attention multiplies q by a contiguous copy of K^T (made once per call) where there are at least
 # KEYS_CONTIGUOUS_MIN keys: OpenBLAS's product with a transposed view of K is slower there. Measured on one
 # core (thread CPU time, medians of 11-15 alternating rounds, loaded machine): the product of 128 query rows
@@ -669,7 +682,7 @@ def scaled_dot_product_attention(q, k, v, mask, is_causal, scale, budget):
     rows = max(1, min(lq, min(budget, ATTENTION_BLOCK_BYTES) // max(1, lk * q.dtype.itemsize)))
     heads = list(np.ndindex(*lead))
     items = [(g, i, min(lq, i + rows)) for g in heads for i in range(0, lq, rows)]
-    small = len(items) * rows * lk * q.dtype.itemsize <= ATTENTION_BLOCK_BYTES  # run serially: no hand-offs
+    small = len(items) * rows * lk * q.dtype.itemsize <= ATTENTION_SERIAL_BYTES  # run serially: no hand-offs
 
     kt = np.swapaxes(k, -1, -2)                                    # K^T, (..., d, Lk)
     keys_contiguous = KEYS_CONTIGUOUS and lk >= KEYS_CONTIGUOUS_MIN
