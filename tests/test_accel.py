@@ -103,7 +103,8 @@ def conv_cases(draw):
 @settings(max_examples=60)
 @given(case=conv_cases(), dtype=DTYPES, tiny_bands=st.booleans(), small_image=st.booleans())
 def test_conv2d_accel_equals_reference(case, dtype, tiny_bands, small_image):
-    """small_image: stride-1 convs as one im2col product (_conv2d_small), else one product per tap."""
+    """small_image: convs as one im2col product (_conv2d_small, any stride), else one product per tap
+    (stride 1) or per image (_conv2d_gathered)."""
     c = case
     x = randn(c["seed"], c["n"], c["c_in"], c["h"], c["w"], dtype=dtype, strided=c["strided"])
     weight = randn(c["seed"] + 1, c["c_out"], c["c_in"], c["kh"], c["kw"], dtype=dtype)
